@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m gleam_jax.bench.<name>`; each prints ratios against its reference."""

@@ -1,0 +1,57 @@
+"""Entry point: `python -m gleam_jax.main --config=configs/c_phase1.py --workdir=DIR`.
+
+Dispatches on `config.trainer`: the value names a module `gleam_jax.train.<trainer>` that defines
+`run(config, workdir)`. Overrides go on the command line as `--config.x=y`; the config is locked,
+so an unknown key is an error.
+"""
+import importlib
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from gleam_jax.errors import GleamError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and reports go.")
+
+
+def write_config(config, workdir):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def run(config, workdir):
+  trainer = config.get("trainer")
+  if not trainer:
+    raise GleamError("config has no `trainer`: set config.trainer to a module name in gleam_jax/train/.")
+  try:
+    module = importlib.import_module(f"gleam_jax.train.{trainer}")
+  except ModuleNotFoundError as e:
+    if e.name == f"gleam_jax.train.{trainer}":
+      raise GleamError(f"unknown trainer {trainer!r}: config.trainer must name a module in gleam_jax/train/.") from None
+    raise
+  write_config(config, workdir)
+  return module.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    print("error: --workdir is required (the folder for config.json, metrics.jsonl and checkpoints).", file=sys.stderr)
+    sys.exit(2)
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except GleamError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
