@@ -17,9 +17,28 @@ from gleam_jax.errors import GleamError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and reports go.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with its defaults (Cloud TPU, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def init_distributed():
+  """Joins a multi-process job when asked to; a single process needs nothing."""
+  if _COORDINATOR.value is not None:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise GleamError("--coordinator_address needs --num_processes and --process_id as well.")
+    import jax
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif _MULTIHOST.value:
+    import jax
+    jax.distributed.initialize()
 
 
 def write_config(config, workdir):
+  import jax
+  if jax.process_index() != 0:
+    return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -46,6 +65,7 @@ def main(argv):
     print("error: --workdir is required (the folder for config.json, metrics.jsonl and checkpoints).", file=sys.stderr)
     sys.exit(2)
   try:
+    init_distributed()
     run(_CONFIG.value, _WORKDIR.value)
   except GleamError as e:
     print(f"error: {e}", file=sys.stderr)
