@@ -1,0 +1,129 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping and big_vision-style regex rules.
+
+Parameters are named by their path joined with '/', e.g. `model/stages/0/blocks/1/dwconv/kernel`.
+Rules in `config.optim` (all regexes are matched with `re.search` against that name):
+
+- `frozen`: parameters that are not trained. They get no optimizer state (an `optax.set_to_zero`
+  partition of `optax.multi_transform`) and do not count in the gradient norm.
+- `lr_mults`: `[(regex, multiplier), ...]`; the first match sets the parameter's learning-rate
+  multiplier (default 1.0). Each distinct multiplier is one AdamW partition.
+- `no_decay`: parameters without weight decay. Parameters with fewer than two dimensions (norm scales,
+  biases, the logit scale) never decay.
+"""
+import re
+
+import jax
+import optax
+
+from gleam_jax.errors import GleamError
+
+
+def path_name(path):
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def param_names(params):
+  """The tree of '/'-joined names of a params pytree."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: path_name(p), params)
+
+
+def _compile(patterns, what):
+  compiled = []
+  for pattern in patterns:
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise GleamError(f"config.optim.{what}: {pattern!r} is not a valid regex ({e}).") from None
+  return compiled
+
+
+def _matches(name, patterns):
+  return any(p.search(name) for p in patterns)
+
+
+def _lr_mult_rules(cfg):
+  rules = []
+  for rule in cfg.get("lr_mults", ()) or ():
+    if len(rule) != 2:
+      raise GleamError(f"config.optim.lr_mults: {rule!r} is not a (regex, multiplier) pair.")
+    rules.append((_compile([rule[0]], "lr_mults")[0], float(rule[1])))
+  return rules
+
+
+def partition_labels(params, cfg):
+  """Tree of labels: 'frozen' or 'lr_x<mult>' per parameter."""
+  frozen = _compile(cfg.get("frozen", ()) or (), "frozen")
+  mults = _lr_mult_rules(cfg)
+
+  def label(path, _):
+    name = path_name(path)
+    if _matches(name, frozen):
+      return "frozen"
+    for pattern, mult in mults:
+      if pattern.search(name):
+        return f"lr_x{mult:g}"
+    return "lr_x1"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def trainable_mask(params, cfg):
+  return jax.tree.map(lambda label: label != "frozen", partition_labels(params, cfg))
+
+
+def decay_mask(params, cfg):
+  no_decay = _compile(cfg.get("no_decay", ()) or (), "no_decay")
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x.ndim >= 2 and not _matches(path_name(p), no_decay), params)
+
+
+def learning_rate_schedule(cfg, total_steps):
+  """Linear warmup from 0 to `cfg.lr` over `cfg.warmup_steps`, cosine decay to `lr * min_lr_ratio`."""
+  warmup = int(cfg.warmup_steps)
+  if total_steps <= 0:
+    raise GleamError(f"total_steps={total_steps}: set config.total_steps (or total_epochs) > 0.")
+  if warmup >= total_steps:
+    raise GleamError(
+        f"config.optim.warmup_steps={warmup} is not below the {total_steps} total steps; lower it.")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=float(cfg.lr), warmup_steps=warmup, decay_steps=int(total_steps),
+      end_value=float(cfg.lr) * float(cfg.get("min_lr_ratio", 0.0)))
+
+
+def make_optimizer(cfg, params, total_steps):
+  """(optax.GradientTransformation, schedule) for the params pytree under `cfg` (config.optim)."""
+  if cfg.get("name", "adamw") != "adamw":
+    raise GleamError(f"config.optim.name={cfg.name!r}: only 'adamw' is implemented.")
+  schedule = learning_rate_schedule(cfg, total_steps)
+  labels = partition_labels(params, cfg)
+  names = sorted(set(jax.tree.leaves(labels)))
+  if names == ["frozen"]:
+    raise GleamError("config.optim.frozen matches every parameter; nothing would be trained.")
+
+  def no_decay_fn(tree):
+    return decay_mask(tree, cfg)
+
+  transforms = {"frozen": optax.set_to_zero()}
+  for name in names:
+    if name == "frozen":
+      continue
+    mult = float(name[len("lr_x"):])
+    transforms[name] = optax.adamw(
+        learning_rate=lambda step, m=mult: schedule(step) * m,
+        b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)), eps=float(cfg.get("eps", 1e-8)),
+        weight_decay=float(cfg.weight_decay), mask=no_decay_fn)
+  zero_frozen = optax.multi_transform(
+      {"frozen": optax.set_to_zero(), "train": optax.identity()},
+      jax.tree.map(lambda label: "frozen" if label == "frozen" else "train", labels))
+  chain = [zero_frozen]
+  if cfg.get("clip_norm"):
+    chain.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
+  chain.append(optax.multi_transform(transforms, labels))
+  return optax.chain(*chain), schedule

@@ -1,0 +1,103 @@
+"""Optimizer rules: frozen parameters (no state, unchanged), lr multipliers, weight-decay mask, schedule."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from gleam_jax.errors import GleamError
+from gleam_jax.train import optim
+
+
+def _cfg(**kw):
+  cfg = dict(name="adamw", lr=0.1, warmup_steps=2, min_lr_ratio=0.0, weight_decay=0.0, clip_norm=0.0,
+             b1=0.9, b2=0.999, eps=1e-8, frozen=(), lr_mults=(), no_decay=())
+  cfg.update(kw)
+  return ml_collections.ConfigDict(cfg)
+
+
+def _params():
+  return {"stem": {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones((3,))}},
+          "head": {"kernel": jnp.ones((3, 2))}, "logit_scale": jnp.float32(1.0)}
+
+
+def test_labels_and_masks():
+  cfg = _cfg(frozen=(r"^stem/",), lr_mults=((r"^head/", 10.0),))
+  labels = optim.partition_labels(_params(), cfg)
+  assert labels["stem"]["conv"]["kernel"] == "frozen"
+  assert labels["stem"]["conv"]["bias"] == "frozen"
+  assert labels["head"]["kernel"] == "lr_x10"
+  assert labels["logit_scale"] == "lr_x1"
+  decay = optim.decay_mask(_params(), _cfg(no_decay=(r"^head/",)))
+  assert decay["stem"]["conv"]["kernel"] and not decay["stem"]["conv"]["bias"]
+  assert not decay["head"]["kernel"] and not decay["logit_scale"]
+
+
+def test_frozen_have_no_state_and_do_not_move():
+  params = _params()
+  tx, _ = optim.make_optimizer(_cfg(frozen=(r"^stem/",)), params, total_steps=10)
+  state = tx.init(params)
+  n_state = sum(x.size for x in jax.tree.leaves(state))
+  n_trainable = 3 * 2 + 1
+  assert n_state == 2 * n_trainable + 2  # mu and nu of trainable params + two step counts
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(params["stem"]["conv"]["kernel"], 1.0)
+  np.testing.assert_array_equal(params["stem"]["conv"]["bias"], 1.0)
+  assert float(params["logit_scale"]) < 1.0
+
+
+def test_lr_multiplier_scales_the_step():
+  params = _params()
+  tx, schedule = optim.make_optimizer(_cfg(lr_mults=((r"^head/", 10.0),)), params, total_steps=10)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(2):  # step 0 has lr 0 (warmup)
+    updates, state = tx.update(grads, state, params)
+  lr1 = float(schedule(1))
+  # Adam's first steps move by ~lr per unit gradient.
+  np.testing.assert_allclose(updates["stem"]["conv"]["kernel"], -lr1, rtol=1e-3)
+  np.testing.assert_allclose(updates["head"]["kernel"], -10 * lr1, rtol=1e-3)
+
+
+def test_weight_decay_only_on_masked():
+  params = _params()
+  tx, schedule = optim.make_optimizer(_cfg(weight_decay=0.5), params, total_steps=10)
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(2):
+    updates, state = tx.update(zeros, state, params)
+  np.testing.assert_allclose(updates["stem"]["conv"]["kernel"], -0.5 * float(schedule(1)), rtol=1e-5)
+  np.testing.assert_array_equal(updates["stem"]["conv"]["bias"], 0.0)
+  assert float(updates["logit_scale"]) == 0.0
+
+
+def test_clipping_ignores_frozen_gradients():
+  params = _params()
+  tx, _ = optim.make_optimizer(_cfg(frozen=(r"^stem/",), clip_norm=1.0, lr=1.0, warmup_steps=0), params,
+                               total_steps=10)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  grads["stem"]["conv"]["kernel"] = 1e6 * grads["stem"]["conv"]["kernel"]
+  updates, _ = tx.update(grads, state, params)
+  # Without the frozen gradient in the norm, Adam's first step is ~lr for every trainable entry.
+  np.testing.assert_allclose(updates["head"]["kernel"], -1.0, rtol=1e-3)
+
+
+def test_schedule_warmup_and_cosine():
+  schedule = optim.learning_rate_schedule(_cfg(lr=1.0, warmup_steps=4, min_lr_ratio=0.1), 20)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 2, 4)], [0.0, 0.5, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(12)), 0.1 + 0.9 * 0.5, rtol=1e-5)
+  np.testing.assert_allclose(float(schedule(20)), 0.1, rtol=1e-5)
+
+
+def test_bad_rules_are_config_errors():
+  with pytest.raises(GleamError, match="frozen"):
+    optim.make_optimizer(_cfg(frozen=("(",)), _params(), 10)
+  with pytest.raises(GleamError, match="nothing would be trained"):
+    optim.make_optimizer(_cfg(frozen=(".*",)), _params(), 10)
+  with pytest.raises(GleamError, match="warmup_steps"):
+    optim.make_optimizer(_cfg(warmup_steps=10), _params(), 10)
