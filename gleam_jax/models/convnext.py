@@ -1,0 +1,191 @@
+"""ConvNeXt (Liu et al., 2022) in Flax NNX, channels-last (NHWC).
+
+The layout and parameter names follow timm / Hugging Face so checkpoints map one to one
+(`convnext_params.load_convnext_weights`):
+
+  stem.conv, stem.norm                         4x4/4 patchify conv + LayerNorm
+  stages[i].downsample.norm, .conv             LayerNorm + 2x2/2 conv (stages 1..3; None in stage 0)
+  stages[i].blocks[j].dwconv, norm, pwconv1, pwconv2, gamma
+  head_norm                                    LayerNorm after global average pooling
+
+A block is 7x7 depthwise conv -> LayerNorm -> Linear 4x -> GELU (exact erf, as timm/HF) -> Linear
+-> layer scale -> drop path + residual. Parameters are float32 and carry logical axis names
+(see `gleam_jax.models`); `dtype` sets the compute dtype. Drop path is active in `model.train()`
+mode (NNX default after construction) and draws from the 'dropout' rng stream; `model.eval()`
+turns it off.
+"""
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gleam_jax.errors import GleamError
+
+# name -> (depths, dims), as timm's convnext_<name>.
+VARIANTS = {
+    'atto': ((2, 2, 6, 2), (40, 80, 160, 320)),
+    'femto': ((2, 2, 6, 2), (48, 96, 192, 384)),
+    'pico': ((2, 2, 6, 2), (64, 128, 256, 512)),
+    'nano': ((2, 2, 8, 2), (80, 160, 320, 640)),
+    'tiny': ((3, 3, 9, 3), (96, 192, 384, 768)),
+    'small': ((3, 3, 27, 3), (96, 192, 384, 768)),
+    'base': ((3, 3, 27, 3), (128, 256, 512, 1024)),
+}
+
+LN_EPS = 1e-6
+_KERNEL_INIT = nnx.initializers.truncated_normal(0.02)
+_ZEROS = nnx.initializers.zeros_init()
+_ONES = nnx.initializers.ones_init()
+# Logical axis names: conv kernels are (h, w, in, out); only the output channels are named, so a
+# conv never carries the same mesh axis twice.
+_CONV_AXES = (None, None, None, 'embed')
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNeXtConfig:
+  depths: tuple[int, ...]
+  dims: tuple[int, ...]
+  drop_path_rate: float = 0.0
+  layer_scale_init: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+  in_channels: int = 3
+
+
+def convnext_config(variant: str = 'atto', depths: Sequence[int] | None = None,
+                    dims: Sequence[int] | None = None, **kw) -> ConvNeXtConfig:
+  """A named variant, or a custom one when both `depths` and `dims` are given."""
+  if depths is not None or dims is not None:
+    if depths is None or dims is None or len(depths) != len(dims) or not depths:
+      raise GleamError(f'ConvNeXt custom architecture needs depths and dims of the same non-zero '
+                       f'length, got depths={depths} dims={dims}; set both or neither.')
+    return ConvNeXtConfig(tuple(int(d) for d in depths), tuple(int(d) for d in dims), **kw)
+  if variant not in VARIANTS:
+    raise GleamError(f'Unknown ConvNeXt variant {variant!r}; choose one of {sorted(VARIANTS)} '
+                     f'or give custom depths and dims.')
+  depths, dims = VARIANTS[variant]
+  return ConvNeXtConfig(depths, dims, **kw)
+
+
+def _layer_norm(dim, dtype, rngs):
+  return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32,
+                       scale_init=nnx.with_partitioning(_ONES, ('embed',)),
+                       bias_init=nnx.with_partitioning(_ZEROS, ('embed',)), rngs=rngs)
+
+
+def _conv(cin, cout, kernel, stride, padding, dtype, rngs, groups=1):
+  return nnx.Conv(cin, cout, kernel, strides=stride, padding=padding, feature_group_count=groups,
+                  dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nnx.with_partitioning(_KERNEL_INIT, _CONV_AXES),
+                  bias_init=nnx.with_partitioning(_ZEROS, ('embed',)), rngs=rngs)
+
+
+def _dense(cin, cout, axes, dtype, rngs):
+  return nnx.Linear(cin, cout, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nnx.with_partitioning(_KERNEL_INIT, axes),
+                    bias_init=nnx.with_partitioning(_ZEROS, axes[1:]), rngs=rngs)
+
+
+class Stem(nnx.Module):
+  def __init__(self, cin, dim, dtype, rngs):
+    self.conv = _conv(cin, dim, (4, 4), 4, 'VALID', dtype, rngs)
+    self.norm = _layer_norm(dim, dtype, rngs)
+
+  def __call__(self, x):
+    return self.norm(self.conv(x))
+
+
+class Downsample(nnx.Module):
+  def __init__(self, cin, cout, dtype, rngs):
+    self.norm = _layer_norm(cin, dtype, rngs)
+    self.conv = _conv(cin, cout, (2, 2), 2, 'VALID', dtype, rngs)
+
+  def __call__(self, x):
+    return self.conv(self.norm(x))
+
+
+class Block(nnx.Module):
+  """ConvNeXt block; `drop_path` is the stochastic depth rate of this block."""
+
+  def __init__(self, dim, drop_path, layer_scale_init, dtype, rngs):
+    self.dwconv = _conv(dim, dim, (7, 7), 1, ((3, 3), (3, 3)), dtype, rngs, groups=dim)
+    self.norm = _layer_norm(dim, dtype, rngs)
+    self.pwconv1 = _dense(dim, 4 * dim, ('embed', 'mlp'), dtype, rngs)
+    self.pwconv2 = _dense(4 * dim, dim, ('mlp', 'embed'), dtype, rngs)
+    self.gamma = nnx.Param(jnp.full((dim,), layer_scale_init, jnp.float32),
+                           out_sharding=('embed',))
+    # Per-sample mask (broadcast over H, W, C) scaled by 1/keep: stochastic depth.
+    self.drop_path = (nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs)
+                      if drop_path > 0 else None)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    y = self.dwconv(x)
+    y = self.norm(y)
+    y = self.pwconv1(y)
+    y = jax.nn.gelu(y, approximate=False)
+    y = self.pwconv2(y)
+    y = y * self.gamma[...].astype(y.dtype)
+    if self.drop_path is not None:
+      y = self.drop_path(y)
+    return x + y
+
+
+def _block_forward(block, x):
+  return block(x)
+
+
+class Stage(nnx.Module):
+  def __init__(self, cin, cout, depth, drop_paths, cfg: ConvNeXtConfig, rngs):
+    self.downsample = Downsample(cin, cout, cfg.dtype, rngs) if cin is not None else None
+    self.blocks = nnx.List([Block(cout, dp, cfg.layer_scale_init, cfg.dtype, rngs)
+                            for dp in drop_paths])
+    self.remat = cfg.remat
+
+  def __call__(self, x):
+    if self.downsample is not None:
+      x = self.downsample(x)
+    forward = nnx.remat(_block_forward) if self.remat else _block_forward
+    for block in self.blocks:
+      x = forward(block, x)
+    return x
+
+
+class ConvNeXt(nnx.Module):
+  """`model(x)` maps NHWC images to pooled, normed features (B, dims[-1]) in float32."""
+
+  def __init__(self, cfg: ConvNeXtConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    n = sum(cfg.depths)
+    rates = [cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linear in depth
+    self.stem = Stem(cfg.in_channels, cfg.dims[0], cfg.dtype, rngs)
+    stages, k = [], 0
+    for i, (depth, dim) in enumerate(zip(cfg.depths, cfg.dims)):
+      cin = cfg.dims[i - 1] if i > 0 else None
+      stages.append(Stage(cin, dim, depth, rates[k:k + depth], cfg, rngs))
+      k += depth
+    self.stages = nnx.List(stages)
+    self.head_norm = nnx.LayerNorm(cfg.dims[-1], epsilon=LN_EPS, param_dtype=jnp.float32,
+                                   scale_init=nnx.with_partitioning(_ONES, ('embed',)),
+                                   bias_init=nnx.with_partitioning(_ZEROS, ('embed',)),
+                                   rngs=rngs)
+
+  @property
+  def width(self) -> int:
+    return self.config.dims[-1]
+
+  def stage_features(self, x) -> list[jax.Array]:
+    """The output of every stage, NHWC, in the compute dtype."""
+    x = self.stem(x.astype(self.config.dtype))
+    outs = []
+    for stage in self.stages:
+      x = stage(x)
+      outs.append(x)
+    return outs
+
+  def __call__(self, x) -> jax.Array:
+    x = self.stage_features(x)[-1]
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return self.head_norm(pooled)

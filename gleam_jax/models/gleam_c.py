@@ -1,0 +1,112 @@
+"""GLEAM-C: one ConvNeXt encoder mapping query views and satellite images to a shared embedding.
+
+    cfg = gleam_c.model_config(variant='atto')
+    model = GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+    q = model.encode(panoramas, tower='query')        # (B, H, W, 3) normalised -> (B, D), unit norm
+    s = model.encode(satellites, tower='reference')
+    q, s = model(panoramas, satellites)
+    scale = jnp.exp(model.logit_scale[...])
+
+The encoder is global-average-pooled and LayerNormed (+ a Linear projection when `embed_dim` is
+set), so any input size works and panoramas and satellite tiles go through the same weights.
+Modules: shared towers -> `encoder` (+ `projection`); `separate_towers=True` ->
+`query_encoder`/`reference_encoder` (+ `query_projection`/`reference_projection`).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from ml_collections import config_dict
+
+from gleam_jax.errors import GleamError
+from gleam_jax.models import convnext, convnext_params
+
+TOWERS = ('query', 'reference')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def model_config(variant='atto', embed_dim=None, separate_towers=False, drop_path_rate=0.0,
+                 dtype='float32', remat=False, logit_scale_init=math.log(1 / 0.07),
+                 pretrained=None, depths=None, dims=None) -> ml_collections.ConfigDict:
+  """GLEAM-C model settings. `depths`/`dims` (both) give a custom ConvNeXt instead of `variant`;
+  `pretrained` is a local HF/timm ConvNeXt checkpoint (directory or file) loaded at construction."""
+  ph = config_dict.placeholder
+  return ml_collections.ConfigDict(dict(
+      variant=variant,
+      depths=ph(tuple) if depths is None else tuple(depths),
+      dims=ph(tuple) if dims is None else tuple(dims),
+      embed_dim=ph(int) if embed_dim is None else embed_dim,
+      separate_towers=separate_towers,
+      drop_path_rate=float(drop_path_rate),
+      dtype=dtype,
+      remat=remat,
+      logit_scale_init=float(logit_scale_init),
+      pretrained=ph(str) if pretrained is None else pretrained,
+  ))
+
+
+def backbone_config(cfg) -> convnext.ConvNeXtConfig:
+  if cfg.dtype not in DTYPES:
+    raise GleamError(f'model.dtype={cfg.dtype!r} is not supported; use one of {sorted(DTYPES)}.')
+  if not 0.0 <= cfg.drop_path_rate < 1.0:
+    raise GleamError(f'model.drop_path_rate={cfg.drop_path_rate} must be in [0, 1).')
+  return convnext.convnext_config(cfg.variant, depths=cfg.get('depths'), dims=cfg.get('dims'),
+                                  drop_path_rate=cfg.drop_path_rate, dtype=DTYPES[cfg.dtype],
+                                  remat=cfg.remat)
+
+
+class GleamC(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    bcfg = backbone_config(cfg)
+    self.separate_towers = bool(cfg.separate_towers)
+    embed_dim = cfg.get('embed_dim')
+    if embed_dim is not None and embed_dim <= 0:
+      raise GleamError(f'model.embed_dim={embed_dim} must be positive (or None for no projection).')
+    names = ('query_', 'reference_') if self.separate_towers else ('',)
+    for prefix in names:
+      encoder = convnext.ConvNeXt(bcfg, rngs=rngs)
+      setattr(self, prefix + 'encoder', encoder)
+      projection = None
+      if embed_dim is not None:
+        projection = nnx.Linear(
+            encoder.width, embed_dim, param_dtype=jnp.float32,
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ('embed', None)),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)), rngs=rngs)
+      setattr(self, prefix + 'projection', projection)
+    self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), out_sharding=())
+    self.embed_dim = embed_dim or bcfg.dims[-1]
+    if cfg.get('pretrained'):
+      self.load_pretrained(cfg.pretrained)
+
+  def load_pretrained(self, path: str) -> None:
+    """Loads a HF/timm ConvNeXt checkpoint into every tower (projections stay as initialised)."""
+    sd = convnext_params.read_state_dict(path)
+    for encoder in self._encoders():
+      convnext_params.load_convnext_weights(encoder, sd)
+
+  def _encoders(self):
+    if self.separate_towers:
+      return [self.query_encoder, self.reference_encoder]
+    return [self.encoder]
+
+  def _tower(self, tower):
+    if tower not in TOWERS:
+      raise ValueError(f'tower must be one of {TOWERS}, got {tower!r}')
+    if self.separate_towers:
+      return getattr(self, f'{tower}_encoder'), getattr(self, f'{tower}_projection')
+    return self.encoder, self.projection
+
+  def encode(self, images: jax.Array, tower: str = 'query') -> jax.Array:
+    """(B, H, W, 3) normalised images -> (B, D) float32 unit-norm embeddings."""
+    encoder, projection = self._tower(tower)
+    x = encoder(images)
+    if projection is not None:
+      x = projection(x)
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+  def __call__(self, query_images, reference_images):
+    return self.encode(query_images, 'query'), self.encode(reference_images, 'reference')
