@@ -1,0 +1,210 @@
+"""Qwen2.5-VL inputs: images -> patches, chat prompt -> token ids, and fine-tuning targets.
+
+Numerically the same as `transformers.Qwen2_5_VLProcessor` with its PIL image processor:
+  * `smart_resize` picks a size divisible by patch*merge (28) with min_pixels <= h*w <= max_pixels,
+    the image is resized with PIL bicubic on uint8, scaled by 1/255 and normalised with the OpenAI
+    CLIP mean/std;
+  * a still image is one temporal patch (the frame repeated `temporal_patch_size` times), patches are
+    flattened in merge order (grid_t, grid_h/m, grid_w/m, m, m) x (C, temporal, patch, patch), so the
+    vision tower's patch merger sees each 2x2 group contiguously;
+  * the user turn holds `<|vision_start|><|image_pad|><|vision_end|>` per image, and each
+    `<|image_pad|>` is expanded to grid_t*grid_h*grid_w/merge^2 tokens.
+The tokenizer is `transformers.AutoTokenizer` of a local model directory (no network).
+"""
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+from gleam_jax.errors import GleamError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_SYSTEM = "You are a helpful assistant."
+IGNORE_INDEX = -100  # label of positions that carry no loss (the torch / optax convention)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+  """Image preprocessing, as `preprocessor_config.json` of a Qwen2.5-VL directory."""
+  min_pixels: int = 56 * 56
+  max_pixels: int = 28 * 28 * 1280
+  patch_size: int = 14
+  temporal_patch_size: int = 2
+  merge_size: int = 2
+  image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+  image_std: tuple[float, ...] = OPENAI_CLIP_STD
+
+  @property
+  def factor(self) -> int:
+    return self.patch_size * self.merge_size
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+  """(height, width) divisible by `factor`, pixel count within [min_pixels, max_pixels], aspect kept."""
+  if max(height, width) / min(height, width) > 200:
+    raise GleamError(f"Image of {height}x{width} has an aspect ratio above 200, which Qwen2.5-VL cannot "
+                     "take; crop or pad it first.")
+  h = round(height / factor) * factor
+  w = round(width / factor) * factor
+  if h * w > max_pixels:
+    beta = math.sqrt(height * width / max_pixels)
+    h = max(factor, math.floor(height / beta / factor) * factor)
+    w = max(factor, math.floor(width / beta / factor) * factor)
+  elif h * w < min_pixels:
+    beta = math.sqrt(min_pixels / (height * width))
+    h = math.ceil(height * beta / factor) * factor
+    w = math.ceil(width * beta / factor) * factor
+  return h, w
+
+
+def to_rgb(image) -> Image.Image:
+  """A PIL RGB image from a PIL image or a uint8 (H, W[, C]) array; transparency goes on white."""
+  if isinstance(image, np.ndarray):
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and
+                                                               image.shape[-1] not in (1, 3, 4)):
+      raise GleamError(f"Image array of dtype {image.dtype} and shape {image.shape}: pass uint8 "
+                       "(H, W), (H, W, 3) or (H, W, 4).")
+    image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+  if not isinstance(image, Image.Image):
+    raise GleamError(f"Expected a PIL image or a uint8 array, got {type(image).__name__}.")
+  if "A" in image.getbands() or image.info.get("transparency") is not None:
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def patchify(pixels: np.ndarray, cfg: ImageConfig) -> np.ndarray:
+  """(H, W, C) float32 -> (grid_h*grid_w, C*temporal*patch*patch) in merge order, frame repeated."""
+  height, width, channels = pixels.shape
+  p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+  gh, gw = height // p, width // p
+  x = pixels.reshape(gh // m, m, p, gw // m, m, p, channels)
+  x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, C, p, p)
+  x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (t, p, p))
+  return np.ascontiguousarray(x).reshape(gh * gw, channels * t * p * p)
+
+
+def preprocess_image(image, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
+  """One image -> (patches float32 [grid_t*grid_h*grid_w, patch_dim], grid_thw int64 [3])."""
+  rgb = to_rgb(image)
+  h, w = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+  resized = np.asarray(rgb.resize((w, h), resample=Image.BICUBIC))
+  x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+  x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+  return patchify(x, cfg), np.array([1, h // cfg.patch_size, w // cfg.patch_size], np.int64)
+
+
+def preprocess_images(images, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Images -> (pixel_values [sum of patches, patch_dim], image_grid_thw [n_images, 3])."""
+  if not images:
+    return (np.zeros((0, 3 * cfg.temporal_patch_size * cfg.patch_size**2), np.float32),
+            np.zeros((0, 3), np.int64))
+  patches, grids = zip(*(preprocess_image(im, cfg) for im in images))
+  return np.concatenate(patches), np.stack(grids)
+
+
+def chat_prompt(num_images: int, prompt: str, system: str = DEFAULT_SYSTEM) -> str:
+  """The Qwen2.5-VL chat template for one user turn (images first, then text), ready for the answer."""
+  vision = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
+  return (f"<|im_start|>system\n{system}<|im_end|>\n"
+          f"<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
+  """`ImageConfig` from `<directory>/preprocessor_config.json` (min_pixels/max_pixels or size)."""
+  file = os.path.join(directory, "preprocessor_config.json")
+  if not os.path.isfile(file):
+    raise GleamError(f"No preprocessor_config.json in {directory!r}; point the config at a local "
+                     "Qwen2.5-VL model directory.")
+  with open(file) as f:
+    d = json.load(f)
+  size = d.get("size") or {}
+  fields = dict(
+      min_pixels=d.get("min_pixels", size.get("shortest_edge", ImageConfig.min_pixels)),
+      max_pixels=d.get("max_pixels", size.get("longest_edge", ImageConfig.max_pixels)),
+      patch_size=d.get("patch_size", 14), temporal_patch_size=d.get("temporal_patch_size", 2),
+      merge_size=d.get("merge_size", 2),
+      image_mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)),
+      image_std=tuple(d.get("image_std", OPENAI_CLIP_STD)))
+  fields.update({k: v for k, v in overrides.items() if v is not None})
+  return ImageConfig(**fields)
+
+
+class Processor:
+  """Tokenizer + image preprocessing of a local Qwen2.5-VL directory.
+
+  `encode_prompt` builds model inputs for generation, `build_sft_example` for fine-tuning.
+  """
+
+  def __init__(self, tokenizer, image_config: ImageConfig):
+    self.tokenizer = tokenizer
+    self.image_config = image_config
+    self.image_token_id = self._special_id("<|image_pad|>")
+    self.vision_start_id = self._special_id("<|vision_start|>")
+    self.vision_end_id = self._special_id("<|vision_end|>")
+    self.im_end_id = self._special_id("<|im_end|>")
+
+  def _special_id(self, token: str) -> int:
+    ids = self.tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+      raise GleamError(f"The tokenizer does not know the special token {token}; use the tokenizer of a "
+                       "Qwen2.5-VL model directory.")
+    return ids[0]
+
+  def _tokens(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False)
+
+  def expand_image_pads(self, ids: list[int], image_grid_thw: np.ndarray) -> np.ndarray:
+    """Each `<|image_pad|>` id -> grid_t*grid_h*grid_w/merge^2 copies, images in order."""
+    pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
+    if len(pads) != len(image_grid_thw):
+      raise GleamError(f"The prompt has {len(pads)} image placeholders but {len(image_grid_thw)} images "
+                       "were given; pass one image per placeholder.")
+    counts = np.ones(len(ids), np.int64)
+    counts[pads] = np.prod(image_grid_thw, axis=-1) // self.image_config.merge_size**2
+    return np.repeat(np.asarray(ids, np.int64), counts)
+
+  def encode_prompt(self, images, prompt: str, system: str = DEFAULT_SYSTEM) -> dict:
+    """Model inputs up to `<|im_start|>assistant\\n`: input_ids [L], pixel_values, image_grid_thw."""
+    pixel_values, grid_thw = preprocess_images(images, self.image_config)
+    ids = self._tokens(chat_prompt(len(images), prompt, system))
+    return dict(input_ids=self.expand_image_pads(ids, grid_thw), pixel_values=pixel_values,
+                image_grid_thw=grid_thw)
+
+  def build_sft_example(self, images, prompt: str, answer: str, system: str = DEFAULT_SYSTEM) -> dict:
+    """One fine-tuning example: the prompt turn, then `answer<|im_end|>\\n`.
+
+    labels equal input_ids on the answer tokens and its closing `<|im_end|>` (so the model learns to
+    stop) and are IGNORE_INDEX (-100) elsewhere; they are *not* shifted (the loss predicts
+    labels[i+1] from position i, as Hugging Face causal LMs).
+    """
+    example = self.encode_prompt(images, prompt, system)
+    prompt_ids = example["input_ids"]
+    answer_ids = np.asarray(self._tokens(answer) + [self.im_end_id], np.int64)
+    newline = np.asarray(self._tokens("\n"), np.int64)
+    input_ids = np.concatenate([prompt_ids, answer_ids, newline])
+    labels = np.full_like(input_ids, IGNORE_INDEX)
+    labels[len(prompt_ids):len(prompt_ids) + len(answer_ids)] = answer_ids
+    return dict(example, input_ids=input_ids, labels=labels)
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)
+
+
+def load_processor(directory: str, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> Processor:
+  """The processor of a local Qwen2.5-VL directory; min/max_pixels override preprocessor_config.json."""
+  if not os.path.isfile(os.path.join(directory, "tokenizer.json")) and not os.path.isfile(
+      os.path.join(directory, "vocab.json")):
+    raise GleamError(f"No tokenizer (tokenizer.json or vocab.json) in {directory!r}; point the config at "
+                     "a local Qwen2.5-VL model directory.")
+  import transformers  # pylint: disable=g-import-not-at-top
+  tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  image_config = image_config_from_dir(directory, min_pixels=min_pixels, max_pixels=max_pixels)
+  return Processor(tokenizer, image_config)

@@ -1,0 +1,147 @@
+"""The Qwen2.5-VL processor against transformers' Qwen2_5_VLProcessor (PIL image processor)."""
+import numpy as np
+import pytest
+import transformers
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+import qwen_fixtures
+from gleam_jax.errors import GleamError
+from gleam_jax.models.qwen2_5_vl import processor as proc_lib
+
+PROMPT = "Do these two views show the same place? 这两个视角显示的是同一个地方吗？"
+ANSWER = "Yes. The road layout matches. 是的。道路布局、环岛和河湾与卫星图像一致。"
+
+
+class ImageOnlyQwenProcessor(transformers.Qwen2_5_VLProcessor):
+  """Qwen2_5_VLProcessor without its video processor (which needs torchvision)."""
+
+  def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+    super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  return qwen_fixtures.write_tiny_qwen_dir(str(tmp_path_factory.mktemp("qwen_tiny")))
+
+
+@pytest.fixture(scope="module")
+def ours(model_dir):
+  return proc_lib.load_processor(model_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+  return ImageOnlyQwenProcessor(
+      image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir),
+      tokenizer=transformers.AutoTokenizer.from_pretrained(model_dir),
+      chat_template=qwen_fixtures.CHAT_TEMPLATE)
+
+
+def random_image(width, height, seed=0, mode="RGB"):
+  channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+  pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+  return Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+
+
+def hf_inputs(hf, images, prompt, answer=None):
+  content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+  messages = [{"role": "user", "content": content}]
+  if answer is not None:
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+  text = hf.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
+  return hf(text=[text], images=images or None, return_tensors="np"), text
+
+
+@pytest.mark.parametrize("size", [(640, 480), (1024, 768), (333, 517), (20, 30), (9, 1700)])
+def test_images_and_ids_match_transformers(ours, hf, size):
+  images = [random_image(*size, seed=1), random_image(size[1], size[0], seed=2)]
+  got = ours.encode_prompt(images, PROMPT)
+  want, _ = hf_inputs(hf, images, PROMPT)
+  np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"])
+  np.testing.assert_allclose(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(got["input_ids"], want["input_ids"][0])
+
+
+def test_large_image_hits_max_pixels_and_tiny_image_min_pixels(ours, hf):
+  for size in [(3000, 2000), (12, 12)]:
+    image = random_image(*size, seed=3)
+    got = ours.encode_prompt([image], "Where?")
+    want, _ = hf_inputs(hf, [image], "Where?")
+    np.testing.assert_array_equal(got["image_grid_thw"], want["image_grid_thw"])
+    np.testing.assert_allclose(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6)
+    pixels = int(np.prod(got["image_grid_thw"][0, 1:])) * 14 * 14
+    assert 56 * 56 <= pixels <= 28 * 28 * 1280
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L"])
+def test_non_rgb_images_match_transformers(ours, hf, mode):
+  image = random_image(300, 200, seed=4, mode=mode)
+  got = ours.encode_prompt([image], "Where?")
+  want, _ = hf_inputs(hf, [image], "Where?")
+  np.testing.assert_allclose(got["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6)
+
+
+def test_smart_resize_rule():
+  for h, w in [(480, 640), (517, 333), (30, 20), (2000, 3000), (1, 150)]:
+    rh, rw = proc_lib.smart_resize(h, w, 28, 56 * 56, 28 * 28 * 1280)
+    assert rh % 28 == 0 and rw % 28 == 0
+    assert 56 * 56 <= rh * rw <= 28 * 28 * 1280
+  assert proc_lib.smart_resize(480, 640) == (476, 644)  # round(480/28)=17, round(640/28)=23
+  with pytest.raises(GleamError, match="aspect ratio"):
+    proc_lib.smart_resize(1, 300)
+
+
+def test_patch_order_is_merge_order():
+  cfg = proc_lib.ImageConfig()
+  h, w = 56, 84  # grid 4 x 6 patches, 2 x 3 merge groups
+  pixels = np.arange(h * w * 3, dtype=np.float32).reshape(h, w, 3)
+  patches = proc_lib.patchify(pixels, cfg)
+  assert patches.shape == (24, 3 * 2 * 14 * 14)
+  # Patch 0..3 are the 2x2 group at the top-left: (row, col) = (0,0), (0,1), (1,0), (1,1); then (0,2).
+  for k, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)]):
+    block = pixels[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14].transpose(2, 0, 1)  # (C, p, p)
+    want = np.stack([block, block], axis=1).reshape(-1)  # (C, temporal, p, p)
+    np.testing.assert_array_equal(patches[k], want)
+
+
+def test_sft_example_matches_chat_template_and_masks_answer(ours, hf):
+  images = [random_image(200, 150, seed=5), random_image(100, 120, seed=6)]
+  ex = ours.build_sft_example(images, PROMPT, ANSWER)
+  want, text = hf_inputs(hf, images, PROMPT, ANSWER)
+  assert text.endswith(f"<|im_start|>assistant\n{ANSWER}<|im_end|>\n")
+  np.testing.assert_array_equal(ex["input_ids"], want["input_ids"][0])
+  np.testing.assert_allclose(ex["pixel_values"], want["pixel_values"], rtol=0, atol=1e-6)
+  labelled = ex["labels"] != proc_lib.IGNORE_INDEX
+  np.testing.assert_array_equal(ex["labels"][labelled], ex["input_ids"][labelled])
+  # Exactly the answer and its <|im_end|> carry loss, and they are contiguous.
+  idx = np.flatnonzero(labelled)
+  assert np.array_equal(idx, np.arange(idx[0], idx[-1] + 1))
+  assert ex["labels"][idx[-1]] == ours.im_end_id
+  assert ours.decode(ex["labels"][idx[:-1]]) == ANSWER  # Chinese round-trips
+  assert ours.decode(ex["input_ids"][:idx[0]], skip_special_tokens=False).endswith(
+      "<|im_start|>assistant\n")
+  n_image_tokens = int(np.sum(ex["input_ids"] == ours.image_token_id))
+  assert n_image_tokens == int(np.prod(ex["image_grid_thw"], axis=-1).sum()) // 4
+
+
+def test_text_only_prompt(ours, hf):
+  got = ours.encode_prompt([], PROMPT)
+  want, _ = hf_inputs(hf, [], PROMPT)
+  np.testing.assert_array_equal(got["input_ids"], want["input_ids"][0])
+  assert got["pixel_values"].shape == (0, 1176) and got["image_grid_thw"].shape == (0, 3)
+
+
+def test_min_max_pixels_override(model_dir):
+  small = proc_lib.load_processor(model_dir, max_pixels=28 * 28 * 16)
+  ex = small.encode_prompt([random_image(1024, 768)], "Where?")
+  assert int(np.prod(ex["image_grid_thw"][0])) * 14 * 14 <= 28 * 28 * 16
+
+
+def test_errors(tmp_path, ours):
+  with pytest.raises(GleamError, match="No tokenizer"):
+    proc_lib.load_processor(str(tmp_path))
+  with pytest.raises(GleamError, match="2 image placeholders but 1 images"):
+    ours.expand_image_pads([ours.image_token_id, 5, ours.image_token_id], np.array([[1, 4, 4]]))
+  with pytest.raises(GleamError, match="uint8"):
+    ours.encode_prompt([np.zeros((10, 10, 3), np.float32)], "x")
