@@ -1,0 +1,348 @@
+"""Qwen2.5-VL in Flax NNX: vision tower (window attention, 2-D rotary, patch merger) + Qwen2 decoder.
+
+Parameter tree (NNX paths; they mirror the Hugging Face names with Flax leaf names):
+
+  visual.patch_embed.proj.kernel                  (C*T*P*P, vision_hidden)  HF Conv3d weight reshaped
+                                                  to (vision_hidden, C*T*P*P) and transposed; no bias
+  visual.blocks[i].norm1.scale, .norm2.scale      (vision_hidden,)           HF `weight`
+  visual.blocks[i].attn.qkv.kernel / .bias        (vision_hidden, 3*vision_hidden) / (3*vision_hidden,)
+  visual.blocks[i].attn.proj.kernel / .bias       (vision_hidden, vision_hidden) / (vision_hidden,)
+  visual.blocks[i].mlp.{gate_proj,up_proj}.kernel / .bias   (vision_hidden, vision_mlp) / (vision_mlp,)
+  visual.blocks[i].mlp.down_proj.kernel / .bias   (vision_mlp, vision_hidden) / (vision_hidden,)
+  visual.merger.ln_q.scale                        (vision_hidden,)
+  visual.merger.mlp[0].kernel / .bias             (4*vision_hidden, 4*vision_hidden)
+  visual.merger.mlp[2].kernel / .bias             (4*vision_hidden, hidden)
+  language_model.embed_tokens.embedding           (vocab, hidden)            HF `weight` as is
+  language_model.layers[i].self_attn.{q,k,v}_proj.kernel / .bias   (hidden, heads*head_dim) / (...)
+  language_model.layers[i].self_attn.o_proj.kernel                 (heads*head_dim, hidden); no bias
+  language_model.layers[i].mlp.{gate_proj,up_proj}.kernel          (hidden, mlp); no bias
+  language_model.layers[i].mlp.down_proj.kernel                    (mlp, hidden)
+  language_model.layers[i].input_layernorm.scale, .post_attention_layernorm.scale   (hidden,)
+  language_model.norm.scale                       (hidden,)
+  lm_head.kernel                                  (hidden, vocab); absent when tie_word_embeddings
+
+Every `kernel` is the transpose of the HF `nn.Linear.weight`. In `nnx.state(model)` the list indices
+are integers: ('visual', 'blocks', 0, 'attn', 'qkv', 'kernel'). `abstract_model(cfg)` builds the model
+with `nnx.eval_shape` (no weights materialised) for a loader to fill.
+
+Each parameter carries logical axis names (`out_sharding` metadata): 'vocab', 'embed', 'mlp', 'heads',
+'kv_heads', 'norm', 'vision_patch', 'vision_embed', 'vision_mlp', 'vision_heads'; see
+`config.QWEN_SHARDING_RULES`.
+
+Inputs follow HF: `pixel_values` (num_patches, C*T*P*P) flattened patches of all images, concatenated;
+`image_grid_thw` (num_images, 3) in patch units (host NumPy; see `rope.vision_layout`); `input_ids`
+with `image_token_id` placeholders (one per merged token); 3-D `position_ids` from
+`rope.get_rope_index`; `attention_mask` (B, L) with 1 for real tokens (left padding).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import gleam_jax.models  # noqa: F401  (logical sharding metadata only, no eager placement)
+from gleam_jax.errors import GleamError
+from gleam_jax.models.qwen2_5_vl import rope
+from gleam_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+
+_INIT = nnx.initializers.normal(0.02)
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _linear(din, dout, names, *, bias, cfg, rngs):
+  return nnx.Linear(
+      din, dout, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      kernel_init=nnx.with_partitioning(_INIT, names),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)), rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, cast back to the input dtype."""
+
+  def __init__(self, dim, eps, *, cfg):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=("norm",))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (self.scale[...].astype(jnp.float32) * y).astype(x.dtype)
+
+
+def _softmax_attention(q, k, v, mask, scale):
+  """q (B, L, K, G, D), k/v (B, S, K, D), mask (B, L, S) bool -> (B, L, K*G*D). Softmax in float32."""
+  logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, None, None], logits, _NEG)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+  return out.reshape(*out.shape[:2], -1)
+
+
+# ----------------------------------------------------------------------------- vision tower
+
+
+class PatchEmbed(nnx.Module):
+  """HF Conv3d with stride == kernel over one flattened (C, T, P, P) patch == a Linear without bias."""
+
+  def __init__(self, cfg, *, rngs):
+    v = cfg.vision
+    self.proj = _linear(v.patch_dim, v.hidden_size, ("vision_patch", "vision_embed"), bias=False, cfg=cfg,
+                        rngs=rngs)
+
+  def __call__(self, pixel_values):
+    return self.proj(pixel_values.astype(self.proj.dtype))
+
+
+class VisionAttention(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    v = cfg.vision
+    self.num_heads, self.head_dim = v.num_heads, v.head_dim
+    self.qkv = _linear(v.hidden_size, 3 * v.hidden_size, ("vision_embed", "vision_heads"), bias=True, cfg=cfg,
+                       rngs=rngs)
+    self.proj = _linear(v.hidden_size, v.hidden_size, ("vision_heads", "vision_embed"), bias=True, cfg=cfg,
+                        rngs=rngs)
+
+  def __call__(self, x, cos, sin, segments):
+    n = x.shape[0]
+    q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim), 1, 0)
+    q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+    mask = segments[:, None] == segments[None, :]
+    out = _softmax_attention(q[None, :, :, None], k[None], v[None], mask[None], self.head_dim**-0.5)
+    return self.proj(out[0])
+
+
+class VisionMLP(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    v = cfg.vision
+    self.gate_proj = _linear(v.hidden_size, v.intermediate_size, ("vision_embed", "vision_mlp"), bias=True,
+                             cfg=cfg, rngs=rngs)
+    self.up_proj = _linear(v.hidden_size, v.intermediate_size, ("vision_embed", "vision_mlp"), bias=True,
+                           cfg=cfg, rngs=rngs)
+    self.down_proj = _linear(v.intermediate_size, v.hidden_size, ("vision_mlp", "vision_embed"), bias=True,
+                             cfg=cfg, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    v = cfg.vision
+    self.norm1 = RMSNorm(v.hidden_size, v.rms_norm_eps, cfg=cfg)
+    self.norm2 = RMSNorm(v.hidden_size, v.rms_norm_eps, cfg=cfg)
+    self.attn = VisionAttention(cfg, rngs=rngs)
+    self.mlp = VisionMLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, segments):
+    x = x + self.attn(self.norm1(x), cos, sin, segments)
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+  """ln_q -> concatenate each 2x2 block of patches -> Linear -> exact GELU -> Linear."""
+
+  def __init__(self, cfg, *, rngs):
+    v = cfg.vision
+    self.merged_dim = v.hidden_size * v.spatial_merge_size**2
+    self.ln_q = RMSNorm(v.hidden_size, 1e-6, cfg=cfg)
+    self.mlp = nnx.List([
+        _linear(self.merged_dim, self.merged_dim, ("vision_mlp", "vision_embed"), bias=True, cfg=cfg,
+                rngs=rngs),
+        None,  # GELU (index kept so that the paths match HF's nn.Sequential: mlp.0 and mlp.2)
+        _linear(self.merged_dim, v.out_hidden_size, ("vision_embed", "embed"), bias=True, cfg=cfg, rngs=rngs),
+    ])
+
+  def __call__(self, x):
+    x = self.ln_q(x).reshape(-1, self.merged_dim)
+    return self.mlp[2](jax.nn.gelu(self.mlp[0](x), approximate=False))
+
+
+class VisionTransformer(nnx.Module):
+  """Packed images (all patches in one sequence) -> merged tokens (M, out_hidden_size), raster order."""
+
+  def __init__(self, cfg, *, rngs):
+    self.cfg = cfg.vision
+    self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+    self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs) for _ in range(cfg.vision.depth)])
+    self.merger = PatchMerger(cfg, rngs=rngs)
+
+  def __call__(self, pixel_values, layout: rope.VisionLayout):
+    """`layout` holds the arrays of `rope.vision_layout(image_grid_thw, ...)` (NumPy or jnp)."""
+    v = self.cfg
+    x = self.patch_embed(pixel_values)[layout.patch_index]
+    cos, sin = rope.vision_cos_sin(jnp.asarray(layout.positions), v.head_dim, v.rope_theta)
+    full = set(v.fullatt_block_indexes)
+    for i, block in enumerate(self.blocks):
+      segments = layout.image_segments if i in full else layout.window_segments
+      x = block(x, cos, sin, jnp.asarray(segments))
+    return self.merger(x)[layout.merged_inverse]
+
+
+def vision_inputs(image_grid_thw, cfg: Qwen2_5_VLConfig) -> rope.VisionLayout:
+  """Host-side layout of the vision tower for these image sizes (see `rope.vision_layout`)."""
+  v = cfg.vision
+  return rope.vision_layout(image_grid_thw, v.spatial_merge_size, v.window_size, v.patch_size)
+
+
+# ----------------------------------------------------------------------------- text decoder
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with q/k/v bias, M-RoPE, optional static-size KV cache."""
+
+  def __init__(self, cfg, *, rngs):
+    t = cfg.text
+    self.num_heads, self.num_kv_heads, self.head_dim = t.num_attention_heads, t.num_key_value_heads, t.head_dim
+    self.q_proj = _linear(t.hidden_size, t.num_attention_heads * t.head_dim, ("embed", "heads"), bias=True,
+                          cfg=cfg, rngs=rngs)
+    self.k_proj = _linear(t.hidden_size, t.num_key_value_heads * t.head_dim, ("embed", "kv_heads"), bias=True,
+                          cfg=cfg, rngs=rngs)
+    self.v_proj = _linear(t.hidden_size, t.num_key_value_heads * t.head_dim, ("embed", "kv_heads"), bias=True,
+                          cfg=cfg, rngs=rngs)
+    self.o_proj = _linear(t.num_attention_heads * t.head_dim, t.hidden_size, ("heads", "embed"), bias=False,
+                          cfg=cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, cache=None, start=None):
+    """x (B, L, D); mask (B, L, S) bool. With `cache` = (k, v) of shape (B, S, K, Dh), this step's keys
+    and values are written at `start` and attention runs over the whole cache; returns (out, cache)."""
+    b, length, _ = x.shape
+    groups = self.num_heads // self.num_kv_heads
+    q = self.q_proj(x).reshape(b, length, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+    q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+    if cache is not None:
+      ck, cv = cache
+      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
+      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
+      cache = (k, v)
+    q = q.reshape(b, length, self.num_kv_heads, groups, self.head_dim)
+    out = _softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.head_dim**-0.5)
+    return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    t = cfg.text
+    self.gate_proj = _linear(t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
+    self.up_proj = _linear(t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
+    self.down_proj = _linear(t.intermediate_size, t.hidden_size, ("mlp", "embed"), bias=False, cfg=cfg, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    t = cfg.text
+    self.input_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, cfg=cfg)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, cfg=cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, cache=None, start=None):
+    h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class TextModel(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    t = cfg.text
+    self.cfg = t
+    self.embed_tokens = nnx.Embed(
+        t.vocab_size, t.hidden_size, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+        embedding_init=nnx.with_partitioning(_INIT, ("vocab", "embed")), rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(t.num_hidden_layers)])
+    self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, cfg=cfg)
+
+  def __call__(self, x, position_ids, mask, cache=None, start=None):
+    """x (B, L, D) embeddings; position_ids (3, B, L); mask (B, L, S). cache: dict k/v (layers, B, S, K, Dh)."""
+    t = self.cfg
+    cos, sin = rope.mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+      x, layer_cache = layer(x, cos, sin, mask, layer_cache, start)
+      if cache is not None:
+        new_k.append(layer_cache[0])
+        new_v.append(layer_cache[1])
+    if cache is not None:
+      cache = dict(cache, k=jnp.stack(new_k), v=jnp.stack(new_v))
+    return self.norm(x), cache
+
+
+# ----------------------------------------------------------------------------- full model
+
+
+def causal_mask(attention_mask, length):
+  """(B, L) 1/0 padding mask -> (B, L, L) bool: causal and key not padding."""
+  keys = jnp.asarray(attention_mask).astype(bool)
+  return jnp.tril(jnp.ones((length, length), bool))[None] & keys[:, None, :]
+
+
+class Qwen2_5_VL(nnx.Module):
+  """Qwen2_5_VLForConditionalGeneration: `visual`, `language_model`, `lm_head`."""
+
+  def __init__(self, cfg: Qwen2_5_VLConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.visual = VisionTransformer(cfg, rngs=rngs)
+    self.language_model = TextModel(cfg, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _linear(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False, cfg=cfg,
+                             rngs=rngs)
+
+  def embed(self, input_ids, pixel_values=None, vision_layout=None):
+    """Token embeddings with the merged image features scattered into the image placeholders
+    (row-major over the batch, like HF's masked_scatter)."""
+    x = self.language_model.embed_tokens(input_ids)
+    if pixel_values is None:
+      return x
+    feats = self.visual(pixel_values, vision_layout).astype(x.dtype)
+    is_image = (input_ids == self.cfg.image_token_id).reshape(-1)
+    index = jnp.clip(jnp.cumsum(is_image) - 1, 0, feats.shape[0] - 1)
+    flat = jnp.where(is_image[:, None], feats[index], x.reshape(-1, x.shape[-1]))
+    return flat.reshape(x.shape)
+
+  def logits(self, hidden):
+    """Final hidden states -> float32 logits."""
+    if self.cfg.tie_word_embeddings:
+      out = self.language_model.embed_tokens.attend(hidden)
+    else:
+      out = self.lm_head(hidden)
+    return out.astype(jnp.float32)
+
+  def __call__(self, input_ids, position_ids, attention_mask=None, pixel_values=None, vision_layout=None):
+    """Full-sequence forward (training, scoring): logits (B, L, vocab) float32."""
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    x = self.embed(input_ids, pixel_values, vision_layout)
+    hidden, _ = self.language_model(x, position_ids, causal_mask(attention_mask, input_ids.shape[1]))
+    return self.logits(hidden)
+
+
+def check_image_tokens(input_ids, image_grid_thw, cfg: Qwen2_5_VLConfig):
+  """Host check: as many image placeholders as the images produce merged tokens."""
+  have = int((np.asarray(input_ids) == cfg.image_token_id).sum())
+  need = sum(rope.num_image_tokens(image_grid_thw, cfg.vision.spatial_merge_size)) if image_grid_thw is not None \
+      else 0
+  if have != need:
+    raise GleamError(f"input_ids hold {have} image tokens ({cfg.image_token_id}) but image_grid_thw gives "
+                     f"{need} merged image tokens; build the prompt with the processor for these images.")
+
+
+def create_model(cfg: Qwen2_5_VLConfig, seed: int = 0) -> Qwen2_5_VL:
+  """A randomly initialised model (normal(0.02) weights, unit norms, zero biases)."""
+  return Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: Qwen2_5_VLConfig) -> Qwen2_5_VL:
+  """The model with `jax.ShapeDtypeStruct` leaves (nothing allocated), for weight loading."""
+  return nnx.eval_shape(functools.partial(create_model, cfg))

@@ -1,0 +1,175 @@
+"""Rotary position embeddings of Qwen2.5-VL and the host-side index arithmetic behind them.
+
+Host side (NumPy, computed once per batch from `image_grid_thw`, shapes depend only on the number of
+patches):
+  * `vision_layout`: the window-attention permutation of the patches (`get_window_index` in HF), the
+    attention segments (one per window, one per image frame for the full-attention blocks), the
+    2-D (h, w) patch positions and the inverse permutation applied after the merger.
+  * `get_rope_index`: the 3-D (t, h, w) M-RoPE position ids of a prompt with images, text positions
+    continuing after the largest image position, left padding ignored; and the per-row `rope_deltas`
+    (next position minus sequence length) used while decoding.
+Device side (jnp): cos/sin tables for the 2-D vision rotary and for M-RoPE, and `apply_rotary`.
+"""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from gleam_jax.errors import GleamError
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionLayout:
+  """Index arrays of the vision tower for one set of images; all in window (permuted) order.
+
+  patch_index: (N,) patch order for window attention (merge units stay contiguous).
+  positions: (N, 2) (h, w) patch coordinates, permuted.
+  window_segments: (N,) window id of each permuted patch (window-attention blocks).
+  image_segments: (N,) image-frame id of each permuted patch (full-attention blocks).
+  merged_inverse: (M,) takes merged tokens from window order back to raster order (M = N / merge**2).
+  """
+  patch_index: np.ndarray
+  positions: np.ndarray
+  window_segments: np.ndarray
+  image_segments: np.ndarray
+  merged_inverse: np.ndarray
+
+
+def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
+  grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+  return [tuple(int(v) for v in row) for row in grid]
+
+
+def num_image_tokens(grid_thw, spatial_merge_size: int) -> list[int]:
+  """Merged tokens (LLM placeholders) per image."""
+  return [t * h * w // spatial_merge_size**2 for t, h, w in _grid_list(grid_thw)]
+
+
+def vision_layout(grid_thw, spatial_merge_size: int, window_size: int, patch_size: int) -> VisionLayout:
+  """Window permutation, segments and positions for images of sizes `grid_thw` (patch units)."""
+  m = spatial_merge_size
+  unit = m * m
+  win = window_size // m // patch_size  # window side in merged units
+  window_index, window_ids, positions, frame_ids = [], [], [], []
+  merged_offset, window_offset, frame_offset = 0, 0, 0
+  for t, h, w in _grid_list(grid_thw):
+    if h % m or w % m:
+      raise GleamError(f"image grid {(t, h, w)} is not a multiple of spatial_merge_size {m}; "
+                       "resize images to multiples of patch_size * spatial_merge_size.")
+    gh, gw = h // m, w // m
+    # (h, w) of every patch, in raster order of merge blocks (block-major, as HF's rot_pos_emb).
+    hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    block = lambda a: a.reshape(gh, m, gw, m).transpose(0, 2, 1, 3).reshape(-1)
+    pos = np.stack([block(hh), block(ww)], -1)
+    positions.append(np.tile(pos, (t, 1)))
+    frame_ids.append(np.repeat(np.arange(t) + frame_offset, h * w))
+    frame_offset += t
+    # Windows of win x win merged units, scanned row-major, clipped at the image border.
+    merged = np.arange(t * gh * gw).reshape(t, gh, gw)
+    for f in range(t):
+      for r0 in range(0, gh, win):
+        for c0 in range(0, gw, win):
+          idx = merged[f, r0:r0 + win, c0:c0 + win].reshape(-1)
+          window_index.append(idx + merged_offset)
+          window_ids.append(np.full(idx.size, window_offset))
+          window_offset += 1
+    merged_offset += t * gh * gw
+  window_index = np.concatenate(window_index)
+  patch_index = (window_index[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
+  positions = np.concatenate(positions)
+  frame_ids = np.concatenate(frame_ids)
+  return VisionLayout(
+      patch_index=patch_index.astype(np.int32),
+      positions=positions[patch_index].astype(np.int32),
+      window_segments=np.repeat(np.concatenate(window_ids), unit).astype(np.int32),
+      image_segments=frame_ids[patch_index].astype(np.int32),
+      merged_inverse=np.argsort(window_index).astype(np.int32))
+
+
+def get_rope_index(input_ids, image_grid_thw, attention_mask, *, image_token_id: int,
+                   spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """M-RoPE position ids (3, B, L) and rope deltas (B, 1), as HF `get_rope_index` for images.
+
+  Each run of image tokens takes the next grid of `image_grid_thw` (in order across the batch):
+  its tokens get (t, h, w) = (start, start + row, start + col); text continues at max + 1.
+  Padding (attention_mask == 0) gets position 0 and is skipped.
+  """
+  input_ids = np.asarray(input_ids)
+  b, length = input_ids.shape
+  mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+  grids = _grid_list(image_grid_thw) if image_grid_thw is not None else []
+  counts = num_image_tokens(grids, spatial_merge_size) if grids else []
+  next_image = 0
+  position_ids = np.zeros((3, b, length), np.int32)
+  deltas = np.zeros((b, 1), np.int32)
+  for row in range(b):
+    ids = input_ids[row][mask[row]]
+    is_image = ids == image_token_id
+    pieces, current, i = [], 0, 0
+    while i < len(ids):
+      if not is_image[i]:
+        j = i
+        while j < len(ids) and not is_image[j]:
+          j += 1
+        pieces.append(np.broadcast_to(np.arange(j - i) + current, (3, j - i)))
+        current += j - i
+        i = j
+        continue
+      if next_image >= len(grids):
+        raise GleamError(f"prompt row {row} has more image placeholder runs than image_grid_thw has images "
+                         f"({len(grids)}); pass one grid per image.")
+      t, h, w = grids[next_image]
+      n = counts[next_image]
+      if not is_image[i:i + n].all() or len(ids[i:i + n]) != n:
+        raise GleamError(f"prompt row {row}: image {next_image} with grid {(t, h, w)} needs {n} consecutive "
+                         f"image tokens ({image_token_id}); fix the prompt or image_grid_thw.")
+      gh, gw = h // spatial_merge_size, w // spatial_merge_size
+      tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+      pieces.append(np.stack([tt, hh, ww]).reshape(3, -1) + current)
+      current += max(gh, gw)
+      next_image += 1
+      i += n
+    pos = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int32)
+    position_ids[:, row, mask[row]] = pos
+    deltas[row, 0] = (pos.max() + 1 if pos.size else 0) - len(ids)
+  if next_image != len(grids):
+    raise GleamError(f"image_grid_thw has {len(grids)} images but the prompts hold {next_image} image "
+                     "placeholder runs; pass one grid per image.")
+  return position_ids, deltas
+
+
+def rotate_half(x):
+  half = x.shape[-1] // 2
+  return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+  """x: (..., L, heads, head_dim); cos/sin: (..., L, head_dim). Computed in float32."""
+  x32 = x.astype(jnp.float32)
+  cos, sin = cos[..., None, :], sin[..., None, :]
+  return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def vision_cos_sin(positions, head_dim: int, theta: float):
+  """2-D rotary of the vision tower: positions (N, 2) -> cos, sin (N, head_dim)."""
+  spatial = head_dim // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # (N, 2, head_dim / 4)
+  freqs = freqs.reshape(freqs.shape[0], -1)  # [h freqs, w freqs]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def mrope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section):
+  """M-RoPE: position_ids (3, B, L) -> cos, sin (B, L, head_dim).
+
+  Frequency band k of the head uses the temporal, height or width position according to which of
+  the `mrope_section` chunks (t, h, w) it falls in.
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # (3, B, L, head_dim / 2)
+  axis = np.concatenate([np.full(n, i % 3) for i, n in enumerate(mrope_section)])
+  freqs = freqs[axis, :, :, np.arange(len(axis))]  # (head_dim / 2, B, L): band k from row axis[k]
+  freqs = jnp.moveaxis(freqs, 0, -1)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
