@@ -1,0 +1,225 @@
+"""Qwen2.5-VL NNX port vs transformers' PyTorch model (float32, eager attention), tiny random configs.
+
+The configs exercise window attention (several windows per image, clipped at odd borders), full-
+attention blocks, GQA, M-RoPE with two images of different sizes in one prompt, and left padding.
+"""
+import numpy as np
+import pytest
+import torch
+import transformers
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gleam_jax.errors import GleamError
+from gleam_jax.models.qwen2_5_vl import config as qcfg
+from gleam_jax.models.qwen2_5_vl import modeling, rope
+
+IMAGE, VSTART, VEND, PAD = 300, 302, 303, 0
+GRIDS = np.array([[1, 8, 12], [1, 10, 14]])  # merged grids 4x6 and 5x7 (odd), window 2x2 merged units
+
+
+def hf_config(tie=False, vision_depth=3, fullatt=(1,), window_size=56):
+  return transformers.Qwen2_5_VLConfig(
+      vision_config=dict(depth=vision_depth, hidden_size=64, intermediate_size=96, num_heads=4, patch_size=14,
+                         temporal_patch_size=2, spatial_merge_size=2, window_size=window_size, out_hidden_size=64,
+                         fullatt_block_indexes=list(fullatt), in_channels=3),
+      text_config=dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                       max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
+                       rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[2, 3, 3])),
+      image_token_id=IMAGE, video_token_id=301, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+      tie_word_embeddings=tie)
+
+
+def torch_model(hf_cfg, seed=0):
+  """The reference with every weight random (norm scales around 1, biases non-zero)."""
+  torch.manual_seed(seed)
+  model = transformers.Qwen2_5_VLForConditionalGeneration._from_config(hf_cfg, attn_implementation="eager")
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "layernorm" in name or \
+          name.endswith("norm.weight") or "ln_q" in name:
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(0.08 * torch.randn_like(p))
+  return model.eval().float()
+
+
+def load_torch_weights(model: modeling.Qwen2_5_VL, torch_model_):
+  """Copies the PyTorch weights into the NNX model (HF names -> NNX paths, Linear weights transposed)."""
+  sd = {k: v.detach().numpy() for k, v in torch_model_.state_dict().items()}
+  state = nnx.state(model, nnx.Param)
+  flat = []
+  for path, var in nnx.to_flat_state(state):
+    *mod, leaf = [str(p) for p in path]
+    name = "lm_head.weight" if mod == ["lm_head"] else "model." + ".".join(mod) + "." + (
+        "bias" if leaf == "bias" else "weight")
+    w = sd[name]
+    if leaf == "kernel":
+      w = w.reshape(w.shape[0], -1).T
+    assert w.shape == var.get_value().shape, (name, w.shape, var.get_value().shape)
+    flat.append((path, var.replace(jnp.asarray(w, var.get_value().dtype))))
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model
+
+
+def jax_model(hf_cfg, torch_model_, **overrides):
+  cfg = qcfg.from_hf(hf_cfg, **overrides)
+  model = modeling.create_model(cfg)
+  return load_torch_weights(model, torch_model_), cfg
+
+
+def prompt(rng, n_text, grids, merge=2):
+  """Text, then each image as <start> pad*n <end> followed by more text."""
+  ids = list(rng.integers(3, 290, n_text))
+  for n in rope.num_image_tokens(grids, merge):
+    ids += [VSTART] + [IMAGE] * n + [VEND] + list(rng.integers(3, 290, 3))
+  return ids
+
+
+def left_pad(rows):
+  length = max(len(r) for r in rows)
+  ids = np.full((len(rows), length), PAD, np.int64)
+  mask = np.zeros((len(rows), length), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, length - len(r):] = r
+    mask[i, length - len(r):] = 1
+  return ids, mask
+
+
+def pixels(rng, grids, patch_dim=3 * 2 * 14 * 14):
+  return rng.standard_normal((int(np.prod(grids, 1).sum()), patch_dim)).astype(np.float32)
+
+
+def torch_logits(model, ids, mask, px, grids):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                 pixel_values=torch.tensor(px), image_grid_thw=torch.tensor(grids),
+                 mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64))).logits.numpy()
+
+
+def jax_logits(model, cfg, ids, mask, px, grids):
+  pos, _ = rope.get_rope_index(ids, grids, mask, image_token_id=cfg.image_token_id,
+                               spatial_merge_size=cfg.vision.spatial_merge_size)
+  layout = modeling.vision_inputs(grids, cfg)
+  return np.asarray(model(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask), jnp.asarray(px), layout))
+
+
+@pytest.fixture(scope="module")
+def pair():
+  hf_cfg = hf_config()
+  tm = torch_model(hf_cfg)
+  jm, cfg = jax_model(hf_cfg, tm)
+  return tm, jm, cfg
+
+
+def test_vision_layout_matches_hf_window_index():
+  from transformers.vision_utils import get_vision_window_index, get_vision_cu_seqlens
+  grids = np.array([[1, 8, 12], [1, 10, 14], [2, 4, 6]])
+  layout = rope.vision_layout(grids, 2, 56, 14)
+  window_index, cu_window = get_vision_window_index(torch.tensor(grids), 2, 56, 14)
+  np.testing.assert_array_equal(layout.merged_inverse, np.argsort(window_index.numpy()))
+  np.testing.assert_array_equal(layout.patch_index.reshape(-1, 4)[:, 0] // 4, window_index.numpy())
+  # Window segments change exactly at HF's cu_window_seqlens.
+  bounds = np.flatnonzero(np.diff(layout.window_segments)) + 1
+  np.testing.assert_array_equal(np.concatenate([[0], bounds, [len(layout.window_segments)]]), cu_window.numpy())
+  # Full-attention segments: one per frame, contiguous in window order, sizes as HF's cu_seqlens.
+  cu = get_vision_cu_seqlens(torch.tensor(grids)).numpy()
+  np.testing.assert_array_equal(np.bincount(layout.image_segments), np.diff(cu))
+  assert np.all(np.diff(layout.image_segments) >= 0)
+
+
+def test_rope_index_matches_hf(pair):
+  tm, _, cfg = pair
+  rng = np.random.default_rng(0)
+  rows = [prompt(rng, 5, GRIDS[:1]) , prompt(rng, 9, GRIDS[1:])]
+  rows[1] += [7, 8]
+  ids, mask = left_pad(rows)
+  pos, deltas = rope.get_rope_index(ids, GRIDS, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  ref_pos, ref_deltas = tm.model.get_rope_index(
+      torch.tensor(ids), torch.tensor((ids == IMAGE).astype(np.int64)), image_grid_thw=torch.tensor(GRIDS),
+      attention_mask=torch.tensor(mask))
+  np.testing.assert_array_equal(pos, ref_pos.numpy())
+  np.testing.assert_array_equal(deltas, ref_deltas.numpy())
+
+
+def test_vision_tower_matches_hf(pair):
+  tm, jm, cfg = pair
+  px = pixels(np.random.default_rng(1), GRIDS)
+  with torch.no_grad():
+    ref = tm.model.visual(torch.tensor(px), grid_thw=torch.tensor(GRIDS)).pooler_output.numpy()
+  out = np.asarray(jm.visual(jnp.asarray(px), modeling.vision_inputs(GRIDS, cfg)))
+  assert out.shape == ref.shape == (24 + 35, 64)
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_logits_two_images_match_hf(pair):
+  tm, jm, cfg = pair
+  rng = np.random.default_rng(2)
+  ids, mask = left_pad([prompt(rng, 6, GRIDS)])
+  px = pixels(rng, GRIDS)
+  ref = torch_logits(tm, ids, mask, px, GRIDS)
+  out = jax_logits(jm, cfg, ids, mask, px, GRIDS)
+  assert np.abs(ref).max() > 0.1  # a non-trivial model
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_logits_left_padded_batch_match_hf(pair):
+  tm, jm, cfg = pair
+  rng = np.random.default_rng(3)
+  ids, mask = left_pad([prompt(rng, 4, GRIDS[:1]), prompt(rng, 11, GRIDS[1:]) + [9, 10, 11]])
+  px = pixels(rng, GRIDS)
+  ref = torch_logits(tm, ids, mask, px, GRIDS)
+  out = jax_logits(jm, cfg, ids, mask, px, GRIDS)
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
+
+
+def test_text_only_and_tied_embeddings_match_hf():
+  hf_cfg = hf_config(tie=True, vision_depth=1, fullatt=(0,))
+  tm = torch_model(hf_cfg, seed=1)
+  jm, cfg = jax_model(hf_cfg, tm)
+  assert cfg.tie_word_embeddings and not hasattr(jm, "lm_head")
+  ids = np.random.default_rng(4).integers(3, 290, (2, 13))
+  mask = np.ones_like(ids)
+  with torch.no_grad():
+    ref = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  pos = np.broadcast_to(np.arange(13), (3, 2, 13))
+  out = np.asarray(jm(jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask)))
+  np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_bfloat16_compute_close_to_float32(pair):
+  tm, jm, cfg = pair
+  bf = modeling.create_model(cfg.replace(dtype="bfloat16"))
+  nnx.update(bf, nnx.state(jm, nnx.Param))
+  rng = np.random.default_rng(5)
+  ids, mask = left_pad([prompt(rng, 6, GRIDS)])
+  px = pixels(rng, GRIDS)
+  ref = jax_logits(jm, cfg, ids, mask, px, GRIDS)
+  out = jax_logits(bf, cfg, ids, mask, px, GRIDS)
+  assert out.dtype == np.float32
+  rel = np.abs(out - ref).max() / np.abs(ref).max()
+  assert rel < 0.05, rel
+  assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+def test_abstract_model_allocates_nothing():
+  cfg = qcfg.qwen2_5_vl_3b()
+  model = modeling.abstract_model(cfg)
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  n = sum(int(np.prod(x.shape)) for x in leaves)
+  assert 3.5e9 < n < 3.9e9, n  # Qwen2.5-VL-3B: ~3.75B parameters with tied embeddings
+  assert model.language_model.layers[0].self_attn.k_proj.kernel.shape == (2048, 256)
+  assert model.visual.merger.mlp[2].kernel.shape == (5120, 2048)
+
+
+def test_image_token_count_mismatch_is_a_clear_error():
+  cfg = qcfg.tiny()
+  with pytest.raises(GleamError, match="image tokens"):
+    modeling.check_image_tokens(np.array([[IMAGE] * 5]), GRIDS[:1], cfg)
+  with pytest.raises(GleamError, match="mrope_section"):
+    qcfg.tiny(text=qcfg.TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   mrope_section=(16, 24, 24)))
