@@ -1,0 +1,164 @@
+"""The data part of every config: `data_config(**overrides)` -> ConfigDict.
+
+Experiment configs call it (`config.data = data_config(modalities=('panorama',))`); the pipeline
+reads nothing else. `validate(data_cfg)` checks every value and raises `GleamError` naming the key
+and what it may be.
+
+Fields
+  name              dataset: 'synthetic_cvgl' (TFDS builder in gleam_jax/data/builders/).
+  config            builder config = synthetic world preset: 'tiny' (tests), 's64', 's128'.
+  overrides         world-spec overrides (e.g. {'seed': 3, 'train_locations': 400}); they give the
+                    dataset a distinct config name, so different worlds never share files.
+  data_dir          where datasets are built and read (default `~/gleam_data`, or $GLEAM_DATA_DIR).
+                    A dataset is built there on first use.
+  build_workers     processes that render locations while building.
+  train_split / eval_splits
+  modalities        query modalities in training: phase 1 ('panorama',), phase 2 all four.
+  modality_weights  share of each training modality in an epoch (normalised over `modalities`).
+  query_size        (H, W) of uav / streetmap / ground queries fed to the model.
+  panorama_size     (H, W) of panoramas when the stream holds panoramas only; a stream that mixes
+                    panoramas with square views resizes every query to `query_size`, so one batch
+                    has one shape (evaluation follows the same rule, see `query_shape`).
+  satellite_size    (H, W) of satellite images.
+  augment           probabilities and strengths of the training augmentations (augment.py).
+  mean / std        normalisation (ImageNet, on [0, 1] pixels).
+  sampler           epoch order: 'shuffle' (unique locations per batch), 'gps' (haversine
+                    neighbours share a batch), 'dss' (embedding neighbours share a batch).
+  worker_count      grain worker processes (0: decode in the main process with `read_threads`).
+  worker_buffer_size  batches each worker prefetches.
+  read_threads / read_buffer_size  grain.ReadOptions of the per-record reads.
+  seed              sampler order and augmentation randomness.
+"""
+import os
+
+import ml_collections
+
+from gleam_jax.errors import GleamError
+
+MODALITIES = ("uav", "streetmap", "panorama", "ground")
+DATASETS = ("synthetic_cvgl",)
+PRESETS = ("tiny", "s64", "s128")
+SAMPLERS = ("shuffle", "gps", "dss")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_data_dir():
+  return os.environ.get("GLEAM_DATA_DIR", "~/gleam_data")
+
+
+def data_config(**overrides):
+  """Every data field with its default; `overrides` replace top-level fields (dicts merge)."""
+  c = ml_collections.ConfigDict()
+  c.name = "synthetic_cvgl"
+  c.config = "s64"
+  c.overrides = ml_collections.ConfigDict()
+  c.data_dir = default_data_dir()
+  c.build_workers = 2
+
+  c.train_split = "train"
+  c.eval_splits = ("test", "test_cross_city")
+  c.modalities = ("panorama",)
+  c.modality_weights = ml_collections.ConfigDict({m: 1.0 for m in MODALITIES})
+
+  c.query_size = (64, 64)
+  c.panorama_size = (64, 128)
+  c.satellite_size = (64, 64)
+
+  c.augment = ml_collections.ConfigDict()
+  c.augment.enabled = True
+  c.augment.flip = 0.5  # P(flip query and satellite together)
+  c.augment.rotate = 0.75  # P(rotate the satellite by k*90 deg, k in 1..3; the query follows)
+  c.augment.color_jitter = 0.8  # P(jitter) per image
+  c.augment.brightness = 0.15
+  c.augment.contrast = 0.15
+  c.augment.saturation = 0.15
+  c.augment.blur_sharpen = 0.3  # P(Gaussian blur or unsharp mask) per image
+  c.augment.blur_sigma = (0.2, 1.2)  # in pixels of the stored image
+  c.augment.dropout = 0.3  # P(coarse dropout) per image
+  c.augment.dropout_holes = 4  # at most this many holes
+  c.augment.dropout_size = 0.15  # hole side at most this fraction of the image side
+
+  c.mean = IMAGENET_MEAN
+  c.std = IMAGENET_STD
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.name = "shuffle"
+  c.sampler.neighbours_per_anchor = 3  # gps/dss: neighbours that join an anchor's batch
+  c.sampler.neighbour_range = 8  # gps: they are drawn from the anchor's nearest this many
+
+  c.worker_count = 0
+  c.worker_buffer_size = 2
+  c.read_threads = 4
+  c.read_buffer_size = 64
+  c.seed = 0
+
+  for key, value in overrides.items():
+    if key not in c:
+      raise GleamError(f"data_config: unknown field {key!r}; the fields are {sorted(c.keys())}.")
+    if isinstance(c[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      c[key].update(value)
+    else:
+      c[key] = value
+  validate(c)
+  return c
+
+
+def _size(c, key):
+  v = c[key]
+  if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, int) and x >= 8 for x in v)):
+    raise GleamError(f"data.{key}={v!r} is impossible: it must be (height, width), two ints >= 8.")
+
+
+def _prob(c, key):
+  v = c.augment[key]
+  if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+    raise GleamError(f"data.augment.{key}={v!r}: it must be a probability in [0, 1].")
+
+
+def validate(c):
+  """Raises GleamError for the first bad value, naming the key and the allowed values."""
+  if c.name not in DATASETS:
+    raise GleamError(f"data.name={c.name!r} is not a known dataset; choose one of {DATASETS}.")
+  if c.config not in PRESETS:
+    raise GleamError(f"data.config={c.config!r} is not a builder config of {c.name}; choose one of {PRESETS}.")
+  if not isinstance(c.build_workers, int) or c.build_workers < 1:
+    raise GleamError(f"data.build_workers={c.build_workers!r}: it must be an int >= 1.")
+  mods = tuple(c.modalities)
+  if not mods or any(m not in MODALITIES for m in mods) or len(set(mods)) != len(mods):
+    raise GleamError(f"data.modalities={mods!r}: it must be a non-empty subset of {MODALITIES} without repeats.")
+  for m in mods:
+    w = c.modality_weights.get(m)
+    if not isinstance(w, (int, float)) or w <= 0:
+      raise GleamError(f"data.modality_weights.{m}={w!r}: every training modality needs a weight > 0.")
+  for key in ("query_size", "panorama_size", "satellite_size"):
+    _size(c, key)
+  for key in ("flip", "rotate", "color_jitter", "blur_sharpen", "dropout"):
+    _prob(c, key)
+  if not 0.0 < c.augment.dropout_size <= 0.5:
+    raise GleamError(f"data.augment.dropout_size={c.augment.dropout_size!r}: it must be in (0, 0.5].")
+  lo, hi = c.augment.blur_sigma
+  if not 0.0 < lo <= hi:
+    raise GleamError(f"data.augment.blur_sigma={tuple(c.augment.blur_sigma)!r}: it must be (low, high) with 0 < low <= high.")
+  if len(c.mean) != 3 or len(c.std) != 3 or any(s <= 0 for s in c.std):
+    raise GleamError(f"data.mean/std={tuple(c.mean)!r}/{tuple(c.std)!r}: three channel values each, std > 0.")
+  if c.sampler.name not in SAMPLERS:
+    raise GleamError(f"data.sampler.name={c.sampler.name!r}; choose one of {SAMPLERS}.")
+  if c.sampler.neighbours_per_anchor < 0 or c.sampler.neighbour_range < c.sampler.neighbours_per_anchor:
+    raise GleamError("data.sampler: need 0 <= neighbours_per_anchor <= neighbour_range, got "
+                     f"{c.sampler.neighbours_per_anchor} and {c.sampler.neighbour_range}.")
+  for key in ("worker_count", "read_threads", "worker_buffer_size", "read_buffer_size"):
+    if not isinstance(c[key], int) or c[key] < (0 if key == "worker_count" else 1):
+      raise GleamError(f"data.{key}={c[key]!r}: it must be an int >= {0 if key == 'worker_count' else 1}.")
+  return c
+
+
+def query_shape(data_cfg, modality):
+  """(H, W) a query of `modality` is resized to, in training and in evaluation alike."""
+  if modality == "panorama" and tuple(data_cfg.modalities) == ("panorama",):
+    return tuple(data_cfg.panorama_size)
+  return tuple(data_cfg.query_size)
+
+
+def data_dir(data_cfg):
+  return os.path.abspath(os.path.expanduser(data_cfg.data_dir))
