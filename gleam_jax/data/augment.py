@@ -1,0 +1,142 @@
+"""Training augmentations of (query, satellite) pairs, per example, NumPy + PIL.
+
+Geometric augmentations are synchronised so the pair stays a true correspondence (Sample4Geo):
+  * flip: both views are mirrored left-right together. A north-up satellite mirrored east-west
+    and a panorama mirrored left-right still agree (azimuth a -> -a in both).
+  * rotate: the satellite turns by k*90 deg counter-clockwise (np.rot90, k in 1..3); what was
+    east is now up (north). The query follows where its heading is known:
+      panorama  -> rolled by -k*W/4 columns (azimuth grows left to right, clockwise from north), so
+                   the column that showed east now sits where north was;
+      streetmap -> rotated by the same k (it is a north-up map of the same ground);
+      uav, ground -> unchanged: their heading relative to north is unknown to the model (UAV views
+                   circle the location, ground photos face any direction), so only the satellite
+                   turns, as in Sample4Geo's University-1652 recipe.
+Photometric augmentations (colour jitter, blur or sharpen, coarse or grid dropout) are drawn
+independently for each image. `prepare_pair` then resizes and normalises (no randomness), and is
+also what evaluation applies.
+"""
+import numpy as np
+from PIL import Image, ImageFilter
+
+from gleam_jax.data.config import query_shape
+
+
+def rotate_pair(query, satellite, modality, k):
+  """Satellite rot90 by k (counter-clockwise); the query follows as the module docstring says."""
+  satellite = np.rot90(satellite, k)
+  if modality == "panorama":
+    width = query.shape[1]
+    query = np.roll(query, -int(round(k * width / 4)), axis=1)
+  elif modality == "streetmap":
+    query = np.rot90(query, k)
+  return np.ascontiguousarray(query), np.ascontiguousarray(satellite)
+
+
+def flip_pair(query, satellite):
+  return np.ascontiguousarray(query[:, ::-1]), np.ascontiguousarray(satellite[:, ::-1])
+
+
+def color_jitter(image, rng, brightness, contrast, saturation):
+  x = image.astype(np.float32)
+  x *= rng.uniform(1 - brightness, 1 + brightness)
+  mean = x.mean()
+  x = (x - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean
+  gray = x @ np.asarray([0.299, 0.587, 0.114], np.float32)
+  x = (x - gray[..., None]) * rng.uniform(1 - saturation, 1 + saturation) + gray[..., None]
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def blur_or_sharpen(image, rng, sigma_range):
+  pil = Image.fromarray(image)
+  if rng.random() < 0.5:
+    pil = pil.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*sigma_range))))
+  else:
+    pil = pil.filter(ImageFilter.UnsharpMask(radius=2, percent=int(rng.integers(50, 151)), threshold=0))
+  return np.asarray(pil)
+
+
+def coarse_dropout(image, rng, max_holes, max_size):
+  """Up to `max_holes` black rectangles, each side up to max_size of the image side."""
+  out = image.copy()
+  h, w = image.shape[:2]
+  for _ in range(int(rng.integers(1, max_holes + 1))):
+    hh = int(rng.integers(1, max(2, int(max_size * h) + 1)))
+    ww = int(rng.integers(1, max(2, int(max_size * w) + 1)))
+    y, x = int(rng.integers(0, h - hh + 1)), int(rng.integers(0, w - ww + 1))
+    out[y:y + hh, x:x + ww] = 0
+  return out
+
+
+def grid_dropout(image, rng, max_size):
+  """Black squares on a regular grid (every other cell), random unit and offset."""
+  out = image.copy()
+  h, w = image.shape[:2]
+  unit = int(rng.integers(max(2, int(max_size * min(h, w) / 2)), max(3, int(max_size * min(h, w)) + 1)))
+  hole = max(1, unit // 2)
+  oy, ox = int(rng.integers(0, unit)), int(rng.integers(0, unit))
+  for y in range(oy - unit, h, unit):
+    for x in range(ox - unit, w, unit):
+      out[max(y, 0):max(y + hole, 0), max(x, 0):max(x + hole, 0)] = 0
+  return out
+
+
+def photometric(image, rng, aug):
+  if rng.random() < aug["color_jitter"]:
+    image = color_jitter(image, rng, aug["brightness"], aug["contrast"], aug["saturation"])
+  if rng.random() < aug["blur_sharpen"]:
+    image = blur_or_sharpen(image, rng, aug["blur_sigma"])
+  if rng.random() < aug["dropout"]:
+    if rng.random() < 0.5:
+      image = coarse_dropout(image, rng, aug["dropout_holes"], aug["dropout_size"])
+    else:
+      image = grid_dropout(image, rng, aug["dropout_size"])
+  return image
+
+
+def augment_pair(example, rng, aug):
+  """Random synchronised geometry, then independent photometric changes; uint8 in, uint8 out."""
+  query, satellite, modality = example["query"], example["satellite"], example["modality_name"]
+  if rng.random() < aug["flip"]:
+    query, satellite = flip_pair(query, satellite)
+  if rng.random() < aug["rotate"]:
+    query, satellite = rotate_pair(query, satellite, modality, int(rng.integers(1, 4)))
+  return dict(example, query=photometric(query, rng, aug), satellite=photometric(satellite, rng, aug))
+
+
+def resize(image, size):
+  """uint8 (h, w, 3) -> uint8 (H, W, 3), bilinear with antialiasing (PIL)."""
+  if image.shape[:2] == tuple(size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def normalise(image, mean, std):
+  x = image.astype(np.float32) * (1.0 / 255.0)
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+class AugmentPair:
+  """grain random-map transform (picklable for worker processes)."""
+
+  def __init__(self, data_cfg):
+    self.aug = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in data_cfg.augment.items()}
+
+  def __call__(self, example, rng):
+    return augment_pair(example, rng, self.aug)
+
+
+class PreparePair:
+  """grain map transform: resize each view to the model's size and normalise; float32 out."""
+
+  def __init__(self, data_cfg):
+    self.sizes = {m: query_shape(data_cfg, m) for m in ("uav", "streetmap", "panorama", "ground")}
+    self.satellite_size = tuple(data_cfg.satellite_size)
+    self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
+
+  def __call__(self, example):
+    return {
+        "query": normalise(resize(example["query"], self.sizes[example["modality_name"]]), self.mean, self.std),
+        "satellite": normalise(resize(example["satellite"], self.satellite_size), self.mean, self.std),
+        "modality": np.int32(example["modality"]),
+        "location_id": np.int64(example["location_id"]),
+    }

@@ -1,0 +1,129 @@
+"""Augmentations keep (query, satellite) pairs aligned; photometric changes and preparation."""
+import numpy as np
+import pytest
+
+from gleam_jax.data import augment
+from gleam_jax.data.config import data_config
+
+S, PH = 48, 32  # satellite side; panorama height (width 2 * PH)
+
+
+def marker_pair(azimuth_deg, radius=14):
+  """A north-up satellite with a bright dot at `azimuth_deg` (clockwise from north) from its
+  centre, and a panorama (azimuth grows left to right from north at column 0) with a bright column
+  band at the same azimuth."""
+  sat = np.zeros((S, S, 3), np.uint8)
+  a = np.radians(azimuth_deg)
+  y = int(round(S / 2 - 0.5 - radius * np.cos(a)))
+  x = int(round(S / 2 - 0.5 + radius * np.sin(a)))
+  sat[y - 1:y + 2, x - 1:x + 2] = 255
+  pano = np.zeros((PH, 2 * PH, 3), np.uint8)
+  col = int(np.floor(azimuth_deg / 360 * 2 * PH)) % (2 * PH)
+  pano[:, col] = 255
+  return pano, sat
+
+
+def sat_azimuth(sat):
+  ys, xs = np.nonzero(sat[..., 0])
+  dy, dx = ys.mean() - (S / 2 - 0.5), xs.mean() - (S / 2 - 0.5)
+  return np.degrees(np.arctan2(dx, -dy)) % 360
+
+
+def pano_azimuth(pano):
+  cols = np.nonzero(pano[0, :, 0])[0]
+  assert len(cols) == 1
+  return (cols[0] + 0.5) / pano.shape[1] * 360
+
+
+def angle_gap(a, b):
+  return abs((a - b + 180) % 360 - 180)
+
+
+@pytest.mark.parametrize("azimuth", [0.0, 30.0, 90.0, 200.0, 315.0])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_rot90_and_panorama_roll_agree(azimuth, k):
+  pano, sat = marker_pair(azimuth)
+  assert angle_gap(sat_azimuth(sat), pano_azimuth(pano)) < 6  # the construction itself agrees
+  q, s = augment.rotate_pair(pano, sat, "panorama", k)
+  # rot90 by k turns the satellite counter-clockwise: the dot's azimuth drops by 90 k degrees
+  assert angle_gap(sat_azimuth(s), azimuth - 90 * k) < 6
+  assert angle_gap(sat_azimuth(s), pano_azimuth(q)) < 6
+
+
+@pytest.mark.parametrize("azimuth", [10.0, 90.0, 200.0, 300.0])
+def test_flip_keeps_panorama_and_satellite_aligned(azimuth):
+  pano, sat = marker_pair(azimuth)
+  q, s = augment.flip_pair(pano, sat)
+  assert angle_gap(sat_azimuth(s), -azimuth) < 6
+  assert angle_gap(sat_azimuth(s), pano_azimuth(q)) < 6
+
+
+def test_streetmap_turns_with_satellite_and_ground_does_not():
+  rng = np.random.default_rng(0)
+  street, sat = rng.integers(0, 255, (2, S, S, 3), dtype=np.uint8)
+  q, s = augment.rotate_pair(street, sat, "streetmap", 3)
+  np.testing.assert_array_equal(q, np.rot90(street, 3))
+  np.testing.assert_array_equal(s, np.rot90(sat, 3))
+  for modality in ("ground", "uav"):
+    q, s = augment.rotate_pair(street, sat, modality, 1)
+    np.testing.assert_array_equal(q, street)
+    np.testing.assert_array_equal(s, np.rot90(sat, 1))
+
+
+def always(**kw):
+  aug = dict(data_config().augment)
+  aug.update(flip=0.0, rotate=0.0, color_jitter=0.0, blur_sharpen=0.0, dropout=0.0)
+  aug.update(kw)
+  return aug
+
+
+def test_augment_pair_is_seeded_and_synchronised():
+  pano, sat = marker_pair(60.0)
+  example = {"query": pano, "satellite": sat, "modality_name": "panorama", "location_id": 3}
+  aug = always(flip=0.5, rotate=0.75)
+  outs = []
+  for seed in range(20):
+    out = augment.augment_pair(example, np.random.default_rng(seed), aug)
+    again = augment.augment_pair(example, np.random.default_rng(seed), aug)
+    np.testing.assert_array_equal(out["query"], again["query"])
+    np.testing.assert_array_equal(out["satellite"], again["satellite"])
+    assert angle_gap(sat_azimuth(out["satellite"]), pano_azimuth(out["query"])) < 6
+    assert out["location_id"] == 3
+    outs.append(round(sat_azimuth(out["satellite"])))
+  assert len(set(outs)) >= 4  # flips and rotations did happen
+
+
+def test_photometric_changes():
+  rng = np.random.default_rng(0)
+  image = rng.integers(40, 200, (32, 32, 3), dtype=np.uint8)
+  jit = augment.photometric(image, np.random.default_rng(1), always(color_jitter=1.0))
+  assert jit.dtype == np.uint8 and jit.shape == image.shape and not np.array_equal(jit, image)
+  blurred = augment.blur_or_sharpen(image, np.random.default_rng(0), (1.0, 1.0))
+  sharp = augment.blur_or_sharpen(image, np.random.default_rng(3), (1.0, 1.0))
+  local_var = lambda x: np.abs(np.diff(x.astype(float), axis=1)).mean()
+  changed = sorted([local_var(blurred), local_var(sharp)])
+  assert changed[0] < local_var(image) < changed[1]  # one blurred, one sharpened
+  holes = augment.coarse_dropout(image, np.random.default_rng(2), 4, 0.25)
+  assert 0 < (holes == 0).all(-1).sum() <= 4 * 8 * 8
+  grid = augment.grid_dropout(image, np.random.default_rng(2), 0.25)
+  assert (grid == 0).all(-1).mean() > 0.1
+  identity = augment.photometric(image, np.random.default_rng(1), always())
+  np.testing.assert_array_equal(identity, image)
+
+
+def test_prepare_resizes_and_normalises():
+  cfg = data_config(modalities=("panorama",), panorama_size=(16, 32), satellite_size=(24, 24))
+  mean = np.asarray(cfg.mean)
+  pixel = np.rint(mean * 255).astype(np.uint8)
+  pano = np.broadcast_to(pixel, (PH, 2 * PH, 3)).copy()
+  sat = np.full((S, S, 3), 255, np.uint8)
+  out = augment.PreparePair(cfg)({"query": pano, "satellite": sat, "modality": 2, "modality_name": "panorama",
+                                  "location_id": 5})
+  assert out["query"].shape == (16, 32, 3) and out["satellite"].shape == (24, 24, 3)
+  assert out["query"].dtype == np.float32
+  np.testing.assert_allclose(out["query"], 0.0, atol=0.5 / 255 / 0.224)
+  np.testing.assert_allclose(out["satellite"], np.broadcast_to((1 - mean) / np.asarray(cfg.std), (24, 24, 3)), rtol=1e-6)
+  # mixed-modality streams give every query the square size
+  mixed = augment.PreparePair(data_config(modalities=("panorama", "uav"), query_size=(20, 20)))
+  assert mixed({"query": pano, "satellite": sat, "modality": 2, "modality_name": "panorama",
+                "location_id": 5})["query"].shape == (20, 20, 3)
