@@ -1,0 +1,229 @@
+"""Hugging Face Qwen2.5-VL safetensors -> NNX `Qwen2_5_VL`, placed straight into its shardings.
+
+    model = load_pretrained('/ckpt/Qwen2.5-VL-3B-Instruct', mesh=mesh)   # cfg from config.json
+
+Both key layouts are read:
+  transformers >= 4.52   model.language_model.*, model.visual.*, lm_head.weight
+  older checkpoints      model.layers.*, model.embed_tokens.*, model.norm.*, visual.*, lm_head.weight
+Each key maps onto the NNX path of the same name (`modeling` mirrors HF names); `weight` becomes
+`kernel` (Linear, transposed (out, in) -> (in, out)), `scale` (RMSNorm) or `embedding` (Embed), and the
+patch-embedding Conv3d weight (out, C, T, P, P) becomes a (C*T*P*P, out) kernel. With tied
+embeddings there is no lm_head parameter; an `lm_head.weight` key in such a checkpoint is ignored.
+
+The model is built abstractly (`nnx.eval_shape`), every key and shape is checked against it from the
+file headers alone (unused or missing keys, wrong shapes -> one GleamError listing them), then the
+files are read tensor by tensor: each tensor is read into host memory, transposed, cast to the
+parameter dtype and put onto its `NamedSharding` (`jax.make_array_from_callback`, so each process
+only places its own shards) before the next is read. Peak host memory is the model plus one tensor.
+"""
+import dataclasses
+import json
+import os
+import re
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+from absl import logging
+from flax import nnx, traverse_util
+
+from gleam_jax.errors import GleamError
+from gleam_jax.models.qwen2_5_vl import config as config_lib
+from gleam_jax.models.qwen2_5_vl import modeling
+from gleam_jax.train import sharding as sharding_lib
+from gleam_jax.utils.progress import RateEta, format_eta
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+INDEX_FILE = "model.safetensors.index.json"
+# Non-persistent buffers that some older exports wrote; they hold no weights.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+  """Where one tensor lies in a safetensors file."""
+  file: str
+  dtype: str
+  shape: tuple[int, ...]
+  begin: int  # absolute byte offset in the file
+  end: int
+
+
+def read_header(file: str) -> dict[str, TensorInfo]:
+  """Tensor name -> TensorInfo from a .safetensors header (no tensor data is read)."""
+  try:
+    with open(file, "rb") as f:
+      size = int.from_bytes(f.read(8), "little")
+      header = json.loads(f.read(size))
+  except (OSError, ValueError) as e:
+    raise GleamError(f"Cannot read the safetensors header of {file} ({e}); re-download the file.") from e
+  base = 8 + size
+  out = {}
+  for name, meta in header.items():
+    if name == "__metadata__":
+      continue
+    begin, end = meta["data_offsets"]
+    out[name] = TensorInfo(file, meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
+  return out
+
+
+def read_tensor(info: TensorInfo) -> np.ndarray:
+  """The tensor's bytes in a fresh host buffer (not a memory map: nothing stays resident after)."""
+  if info.dtype not in SAFETENSORS_DTYPES:
+    raise GleamError(f"{info.file}: tensor dtype {info.dtype} is not supported; convert the checkpoint to "
+                     "bfloat16, float16 or float32.")
+  out = np.empty(info.shape, SAFETENSORS_DTYPES[info.dtype])
+  if out.nbytes != info.end - info.begin:
+    raise GleamError(f"{info.file}: a tensor of shape {info.shape} {info.dtype} spans "
+                     f"{info.end - info.begin} bytes; the file is corrupt, re-download it.")
+  with open(info.file, "rb") as f:
+    f.seek(info.begin)
+    if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+      raise GleamError(f"{info.file} ends before its tensor data does; the file is truncated, re-download it.")
+  return out
+
+
+def checkpoint_files(directory: str) -> list[str]:
+  """The safetensors files of a HF model directory (from the shard index when there is one)."""
+  index = os.path.join(directory, INDEX_FILE)
+  if os.path.isfile(index):
+    with open(index) as f:
+      names = sorted(set(json.load(f)["weight_map"].values()))
+    missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+    if missing:
+      raise GleamError(f"{index} names shard files that are not in {directory}: {missing}; download them.")
+    return [os.path.join(directory, n) for n in names]
+  if os.path.isfile(directory) and directory.endswith(".safetensors"):
+    return [directory]
+  files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")) if os.path.isdir(directory) else []
+  if not files:
+    raise GleamError(f"No *.safetensors weights in {directory!r}; point the config at a downloaded Qwen2.5-VL "
+                     "checkpoint directory (convert .bin checkpoints with save_pretrained(safe_serialization=True)).")
+  return [os.path.join(directory, n) for n in files]
+
+
+def checkpoint_index(directory: str) -> dict[str, TensorInfo]:
+  """Every tensor of the checkpoint, from the file headers."""
+  index = {}
+  for file in checkpoint_files(directory):
+    for name, info in read_header(file).items():
+      if name in index:
+        raise GleamError(f"Tensor {name} appears in both {index[name].file} and {file}; remove the stray file.")
+      index[name] = info
+  return index
+
+
+def hf_module_path(key: str) -> tuple | None:
+  """'model.language_model.layers.3.mlp.up_proj.weight' -> (('language_model', 'layers', 3, 'mlp',
+  'up_proj'), 'weight'), for both key layouts; None for a key of no known layout."""
+  for prefix, root in (("model.language_model.", "language_model."), ("model.visual.", "visual."),
+                       ("visual.", "visual."), ("model.", "language_model."), ("lm_head.", "lm_head.")):
+    if key.startswith(prefix):
+      key = root + key[len(prefix):]
+      break
+  else:
+    return None
+  *module, leaf = key.split(".")
+  return tuple(int(p) if p.isdigit() else p for p in module), leaf
+
+
+def _to_ours(array: np.ndarray, leaf: str, target_shape) -> np.ndarray:
+  """A torch-layout tensor -> the NNX leaf layout (a view where possible)."""
+  if leaf == "kernel" and array.ndim == 5:  # Conv3d (out, C, T, P, P) with stride == kernel
+    return array.reshape(array.shape[0], -1).T
+  if leaf == "kernel" and array.ndim == 2:
+    return array.T
+  return array
+
+
+def _plan(index: dict[str, TensorInfo], targets: dict, tied: bool) -> dict:
+  """(NNX path -> HF key) after checking that every key and every parameter is accounted for."""
+  plan, unused, bad_shapes = {}, [], []
+  for key, info in index.items():
+    if _IGNORED.search(key) or (tied and key == "lm_head.weight"):
+      continue
+    parsed = hf_module_path(key)
+    path = None
+    if parsed is not None:
+      module, leaf = parsed
+      names = ("bias",) if leaf == "bias" else ("kernel", "scale", "embedding") if leaf == "weight" else ()
+      path = next((module + (n,) for n in names if module + (n,) in targets), None)
+    if path is None:
+      unused.append(key)
+      continue
+    want = tuple(targets[path].shape)
+    got = _to_ours(np.empty(info.shape, np.bool_), path[-1], want).shape
+    if got != want:
+      bad_shapes.append(f"{key} {list(info.shape)} (expected {list(want)} for {'.'.join(map(str, path))})")
+    plan[path] = key
+  missing = [".".join(map(str, p)) for p in targets if p not in plan]
+  problems = []
+  if unused:
+    problems.append(f"{len(unused)} checkpoint keys match no model parameter: {_some(unused)}")
+  if missing:
+    hint = " (an untied lm_head needs lm_head.weight; set tie_word_embeddings to match the checkpoint)" \
+        if "lm_head.kernel" in missing else ""
+    problems.append(f"{len(missing)} model parameters are not in the checkpoint: {_some(missing)}{hint}")
+  if bad_shapes:
+    problems.append(f"{len(bad_shapes)} tensors have the wrong shape: {_some(bad_shapes)}")
+  if problems:
+    raise GleamError("The checkpoint does not fit the Qwen2.5-VL config: " + "; ".join(problems) +
+                     ". Use the config.json that came with these weights.")
+  return plan
+
+
+def _some(items, n=8):
+  items = sorted(items)
+  return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
+              mesh=None, rules=config_lib.QWEN_SHARDING_RULES) -> modeling.Qwen2_5_VL:
+  """Fills an abstract model (`modeling.abstract_model`) with the checkpoint's tensors.
+
+  `shardings`: a nested dict of `jax.sharding.Sharding` shaped like `nnx.to_pure_dict(nnx.state(model))`
+  (e.g. `train.sharding.state_shardings`); without it, from `mesh` and the logical axis `rules`;
+  without a mesh, everything goes to the first local device.
+  """
+  graphdef, state = nnx.split(abstract)
+  flat = dict(nnx.to_flat_state(state))
+  not_params = [".".join(map(str, p)) for p, v in flat.items() if not isinstance(v, nnx.Param)]
+  if not_params:
+    raise ValueError(f"load_into fills nnx.Param leaves only; the model also has {_some(not_params)}.")
+  if shardings is None:
+    shardings = sharding_lib.state_shardings(state, mesh or sharding_lib.single_device_mesh(), rules)
+  flat_shardings = traverse_util.flatten_dict(shardings)
+  targets = {p: v.get_value() for p, v in flat.items()}
+  index = checkpoint_index(directory)
+  plan = _plan(index, targets, abstract.cfg.tie_word_embeddings)
+
+  total = sum(index[k].end - index[k].begin for k in plan.values())
+  progress, done, last_log = RateEta(total), 0, time.perf_counter()
+  for path, key in sorted(plan.items(), key=lambda kv: (index[kv[1]].file, index[kv[1]].begin)):
+    info, target = index[key], targets[path]
+    host = _to_ours(read_tensor(info), path[-1], target.shape).astype(target.dtype, copy=False)
+    array = jax.make_array_from_callback(target.shape, flat_shardings[path], lambda idx, h=host: h[idx])
+    flat[path].set_value(array)
+    del host, array
+    done += info.end - info.begin
+    if done == total or time.perf_counter() - last_log > 10:
+      last_log = time.perf_counter()
+      rate, eta = progress.update(done)
+      logging.info("Qwen2.5-VL weights: %.2f / %.2f GB read (%.0f MB/s, ETA %s)", done / 1e9, total / 1e9,
+                   rate / 1e6, format_eta(eta))
+  return nnx.merge(graphdef, state)
+
+
+def load_pretrained(directory: str, cfg: config_lib.Qwen2_5_VLConfig | None = None, *, mesh=None,
+                    rules=config_lib.QWEN_SHARDING_RULES, shardings=None,
+                    param_dtype: str | None = None) -> modeling.Qwen2_5_VL:
+  """A `Qwen2_5_VL` with the weights of a local Hugging Face directory (config from its config.json
+  unless `cfg` is given; `param_dtype` overrides the stored parameter dtype, e.g. 'bfloat16')."""
+  cfg = cfg or config_lib.from_pretrained_dir(directory)
+  if param_dtype is not None:
+    cfg = cfg.replace(param_dtype=param_dtype)
+  return load_into(modeling.abstract_model(cfg), directory, shardings=shardings, mesh=mesh, rules=rules)
