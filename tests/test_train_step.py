@@ -1,0 +1,116 @@
+"""The jitted contrastive train step on 1 and 8 CPU devices."""
+import re
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from gleam_jax.errors import GleamError
+from gleam_jax.models import gleam_c
+from gleam_jax.train import contrastive
+from gleam_jax.train import sharding as shd
+
+RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))
+BATCH, QUERY_HW, SAT_HW = 16, (16, 32), (16, 16)
+
+
+def _optim(**kw):
+  cfg = dict(name="adamw", lr=3e-3, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.05, clip_norm=1.0,
+             b1=0.9, b2=0.999, eps=1e-8, frozen=(), lr_mults=(), no_decay=(r"logit_scale",))
+  cfg.update(kw)
+  return ml_collections.ConfigDict(cfg)
+
+
+def _model(drop_path=0.0):
+  cfg = gleam_c.model_config(depths=(1, 1), dims=(8, 16), embed_dim=16, drop_path_rate=drop_path)
+  return gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+
+
+def _batch(seed=0, n=BATCH):
+  rng = np.random.default_rng(seed)
+  sat = rng.normal(size=(n, *SAT_HW, 3)).astype(np.float32)
+  query = np.concatenate([sat, sat[:, :, ::-1]], axis=2) + 0.3 * rng.normal(size=(n, *QUERY_HW, 3))
+  return {"query": query.astype(np.float32), "satellite": sat}
+
+
+def _setup(mesh, loss="infonce", drop_path=0.0, **optim_kw):
+  return contrastive.create_train_state(_model(drop_path), _optim(**optim_kw), 20, mesh, RULES, loss_name=loss)
+
+
+@pytest.mark.parametrize("mesh_cfg", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1)])
+def test_loss_and_grads_match_single_device(mesh_cfg):
+  batch = _batch()
+  setup1, state1 = _setup(shd.single_device_mesh(), drop_path=0.1)
+  loss1, grads1 = contrastive.make_grad_fn(setup1)(state1, batch)
+  setup8, state8 = _setup(shd.make_mesh(mesh_cfg), drop_path=0.1)
+  loss8, grads8 = contrastive.make_grad_fn(setup8)(state8, shd.shard_batch(batch, setup8.mesh))
+  np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
+  flat1 = jax.tree_util.tree_leaves_with_path(grads1)
+  flat8 = dict(jax.tree_util.tree_leaves_with_path(grads8))
+  for path, g1 in flat1:
+    np.testing.assert_allclose(np.asarray(flat8[path]), np.asarray(g1), rtol=2e-4, atol=2e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_step_gathers_embeddings_not_images():
+  mesh = shd.make_mesh(dict(data=8, fsdp=1, tensor=1))
+  setup, state = _setup(mesh)
+  step = contrastive.make_train_step(setup)
+  batch = shd.shard_batch(_batch(), mesh)
+  hlo = step.jitted.lower(state, batch).compile().as_text()
+  gathers = [line for line in hlo.splitlines() if "all-gather(" in line or "all-gather-start(" in line]
+  shapes = [tuple(int(d) for d in m.split(",") if d)
+            for line in gathers for m in re.findall(r"f32\[([\d,]*)\]", line.split("=")[1].split("all-gather")[0])]
+  assert shapes, "the global-batch loss needs an all-gather of the embeddings"
+  assert (BATCH, 16) in shapes, shapes  # the (global batch, embed dim) embeddings
+  image_elems = BATCH * SAT_HW[0] * SAT_HW[1] * 3
+  assert all(np.prod(s) < image_elems // 4 for s in shapes), shapes
+  assert not any(len(s) == 4 for s in shapes), shapes
+
+
+def test_loss_falls_and_step_reports_metrics():
+  setup, state = _setup(shd.make_mesh(dict(data=8, fsdp=1, tensor=1)))
+  step = contrastive.make_train_step(setup)
+  batch = shd.shard_batch(_batch(), setup.mesh)
+  history = []
+  for _ in range(12):
+    state, metrics = step(state, batch)
+    history.append(float(metrics["loss"]))
+  assert history[-1] < history[0] - 0.3, history
+  assert int(state["step"]) == 12
+  assert set(metrics) >= {"loss", "lr", "logit_scale", "grad_norm", "batch_acc"}
+  np.testing.assert_allclose(float(metrics["lr"]), float(setup.schedule(11)), rtol=1e-6)
+  assert 0 < float(metrics["grad_norm"]) and 1.0 < float(metrics["logit_scale"]) <= 100.0
+
+
+def test_sigmoid_loss_trains_its_bias():
+  setup, state = _setup(shd.single_device_mesh(), loss="sigmoid")
+  bias0 = float(state["params"]["loss_bias"])
+  step = contrastive.make_train_step(setup)
+  for _ in range(3):
+    state, metrics = step(state, _batch())
+  assert float(state["params"]["loss_bias"]) != bias0
+  assert np.isfinite(float(metrics["loss"]))
+
+
+def test_frozen_parameters_do_not_move():
+  setup, state = _setup(shd.single_device_mesh(), frozen=(r"^model/encoder/stem/",))
+  before = jax.tree.map(np.asarray, state["params"])
+  step = contrastive.make_train_step(setup)
+  for _ in range(2):  # the first step has learning rate 0 (warmup)
+    state, _ = step(state, _batch())
+  after = state["params"]
+  stem_b, stem_a = before["model"]["encoder"]["stem"], after["model"]["encoder"]["stem"]
+  for a, b in zip(jax.tree.leaves(stem_a), jax.tree.leaves(stem_b)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert not np.allclose(np.asarray(after["model"]["projection"]["kernel"]),
+                         before["model"]["projection"]["kernel"])
+
+
+def test_batch_that_does_not_divide_fails_before_compiling():
+  setup, state = _setup(shd.make_mesh(dict(data=8, fsdp=1, tensor=1)))
+  step = contrastive.make_train_step(setup)
+  with pytest.raises(GleamError, match=r"batch size=12 .*8 shards"):
+    step(state, _batch(n=12))
