@@ -1,0 +1,164 @@
+"""Retrieval evaluation of query modalities against one satellite gallery, with reports.
+
+The protocol metrics are always computed from every gallery score (exact sharded matmul, chunked
+over queries), as the published code does; the search index of `search_cfg` (exact or ScaNN)
+retrieves the top-k shown in the PNGs, and with ScaNN its recall against the exact top-1 / top-10
+is reported too (`search_recall@1`, `search_recall@10`).
+"""
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from gleam_jax.eval import metrics as metrics_lib
+from gleam_jax.eval import report
+from gleam_jax.eval import retrieval
+from gleam_jax.utils.progress import format_eta
+from gleam_jax.utils.writer import MetricWriter
+
+NUM_SHOWN = 5  # retrieved satellites per example query in the PNGs
+
+
+class _KeepDisplayImages:
+  """Wraps an iterable of batches; keeps thumbnails of the rows whose running index `want(i)` is true."""
+
+  def __init__(self, batches, want):
+    self.batches = batches
+    self.want = want
+    self.images = {}
+
+  def __iter__(self):
+    offset = 0
+    for batch in self.batches:
+      shown = batch.get("raw", batch["image"])
+      for j in range(len(batch["image"])):
+        if self.want(offset + j):
+          self.images[offset + j] = report.thumbnail(shown[j])
+      offset += len(batch["image"])
+      yield batch
+
+
+def _is_one_shot(iterable):
+  return iter(iterable) is iterable
+
+
+def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches, protocol="cvusa",
+                       mesh=None, search_cfg=None, workdir=None, step=0, writer=None, num_examples_png=8,
+                       split="test", ks=metrics_lib.RANKS):
+  """Embeds the gallery once and every modality's queries, searches, and reports the protocol.
+
+  encode_query / encode_gallery: images (B,H,W,C) -> (B, D) embeddings (closed over parameters).
+  query_sets: {modality: iterable of batches}; gallery_batches: iterable of batches. A batch is a
+  dict with 'image' (float32 NHWC, normalised), 'location_id' (int; query and gallery items of the
+  same location match), optionally 'raw' (display images) and, for 'vigor' queries,
+  'semi_positive_ids' (location ids of the semi-positive satellites, -1 padded). A re-iterable
+  gallery (a list, a grain dataset) is read a second time for the few images shown in the PNGs; a
+  one-shot iterator keeps a thumbnail of every gallery image instead.
+  Writes `eval/<split>/<modality>/<metric>` rows to metrics.jsonl, `<workdir>/eval/summary*.md`,
+  and PNGs under `<workdir>/eval/step<step>/`. Returns the flat metrics dict.
+  """
+  metrics_lib.check_protocol(protocol)
+  search_cfg = search_cfg or retrieval.search_config()
+  write_files = workdir is not None and jax.process_index() == 0
+  t0 = time.perf_counter()
+
+  keep_gallery = None
+  if num_examples_png and _is_one_shot(gallery_batches):
+    keep_gallery = _KeepDisplayImages(gallery_batches, lambda i: True)
+    gallery_batches_for_embed = keep_gallery
+  else:
+    gallery_batches_for_embed = gallery_batches
+  gallery, gallery_label_fields = retrieval.embed(encode_gallery, gallery_batches_for_embed, mesh)
+  gallery_labels = gallery_label_fields["location_id"].reshape(-1)
+  num_gallery = len(gallery)
+  index = retrieval.build_index(gallery, search_cfg, workdir if write_files else None, mesh)
+  exact = index if isinstance(index, retrieval.ExactIndex) else retrieval.ExactIndex(
+      gallery, mesh, search_cfg.query_chunk, search_cfg.gallery_chunk)
+  backend = "exact" if index is exact else "scann"
+  logging.info("Eval gallery: %d items embedded, %s index, %.1fs", num_gallery, backend, time.perf_counter() - t0)
+
+  flat, by_modality, curves, examples, counts = {}, {}, {}, {}, {}
+  for modality, batches in query_sets.items():
+    keep = _KeepDisplayImages(batches, lambda i: i < num_examples_png)
+    queries, labels = retrieval.embed(encode_query, keep, mesh)
+    counts[modality] = len(queries)
+    result = _score_modality(protocol, exact, queries, labels, gallery_labels, scann=None if index is exact else index)
+    result["metrics"] = {**metrics_lib.summarize(protocol, result["stats"], num_gallery, ks),
+                         **result.get("search", {})}
+    by_modality[modality] = result["metrics"]
+    flat.update(report.metric_rows(result["metrics"], split, modality))
+    max_k = min(num_gallery, max(100, metrics_lib.one_percent(num_gallery)))
+    curves[modality] = metrics_lib.recall_curve(result["stats"]["rank"], max_k)
+    if num_examples_png:
+      shown = min(num_examples_png, len(queries))
+      scores, indices = index.search(queries[:shown], NUM_SHOWN)
+      examples[modality] = dict(query_images=[keep.images[i] for i in range(shown)], scores=scores,
+                                indices=indices, query_labels=labels["location_id"].reshape(-1)[:shown])
+    logging.info("Eval %s/%s: %s", split, modality,
+                 ", ".join(f"{k}={100 * v:.2f}" for k, v in result["metrics"].items()))
+
+  if write_files:
+    own_writer = writer is None
+    writer = writer or MetricWriter(workdir)
+    writer.write(step, flat)
+    if own_writer:
+      writer.close()
+    info = [f"Gallery: {num_gallery} items; search: {backend}; "
+            f"queries: {', '.join(f'{m} {n}' for m, n in counts.items())}; "
+            f"took {format_eta(time.perf_counter() - t0)}."]
+    if metrics_lib.one_percent(num_gallery) == 0:
+      info.append("R@1% is left out: the gallery has fewer than 100 items (K = R // 100 = 0).")
+    report.write_summary(workdir, step, report.summary_markdown(step, protocol, split, by_modality, info))
+    out_dir = os.path.join(workdir, "eval", f"step{step}")
+    report.save_recall_curve_png(curves, os.path.join(out_dir, "recall_curve.png"), num_gallery,
+                                 title=f"{split} R@K, step {step}")
+    for modality, curve in curves.items():
+      report.save_recall_curve_png({modality: curve}, os.path.join(out_dir, f"{modality}_recall_curve.png"),
+                                   num_gallery, title=f"{split}/{modality} R@K, step {step}")
+    if examples:
+      gallery_images = _gallery_images(examples, keep_gallery, gallery_batches)
+      for modality, ex in examples.items():
+        rows = []
+        for q, (scores, indices, label) in enumerate(zip(ex["scores"], ex["indices"], ex["query_labels"])):
+          rows.append({"query": ex["query_images"][q], "gallery": [gallery_images[i] for i in indices],
+                       "scores": scores, "true_index": np.flatnonzero(gallery_labels[indices] == label),
+                       "title": f"{modality} loc {int(label)}"})
+        report.save_topk_grid_png(rows, os.path.join(out_dir, f"{modality}_top{NUM_SHOWN}.png"),
+                                  title=f"{split}/{modality}, step {step}: top-{NUM_SHOWN} satellites "
+                                        "(green = true location, red = wrong)")
+  return flat
+
+
+def _score_modality(protocol, exact, queries, labels, gallery_labels, scann=None):
+  """Per-query protocol stats from exact similarity chunks; with a ScaNN index, also its recall
+  against the exact top-1 and top-10."""
+  parts, hits1, hits10 = [], 0, 0
+  for start, sim in exact.similarity_chunks(queries):
+    chunk_labels = {k: v[start:start + len(sim)] for k, v in labels.items()}
+    parts.append(metrics_lib.protocol_stats(protocol, sim, chunk_labels, gallery_labels))
+    if scann is not None:
+      k = min(10, sim.shape[1])
+      exact_top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+      _, approx_top = scann.search(queries[start:start + len(sim)], k)
+      best = sim.max(axis=1)  # a top-1 tied with the exact best counts as found
+      hits1 += int(np.sum(sim[np.arange(len(sim)), approx_top[:, 0]] >= best))
+      hits10 += sum(len(np.intersect1d(a, e)) for a, e in zip(approx_top, exact_top)) / k
+  stats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  result = {"stats": stats}
+  if scann is not None:
+    result["search"] = {"search_recall@1": hits1 / len(queries), "search_recall@10": hits10 / len(queries)}
+  return result
+
+
+def _gallery_images(examples, keep_gallery, gallery_batches):
+  """Display images of the gallery items shown in the PNGs: from the kept thumbnails, or by reading
+  the (re-iterable) gallery a second time."""
+  needed = set(int(i) for ex in examples.values() for i in np.asarray(ex["indices"]).reshape(-1))
+  if keep_gallery is not None:
+    return {i: keep_gallery.images[i] for i in needed}
+  second_pass = _KeepDisplayImages(gallery_batches, lambda i: i in needed)
+  for _ in second_pass:
+    pass
+  return second_pass.images
