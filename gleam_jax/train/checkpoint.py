@@ -1,0 +1,151 @@
+"""Checkpoints of a training job: Orbax `CheckpointManager` under `<workdir>/checkpoints/<step>/`.
+
+Each checkpoint is a composite of
+  state  the train state pytree (params, optimizer state, step, model variables, RNG key data),
+         sharded arrays written by every process;
+  data   the input stream's state (grain iterator + sampler, JSON), so a resumed job reads exactly
+         the batches it would have read.
+
+Saving is asynchronous (training continues while the arrays are written); `max_to_keep` old
+checkpoints are kept. Restoring takes the target train state (placed on the current mesh) and reads
+every array straight into the target's sharding, so a job can resume on another mesh shape.
+A checkpoint whose arrays do not fit the target fails with a `GleamError` listing the mismatches.
+"""
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gleam_jax.errors import GleamError
+from gleam_jax.train.optim import path_name
+
+MAX_LISTED = 8
+
+
+def checkpoint_dir(workdir):
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _handlers():
+  return {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+
+
+def make_manager(workdir, max_to_keep=3, async_save=True):
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=_handlers())
+
+
+def save(manager, step, state, data_state):
+  """Starts writing checkpoint `step` (returns at once when async)."""
+  manager.save(int(step), args=ocp.args.Composite(
+      state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _leaves_by_name(tree):
+  return {path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def mismatches(saved, target):
+  """Human-readable differences between saved metadata and target arrays (names and shapes)."""
+  saved, target = _leaves_by_name(saved), _leaves_by_name(target)
+  problems = []
+  for name in sorted(set(target) - set(saved)):
+    problems.append(f"{name}: missing in the checkpoint (model wants {tuple(target[name].shape)})")
+  for name in sorted(set(saved) - set(target)):
+    problems.append(f"{name}: in the checkpoint {tuple(saved[name].shape)} but not in the model")
+  for name in sorted(set(saved) & set(target)):
+    s, t = tuple(getattr(saved[name], "shape", ()) or ()), tuple(target[name].shape)
+    if s != t:
+      problems.append(f"{name}: checkpoint {s} vs model {t}")
+  return problems
+
+
+def _raise_mismatch(path, problems, fix):
+  # Optimizer-state mismatches follow from parameter mismatches: name the parameters first.
+  problems = sorted(problems, key=lambda p: not p.startswith("params/"))
+  listed = "; ".join(problems[:MAX_LISTED])
+  more = f" (+{len(problems) - MAX_LISTED} more)" if len(problems) > MAX_LISTED else ""
+  raise GleamError(f"checkpoint {path} does not fit the model: {listed}{more}. {fix}")
+
+
+def step_path(manager, step):
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _saved_state_metadata(manager, step):
+  metadata = manager.item_metadata(step)
+  tree = metadata["state"] if "state" in metadata else None
+  if tree is None:
+    raise GleamError(f"checkpoint {step_path(manager, step)} has no train state: delete it or point "
+                     "the job at another workdir.")
+  return getattr(tree, "tree", tree)
+
+
+def restore(manager, target_state, step=None):
+  """(state, data_state, step) of checkpoint `step` (default: the latest), placed like `target_state`."""
+  step = manager.latest_step() if step is None else step
+  saved = _saved_state_metadata(manager, step)
+  problems = mismatches(saved, target_state)
+  if problems:
+    _raise_mismatch(step_path(manager, step), problems,
+                    "Resume with the config the checkpoint was written with, or use a new --workdir.")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=_abstract(target_state),
+          restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target_state)),
+      data=ocp.args.JsonRestore()))
+  return restored["state"], restored["data"], step
+
+
+def restore_params(path, target_params):
+  """Parameters only (`state['params']`) from a checkpoint directory: a workdir, its `checkpoints`
+  folder, or one step folder; used to initialise a job from another job's result."""
+  manager, step = _open_for_reading(path)
+  saved = _saved_state_metadata(manager, step)
+  if "params" not in saved:
+    raise GleamError(f"checkpoint {step_path(manager, step)} holds no params.")
+  problems = mismatches(saved["params"], target_params)
+  if problems:
+    _raise_mismatch(step_path(manager, step), problems,
+                    "Set the model config to the one the checkpoint was trained with.")
+  target = {"params": target_params}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=_abstract(target),
+          restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+          partial_restore=True)))
+  manager.close()
+  return restored["state"]["params"], step_path(manager, step)
+
+
+def _open_for_reading(path):
+  path = os.path.abspath(os.path.expanduser(path))
+  step = None
+  if os.path.basename(path).isdigit():
+    step, path = int(os.path.basename(path)), os.path.dirname(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if not os.path.isdir(path):
+    raise GleamError(f"no checkpoint at {path}: give a workdir of a finished job, its checkpoints "
+                     "folder or a step folder.")
+  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
+                                  item_handlers=_handlers())
+  steps = manager.all_steps()
+  if not steps:
+    raise GleamError(f"{path} has no checkpoints: finish (or resume) the job that writes them first.")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise GleamError(f"{path} has no checkpoint for step {step}; it has steps {sorted(steps)}.")
+  return manager, step
+
+
+def host_state(tree):
+  """A pytree of arrays as NumPy (for tests and debugging)."""
+  return jax.tree.map(np.asarray, tree)

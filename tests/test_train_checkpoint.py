@@ -1,0 +1,75 @@
+"""Checkpoint save/restore of the train state: another mesh shape, mismatches, params-only init."""
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from gleam_jax.errors import GleamError
+from gleam_jax.models import gleam_c
+from gleam_jax.train import checkpoint
+from gleam_jax.train import contrastive
+from gleam_jax.train import sharding as shd
+
+RULES = (("embed", "fsdp"), ("mlp", "tensor"))
+OPTIM = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, warmup_steps=1, weight_decay=0.05, clip_norm=1.0,
+                                       frozen=(), lr_mults=(), no_decay=()))
+
+
+def _state(mesh, dims=(8, 16), seed=0):
+  cfg = gleam_c.model_config(depths=(1, 1), dims=dims, embed_dim=16)
+  model = gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=seed, dropout=1))
+  return contrastive.create_train_state(model, OPTIM, 10, mesh, RULES)
+
+
+def test_restore_onto_another_mesh(tmp_path):
+  _, state = _state(shd.make_mesh(dict(data=8, fsdp=1, tensor=1)))
+  saved = checkpoint.host_state(state)
+  manager = checkpoint.make_manager(tmp_path)
+  checkpoint.save(manager, 5, state, {"epoch": 1, "note": "x"})
+  manager.wait_until_finished()
+  manager.close()
+
+  mesh2 = shd.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  _, target = _state(mesh2, seed=1)
+  manager = checkpoint.make_manager(tmp_path)
+  restored, data_state, step = checkpoint.restore(manager, target)
+  manager.close()
+  assert step == 5 and data_state == {"epoch": 1, "note": "x"}
+  for (path, a), b, t in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(saved),
+                             jax.tree.leaves(target)):
+    np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+    assert a.sharding == t.sharding
+  kernel = restored["params"]["model"]["projection"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp")
+
+
+def test_checkpoint_that_does_not_fit_names_path_and_keys(tmp_path):
+  mesh = shd.single_device_mesh()
+  _, state = _state(mesh)
+  manager = checkpoint.make_manager(tmp_path, async_save=False)
+  checkpoint.save(manager, 3, state, {})
+  manager.close()
+  _, other = _state(mesh, dims=(8, 24))
+  manager = checkpoint.make_manager(tmp_path)
+  with pytest.raises(GleamError) as err:
+    checkpoint.restore(manager, other)
+  message = str(err.value)
+  assert str(tmp_path / "checkpoints" / "3") in message
+  assert "params/model/encoder/stages/1" in message and "(24" in message and "(16" in message
+  assert "new --workdir" in message
+
+
+def test_restore_params_only(tmp_path):
+  mesh = shd.single_device_mesh()
+  _, state = _state(mesh)
+  manager = checkpoint.make_manager(tmp_path, async_save=False)
+  checkpoint.save(manager, 7, state, {})
+  manager.close()
+  _, fresh = _state(mesh, seed=3)
+  params, where = checkpoint.restore_params(str(tmp_path), fresh["params"])
+  assert where.endswith("checkpoints/7")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(GleamError, match="no checkpoint at"):
+    checkpoint.restore_params(str(tmp_path / "nope"), fresh["params"])
