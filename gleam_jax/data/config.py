@@ -33,11 +33,12 @@ import os
 
 import ml_collections
 
+from gleam_jax.data.synthetic.spec import MODALITIES
+from gleam_jax.data.synthetic.spec import PRESETS as WORLD_PRESETS
 from gleam_jax.errors import GleamError
 
-MODALITIES = ("uav", "streetmap", "panorama", "ground")
 DATASETS = ("synthetic_cvgl",)
-PRESETS = ("tiny", "s64", "s128")
+PRESETS = tuple(WORLD_PRESETS)  # builder configs of synthetic_cvgl
 SAMPLERS = ("shuffle", "gps", "dss")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

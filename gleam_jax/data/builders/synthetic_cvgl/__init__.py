@@ -1,0 +1,1 @@
+"""TFDS builder of the synthetic cross-view world (gleam_jax/data/synthetic)."""

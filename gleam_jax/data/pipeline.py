@@ -1,0 +1,218 @@
+"""Grain input pipelines: the training stream and the evaluation batches.
+
+Training (`make_train_stream`): the sampler orders each epoch's records (unique locations per
+batch, hard negatives); each process reads its slice of every global batch:
+
+  MapDataset.source(this process's records of the epoch)
+    -> random_map(augment_pair)        seeded per record by (seed, epoch, position)
+    -> map(resize + normalise)
+    -> batch(global_batch_size / process_count, drop_remainder=True)
+    -> to_iter_dataset(ReadOptions(read_threads, read_buffer_size))
+    -> mp_prefetch(worker_count workers)   when data.worker_count > 0
+
+The stream moves to the next epoch itself (asking the sampler for its order then, so a DSS
+neighbour table set between epochs is used from the next epoch on). `get_state()` is a JSON-able
+dict (epoch, batches read in the epoch, grain iterator state, sampler state) for the checkpoint;
+`set_state()` makes the stream continue with exactly the batch it would have given next.
+
+Evaluation (`make_eval_batches`, `make_gallery_batches`): no augmentation, nothing dropped; the last
+batch may be smaller (the evaluator pads it).
+"""
+import numpy as np
+import grain
+from absl import flags
+
+from gleam_jax.data import sources
+from gleam_jax.data.augment import AugmentPair, PreparePair, normalise, resize
+from gleam_jax.data.config import MODALITIES, query_shape, validate
+from gleam_jax.errors import GleamError
+
+
+class RecordsView:
+  """`source` seen through a list of record indices (picklable: grain workers hold it)."""
+
+  def __init__(self, source, records):
+    self.source = source
+    self.records = np.asarray(records, np.int64)
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    return self.source[int(self.records[i])]
+
+
+def _ensure_absl_flags():
+  """grain's worker processes read absl flags; parse them if the program did not."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["gleam_jax"], known_only=True)
+
+
+def _epoch_seed(seed, epoch):
+  return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+def process_slice(order, global_batch_size, process_index, process_count):
+  """This process's records of every global batch, in order: batch g gives rows [p*b, (p+1)*b)."""
+  b = global_batch_size // process_count
+  return np.asarray(order).reshape(-1, global_batch_size)[:, process_index * b:(process_index + 1) * b].reshape(-1)
+
+
+def _read_options(data_cfg):
+  return grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.read_buffer_size)
+
+
+class TrainStream:
+  """Iterator of this process's training batches: dict of NumPy arrays
+  `query` float32 (b, H, W, 3), `satellite` float32 (b, Hs, Ws, 3), `modality` int32 (b,),
+  `location_id` int64 (b,)."""
+
+  def __init__(self, data_cfg, global_batch_size, sampler, seed, source=None, process_index=None,
+               process_count=None):
+    validate(data_cfg)
+    if process_count is None or process_index is None:
+      import jax
+      process_count, process_index = jax.process_count(), jax.process_index()
+    if global_batch_size <= 0 or global_batch_size % process_count:
+      raise GleamError(f"global batch size {global_batch_size} must be a positive multiple of the number of "
+                       f"processes ({process_count}): each process reads an equal slice of every batch.")
+    self.data_cfg = data_cfg
+    self.global_batch_size = int(global_batch_size)
+    self.process_index, self.process_count = int(process_index), int(process_count)
+    self.batch_size = self.global_batch_size // self.process_count
+    self.sampler = sampler
+    self.seed = int(seed)
+    self.source = source or sources.get_source(data_cfg, data_cfg.train_split)
+    self._augment = AugmentPair(data_cfg) if data_cfg.augment.enabled else None
+    self._prepare = PreparePair(data_cfg)
+    self._start_epoch(0)
+
+  def _dataset(self, epoch, records):
+    ds = grain.MapDataset.source(RecordsView(self.source, records))
+    if self._augment is not None:
+      ds = ds.random_map(self._augment, seed=_epoch_seed(self.seed, epoch))
+    ds = ds.map(self._prepare).batch(self.batch_size, drop_remainder=True)
+    ds = ds.to_iter_dataset(_read_options(self.data_cfg))
+    if self.data_cfg.worker_count > 0:
+      _ensure_absl_flags()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.data_cfg.worker_count,
+                                                       per_worker_buffer_size=self.data_cfg.worker_buffer_size))
+    return ds
+
+  def _start_epoch(self, epoch):
+    self._epoch_sampler_state = self.sampler.get_state()
+    order = self.sampler.epoch_order(epoch, self.global_batch_size)
+    if len(order) == 0:
+      raise GleamError(f"epoch {epoch} has no full batch of {self.global_batch_size}: lower the batch size.")
+    records = process_slice(order, self.global_batch_size, self.process_index, self.process_count)
+    self.epoch = epoch
+    self.batches_in_epoch = 0
+    self.steps_per_epoch = len(order) // self.global_batch_size
+    self._iter = iter(self._dataset(epoch, records))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    try:
+      batch = next(self._iter)
+    except StopIteration:
+      self._start_epoch(self.epoch + 1)
+      batch = next(self._iter)
+    self.batches_in_epoch += 1
+    if self.data_cfg.worker_count > 0:  # plain arrays, not views of grain's shared memory
+      batch = {k: np.array(v) for k, v in batch.items()}
+    return batch
+
+  def get_state(self):
+    return {
+        "epoch": self.epoch,
+        "batches_in_epoch": self.batches_in_epoch,
+        "grain": self._iter.get_state(),
+        "sampler_at_epoch_start": self._epoch_sampler_state,
+        "sampler": self.sampler.get_state(),
+        "seed": self.seed,
+        "global_batch_size": self.global_batch_size,
+        "process_count": self.process_count,
+    }
+
+  def set_state(self, state):
+    for key in ("seed", "global_batch_size", "process_count"):
+      if state[key] != getattr(self, key):
+        raise GleamError(f"the saved input state has {key}={state[key]} but this job has {getattr(self, key)}: "
+                         "resume with the same value, or start a new workdir.")
+    self.sampler.set_state(state["sampler_at_epoch_start"])
+    self._start_epoch(int(state["epoch"]))
+    self._iter.set_state(state["grain"])
+    self.batches_in_epoch = int(state["batches_in_epoch"])
+    self.sampler.set_state(state["sampler"])
+
+  def close(self):
+    """Stops the worker processes (garbage collection does it too)."""
+    if self._iter is not None and hasattr(self._iter, "close"):
+      self._iter.close()
+    self._iter = None
+
+
+def make_train_stream(data_cfg, global_batch_size, sampler, seed, **kwargs):
+  """See TrainStream; kwargs: source, process_index, process_count (default: from jax)."""
+  return TrainStream(data_cfg, global_batch_size, sampler, seed, **kwargs)
+
+
+class _ViewImage:
+  """grain map: record index -> {image, location_id, index} resized + normalised, no augmentation."""
+
+  def __init__(self, data_cfg, source, key, size):
+    self.source, self.key, self.size = source, key, tuple(size)
+    self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
+
+  def __call__(self, record):
+    return {
+        "image": normalise(resize(self.source.image(int(record), self.key), self.size), self.mean, self.std),
+        "index": np.int64(record),
+    }
+
+
+class EvalBatches:
+  """Re-iterable batches over fixed records; `len()` is the number of batches."""
+
+  def __init__(self, data_cfg, source, records, location_ids, key, size, batch_size):
+    if batch_size <= 0:
+      raise GleamError(f"eval batch size {batch_size} must be positive.")
+    self.records = np.asarray(records, np.int64)
+    self.location_ids = np.asarray(location_ids, np.int64)
+    self.batch_size = int(batch_size)
+    ds = grain.MapDataset.source(self.records).map(_ViewImage(data_cfg, source, key, size))
+    self._ds = ds.batch(self.batch_size, drop_remainder=False)
+    self._read_options = _read_options(data_cfg)
+    self._location_of = dict(zip(self.records.tolist(), self.location_ids.tolist()))
+
+  def __len__(self):
+    return -(-len(self.records) // self.batch_size)
+
+  def __iter__(self):
+    for batch in self._ds.to_iter_dataset(self._read_options):
+      batch["location_id"] = np.asarray([self._location_of[int(r)] for r in batch["index"]], np.int64)
+      yield batch
+
+
+def make_eval_batches(data_cfg, split, modality, batch_size):
+  """Batches of every `modality` query of `split` (ordered by location id, then view):
+  `image` float32 (b, H, W, 3), `location_id` int64, `index` int64 (record index in the split)."""
+  if modality not in MODALITIES:
+    raise GleamError(f"unknown modality {modality!r}: use one of {MODALITIES}.")
+  source = sources.get_source(data_cfg, split)
+  index = sources.get_index(data_cfg, split, source)
+  rows = np.flatnonzero(index["modality"] == MODALITIES.index(modality))
+  rows = rows[np.lexsort((index["view_index"][rows], index["location_id"][rows]))]
+  return EvalBatches(data_cfg, source, rows, index["location_id"][rows], "query", query_shape(data_cfg, modality),
+                     batch_size)
+
+
+def make_gallery_batches(data_cfg, split, batch_size):
+  """The split's satellites, one per location, ordered by location id: `image`, `location_id`,
+  `index` (the record the satellite was read from)."""
+  source = sources.get_source(data_cfg, split)
+  index = sources.get_index(data_cfg, split, source)
+  location_ids, first = np.unique(index["location_id"], return_index=True)
+  return EvalBatches(data_cfg, source, first, location_ids, "satellite", data_cfg.satellite_size, batch_size)

@@ -1,0 +1,167 @@
+"""Random-access sources over built TFDS datasets, and their metadata index.
+
+`get_source(data_cfg, split)` builds the dataset on first use (under `data.data_dir`, with progress
+lines showing rate and ETA) and returns a `Source`: `source[i]` is one decoded example
+(`query`, `satellite` uint8 HWC; `modality`, `modality_name`, `location_id`, `view_index`,
+`city_id`, `coords`, `index`). Images are decoded here with PIL, so an undecodable image stops with
+a GleamError naming the record and the fix.
+
+`get_index(data_cfg, split)` gives every record's metadata as NumPy arrays without decoding any
+image (for samplers and the evaluation protocol); it is cached as `index-<split>.npz` next to the
+dataset's files.
+"""
+import fcntl
+import io
+import json
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+from gleam_jax.data import builders
+from gleam_jax.data.config import MODALITIES, data_dir as resolve_data_dir, validate
+from gleam_jax.errors import GleamError
+
+IMAGE_KEYS = ("query", "satellite")
+INDEX_KEYS = ("location_id", "modality", "view_index", "city_id", "coords")
+BUILD_INFO = "gleam_build.json"
+
+
+def _rebuild_hint(path):
+  return f"the dataset files are damaged: delete {path} and run again to rebuild it"
+
+
+def get_builder(data_cfg):
+  """The TFDS builder named by the config, built (once, under a file lock) if not yet there."""
+  validate(data_cfg)
+  root = resolve_data_dir(data_cfg)
+  overrides = dict(data_cfg.overrides)
+  try:
+    builder = builders.builder(data_cfg.name, data_cfg.config, root, overrides=overrides,
+                               build_workers=data_cfg.build_workers)
+  except (TypeError, ValueError) as e:
+    raise GleamError(f"data.overrides={overrides} do not make a valid {data_cfg.name}/{data_cfg.config} "
+                     f"dataset ({e}); fix or remove them.") from None
+  if builder.is_prepared():
+    return builder
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f".{data_cfg.name}-{builder.builder_config.name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same dataset
+    if not builder.is_prepared():
+      print(f"building {data_cfg.name}/{builder.builder_config.name} in {root} (first use)", flush=True)
+      start = time.perf_counter()
+      builder.download_and_prepare()
+      seconds = time.perf_counter() - start
+      with open(os.path.join(builder.data_dir, BUILD_INFO), "w") as f:
+        json.dump({"build_seconds": seconds, "build_workers": data_cfg.build_workers}, f)
+      print(f"built {data_cfg.name}/{builder.builder_config.name} in {seconds:.1f} s", flush=True)
+  return builder
+
+
+def build_info(builder):
+  path = os.path.join(builder.data_dir, BUILD_INFO)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def decode_png(data, what, fix):
+  """Encoded image bytes -> uint8 (h, w, 3); GleamError naming `what` and `fix` if they do not decode."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return np.asarray(im.convert("RGB"))
+  except Exception as e:  # PIL raises many types for broken files
+    raise GleamError(f"{what}: the image does not decode ({type(e).__name__}: {e}); {fix}.") from None
+
+
+class Source:
+  """Random access to one split; picklable, so grain worker processes can hold it."""
+
+  def __init__(self, builder, split):
+    import tensorflow_datasets as tfds
+    splits = list(builder.info.splits.keys())
+    if split not in splits:
+      raise GleamError(f"split {split!r} is not in {builder.name}/{builder.builder_config.name}; "
+                       f"its splits are {sorted(splits)}.")
+    self.name = f"{builder.name}/{builder.builder_config.name}"
+    self.path = builder.data_dir
+    self.split = split
+    try:
+      self._records = builder.as_data_source(split, decoders={k: tfds.decode.SkipDecoding() for k in IMAGE_KEYS})
+    except Exception as e:
+      raise GleamError(f"{self.name} split {split!r} cannot be opened ({type(e).__name__}: {e}); "
+                       f"{_rebuild_hint(self.path)}.") from None
+
+  def __len__(self):
+    return len(self._records)
+
+  def _where(self, i):
+    return f"record {i} of {self.name} split {self.split!r} ({self.path})"
+
+  def raw(self, i):
+    """Record i with its images still encoded."""
+    if not 0 <= i < len(self):
+      raise IndexError(f"{self._where(i)}: index out of range (the split has {len(self)} records)")
+    try:
+      return self._records[int(i)]
+    except Exception as e:
+      raise GleamError(f"{self._where(i)} cannot be read ({type(e).__name__}: {e}); {_rebuild_hint(self.path)}.") from None
+
+  def image(self, i, key):
+    return decode_png(self.raw(i)[key], f"{self._where(i)}, image {key!r}", _rebuild_hint(self.path))
+
+  def __getitem__(self, i):
+    r = self.raw(i)
+    where, fix = self._where(i), _rebuild_hint(self.path)
+    return {
+        "query": decode_png(r["query"], f"{where}, image 'query'", fix),
+        "satellite": decode_png(r["satellite"], f"{where}, image 'satellite'", fix),
+        "modality": int(r["modality"]),
+        "modality_name": MODALITIES[int(r["modality"])],
+        "location_id": int(r["location_id"]),
+        "view_index": int(r["view_index"]),
+        "city_id": int(r["city_id"]),
+        "coords": np.asarray(r["coords"], np.float64),
+        "index": int(i),
+    }
+
+
+def get_source(data_cfg, split):
+  return Source(get_builder(data_cfg), split)
+
+
+def read_index(source):
+  """Metadata arrays of every record (no image decoding)."""
+  n = len(source)
+  out = {k: [] for k in INDEX_KEYS + ("city",)}
+  for i in range(n):
+    r = source.raw(i)
+    for k in INDEX_KEYS:
+      out[k].append(r[k])
+    out["city"].append(r["city"].decode() if isinstance(r["city"], bytes) else str(r["city"]))
+  return {
+      "location_id": np.asarray(out["location_id"], np.int64).reshape(n),
+      "modality": np.asarray(out["modality"], np.int32).reshape(n),
+      "view_index": np.asarray(out["view_index"], np.int32).reshape(n),
+      "city_id": np.asarray(out["city_id"], np.int32).reshape(n),
+      "coords": np.asarray(out["coords"], np.float64).reshape(n, 2),
+      "city": np.asarray(out["city"], dtype=str).reshape(n),
+  }
+
+
+def get_index(data_cfg, split, source=None):
+  """Metadata of `split` (dict of arrays, one row per record), cached next to the dataset."""
+  source = source or get_source(data_cfg, split)
+  path = os.path.join(source.path, f"index-{split}.npz")
+  if os.path.exists(path):
+    with np.load(path) as z:
+      index = {k: z[k] for k in z.files}
+    if len(index["location_id"]) == len(source):
+      return index
+  index = read_index(source)
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, **index)
+  os.replace(tmp, path)
+  return index

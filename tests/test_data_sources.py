@@ -1,0 +1,122 @@
+"""synthetic_cvgl TFDS builder and sources: exact round trip, fields, counts, index, bad inputs."""
+import glob
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
+from gleam_jax.data import builders, sources, synthetic
+from gleam_jax.data.builders.synthetic_cvgl import synthetic_cvgl_dataset_builder as scb
+from gleam_jax.data.config import MODALITIES, data_config
+from gleam_jax.errors import GleamError
+
+
+def test_round_trip_equals_rendered_views_exactly(tiny_cfg):
+  spec = synthetic.spec_from_name("tiny")
+  per_location = 3 + spec.uav_views
+  for split in ("train", "test", "test_cross_city"):
+    src = sources.get_source(tiny_cfg, split)
+    ids = synthetic.split_location_ids(spec, split)
+    assert len(src) == len(ids) * per_location
+    index = sources.get_index(tiny_cfg, split, src)
+    assert sorted(set(index["location_id"].tolist())) == ids.tolist()
+    counts = np.bincount(index["modality"], minlength=4)
+    assert counts.tolist() == [len(ids) * spec.uav_views if m == "uav" else len(ids) for m in MODALITIES]
+    # every view of two locations, exactly the rendered pixels
+    for loc_id in ids[:2]:
+      views = synthetic.render_location(spec, int(loc_id))
+      rows = np.flatnonzero(index["location_id"] == loc_id)
+      assert len(rows) == per_location
+      for r in rows:
+        ex = src[int(r)]
+        want = views["uav"][ex["view_index"]] if ex["modality_name"] == "uav" else views[ex["modality_name"]]
+        np.testing.assert_array_equal(ex["query"], want)
+        np.testing.assert_array_equal(ex["satellite"], views["satellite"])
+        assert ex["query"].dtype == np.uint8
+        assert ex["location_id"] == loc_id and ex["index"] == r
+        assert ex["city_id"] == views["city"] == index["city_id"][r]
+        assert index["city"][r] == views["city_name"]
+        np.testing.assert_allclose(ex["coords"], views["coords"], rtol=0, atol=0)
+        np.testing.assert_array_equal(index["coords"][r], ex["coords"])
+        assert MODALITIES[index["modality"][r]] == ex["modality_name"]
+  assert "tensorflow" not in sys.modules
+
+
+def test_index_is_cached_next_to_the_dataset(tiny_cfg):
+  src = sources.get_source(tiny_cfg, "test")
+  first = sources.get_index(tiny_cfg, "test", src)
+  path = os.path.join(src.path, "index-test.npz")
+  assert os.path.exists(path)
+  again = sources.get_index(tiny_cfg, "test")
+  for k in first:
+    np.testing.assert_array_equal(first[k], again[k])
+
+
+def test_overrides_make_a_distinct_config():
+  a = scb.SyntheticCvglConfig(preset="tiny", overrides={"seed": 3, "train_locations": 10})
+  assert a.name == "tiny_seed-3_train_locations-10"
+  b = scb.SyntheticCvglConfig(preset="tiny", overrides={"uav_altitude_m": (40.0, 60.0)})
+  assert b.name == "tiny_uav_altitude_m-40.0-60.0"
+  builder = builders.builder("synthetic_cvgl", "tiny", "/nonexistent", overrides={"seed": 3})
+  assert builder.builder_config.name == "tiny_seed-3"
+  assert builders.builder("synthetic_cvgl", "tiny", "/nonexistent").builder_config.name == "tiny"
+
+
+def test_unknown_dataset_missing_split_impossible_sizes(tiny_cfg, tmp_path):
+  with pytest.raises(GleamError, match="data.name='cvusa_typo' is not a known dataset"):
+    data_config(name="cvusa_typo")
+  with pytest.raises(GleamError, match="unknown dataset 'nope'"):
+    builders.builder("nope", "tiny", str(tmp_path))
+  with pytest.raises(GleamError, match=r"split 'validation' is not in synthetic_cvgl/tiny; its splits are"):
+    sources.get_source(tiny_cfg, "validation")
+  with pytest.raises(GleamError, match=r"data.query_size=\(0, 32\) is impossible"):
+    data_config(query_size=(0, 32))
+  with pytest.raises(GleamError, match="data.config='s99'"):
+    data_config(config="s99")
+  with pytest.raises(GleamError, match="sat_size=4 is not possible"):
+    sources.get_source(data_config(config="tiny", data_dir=str(tmp_path), overrides={"sat_size": 4}), "train")
+  with pytest.raises(GleamError, match="unknown WorldSpec field"):
+    sources.get_source(data_config(config="tiny", data_dir=str(tmp_path), overrides={"sat_sise": 64}), "train")
+
+
+def copy_dataset(cfg, tmp_path):
+  src = sources.get_source(cfg, "train")
+  rel = os.path.relpath(src.path, os.path.expanduser(cfg.data_dir))
+  root = tmp_path / "data"
+  shutil.copytree(src.path, root / rel)
+  return data_config(**{**cfg.to_dict(), "data_dir": str(root)}), str(root / rel)
+
+
+def test_corrupt_image_names_the_record_and_the_fix(tiny_cfg, tmp_path):
+  cfg, path = copy_dataset(tiny_cfg, tmp_path)
+  (shard,) = glob.glob(os.path.join(path, "*-train.array_record*"))
+  reader = ArrayRecordReader(shard)
+  records = [reader.read() for _ in range(reader.num_records())]
+  reader.close()
+  bad = bytearray(records[5])
+  start = bad.find(b"IDAT") + 8  # inside the first image's compressed pixels, same length
+  bad[start:start + 16] = b"\x00" * 16
+  records[5] = bytes(bad)
+  writer = ArrayRecordWriter(shard, "group_size:1")
+  for r in records:
+    writer.write(r)
+  writer.close()
+  src = sources.get_source(cfg, "train")
+  src[4]  # the others still read
+  with pytest.raises(GleamError, match=r"record 5 of synthetic_cvgl/tiny split 'train'.*does not decode.*delete"):
+    src[5]
+
+
+def test_corrupt_file_names_the_record_and_the_fix(tiny_cfg, tmp_path):
+  cfg, path = copy_dataset(tiny_cfg, tmp_path)
+  (shard,) = glob.glob(os.path.join(path, "*-train.array_record*"))
+  data = bytearray(open(shard, "rb").read())
+  data[64:len(data) - 64] = bytes((b * 7 + 13) % 256 for b in data[64:len(data) - 64])
+  open(shard, "wb").write(bytes(data))
+  with pytest.raises(GleamError, match=r"synthetic_cvgl/tiny split 'train'.*delete .* to rebuild"):
+    src = sources.get_source(cfg, "train")
+    src[0]
