@@ -41,6 +41,8 @@ def torch_model(hf_cfg, seed=0):
       if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "layernorm" in name or \
           name.endswith("norm.weight") or "ln_q" in name:
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif "embed_tokens" in name:  # large enough that greedy decoding does not collapse into repeats
+        p.copy_(0.5 * torch.randn_like(p))
       else:
         p.copy_(0.08 * torch.randn_like(p))
   return model.eval().float()

@@ -44,7 +44,8 @@ from flax import nnx
 import gleam_jax.models  # noqa: F401  (logical sharding metadata only, no eager placement)
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import rope
-from gleam_jax.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES, Qwen2_5_VLConfig
+from gleam_jax.train import sharding
 
 _INIT = nnx.initializers.normal(0.02)
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -206,9 +207,10 @@ class Attention(nnx.Module):
     self.o_proj = _linear(t.num_attention_heads * t.head_dim, t.hidden_size, ("heads", "embed"), bias=False,
                           cfg=cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, cache=None, start=None):
-    """x (B, L, D); mask (B, L, S) bool. With `cache` = (k, v) of shape (B, S, K, Dh), this step's keys
-    and values are written at `start` and attention runs over the whole cache; returns (out, cache)."""
+  def __call__(self, x, cos, sin, mask, cache=None, start=None, layer=None):
+    """x (B, L, D); mask (B, L, S) bool. With a `cache` (dict of k, v: (layers, B, S, K, Dh)), this
+    step's keys and values are written at slot `start` of `layer` and attention runs over that layer's
+    whole cache; returns (out, cache)."""
     b, length, _ = x.shape
     groups = self.num_heads // self.num_kv_heads
     q = self.q_proj(x).reshape(b, length, self.num_heads, self.head_dim)
@@ -216,10 +218,10 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
     q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
     if cache is not None:
-      ck, cv = cache
-      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, start, 0, 0))
-      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, start, 0, 0))
-      cache = (k, v)
+      at = (layer, 0, start, 0, 0)
+      cache = dict(cache, k=jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+                   v=jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at))
+      k, v = cache["k"][layer], cache["v"][layer]
     q = q.reshape(b, length, self.num_kv_heads, groups, self.head_dim)
     out = _softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.head_dim**-0.5)
     return self.o_proj(out), cache
@@ -246,8 +248,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, cfg=cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, cache=None, start=None):
-    h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+  def __call__(self, x, cos, sin, mask, cache=None, start=None, layer=None):
+    h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, layer)
     x = x + h
     return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -267,15 +269,8 @@ class TextModel(nnx.Module):
     """x (B, L, D) embeddings; position_ids (3, B, L); mask (B, L, S). cache: dict k/v (layers, B, S, K, Dh)."""
     t = self.cfg
     cos, sin = rope.mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
-    new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-      x, layer_cache = layer(x, cos, sin, mask, layer_cache, start)
-      if cache is not None:
-        new_k.append(layer_cache[0])
-        new_v.append(layer_cache[1])
-    if cache is not None:
-      cache = dict(cache, k=jnp.stack(new_k), v=jnp.stack(new_v))
+      x, cache = layer(x, cos, sin, mask, cache, start, i)
     return self.norm(x), cache
 
 
@@ -341,6 +336,15 @@ def check_image_tokens(input_ids, image_grid_thw, cfg: Qwen2_5_VLConfig):
 def create_model(cfg: Qwen2_5_VLConfig, seed: int = 0) -> Qwen2_5_VL:
   """A randomly initialised model (normal(0.02) weights, unit norms, zero biases)."""
   return Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed))
+
+
+def shard_model(model: Qwen2_5_VL, mesh, rules=QWEN_SHARDING_RULES) -> Qwen2_5_VL:
+  """Places the parameters on `mesh` by their logical axis names (in place; returns the model)."""
+  state = nnx.state(model)
+  placed = sharding.place(nnx.to_pure_dict(state), sharding.state_shardings(state, mesh, rules))
+  nnx.replace_by_pure_dict(state, placed)
+  nnx.update(model, state)
+  return model
 
 
 def abstract_model(cfg: Qwen2_5_VLConfig) -> Qwen2_5_VL:

@@ -1,0 +1,170 @@
+"""KV-cache generation for Qwen2.5-VL: jitted prefill + one jitted decode step reused for every token.
+
+The cache is preallocated at a static size: k, v of shape (layers, batch, max_len, kv_heads, head_dim)
+and a (batch, max_len) mask of the slots holding real tokens (left padding is False). Prefill writes
+slots [0, L); decode step s writes slot L + s. The decode step is one compiled function (the slot is a
+traced scalar) and donates the cache, so XLA updates it in place.
+
+Positions follow HF: prompt tokens get `rope.get_rope_index` positions; generated token s of row b gets
+position max(prompt positions of b) + 1 + s on all three M-RoPE axes (HF's attention-mask cumsum plus
+`rope_deltas`).
+
+    tokens = generate(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                      max_new_tokens=64, temperature=0.0)          # greedy
+    tokens = generate(..., temperature=0.7, top_p=0.9, seed=0, callback=lambda step, toks: ...)
+
+Rows that emitted a stop token continue with `pad_token_id` (as HF `generate`); the loop ends when every
+row has stopped or after `max_new_tokens`.
+"""
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from gleam_jax.errors import GleamError
+from gleam_jax.models.qwen2_5_vl import rope
+from gleam_jax.train import sharding
+from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
+from gleam_jax.models.qwen2_5_vl.modeling import Qwen2_5_VL, check_image_tokens, vision_inputs
+
+jax.tree_util.register_dataclass(
+    rope.VisionLayout, data_fields=[f.name for f in dataclasses.fields(rope.VisionLayout)], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to the top-p nucleus."""
+  temperature: float = 0.0
+  top_p: float = 1.0
+
+
+CACHE_AXES = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
+
+
+def init_cache(cfg, batch: int, max_len: int, mesh=None, rules=QWEN_SHARDING_RULES) -> dict:
+  """Zero cache; on `mesh`, k/v are sharded by `CACHE_AXES` under `rules` (batch, kv heads)."""
+  t = cfg.text
+  shape = (t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim)
+  dtype = jnp.dtype(cfg.dtype)
+  cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "mask": jnp.zeros((batch, max_len), bool)}
+  if mesh is not None:
+    kv = NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, rules, shape, mesh))
+    mask = NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES[1:3], rules, (batch, max_len), mesh))
+    cache = sharding.place(cache, {"k": kv, "v": kv, "mask": mask})
+  return cache
+
+
+def sample(logits, rng, sampling: Sampling):
+  """logits (B, V) float32 -> tokens (B,) int32."""
+  if sampling.temperature <= 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  if sampling.top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(mass_before < sampling.top_p, sorted_logits, -jnp.inf)  # top-1 always kept
+    logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pixel_values, layout):
+  """Runs the prompt, fills cache slots [0, L); returns last-position logits (B, V) and the cache."""
+  model = nnx.merge(graphdef, state)
+  length, max_len = input_ids.shape[1], cache["mask"].shape[1]
+  valid = attention_mask.astype(bool)
+  cache = dict(cache, mask=jax.lax.dynamic_update_slice(cache["mask"], valid, (0, 0)))
+  causal = jnp.arange(max_len)[None, :] <= jnp.arange(length)[:, None]
+  mask = causal[None] & cache["mask"][:, None, :]
+  x = model.embed(input_ids, pixel_values, layout)
+  hidden, cache = model.language_model(x, position_ids, mask, cache, 0)
+  return model.logits(hidden[:, -1]), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def decode_step(graphdef, state, cache, tokens, positions, slot, done, rng, *, sampling: Sampling,
+                stop_ids, pad_id):
+  """Feeds `tokens` (B,) at cache `slot` with M-RoPE position `positions` (B,); samples the next tokens.
+
+  Returns (next_tokens, next_positions, done, cache). Finished rows emit `pad_id`.
+  """
+  model = nnx.merge(graphdef, state)
+  cache = dict(cache, mask=jax.lax.dynamic_update_slice(
+      cache["mask"], jnp.ones((tokens.shape[0], 1), bool), (0, slot)))
+  x = model.embed(tokens[:, None])
+  position_ids = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
+  hidden, cache = model.language_model(x, position_ids, cache["mask"][:, None, :], cache, slot)
+  logits = model.logits(hidden[:, -1])
+  next_tokens = sample(logits, rng, sampling)
+  next_tokens = jnp.where(done, pad_id, next_tokens)
+  done = done | jnp.isin(next_tokens, stop_ids)
+  return next_tokens, positions + 1, done, cache
+
+
+def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, eos_token_ids=None,
+             pad_token_id: int | None = None, seed: int = 0,
+             callback: Callable[[int, np.ndarray], None] | None = None, mesh=None,
+             rules=QWEN_SHARDING_RULES) -> np.ndarray:
+  """Generates up to `max_new_tokens` per row; returns them (B, n) as int32 NumPy (n <= max_new_tokens).
+
+  `input_ids`/`attention_mask` (B, L) are left padded; `pixel_values`/`image_grid_thw` as for the model.
+  `callback(step, tokens)` receives each step's (B,) tokens on the host as soon as they exist.
+  With `mesh` (a model placed by `modeling.shard_model`), the KV cache is sharded under `rules` too.
+  """
+  cfg = model.cfg
+  input_ids = np.asarray(input_ids)
+  if input_ids.ndim != 2:
+    raise GleamError(f"generate: input_ids must be (batch, length), got shape {input_ids.shape}.")
+  attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+  if not attention_mask[:, -1].all():
+    raise GleamError("generate: prompts must be LEFT padded (attention_mask[:, -1] == 1 for every row); "
+                     "set the tokenizer's padding_side='left'.")
+  if max_new_tokens < 1:
+    raise GleamError(f"generate: max_new_tokens={max_new_tokens}; use at least 1.")
+  if not 0.0 < top_p <= 1.0 or temperature < 0.0:
+    raise GleamError(f"generate: temperature={temperature}, top_p={top_p}; need temperature >= 0, 0 < top_p <= 1.")
+  if (pixel_values is None) != (image_grid_thw is None):
+    raise GleamError("generate: pass pixel_values and image_grid_thw together.")
+  check_image_tokens(input_ids, image_grid_thw, cfg)
+  eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+  pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+  position_ids, _ = rope.get_rope_index(input_ids, image_grid_thw, attention_mask,
+                                        image_token_id=cfg.image_token_id,
+                                        spatial_merge_size=cfg.vision.spatial_merge_size)
+  layout = None if image_grid_thw is None else vision_inputs(image_grid_thw, cfg)
+  b, length = input_ids.shape
+  graphdef, state = nnx.split(model)
+  cache = init_cache(cfg, b, length + max_new_tokens, mesh, rules)
+  sampling = Sampling(float(temperature), float(top_p))
+  stop_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+  rng = jax.random.key(seed)
+
+  logits, cache = prefill(graphdef, state, cache, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask),
+                          jnp.asarray(position_ids), None if pixel_values is None else jnp.asarray(pixel_values),
+                          layout)
+  rng, step_rng = jax.random.split(rng)
+  tokens = sample(logits, step_rng, sampling)
+  done = jnp.isin(tokens, stop_ids)
+  positions = jnp.asarray(position_ids.max(axis=(0, 2)) + 1, jnp.int32)
+  out = [np.asarray(tokens)]
+  if callback is not None:
+    callback(0, out[-1])
+  for step in range(1, max_new_tokens):
+    if bool(np.asarray(done).all()):
+      break
+    rng, step_rng = jax.random.split(rng)
+    slot = jnp.int32(length + step - 1)
+    tokens, positions, done, cache = decode_step(graphdef, state, cache, tokens, positions, slot, done, step_rng,
+                                                 sampling=sampling, stop_ids=stop_ids, pad_id=pad)
+    out.append(np.asarray(tokens))
+    if callback is not None:
+      callback(step, out[-1])
+  return np.stack(out, axis=1).astype(np.int32)

@@ -1,0 +1,158 @@
+"""KV-cache generation vs transformers `generate` (greedy, token for token), sampling, stop tokens,
+streaming, a single compiled decode step, and the model on an 8-device (fsdp=2, tensor=4) mesh."""
+import numpy as np
+import pytest
+import torch
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gleam_jax.models.qwen2_5_vl import generation, modeling
+from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
+from gleam_jax.train import sharding
+from test_qwen_modeling import GRIDS, IMAGE, PAD, hf_config, jax_logits, jax_model, left_pad, pixels, prompt, \
+    torch_model
+
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def pair():
+  hf_cfg = hf_config()
+  tm = torch_model(hf_cfg, seed=3)
+  jm, cfg = jax_model(hf_cfg, tm)
+  return tm, jm, cfg
+
+
+def torch_generate(tm, ids, mask, px, grids, eos):
+  with torch.no_grad():
+    out = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      pixel_values=torch.tensor(px), image_grid_thw=torch.tensor(grids),
+                      mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)), max_new_tokens=STEPS,
+                      do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+  return out[:, ids.shape[1]:].numpy()
+
+
+def batch1(seed=0):
+  rng = np.random.default_rng(seed)
+  ids, mask = left_pad([prompt(rng, 6, GRIDS)])
+  return ids, mask, pixels(rng, GRIDS), GRIDS
+
+
+def batch2(seed=1):
+  """Two prompts of different lengths (left padded), one image each, of different sizes."""
+  rng = np.random.default_rng(seed)
+  ids, mask = left_pad([prompt(rng, 4, GRIDS[:1]), prompt(rng, 12, GRIDS[1:]) + [9, 10]])
+  return ids, mask, pixels(rng, GRIDS), GRIDS
+
+
+@pytest.mark.parametrize("make", [batch1, batch2], ids=["batch1", "left_padded_batch2"])
+def test_greedy_matches_hf_generate(pair, make):
+  tm, jm, cfg = pair
+  ids, mask, px, grids = make()
+  ref = torch_generate(tm, ids, mask, px, grids, eos=[999])  # no stop token: all 32 steps
+  streamed = []
+  out = generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=(),
+                            callback=lambda step, toks: streamed.append((step, toks.copy())))
+  assert ref.shape == (ids.shape[0], STEPS)
+  np.testing.assert_array_equal(out, ref)
+  assert len(set(ref[0].tolist())) > 3  # not a degenerate repetition
+  # Streaming: one callback per step, in order, with the returned tokens.
+  assert [s for s, _ in streamed] == list(range(STEPS))
+  np.testing.assert_array_equal(np.stack([t for _, t in streamed], 1), out)
+
+
+def test_stop_token_pads_like_hf(pair):
+  tm, jm, cfg = pair
+  ids, mask, px, grids = batch2()
+  free = generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=())
+  eos = int(free[0, 5])  # row 0 stops at step 5 (or earlier if the token came before)
+  out = generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=(eos,))
+  ref = torch_generate(tm, ids, mask, px, grids, eos=[eos])
+  np.testing.assert_array_equal(out[:, :ref.shape[1]], ref)
+  first = int(np.flatnonzero(out[0] == eos)[0])
+  assert first <= 5 and np.all(out[0, first + 1:] == PAD)
+
+
+def test_decode_step_compiles_once(pair):
+  _, jm, _ = pair
+  ids, mask, px, grids = batch1(seed=7)
+  before = generation.decode_step._cache_size()
+  generation.generate(jm, ids, mask, px, grids, max_new_tokens=12, eos_token_ids=())
+  assert generation.decode_step._cache_size() - before <= 1
+  generation.generate(jm, ids, mask, px, grids, max_new_tokens=12, eos_token_ids=())
+  assert generation.decode_step._cache_size() - before <= 1  # same shapes: reused
+
+
+def test_prefill_logits_equal_full_forward(pair):
+  _, jm, cfg = pair
+  ids, mask, px, grids = batch2(seed=4)
+  full = jax_logits(jm, cfg, ids, mask, px, grids)[:, -1]
+  pos, _ = generation.rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  graphdef, state = nnx.split(jm)
+  cache = generation.init_cache(cfg, 2, ids.shape[1] + 4)
+  logits, cache = generation.prefill(graphdef, state, cache, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
+                                     jnp.asarray(pos), jnp.asarray(px), modeling.vision_inputs(grids, cfg))
+  np.testing.assert_allclose(np.asarray(logits), full, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(cache["mask"])[:, :ids.shape[1]], mask.astype(bool))
+
+
+def test_sampling_follows_softmax_and_nucleus():
+  logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]], jnp.float32))
+  keys = jax.random.split(jax.random.key(0), 20000)
+  freq = lambda s: np.bincount(np.asarray(jax.vmap(lambda k: generation.sample(logits, k, s)[0])(keys)),
+                               minlength=4) / len(keys)
+  np.testing.assert_allclose(freq(generation.Sampling(1.0, 1.0)), [0.5, 0.25, 0.15, 0.1], atol=0.015)
+  # top_p 0.7: the nucleus is {0, 1} (mass before token 2 is 0.75 >= 0.7), renormalised to 2/3, 1/3.
+  np.testing.assert_allclose(freq(generation.Sampling(1.0, 0.7)), [2 / 3, 1 / 3, 0, 0], atol=0.015)
+  # temperature 0.5 squares the probabilities before normalising.
+  p = np.array([0.5, 0.25, 0.15, 0.1]) ** 2
+  np.testing.assert_allclose(freq(generation.Sampling(0.5, 1.0)), p / p.sum(), atol=0.015)
+  np.testing.assert_array_equal(np.asarray(generation.sample(logits, keys[0], generation.Sampling())), [0])
+
+
+def test_temperature_sampling_is_seeded_and_varied(pair):
+  _, jm, _ = pair
+  ids, mask, px, grids = batch1(seed=5)
+  a = generation.generate(jm, ids, mask, px, grids, max_new_tokens=16, temperature=1.5, top_p=0.95, seed=1,
+                          eos_token_ids=())
+  b = generation.generate(jm, ids, mask, px, grids, max_new_tokens=16, temperature=1.5, top_p=0.95, seed=1,
+                          eos_token_ids=())
+  c = generation.generate(jm, ids, mask, px, grids, max_new_tokens=16, temperature=1.5, top_p=0.95, seed=2,
+                          eos_token_ids=())
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any()
+
+
+def test_right_padding_is_rejected(pair):
+  _, jm, _ = pair
+  from gleam_jax.errors import GleamError
+  with pytest.raises(GleamError, match="LEFT padded"):
+    generation.generate(jm, np.array([[5, 6, PAD]]), np.array([[1, 1, 0]]), max_new_tokens=2)
+
+
+def test_sharded_mesh_same_logits_and_tokens(pair):
+  _, jm, cfg = pair
+  assert len(jax.devices()) == 8
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  ids, mask, px, grids = batch2(seed=6)
+  ref_logits = jax_logits(jm, cfg, ids, mask, px, grids)
+  ref_tokens = generation.generate(jm, ids, mask, px, grids, max_new_tokens=8, eos_token_ids=())
+  sharded = modeling.create_model(cfg)
+  nnx.update(sharded, nnx.state(jm))
+  modeling.shard_model(sharded, mesh, QWEN_SHARDING_RULES)
+  q = sharded.language_model.layers[0].self_attn.q_proj.kernel.get_value()
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (32, 16)
+
+  @jax.jit
+  def forward(state, ids, pos, mask, px, layout):
+    return nnx.merge(graphdef, state)(ids, pos, mask, px, layout)
+
+  graphdef, state = nnx.split(sharded)
+  pos, _ = generation.rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  logits = forward(state, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask), jnp.asarray(px),
+                   modeling.vision_inputs(grids, cfg))
+  np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=1e-5)
+  tokens = generation.generate(sharded, ids, mask, px, grids, max_new_tokens=8, eos_token_ids=(), mesh=mesh)
+  np.testing.assert_array_equal(tokens, ref_tokens)
