@@ -1,0 +1,18 @@
+"""A seeded procedural world of cities, rendered into geometrically consistent cross-view images.
+
+    from gleam_jax.data import synthetic
+    spec = synthetic.spec_from_name("s64")
+    views = synthetic.render_location(spec, synthetic.split_location_ids(spec, "test")[0])
+
+See docs/synthetic_world.md for the world, the view conventions and the baselines.
+"""
+from gleam_jax.data.synthetic.render import project_point
+from gleam_jax.data.synthetic.render import render_location
+from gleam_jax.data.synthetic.spec import DEFAULT_PRESET
+from gleam_jax.data.synthetic.spec import MODALITIES
+from gleam_jax.data.synthetic.spec import PRESETS
+from gleam_jax.data.synthetic.spec import SPLITS
+from gleam_jax.data.synthetic.spec import VIEWS
+from gleam_jax.data.synthetic.spec import WorldSpec
+from gleam_jax.data.synthetic.spec import spec_from_name
+from gleam_jax.data.synthetic.spec import split_location_ids
