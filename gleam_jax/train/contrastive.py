@@ -21,7 +21,13 @@ The loss covers the global batch: the (B x B) logits are computed from the embed
 all-gathers embeddings across the data axes and never the images.
 """
 import dataclasses
+import json
+import math
+import os
+import time
 from typing import Any
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +36,19 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gleam_jax.data import pipeline
+from gleam_jax.data import samplers
+from gleam_jax.data import sources
+from gleam_jax.errors import GleamError
+from gleam_jax.eval import evaluator
+from gleam_jax.eval import retrieval
+from gleam_jax.models import gleam_c
+from gleam_jax.train import checkpoint
 from gleam_jax.train import losses
 from gleam_jax.train import optim
 from gleam_jax.train import sharding as shd
+from gleam_jax.utils.progress import RateEta, format_eta
+from gleam_jax.utils.writer import MetricWriter, read_metrics
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -190,3 +206,188 @@ def make_grad_fn(setup):
       lambda state, batch: _grads(setup, state, batch)[:2],
       in_shardings=(setup.shardings, batch_shardings(setup)))
   return lambda state, batch: jitted(state, step_inputs(batch))
+
+
+# ----------------------------------------------------------------------------------------------
+# The job: `python -m gleam_jax.main --config=configs/c_phase1.py --workdir=DIR`.
+# ----------------------------------------------------------------------------------------------
+def _log(message):
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def build_model(model_cfg, seed):
+  return gleam_c.GleamC(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def eval_model(setup, state):
+  """The model with the state's parameters, in eval mode (no drop path)."""
+  model = merge_model(setup, state["params"]["model"], state["model_state"])
+  model.eval()
+  return model
+
+
+def check_config(config):
+  """Config errors that can be seen before building anything."""
+  if config.loss.name not in losses.LOSSES:
+    raise GleamError(f"config.loss.name={config.loss.name!r} is not a loss: set it to one of {losses.LOSSES}.")
+  if int(config.batch_size) <= 0:
+    raise GleamError(f"config.batch_size={config.batch_size} must be positive.")
+  for key in ("log_every_steps",):
+    if int(config[key]) <= 0:
+      raise GleamError(f"config.{key}={config[key]} must be positive.")
+  if config.eval.protocol != "cvusa" and config.eval.protocol not in ("vigor", "university"):
+    raise GleamError(f"config.eval.protocol={config.eval.protocol!r}: use 'cvusa', 'vigor' or 'university'.")
+
+
+def evaluate(config, setup, state, workdir, step, writer):
+  """Retrieval metrics of every eval split and modality (see gleam_jax.eval.evaluator)."""
+  model = eval_model(setup, state)
+  encode_query = lambda images: model.encode(images, tower="query")
+  encode_reference = lambda images: model.encode(images, tower="reference")
+  modalities = tuple(config.eval.modalities or config.data.modalities)
+  results = {}
+  for split in config.eval.splits:
+    query_sets = {m: pipeline.make_eval_batches(config.data, split, m, config.eval.batch_size)
+                  for m in modalities}
+    gallery = pipeline.make_gallery_batches(config.data, split, config.eval.batch_size)
+    results.update(evaluator.evaluate_retrieval(
+        encode_query, encode_reference, query_sets, gallery, protocol=config.eval.protocol,
+        mesh=setup.mesh, search_cfg=config.eval.search, workdir=workdir, step=step, writer=writer,
+        num_examples_png=config.eval.num_examples_png, split=split))
+  r1 = ", ".join(f"{k[len('eval/'):-len('/R@1')]} {100 * v:.1f}%" for k, v in results.items()
+                 if k.endswith("/R@1"))
+  _log(f"step {step}: eval R@1: {r1}")
+  return results
+
+
+def refresh_dss_neighbours(config, setup, state, sampler):
+  """DSS: each training location's most similar satellites (current model) share its batches."""
+  model = eval_model(setup, state)
+  batches = pipeline.make_gallery_batches(config.data, config.data.train_split, config.eval.batch_size)
+  embeddings, labels = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches, setup.mesh)
+  location_ids = labels["location_id"].reshape(-1)
+  k = min(int(config.data.sampler.neighbour_range) + 1, len(location_ids))
+  index = retrieval.ExactIndex(embeddings, setup.mesh, config.eval.search.query_chunk,
+                               config.eval.search.gallery_chunk)
+  _, nearest = index.search(embeddings, k)
+  own = nearest == np.arange(len(location_ids))[:, None]
+  table = np.stack([row[~mask][:k - 1] for row, mask in zip(np.asarray(nearest), own)])
+  sampler.set_neighbours(location_ids[table], location_ids)
+
+
+def _truncate_metrics(workdir, step):
+  """On resume: drop rows written after the checkpoint, so metrics.jsonl reads as one run."""
+  rows = read_metrics(workdir)
+  kept = [r for r in rows if r["step"] <= step]
+  if len(kept) != len(rows):
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      for r in kept:
+        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _init_from(config, state):
+  path = os.path.expanduser(config.init_from)
+  if not os.path.exists(path):
+    raise GleamError(
+        f"config.init_from={config.init_from!r} does not exist: run phase 1 first (its --workdir is "
+        f"the path to give), or set --config.init_from to a finished job's workdir.")
+  params, where = checkpoint.restore_params(path, state["params"])
+  _log(f"initialised parameters from {where}")
+  return {**state, "params": params}
+
+
+def _check_finite(pending, last_good):
+  for step, m in pending:
+    if not math.isfinite(float(m["loss"])):
+      where = f"step {last_good[0]} ({last_good[1]})" if last_good else "none (no checkpoint was written yet)"
+      raise GleamError(
+          f"the loss is {float(m['loss'])} at step {step}. Last good checkpoint: {where}. Lower "
+          "config.optim.lr or set config.optim.clip_norm, then run again (it resumes from that checkpoint).")
+
+
+def run(config, workdir):
+  """Trains GLEAM-C as `config` says; returns the last evaluation's metrics."""
+  check_config(config)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every write at INFO; progress goes to stdout
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  mesh = shd.make_mesh(config.mesh)
+  batch_size = int(config.batch_size)
+  shd.check_batch_divides(batch_size, mesh)
+  seed = int(config.seed)
+
+  index = sources.get_index(config.data, config.data.train_split)
+  sampler = samplers.make_sampler(config.data, index)
+  stream = pipeline.make_train_stream(config.data, batch_size, sampler, seed)
+  steps_per_epoch = stream.steps_per_epoch
+  total_steps = int(config.total_steps)
+  if config.get("total_epochs"):
+    total_steps = int(math.ceil(float(config.total_epochs) * steps_per_epoch))
+
+  setup, state = create_train_state(
+      build_model(config.model, seed), config.optim, total_steps, mesh, config.sharding_rules,
+      loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
+  step, last_good = 0, None
+  if manager.latest_step() is not None:
+    state, data_state, step = checkpoint.restore(manager, state)
+    stream.set_state(data_state["stream"])
+    last_good = (step, checkpoint.step_path(manager, step))
+    if jax.process_index() == 0:
+      _truncate_metrics(workdir, step)
+    _log(f"resumed from {last_good[1]}")
+  elif config.get("init_from"):
+    state = _init_from(config, state)
+  step = int(step)
+
+  _log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {n_params / 1e6:.2f}M params; "
+       f"{steps_per_epoch} steps/epoch of {batch_size} pairs; training to step {total_steps}")
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  train_step = make_train_step(setup)
+  rate = RateEta(total_steps)
+  pending = []
+  results = {}
+  ckpt_every = int(config.checkpoint.every_steps)
+  eval_every = int(config.eval.every_steps)
+  dss_every = max(1, int(config.get("dss_refresh_every_epochs", 1)))
+  first_step = step
+  try:
+    while step < total_steps:
+      if (config.data.sampler.name == "dss" and stream.batches_in_epoch == stream.steps_per_epoch
+          and (stream.epoch + 1) % dss_every == 0):
+        refresh_dss_neighbours(config, setup, state, sampler)
+      batch = shd.shard_batch(step_inputs(next(stream)), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      if step == first_step + 1:
+        jax.block_until_ready(metrics)
+        rate.reset(step)  # the first step compiles: rate and ETA count from here
+      is_log = step % int(config.log_every_steps) == 0 or step == total_steps
+      is_ckpt = (ckpt_every and step % ckpt_every == 0) or step == total_steps
+      is_eval = (eval_every and step % eval_every == 0) or (step == total_steps and config.eval.at_end)
+      if is_log or is_ckpt or is_eval:
+        pending = jax.device_get(pending)
+        _check_finite(pending, last_good)
+        if is_log:
+          m = dict(pending[-1][1])
+          pairs_per_s, eta = rate.update(step)
+          pairs_per_s *= batch_size
+          m.update(pairs_per_s=pairs_per_s, epoch=step / steps_per_epoch)
+          writer.write(step, m)
+          _log(f"step {step}/{total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} logit scale "
+               f"{m['logit_scale']:.2f} grad norm {m['grad_norm']:.3f} batch acc {m['batch_acc']:.2f} "
+               f"{pairs_per_s:.1f} pairs/s ETA {format_eta(eta)}")
+        pending = []
+      if is_ckpt:
+        checkpoint.save(manager, step, state, {"stream": stream.get_state()})
+        last_good = (step, checkpoint.step_path(manager, step))
+      if is_eval:
+        results = evaluate(config, setup, state, workdir, step, writer)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    stream.close()
+  return results

@@ -1,0 +1,94 @@
+"""GLEAM-C phase 1: panorama <-> satellite on the synthetic world (VIGOR-style same-area split).
+
+    python -m gleam_jax.main --config=configs/c_phase1.py --workdir=~/gleam_runs/c_phase1
+    python -m gleam_jax.main --config=configs/c_phase1.py:tiny --workdir=/tmp/t   # seconds, for tests
+    python -m gleam_jax.main --config=configs/c_phase1.py:sampler=gps,loss=sigmoid --workdir=...
+
+`arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
+`key=value` for the common knobs (variant, data, steps, batch, sampler, loss, lr). Any field can
+be overridden on the command line (`--config.optim.lr=1e-3`); the config is locked, so a typo is
+an error.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from gleam_jax.data.config import data_config
+from gleam_jax.eval.retrieval import search_config
+from gleam_jax.models.gleam_c import model_config
+from gleam_jax.train.sharding import DEFAULT_RULES
+
+KNOBS = ("variant", "data", "steps", "batch", "sampler", "loss", "lr", "modalities")
+
+
+def parse_arg(arg):
+  """'tiny,steps=20' -> ({'tiny'}, {'steps': '20'}); unknown knobs are an error."""
+  flags, knobs = set(), {}
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    if "=" in token:
+      key, value = token.split("=", 1)
+      if key not in KNOBS:
+        raise ValueError(f"unknown config knob {key!r} in {arg!r}; the knobs are {KNOBS}.")
+      knobs[key] = value
+    elif token == "tiny":
+      flags.add(token)
+    else:
+      raise ValueError(f"unknown preset {token!r} in {arg!r}; use 'tiny' or key=value with {KNOBS}.")
+  return flags, knobs
+
+
+def base_config(arg, modalities):
+  flags, knobs = parse_arg(arg)
+  tiny = "tiny" in flags
+  c = ml_collections.ConfigDict()
+  c.trainer = "contrastive"
+  seed = config_dict.FieldReference(0)
+  c.seed = seed
+
+  modalities = tuple(knobs["modalities"].split("+")) if "modalities" in knobs else modalities
+  if tiny:
+    c.data = data_config(config="tiny", modalities=modalities, query_size=(32, 32), panorama_size=(32, 64),
+                         satellite_size=(32, 32), read_threads=2)
+  else:
+    c.data = data_config(config=knobs.get("data", "s64"), modalities=modalities)
+  c.data.seed = seed
+  c.data.sampler.name = knobs.get("sampler", "shuffle")
+
+  if tiny:
+    c.model = model_config(depths=(1, 1), dims=(8, 16), embed_dim=16)
+  else:
+    c.model = model_config(variant=knobs.get("variant", "atto"), embed_dim=128)
+
+  c.loss = ml_collections.ConfigDict(dict(name=knobs.get("loss", "infonce"), label_smoothing=0.1))
+
+  batch_size = config_dict.FieldReference(int(knobs.get("batch", 16 if tiny else 64)))
+  c.batch_size = batch_size  # global batch (pairs per step), split over the mesh's data axes
+  c.total_steps = int(knobs.get("steps", 12 if tiny else 1200))
+  c.total_epochs = config_dict.placeholder(float)  # when set, replaces total_steps
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=float(knobs.get("lr", 3e-3 if tiny else 1e-3)), b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.05, warmup_steps=2 if tiny else 100, min_lr_ratio=0.01, clip_norm=1.0,
+      frozen=(), lr_mults=(), no_decay=(r"logit_scale",)))
+
+  c.log_every_steps = 1 if tiny else 20
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0 if tiny else 600  # 0: only at the end
+  c.eval.at_end = True
+  c.eval.splits = ("test", "test_cross_city")
+  c.eval.modalities = config_dict.placeholder(tuple)  # default: the training modalities
+  c.eval.protocol = "cvusa"
+  c.eval.batch_size = config_dict.FieldReference(128) if not tiny else batch_size
+  c.eval.num_examples_png = 4 if tiny else 8
+  c.eval.search = search_config()
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4 if tiny else 200, max_to_keep=2, async_save=True))
+  c.dss_refresh_every_epochs = 1  # sampler 'dss': recompute satellite neighbours this often
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = DEFAULT_RULES
+  c.init_from = config_dict.placeholder(str)  # a workdir/checkpoint whose params start this job
+  return c
+
+
+def get_config(arg=None):
+  return base_config(arg, modalities=("panorama",))
