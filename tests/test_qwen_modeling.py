@@ -123,13 +123,16 @@ def test_vision_layout_matches_hf_window_index():
   window_index, cu_window = get_vision_window_index(torch.tensor(grids), 2, 56, 14)
   np.testing.assert_array_equal(layout.merged_inverse, np.argsort(window_index.numpy()))
   np.testing.assert_array_equal(layout.patch_index.reshape(-1, 4)[:, 0] // 4, window_index.numpy())
-  # Window segments change exactly at HF's cu_window_seqlens.
-  bounds = np.flatnonzero(np.diff(layout.window_segments)) + 1
-  np.testing.assert_array_equal(np.concatenate([[0], bounds, [len(layout.window_segments)]]), cu_window.numpy())
-  # Full-attention segments: one per frame, contiguous in window order, sizes as HF's cu_seqlens.
+  # Window blocks hold exactly HF's windows (consecutive in window order, sizes from cu_window_seqlens).
+  n = len(layout.patch_index)
+  sizes = (layout.window_blocks < n).sum(1)
+  np.testing.assert_array_equal(np.concatenate([[0], np.cumsum(sizes)]), cu_window.numpy())
+  np.testing.assert_array_equal(layout.window_blocks[layout.window_blocks < n], np.arange(n))
+  np.testing.assert_array_equal(layout.window_blocks.reshape(-1)[layout.window_unblock], np.arange(n))
+  # Full-attention blocks: one per frame, sizes as HF's cu_seqlens.
   cu = get_vision_cu_seqlens(torch.tensor(grids)).numpy()
-  np.testing.assert_array_equal(np.bincount(layout.image_segments), np.diff(cu))
-  assert np.all(np.diff(layout.image_segments) >= 0)
+  np.testing.assert_array_equal((layout.image_blocks < n).sum(1), np.diff(cu))
+  np.testing.assert_array_equal(layout.image_blocks.reshape(-1)[layout.image_unblock], np.arange(n))
 
 
 def test_rope_index_matches_hf(pair):

@@ -105,13 +105,16 @@ class VisionAttention(nnx.Module):
     self.proj = _linear(v.hidden_size, v.hidden_size, ("vision_heads", "vision_embed"), bias=True, cfg=cfg,
                         rngs=rngs)
 
-  def __call__(self, x, cos, sin, segments):
+  def __call__(self, x, cos, sin, blocks, unblock):
+    """x (N, D); attention only within each row of `blocks` (see `rope.VisionLayout`)."""
     n = x.shape[0]
     q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim), 1, 0)
     q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
-    mask = segments[:, None] == segments[None, :]
-    out = _softmax_attention(q[None, :, :, None], k[None], v[None], mask[None], self.head_dim**-0.5)
-    return self.proj(out[0])
+    to_blocks = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[blocks]  # (S, longest, H, Dh)
+    keys_valid = jnp.broadcast_to((blocks < n)[:, None, :], (*blocks.shape, blocks.shape[1]))
+    out = _softmax_attention(to_blocks(q)[:, :, :, None], to_blocks(k), to_blocks(v), keys_valid,
+                             self.head_dim**-0.5)
+    return self.proj(out.reshape(-1, out.shape[-1])[unblock])
 
 
 class VisionMLP(nnx.Module):
@@ -138,8 +141,8 @@ class VisionBlock(nnx.Module):
     self.attn = VisionAttention(cfg, rngs=rngs)
     self.mlp = VisionMLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, segments):
-    x = x + self.attn(self.norm1(x), cos, sin, segments)
+  def __call__(self, x, cos, sin, blocks, unblock):
+    x = x + self.attn(self.norm1(x), cos, sin, blocks, unblock)
     return x + self.mlp(self.norm2(x))
 
 
@@ -178,8 +181,10 @@ class VisionTransformer(nnx.Module):
     cos, sin = rope.vision_cos_sin(jnp.asarray(layout.positions), v.head_dim, v.rope_theta)
     full = set(v.fullatt_block_indexes)
     for i, block in enumerate(self.blocks):
-      segments = layout.image_segments if i in full else layout.window_segments
-      x = block(x, cos, sin, jnp.asarray(segments))
+      if i in full:
+        x = block(x, cos, sin, jnp.asarray(layout.image_blocks), jnp.asarray(layout.image_unblock))
+      else:
+        x = block(x, cos, sin, jnp.asarray(layout.window_blocks), jnp.asarray(layout.window_unblock))
     return self.merger(x)[layout.merged_inverse]
 
 

@@ -22,17 +22,35 @@ from gleam_jax.errors import GleamError
 class VisionLayout:
   """Index arrays of the vision tower for one set of images; all in window (permuted) order.
 
+  Variable-length attention runs on blocks: each attention segment (a window, or a whole image frame
+  for the full-attention blocks) is one row of a (segments, longest segment) index table; short rows
+  point at index N (a zero row appended to the sequence) and are masked out as keys.
+
   patch_index: (N,) patch order for window attention (merge units stay contiguous).
   positions: (N, 2) (h, w) patch coordinates, permuted.
-  window_segments: (N,) window id of each permuted patch (window-attention blocks).
-  image_segments: (N,) image-frame id of each permuted patch (full-attention blocks).
+  window_blocks, window_unblock: (W, Lw) patch indices of each window; (N,) flat slot of each patch.
+  image_blocks, image_unblock: the same with one segment per image frame.
   merged_inverse: (M,) takes merged tokens from window order back to raster order (M = N / merge**2).
   """
   patch_index: np.ndarray
   positions: np.ndarray
-  window_segments: np.ndarray
-  image_segments: np.ndarray
+  window_blocks: np.ndarray
+  window_unblock: np.ndarray
+  image_blocks: np.ndarray
+  image_unblock: np.ndarray
   merged_inverse: np.ndarray
+
+
+def segment_blocks(segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Contiguous segment ids (N,) -> (blocks (S, longest) with N as padding, unblock (N,))."""
+  n = len(segments)
+  counts = np.bincount(segments)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  longest = int(counts.max())
+  offsets = np.arange(longest)[None, :]
+  blocks = np.where(offsets < counts[:, None], starts[:, None] + offsets, n)
+  unblock = segments * longest + (np.arange(n) - starts[segments])
+  return blocks.astype(np.int32), unblock.astype(np.int32)
 
 
 def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
@@ -78,11 +96,13 @@ def vision_layout(grid_thw, spatial_merge_size: int, window_size: int, patch_siz
   patch_index = (window_index[:, None] * unit + np.arange(unit)[None, :]).reshape(-1)
   positions = np.concatenate(positions)
   frame_ids = np.concatenate(frame_ids)
+  window_blocks, window_unblock = segment_blocks(np.repeat(np.concatenate(window_ids), unit))
+  image_blocks, image_unblock = segment_blocks(frame_ids[patch_index])
   return VisionLayout(
       patch_index=patch_index.astype(np.int32),
       positions=positions[patch_index].astype(np.int32),
-      window_segments=np.repeat(np.concatenate(window_ids), unit).astype(np.int32),
-      image_segments=frame_ids[patch_index].astype(np.int32),
+      window_blocks=window_blocks, window_unblock=window_unblock,
+      image_blocks=image_blocks, image_unblock=image_unblock,
       merged_inverse=np.argsort(window_index).astype(np.int32))
 
 
