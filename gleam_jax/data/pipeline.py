@@ -13,7 +13,8 @@ batch, hard negatives); each process reads its slice of every global batch:
 The stream moves to the next epoch itself (asking the sampler for its order then, so a DSS
 neighbour table set between epochs is used from the next epoch on). `get_state()` is a JSON-able
 dict (epoch, batches read in the epoch, grain iterator state, sampler state) for the checkpoint;
-`set_state()` makes the stream continue with exactly the batch it would have given next.
+`set_state()` makes the stream continue with exactly the batch it would have given next, also
+with another `worker_count` (augmentation is seeded per record, not per worker).
 
 Evaluation (`make_eval_batches`, `make_gallery_batches`): no augmentation, nothing dropped; the last
 batch may be smaller (the evaluator pads it).
@@ -87,28 +88,31 @@ class TrainStream:
     self._prepare = PreparePair(data_cfg)
     self._start_epoch(0)
 
-  def _dataset(self, epoch, records):
+  def _dataset(self, epoch, records, skip_batches):
     ds = grain.MapDataset.source(RecordsView(self.source, records))
     if self._augment is not None:
       ds = ds.random_map(self._augment, seed=_epoch_seed(self.seed, epoch))
-    ds = ds.map(self._prepare).batch(self.batch_size, drop_remainder=True)
-    ds = ds.to_iter_dataset(_read_options(self.data_cfg))
+    ds = ds.map(self._prepare)
+    if skip_batches:  # after the random map, so every record keeps its random stream
+      ds = ds[skip_batches * self.batch_size:]
+    ds = ds.batch(self.batch_size, drop_remainder=True).to_iter_dataset(_read_options(self.data_cfg))
     if self.data_cfg.worker_count > 0:
       _ensure_absl_flags()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.data_cfg.worker_count,
                                                        per_worker_buffer_size=self.data_cfg.worker_buffer_size))
     return ds
 
-  def _start_epoch(self, epoch):
+  def _start_epoch(self, epoch, skip_batches=0):
     self._epoch_sampler_state = self.sampler.get_state()
     order = self.sampler.epoch_order(epoch, self.global_batch_size)
     if len(order) == 0:
       raise GleamError(f"epoch {epoch} has no full batch of {self.global_batch_size}: lower the batch size.")
     records = process_slice(order, self.global_batch_size, self.process_index, self.process_count)
     self.epoch = epoch
-    self.batches_in_epoch = 0
+    self.batches_in_epoch = skip_batches
+    self._skipped = skip_batches
     self.steps_per_epoch = len(order) // self.global_batch_size
-    self._iter = iter(self._dataset(epoch, records))
+    self._iter = iter(self._dataset(epoch, records, skip_batches))
 
   def __iter__(self):
     return self
@@ -129,6 +133,8 @@ class TrainStream:
         "epoch": self.epoch,
         "batches_in_epoch": self.batches_in_epoch,
         "grain": self._iter.get_state(),
+        "grain_skipped": self._skipped,  # batches the epoch's grain dataset starts after
+        "worker_count": self.data_cfg.worker_count,
         "sampler_at_epoch_start": self._epoch_sampler_state,
         "sampler": self.sampler.get_state(),
         "seed": self.seed,
@@ -137,14 +143,19 @@ class TrainStream:
     }
 
   def set_state(self, state):
+    """Continue where `state` was taken. With the same worker count grain's own iterator state is
+    restored; with another one the epoch's dataset restarts after the batches already read."""
     for key in ("seed", "global_batch_size", "process_count"):
       if state[key] != getattr(self, key):
         raise GleamError(f"the saved input state has {key}={state[key]} but this job has {getattr(self, key)}: "
                          "resume with the same value, or start a new workdir.")
     self.sampler.set_state(state["sampler_at_epoch_start"])
-    self._start_epoch(int(state["epoch"]))
-    self._iter.set_state(state["grain"])
-    self.batches_in_epoch = int(state["batches_in_epoch"])
+    if state["worker_count"] == self.data_cfg.worker_count:
+      self._start_epoch(int(state["epoch"]), int(state["grain_skipped"]))
+      self._iter.set_state(state["grain"])
+      self.batches_in_epoch = int(state["batches_in_epoch"])
+    else:
+      self._start_epoch(int(state["epoch"]), int(state["batches_in_epoch"]))
     self.sampler.set_state(state["sampler"])
 
   def close(self):

@@ -15,6 +15,8 @@ from PIL import Image
 from gleam_jax.data import synthetic
 from gleam_jax.data.synthetic.spec import location_city
 
+MIN_LOCATIONS_PER_WORKER = 64  # below this, starting a process costs more than it saves
+
 
 def encode_png(image):
   buffer = io.BytesIO()
@@ -51,7 +53,7 @@ def _render_part(preset, overrides, ids, out):
 def render_locations(preset, overrides, ids, workers):
   """Yields each location's [(key, example)] (in no fixed order when workers > 1)."""
   spec = synthetic.spec_from_name(preset, **dict(overrides))
-  workers = max(1, min(int(workers), len(ids)))
+  workers = max(1, min(int(workers), len(ids) // MIN_LOCATIONS_PER_WORKER))
   if workers == 1:
     for location_id in ids:
       yield location_examples(spec, location_id)

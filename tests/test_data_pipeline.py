@@ -1,0 +1,169 @@
+"""Grain pipelines on the tiny synthetic_cvgl: batches, resume from state, process slices, eval."""
+import json
+
+import numpy as np
+import pytest
+
+from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
+from gleam_jax.data import pipeline, samplers, sources, synthetic
+from gleam_jax.data.augment import normalise, resize
+from gleam_jax.data.config import MODALITIES, data_config
+from gleam_jax.errors import GleamError
+
+
+def with_fields(cfg, **kw):
+  return data_config(**{**cfg.to_dict(), **kw})
+
+
+def stream(cfg, batch, sampler=None, seed=0, **kw):
+  sampler = sampler or samplers.make_sampler(cfg, sources.get_index(cfg, cfg.train_split))
+  return pipeline.make_train_stream(cfg, batch, sampler, seed, process_index=kw.pop("process_index", 0),
+                                    process_count=kw.pop("process_count", 1), **kw)
+
+
+def test_train_batches_are_prepared_pairs(tiny_cfg):
+  cfg = with_fields(tiny_cfg, augment={"enabled": False})
+  src = sources.get_source(cfg, "train")
+  s = stream(cfg, 8)
+  seen = set()
+  for _ in range(s.steps_per_epoch):
+    b = next(s)
+    assert b["query"].shape == (8, 32, 32, 3) and b["query"].dtype == np.float32
+    assert b["satellite"].shape == (8, 32, 32, 3) and b["satellite"].dtype == np.float32
+    assert b["modality"].dtype == np.int32 and b["location_id"].dtype == np.int64
+    assert len(set(b["location_id"].tolist())) == 8
+    seen.update(b["modality"].tolist())
+  assert seen == {0, 1, 2, 3}
+  # pixels: the stored satellite of that location, normalised with the ImageNet statistics
+  index = sources.get_index(cfg, "train")
+  row = int(np.flatnonzero(index["location_id"] == b["location_id"][0])[0])
+  want = normalise(src[row]["satellite"], cfg.mean, cfg.std)
+  np.testing.assert_allclose(b["satellite"][0], want, rtol=1e-6)
+  # 24 locations x 4 modalities = 96 slots; the greedy unique-location fill may drop a batch's worth
+  assert s.epoch == 0 and s.batches_in_epoch == s.steps_per_epoch and 96 // 8 - 1 <= s.steps_per_epoch <= 96 // 8
+  next(s)
+  assert s.epoch == 1 and s.batches_in_epoch == 1
+
+
+def test_phase1_panorama_stream_shape(tiny_cfg):
+  cfg = with_fields(tiny_cfg, modalities=("panorama",))
+  b = next(stream(cfg, 6))
+  assert b["query"].shape == (6, 32, 64, 3)
+  assert np.all(b["modality"] == MODALITIES.index("panorama"))
+
+
+def assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert sorted(x) == sorted(y)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def dss_sampler(cfg, index, table=True):
+  sampler = samplers.make_sampler(cfg, index)
+  if table:
+    ids = sampler.location_ids
+    sampler.set_neighbours(np.stack([np.roll(ids, -k) for k in (1, 2, 3)], 1))
+  return sampler
+
+
+def read(s, n):
+  out = [next(s) for _ in range(n)]
+  s.close()
+  return out
+
+
+def test_restored_stream_continues_across_an_epoch_and_worker_counts(tiny_cfg):
+  cfg = with_fields(tiny_cfg, worker_count=0, sampler={"name": "dss"})
+  index = sources.get_index(cfg, "train")
+  first = stream(cfg, 8, dss_sampler(cfg, index), seed=3)
+  for _ in range(10):  # epoch 0 has 11 or 12 batches: the next ones cross into epoch 1
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  expected = read(first, 4)
+
+  fresh_sampler = dss_sampler(cfg, index, table=False)  # the state brings the table
+  restored = stream(cfg, 8, fresh_sampler, seed=3)
+  restored.set_state(state)
+  assert_same_batches(expected, read(restored, 4))
+  assert fresh_sampler.table is not None
+
+  # a job restarted with grain workers continues with the same batches
+  two = stream(with_fields(cfg, worker_count=2), 8, dss_sampler(cfg, index, table=False), seed=3)
+  two.set_state(state)
+  assert_same_batches(expected[:1], read(two, 1))
+
+  # the augmentation really ran (else this test would not cover its seeding)
+  plain = stream(with_fields(cfg, augment={"enabled": False}), 8, dss_sampler(cfg, index), seed=3)
+  plain.set_state(state)
+  b = next(plain)
+  np.testing.assert_array_equal(b["location_id"], expected[0]["location_id"])
+  assert not np.allclose(b["satellite"], expected[0]["satellite"])
+
+
+def test_restored_stream_with_grain_workers(tiny_cfg):
+  cfg = with_fields(tiny_cfg, worker_count=2, sampler={"name": "gps"})
+  index = sources.get_index(cfg, "train")
+  first = stream(cfg, 8, samplers.make_sampler(cfg, index), seed=5)
+  for _ in range(3):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  assert "iterators_in_use_states" in state["grain"]  # grain's multi-worker iterator state
+  expected = read(first, 2)
+  restored = stream(cfg, 8, samplers.make_sampler(cfg, index), seed=5)
+  restored.set_state(state)
+  assert_same_batches(expected, read(restored, 2))
+
+
+def test_restore_refuses_another_batch_size(tiny_cfg):
+  s = stream(tiny_cfg, 8)
+  next(s)
+  with pytest.raises(GleamError, match="global_batch_size=8 but this job has 4"):
+    stream(tiny_cfg, 4).set_state(s.get_state())
+
+
+def test_each_process_reads_its_slice_of_the_global_batch(tiny_cfg):
+  cfg = with_fields(tiny_cfg, augment={"enabled": False})
+  whole = stream(cfg, 8, seed=1)
+  parts = [stream(cfg, 8, seed=1, process_index=p, process_count=2) for p in (0, 1)]
+  for _ in range(3):
+    b = next(whole)
+    p0, p1 = next(parts[0]), next(parts[1])
+    assert p0["query"].shape[0] == 4
+    for k in b:
+      np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), b[k])
+  with pytest.raises(GleamError, match="global batch size 6 must be a positive multiple of the number of processes"):
+    stream(cfg, 6, process_index=0, process_count=4)
+  np.testing.assert_array_equal(pipeline.process_slice(np.arange(12), 6, 1, 3), [2, 3, 8, 9])
+
+
+def test_eval_and_gallery_batches(tiny_cfg):
+  spec = synthetic.spec_from_name("tiny")
+  ids = synthetic.split_location_ids(spec, "test")
+  src = sources.get_source(tiny_cfg, "test")
+  queries = pipeline.make_eval_batches(tiny_cfg, "test", "uav", 5)
+  batches = list(queries)
+  assert len(batches) == len(queries) == 5
+  assert [len(b["image"]) for b in batches] == [5, 5, 5, 5, 4]  # 12 locations x 2 views, nothing dropped
+  locs = np.concatenate([b["location_id"] for b in batches])
+  np.testing.assert_array_equal(locs, np.repeat(ids, 2))
+  records = np.concatenate([b["index"] for b in batches])
+  for r, image, loc in zip(records[:3], batches[0]["image"], locs):
+    ex = src[int(r)]
+    assert ex["modality_name"] == "uav" and ex["location_id"] == loc
+    np.testing.assert_allclose(image, normalise(ex["query"], tiny_cfg.mean, tiny_cfg.std), rtol=1e-6)
+
+  gallery = list(pipeline.make_gallery_batches(tiny_cfg, "test", 5))
+  assert [len(b["image"]) for b in gallery] == [5, 5, 2]
+  np.testing.assert_array_equal(np.concatenate([b["location_id"] for b in gallery]), ids)
+  view = synthetic.render_location(spec, int(ids[7]))["satellite"]
+  np.testing.assert_allclose(gallery[1]["image"][2], normalise(view, tiny_cfg.mean, tiny_cfg.std), rtol=1e-6)
+
+  pano = with_fields(tiny_cfg, modalities=("panorama",), panorama_size=(16, 32))
+  b = next(iter(pipeline.make_eval_batches(pano, "test_cross_city", "panorama", 8)))
+  assert b["image"].shape == (8, 16, 32, 3)
+  want = normalise(resize(src.image(0, "query"), (16, 32)), pano.mean, pano.std)
+  assert want.shape == b["image"][0].shape
+  with pytest.raises(GleamError, match="unknown modality 'drone'"):
+    pipeline.make_eval_batches(tiny_cfg, "test", "drone", 4)
