@@ -216,3 +216,26 @@ def test_truncated_shard_and_missing_shard(checkpoints, tmp_path):
   os.remove(broken / last)
   with pytest.raises(GleamError, match="names shard files that are not in"):
     params.load_pretrained(str(broken))
+
+
+def test_benchmark_checkpoint_writer_reads_back_with_safetensors(tmp_path):
+  """The benchmark's streamed bf16 shards: valid safetensors, real key names, loadable by us."""
+  from gleam_jax.bench import load_weights
+  cfg = config_lib.tiny(tie_word_embeddings=True)
+  config_dict = load_weights.hf_config_dict(cfg)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(config_dict, f)
+  tensors = load_weights.checkpoint_tensors(config_dict)
+  assert "lm_head.weight" not in dict(tensors) and "model.layers.0.mlp.up_proj.weight" in dict(tensors)
+  total, n_files = load_weights.write_checkpoint(str(tmp_path), tensors, max_shard_bytes=100_000)
+  assert n_files > 1 and total == sum(int(np.prod(s)) * 2 for _, s in tensors)
+  model = params.load_pretrained(str(tmp_path), param_dtype="bfloat16")
+  assert config_lib.from_pretrained_dir(str(tmp_path)) == cfg
+  reference = {}
+  for file in params.checkpoint_files(str(tmp_path)):
+    reference.update(safetensors.torch.load_file(file))
+  got = nnx_flat_values(model)
+  for path, value in got.items():
+    want = torch_as_ours(path, reference[nnx_to_torch_key(path).replace("model.language_model.", "model.")
+                                         .replace("model.visual.", "visual.")])
+    np.testing.assert_array_equal(np.asarray(value, np.float32), want, err_msg=str(path))

@@ -14,8 +14,10 @@ The model is built abstractly (`nnx.eval_shape`), every key and shape is checked
 file headers alone (unused or missing keys, wrong shapes -> one GleamError listing them), then the
 files are read tensor by tensor: each tensor is read into host memory, transposed, cast to the
 parameter dtype and put onto its `NamedSharding` (`jax.make_array_from_callback`, so each process
-only places its own shards) before the next is read. Peak host memory is the model plus one tensor.
+only places its own shards) while the next one is being read. Peak host memory is the model plus
+two tensors.
 """
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -203,18 +205,24 @@ def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
 
   total = sum(index[k].end - index[k].begin for k in plan.values())
   progress, done, last_log = RateEta(total), 0, time.perf_counter()
-  for path, key in sorted(plan.items(), key=lambda kv: (index[kv[1]].file, index[kv[1]].begin)):
-    info, target = index[key], targets[path]
-    host = _to_ours(read_tensor(info), path[-1], target.shape).astype(target.dtype, copy=False)
-    array = jax.make_array_from_callback(target.shape, flat_shardings[path], lambda idx, h=host: h[idx])
-    flat[path].set_value(array)
-    del host, array
-    done += info.end - info.begin
-    if done == total or time.perf_counter() - last_log > 10:
-      last_log = time.perf_counter()
-      rate, eta = progress.update(done)
-      logging.info("Qwen2.5-VL weights: %.2f / %.2f GB read (%.0f MB/s, ETA %s)", done / 1e9, total / 1e9,
-                   rate / 1e6, format_eta(eta))
+  order = sorted(plan.items(), key=lambda kv: (index[kv[1]].file, index[kv[1]].begin))
+  # One tensor is read ahead in a thread while the current one is transposed and placed.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
+    pending = reader.submit(read_tensor, index[order[0][1]]) if order else None
+    for i, (path, key) in enumerate(order):
+      raw = pending.result()
+      pending = reader.submit(read_tensor, index[order[i + 1][1]]) if i + 1 < len(order) else None
+      target = targets[path]
+      host = _to_ours(raw, path[-1], target.shape).astype(target.dtype, copy=False)
+      array = jax.make_array_from_callback(target.shape, flat_shardings[path], lambda idx, h=host: h[idx])
+      flat[path].set_value(array)
+      del raw, host, array
+      done += index[key].end - index[key].begin
+      if done == total or time.perf_counter() - last_log > 10:
+        last_log = time.perf_counter()
+        rate, eta = progress.update(done)
+        logging.info("Qwen2.5-VL weights: %.2f / %.2f GB read (%.0f MB/s, ETA %s)", done / 1e9, total / 1e9,
+                     rate / 1e6, format_eta(eta))
   return nnx.merge(graphdef, state)
 
 
