@@ -199,7 +199,7 @@ def map_state_dict(sd: dict) -> tuple[dict[str, np.ndarray], list[str]]:
 def load_convnext_weights(model: convnext.ConvNeXt, source) -> None:
   """Copies a HF or timm ConvNeXt checkpoint (path or {name: array}) into `model`, in place."""
   sd = read_state_dict(source) if isinstance(source, (str, os.PathLike)) else dict(source)
-  where = source if isinstance(source, (str, os.PathLike)) else 'the given state dict'
+  where = source if isinstance(source, (str, os.PathLike)) else '(a state dict)'
   sd = {k: _to_numpy(v) for k, v in sd.items()}
   mapped, unexpected = map_state_dict(sd)
   params = {'.'.join(str(p) for p in path): var
@@ -226,4 +226,4 @@ def load_convnext_weights(model: convnext.ConvNeXt, source) -> None:
           f'{variant_name(depths, dims)} while the model is {ours}. Set the model variant to '
           f'match the checkpoint.')
   for name, var in params.items():
-    var.value = jnp.asarray(mapped[name][1], dtype=var.value.dtype)
+    var.set_value(jnp.asarray(mapped[name][1], dtype=var.dtype))
