@@ -127,3 +127,45 @@ def test_prepare_resizes_and_normalises():
   mixed = augment.PreparePair(data_config(modalities=("panorama", "uav"), query_size=(20, 20)))
   assert mixed({"query": pano, "satellite": sat, "modality": 2, "modality_name": "panorama",
                 "location_id": 5})["query"].shape == (20, 20, 3)
+
+
+def marker_pixels(image):
+  """(row, col) centroid and columns of the magenta marker in a rendered view."""
+  r, g, b = (image[..., c].astype(int) for c in range(3))
+  mask = (r > 150) & (b > 150) & (g < 100)
+  ys, xs = np.nonzero(mask)
+  assert len(ys) > 0, "marker not visible"
+  return ys.mean(), xs.mean(), np.unique(xs)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_rendered_location_stays_aligned_under_rot90_and_roll(k):
+  from gleam_jax.data import synthetic
+  spec = synthetic.spec_from_name("tiny")
+  loc = int(synthetic.split_location_ids(spec, "train")[0])
+  x, y, height = 30.0, 12.0, 40.0  # a tall magenta pillar east-north-east of the location
+  views = synthetic.render_location(spec, loc, markers=[(x, y, 4.0, height, (255, 0, 255))])
+  sat, pano = views["satellite"], views["panorama"]
+  s, w = sat.shape[0], pano.shape[1]
+  u_sat, v_sat = synthetic.project_point(spec, loc, "satellite", (x, y, height))
+  u_pano, _ = synthetic.project_point(spec, loc, "panorama", (x, y, height / 2))
+  row, col, _ = marker_pixels(sat)
+  assert abs(col + 0.5 - u_sat) < 2 and abs(row + 0.5 - v_sat) < 2
+  assert angle_gap((marker_pixels(pano)[1] + 0.5) / w * 360, u_pano / w * 360) < 8
+
+  q, r = augment.rotate_pair(pano, sat, "panorama", k)
+  # np.rot90 (counter-clockwise) moves pixel (u, v) of an s x s image to (v, s - u), k times
+  u, v = u_sat, v_sat
+  for _ in range(k):
+    u, v = v, s - u
+  row, col, _ = marker_pixels(r)
+  assert abs(col + 0.5 - u) < 2 and abs(row + 0.5 - v) < 2
+  sat_az = np.degrees(np.arctan2(col + 0.5 - s / 2, s / 2 - (row + 0.5))) % 360
+  pano_az = (marker_pixels(q)[1] + 0.5) / w * 360
+  assert angle_gap(pano_az, (u_pano - k * w / 4) / w * 360) < 8
+  assert angle_gap(sat_az, pano_az) < 10
+
+  fq, fr = augment.flip_pair(pano, sat)
+  row, col, _ = marker_pixels(fr)
+  sat_az = np.degrees(np.arctan2(col + 0.5 - s / 2, s / 2 - (row + 0.5))) % 360
+  assert angle_gap(sat_az, (marker_pixels(fq)[1] + 0.5) / w * 360) < 10
