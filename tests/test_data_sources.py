@@ -120,3 +120,20 @@ def test_corrupt_file_names_the_record_and_the_fix(tiny_cfg, tmp_path):
   with pytest.raises(GleamError, match=r"synthetic_cvgl/tiny split 'train'.*delete .* to rebuild"):
     src = sources.get_source(cfg, "train")
     src[0]
+
+
+def test_parallel_build_matches_the_renders(tmp_path):
+  cfg = data_config(config="tiny", data_dir=str(tmp_path), overrides={"train_locations": 128}, build_workers=2)
+  spec = synthetic.spec_from_name("tiny", train_locations=128)
+  src = sources.get_source(cfg, "train")
+  assert src.name == "synthetic_cvgl/tiny_train_locations-128"
+  index = sources.get_index(cfg, "train", src)
+  assert len(src) == 128 * (3 + spec.uav_views)
+  assert sorted(set(index["location_id"].tolist())) == list(range(128))
+  for loc_id in (0, 77, 127):  # locations of different cities, so of both workers
+    r = int(np.flatnonzero((index["location_id"] == loc_id) & (index["modality"] == 2))[0])
+    views = synthetic.render_location(spec, loc_id)
+    np.testing.assert_array_equal(src[r]["query"], views["panorama"])
+    np.testing.assert_array_equal(src[r]["satellite"], views["satellite"])
+  cross = sources.get_index(cfg, "test_cross_city")
+  assert sorted(set(cross["location_id"].tolist())) == synthetic.split_location_ids(spec, "test_cross_city").tolist()

@@ -1,9 +1,10 @@
 """Rendering locations into encoded examples, in parallel worker processes.
 
 Kept apart from the builder module so a worker imports only NumPy, PIL and the synthetic world
-(no TFDS). Locations are sorted by city and split into one contiguous part per worker, so each
-worker builds only the city rasters of its part (a city raster takes seconds to build).
+(no TFDS). Workers start once for all splits, and each keeps to a subset of the cities, so it
+builds only those city rasters (a city raster takes seconds to build).
 """
+import collections
 import io
 import multiprocessing
 import queue as queue_lib
@@ -40,49 +41,79 @@ def location_examples(spec, location_id):
           for m, i, im in views]
 
 
-def _render_part(preset, overrides, ids, out):
+def _render_parts(preset, overrides, parts, out):
   try:
     spec = synthetic.spec_from_name(preset, **dict(overrides))
-    for location_id in ids:
-      out.put(("ok", location_examples(spec, location_id)))
-    out.put(("done", None))
+    for split, ids in parts:
+      for location_id in ids:
+        out.put(("ok", split, location_examples(spec, location_id)))
+      out.put(("done", split, None))
   except BaseException:  # the parent re-raises it with this traceback
-    out.put(("error", traceback.format_exc()))
+    out.put(("error", None, traceback.format_exc()))
 
 
-def render_locations(preset, overrides, ids, workers):
-  """Yields each location's [(key, example)] (in no fixed order when workers > 1)."""
-  spec = synthetic.spec_from_name(preset, **dict(overrides))
-  workers = max(1, min(int(workers), len(ids) // MIN_LOCATIONS_PER_WORKER))
-  if workers == 1:
-    for location_id in ids:
-      yield location_examples(spec, location_id)
-    return
-  by_city = np.asarray(sorted(ids, key=lambda i: (location_city(spec, int(i)), int(i))), np.int64)
-  parts = [part.tolist() for part in np.array_split(by_city, workers)]
-  ctx = multiprocessing.get_context("spawn")  # the caller may hold jax threads: never fork
-  out = ctx.Queue(maxsize=64 * workers)
-  procs = [ctx.Process(target=_render_part, args=(preset, tuple(overrides), part, out), daemon=True)
-           for part in parts]
-  for p in procs:
-    p.start()
-  try:
-    running = len(procs)
-    while running:
+class ParallelRenderer:
+  """Renders the locations of every split in `workers` processes started once for all splits.
+
+  Each split's locations are sorted by city and cut into one contiguous part per worker, the same
+  way for every split, so a worker keeps to the same cities. `split(name)` yields that split's
+  locations ([(key, example)] each, in no fixed order); results of other splits that arrive
+  meanwhile wait in memory.
+  """
+
+  def __init__(self, preset, overrides, split_ids, workers):
+    self.preset, self.overrides = preset, tuple(overrides)
+    self.spec = synthetic.spec_from_name(preset, **dict(overrides))
+    total = sum(len(ids) for ids in split_ids.values())
+    self.workers = max(1, min(int(workers), total // MIN_LOCATIONS_PER_WORKER))
+    self.split_ids = {k: [int(i) for i in v] for k, v in split_ids.items()}
+    self.procs = []
+    if self.workers == 1:
+      return
+    parts = [[] for _ in range(self.workers)]
+    for split, ids in self.split_ids.items():
+      by_city = np.asarray(sorted(ids, key=lambda i: (location_city(self.spec, i), i)), np.int64)
+      for w, part in enumerate(np.array_split(by_city, self.workers)):
+        parts[w].append((split, part.tolist()))
+    ctx = multiprocessing.get_context("spawn")  # the caller may hold jax threads: never fork
+    self.out = ctx.Queue(maxsize=64 * self.workers)
+    self.procs = [ctx.Process(target=_render_parts, args=(preset, self.overrides, part, self.out), daemon=True)
+                  for part in parts]
+    for p in self.procs:
+      p.start()
+    self.waiting = {split: collections.deque() for split in self.split_ids}
+    self.done = {split: 0 for split in self.split_ids}
+
+  def _receive(self):
+    while True:
       try:
-        kind, payload = out.get(timeout=5)
+        return self.out.get(timeout=5)
       except queue_lib.Empty:
-        if any(p.exitcode not in (None, 0) for p in procs):
+        if any(p.exitcode not in (None, 0) for p in self.procs):
           raise RuntimeError("a synthetic_cvgl render worker died without a result") from None
-        continue
+
+  def split(self, name):
+    if self.workers == 1:
+      for location_id in self.split_ids[name]:
+        yield location_examples(self.spec, location_id)
+      return
+    waiting = self.waiting[name]
+    while True:
+      while waiting:
+        yield waiting.popleft()
+      if self.done[name] == self.workers:
+        return
+      kind, split, payload = self._receive()
       if kind == "ok":
-        yield payload
+        self.waiting[split].append(payload)
       elif kind == "done":
-        running -= 1
+        self.done[split] += 1
       else:
         raise RuntimeError(f"rendering synthetic_cvgl failed in a worker process:\n{payload}")
-  finally:
-    for p in procs:
+
+  def close(self):
+    for p in self.procs:
       if p.is_alive():
         p.terminate()
       p.join()
+    self.procs = []

@@ -7,7 +7,7 @@ Splits are by location: `train`, `test` (same cities, held-out locations) and `t
 
 Builder configs are the world presets (tiny, s64, s128); world-spec overrides (seed, counts, ...)
 make a config of their own (`tiny_seed-3_train_locations-40`), so different worlds never share files.
-Locations are rendered in `build_workers` processes (render_examples.py).
+Locations are rendered in `build_workers` processes started once for all splits (render_examples.py).
 """
 import re
 import sys
@@ -72,18 +72,28 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     return {split: self._generate_examples(split) for split in SPLITS}
 
+  def _download_and_prepare(self, *args, **kwargs):
+    config = self.builder_config
+    spec = config.spec()
+    ids = {split: synthetic.split_location_ids(spec, split) for split in SPLITS}
+    self._renderer = render_examples.ParallelRenderer(config.preset, config.overrides, ids, self.build_workers)
+    try:
+      return super()._download_and_prepare(*args, **kwargs)
+    finally:
+      self._renderer.close()
+      self._renderer = None
+
   def _generate_examples(self, split):
     config = self.builder_config
-    ids = synthetic.split_location_ids(config.spec(), split)
-    progress = RateEta(len(ids))
+    total = len(self._renderer.split_ids[split])
+    progress = RateEta(total)
     last_print = time.perf_counter()
-    locations = render_examples.render_locations(config.preset, config.overrides, ids, self.build_workers)
-    for done, examples in enumerate(locations, 1):
+    for done, examples in enumerate(self._renderer.split(split), 1):
       yield from examples
       now = time.perf_counter()
-      if now - last_print > 5 or done == len(ids):
+      if now - last_print > 5 or done == total:
         rate, eta = progress.update(done)
-        print(f"synthetic_cvgl/{config.name} {split}: {done}/{len(ids)} locations, "
+        print(f"synthetic_cvgl/{config.name} {split}: {done}/{total} locations, "
               f"{rate:.1f} loc/s, ETA {format_eta(eta)}", file=sys.stderr, flush=True)
         last_print = now
 
