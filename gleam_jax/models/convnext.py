@@ -35,7 +35,8 @@ VARIANTS = {
 }
 
 LN_EPS = 1e-6
-_KERNEL_INIT = nnx.initializers.truncated_normal(0.02)
+# timm's trunc_normal_(std=.02) cuts at +-2 absolute (100 std), so it is a plain normal.
+_KERNEL_INIT = nnx.initializers.normal(0.02)
 _ZEROS = nnx.initializers.zeros_init()
 _ONES = nnx.initializers.ones_init()
 # Logical axis names: conv kernels are (h, w, in, out); only the output channels are named, so a
