@@ -17,10 +17,10 @@ STEPS = 32
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(tmp_path_factory):
   hf_cfg = hf_config()
   tm = torch_model(hf_cfg, seed=3)
-  jm, cfg = jax_model(hf_cfg, tm)
+  jm, cfg = jax_model(hf_cfg, tm, tmp_path_factory.mktemp("qwen"))
   return tm, jm, cfg
 
 
@@ -91,8 +91,13 @@ def test_prefill_logits_equal_full_forward(pair):
   pos, _ = generation.rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
   graphdef, state = nnx.split(jm)
   cache = generation.init_cache(cfg, 2, ids.shape[1] + 4)
-  logits, cache = generation.prefill(graphdef, state, cache, jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
-                                     jnp.asarray(pos), jnp.asarray(px), modeling.vision_inputs(grids, cfg))
+  logits, carry, cache = generation.prefill(
+      graphdef, state, cache, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(px),
+      modeling.vision_inputs(grids, cfg), jax.random.key(0), sampling=generation.Sampling(),
+      stop_ids=jnp.asarray([2]))
+  np.testing.assert_array_equal(np.asarray(carry["tokens"]), full.argmax(-1))
+  np.testing.assert_array_equal(np.asarray(carry["positions"]), pos.max(axis=(0, 2)) + 1)
+  assert int(carry["slot"]) == ids.shape[1]
   np.testing.assert_allclose(np.asarray(logits), full, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(cache["mask"])[:, :ids.shape[1]], mask.astype(bool))
 

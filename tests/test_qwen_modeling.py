@@ -13,7 +13,7 @@ from flax import nnx
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import config as qcfg
-from gleam_jax.models.qwen2_5_vl import modeling, rope
+from gleam_jax.models.qwen2_5_vl import modeling, params, rope
 
 IMAGE, VSTART, VEND, PAD = 300, 302, 303, 0
 GRIDS = np.array([[1, 8, 12], [1, 10, 14]])  # merged grids 4x6 and 5x7 (odd), window 2x2 merged units
@@ -48,28 +48,12 @@ def torch_model(hf_cfg, seed=0):
   return model.eval().float()
 
 
-def load_torch_weights(model: modeling.Qwen2_5_VL, torch_model_):
-  """Copies the PyTorch weights into the NNX model (HF names -> NNX paths, Linear weights transposed)."""
-  sd = {k: v.detach().numpy() for k, v in torch_model_.state_dict().items()}
-  state = nnx.state(model, nnx.Param)
-  flat = []
-  for path, var in nnx.to_flat_state(state):
-    *mod, leaf = [str(p) for p in path]
-    name = "lm_head.weight" if mod == ["lm_head"] else "model." + ".".join(mod) + "." + (
-        "bias" if leaf == "bias" else "weight")
-    w = sd[name]
-    if leaf == "kernel":
-      w = w.reshape(w.shape[0], -1).T
-    assert w.shape == var.get_value().shape, (name, w.shape, var.get_value().shape)
-    flat.append((path, var.replace(jnp.asarray(w, var.get_value().dtype))))
-  nnx.update(model, nnx.from_flat_state(flat))
-  return model
-
-
-def jax_model(hf_cfg, torch_model_, **overrides):
-  cfg = qcfg.from_hf(hf_cfg, **overrides)
-  model = modeling.create_model(cfg)
-  return load_torch_weights(model, torch_model_), cfg
+def jax_model(hf_cfg, torch_model_, directory):
+  """The NNX model with the reference's weights, through a saved HF checkpoint (config.json + safetensors)."""
+  torch_model_.save_pretrained(directory)
+  model = params.load_pretrained(str(directory))
+  assert model.cfg == qcfg.from_hf(hf_cfg)
+  return model, model.cfg
 
 
 def prompt(rng, n_text, grids, merge=2):
@@ -109,10 +93,10 @@ def jax_logits(model, cfg, ids, mask, px, grids):
 
 
 @pytest.fixture(scope="module")
-def pair():
+def pair(tmp_path_factory):
   hf_cfg = hf_config()
   tm = torch_model(hf_cfg)
-  jm, cfg = jax_model(hf_cfg, tm)
+  jm, cfg = jax_model(hf_cfg, tm, tmp_path_factory.mktemp("qwen"))
   return tm, jm, cfg
 
 
@@ -181,10 +165,10 @@ def test_logits_left_padded_batch_match_hf(pair):
   np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
 
 
-def test_text_only_and_tied_embeddings_match_hf():
+def test_text_only_and_tied_embeddings_match_hf(tmp_path):
   hf_cfg = hf_config(tie=True, vision_depth=1, fullatt=(0,))
   tm = torch_model(hf_cfg, seed=1)
-  jm, cfg = jax_model(hf_cfg, tm)
+  jm, cfg = jax_model(hf_cfg, tm, tmp_path)
   assert cfg.tie_word_embeddings and not hasattr(jm, "lm_head")
   ids = np.random.default_rng(4).integers(3, 290, (2, 13))
   mask = np.ones_like(ids)
@@ -219,6 +203,17 @@ def test_abstract_model_allocates_nothing():
   assert 3.5e9 < n < 3.9e9, n  # Qwen2.5-VL-3B: ~3.75B parameters with tied embeddings
   assert model.language_model.layers[0].self_attn.k_proj.kernel.shape == (2048, 256)
   assert model.visual.merger.mlp[2].kernel.shape == (5120, 2048)
+
+
+def test_config_round_trips_through_transformers(tmp_path):
+  for name in qcfg.PRESETS:
+    cfg = qcfg.get(name)
+    assert qcfg.from_hf(qcfg.to_hf(cfg)) == cfg
+  assert qcfg.qwen2_5_vl_7b().text.num_key_value_heads == 4 and not qcfg.qwen2_5_vl_7b().tie_word_embeddings
+  with pytest.raises(GleamError, match="config.json"):
+    qcfg.from_pretrained_dir(str(tmp_path))
+  with pytest.raises(GleamError, match="preset"):
+    qcfg.get("qwen2_5_vl_70b")
 
 
 def test_image_token_count_mismatch_is_a_clear_error():

@@ -211,3 +211,27 @@ QWEN_SHARDING_RULES = (
     ("layers", None),
     ("cache_len", None),
 )
+
+
+def to_hf(cfg: Qwen2_5_VLConfig):
+  """The equivalent `transformers.Qwen2_5_VLConfig` (for reference models in tests and benchmarks)."""
+  import transformers  # only needed here
+  v, t = cfg.vision, cfg.text
+  return transformers.Qwen2_5_VLConfig(
+      vision_config=dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                         num_heads=v.num_heads, in_channels=v.in_channels, patch_size=v.patch_size,
+                         temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
+                         window_size=v.window_size, out_hidden_size=v.out_hidden_size,
+                         fullatt_block_indexes=list(v.fullatt_block_indexes),
+                         tokens_per_second=v.tokens_per_second,
+                         rope_parameters=dict(rope_type="axial", rope_theta=v.rope_theta)),
+      text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                       num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                       num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
+                       max_position_embeddings=t.max_position_embeddings, bos_token_id=cfg.bos_token_id,
+                       eos_token_id=list(cfg.eos_token_ids), pad_token_id=cfg.pad_token_id,
+                       rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta,
+                                            mrope_section=list(t.mrope_section))),
+      image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+      vision_start_token_id=cfg.vision_start_token_id, vision_end_token_id=cfg.vision_end_token_id,
+      tie_word_embeddings=cfg.tie_word_embeddings)

@@ -74,9 +74,14 @@ def sample(logits, rng, sampling: Sampling):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pixel_values, layout):
-  """Runs the prompt, fills cache slots [0, L); returns last-position logits (B, V) and the cache."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pixel_values, layout, rng, *,
+            sampling: Sampling, stop_ids):
+  """Runs the prompt, fills cache slots [0, L) and samples the first token.
+
+  Returns (logits (B, V) at the last position, carry, cache); `carry` is what `decode_step` consumes:
+  tokens (B,), their M-RoPE positions (B,), done (B,), the cache slot they go to, and the rng.
+  """
   model = nnx.merge(graphdef, state)
   length, max_len = input_ids.shape[1], cache["mask"].shape[1]
   valid = attention_mask.astype(bool)
@@ -85,27 +90,29 @@ def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pix
   mask = causal[None] & cache["mask"][:, None, :]
   x = model.embed(input_ids, pixel_values, layout)
   hidden, cache = model.language_model(x, position_ids, mask, cache, 0)
-  return model.logits(hidden[:, -1]), cache
+  logits = model.logits(hidden[:, -1])
+  tokens = sample(logits, jax.random.fold_in(rng, 0), sampling)
+  carry = dict(tokens=tokens, positions=jnp.max(position_ids, axis=(0, 2)).astype(jnp.int32) + 1,
+               done=jnp.isin(tokens, stop_ids), slot=jnp.int32(length), rng=rng)
+  return logits, carry, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def decode_step(graphdef, state, cache, tokens, positions, slot, done, rng, *, sampling: Sampling,
-                stop_ids, pad_id):
-  """Feeds `tokens` (B,) at cache `slot` with M-RoPE position `positions` (B,); samples the next tokens.
-
-  Returns (next_tokens, next_positions, done, cache). Finished rows emit `pad_id`.
-  """
+def decode_step(graphdef, state, cache, carry, *, sampling: Sampling, stop_ids, pad_id):
+  """Feeds `carry['tokens']` (B,) into cache slot `carry['slot']` at M-RoPE positions `carry['positions']`
+  and samples the next tokens (finished rows emit `pad_id`). Returns (carry, cache) for the next step."""
   model = nnx.merge(graphdef, state)
+  tokens, positions, slot = carry["tokens"], carry["positions"], carry["slot"]
   cache = dict(cache, mask=jax.lax.dynamic_update_slice(
       cache["mask"], jnp.ones((tokens.shape[0], 1), bool), (0, slot)))
   x = model.embed(tokens[:, None])
   position_ids = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
   hidden, cache = model.language_model(x, position_ids, cache["mask"][:, None, :], cache, slot)
-  logits = model.logits(hidden[:, -1])
-  next_tokens = sample(logits, rng, sampling)
-  next_tokens = jnp.where(done, pad_id, next_tokens)
-  done = done | jnp.isin(next_tokens, stop_ids)
-  return next_tokens, positions + 1, done, cache
+  next_tokens = sample(model.logits(hidden[:, -1]), jax.random.fold_in(carry["rng"], slot), sampling)
+  next_tokens = jnp.where(carry["done"], pad_id, next_tokens)
+  carry = dict(carry, tokens=next_tokens, positions=positions + 1, slot=slot + 1,
+               done=carry["done"] | jnp.isin(next_tokens, stop_ids))
+  return carry, cache
 
 
 def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
@@ -145,26 +152,18 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   cache = init_cache(cfg, b, length + max_new_tokens, mesh, rules)
   sampling = Sampling(float(temperature), float(top_p))
   stop_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-  rng = jax.random.key(seed)
-
-  logits, cache = prefill(graphdef, state, cache, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask),
-                          jnp.asarray(position_ids), None if pixel_values is None else jnp.asarray(pixel_values),
-                          layout)
-  rng, step_rng = jax.random.split(rng)
-  tokens = sample(logits, step_rng, sampling)
-  done = jnp.isin(tokens, stop_ids)
-  positions = jnp.asarray(position_ids.max(axis=(0, 2)) + 1, jnp.int32)
-  out = [np.asarray(tokens)]
+  _, carry, cache = prefill(
+      graphdef, state, cache, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask),
+      jnp.asarray(position_ids), None if pixel_values is None else jnp.asarray(pixel_values), layout,
+      jax.random.key(seed), sampling=sampling, stop_ids=stop_ids)
+  out = [np.asarray(carry["tokens"])]
   if callback is not None:
     callback(0, out[-1])
   for step in range(1, max_new_tokens):
-    if bool(np.asarray(done).all()):
+    if bool(np.asarray(carry["done"]).all()):
       break
-    rng, step_rng = jax.random.split(rng)
-    slot = jnp.int32(length + step - 1)
-    tokens, positions, done, cache = decode_step(graphdef, state, cache, tokens, positions, slot, done, step_rng,
-                                                 sampling=sampling, stop_ids=stop_ids, pad_id=pad)
-    out.append(np.asarray(tokens))
+    carry, cache = decode_step(graphdef, state, cache, carry, sampling=sampling, stop_ids=stop_ids, pad_id=pad)
+    out.append(np.asarray(carry["tokens"]))
     if callback is not None:
       callback(step, out[-1])
   return np.stack(out, axis=1).astype(np.int32)

@@ -1,0 +1,183 @@
+"""Qwen2.5-VL generation: our jitted KV-cache decoding vs transformers' PyTorch `generate`, same weights.
+
+  python -m gleam_jax.bench.generate                    # 4 x 512 decoder, 448x448 image, 32 new tokens, batch 1, 8
+  python -m gleam_jax.bench.generate --new_tokens=8 --batch_sizes=1 --out=   # a quick check, no file written
+
+A small Qwen2.5-VL (vision tower 4 x 256, decoder 4 x 512, vocabulary 32768) with random weights is
+built in PyTorch, saved as a Hugging Face checkpoint and loaded into ours with `params.load_pretrained`.
+Every row of a batch holds one 448x448 image (256 merged tokens) and some text. Both sides decode
+greedily in float32 (transformers: eager attention, dynamic cache, `torch.set_num_threads`; ours: XLA on
+the same CPU threads). For each side, in one run:
+
+  prefill     time of `generate(max_new_tokens=1)`: vision tower + prompt + the first token
+  decode      (time of `generate(max_new_tokens=N)` - prefill) / (N - 1) per step
+  compile     (ours) first call minus a warm call, for both jitted functions together
+
+Times are the best of `--repeats` warm runs. The tokens of both sides are compared.
+"""
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+_BATCH = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
+_NEW = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
+_IMAGE = flags.DEFINE_integer("image_size", 448, "Image side in pixels (a multiple of 28).")
+_TEXT = flags.DEFINE_integer("text_tokens", 24, "Text tokens per prompt besides the image.")
+_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the reference.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Warm runs per measurement; the best is reported.")
+_OUT = flags.DEFINE_string("out", "docs/bench_generate.md", "Markdown file for the figures ('' = none).")
+
+
+def bench_config():
+  from gleam_jax.models.qwen2_5_vl import config
+  return config.tiny(
+      vision=config.VisionConfig(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, window_size=112,
+                                 out_hidden_size=512, fullatt_block_indexes=(3,)),
+      text=config.TextConfig(vocab_size=32768, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12),
+                             max_position_embeddings=4096),
+      image_token_id=32700, video_token_id=32701, vision_start_token_id=32702, vision_end_token_id=32703,
+      eos_token_ids=(2,), pad_token_id=0)
+
+
+def make_inputs(cfg, batch, rng):
+  import numpy as np
+  from gleam_jax.models.qwen2_5_vl import rope
+  side = _IMAGE.value // cfg.vision.patch_size
+  grids = np.tile([[1, side, side]], (batch, 1))
+  n_image = rope.num_image_tokens(grids[:1], cfg.vision.spatial_merge_size)[0]
+  rows = []
+  for _ in range(batch):
+    text = rng.integers(3, 32000, _TEXT.value)
+    rows.append([*text[:4], cfg.vision_start_token_id, *[cfg.image_token_id] * n_image, cfg.vision_end_token_id,
+                 *text[4:]])
+  ids = np.asarray(rows, np.int64)
+  pixels = rng.standard_normal((int(np.prod(grids, 1).sum()), cfg.vision.patch_dim)).astype(np.float32)
+  return ids, np.ones_like(ids), pixels, grids
+
+
+def best_time(fn, repeats):
+  best, out = float("inf"), None
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = fn()
+    best = min(best, time.perf_counter() - start)
+  return best, out
+
+
+def main(argv):
+  del argv
+  import numpy as np
+  import torch
+  import transformers
+
+  import jax
+  from gleam_jax.models.qwen2_5_vl import config as config_lib
+  from gleam_jax.models.qwen2_5_vl import generation, params
+
+  torch.set_num_threads(_THREADS.value)
+  torch.manual_seed(0)
+  cfg = bench_config()
+  reference = transformers.Qwen2_5_VLForConditionalGeneration._from_config(
+      config_lib.to_hf(cfg), attn_implementation="eager").eval()
+  with torch.no_grad():  # wider embeddings than HF's init so that greedy decoding does not repeat one token
+    reference.model.language_model.embed_tokens.weight.normal_(0, 0.5)
+  with tempfile.TemporaryDirectory() as directory:
+    reference.save_pretrained(directory)
+    ours = params.load_pretrained(directory, cfg)
+  n = _NEW.value
+  rows, report = [], []
+  for batch in [int(b) for b in _BATCH.value]:
+    ids, mask, pixels, grids = make_inputs(cfg, batch, np.random.default_rng(batch))
+
+    def run_ours(steps):
+      return generation.generate(ours, ids, mask, pixels, grids, max_new_tokens=steps, eos_token_ids=())
+
+    def run_torch(steps):
+      with torch.no_grad():
+        out = reference.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pixels),
+            image_grid_thw=torch.tensor(grids), mm_token_type_ids=torch.tensor((ids == cfg.image_token_id) * 1),
+            max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)
+      return out[:, ids.shape[1]:].numpy()
+
+    start = time.perf_counter()
+    run_ours(1)
+    first_prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    run_ours(2)
+    first_decode = time.perf_counter() - start
+    ours_prefill, _ = best_time(lambda: run_ours(1), _REPEATS.value)
+    ours_total, ours_tokens = best_time(lambda: run_ours(n), _REPEATS.value)
+    compile_s = (first_prefill - ours_prefill) + max(first_decode - ours_prefill, 0.0)
+    torch_prefill, _ = best_time(lambda: run_torch(1), _REPEATS.value)
+    torch_total, torch_tokens = best_time(lambda: run_torch(n), _REPEATS.value)
+
+    length = ids.shape[1]
+    ours_step = (ours_total - ours_prefill) / (n - 1)
+    torch_step = (torch_total - torch_prefill) / (n - 1)
+    same = bool(np.array_equal(ours_tokens, torch_tokens))
+    agree = float((ours_tokens == torch_tokens).mean())
+    row = dict(batch=batch, prompt=length, ours_prefill=batch * length / ours_prefill,
+               torch_prefill=batch * length / torch_prefill, ours_decode=batch / ours_step,
+               torch_decode=batch / torch_step, compile_s=compile_s, same=same, agree=agree)
+    rows.append(row)
+    line = (f"batch {batch}: prompt {length} tokens, {n} new | prefill {row['ours_prefill']:.0f} vs "
+            f"{row['torch_prefill']:.0f} tok/s ({row['ours_prefill'] / row['torch_prefill']:.2f}x) | decode "
+            f"{row['ours_decode']:.1f} vs {row['torch_decode']:.1f} tok/s "
+            f"({row['ours_decode'] / row['torch_decode']:.2f}x) | compile {compile_s:.1f} s | "
+            f"tokens identical: {same} ({agree:.0%} agree)")
+    print(line, flush=True)
+    report.append(line)
+  if _OUT.value:
+    write_markdown(_OUT.value, cfg, rows, n)
+    print(f"wrote {_OUT.value}")
+
+
+def write_markdown(path, cfg, rows, n):
+  import jax
+  import torch
+  v, t = cfg.vision, cfg.text
+  lines = [
+      "# Qwen2.5-VL generation: ours (JAX, jitted KV cache) vs transformers `generate` (PyTorch)",
+      "",
+      "`python -m gleam_jax.bench.generate` (figures below from one run). Machine: 2-core CPU dev box, shared "
+      "with other jobs during the measurement, so absolute numbers are noisy; both sides were measured "
+      "side by side in the same process, best of "
+      f"{_REPEATS.value} warm runs each. jax {jax.__version__} (XLA CPU), torch {torch.__version__} "
+      f"(`set_num_threads({_THREADS.value})`, eager attention), float32 on both sides, greedy decoding.",
+      "",
+      f"Model (random weights, same for both): vision tower {v.depth} x {v.hidden_size} "
+      f"(window {v.window_size} px, full attention in block {list(v.fullatt_block_indexes)}), decoder "
+      f"{t.num_hidden_layers} x {t.hidden_size} ({t.num_attention_heads} heads, {t.num_key_value_heads} KV "
+      f"heads, MLP {t.intermediate_size}), vocabulary {t.vocab_size}. Each row: one {_IMAGE.value}x{_IMAGE.value} "
+      f"image (256 merged tokens) + {_TEXT.value} text tokens; {n} new tokens.",
+      "",
+      "| batch | prompt tokens | prefill tok/s ours | prefill tok/s torch | prefill ratio | decode tok/s ours | "
+      "decode tok/s torch | decode ratio | compile (s, ours) | same tokens |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r['batch']} | {r['prompt']} | {r['ours_prefill']:.0f} | {r['torch_prefill']:.0f} | "
+        f"{r['ours_prefill'] / r['torch_prefill']:.2f}x | {r['ours_decode']:.1f} | {r['torch_decode']:.1f} | "
+        f"{r['ours_decode'] / r['torch_decode']:.2f}x | {r['compile_s']:.1f} | "
+        f"{'yes' if r['same'] else f'no ({r['agree']:.0%} agree)'} |")
+  lines += [
+      "",
+      "prefill = `generate(max_new_tokens=1)` (vision tower, prompt, first token); decode = "
+      f"(`generate(max_new_tokens={n})` - prefill) / {n - 1} steps, tokens of all rows per second. "
+      "Compile = first call minus a warm call (prefill and the single decode-step function), not included "
+      "in the rates.",
+      "",
+  ]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
