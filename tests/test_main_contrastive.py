@@ -1,0 +1,163 @@
+"""The GLEAM-C job end to end on the tiny world: phase 1, resume after SIGKILL, phase 2, errors."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
+from gleam_jax import main
+from gleam_jax.data import pipeline
+from gleam_jax.errors import GleamError
+from gleam_jax.utils.writer import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+
+
+def load_config(name, arg="tiny"):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  return config
+
+
+def tiny_config(name, data_dir, **fields):
+  config = load_config(name)
+  config.data.data_dir = data_dir
+  for key, value in fields.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  config.lock()
+  return config
+
+
+def train_losses(workdir):
+  rows = [r for r in read_metrics(workdir) if "loss" in r]
+  return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def phase1_workdir(tiny_cfg, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("phase1"))
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=STEPS)
+  main.run(config, workdir)
+  return workdir
+
+
+def test_phase1_trains_logs_evaluates_and_checkpoints(phase1_workdir):
+  rows = read_metrics(phase1_workdir)
+  losses = train_losses(phase1_workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
+  last = [r for r in rows if r["step"] == STEPS and "loss" in r][0]
+  assert {"lr", "logit_scale", "grad_norm", "pairs_per_s"} <= set(last)
+  evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+  for split in ("test", "test_cross_city"):
+    assert 0.0 <= evals[f"eval/{split}/panorama/R@1"] <= evals[f"eval/{split}/panorama/R@5"] <= 1.0
+  with open(os.path.join(phase1_workdir, "config.json")) as f:
+    assert json.load(f)["trainer"] == "contrastive"
+  assert os.listdir(os.path.join(phase1_workdir, "tensorboard"))
+  pngs = [f for _, _, files in os.walk(os.path.join(phase1_workdir, "eval")) for f in files if f.endswith(".png")]
+  assert pngs
+  assert str(STEPS) in os.listdir(os.path.join(phase1_workdir, "checkpoints"))
+
+
+def _run_cli(workdir, data_dir, *extra):
+  cmd = [sys.executable, "-m", "gleam_jax.main", "--config=configs/c_phase1.py:tiny", f"--workdir={workdir}",
+         f"--config.data.data_dir={data_dir}", f"--config.total_steps={STEPS}", "--config.eval.at_end=False",
+         *extra]
+  return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished_checkpoints(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  return [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_gives_the_same_losses(phase1_workdir, tiny_cfg, tmp_path):
+  workdir = str(tmp_path / "killed")
+  proc = _run_cli(workdir, tiny_cfg.data_dir)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # kill -9 once a checkpoint is complete and training has gone past it
+    assert proc.poll() is None, proc.communicate()
+    if _finished_checkpoints(workdir) and max(train_losses(workdir)) > max(_finished_checkpoints(workdir)):
+      break
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  killed_at = max(train_losses(workdir))
+  assert killed_at < STEPS
+  proc = _run_cli(workdir, tiny_cfg.data_dir)
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode == 0, err[-3000:]
+  assert "resumed from" in out
+  resumed, straight = train_losses(workdir), train_losses(phase1_workdir)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)],
+                             [straight[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+
+
+def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
+  config = tiny_config("c_phase2", tiny_cfg.data_dir, init_from=phase1_workdir, total_steps=3,
+                       **{"optim.warmup_steps": 1, "eval.splits": ("test",), "eval.num_examples_png": 0})
+  main.run(config, str(tmp_path))
+  rows = read_metrics(str(tmp_path))
+  for modality in ("uav", "streetmap", "panorama", "ground"):
+    assert any(f"eval/test/{modality}/R@1" in r for r in rows)
+  phase1_loss = train_losses(phase1_workdir)[1]
+  assert train_losses(str(tmp_path))[1] < phase1_loss  # trained weights, not a fresh init
+
+
+def test_phase2_without_phase1_says_what_to_do(tiny_cfg, tmp_path):
+  config = tiny_config("c_phase2", tiny_cfg.data_dir, init_from=str(tmp_path / "missing"))
+  with pytest.raises(GleamError, match="run phase 1 first"):
+    main.run(config, str(tmp_path / "job"))
+
+
+def test_batch_that_does_not_divide_fails_with_the_numbers(tiny_cfg, tmp_path):
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, batch_size=12)
+  with pytest.raises(GleamError, match=r"config.batch_size=12 .*8 shards.*multiple of 8"):
+    main.run(config, str(tmp_path))
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+  make_stream = pipeline.make_train_stream
+
+  def poisoned(*args, **kwargs):
+    stream = make_stream(*args, **kwargs)
+    original_next = type(stream).__next__
+    count = [0]
+
+    class Poisoned(type(stream)):
+      def __next__(self):
+        batch = original_next(self)
+        count[0] += 1
+        if count[0] == 6:
+          batch = {**batch, "query": np.full_like(batch["query"], np.nan)}
+        return batch
+    stream.__class__ = Poisoned
+    return stream
+
+  monkeypatch.setattr(pipeline, "make_train_stream", poisoned)
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, **{"eval.at_end": False})
+  with pytest.raises(GleamError, match=r"loss is nan at step 6\. Last good checkpoint: step 4 \(.*checkpoints/4\)"):
+    main.run(config, str(tmp_path))
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "gleam_jax.main", "--config=configs/c_phase1.py:tiny", f"--workdir={tmp_path}",
+       "--config.optim.learning_rate=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "learning_rate" in result.stderr
