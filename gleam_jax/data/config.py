@@ -9,8 +9,8 @@ Fields
   config            builder config = synthetic world preset: 'tiny' (tests), 's64', 's128'.
   overrides         world-spec overrides (e.g. {'seed': 3, 'train_locations': 400}); they give the
                     dataset a distinct config name, so different worlds never share files.
-  data_dir          where datasets are built and read (default `~/gleam_data`, or $GLEAM_DATA_DIR).
-                    A dataset is built there on first use.
+  data_dir          where datasets are built and read (default `~/gleam_data`, or $GLEAM_DATA_DIR);
+                    a local path or a URL (gs://...). A dataset is built there on first use.
   build_workers     processes that render locations while building.
   train_split / eval_splits
   modalities        query modalities in training: phase 1 ('panorama',), phase 2 all four.
@@ -162,4 +162,7 @@ def query_shape(data_cfg, modality):
 
 
 def data_dir(data_cfg):
+  """Absolute local path, or a URL such as gs://bucket/gleam_data as given."""
+  if "://" in data_cfg.data_dir:
+    return data_cfg.data_dir
   return os.path.abspath(os.path.expanduser(data_cfg.data_dir))

@@ -16,6 +16,7 @@ import json
 import os
 import time
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -33,7 +34,8 @@ def _rebuild_hint(path):
 
 
 def get_builder(data_cfg):
-  """The TFDS builder named by the config, built (once, under a file lock) if not yet there."""
+  """The TFDS builder named by the config, built if not yet there (once, under a file lock for a
+  local data_dir; build a dataset on a URL data_dir from one process before starting many)."""
   validate(data_cfg)
   root = resolve_data_dir(data_cfg)
   overrides = dict(data_cfg.overrides)
@@ -45,26 +47,30 @@ def get_builder(data_cfg):
                      f"dataset ({e}); fix or remove them.") from None
   if builder.is_prepared():
     return builder
+  if "://" in root:
+    _build(data_cfg, builder, root)
+    return builder
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, f".{data_cfg.name}-{builder.builder_config.name}.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same dataset
     if not builder.is_prepared():
-      print(f"building {data_cfg.name}/{builder.builder_config.name} in {root} (first use)", flush=True)
-      start = time.perf_counter()
-      builder.download_and_prepare()
-      seconds = time.perf_counter() - start
-      with open(os.path.join(builder.data_dir, BUILD_INFO), "w") as f:
-        json.dump({"build_seconds": seconds, "build_workers": data_cfg.build_workers}, f)
-      print(f"built {data_cfg.name}/{builder.builder_config.name} in {seconds:.1f} s", flush=True)
+      _build(data_cfg, builder, root)
   return builder
 
 
+def _build(data_cfg, builder, root):
+  print(f"building {data_cfg.name}/{builder.builder_config.name} in {root} (first use)", flush=True)
+  start = time.perf_counter()
+  builder.download_and_prepare()
+  seconds = time.perf_counter() - start
+  info = {"build_seconds": seconds, "build_workers": data_cfg.build_workers}
+  (epath.Path(builder.data_dir) / BUILD_INFO).write_text(json.dumps(info))
+  print(f"built {data_cfg.name}/{builder.builder_config.name} in {seconds:.1f} s", flush=True)
+
+
 def build_info(builder):
-  path = os.path.join(builder.data_dir, BUILD_INFO)
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  path = epath.Path(builder.data_dir) / BUILD_INFO
+  return json.loads(path.read_text()) if path.exists() else {}
 
 
 def decode_png(data, what, fix):
@@ -154,14 +160,16 @@ def read_index(source):
 def get_index(data_cfg, split, source=None):
   """Metadata of `split` (dict of arrays, one row per record), cached next to the dataset."""
   source = source or get_source(data_cfg, split)
-  path = os.path.join(source.path, f"index-{split}.npz")
-  if os.path.exists(path):
-    with np.load(path) as z:
+  path = epath.Path(source.path) / f"index-{split}.npz"
+  if path.exists():
+    with np.load(io.BytesIO(path.read_bytes())) as z:
       index = {k: z[k] for k in z.files}
     if len(index["location_id"]) == len(source):
       return index
   index = read_index(source)
-  tmp = f"{path}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, **index)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, **index)
+  tmp = path.parent / f"{path.name}.{os.getpid()}.tmp"
+  tmp.write_bytes(buffer.getvalue())
+  tmp.rename(path)
   return index
