@@ -39,9 +39,10 @@ def search_config():
   c.gallery_chunk = 262_144
   # ScaNN: tree partitioning, anisotropic hashing (AH), exact reorder of the best candidates.
   c.num_leaves = 2000  # capped at gallery_size // 100 for small galleries
-  c.num_leaves_to_search = 100  # scaled down with num_leaves when capped
+  c.num_leaves_to_search = 80  # 4% of the leaves; scaled down with num_leaves when capped
   c.training_sample_size = 250_000  # capped at the gallery size
-  c.dimensions_per_block = 2
+  c.spherical = True  # spherical k-means leaves: right for L2-normalised embeddings
+  c.dimensions_per_block = 4
   c.anisotropic_quantization_threshold = 0.2
   c.reorder_k = 250
   return c
@@ -206,7 +207,8 @@ class ScannIndex:
       return cls(scann_ops_pybind.builder(gallery, 10, "dot_product").score_brute_force().build(), size, 0)
     leaves, to_search, sample = scann_tree_settings(cfg, size)
     searcher = (scann_ops_pybind.builder(gallery, 10, "dot_product")
-                .tree(num_leaves=leaves, num_leaves_to_search=to_search, training_sample_size=sample)
+                .tree(num_leaves=leaves, num_leaves_to_search=to_search, training_sample_size=sample,
+                      spherical=bool(cfg.spherical))
                 .score_ah(int(cfg.dimensions_per_block),
                           anisotropic_quantization_threshold=float(cfg.anisotropic_quantization_threshold))
                 .reorder(int(cfg.reorder_k))
