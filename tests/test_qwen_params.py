@@ -239,3 +239,34 @@ def test_benchmark_checkpoint_writer_reads_back_with_safetensors(tmp_path):
     want = torch_as_ours(path, reference[nnx_to_torch_key(path).replace("model.language_model.", "model.")
                                          .replace("model.visual.", "visual.")])
     np.testing.assert_array_equal(np.asarray(value, np.float32), want, err_msg=str(path))
+
+
+def write_aligned_safetensors(file, tensors):
+  """A safetensors file whose tensors all start on 64-byte boundaries (where JAX on CPU would adopt a
+  NumPy buffer in place)."""
+  header, offset, blobs = {}, 0, []
+  for name, t in tensors.items():
+    data = t.contiguous().numpy().tobytes()
+    pad = -len(data) % 64
+    header[name] = dict(dtype="F32", shape=list(t.shape), data_offsets=[offset, offset + len(data)])
+    blobs.append(data + b"\0" * pad)
+    offset += len(data) + pad
+  text = json.dumps(header).encode()
+  text += b" " * (-(8 + len(text)) % 64)
+  with open(file, "wb") as f:
+    f.write(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_parameters_do_not_alias_the_checkpoint_file(checkpoints, tmp_path):
+  """JAX on CPU adopts aligned NumPy buffers; rewriting the file in place must not change the weights."""
+  new, torch_model = checkpoints["new"]
+  copy = shutil.copytree(new, tmp_path / "copy", ignore=shutil.ignore_patterns("*.safetensors"))
+  file = copy / "model.safetensors"
+  write_aligned_safetensors(file, {k: v.float() for k, v in torch_model.state_dict().items()})
+  model = params.load_pretrained(str(copy))
+  assert_params_equal(model, torch_model)
+  header = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+  with open(file, "r+b") as f:
+    f.seek(header)
+    f.write(b"\0" * (os.path.getsize(file) - header))
+  assert_params_equal(model, torch_model)

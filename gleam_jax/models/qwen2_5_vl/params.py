@@ -12,12 +12,14 @@ embeddings there is no lm_head parameter; an `lm_head.weight` key in such a chec
 
 The model is built abstractly (`nnx.eval_shape`), every key and shape is checked against it from the
 file headers alone (unused or missing keys, wrong shapes -> one GleamError listing them), then the
-files are read tensor by tensor: each tensor is read into host memory, transposed, cast to the
-parameter dtype and put onto its `NamedSharding` (`jax.make_array_from_callback`, so each process
-only places its own shards) while the next one is being read. Peak host memory is the model plus
-two tensors.
+files are read tensor by tensor: each tensor is memory-mapped, transposed (a strided view), cast to
+the parameter dtype and copied onto its `NamedSharding` (`jax.make_array_from_callback`, so each
+process only places its own shards), then unmapped, while the kernel already reads the next one
+(posix_fadvise WILLNEED); a few tensors are placed at once by a thread pool. Peak host memory is
+the model plus about that many tensors.
 """
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -29,6 +31,7 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 from flax import nnx, traverse_util
+from jax._src.interpreters import partial_eval  # pylint: disable=g-direct-jax-internal-import
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import config as config_lib
@@ -73,20 +76,39 @@ def read_header(file: str) -> dict[str, TensorInfo]:
   return out
 
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
-  """The tensor's bytes in a fresh host buffer (not a memory map: nothing stays resident after)."""
+def map_tensor(info: TensorInfo) -> np.ndarray:
+  """A read-only memory map of one tensor (its pages are read when first touched)."""
   if info.dtype not in SAFETENSORS_DTYPES:
     raise GleamError(f"{info.file}: tensor dtype {info.dtype} is not supported; convert the checkpoint to "
                      "bfloat16, float16 or float32.")
-  out = np.empty(info.shape, SAFETENSORS_DTYPES[info.dtype])
-  if out.nbytes != info.end - info.begin:
-    raise GleamError(f"{info.file}: a tensor of shape {info.shape} {info.dtype} spans "
+  dtype = np.dtype(SAFETENSORS_DTYPES[info.dtype])
+  if int(np.prod(info.shape)) * dtype.itemsize != info.end - info.begin:
+    raise GleamError(f"{info.file}: a tensor of shape {list(info.shape)} {info.dtype} spans "
                      f"{info.end - info.begin} bytes; the file is corrupt, re-download it.")
-  with open(info.file, "rb") as f:
-    f.seek(info.begin)
-    if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
-      raise GleamError(f"{info.file} ends before its tensor data does; the file is truncated, re-download it.")
-  return out
+  if os.path.getsize(info.file) < info.end:
+    raise GleamError(f"{info.file} ends before its tensor data does; the file is truncated, re-download it.")
+  if info.end == info.begin:
+    return np.zeros(info.shape, dtype)
+  return np.memmap(info.file, dtype, mode="r", offset=info.begin, shape=info.shape)
+
+
+def prefetch(info: TensorInfo):
+  """Asks the kernel to start reading a tensor's bytes into the page cache (returns at once)."""
+  fd = os.open(info.file, os.O_RDONLY)
+  try:
+    os.posix_fadvise(fd, info.begin, info.end - info.begin, os.POSIX_FADV_WILLNEED)
+  finally:
+    os.close(fd)
+
+
+def _owned_slice(host: np.ndarray, mapped: np.ndarray, idx) -> np.ndarray:
+  """host[idx] for `jax.make_array_from_callback`. JAX on CPU adopts a C-contiguous NumPy buffer without
+  copying, so a slice that still lies in the file mapping is copied: parameters must not change (or
+  fault) when the checkpoint file is later rewritten. Strided slices are copied by JAX itself."""
+  part = host[idx]
+  if part.flags.c_contiguous and np.may_share_memory(part, mapped):
+    return np.array(part)
+  return part
 
 
 def checkpoint_files(directory: str) -> list[str]:
@@ -184,12 +206,13 @@ def _some(items, n=8):
 
 
 def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
-              mesh=None, rules=config_lib.QWEN_SHARDING_RULES) -> modeling.Qwen2_5_VL:
+              mesh=None, rules=config_lib.QWEN_SHARDING_RULES, threads: int = 4) -> modeling.Qwen2_5_VL:
   """Fills an abstract model (`modeling.abstract_model`) with the checkpoint's tensors.
 
   `shardings`: a nested dict of `jax.sharding.Sharding` shaped like `nnx.to_pure_dict(nnx.state(model))`
   (e.g. `train.sharding.state_shardings`); without it, from `mesh` and the logical axis `rules`;
-  without a mesh, everything goes to the first local device.
+  without a mesh, everything goes to the first local device. `threads` tensors are placed at once
+  (host memory: the model plus about `threads` tensors).
   """
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
@@ -206,17 +229,21 @@ def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
   total = sum(index[k].end - index[k].begin for k in plan.values())
   progress, done, last_log = RateEta(total), 0, time.perf_counter()
   order = sorted(plan.items(), key=lambda kv: (index[kv[1]].file, index[kv[1]].begin))
-  # One tensor is read ahead in a thread while the current one is transposed and placed.
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
-    pending = reader.submit(read_tensor, index[order[0][1]]) if order else None
-    for i, (path, key) in enumerate(order):
-      raw = pending.result()
-      pending = reader.submit(read_tensor, index[order[i + 1][1]]) if i + 1 < len(order) else None
-      target = targets[path]
-      host = _to_ours(raw, path[-1], target.shape).astype(target.dtype, copy=False)
-      array = jax.make_array_from_callback(target.shape, flat_shardings[path], lambda idx, h=host: h[idx])
+
+  def place(i):
+    path, key = order[i]
+    if i + 1 < len(order):
+      prefetch(index[order[i + 1][1]])  # the kernel reads ahead while this tensor is placed
+    target = targets[path]
+    mapped = map_tensor(index[key])
+    host = _to_ours(mapped, path[-1], target.shape).astype(target.dtype, copy=False)
+    array = jax.make_array_from_callback(target.shape, flat_shardings[path],
+                                         lambda idx: _owned_slice(host, mapped, idx))
+    return jax.block_until_ready(array)  # the mapping is dropped on return: its pages leave our RSS
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+    for (path, key), array in zip(order, pool.map(place, range(len(order)))):
       flat[path].set_value(array)
-      del raw, host, array
       done += index[key].end - index[key].begin
       if done == total or time.perf_counter() - last_log > 10:
         last_log = time.perf_counter()
@@ -226,12 +253,41 @@ def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
   return nnx.merge(graphdef, state)
 
 
+@contextlib.contextmanager
+def no_tracer_origin_messages():
+  """Makes `nnx.eval_shape` of a big model linear in time again (jax-ml/jax#40041, fixed after jax 0.10).
+
+  flax NNX's `Variable.set_value` probes `getattr(value, 'sharding', None)`; on a tracer that raises an
+  AttributeError whose message walks every equation traced so far, so building the abstract 3B model
+  is quadratic (~30 s instead of ~2 s). The message is text that `getattr` throws away; this context
+  leaves it empty.
+  """
+  tracer = getattr(partial_eval, "DynamicJaxprTracer", None)
+  original = getattr(tracer, "_origin_msg", None)
+  if original is None:
+    yield
+    return
+  tracer._origin_msg = lambda self: ""  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    tracer._origin_msg = original  # pylint: disable=protected-access
+
+
+def abstract_model(cfg: config_lib.Qwen2_5_VLConfig) -> modeling.Qwen2_5_VL:
+  """`modeling.abstract_model` without the quadratic tracing cost."""
+  with no_tracer_origin_messages():
+    return modeling.abstract_model(cfg)
+
+
 def load_pretrained(directory: str, cfg: config_lib.Qwen2_5_VLConfig | None = None, *, mesh=None,
                     rules=config_lib.QWEN_SHARDING_RULES, shardings=None,
-                    param_dtype: str | None = None) -> modeling.Qwen2_5_VL:
+                    param_dtype: str | None = None, threads: int = 4) -> modeling.Qwen2_5_VL:
   """A `Qwen2_5_VL` with the weights of a local Hugging Face directory (config from its config.json
-  unless `cfg` is given; `param_dtype` overrides the stored parameter dtype, e.g. 'bfloat16')."""
+  unless `cfg` is given; `param_dtype` overrides the stored parameter dtype, e.g. 'bfloat16').
+  See `load_into` for `shardings`, `mesh`, `rules` and `threads`."""
   cfg = cfg or config_lib.from_pretrained_dir(directory)
   if param_dtype is not None:
     cfg = cfg.replace(param_dtype=param_dtype)
-  return load_into(modeling.abstract_model(cfg), directory, shardings=shardings, mesh=mesh, rules=rules)
+  return load_into(abstract_model(cfg), directory, shardings=shardings, mesh=mesh, rules=rules,
+                   threads=threads)
