@@ -220,6 +220,8 @@ def test_image_token_count_mismatch_is_a_clear_error():
   cfg = qcfg.tiny()
   with pytest.raises(GleamError, match="image tokens"):
     modeling.check_image_tokens(np.array([[IMAGE] * 5]), GRIDS[:1], cfg)
+  with pytest.raises(GleamError, match="video"):
+    modeling.check_image_tokens(np.array([[5, cfg.video_token_id]]), None, cfg)
   with pytest.raises(GleamError, match="mrope_section"):
     qcfg.tiny(text=qcfg.TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                    mrope_section=(16, 24, 24)))

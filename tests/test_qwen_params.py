@@ -199,6 +199,10 @@ def test_unused_missing_and_misshapen_keys_are_errors(checkpoints, tmp_path):
       {"model.language_model.norm.weight": torch.ones(65)}))
   with pytest.raises(GleamError, match=r"model\.language_model\.norm\.weight \[65\] \(expected \[64\]"):
     params.load_pretrained(str(shape))
+  twice = _edit_checkpoint(new, tmp_path / "twice", lambda s: s.update(
+      {"model.norm.weight": s["model.language_model.norm.weight"].clone()}))
+  with pytest.raises(GleamError, match=r"given twice .*model\.language_model\.norm\.weight and model\.norm\.weight"):
+    params.load_pretrained(str(twice))
   with pytest.raises(GleamError, match=r"No \*\.safetensors weights"):
     params.checkpoint_files(str(tmp_path / "empty"))
 

@@ -9,8 +9,9 @@ Every row of a batch holds one 448x448 image (256 merged tokens) and some text. 
 greedily in float32 (transformers: eager attention, dynamic cache, `torch.set_num_threads`; ours: XLA on
 the same CPU threads). For each side, in one run:
 
-  prefill     time of `generate(max_new_tokens=1)`: vision tower + prompt + the first token
-  decode      (time of `generate(max_new_tokens=N)` - prefill) / (N - 1) per step
+  prefill     from the call of `generate` to the first new token (host preprocessing, vision tower, prompt)
+  decode      from the first to the last new token, per step (time stamps from our streaming callback and
+              from a transformers streamer, within the same `generate` call)
   compile     (ours) first call minus a warm call, for both jitted functions together
 
 Times are the best of `--repeats` warm runs. The tokens of both sides are compared.
@@ -27,7 +28,7 @@ _NEW = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
 _IMAGE = flags.DEFINE_integer("image_size", 448, "Image side in pixels (a multiple of 28).")
 _TEXT = flags.DEFINE_integer("text_tokens", 24, "Text tokens per prompt besides the image.")
 _THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the reference.")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Warm runs per measurement; the best is reported.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Warm runs per measurement; the best is reported.")
 _OUT = flags.DEFINE_string("out", "docs/bench_generate.md", "Markdown file for the figures ('' = none).")
 
 
@@ -59,13 +60,28 @@ def make_inputs(cfg, batch, rng):
   return ids, np.ones_like(ids), pixels, grids
 
 
-def best_time(fn, repeats):
-  best, out = float("inf"), None
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    best = min(best, time.perf_counter() - start)
-  return best, out
+class TimeStamps:
+  """A transformers streamer that records when each `put` (prompt, then every new token) happens."""
+
+  def __init__(self, stamps):
+    self.stamps = stamps
+
+  def put(self, value):
+    del value
+    self.stamps.append(time.perf_counter())
+
+  def end(self):
+    pass
+
+
+def best(runs, n):
+  """(prefill seconds, seconds per decode step, tokens), best over runs of (time stamps, tokens); the
+  stamps are [start, token 0, token 1, ..., token n-1]."""
+  for stamps, _ in runs:
+    assert len(stamps) == n + 1, len(stamps)
+  prefill = min(stamps[1] - stamps[0] for stamps, _ in runs)
+  step = min((stamps[-1] - stamps[1]) / (n - 1) for stamps, _ in runs)
+  return prefill, step, runs[-1][1]
 
 
 def main(argv):
@@ -89,36 +105,36 @@ def main(argv):
     reference.save_pretrained(directory)
     ours = params.load_pretrained(directory, cfg)
   n = _NEW.value
-  rows, report = [], []
+  rows = []
   for batch in [int(b) for b in _BATCH.value]:
     ids, mask, pixels, grids = make_inputs(cfg, batch, np.random.default_rng(batch))
 
-    def run_ours(steps):
-      return generation.generate(ours, ids, mask, pixels, grids, max_new_tokens=steps, eos_token_ids=())
+    def run_ours():
+      stamps = [time.perf_counter()]
+      tokens = generation.generate(ours, ids, mask, pixels, grids, max_new_tokens=n, eos_token_ids=(),
+                                   callback=lambda step, toks: stamps.append(time.perf_counter()))
+      return stamps, tokens
 
-    def run_torch(steps):
+    def run_torch():
+      stamps = [time.perf_counter()]
       with torch.no_grad():
         out = reference.generate(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(pixels),
             image_grid_thw=torch.tensor(grids), mm_token_type_ids=torch.tensor((ids == cfg.image_token_id) * 1),
-            max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0)
-      return out[:, ids.shape[1]:].numpy()
+            max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+            streamer=TimeStamps(stamps))
+      return stamps[:1] + stamps[2:], out[:, ids.shape[1]:].numpy()  # stamps[1]: the prompt, before prefill
 
-    start = time.perf_counter()
-    run_ours(1)
-    first_prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    run_ours(2)
-    first_decode = time.perf_counter() - start
-    ours_prefill, _ = best_time(lambda: run_ours(1), _REPEATS.value)
-    ours_total, ours_tokens = best_time(lambda: run_ours(n), _REPEATS.value)
-    compile_s = (first_prefill - ours_prefill) + max(first_decode - ours_prefill, 0.0)
-    torch_prefill, _ = best_time(lambda: run_torch(1), _REPEATS.value)
-    torch_total, torch_tokens = best_time(lambda: run_torch(n), _REPEATS.value)
+    first, _ = run_ours()
+    ours_runs, torch_runs = [], []
+    for _ in range(_REPEATS.value):  # alternating, so that both sides see the same machine load
+      ours_runs.append(run_ours())
+      torch_runs.append(run_torch())
+    ours_prefill, ours_step, ours_tokens = best(ours_runs, n)
+    torch_prefill, torch_step, torch_tokens = best(torch_runs, n)
+    compile_s = (first[1] - first[0] - ours_prefill) + (first[2] - first[1] - ours_step)
 
     length = ids.shape[1]
-    ours_step = (ours_total - ours_prefill) / (n - 1)
-    torch_step = (torch_total - torch_prefill) / (n - 1)
     same = bool(np.array_equal(ours_tokens, torch_tokens))
     agree = float((ours_tokens == torch_tokens).mean())
     row = dict(batch=batch, prompt=length, ours_prefill=batch * length / ours_prefill,
@@ -131,7 +147,6 @@ def main(argv):
             f"({row['ours_decode'] / row['torch_decode']:.2f}x) | compile {compile_s:.1f} s | "
             f"tokens identical: {same} ({agree:.0%} agree)")
     print(line, flush=True)
-    report.append(line)
   if _OUT.value:
     write_markdown(_OUT.value, cfg, rows, n)
     print(f"wrote {_OUT.value}")
@@ -161,17 +176,19 @@ def write_markdown(path, cfg, rows, n):
       "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
   ]
   for r in rows:
+    same = "yes" if r["same"] else f"no ({r['agree']:.0%} agree)"
     lines.append(
         f"| {r['batch']} | {r['prompt']} | {r['ours_prefill']:.0f} | {r['torch_prefill']:.0f} | "
         f"{r['ours_prefill'] / r['torch_prefill']:.2f}x | {r['ours_decode']:.1f} | {r['torch_decode']:.1f} | "
         f"{r['ours_decode'] / r['torch_decode']:.2f}x | {r['compile_s']:.1f} | "
-        f"{'yes' if r['same'] else f'no ({r['agree']:.0%} agree)'} |")
+        f"{same} |")
   lines += [
       "",
-      "prefill = `generate(max_new_tokens=1)` (vision tower, prompt, first token); decode = "
-      f"(`generate(max_new_tokens={n})` - prefill) / {n - 1} steps, tokens of all rows per second. "
-      "Compile = first call minus a warm call (prefill and the single decode-step function), not included "
-      "in the rates.",
+      "prefill = from the call of `generate` to the first new token (host preprocessing, vision tower, "
+      "prompt), prompt tokens of all rows per second; decode = from the first to the last new token "
+      f"({n - 1} steps), new tokens of all rows per second; both from time stamps within one `generate` "
+      "call (our streaming callback, a transformers streamer). Compile = first call minus a warm call "
+      "(the prefill and the single decode-step function), not included in the rates.",
       "",
   ]
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -32,10 +32,6 @@ from gleam_jax.train import sharding
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
 from gleam_jax.models.qwen2_5_vl.modeling import Qwen2_5_VL, check_image_tokens, vision_inputs
 
-jax.tree_util.register_dataclass(
-    rope.VisionLayout, data_fields=[f.name for f in dataclasses.fields(rope.VisionLayout)], meta_fields=[])
-
-
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to the top-p nucleus."""
@@ -118,12 +114,14 @@ def decode_step(graphdef, state, cache, carry, *, sampling: Sampling, stop_ids, 
 def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, eos_token_ids=None,
              pad_token_id: int | None = None, seed: int = 0,
-             callback: Callable[[int, np.ndarray], None] | None = None, mesh=None,
-             rules=QWEN_SHARDING_RULES) -> np.ndarray:
+             callback: Callable[[int, np.ndarray], None] | None = None, cache_len: int | None = None,
+             mesh=None, rules=QWEN_SHARDING_RULES) -> np.ndarray:
   """Generates up to `max_new_tokens` per row; returns them (B, n) as int32 NumPy (n <= max_new_tokens).
 
   `input_ids`/`attention_mask` (B, L) are left padded; `pixel_values`/`image_grid_thw` as for the model.
   `callback(step, tokens)` receives each step's (B,) tokens on the host as soon as they exist.
+  `cache_len`: KV-cache slots (default: prompt + max_new_tokens rounded up to a multiple of 64, so that
+  nearby prompt lengths and token budgets reuse the compiled functions).
   With `mesh` (a model placed by `modeling.shard_model`), the KV cache is sharded under `rules` too.
   """
   cfg = model.cfg
@@ -149,7 +147,12 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   layout = None if image_grid_thw is None else vision_inputs(image_grid_thw, cfg)
   b, length = input_ids.shape
   graphdef, state = nnx.split(model)
-  cache = init_cache(cfg, b, length + max_new_tokens, mesh, rules)
+  if cache_len is None:
+    cache_len = -(-(length + max_new_tokens) // 64) * 64
+  if cache_len < length + max_new_tokens - 1:
+    raise GleamError(f"generate: cache_len={cache_len} cannot hold the prompt ({length}) and "
+                     f"{max_new_tokens} new tokens; raise it to at least {length + max_new_tokens - 1}.")
+  cache = init_cache(cfg, b, cache_len, mesh, rules)
   sampling = Sampling(float(temperature), float(top_p))
   stop_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
   _, carry, cache = prefill(

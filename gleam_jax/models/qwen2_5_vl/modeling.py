@@ -329,7 +329,10 @@ class Qwen2_5_VL(nnx.Module):
 
 
 def check_image_tokens(input_ids, image_grid_thw, cfg: Qwen2_5_VLConfig):
-  """Host check: as many image placeholders as the images produce merged tokens."""
+  """Host check: as many image placeholders as the images produce merged tokens (videos: not supported)."""
+  if (np.asarray(input_ids) == cfg.video_token_id).any():
+    raise GleamError(f"input_ids hold video tokens ({cfg.video_token_id}); this port takes images only. "
+                     "Pass video frames as separate images.")
   have = int((np.asarray(input_ids) == cfg.image_token_id).sum())
   need = sum(rope.num_image_tokens(image_grid_thw, cfg.vision.spatial_merge_size)) if image_grid_thw is not None \
       else 0

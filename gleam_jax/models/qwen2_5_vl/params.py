@@ -3,12 +3,15 @@
     model = load_pretrained('/ckpt/Qwen2.5-VL-3B-Instruct', mesh=mesh)   # cfg from config.json
 
 Both key layouts are read:
-  transformers >= 4.52   model.language_model.*, model.visual.*, lm_head.weight
-  older checkpoints      model.layers.*, model.embed_tokens.*, model.norm.*, visual.*, lm_head.weight
+  new   model.language_model.*, model.visual.*, lm_head.weight   (transformers >= 4.52 module names,
+        written by its save_pretrained from 4.52 to 4.57)
+  old   model.layers.*, model.embed_tokens.*, model.norm.*, visual.*, lm_head.weight   (the released
+        Qwen checkpoints; transformers 5 converts back to these names when saving)
 Each key maps onto the NNX path of the same name (`modeling` mirrors HF names); `weight` becomes
 `kernel` (Linear, transposed (out, in) -> (in, out)), `scale` (RMSNorm) or `embedding` (Embed), and the
 patch-embedding Conv3d weight (out, C, T, P, P) becomes a (C*T*P*P, out) kernel. With tied
-embeddings there is no lm_head parameter; an `lm_head.weight` key in such a checkpoint is ignored.
+embeddings there is no lm_head parameter; an `lm_head.weight` key in such a checkpoint is skipped
+(and logged), as transformers does.
 
 The model is built abstractly (`nnx.eval_shape`), every key and shape is checked against it from the
 file headers alone (unused or missing keys, wrong shapes -> one GleamError listing them), then the
@@ -166,9 +169,12 @@ def _to_ours(array: np.ndarray, leaf: str, target_shape) -> np.ndarray:
 
 def _plan(index: dict[str, TensorInfo], targets: dict, tied: bool) -> dict:
   """(NNX path -> HF key) after checking that every key and every parameter is accounted for."""
-  plan, unused, bad_shapes = {}, [], []
+  plan, unused, bad_shapes, twice = {}, [], [], []
   for key, info in index.items():
-    if _IGNORED.search(key) or (tied and key == "lm_head.weight"):
+    if _IGNORED.search(key):
+      continue
+    if tied and key == "lm_head.weight":
+      logging.info("Tied embeddings: %s in the checkpoint is not used (lm_head = embed_tokens).", key)
       continue
     parsed = hf_module_path(key)
     path = None
@@ -183,6 +189,8 @@ def _plan(index: dict[str, TensorInfo], targets: dict, tied: bool) -> dict:
     got = _to_ours(np.empty(info.shape, np.bool_), path[-1], want).shape
     if got != want:
       bad_shapes.append(f"{key} {list(info.shape)} (expected {list(want)} for {'.'.join(map(str, path))})")
+    if path in plan:
+      twice.append(f"{plan[path]} and {key}")
     plan[path] = key
   missing = [".".join(map(str, p)) for p in targets if p not in plan]
   problems = []
@@ -194,6 +202,8 @@ def _plan(index: dict[str, TensorInfo], targets: dict, tied: bool) -> dict:
     problems.append(f"{len(missing)} model parameters are not in the checkpoint: {_some(missing)}{hint}")
   if bad_shapes:
     problems.append(f"{len(bad_shapes)} tensors have the wrong shape: {_some(bad_shapes)}")
+  if twice:
+    problems.append(f"{len(twice)} parameters are given twice (old and new key layout mixed): {_some(twice)}")
   if problems:
     raise GleamError("The checkpoint does not fit the Qwen2.5-VL config: " + "; ".join(problems) +
                      ". Use the config.json that came with these weights.")

@@ -12,12 +12,14 @@ Device side (jnp): cos/sin tables for the 2-D vision rotary and for M-RoPE, and 
 """
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gleam_jax.errors import GleamError
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VisionLayout:
   """Index arrays of the vision tower for one set of images; all in window (permuted) order.
@@ -31,6 +33,7 @@ class VisionLayout:
   window_blocks, window_unblock: (W, Lw) patch indices of each window; (N,) flat slot of each patch.
   image_blocks, image_unblock: the same with one segment per image frame.
   merged_inverse: (M,) takes merged tokens from window order back to raster order (M = N / merge**2).
+  A pytree: pass it straight into jitted functions.
   """
   patch_index: np.ndarray
   positions: np.ndarray
