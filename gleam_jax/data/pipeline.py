@@ -86,6 +86,7 @@ class TrainStream:
     self.source = source or sources.get_source(data_cfg, data_cfg.train_split)
     self._augment = AugmentPair(data_cfg) if data_cfg.augment.enabled else None
     self._prepare = PreparePair(data_cfg)
+    self._iter = None
     self._start_epoch(0)
 
   def _dataset(self, epoch, records, skip_batches):
@@ -108,6 +109,7 @@ class TrainStream:
     if len(order) == 0:
       raise GleamError(f"epoch {epoch} has no full batch of {self.global_batch_size}: lower the batch size.")
     records = process_slice(order, self.global_batch_size, self.process_index, self.process_count)
+    self.close()
     self.epoch = epoch
     self.batches_in_epoch = skip_batches
     self._skipped = skip_batches

@@ -171,5 +171,5 @@ def get_index(data_cfg, split, source=None):
   np.savez(buffer, **index)
   tmp = path.parent / f"{path.name}.{os.getpid()}.tmp"
   tmp.write_bytes(buffer.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)  # another process may have written it meanwhile: same content
   return index
