@@ -194,6 +194,32 @@ def test_bfloat16_compute_close_to_float32(pair):
   assert (out.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 
+def test_remat_gives_the_same_loss_and_gradients():
+  cfg = qcfg.tiny()
+  rng = np.random.default_rng(8)
+  grids = GRIDS[:1]
+  ids, mask = left_pad([prompt(rng, 5, grids)])
+  ids, px = jnp.asarray(ids), jnp.asarray(pixels(rng, grids))
+  pos, _ = rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  layout = modeling.vision_inputs(grids, cfg)
+
+  def loss_and_grads(remat):
+    model = modeling.create_model(cfg.replace(remat=remat), seed=3)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state):
+      logits = nnx.merge(graphdef, state)(ids, jnp.asarray(pos), jnp.asarray(mask), px, layout)
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1))
+    return jax.value_and_grad(f)(state)
+
+  (loss, grads), (loss_r, grads_r) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+    np.testing.assert_allclose(g_r, g, atol=1e-6)
+  assert float(jnp.abs(grads["visual"]["blocks"][0]["attn"]["qkv"]["kernel"][...]).max()) > 0
+
+
 def test_abstract_model_allocates_nothing():
   cfg = qcfg.qwen2_5_vl_3b()
   model = modeling.abstract_model(cfg)

@@ -62,7 +62,8 @@ class TextConfig:
 class Qwen2_5_VLConfig:
   """The whole model. `dtype` is the compute dtype; `param_dtype` the dtype parameters are stored in.
 
-  Norms, softmax, rotary embeddings and the final logits are always float32.
+  Norms, softmax, rotary embeddings and the final logits are always float32. `remat` recomputes each
+  vision block and decoder layer in the backward pass (activation memory of one layer, for training).
   """
   vision: VisionConfig = VisionConfig()
   text: TextConfig = TextConfig()
@@ -76,6 +77,7 @@ class Qwen2_5_VLConfig:
   tie_word_embeddings: bool = True
   dtype: str = "float32"
   param_dtype: str = "float32"
+  remat: bool = False
 
   def replace(self, **kwargs) -> "Qwen2_5_VLConfig":
     return dataclasses.replace(self, **kwargs)

@@ -170,6 +170,7 @@ class VisionTransformer(nnx.Module):
 
   def __init__(self, cfg, *, rngs):
     self.cfg = cfg.vision
+    self.remat = cfg.remat
     self.patch_embed = PatchEmbed(cfg, rngs=rngs)
     self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs) for _ in range(cfg.vision.depth)])
     self.merger = PatchMerger(cfg, rngs=rngs)
@@ -180,11 +181,12 @@ class VisionTransformer(nnx.Module):
     x = self.patch_embed(pixel_values)[layout.patch_index]
     cos, sin = rope.vision_cos_sin(jnp.asarray(layout.positions), v.head_dim, v.rope_theta)
     full = set(v.fullatt_block_indexes)
+    run = nnx.remat(VisionBlock.__call__) if self.remat else VisionBlock.__call__
     for i, block in enumerate(self.blocks):
       if i in full:
-        x = block(x, cos, sin, jnp.asarray(layout.image_blocks), jnp.asarray(layout.image_unblock))
+        x = run(block, x, cos, sin, jnp.asarray(layout.image_blocks), jnp.asarray(layout.image_unblock))
       else:
-        x = block(x, cos, sin, jnp.asarray(layout.window_blocks), jnp.asarray(layout.window_unblock))
+        x = run(block, x, cos, sin, jnp.asarray(layout.window_blocks), jnp.asarray(layout.window_unblock))
     return self.merger(x)[layout.merged_inverse]
 
 
@@ -264,6 +266,7 @@ class TextModel(nnx.Module):
   def __init__(self, cfg, *, rngs):
     t = cfg.text
     self.cfg = t
+    self.remat = cfg.remat
     self.embed_tokens = nnx.Embed(
         t.vocab_size, t.hidden_size, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
         embedding_init=nnx.with_partitioning(_INIT, ("vocab", "embed")), rngs=rngs)
@@ -275,7 +278,10 @@ class TextModel(nnx.Module):
     t = self.cfg
     cos, sin = rope.mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
     for i, layer in enumerate(self.layers):
-      x, cache = layer(x, cos, sin, mask, cache, start, i)
+      if self.remat and cache is None:
+        x, _ = nnx.remat(DecoderLayer.__call__)(layer, x, cos, sin, mask)
+      else:
+        x, cache = layer(x, cos, sin, mask, cache, start, i)
     return self.norm(x), cache
 
 
@@ -319,13 +325,17 @@ class Qwen2_5_VL(nnx.Module):
       out = self.lm_head(hidden)
     return out.astype(jnp.float32)
 
-  def __call__(self, input_ids, position_ids, attention_mask=None, pixel_values=None, vision_layout=None):
-    """Full-sequence forward (training, scoring): logits (B, L, vocab) float32."""
+  def hidden_states(self, input_ids, position_ids, attention_mask=None, pixel_values=None, vision_layout=None):
+    """Final (normed) hidden states (B, L, hidden), e.g. for a loss computed in vocabulary chunks."""
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     x = self.embed(input_ids, pixel_values, vision_layout)
     hidden, _ = self.language_model(x, position_ids, causal_mask(attention_mask, input_ids.shape[1]))
-    return self.logits(hidden)
+    return hidden
+
+  def __call__(self, input_ids, position_ids, attention_mask=None, pixel_values=None, vision_layout=None):
+    """Full-sequence forward (training, scoring): logits (B, L, vocab) float32."""
+    return self.logits(self.hidden_states(input_ids, position_ids, attention_mask, pixel_values, vision_layout))
 
 
 def check_image_tokens(input_ids, image_grid_thw, cfg: Qwen2_5_VLConfig):
