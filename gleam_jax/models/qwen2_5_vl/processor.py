@@ -182,7 +182,9 @@ class Processor:
 
     labels equal input_ids on the answer tokens and its closing `<|im_end|>` (so the model learns to
     stop) and are IGNORE_INDEX (-100) elsewhere; they are *not* shifted (the loss predicts
-    labels[i+1] from position i, as Hugging Face causal LMs).
+    labels[i+1] from position i, as Hugging Face causal LMs). The answer is tokenized on its own, so
+    the ids equal those of the whole conversation text (HF's chat template) unless the answer starts
+    with whitespace, which the template's "\\n" would otherwise absorb.
     """
     example = self.encode_prompt(images, prompt, system)
     prompt_ids = example["input_ids"]
