@@ -6,6 +6,7 @@
 
 See docs/synthetic_world.md for the world, the view conventions and the baselines.
 """
+from gleam_jax.data.synthetic.figure import save_views_figure
 from gleam_jax.data.synthetic.render import project_point
 from gleam_jax.data.synthetic.render import render_location
 from gleam_jax.data.synthetic.spec import DEFAULT_PRESET

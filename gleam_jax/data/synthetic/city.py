@@ -24,6 +24,7 @@ ROAD_WIDTH_M = {FOOTPATH: 2.0, RESIDENTIAL: 7.0, PRIMARY: 12.0, MOTORWAY: 22.0}
 LOCATION_CLASSES = (FOOTPATH, RESIDENTIAL, PRIMARY, PLAZA)  # where a street-level camera may stand
 MAX_BUILDING_M = 60.0
 BLOCK_M = 32
+ROOF_JITTER = 20.0  # per-building spread of roof colour around the city palette
 
 # Street-map palette (OpenStreetMap-like, the same in every city).
 MAP_RGB = np.array([
@@ -157,8 +158,9 @@ class _Canvas:
     j0, j1 = max(int(cx - radius), 0), min(int(cx + radius) + 2, self.n)
     if i0 >= i1 or j0 >= j1:
       return None
-    yy, xx = np.mgrid[i0:i1, j0:j1].astype(np.float32) + 0.5
-    return (slice(i0, i1), slice(j0, j1)), xx - cx, yy - cy
+    dy = (np.arange(i0, i1, dtype=np.float32) + np.float32(0.5 - cy))[:, None]
+    dx = (np.arange(j0, j1, dtype=np.float32) + np.float32(0.5 - cx))[None, :]
+    return (slice(i0, i1), slice(j0, j1)), dx, dy
 
   def rect(self, cx, cy, half_u, half_v, angle):
     """Mask of a rectangle rotated by `angle` (radians, raster frame): (slices, mask, u, v)."""
@@ -183,6 +185,13 @@ class _Canvas:
     uc = np.clip(u, -length / 2, length / 2)
     mask = (u - uc) ** 2 + v ** 2 <= half_width ** 2
     return sl, mask, u + length / 2
+
+
+def _class_set(*classes):
+  """A lookup table: `_class_set(A, B)[cls]` is True where cls is A or B (faster than np.isin)."""
+  table = np.zeros(256, bool)
+  table[list(classes)] = True
+  return table
 
 
 def _chunks(x0, y0, x1, y1, max_len=50.0):
@@ -261,16 +270,15 @@ def _draw_fields(cv, rng, urban):
   n = cv.n
   size = rng.uniform(60, 110)
   th = rng.uniform(0, math.pi)
-  yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
-  u = xx * math.cos(th) + yy * math.sin(th)
-  v = -xx * math.sin(th) + yy * math.cos(th)
+  out = np.nonzero(~urban)
+  yy, xx = out[0].astype(np.float32), out[1].astype(np.float32)
+  u = xx * np.float32(math.cos(th)) + yy * np.float32(math.sin(th))
+  v = yy * np.float32(math.cos(th)) - xx * np.float32(math.sin(th))
   fid = (np.floor(u / size).astype(np.int64) * 7919 + np.floor(v / (size * 1.3)).astype(np.int64) * 104729)
   crops = np.array([(175, 160, 95), (120, 150, 70), (150, 120, 80), (95, 130, 60), (190, 180, 120)], np.float32)
-  pick = (fid * 2654435761 + rng.integers(1 << 30)) % len(crops)
-  stripes = 1.0 + 0.08 * np.sin(2 * math.pi * np.where(pick % 2 == 0, u, v) / 4.0)
-  rgb = crops[pick] * stripes[..., None]
-  out = ~urban
-  cv.top[out] = rgb[out]
+  pick = (fid * 2654435761 + int(rng.integers(1 << 30))) % len(crops)
+  stripes = 1.0 + 0.08 * np.sin(np.float32(2 * math.pi / 4.0) * np.where(pick % 2 == 0, u, v))
+  cv.top[out] = crops[pick] * stripes[:, None]
   cv.cls[out] = FIELD
 
 
@@ -306,7 +314,7 @@ def _draw_parks(cv, rng, style, urban_cells):
     if r is None:
       continue
     sl, mask, u, v = r
-    mask &= np.isin(cv.cls[sl], (LAND, FIELD))
+    mask &= _class_set(LAND, FIELD)[cv.cls[sl]]
     cv.cls[sl][mask] = PARK
     cv.top[sl][mask] = grass
     parks.append((cx, cy, hu, hv, ang))
@@ -431,8 +439,9 @@ def _building(cv, rng, style, cx, cy, hu, hv, ang, sun):
   mask = (np.abs(u) <= hu) & (np.abs(v) <= hv)
   height = float(np.clip(style.height_median_m * math.exp(rng.normal(0, style.height_sigma)), 3.0,
                          MAX_BUILDING_M))
-  roof = style.roof_palette[int(rng.integers(len(style.roof_palette)))] + rng.normal(0, 8, 3)
-  roof = np.clip(roof, 15, 245).astype(np.float32)
+  # the city's palette sets the style; each building varies it, so that buildings tell apart
+  roof = style.roof_palette[int(rng.integers(len(style.roof_palette)))] * rng.uniform(0.8, 1.2)
+  roof = np.clip(roof + rng.normal(0, ROOF_JITTER, 3), 15, 245).astype(np.float32)
   wall = np.clip(0.5 * roof + 0.5 * style.wall_tint, 0, 255)
   h = np.full(u.shape, height, np.float32)
   shade = np.ones(u.shape, np.float32)
@@ -491,7 +500,7 @@ def _draw_trees(cv, rng, style, segs, parks):
       continue
     sl, mask, u, v = r
     d2 = (u * u + v * v) / (radius * radius)
-    mask = (d2 <= 1.0) & np.isin(cv.cls[sl], (LAND, PARK, FIELD, TREE))
+    mask = (d2 <= 1.0) & _class_set(LAND, PARK, FIELD, TREE)[cv.cls[sl]]
     dome = np.sqrt(np.clip(1.0 - d2, 0.0, 1.0))
     h = 0.45 * top_h + 0.55 * top_h * dome
     green = greens[int(rng.integers(len(greens)))] * rng.uniform(0.85, 1.15)
@@ -535,17 +544,19 @@ def _shadows(height):
 def _wall_shading(cv):
   """Lights each building wall by how its face turns to the sun (face normal from the building's
   orientation, picked to agree with the staircase normal of the raster boundary)."""
-  b = cv.cls == BUILDING
+  bi, bj = np.nonzero(cv.cls == BUILDING)
   h = cv.height
-  lower = lambda shifted: shifted < h - 1.0
   pad = np.pad(h, 1, mode="edge")
-  ns_x = lower(pad[1:-1, 2:]).astype(np.float32) - lower(pad[1:-1, :-2])
-  ns_y = lower(pad[2:, 1:-1]).astype(np.float32) - lower(pad[:-2, 1:-1])
-  best = np.full(h.shape, -np.inf, np.float32)
-  face_x = np.zeros(h.shape, np.float32)
-  face_y = np.zeros(h.shape, np.float32)
+  hb = h[bi, bj] - 1.0
+  lower = lambda di, dj: (pad[bi + 1 + di, bj + 1 + dj] < hb).astype(np.float32)
+  ns_x = lower(0, 1) - lower(0, -1)
+  ns_y = lower(1, 0) - lower(-1, 0)
+  ang = cv.angle[bi, bj]
+  best = np.full(bi.shape, -np.inf, np.float32)
+  face_x = np.zeros(bi.shape, np.float32)
+  face_y = np.zeros(bi.shape, np.float32)
   for k in range(4):
-    fx, fy = np.cos(cv.angle + k * math.pi / 2), np.sin(cv.angle + k * math.pi / 2)
+    fx, fy = np.cos(ang + k * math.pi / 2), np.sin(ang + k * math.pi / 2)
     dot = fx * ns_x + fy * ns_y
     better = dot > best
     best = np.where(better, dot, best)
@@ -553,8 +564,7 @@ def _wall_shading(cv):
     face_y = np.where(better, fy, face_y)
   sx, sy = _sun_vector()
   lit = np.clip(face_x * sx + face_y * sy, 0, 1) * math.cos(math.radians(SUN_ELEVATION_DEG))
-  shade = 0.55 + 0.6 * lit
-  cv.side[b] *= shade[b][:, None]
+  cv.side[bi, bj] *= (0.55 + 0.6 * lit)[:, None]
 
 
 def _street_map(cls, ground_cls):
@@ -562,10 +572,11 @@ def _street_map(cls, ground_cls):
   rgb = MAP_RGB[ground_cls].copy()
   pad = np.pad(ground_cls, 1, mode="edge")
   neighbours = [pad[1:-1, 2:], pad[1:-1, :-2], pad[2:, 1:-1], pad[:-2, 1:-1]]
-  is_road = np.isin(ground_cls, (RESIDENTIAL, PRIMARY, MOTORWAY))
+  roads = _class_set(RESIDENTIAL, PRIMARY, MOTORWAY)
+  is_road = roads[ground_cls]
   near_road = np.zeros_like(is_road)
   for nb in neighbours:
-    near_road |= np.isin(nb, (RESIDENTIAL, PRIMARY, MOTORWAY))
+    near_road |= roads[nb]
   rgb[near_road & ~is_road & (ground_cls != BUILDING)] = MAP_ROAD_CASING
   building = ground_cls == BUILDING
   outline = np.zeros_like(building)
@@ -582,10 +593,11 @@ def build_city(seed, city, size_m):
   style = make_style(seed, city)
   n = int(size_m)
   cv = _Canvas(n, style.land_rgb)
-  yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
-  ang = np.arctan2(yy - n / 2, xx - n / 2)
+  yy = np.arange(n, dtype=np.float32)[:, None] - n / 2
+  xx = np.arange(n, dtype=np.float32)[None, :] - n / 2
+  ang = np.arctan2(yy, xx)
   wobble = 1 + 0.12 * np.sin(3 * ang + rng.uniform(0, 6.3)) + 0.06 * np.sin(5 * ang + rng.uniform(0, 6.3))
-  urban = np.hypot(xx - n / 2, yy - n / 2) < 0.44 * n * wobble
+  urban = np.hypot(xx, yy) < 0.44 * n * wobble
   del yy, xx, ang, wobble
   _draw_fields(cv, rng, urban)
   if style.river:
@@ -604,14 +616,14 @@ def build_city(seed, city, size_m):
   noise = rng.standard_normal((n, n), np.float32) * sigma
   patches = rng.standard_normal((n // 16 + 1, n // 16 + 1), np.float32)
   patches = np.repeat(np.repeat(patches, 16, 0), 16, 1)[:n, :n]
-  soft = np.isin(cv.cls, (LAND, PARK, FIELD))
+  soft = _class_set(LAND, PARK, FIELD)[cv.cls]
   cv.top += (noise + np.where(soft, 7.0 * patches, 0.0))[..., None]
   shadow = _shadows(cv.height)
   cv.top[shadow] *= np.array((0.55, 0.58, 0.68), np.float32)
   # faces of non-building cells show the cell's top colour (tree crowns, slopes, roads)
-  no_side = ~np.isin(cv.cls, (BUILDING, TREE))
+  no_side = ~_class_set(BUILDING, TREE)[cv.cls]
   cv.side[no_side] = cv.top[no_side]
-  candidates = np.flatnonzero(np.isin(ground_cls, LOCATION_CLASSES) & _interior(n))
+  candidates = np.flatnonzero(_class_set(*LOCATION_CLASSES)[ground_cls] & _interior(n))
   names = list(CITY_NAMES)
   np.random.default_rng((seed, 9)).shuffle(names)
   lat = float(rng.uniform(-45, 60))
