@@ -91,24 +91,41 @@ def copy_dataset(cfg, tmp_path):
   return data_config(**{**cfg.to_dict(), "data_dir": str(root)}), str(root / rel)
 
 
-def test_corrupt_image_names_the_record_and_the_fix(tiny_cfg, tmp_path):
-  cfg, path = copy_dataset(tiny_cfg, tmp_path)
+def corrupt_images(path, rows):
+  """Rewrites the train shard with the first image of each record in `rows` damaged (same length)."""
   (shard,) = glob.glob(os.path.join(path, "*-train.array_record*"))
   reader = ArrayRecordReader(shard)
   records = [reader.read() for _ in range(reader.num_records())]
   reader.close()
-  bad = bytearray(records[5])
-  start = bad.find(b"IDAT") + 8  # inside the first image's compressed pixels, same length
-  bad[start:start + 16] = b"\x00" * 16
-  records[5] = bytes(bad)
+  for i in rows:
+    bad = bytearray(records[i])
+    start = bad.find(b"IDAT") + 8  # inside the compressed pixels
+    bad[start:start + 16] = b"\x00" * 16
+    records[i] = bytes(bad)
   writer = ArrayRecordWriter(shard, "group_size:1")
   for r in records:
     writer.write(r)
   writer.close()
+  return len(records)
+
+
+def test_corrupt_image_names_the_record_and_the_fix(tiny_cfg, tmp_path):
+  cfg, path = copy_dataset(tiny_cfg, tmp_path)
+  corrupt_images(path, [5])
   src = sources.get_source(cfg, "train")
   src[4]  # the others still read
   with pytest.raises(GleamError, match=r"record 5 of synthetic_cvgl/tiny split 'train'.*does not decode.*delete"):
     src[5]
+
+
+def test_corrupt_image_stops_the_train_stream_with_the_same_message(tiny_cfg, tmp_path):
+  from gleam_jax.data import pipeline, samplers
+  cfg, path = copy_dataset(tiny_cfg, tmp_path)
+  corrupt_images(path, range(len(sources.get_source(cfg, "train"))))
+  sampler = samplers.make_sampler(cfg, sources.get_index(cfg, "train"))
+  stream = pipeline.make_train_stream(cfg, 4, sampler, 0, process_index=0, process_count=1)
+  with pytest.raises(GleamError, match=r"record \d+ of synthetic_cvgl/tiny split 'train'.*does not decode.*delete"):
+    next(stream)
 
 
 def test_corrupt_file_names_the_record_and_the_fix(tiny_cfg, tmp_path):
