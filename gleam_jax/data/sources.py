@@ -33,29 +33,33 @@ def _rebuild_hint(path):
   return f"the dataset files are damaged: delete {path} and run again to rebuild it"
 
 
+def _make_builder(data_cfg, root):
+  overrides = dict(data_cfg.overrides)
+  try:
+    return builders.builder(data_cfg.name, data_cfg.config, root, overrides=overrides,
+                            build_workers=data_cfg.build_workers)
+  except (TypeError, ValueError) as e:
+    raise GleamError(f"data.overrides={overrides} do not make a valid {data_cfg.name}/{data_cfg.config} "
+                     f"dataset ({e}); fix or remove them.") from None
+
+
 def get_builder(data_cfg):
   """The TFDS builder named by the config, built if not yet there (once, under a file lock for a
   local data_dir; build a dataset on a URL data_dir from one process before starting many)."""
   validate(data_cfg)
   root = resolve_data_dir(data_cfg)
-  overrides = dict(data_cfg.overrides)
-  try:
-    builder = builders.builder(data_cfg.name, data_cfg.config, root, overrides=overrides,
-                               build_workers=data_cfg.build_workers)
-  except (TypeError, ValueError) as e:
-    raise GleamError(f"data.overrides={overrides} do not make a valid {data_cfg.name}/{data_cfg.config} "
-                     f"dataset ({e}); fix or remove them.") from None
+  builder = _make_builder(data_cfg, root)
   if builder.is_prepared():
     return builder
   if "://" in root:
     _build(data_cfg, builder, root)
-    return builder
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f".{data_cfg.name}-{builder.builder_config.name}.lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same dataset
-    if not builder.is_prepared():
-      _build(data_cfg, builder, root)
-  return builder
+  else:
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{data_cfg.name}-{builder.builder_config.name}.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same dataset
+      if not builder.is_prepared():
+        _build(data_cfg, builder, root)
+  return _make_builder(data_cfg, root)  # reads the dataset info from disk, whoever built it
 
 
 def _build(data_cfg, builder, root):
