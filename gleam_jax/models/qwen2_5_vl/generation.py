@@ -2,8 +2,9 @@
 
 The cache is preallocated at a static size: k, v of shape (layers, batch, max_len, kv_heads, head_dim)
 and a (batch, max_len) mask of the slots holding real tokens (left padding is False). Prefill writes
-slots [0, L); decode step s writes slot L + s. The decode step is one compiled function (the slot is a
-traced scalar) and donates the cache, so XLA updates it in place.
+slots [0, L) and samples the first token; decode step s writes slot L + s - 1. The decode step is one
+compiled function (slot, positions, tokens and rng travel in a `carry` of arrays) and donates the
+cache, so XLA updates it in place.
 
 Positions follow HF: prompt tokens get `rope.get_rope_index` positions; generated token s of row b gets
 position max(prompt positions of b) + 1 + s on all three M-RoPE axes (HF's attention-mask cumsum plus
@@ -28,9 +29,10 @@ from jax.sharding import NamedSharding
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import rope
-from gleam_jax.train import sharding
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
 from gleam_jax.models.qwen2_5_vl.modeling import Qwen2_5_VL, check_image_tokens, vision_inputs
+from gleam_jax.train import sharding
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
