@@ -623,7 +623,8 @@ def build_city(seed, city, size_m):
   # faces of non-building cells show the cell's top colour (tree crowns, slopes, roads)
   no_side = ~_class_set(BUILDING, TREE)[cv.cls]
   cv.side[no_side] = cv.top[no_side]
-  candidates = np.flatnonzero(_class_set(*LOCATION_CLASSES)[ground_cls] & _interior(n))
+  candidates = np.flatnonzero(_class_set(*LOCATION_CLASSES)[ground_cls] & _open_ground(cv.height)
+                              & _interior(n))
   names = list(CITY_NAMES)
   np.random.default_rng((seed, 9)).shuffle(names)
   lat = float(rng.uniform(-45, 60))
@@ -641,6 +642,21 @@ def _block_max(height):
   padded = np.zeros((m, m), np.float32)
   padded[:n, :n] = height
   return padded.reshape(m // BLOCK_M, BLOCK_M, m // BLOCK_M, BLOCK_M).max(axis=(1, 3))
+
+
+def _open_ground(height, clearance=2):
+  """Cells with flat ground (no tree, building or monument) within `clearance` cells: a street
+  camera stands at a cell corner, and nothing should stand on it."""
+  out = height < 0.3
+  for axis in (0, 1):  # a square erosion is two separable ones
+    free = out.copy()
+    for d in range(1, clearance + 1):
+      lo = [slice(None)] * 2
+      hi = [slice(None)] * 2
+      lo[axis], hi[axis] = slice(None, -d), slice(d, None)
+      out[tuple(lo)] &= free[tuple(hi)]
+      out[tuple(hi)] &= free[tuple(lo)]
+  return out
 
 
 def _rgba(rgb):

@@ -33,6 +33,7 @@ STREET_DISTANCES = STREET_DISTANCES[STREET_DISTANCES <= 160.0]
 UAV_COARSE_STEPS = 32
 UAV_REFINE_STEPS = 3
 UAV_MAX_RANGE_M = 300.0
+UAV_CLEARANCE_M = 15.0
 FLOOR_M = 3.2  # storey height: walls get a darker band of windows per storey
 
 
@@ -115,15 +116,20 @@ def ground_heading_deg(spec, location_id):
 
 def uav_cameras(spec, location_id):
   """One dict per UAV view: position (x, y, z) in metres, the bearing it looks along, its pitch
-  below the horizon and its field of view."""
+  below the horizon and its field of view. A drone flies at least UAV_CLEARANCE_M above the
+  highest point within 20 m of it (so it is never inside a tower)."""
+  city = city_of(spec, location_id)
+  i0, j0 = location_cell(spec, location_id, city)
   rng = spec_lib.location_rng(spec, location_id, 2)
   base = rng.uniform(0.0, 360.0)
   cams = []
   for k in range(spec.uav_views):
     bearing = (base + 360.0 * k / spec.uav_views + rng.uniform(-20, 20)) % 360.0  # of the drone
     radius = rng.uniform(*spec.uav_radius_m)
-    altitude = rng.uniform(*spec.uav_altitude_m)
     b = math.radians(bearing)
+    ci, cj = int(i0 - radius * math.cos(b)), int(j0 + radius * math.sin(b))
+    below = city.height[max(ci - 20, 0):ci + 21, max(cj - 20, 0):cj + 21]
+    altitude = max(rng.uniform(*spec.uav_altitude_m), float(below.max()) + UAV_CLEARANCE_M)
     cams.append({"position_m": (radius * math.sin(b), radius * math.cos(b), altitude),
                  "heading_deg": (bearing + 180.0) % 360.0,
                  "pitch_deg": math.degrees(math.atan2(altitude, radius)),
