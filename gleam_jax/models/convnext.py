@@ -17,6 +17,8 @@ turns it off.
 import dataclasses
 from typing import Sequence
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -77,8 +79,9 @@ def _layer_norm(dim, dtype, rngs):
 
 
 def _conv(cin, cout, kernel, stride, padding, dtype, rngs, groups=1):
+  extra = {'conv_general_dilated': depthwise_conv_general_dilated} if groups == cin > 1 else {}
   return nnx.Conv(cin, cout, kernel, strides=stride, padding=padding, feature_group_count=groups,
-                  dtype=dtype, param_dtype=jnp.float32,
+                  dtype=dtype, param_dtype=jnp.float32, **extra,
                   kernel_init=nnx.with_partitioning(_KERNEL_INIT, _CONV_AXES),
                   bias_init=nnx.with_partitioning(_ZEROS, ('embed',)), rngs=rngs)
 
@@ -87,6 +90,69 @@ def _dense(cin, cout, axes, dtype, rngs):
   return nnx.Linear(cin, cout, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=nnx.with_partitioning(_KERNEL_INIT, axes),
                     bias_init=nnx.with_partitioning(_ZEROS, axes[1:]), rngs=rngs)
+
+
+def _shifted_sum(padded, kernel, height, width):
+  """sum_ij padded[:, i:i+H, j:j+W] * kernel[i, j]: a depthwise correlation that XLA fuses into one
+  elementwise loop (float32 accumulation)."""
+  out = None
+  for i in range(kernel.shape[0]):
+    for j in range(kernel.shape[1]):
+      term = padded[:, i:i + height, j:j + width, :].astype(jnp.float32) * kernel[i, j]
+      out = term if out is None else out + term
+  return out
+
+
+def _pad(x, padding):
+  return jnp.pad(x, ((0, 0), *padding, (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise(x, kernel, padding):
+  out = _shifted_sum(_pad(x, padding), kernel[:, :, 0, :].astype(jnp.float32), *x.shape[1:3])
+  return out.astype(x.dtype)
+
+
+def _depthwise_fwd(x, kernel, padding):
+  return _depthwise(x, kernel, padding), (x, kernel)
+
+
+def _depthwise_bwd(padding, residuals, grad):
+  x, kernel = residuals
+  # d/dx: the correlation of the output gradient with the flipped kernel (again shifted sums).
+  flipped = [(kh - 1 - lo, kh - 1 - hi) for (lo, hi), kh in zip(padding, kernel.shape[:2])]
+  dx = _shifted_sum(_pad(grad, flipped), kernel[::-1, ::-1, 0, :].astype(jnp.float32),
+                    *x.shape[1:3]).astype(x.dtype)
+  # d/dkernel: XLA's own kernel gradient of the grouped convolution is the fastest form here.
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding=padding,
+                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                           feature_group_count=x.shape[-1])
+  dkernel = jax.vjp(lambda k: conv(x, k), kernel)[1](grad.astype(x.dtype))[0]
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                                   rhs_dilation=None, dimension_numbers=None,
+                                   feature_group_count=1, precision=None, **unused):
+  """Drop-in for `lax.conv_general_dilated` in `nnx.Conv` for stride-1 depthwise NHWC convs.
+
+  XLA:CPU runs grouped convolutions as slow generic loops; as shifted multiply-adds the forward
+  pass and the input gradient become fused elementwise loops (~15x faster on CPU for the 7x7
+  convs of ConvNeXt). Same numbers as the grouped convolution, up to float rounding.
+  """
+  del precision, unused
+  if (tuple(window_strides) != (1, 1) or feature_group_count != lhs.shape[-1] or
+      rhs.shape[2] != 1 or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))):
+    raise ValueError('depthwise_conv_general_dilated handles stride-1 undilated depthwise convs')
+  if dimension_numbers is not None and (
+      tuple(dimension_numbers.lhs_spec) != (0, 3, 1, 2) or
+      tuple(dimension_numbers.rhs_spec) != (3, 2, 0, 1)):
+    raise ValueError(f'depthwise_conv_general_dilated expects NHWC/HWIO, got {dimension_numbers}')
+  padding = tuple(tuple(int(p) for p in pad) for pad in padding)
+  return _depthwise(lhs, rhs, padding)
 
 
 class Stem(nnx.Module):

@@ -103,6 +103,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
       sd = sd[wrapper]
       break
+  if not isinstance(sd, dict):
+    raise GleamError(f'{path!r} holds a {type(sd).__name__}, not a state dict; save the model\'s '
+                     f'state_dict() instead.')
   return {k: _to_numpy(v) for k, v in sd.items()}
 
 

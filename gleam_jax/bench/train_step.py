@@ -1,0 +1,223 @@
+"""GLEAM-C train step: ours (jitted, `gleam_jax.train.contrastive`) against PyTorch as Sample4Geo.
+
+  python -m gleam_jax.bench.train_step                       # configs/c_phase1.py as it is
+  python -m gleam_jax.bench.train_step --config.model.variant=tiny --config.batch_size=32 \
+      --config.data.panorama_size='(128, 256)' --config.model.dtype=bfloat16 --repeats=5
+
+Model, optimizer, batch size and image sizes (panorama -> query, satellite) come from `--config`.
+
+The PyTorch step is Sample4Geo's: transformers' `ConvNextModel` of the same depths and widths
+(+ the same Linear projection when the config has `embed_dim`), L2-normalised features, symmetric
+InfoNCE (`nn.CrossEntropyLoss(label_smoothing=0.1)` both ways) with a learnable log logit scale,
+AdamW, gradient clipping by global norm, one scheduler step. It runs eagerly and under
+`torch.compile` (model + loss; the optimizer step eager). All three run on the same batch
+(panoramas + satellite tiles) in one process; repeats are interleaved (ours, eager, compiled,
+ours, ...) so load from other processes falls on all of them alike, and the median is reported.
+"""
+import os
+import statistics
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "c_phase1.py"),
+    "Experiment config whose model, optimizer, batch and image sizes are benchmarked.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats.")
+_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
+_COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time the torch.compile variant.")
+_OUT = flags.DEFINE_string("out", None, "Append the result table to this Markdown file.")
+
+
+def bench_config():
+  config = _CONFIG.value
+  return config, tuple(config.data.panorama_size), tuple(config.data.satellite_size)
+
+
+def make_batch(batch, query, sat, seed=0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return {"query": rng.standard_normal((batch, *query, 3), dtype=np.float32),
+          "satellite": rng.standard_normal((batch, *sat, 3), dtype=np.float32)}
+
+
+class Ours:
+  """Our jitted step on a 1-device mesh, starting from the PyTorch model's weights (so the first
+  losses agree); `compile_s` is the trace + XLA compile time."""
+
+  def __init__(self, config, batch, torch_encoder):
+    import jax
+    import jax.numpy as jnp
+    from gleam_jax.models import convnext_params
+    from gleam_jax.train import contrastive
+    from gleam_jax.train import sharding as shd
+    model = contrastive.build_model(config.model, config.seed)
+    convnext_params.load_convnext_weights(model.encoder, torch_encoder.backbone.state_dict())
+    if model.projection is not None:
+      model.projection.kernel[...] = jnp.asarray(torch_encoder.projection.weight.detach().numpy().T)
+      model.projection.bias[...] = jnp.asarray(torch_encoder.projection.bias.detach().numpy())
+    mesh = shd.single_device_mesh()
+    self.setup, self.state = contrastive.create_train_state(
+        model, config.optim, config.total_steps, mesh, config.sharding_rules,
+        loss_name="infonce", label_smoothing=config.loss.label_smoothing, seed=config.seed)
+    self.batch = shd.shard_batch(batch, mesh)
+    step = contrastive.make_train_step(self.setup)
+    start = time.perf_counter()
+    self.compiled = step.jitted.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - start
+    self.state, metrics = self.compiled(self.state, self.batch)  # warm-up
+    self.loss0 = float(metrics["loss"])
+    jax.block_until_ready(self.state)
+
+  def run(self, steps):
+    import jax
+    metrics = None
+    for _ in range(steps):
+      self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+    return float(metrics["loss"])
+
+
+def torch_model(config):
+  """Sample4Geo's encoder on transformers' ConvNeXt: pooled+normed features (+ projection)."""
+  import math
+  import torch
+  from transformers import ConvNextConfig, ConvNextModel
+  from gleam_jax.models import convnext
+
+  ccfg = convnext.convnext_config(config.model.variant, depths=config.model.get("depths"),
+                                  dims=config.model.get("dims"))
+  embed_dim = config.model.get("embed_dim")
+
+  class Encoder(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.backbone = ConvNextModel(ConvNextConfig(depths=list(ccfg.depths),
+                                                   hidden_sizes=list(ccfg.dims),
+                                                   layer_norm_eps=1e-6))
+      self.projection = (torch.nn.Linear(ccfg.dims[-1], embed_dim) if embed_dim
+                         else torch.nn.Identity())
+      self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, query, satellite):
+      q = self.projection(self.backbone(query).pooler_output)
+      s = self.projection(self.backbone(satellite).pooler_output)
+      return q, s
+
+  return Encoder()
+
+
+def info_nce(q, s, logit_scale, label_smoothing):
+  """Sample4Geo's InfoNCE: CE over normalised-feature logits, both directions, averaged."""
+  import torch
+  import torch.nn.functional as F
+  q, s = F.normalize(q, dim=-1), F.normalize(s, dim=-1)
+  logits = logit_scale.exp() * q @ s.T
+  labels = torch.arange(len(q), device=q.device)
+  ce = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+  return (ce(logits, labels) + ce(logits.T, labels)) / 2
+
+
+class Torch:
+  """The Sample4Geo train step in PyTorch, eager or with `torch.compile`d model + loss."""
+
+  def __init__(self, config, batch, compile_):
+    import torch
+    torch.manual_seed(0)
+    self.model = torch_model(config).train()
+    opt = config.optim
+    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opt.lr,
+                                       betas=(opt.b1, opt.b2), eps=opt.eps,
+                                       weight_decay=opt.weight_decay)
+    self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+    self.clip = opt.clip_norm
+    # Channels-first, as Sample4Geo's data loader gives them.
+    self.query = torch.from_numpy(batch["query"].transpose(0, 3, 1, 2).copy())
+    self.satellite = torch.from_numpy(batch["satellite"].transpose(0, 3, 1, 2).copy())
+    smoothing = config.loss.label_smoothing
+
+    def forward_loss(query, satellite):
+      q, s = self.model(query, satellite)
+      return info_nce(q, s, self.model.logit_scale, smoothing)
+    self.forward_loss = torch.compile(forward_loss) if compile_ else forward_loss
+
+  def warm_up(self):
+    """Two steps (with torch.compile: the compilation, and any recompilation on the 2nd call)."""
+    start = time.perf_counter()
+    self.loss0 = self.run(1)
+    self.run(1)
+    self.compile_s = time.perf_counter() - start
+
+  def run(self, steps):
+    import torch
+    loss = None
+    for _ in range(steps):
+      self.optimizer.zero_grad(set_to_none=True)
+      loss = self.forward_loss(self.query, self.satellite)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+      self.optimizer.step()
+      self.scheduler.step()
+    return float(loss.detach())
+
+
+def main(argv):
+  del argv
+  import jax
+  import torch
+  torch.set_num_threads(_THREADS.value)
+  config, query, sat = bench_config()
+  b = config.batch_size
+  batch = make_batch(b, query, sat)
+  from gleam_jax.models import gleam_c
+  arch = gleam_c.backbone_config(config.model)
+  desc = (f"ConvNeXt {config.model.variant if not config.model.get('depths') else 'custom'} "
+          f"depths={arch.depths} dims={arch.dims} embed_dim={config.model.get('embed_dim')}, batch {b}, query {query[0]}x{query[1]}, "
+          f"satellite {sat[0]}x{sat[1]}, our dtype {config.model.dtype}, torch threads "
+          f"{torch.get_num_threads()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
+          f"torch {torch.__version__}, {os.cpu_count()} CPU cores, load avg "
+          f"{os.getloadavg()[0]:.1f}")
+  print(desc, flush=True)
+
+  eager = Torch(config, batch, compile_=False)  # same seed: same initial weights for all
+  runners = {"ours (jax.jit)": Ours(config, batch, eager.model), "torch eager": eager}
+  print(f"ours: compile {runners['ours (jax.jit)'].compile_s:.1f} s", flush=True)
+  eager.warm_up()
+  if _COMPILE.value:
+    runners["torch.compile"] = Torch(config, batch, compile_=True)
+    runners["torch.compile"].warm_up()
+    print(f"torch.compile: first two steps (compile) {runners['torch.compile'].compile_s:.1f} s",
+          flush=True)
+  for name, r in runners.items():
+    print(f"{name}: first loss {r.loss0:.4f}", flush=True)
+
+  rates = {name: [] for name in runners}
+  for rep in range(_REPEATS.value):
+    for name, runner in runners.items():
+      start = time.perf_counter()
+      runner.run(_STEPS.value)
+      rates[name].append(_STEPS.value / (time.perf_counter() - start))
+    print(f"repeat {rep + 1}: " + ", ".join(f"{n} {v[-1]:.3f} steps/s" for n, v in rates.items()),
+          flush=True)
+
+  median = {n: statistics.median(v) for n, v in rates.items()}
+  ours = median["ours (jax.jit)"]
+  best_torch = max((v, n) for n, v in median.items() if n != "ours (jax.jit)")
+  lines = [f"Setting: {desc}.", "",
+           "| step | steps/s (median) | pairs/s | ours / this |", "| --- | --- | --- | --- |"]
+  for name, v in median.items():
+    lines.append(f"| {name} | {v:.3f} | {v * b:.1f} | {ours / v:.2f}x |")
+  lines += ["", f"Our compile time: {runners['ours (jax.jit)'].compile_s:.1f} s. "
+            f"Ours vs the faster PyTorch variant ({best_torch[1]}): {ours / best_torch[0]:.2f}x."]
+  text = "\n".join(lines)
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, "a") as f:
+      f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
