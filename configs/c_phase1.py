@@ -5,7 +5,7 @@
     python -m gleam_jax.main --config=configs/c_phase1.py:sampler=gps,loss=sigmoid --workdir=...
 
 `arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
-`key=value` for the common knobs (variant, data, steps, batch, sampler, loss, lr). Any field can
+`key=value` for the common knobs (variant, data, res, steps, batch, sampler, loss, lr, modalities). Any field can
 be overridden on the command line (`--config.optim.lr=1e-3`); the config is locked, so a typo is
 an error.
 """
@@ -17,7 +17,7 @@ from gleam_jax.eval.retrieval import search_config
 from gleam_jax.models.gleam_c import model_config
 from gleam_jax.train.sharding import DEFAULT_RULES
 
-KNOBS = ("variant", "data", "steps", "batch", "sampler", "loss", "lr", "modalities")
+KNOBS = ("variant", "data", "res", "steps", "batch", "sampler", "loss", "lr", "modalities")
 
 
 def parse_arg(arg):
@@ -49,30 +49,36 @@ def base_config(arg, modalities):
     c.data = data_config(config="tiny", modalities=modalities, query_size=(32, 32), panorama_size=(32, 64),
                          satellite_size=(32, 32), read_threads=2)
   else:
-    c.data = data_config(config=knobs.get("data", "s64"), modalities=modalities)
+    # The s64 world read at 32 px: on a 2-core CPU this is what trains in minutes.
+    res = int(knobs.get("res", 32))
+    c.data = data_config(config=knobs.get("data", "s64"), modalities=modalities, query_size=(res, res),
+                         panorama_size=(res, 2 * res), satellite_size=(res, res))
   c.data.seed = seed
   c.data.sampler.name = knobs.get("sampler", "shuffle")
 
   if tiny:
     c.model = model_config(depths=(1, 1), dims=(8, 16), embed_dim=16)
   else:
-    c.model = model_config(variant=knobs.get("variant", "atto"), embed_dim=128)
+    if "variant" in knobs:
+      c.model = model_config(variant=knobs["variant"], embed_dim=128)
+    else:  # a small ConvNeXt (atto's layout at 4/5 width, fewer blocks): fast on CPU
+      c.model = model_config(depths=(1, 1, 3, 1), dims=(32, 64, 128, 256), embed_dim=128)
 
   c.loss = ml_collections.ConfigDict(dict(name=knobs.get("loss", "infonce"), label_smoothing=0.1))
 
   batch_size = config_dict.FieldReference(int(knobs.get("batch", 16 if tiny else 64)))
   c.batch_size = batch_size  # global batch (pairs per step), split over the mesh's data axes
-  c.total_steps = int(knobs.get("steps", 12 if tiny else 1200))
+  c.total_steps = int(knobs.get("steps", 12 if tiny else 500))
   c.total_epochs = config_dict.placeholder(float)  # when set, replaces total_steps
 
   c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=float(knobs.get("lr", 3e-3 if tiny else 1e-3)), b1=0.9, b2=0.999, eps=1e-8,
-      weight_decay=0.05, warmup_steps=2 if tiny else 100, min_lr_ratio=0.01, clip_norm=1.0,
+      name="adamw", lr=float(knobs.get("lr", 3e-3 if tiny else 2e-3)), b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.05, warmup_steps=2 if tiny else 50, min_lr_ratio=0.01, clip_norm=1.0,
       frozen=(), lr_mults=(), no_decay=(r"logit_scale",)))
 
   c.log_every_steps = 1 if tiny else 20
   c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 0 if tiny else 600  # 0: only at the end
+  c.eval.every_steps = 0  # 0: only at the end
   c.eval.at_end = True
   c.eval.splits = ("test", "test_cross_city")
   c.eval.modalities = config_dict.placeholder(tuple)  # default: the training modalities
@@ -81,7 +87,7 @@ def base_config(arg, modalities):
   c.eval.num_examples_png = 4 if tiny else 8
   c.eval.search = search_config()
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4 if tiny else 200, max_to_keep=2, async_save=True))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4 if tiny else 100, max_to_keep=2, async_save=True))
   c.dss_refresh_every_epochs = 1  # sampler 'dss': recompute satellite neighbours this often
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -161,3 +161,38 @@ def test_unknown_config_key_is_rejected(tmp_path):
        "--config.optim.learning_rate=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "learning_rate" in result.stderr
+
+
+def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, tmp_path, capsys):
+  from PIL import Image
+
+  from gleam_jax import retrieve
+  from gleam_jax.data import sources
+
+  source = sources.get_source(tiny_cfg, "test")
+  index = sources.get_index(tiny_cfg, "test", source)
+  gallery = tmp_path / "gallery"
+  gallery.mkdir()
+  rows = np.flatnonzero(index["modality"] == 2)[:5]  # panoramas of five locations
+  for r in rows:
+    Image.fromarray(source[int(r)]["satellite"]).save(gallery / f"loc{index['location_id'][r]}.png")
+  (gallery / "notes.txt").write_text("not an image")
+  query = tmp_path / "query.jpg"
+  Image.fromarray(source[int(rows[0])]["query"]).save(query)
+
+  top = retrieve.search(phase1_workdir, str(query), str(gallery), k=3)
+  out = capsys.readouterr().out
+  assert len(top) == 3 and "1 non-image files skipped" in out
+  scores = [s for _, s in top]
+  assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 for s in scores)
+  # The scores are the model's cosine similarities.
+  model, config = retrieve.load_model(phase1_workdir)
+  prep = lambda path, size: retrieve.prepare(retrieve.read_image(path), size, config.data)[None]
+  q = np.asarray(model.encode(prep(str(query), config.data.panorama_size), tower="query"))
+  g = np.asarray(model.encode(prep(top[0][0], config.data.satellite_size), tower="reference"))
+  np.testing.assert_allclose(float(q[0] @ g[0]), top[0][1], rtol=1e-4, atol=1e-5)
+  assert os.path.exists(os.path.join(phase1_workdir, "retrieve", "query_top3.png"))
+
+  (gallery / "broken.png").write_bytes(b"not a png")
+  with pytest.raises(GleamError, match="broken.png"):
+    retrieve.search(phase1_workdir, str(query), str(gallery), k=3)

@@ -1,0 +1,142 @@
+"""Retrieve the satellite images that match a query image with a trained GLEAM-C model.
+
+    python -m gleam_jax.retrieve --workdir=W --query=img.jpg --gallery=DIR [--k=5] [--modality=panorama]
+
+Loads the model described by `W/config.json` with the parameters of W's latest checkpoint, embeds
+every image in DIR (png, jpg, jpeg, bmp, tif, tiff, webp; other files are skipped and counted) as
+satellite references and the query with the query tower, prints the top-k gallery files with their
+cosine scores and writes a PNG of the query and its top-k (default `W/retrieve/<query>_top<k>.png`).
+Images are resized to the sizes the model was trained on (`config.data`).
+"""
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from gleam_jax.data.augment import normalise, resize
+from gleam_jax.data.config import query_shape
+from gleam_jax.errors import GleamError
+from gleam_jax.eval import report
+from gleam_jax.eval import retrieval
+from gleam_jax.train import checkpoint
+from gleam_jax.train import contrastive
+from gleam_jax.train import sharding as shd
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program: gleam_jax.main owns --workdir too)."""
+  flags.DEFINE_string("workdir", None, "Workdir of a finished (or running) GLEAM-C job.")
+  flags.DEFINE_string("query", None, "The query image (panorama, UAV view, street map or photo).")
+  flags.DEFINE_string("gallery", None, "Folder of satellite images to search.")
+  flags.DEFINE_integer("k", 5, "How many gallery images to show.")
+  flags.DEFINE_string("modality", None, "Query modality (sets its input size); default: the job's first "
+                      "training modality.")
+  flags.DEFINE_string("out", None, "PNG to write (default W/retrieve/<query>_top<k>.png).")
+
+
+def load_config(workdir):
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise GleamError(f"{path} not found: --workdir must be the folder of a GLEAM-C training job.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_model(workdir):
+  """(model in eval mode, config) with the parameters of the workdir's latest checkpoint."""
+  config = load_config(workdir)
+  if config.get("trainer") != "contrastive":
+    raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; retrieval needs a GLEAM-C "
+                     "('contrastive') job.")
+  model = contrastive.build_model(config.model, int(config.seed))
+  graphdef, params, rng_state, rest = contrastive.split_model(model)
+  mesh = shd.single_device_mesh()
+  target = {"model": jax.device_put(contrastive.nnx.to_pure_dict(params), shd.replicated(mesh))}
+  if config.loss.name == "sigmoid":
+    target["loss_bias"] = jax.device_put(np.float32(0), shd.replicated(mesh))
+  restored, where = checkpoint.restore_params(workdir, target)
+  model = contrastive.nnx.merge(graphdef, restored["model"], rng_state, rest)
+  model.eval()
+  print(f"model from {where}")
+  return model, config
+
+
+def read_image(path):
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert("RGB"))
+  except (OSError, ValueError) as e:
+    raise GleamError(f"cannot read image {path} ({e}); replace or remove the file.") from None
+
+
+def gallery_files(folder):
+  if not os.path.isdir(folder):
+    raise GleamError(f"--gallery={folder} is not a folder of satellite images.")
+  names = sorted(os.listdir(folder))
+  files = [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+  skipped = len([n for n in names if os.path.isfile(os.path.join(folder, n))]) - len(files)
+  if not files:
+    raise GleamError(f"--gallery={folder} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+  return files, skipped
+
+
+def prepare(image, size, data_cfg):
+  return normalise(resize(image, tuple(size)), tuple(data_cfg.mean), tuple(data_cfg.std))
+
+
+def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None):
+  """Prints and returns the top-k [(file, score)]; writes the PNG."""
+  model, config = load_model(workdir)
+  data_cfg = config.data
+  modality = modality or tuple(data_cfg.modalities)[0]
+  query_raw = read_image(query_path)
+  files, skipped = gallery_files(gallery_dir)
+  gallery_raw = [read_image(f) for f in files]
+  batch_size = 64
+  batches = [{"image": np.stack([prepare(g, data_cfg.satellite_size, data_cfg) for g in gallery_raw[i:i + batch_size]]),
+              "index": np.arange(i, min(i + batch_size, len(files)))} for i in range(0, len(files), batch_size)]
+  gallery, _ = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)
+  query_image = prepare(query_raw, query_shape(data_cfg, modality), data_cfg)[None]
+  query = np.asarray(jax.jit(lambda x: model.encode(x, tower="query"))(query_image))
+  scores = (gallery @ query[0]).astype(np.float32)
+  k = min(k, len(files))
+  top = np.argsort(-scores, kind="stable")[:k]
+  print(f"query {query_path} ({modality}); gallery {len(files)} images in {gallery_dir}"
+        + (f" ({skipped} non-image files skipped)" if skipped else ""))
+  for rank, i in enumerate(top, 1):
+    print(f"{rank:3d}. {scores[i]:.4f}  {files[i]}")
+  out = out or os.path.join(workdir, "retrieve",
+                            f"{os.path.splitext(os.path.basename(query_path))[0]}_top{k}.png")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  report.save_topk_png(query_raw, [gallery_raw[i] for i in top], scores[top], out)
+  print(f"wrote {out}")
+  return [(files[i], float(scores[i])) for i in top]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  missing = [f"--{n}" for n in ("workdir", "query", "gallery") if not FLAGS[n].value]
+  if missing:
+    print(f"error: {', '.join(missing)} required.", file=sys.stderr)
+    sys.exit(2)
+  try:
+    search(os.path.expanduser(FLAGS.workdir), FLAGS.query, FLAGS.gallery, FLAGS.k, FLAGS.modality, FLAGS.out)
+  except GleamError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
