@@ -6,7 +6,6 @@
 
 See docs/synthetic_world.md for the world, the view conventions and the baselines.
 """
-from gleam_jax.data.synthetic.figure import save_views_figure
 from gleam_jax.data.synthetic.render import project_point
 from gleam_jax.data.synthetic.render import render_location
 from gleam_jax.data.synthetic.spec import DEFAULT_PRESET
@@ -17,3 +16,9 @@ from gleam_jax.data.synthetic.spec import VIEWS
 from gleam_jax.data.synthetic.spec import WorldSpec
 from gleam_jax.data.synthetic.spec import spec_from_name
 from gleam_jax.data.synthetic.spec import split_location_ids
+
+
+def save_views_figure(spec, location_id, path, rows=1):
+  """PNG of a location's views side by side (see `figure.py`, also runnable as a module)."""
+  from gleam_jax.data.synthetic import figure  # not at import time: `python -m ...figure` runs it
+  figure.save_views_figure(spec, location_id, path, rows=rows)

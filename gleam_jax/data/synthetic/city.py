@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from gleam_jax.data.synthetic.spec import VIEW_MARGIN_M
+
 # Classes of the `cls` raster.
 LAND, PARK, FIELD, WATER, PLAZA, FOOTPATH, RESIDENTIAL, PRIMARY, MOTORWAY, BUILDING, TREE, MARKER = range(12)
 CLASS_NAMES = ("land", "park", "field", "water", "plaza", "footpath", "residential", "primary",
@@ -282,7 +284,7 @@ def _draw_fields(cv, rng, urban):
   cv.cls[out] = FIELD
 
 
-def _draw_river(cv, rng, style):
+def _draw_river(cv, rng):
   n = cv.n
   width = rng.uniform(18, 40)
   ang = rng.uniform(0, math.pi)
@@ -346,7 +348,7 @@ def _draw_park_paths(cv, rng, parks):
         cv.top[sl][mask] = path
 
 
-def _draw_roads(cv, rng, style, segs):
+def _draw_roads(cv, style, segs):
   colours = {FOOTPATH: np.array((185, 170, 140), np.float32), RESIDENTIAL: style.asphalt_rgb * 1.12,
              PRIMARY: style.asphalt_rgb, MOTORWAY: style.asphalt_rgb * 0.8}
   marking = np.array((225, 225, 215), np.float32)
@@ -380,8 +382,9 @@ def _draw_plazas(cv, rng, style, segs):
     ang = math.atan2(y1 - y0, x1 - x0)
     half = rng.uniform(10, 20)
     side = rng.choice((-1, 1))
-    off = ROAD_WIDTH_M[k] / 2 + half
-    cx, cy = x0 - side * off * math.sin(ang) + off * math.cos(ang), y0 + side * off * math.cos(ang) + off * math.sin(ang)
+    along, across = ROAD_WIDTH_M[k] / 2 + half, side * (ROAD_WIDTH_M[k] / 2 + half)  # beside the road
+    cx = x0 + along * math.cos(ang) - across * math.sin(ang)
+    cy = y0 + along * math.sin(ang) + across * math.cos(ang)
     r = cv.rect(cx, cy, half, half, ang)
     if r is None:
       continue
@@ -567,7 +570,7 @@ def _wall_shading(cv):
   cv.side[bi, bj] *= (0.55 + 0.6 * lit)[:, None]
 
 
-def _street_map(cls, ground_cls):
+def _street_map(ground_cls):
   """Flat map colours: land use, roads with a casing, buildings with an outline; no trees."""
   rgb = MAP_RGB[ground_cls].copy()
   pad = np.pad(ground_cls, 1, mode="edge")
@@ -601,10 +604,10 @@ def build_city(seed, city, size_m):
   del yy, xx, ang, wobble
   _draw_fields(cv, rng, urban)
   if style.river:
-    _draw_river(cv, rng, style)
+    _draw_river(cv, rng)
   parks = _draw_parks(cv, rng, style, int(urban.sum()))
   segs = _road_network(style, rng, n)
-  _draw_roads(cv, rng, style, segs)
+  _draw_roads(cv, style, segs)
   _draw_park_paths(cv, rng, parks)
   _draw_plazas(cv, rng, style, segs)
   _draw_buildings(cv, rng, style, segs, urban)
@@ -631,7 +634,7 @@ def build_city(seed, city, size_m):
   lon = float(rng.uniform(-170, 170))
   return City(index=city, name=names[city % len(names)] + ("" if city < len(names) else f" {city}"),
               style=style, origin_latlon=(lat, lon), height=cv.height,
-              top=_rgba(cv.top), side=_rgba(cv.side), cls=cv.cls, map_rgb=_rgba(_street_map(cv.cls, ground_cls)),
+              top=_rgba(cv.top), side=_rgba(cv.side), cls=cv.cls, map_rgb=_rgba(_street_map(ground_cls)),
               candidates=candidates,
               block_max=_block_max(cv.height))
 
@@ -666,7 +669,6 @@ def _rgba(rgb):
 
 
 def _interior(n):
-  from gleam_jax.data.synthetic.spec import VIEW_MARGIN_M
   m = int(VIEW_MARGIN_M) + 1
   inside = np.zeros((n, n), bool)
   inside[m:n - m, m:n - m] = True

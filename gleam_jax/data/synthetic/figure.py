@@ -4,8 +4,6 @@
 """
 import argparse
 
-import numpy as np
-
 from gleam_jax.data.synthetic import render
 from gleam_jax.data.synthetic import spec as spec_lib
 

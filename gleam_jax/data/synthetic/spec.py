@@ -59,6 +59,9 @@ class WorldSpec:
     _check_float(self, "uav_fov_deg", 10.0, 170.0)
     for name in ("uav_altitude_m", "uav_radius_m"):
       value = getattr(self, name)
+      if isinstance(value, list):  # as it comes from a config file
+        value = tuple(value)
+        object.__setattr__(self, name, value)
       if (not isinstance(value, tuple) or len(value) != 2
           or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
           or not 5.0 <= value[0] <= value[1] <= 150.0):
