@@ -26,6 +26,7 @@ ROAD_WIDTH_M = {FOOTPATH: 2.0, RESIDENTIAL: 7.0, PRIMARY: 12.0, MOTORWAY: 22.0}
 LOCATION_CLASSES = (FOOTPATH, RESIDENTIAL, PRIMARY, PLAZA)  # where a street-level camera may stand
 MAX_BUILDING_M = 60.0
 BLOCK_M = 32
+LOCATION_TILE_M = 40  # locations are spread over tiles of this size (see render.location_cell)
 ROOF_JITTER = 20.0  # per-building spread of roof colour around the city palette
 
 # Street-map palette (OpenStreetMap-like, the same in every city).
@@ -139,7 +140,9 @@ class City:
   side: np.ndarray  # (N, N, 4): colour of the vertical faces of a cell (lit by facing)
   cls: np.ndarray  # (N, N) uint8
   map_rgb: np.ndarray  # (N, N, 4): the street-map rendering
-  candidates: np.ndarray  # flat indices of cells where a location may be
+  candidates: np.ndarray  # flat indices of cells where a location may be, grouped by tile
+  tile_starts: np.ndarray  # candidates[tile_starts[t]:tile_starts[t + 1]] lie in tile t
+  tile_order: np.ndarray  # a seeded permutation of the tiles: the k-th location uses tile_order[k]
   block_max: np.ndarray  # (N/BLOCK_M, N/BLOCK_M) highest point of each block, to bound ray marches
 
 
@@ -628,6 +631,7 @@ def build_city(seed, city, size_m):
   cv.side[no_side] = cv.top[no_side]
   candidates = np.flatnonzero(_class_set(*LOCATION_CLASSES)[ground_cls] & _open_ground(cv.height)
                               & _interior(n))
+  candidates, tile_starts, tile_order = _tiles(candidates, n, rng)
   names = list(CITY_NAMES)
   np.random.default_rng((seed, 9)).shuffle(names)
   lat = float(rng.uniform(-45, 60))
@@ -635,7 +639,7 @@ def build_city(seed, city, size_m):
   return City(index=city, name=names[city % len(names)] + ("" if city < len(names) else f" {city}"),
               style=style, origin_latlon=(lat, lon), height=cv.height,
               top=_rgba(cv.top), side=_rgba(cv.side), cls=cv.cls, map_rgb=_rgba(_street_map(ground_cls)),
-              candidates=candidates,
+              candidates=candidates, tile_starts=tile_starts, tile_order=tile_order,
               block_max=_block_max(cv.height))
 
 
@@ -666,6 +670,18 @@ def _rgba(rgb):
   out = np.full(rgb.shape[:2] + (4,), 255, np.uint8)
   out[..., :3] = np.clip(rgb, 0, 255)
   return out
+
+
+def _tiles(candidates, n, rng):
+  """Groups candidate cells by LOCATION_TILE_M tiles (tiles without a candidate dropped)."""
+  per_row = -(-n // LOCATION_TILE_M)
+  i, j = np.divmod(candidates, n)
+  tile = (i // LOCATION_TILE_M) * per_row + j // LOCATION_TILE_M
+  order = np.argsort(tile, kind="stable")
+  candidates, tile = candidates[order], tile[order]
+  starts = np.flatnonzero(np.diff(tile, prepend=-1))
+  tile_starts = np.append(starts, len(candidates))
+  return candidates, tile_starts, rng.permutation(len(starts))
 
 
 def _interior(n):

@@ -66,8 +66,14 @@ def location_cell(spec, location_id, city):
   if len(city.candidates) == 0:
     raise GleamError(f"city {city.index} of the synthetic world has no streets to stand on: "
                      "increase city_size_m.")
+  _, k = spec_lib.location_city_and_index(spec, location_id)
+  # the k-th location of a city stands in the k-th tile of the city's tile order, so nearby
+  # locations (train or test) rarely share a place
+  n_tiles = len(city.tile_starts) - 1
+  tile = city.tile_order[k % n_tiles]
+  lo, hi = city.tile_starts[tile], city.tile_starts[tile + 1]
   rng = spec_lib.location_rng(spec, location_id, 0)
-  flat = int(city.candidates[rng.integers(len(city.candidates))])
+  flat = int(city.candidates[lo + rng.integers(hi - lo)])
   return divmod(flat, city.height.shape[1])
 
 

@@ -146,11 +146,16 @@ def location_split(spec, location_id):
 
 def location_city(spec, location_id):
   """Same-area cities take train and test locations in turn; held-out cities the cross-city ones."""
+  return location_city_and_index(spec, location_id)[0]
+
+
+def location_city_and_index(spec, location_id):
+  """(city, k): the location is the k-th of its city (train first, then test; or cross-city)."""
   split = location_split(spec, location_id)
   if split == "test_cross_city":
-    k = location_id - spec.train_locations - spec.test_locations
-    return spec.same_area_cities + int(k % spec.cross_city)
-  return int(location_id % spec.same_area_cities)
+    k = int(location_id) - spec.train_locations - spec.test_locations
+    return spec.same_area_cities + k % spec.cross_city, k // spec.cross_city
+  return int(location_id) % spec.same_area_cities, int(location_id) // spec.same_area_cities
 
 
 def location_rng(spec, location_id, stream):
