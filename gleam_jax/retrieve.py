@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 import jax
 import ml_collections
+from flax import nnx
 import numpy as np
 from PIL import Image
 
@@ -61,11 +62,11 @@ def load_model(workdir):
   model = contrastive.build_model(config.model, int(config.seed))
   graphdef, params, rng_state, rest = contrastive.split_model(model)
   mesh = shd.single_device_mesh()
-  target = {"model": jax.device_put(contrastive.nnx.to_pure_dict(params), shd.replicated(mesh))}
+  target = {"model": jax.device_put(nnx.to_pure_dict(params), shd.replicated(mesh))}
   if config.loss.name == "sigmoid":
     target["loss_bias"] = jax.device_put(np.float32(0), shd.replicated(mesh))
   restored, where = checkpoint.restore_params(workdir, target)
-  model = contrastive.nnx.merge(graphdef, restored["model"], rng_state, rest)
+  model = nnx.merge(graphdef, restored["model"], rng_state, rest)
   model.eval()
   print(f"model from {where}")
   return model, config

@@ -39,18 +39,24 @@ def _setup(mesh, loss="infonce", drop_path=0.0, **optim_kw):
   return contrastive.create_train_state(_model(drop_path), _optim(**optim_kw), 20, mesh, RULES, loss_name=loss)
 
 
+@pytest.fixture(scope="module")
+def single_device_grads():
+  setup, state = _setup(shd.single_device_mesh(), drop_path=0.1)
+  return contrastive.make_grad_fn(setup)(state, _batch())
+
+
 @pytest.mark.parametrize("mesh_cfg", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1)])
-def test_loss_and_grads_match_single_device(mesh_cfg):
+def test_loss_and_grads_match_single_device(mesh_cfg, single_device_grads):
   batch = _batch()
-  setup1, state1 = _setup(shd.single_device_mesh(), drop_path=0.1)
-  loss1, grads1 = contrastive.make_grad_fn(setup1)(state1, batch)
+  loss1, grads1 = single_device_grads
   setup8, state8 = _setup(shd.make_mesh(mesh_cfg), drop_path=0.1)
   loss8, grads8 = contrastive.make_grad_fn(setup8)(state8, shd.shard_batch(batch, setup8.mesh))
   np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
   flat1 = jax.tree_util.tree_leaves_with_path(grads1)
   flat8 = dict(jax.tree_util.tree_leaves_with_path(grads8))
   for path, g1 in flat1:
-    np.testing.assert_allclose(np.asarray(flat8[path]), np.asarray(g1), rtol=2e-4, atol=2e-6,
+    g1 = np.asarray(g1)  # float32 sums in another order: tolerance relative to the gradient's scale
+    np.testing.assert_allclose(np.asarray(flat8[path]), g1, rtol=2e-4, atol=1e-4 * np.abs(g1).max() + 1e-7,
                                err_msg=jax.tree_util.keystr(path))
 
 
@@ -85,28 +91,19 @@ def test_loss_falls_and_step_reports_metrics():
   assert 0 < float(metrics["grad_norm"]) and 1.0 < float(metrics["logit_scale"]) <= 100.0
 
 
-def test_sigmoid_loss_trains_its_bias():
-  setup, state = _setup(shd.single_device_mesh(), loss="sigmoid")
-  bias0 = float(state["params"]["loss_bias"])
-  step = contrastive.make_train_step(setup)
-  for _ in range(3):
-    state, metrics = step(state, _batch())
-  assert float(state["params"]["loss_bias"]) != bias0
-  assert np.isfinite(float(metrics["loss"]))
-
-
-def test_frozen_parameters_do_not_move():
-  setup, state = _setup(shd.single_device_mesh(), frozen=(r"^model/encoder/stem/",))
+def test_sigmoid_loss_with_frozen_stem():
+  """The sigmoid loss trains its bias; frozen parameters do not move, the others do."""
+  setup, state = _setup(shd.single_device_mesh(), loss="sigmoid", frozen=(r"^model/encoder/stem/",))
   before = jax.tree.map(np.asarray, state["params"])
   step = contrastive.make_train_step(setup)
   for _ in range(2):  # the first step has learning rate 0 (warmup)
-    state, _ = step(state, _batch())
-  after = state["params"]
-  stem_b, stem_a = before["model"]["encoder"]["stem"], after["model"]["encoder"]["stem"]
-  for a, b in zip(jax.tree.leaves(stem_a), jax.tree.leaves(stem_b)):
-    np.testing.assert_array_equal(np.asarray(a), b)
-  assert not np.allclose(np.asarray(after["model"]["projection"]["kernel"]),
-                         before["model"]["projection"]["kernel"])
+    state, metrics = step(state, _batch())
+  after = jax.tree.map(np.asarray, state["params"])
+  assert np.isfinite(float(metrics["loss"]))
+  assert after["loss_bias"] != before["loss_bias"]
+  for a, b in zip(jax.tree.leaves(after["model"]["encoder"]["stem"]), jax.tree.leaves(before["model"]["encoder"]["stem"])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.allclose(after["model"]["projection"]["kernel"], before["model"]["projection"]["kernel"])
 
 
 def test_batch_that_does_not_divide_fails_before_compiling():
