@@ -244,3 +244,17 @@ def test_views_figure_is_written(tmp_path):
   synthetic.save_views_figure(TINY, 0, str(path))
   w, h = Image.open(path).size
   assert w > 2 * h > 0
+
+
+def test_cameras_stand_in_open_space():
+  spec = TINY
+  for lid in range(spec.num_locations):
+    _, scene = render.location_scene(spec, lid)
+    near = scene.height[scene.i0 - 2:scene.i0 + 2, scene.j0 - 2:scene.j0 + 2]
+    assert near.max() < 0.3, lid  # street cameras: 2 m of open ground around
+    for cam in render.uav_cameras(spec, lid):
+      x, y, z = cam["position_m"]
+      i, j = int(scene.i0 - y), int(scene.j0 + x)
+      below = scene.height[max(i - 20, 0):i + 21, max(j - 20, 0):j + 21]
+      assert z >= below.max() + render.UAV_CLEARANCE_M - 1e-6, lid
+      assert spec.uav_altitude_m[0] <= z
