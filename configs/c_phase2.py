@@ -10,7 +10,7 @@ exist. Presets as in c_phase1 (`:tiny`, `key=value`).
 Measured (2-core CPU dev box, shared), from the 500-step phase-1 result (test panorama R@1 36.5%):
 `steps=300` at lr 2e-3 and `steps=600,lr=5e-4` (~100-150 pairs/s) both stayed near chance on the
 1,000 test locations: R@1 uav 2.9%, streetmap 0.1%, panorama 6.9%, ground 1.2% (the 600-step run).
-Phase 2 does not reach its target at these budgets; see the project notes.
+Phase 2 does not reach R@1 50% at these budgets.
 """
 import os
 import sys
