@@ -9,15 +9,15 @@ The layout and parameter names follow timm / Hugging Face so checkpoints map one
   head_norm                                    LayerNorm after global average pooling
 
 A block is 7x7 depthwise conv -> LayerNorm -> Linear 4x -> GELU (exact erf, as timm/HF) -> Linear
--> layer scale -> drop path + residual. Parameters are float32 and carry logical axis names
+-> layer scale -> drop path + residual. The depthwise conv runs as fused shifted multiply-adds
+(`depthwise_conv_general_dilated`; XLA:CPU's grouped convolution is slow). Parameters are float32 and carry logical axis names
 (see `gleam_jax.models`); `dtype` sets the compute dtype. Drop path is active in `model.train()`
 mode (NNX default after construction) and draws from the 'dropout' rng stream; `model.eval()`
 turns it off.
 """
 import dataclasses
-from typing import Sequence
-
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -186,7 +186,6 @@ class Block(nnx.Module):
     # Per-sample mask (broadcast over H, W, C) scaled by 1/keep: stochastic depth.
     self.drop_path = (nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs)
                       if drop_path > 0 else None)
-    self.dtype = dtype
 
   def __call__(self, x):
     y = self.dwconv(x)
