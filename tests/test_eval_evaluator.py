@@ -57,10 +57,10 @@ def test_cvusa_protocol_end_to_end_reports(tmp_path):
       assert out[f"eval/test/{modality}/{name}"] == 1.0
   rows = read_metrics(workdir)
   assert len(rows) == 1 and rows[0]["step"] == 7 and rows[0]["eval/test/drone/R@1"] == 1.0
-  summary = open(os.path.join(workdir, "eval", "summary.md")).read()
-  assert summary == open(os.path.join(workdir, "eval", "summary_step7.md")).read()
+  summary = open(os.path.join(workdir, "eval", "test", "summary.md")).read()
+  assert summary == open(os.path.join(workdir, "eval", "test", "summary_step7.md")).read()
   assert "| panorama | 100.00 | 100.00 | 100.00 | 100.00 |" in summary
-  step_dir = os.path.join(workdir, "eval", "step7")
+  step_dir = os.path.join(workdir, "eval", "test", "step7")
   for name in ("panorama_top5.png", "drone_top5.png", "recall_curve.png", "panorama_recall_curve.png"):
     assert os.path.getsize(os.path.join(step_dir, name)) > 1000
 

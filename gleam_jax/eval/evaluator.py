@@ -56,8 +56,8 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
   'semi_positive_ids' (location ids of the semi-positive satellites, -1 padded). A re-iterable
   gallery (a list, a grain dataset) is read a second time for the few images shown in the PNGs; a
   one-shot iterator keeps a thumbnail of every gallery image instead.
-  Writes `eval/<split>/<modality>/<metric>` rows to metrics.jsonl, `<workdir>/eval/summary*.md`,
-  and PNGs under `<workdir>/eval/step<step>/`. Returns the flat metrics dict.
+  Writes `eval/<split>/<modality>/<metric>` rows to metrics.jsonl, `<workdir>/eval/<split>/summary*.md`,
+  and PNGs under `<workdir>/eval/<split>/step<step>/`. Returns the flat metrics dict.
   """
   metrics_lib.check_protocol(protocol)
   search_cfg = search_cfg or retrieval.search_config()
@@ -110,8 +110,8 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
             f"took {format_eta(time.perf_counter() - t0)}."]
     if metrics_lib.one_percent(num_gallery) == 0:
       info.append("R@1% is left out: the gallery has fewer than 100 items (K = R // 100 = 0).")
-    report.write_summary(workdir, step, report.summary_markdown(step, protocol, split, by_modality, info))
-    out_dir = os.path.join(workdir, "eval", f"step{step}")
+    report.write_summary(workdir, step, split, report.summary_markdown(step, protocol, split, by_modality, info))
+    out_dir = os.path.join(workdir, "eval", split, f"step{step}")
     report.save_recall_curve_png(curves, os.path.join(out_dir, "recall_curve.png"), num_gallery,
                                  title=f"{split} R@K, step {step}")
     for modality, curve in curves.items():

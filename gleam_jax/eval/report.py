@@ -131,9 +131,10 @@ def summary_markdown(step, protocol, split, metrics_by_modality, info=()):
   return "\n".join(lines) + "\n"
 
 
-def write_summary(workdir, step, text):
-  """`<workdir>/eval/summary_step{step}.md` and the same text as `<workdir>/eval/summary.md`."""
-  directory = os.path.join(workdir, "eval")
+def write_summary(workdir, step, split, text):
+  """`<workdir>/eval/<split>/summary_step{step}.md` and the same text as
+  `<workdir>/eval/<split>/summary.md` (the latest)."""
+  directory = os.path.join(workdir, "eval", split)
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f"summary_step{step}.md")
   for p in (path, os.path.join(directory, "summary.md")):
