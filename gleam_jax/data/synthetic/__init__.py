@@ -13,6 +13,7 @@ from gleam_jax.data.synthetic.spec import MODALITIES
 from gleam_jax.data.synthetic.spec import PRESETS
 from gleam_jax.data.synthetic.spec import SPLITS
 from gleam_jax.data.synthetic.spec import VIEWS
+from gleam_jax.data.synthetic.spec import WORLD_VERSION
 from gleam_jax.data.synthetic.spec import WorldSpec
 from gleam_jax.data.synthetic.spec import spec_from_name
 from gleam_jax.data.synthetic.spec import split_location_ids

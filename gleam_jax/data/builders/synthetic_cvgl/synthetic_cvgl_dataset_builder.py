@@ -44,8 +44,11 @@ class SyntheticCvglConfig(tfds.core.BuilderConfig):
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Synthetic CVGL pairs; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version(synthetic.WORLD_VERSION)
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "1.1.0": "Locations spread over 40 m tiles; street cameras clear of trees and walls.",
+  }
   BUILDER_CONFIGS = [SyntheticCvglConfig(preset=p) for p in synthetic.PRESETS]
   DEFAULT_CONFIG_NAME = "s64"
 
