@@ -34,12 +34,14 @@ Inputs follow HF: `pixel_values` (num_patches, C*T*P*P) flattened patches of all
 with `image_token_id` placeholders (one per merged token); 3-D `position_ids` from
 `rope.get_rope_index`; `attention_mask` (B, L) with 1 for real tokens (left padding).
 """
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax._src.interpreters import partial_eval  # pylint: disable=g-direct-jax-internal-import
 
 import gleam_jax.models  # noqa: F401  (logical sharding metadata only, no eager placement)
 from gleam_jax.errors import GleamError
@@ -365,6 +367,28 @@ def shard_model(model: Qwen2_5_VL, mesh, rules=QWEN_SHARDING_RULES) -> Qwen2_5_V
   return model
 
 
+@contextlib.contextmanager
+def no_tracer_origin_messages():
+  """Makes `nnx.eval_shape` of a big model linear in time again (jax-ml/jax#40041, fixed after jax 0.10).
+
+  flax NNX's `Variable.set_value` probes `getattr(value, 'sharding', None)`; on a tracer that raises an
+  AttributeError whose message walks every equation traced so far, so building the abstract 3B model
+  is quadratic (~30 s instead of ~2 s). The message is text that `getattr` throws away; this context
+  leaves it empty.
+  """
+  tracer = getattr(partial_eval, "DynamicJaxprTracer", None)
+  original = getattr(tracer, "_origin_msg", None)
+  if original is None:
+    yield
+    return
+  tracer._origin_msg = lambda self: ""  # pylint: disable=protected-access
+  try:
+    yield
+  finally:
+    tracer._origin_msg = original  # pylint: disable=protected-access
+
+
 def abstract_model(cfg: Qwen2_5_VLConfig) -> Qwen2_5_VL:
   """The model with `jax.ShapeDtypeStruct` leaves (nothing allocated), for weight loading."""
-  return nnx.eval_shape(functools.partial(create_model, cfg))
+  with no_tracer_origin_messages():
+    return nnx.eval_shape(functools.partial(create_model, cfg))

@@ -22,7 +22,6 @@ process only places its own shards), then unmapped, while the kernel already rea
 the model plus about that many tensors.
 """
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import os
@@ -34,7 +33,6 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 from flax import nnx, traverse_util
-from jax._src.interpreters import partial_eval  # pylint: disable=g-direct-jax-internal-import
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import config as config_lib
@@ -263,33 +261,6 @@ def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
   return nnx.merge(graphdef, state)
 
 
-@contextlib.contextmanager
-def no_tracer_origin_messages():
-  """Makes `nnx.eval_shape` of a big model linear in time again (jax-ml/jax#40041, fixed after jax 0.10).
-
-  flax NNX's `Variable.set_value` probes `getattr(value, 'sharding', None)`; on a tracer that raises an
-  AttributeError whose message walks every equation traced so far, so building the abstract 3B model
-  is quadratic (~30 s instead of ~2 s). The message is text that `getattr` throws away; this context
-  leaves it empty.
-  """
-  tracer = getattr(partial_eval, "DynamicJaxprTracer", None)
-  original = getattr(tracer, "_origin_msg", None)
-  if original is None:
-    yield
-    return
-  tracer._origin_msg = lambda self: ""  # pylint: disable=protected-access
-  try:
-    yield
-  finally:
-    tracer._origin_msg = original  # pylint: disable=protected-access
-
-
-def abstract_model(cfg: config_lib.Qwen2_5_VLConfig) -> modeling.Qwen2_5_VL:
-  """`modeling.abstract_model` without the quadratic tracing cost."""
-  with no_tracer_origin_messages():
-    return modeling.abstract_model(cfg)
-
-
 def load_pretrained(directory: str, cfg: config_lib.Qwen2_5_VLConfig | None = None, *, mesh=None,
                     rules=config_lib.QWEN_SHARDING_RULES, shardings=None,
                     param_dtype: str | None = None, threads: int = 4) -> modeling.Qwen2_5_VL:
@@ -299,5 +270,5 @@ def load_pretrained(directory: str, cfg: config_lib.Qwen2_5_VLConfig | None = No
   cfg = cfg or config_lib.from_pretrained_dir(directory)
   if param_dtype is not None:
     cfg = cfg.replace(param_dtype=param_dtype)
-  return load_into(abstract_model(cfg), directory, shardings=shardings, mesh=mesh, rules=rules,
+  return load_into(modeling.abstract_model(cfg), directory, shardings=shardings, mesh=mesh, rules=rules,
                    threads=threads)
