@@ -38,28 +38,11 @@ DTYPE_BYTES = 2  # bfloat16
 
 
 def hf_config_dict(cfg) -> dict:
-  """A `Qwen2_5_VLConfig` dict (as the real config.json, nested) for our config."""
-  v, t = cfg.vision, cfg.text
-  text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-              num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-              num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
-              max_position_embeddings=t.max_position_embeddings, hidden_act="silu",
-              tie_word_embeddings=cfg.tie_word_embeddings, model_type="qwen2_5_vl_text",
-              bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_ids[0], pad_token_id=cfg.pad_token_id,
-              rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta,
-                                   mrope_section=list(t.mrope_section)))
-  vision = dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                num_heads=v.num_heads, in_chans=v.in_channels, out_hidden_size=v.out_hidden_size,
-                patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
-                temporal_patch_size=v.temporal_patch_size, window_size=v.window_size,
-                fullatt_block_indexes=list(v.fullatt_block_indexes), tokens_per_second=v.tokens_per_second,
-                hidden_act="silu", model_type="qwen2_5_vl")
-  return dict(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
-              text_config=text, vision_config=vision, tie_word_embeddings=cfg.tie_word_embeddings,
-              image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-              vision_start_token_id=cfg.vision_start_token_id, vision_end_token_id=cfg.vision_end_token_id,
-              bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_ids[0], pad_token_id=cfg.pad_token_id,
-              dtype="bfloat16")
+  """A `Qwen2_5_VLConfig` dict (as the real config.json, nested) for our config, stored in bfloat16."""
+  from gleam_jax.models.qwen2_5_vl import config as config_lib  # pylint: disable=g-import-not-at-top
+  config_dict = config_lib.to_hf(cfg).to_dict()
+  config_dict.update(architectures=["Qwen2_5_VLForConditionalGeneration"], dtype="bfloat16")
+  return config_dict
 
 
 def checkpoint_tensors(config_dict) -> list[tuple[str, tuple[int, ...]]]:
