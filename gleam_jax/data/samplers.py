@@ -76,22 +76,23 @@ def fill_batches(slot_locs, batch_size, rng, neighbours=None, per_anchor=0, neig
     batch.append(s)
     batch_locs.add(int(slot_locs[s]))
 
+  def fits(s):
+    """An unused slot whose location is not in the batch yet; one that clashes waits in `deferred`."""
+    if used[s]:
+      return False
+    if int(slot_locs[s]) in batch_locs:
+      deferred.append(s)
+      return False
+    return True
+
   def next_anchor():
     for _ in range(len(deferred)):
       s = deferred.popleft()
-      if used[s]:
-        continue
-      if int(slot_locs[s]) in batch_locs:
-        deferred.append(s)
-        continue
-      return s
+      if fits(s):
+        return s
     for s in main:
-      if used[s]:
-        continue
-      if int(slot_locs[s]) in batch_locs:
-        deferred.append(s)
-        continue
-      return s
+      if fits(s):
+        return s
     return None
 
   while (anchor := next_anchor()) is not None:
