@@ -3,9 +3,11 @@
 Training (`make_train_stream`): the sampler orders each epoch's records (unique locations per
 batch, hard negatives); each process reads its slice of every global batch:
 
-  MapDataset.source(this process's records of the epoch)
+  MapDataset.source(the epoch's records, in the sampler's order)
     -> random_map(augment_pair)        seeded per record by (seed, epoch, position)
     -> map(resize + normalise)
+    -> this process's rows of every global batch (positions stay global, so the augmentation
+       does not depend on the number of processes)
     -> batch(global_batch_size / process_count, drop_remainder=True)
     -> to_iter_dataset(ReadOptions(read_threads, read_buffer_size))
     -> mp_prefetch(worker_count workers)   when data.worker_count > 0
@@ -89,11 +91,17 @@ class TrainStream:
     self._iter = None
     self._start_epoch(0)
 
-  def _dataset(self, epoch, records, skip_batches):
-    ds = grain.MapDataset.source(RecordsView(self.source, records))
+  def _dataset(self, epoch, order, skip_batches):
+    # The whole epoch is one dataset, so a record's random stream follows its position in the
+    # global order: every process count augments each record of a batch the same way.
+    ds = grain.MapDataset.source(RecordsView(self.source, order))
     if self._augment is not None:
       ds = ds.random_map(self._augment, seed=_epoch_seed(self.seed, epoch))
     ds = ds.map(self._prepare)
+    if self.process_count > 1:
+      positions = process_slice(np.arange(len(order)), self.global_batch_size, self.process_index,
+                                self.process_count)
+      ds = grain.MapDataset.source(RecordsView(ds, positions))
     if skip_batches:  # after the random map, so every record keeps its random stream
       ds = ds[skip_batches * self.batch_size:]
     ds = ds.batch(self.batch_size, drop_remainder=True).to_iter_dataset(_read_options(self.data_cfg))
@@ -108,13 +116,12 @@ class TrainStream:
     order = self.sampler.epoch_order(epoch, self.global_batch_size)
     if len(order) == 0:
       raise GleamError(f"epoch {epoch} has no full batch of {self.global_batch_size}: lower the batch size.")
-    records = process_slice(order, self.global_batch_size, self.process_index, self.process_count)
     self.close()
     self.epoch = epoch
     self.batches_in_epoch = skip_batches
     self._skipped = skip_batches
     self.steps_per_epoch = len(order) // self.global_batch_size
-    self._iter = iter(self._dataset(epoch, records, skip_batches))
+    self._iter = iter(self._dataset(epoch, order[:self.steps_per_epoch * self.global_batch_size], skip_batches))
 
   def __iter__(self):
     return self

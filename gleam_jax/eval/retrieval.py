@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gleam_jax.errors import GleamError
@@ -60,6 +61,14 @@ def _batch_spec(mesh):
   return P(tuple(a for a in BATCH_AXES if a in mesh.shape))
 
 
+def to_host(x):
+  """A jax.Array as NumPy. In a multi-process job the shards held by other processes are gathered,
+  so every process gets the whole array."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def embed(encode_fn, batches, mesh=None, batch_size=None):
   """Embeds every example of `batches` (dicts with 'image' NHWC float32 and label fields).
 
@@ -68,7 +77,8 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
   the first batch's size rounded up to the data-parallel size); a short piece is padded with zeros
   to the full size and its padded rows are removed from the result, so nothing is dropped and
   there is one compilation. Returns (embeddings (N, D) float32 NumPy, {label: (N, ...) NumPy}) with
-  the labels of every key except 'image' and 'raw'.
+  the labels of every key except 'image' and 'raw'. In a multi-process job every process passes the
+  same batches and gets every embedding (each computes its devices' rows; the rows are gathered).
   """
   mesh = mesh or single_device_mesh()
   dp = _data_parallel_size(mesh)
@@ -79,7 +89,7 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
 
   def flush(item):
     if item is not None:
-      embeddings.append(np.asarray(item[0], np.float32)[:item[1]])
+      embeddings.append(to_host(item[0]).astype(np.float32)[:item[1]])
 
   for batch in batches:
     if "image" not in batch:
@@ -168,7 +178,7 @@ class ExactIndex:
     """Yields (start, (q, R) float32 NumPy similarity rows) for chunks of queries: the input of the
     protocol metrics, which need every gallery score of a query."""
     for start, q, valid in self._query_chunks(queries):
-      rows = [np.asarray(self._similarity(q, g))[:valid, :n] for g, n in self._chunks]
+      rows = [to_host(self._similarity(q, g))[:valid, :n] for g, n in self._chunks]
       yield start, np.concatenate(rows, axis=1)
 
 
