@@ -5,8 +5,15 @@ reads nothing else. `validate(data_cfg)` checks every value and raises `GleamErr
 and what it may be.
 
 Fields
-  name              dataset: 'synthetic_cvgl' (TFDS builder in gleam_jax/data/builders/).
-  config            builder config = synthetic world preset: 'tiny' (tests), 's64', 's128'.
+  name              dataset: 'synthetic_cvgl', or a published one read from `manual_dir`: 'vigor',
+                    'cvusa', 'cvact', 'university1652', 'sues200' (TFDS builders in
+                    gleam_jax/data/builders/). Giving `name` also sets the dataset's default
+                    `config` and `eval_splits` unless they are given too.
+  config            builder config: a synthetic world preset 'tiny' (tests), 's64', 's128'; vigor
+                    'same_area' | 'cross_area'; sues200 the altitude '150' | '200' | '250' | '300';
+                    the others 'default'.
+  manual_dir        the local copy of a published dataset (its original folder layout), read once
+                    to build it into `data_dir`; not needed by synthetic_cvgl.
   overrides         world-spec overrides (e.g. {'seed': 3, 'train_locations': 400}); they give the
                     dataset a distinct config name, so different worlds never share files.
   data_dir          where datasets are built and read (default `~/gleam_data`, or $GLEAM_DATA_DIR);
@@ -33,11 +40,12 @@ import os
 
 import ml_collections
 
+from gleam_jax.data import builders
 from gleam_jax.data.synthetic.spec import MODALITIES
 from gleam_jax.data.synthetic.spec import PRESETS as WORLD_PRESETS
 from gleam_jax.errors import GleamError
 
-DATASETS = ("synthetic_cvgl",)
+DATASETS = builders.NAMES
 PRESETS = tuple(WORLD_PRESETS)  # builder configs of synthetic_cvgl
 SAMPLERS = ("shuffle", "gps", "dss")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,6 +62,7 @@ def data_config(**overrides):
   c.name = "synthetic_cvgl"
   c.config = "s64"
   c.overrides = ml_collections.ConfigDict()
+  c.manual_dir = ""
   c.data_dir = default_data_dir()
   c.build_workers = 2
 
@@ -101,8 +110,18 @@ def data_config(**overrides):
       c[key].update(value)
     else:
       c[key] = value
+  if "name" in overrides and c.name in builders.REAL:
+    if "config" not in overrides:
+      c.config = builders.REAL[c.name]["configs"][0]
+    if "eval_splits" not in overrides:
+      c.eval_splits = ("test",)
   validate(c)
   return c
+
+
+def builder_configs(name):
+  """The builder configs dataset `name` accepts as data.config."""
+  return builders.REAL[name]["configs"] if name in builders.REAL else PRESETS
 
 
 def _size(c, key):
@@ -121,8 +140,9 @@ def validate(c):
   """Raises GleamError for the first bad value, naming the key and the allowed values."""
   if c.name not in DATASETS:
     raise GleamError(f"data.name={c.name!r} is not a known dataset; choose one of {DATASETS}.")
-  if c.config not in PRESETS:
-    raise GleamError(f"data.config={c.config!r} is not a builder config of {c.name}; choose one of {PRESETS}.")
+  if c.config not in builder_configs(c.name):
+    raise GleamError(f"data.config={c.config!r} is not a builder config of {c.name}; "
+                     f"choose one of {builder_configs(c.name)}.")
   if not isinstance(c.build_workers, int) or c.build_workers < 1:
     raise GleamError(f"data.build_workers={c.build_workers!r}: it must be an int >= 1.")
   mods = tuple(c.modalities)
@@ -145,6 +165,9 @@ def validate(c):
     raise GleamError(f"data.mean/std={tuple(c.mean)!r}/{tuple(c.std)!r}: three channel values each, std > 0.")
   if c.sampler.name not in SAMPLERS:
     raise GleamError(f"data.sampler.name={c.sampler.name!r}; choose one of {SAMPLERS}.")
+  if c.sampler.name == "gps" and not builders.REAL.get(c.name, {}).get("coords", True):
+    raise GleamError(f"data.sampler.name='gps' needs coordinates, which {c.name} does not publish; "
+                     "use 'shuffle' or 'dss'.")
   if c.sampler.neighbours_per_anchor < 0 or c.sampler.neighbour_range < c.sampler.neighbours_per_anchor:
     raise GleamError("data.sampler: need 0 <= neighbours_per_anchor <= neighbour_range, got "
                      f"{c.sampler.neighbours_per_anchor} and {c.sampler.neighbour_range}.")

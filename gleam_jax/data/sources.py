@@ -8,7 +8,8 @@ a GleamError naming the record and the fix.
 
 `get_index(data_cfg, split)` gives every record's metadata as NumPy arrays without decoding any
 image (for samplers and the evaluation protocol); it is cached as `index-<split>.npz` next to the
-dataset's files.
+dataset's files. The published datasets add `is_query` and `semi_positive_ids` (builders/pairs.py);
+for synthetic_cvgl every record is a query.
 """
 import fcntl
 import io
@@ -26,6 +27,7 @@ from gleam_jax.errors import GleamError
 
 IMAGE_KEYS = ("query", "satellite")
 INDEX_KEYS = ("location_id", "modality", "view_index", "city_id", "coords")
+OPTIONAL_INDEX_KEYS = ("is_query", "semi_positive_ids")  # in the published datasets' records
 BUILD_INFO = "gleam_build.json"
 
 
@@ -37,7 +39,7 @@ def _make_builder(data_cfg, root):
   overrides = dict(data_cfg.overrides)
   try:
     return builders.builder(data_cfg.name, data_cfg.config, root, overrides=overrides,
-                            build_workers=data_cfg.build_workers)
+                            build_workers=data_cfg.build_workers, manual_dir=data_cfg.manual_dir)
   except (TypeError, ValueError) as e:
     raise GleamError(f"data.overrides={overrides} do not make a valid {data_cfg.name}/{data_cfg.config} "
                      f"dataset ({e}); fix or remove them.") from None
@@ -145,20 +147,26 @@ def get_source(data_cfg, split):
 def read_index(source):
   """Metadata arrays of every record (no image decoding)."""
   n = len(source)
-  out = {k: [] for k in INDEX_KEYS + ("city",)}
+  out = {k: [] for k in INDEX_KEYS + OPTIONAL_INDEX_KEYS + ("city",)}
   for i in range(n):
     r = source.raw(i)
-    for k in INDEX_KEYS:
+    for k in INDEX_KEYS + tuple(k for k in OPTIONAL_INDEX_KEYS if k in r):
       out[k].append(r[k])
     out["city"].append(r["city"].decode() if isinstance(r["city"], bytes) else str(r["city"]))
-  return {
+  index = {
       "location_id": np.asarray(out["location_id"], np.int64).reshape(n),
       "modality": np.asarray(out["modality"], np.int32).reshape(n),
       "view_index": np.asarray(out["view_index"], np.int32).reshape(n),
       "city_id": np.asarray(out["city_id"], np.int32).reshape(n),
       "coords": np.asarray(out["coords"], np.float64).reshape(n, 2),
       "city": np.asarray(out["city"], dtype=str).reshape(n),
+      "is_query": np.ones(n, bool),
   }
+  if len(out["is_query"]) == n:
+    index["is_query"] = np.asarray(out["is_query"], bool).reshape(n)
+  if len(out["semi_positive_ids"]) == n:
+    index["semi_positive_ids"] = np.asarray(out["semi_positive_ids"], np.int64).reshape(n, -1)
+  return index
 
 
 def get_index(data_cfg, split, source=None):

@@ -1,0 +1,1 @@
+"""TFDS builder of VIGOR (panorama <-> satellite, same-area and cross-area splits)."""
