@@ -74,14 +74,47 @@ def test_stop_token_pads_like_hf(pair):
   assert first <= 5 and np.all(out[0, first + 1:] == PAD)
 
 
-def test_decode_step_compiles_once(pair):
+def test_decode_chunk_compiles_once(pair):
   _, jm, _ = pair
   ids, mask, px, grids = batch1(seed=7)
-  before = generation.decode_step._cache_size()
-  generation.generate(jm, ids, mask, px, grids, max_new_tokens=12, eos_token_ids=())
-  assert generation.decode_step._cache_size() - before <= 1
-  generation.generate(jm, ids, mask, px, grids, max_new_tokens=12, eos_token_ids=())
-  assert generation.decode_step._cache_size() - before <= 1  # same shapes: reused
+  before = generation.decode_chunk._cache_size()
+  generation.generate(jm, ids, mask, px, grids, max_new_tokens=12, eos_token_ids=(), chunk=4)
+  assert generation.decode_chunk._cache_size() - before <= 1
+  generation.generate(jm, ids, mask, px, grids, max_new_tokens=10, eos_token_ids=(), chunk=4)  # 3 + 4 + 2 steps
+  assert generation.decode_chunk._cache_size() - before <= 1  # same shapes: reused
+
+
+def step_by_step(jm, cfg, ids, mask, px, grids, steps, eos):
+  """Prefill, then `decode_step` once per token from Python: the reference for the in-jit loop."""
+  pos, _ = generation.rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  graphdef, state = nnx.split(jm)
+  cache = generation.init_cache(cfg, ids.shape[0], ids.shape[1] + steps)
+  stop = jnp.asarray(eos, jnp.int32)
+  _, carry, cache = generation.prefill(
+      graphdef, state, cache, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(px),
+      modeling.vision_inputs(grids, cfg), jax.random.key(0), sampling=generation.Sampling(), stop_ids=stop)
+  out = [np.asarray(carry["tokens"])]
+  for _ in range(steps - 1):
+    carry, cache = generation.decode_step(graphdef, state, cache, carry, sampling=generation.Sampling(),
+                                          stop_ids=stop, pad_id=PAD)
+    out.append(np.asarray(carry["tokens"]))
+  return np.stack(out, 1)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_loop_equals_step_by_step_and_streams_in_order(pair, chunk):
+  _, jm, cfg = pair
+  ids, mask, px, grids = batch2(seed=8)
+  free = step_by_step(jm, cfg, ids, mask, px, grids, 20, eos=(-1,))
+  eos = int(free[1, 7])  # a stop token in the middle of the second chunk of 5
+  ref = step_by_step(jm, cfg, ids, mask, px, grids, 20, eos=(eos,))
+  streamed = []
+  out = generation.generate(jm, ids, mask, px, grids, max_new_tokens=20, eos_token_ids=(eos,), chunk=chunk,
+                            callback=lambda step, toks: streamed.append((step, toks.copy())))
+  last = max(int(np.flatnonzero(row == eos)[0]) if (row == eos).any() else 19 for row in ref)
+  np.testing.assert_array_equal(out, ref[:, :last + 1])  # stops once every row has stopped
+  assert [s for s, _ in streamed] == list(range(out.shape[1]))
+  np.testing.assert_array_equal(np.stack([t for _, t in streamed], 1), out)
 
 
 def test_prefill_logits_equal_full_forward(pair):
