@@ -1,0 +1,1 @@
+"""TFDS builder of CVACT (ANU_data_small: the train and CVACT_val splits)."""

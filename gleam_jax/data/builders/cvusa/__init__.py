@@ -1,0 +1,1 @@
+"""TFDS builder of CVUSA (the panorama <-> satellite subset of CVM-Net and Sample4Geo)."""
