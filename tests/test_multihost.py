@@ -1,0 +1,78 @@
+"""GLEAM-C on two processes (jax.distributed on loopback, 4 CPU devices each) against one process
+with 8 devices: the same losses step by step, the same eval metrics, a resume, one writer."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
+from gleam_jax import main
+from gleam_jax.utils.writer import read_metrics
+from test_main_contrastive import ROOT, tiny_config, train_losses
+
+STEPS = 6
+OVERRIDES = {"total_steps": STEPS, "checkpoint.every_steps": 4, "eval.splits": ("test",)}
+
+
+def _launch(workdir, data_dir):
+  """launch/local_multiprocess.sh with 2 processes of 4 CPU devices."""
+  cmd = ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "configs/c_phase1.py:tiny", workdir,
+         f"--config.data.data_dir={data_dir}", f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=4",
+         "--config.eval.splits=('test',)"]
+  env = {**os.environ, "DEVICES_PER_PROCESS": "4"}
+  env.pop("PORT", None)
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+  return result.stdout
+
+
+def _eval_metrics(workdir):
+  return {k: v for r in read_metrics(workdir) for k, v in r.items() if k.startswith("eval/")}
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_resume(tiny_cfg, tmp_path):
+  reference = str(tmp_path / "one_process")
+  main.run(tiny_config("c_phase1", tiny_cfg.data_dir, **OVERRIDES), reference)
+  ref_losses, ref_eval = train_losses(reference), _eval_metrics(reference)
+  assert sorted(ref_losses) == list(range(1, STEPS + 1)) and ref_eval
+
+  workdir = str(tmp_path / "two_processes")
+  stdout = _launch(workdir, tiny_cfg.data_dir)
+  assert "8 devices" in stdout
+  assert stdout.count(f"step {STEPS}/{STEPS} loss") == 1  # only process 0 prints
+  rows = [r for r in read_metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # one writer: no doubled rows
+  losses = train_losses(workdir)
+  np.testing.assert_allclose([losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(ref_losses)],
+                             rtol=1e-5, atol=1e-6)
+  evals = _eval_metrics(workdir)
+  assert set(evals) == set(ref_eval)
+  for key, value in ref_eval.items():
+    assert evals[key] == pytest.approx(value, abs=1e-6), key
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["total_steps"] == STEPS
+
+  # Resume from step 4 on two processes: steps 5 and 6 and the eval come out the same again.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+  stdout = _launch(workdir, tiny_cfg.data_dir)
+  assert "resumed from" in stdout and "step 5/6 loss" in stdout and "step 1/6 loss" not in stdout
+  rows = [r for r in read_metrics(workdir) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  resumed = train_losses(workdir)
+  np.testing.assert_allclose([resumed[s] for s in (5, 6)], [ref_losses[s] for s in (5, 6)], rtol=1e-5, atol=1e-6)
+  for key, value in ref_eval.items():
+    assert _eval_metrics(workdir)[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_coordinator_without_process_count_is_an_error(tmp_path):
+  cmd = [sys.executable, "-m", "gleam_jax.main", "--config=configs/c_phase1.py:tiny", f"--workdir={tmp_path}",
+         "--coordinator_address=127.0.0.1:1"]
+  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert "--coordinator_address needs --num_processes and --process_id" in result.stderr
