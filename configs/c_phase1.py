@@ -7,7 +7,12 @@
 `arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
 `key=value` for the common knobs (variant, data, res, steps, batch, sampler, loss, lr, modalities). Any field can
 be overridden on the command line (`--config.optim.lr=1e-3`); the config is locked, so a typo is
-an error.
+an error. `data=` names a synthetic world preset (tiny, s64, s128) or a published dataset built from
+its local copy (vigor, cvusa, cvact, university1652, sues200; its builder config, eval splits and
+protocol follow), e.g.
+
+    python -m gleam_jax.main --config=configs/c_phase1.py:data=vigor,res=128 \
+        --config.data.manual_dir=/data/VIGOR --config.data.config=cross_area --workdir=...
 
 Measured on the 2-core CPU dev box (s64 world, 1,000 held-out test locations, 500 cross-city):
 `steps=1000` on an otherwise idle box: 4:39 wall including the 38 s dataset build, ~330 pairs/s,
@@ -18,6 +23,7 @@ steps: 8:36 wall from an empty data dir (11:29 with the box shared by a test sui
 import ml_collections
 from ml_collections import config_dict
 
+from gleam_jax.data import builders
 from gleam_jax.data.config import data_config
 from gleam_jax.eval.retrieval import search_config
 from gleam_jax.models.gleam_c import model_config
@@ -51,7 +57,14 @@ def base_config(arg, modalities):
   c.seed = seed
 
   modalities = tuple(knobs["modalities"].split("+")) if "modalities" in knobs else modalities
-  if tiny:
+  real = builders.REAL.get(knobs.get("data"))
+  if real:  # a published dataset: the phase's modalities it holds (else its first), its eval splits
+    if "modalities" not in knobs:
+      modalities = tuple(m for m in modalities if m in real["modalities"]) or real["modalities"][:1]
+    res = 32 if tiny else int(knobs.get("res", 32))
+    c.data = data_config(name=knobs["data"], modalities=modalities, query_size=(res, res),
+                         panorama_size=(res, 2 * res), satellite_size=(res, res), read_threads=2 if tiny else 4)
+  elif tiny:
     c.data = data_config(config="tiny", modalities=modalities, query_size=(32, 32), panorama_size=(32, 64),
                          satellite_size=(32, 32), read_threads=2)
   else:
@@ -87,9 +100,9 @@ def base_config(arg, modalities):
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # 0: only at the end
   c.eval.at_end = True
-  c.eval.splits = ("test", "test_cross_city")
+  c.eval.splits = tuple(c.data.eval_splits)
   c.eval.modalities = config_dict.placeholder(tuple)  # default: the training modalities
-  c.eval.protocol = "cvusa"
+  c.eval.protocol = real["protocol"] if real else "cvusa"
   c.eval.batch_size = config_dict.FieldReference(128) if not tiny else batch_size
   c.eval.num_examples_png = 4 if tiny else 8
   c.eval.search = search_config()

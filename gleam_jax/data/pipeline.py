@@ -206,6 +206,8 @@ class EvalBatches:
     self._ds = ds.batch(self.batch_size, drop_remainder=False)
     self._read_options = _read_options(data_cfg)
     self._location_of = dict(zip(self.records.tolist(), self.location_ids.tolist()))
+    self._row_of = {r: i for i, r in enumerate(self.records.tolist())}
+    self.labels = {}  # further label arrays aligned with `records`, added to every batch
 
   def __len__(self):
     return -(-len(self.records) // self.batch_size)
@@ -213,20 +215,31 @@ class EvalBatches:
   def __iter__(self):
     for batch in self._ds.to_iter_dataset(self._read_options):
       batch["location_id"] = np.asarray([self._location_of[int(r)] for r in batch["index"]], np.int64)
+      for key, values in self.labels.items():
+        batch[key] = values[[self._row_of[int(r)] for r in batch["index"]]]
       yield batch
+
+
+def _query_rows(index, modality):
+  """Records holding a `modality` query (not the gallery-only records of builders/pairs.py)."""
+  return np.flatnonzero((index["modality"] == MODALITIES.index(modality)) & index.get("is_query", True))
 
 
 def make_eval_batches(data_cfg, split, modality, batch_size):
   """Batches of every `modality` query of `split` (ordered by location id, then view):
-  `image` float32 (b, H, W, 3), `location_id` int64, `index` int64 (record index in the split)."""
+  `image` float32 (b, H, W, 3), `location_id` int64, `index` int64 (record index in the split),
+  and `semi_positive_ids` (b, 3) where the dataset has them (VIGOR's hit rate)."""
   if modality not in MODALITIES:
     raise GleamError(f"unknown modality {modality!r}: use one of {MODALITIES}.")
   source = sources.get_source(data_cfg, split)
   index = sources.get_index(data_cfg, split, source)
-  rows = np.flatnonzero(index["modality"] == MODALITIES.index(modality))
+  rows = _query_rows(index, modality)
   rows = rows[np.lexsort((index["view_index"][rows], index["location_id"][rows]))]
-  return EvalBatches(data_cfg, source, rows, index["location_id"][rows], "query", query_shape(data_cfg, modality),
-                     batch_size)
+  batches = EvalBatches(data_cfg, source, rows, index["location_id"][rows], "query",
+                        query_shape(data_cfg, modality), batch_size)
+  if "semi_positive_ids" in index:
+    batches.labels["semi_positive_ids"] = index["semi_positive_ids"][rows]
+  return batches
 
 
 def make_gallery_batches(data_cfg, split, batch_size):
@@ -236,3 +249,27 @@ def make_gallery_batches(data_cfg, split, batch_size):
   index = sources.get_index(data_cfg, split, source)
   location_ids, first = np.unique(index["location_id"], return_index=True)
   return EvalBatches(data_cfg, source, first, location_ids, "satellite", data_cfg.satellite_size, batch_size)
+
+
+def make_satellite_query_batches(data_cfg, split, modality, batch_size):
+  """Satellite -> `modality` retrieval (University-1652 / SUES-200 satellite -> drone): the
+  satellite of every location with a `modality` query, one per location, ordered by location id,
+  as queries. Their gallery is `make_view_gallery_batches` (protocol 'university')."""
+  source = sources.get_source(data_cfg, split)
+  index = sources.get_index(data_cfg, split, source)
+  rows = _query_rows(index, modality)
+  location_ids, first = np.unique(index["location_id"][rows], return_index=True)
+  return EvalBatches(data_cfg, source, rows[first], location_ids, "satellite", data_cfg.satellite_size,
+                     batch_size)
+
+
+def make_view_gallery_batches(data_cfg, split, modality, batch_size):
+  """Every `modality` view of `split`, queried or not (University-1652's gallery_drone keeps the
+  distractor buildings' views), as a gallery with several items per location, ordered by location
+  id, then view."""
+  source = sources.get_source(data_cfg, split)
+  index = sources.get_index(data_cfg, split, source)
+  rows = np.flatnonzero((index["modality"] == MODALITIES.index(modality)) & (index["view_index"] >= 0))
+  rows = rows[np.lexsort((index["view_index"][rows], index["location_id"][rows]))]
+  return EvalBatches(data_cfg, source, rows, index["location_id"][rows], "query", query_shape(data_cfg, modality),
+                     batch_size)
