@@ -121,6 +121,7 @@ def test_missing_inputs_stop_with_one_clear_error(tmp_path):
     data_config(name="cvusa", sampler={"name": "gps"})
 
 
+@pytest.mark.slow
 def test_tiny_training_run_on_vigor_through_main(vigor, tmp_path):
   """configs/c_phase1.py:tiny,data=vigor trains, evaluates with the VIGOR protocol, writes reports."""
   cfg, _, _ = vigor
