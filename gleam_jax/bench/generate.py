@@ -1,20 +1,23 @@
 """Qwen2.5-VL generation: our jitted KV-cache decoding vs transformers' PyTorch `generate`, same weights.
 
   python -m gleam_jax.bench.generate                    # 4 x 512 decoder, 448x448 image, 32 new tokens, batch 1, 8
-  python -m gleam_jax.bench.generate --new_tokens=8 --batch_sizes=1 --out=   # a quick check, no file written
+  python -m gleam_jax.bench.generate --new_tokens=8 --batch_sizes=1 --repeats=1 --out=   # a quick check
 
 A small Qwen2.5-VL (vision tower 4 x 256, decoder 4 x 512, vocabulary 32768) with random weights is
 built in PyTorch, saved as a Hugging Face checkpoint and loaded into ours with `params.load_pretrained`.
 Every row of a batch holds one 448x448 image (256 merged tokens) and some text. Both sides decode
-greedily in float32 (transformers: eager attention, dynamic cache, `torch.set_num_threads`; ours: XLA on
-the same CPU threads). For each side, in one run:
+greedily in float32. Ours runs with `chunk` decode steps per compiled loop (`--chunk`, the default of
+`generate`) and, for comparison, with chunk=1 (one dispatch and host round trip per token). The
+reference runs with every `--torch_threads` setting (`torch.set_num_threads`) and both attention
+implementations (eager, sdpa); ours is compared with the fastest of them. For each run, in one process:
 
   prefill     from the call of `generate` to the first new token (host preprocessing, vision tower, prompt)
   decode      from the first to the last new token, per step (time stamps from our streaming callback and
               from a transformers streamer, within the same `generate` call)
-  compile     (ours) first call minus a warm call, for both jitted functions together
+  compile     (ours) first call minus the best warm call
 
-Times are the best of `--repeats` warm runs. The tokens of both sides are compared.
+Times are the best of `--repeats` warm runs, interleaved over all settings so that each sees the same
+machine load. The tokens of all runs are compared with ours.
 """
 import os
 import tempfile
@@ -27,9 +30,10 @@ _BATCH = flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes.")
 _NEW = flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
 _IMAGE = flags.DEFINE_integer("image_size", 448, "Image side in pixels (a multiple of 28).")
 _TEXT = flags.DEFINE_integer("text_tokens", 24, "Text tokens per prompt besides the image.")
-_THREADS = flags.DEFINE_list("torch_threads", ["2", "1"],
-                             "torch.set_num_threads settings for the reference (one table row each).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Warm runs per measurement; the best is reported.")
+_CHUNK = flags.DEFINE_integer("chunk", 32, "Our decode steps per compiled loop (generate's `chunk`).")
+_THREADS = flags.DEFINE_list("torch_threads", ["1", "2"], "torch.set_num_threads settings for the reference.")
+_ATTN = flags.DEFINE_list("torch_attention", ["eager", "sdpa"], "transformers attention implementations.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Warm runs per setting; the best is reported.")
 _OUT = flags.DEFINE_string("out", "docs/bench_generate.md", "Markdown file for the figures ('' = none).")
 
 
@@ -91,7 +95,6 @@ def main(argv):
   import torch
   import transformers
 
-  import jax
   from gleam_jax.models.qwen2_5_vl import config as config_lib
   from gleam_jax.models.qwen2_5_vl import generation, params
 
@@ -105,17 +108,22 @@ def main(argv):
     reference.save_pretrained(directory)
     ours = params.load_pretrained(directory, cfg)
   n = _NEW.value
+  ours_settings = sorted({_CHUNK.value, 1}, reverse=True)
+  torch_settings = [(int(t), a) for t in _THREADS.value for a in _ATTN.value]
+  load = [os.getloadavg()[0]]
   rows = []
   for batch in [int(b) for b in _BATCH.value]:
     ids, mask, pixels, grids = make_inputs(cfg, batch, np.random.default_rng(batch))
 
-    def run_ours():
+    def run_ours(chunk):
       stamps = [time.perf_counter()]
-      tokens = generation.generate(ours, ids, mask, pixels, grids, max_new_tokens=n, eos_token_ids=(),
+      tokens = generation.generate(ours, ids, mask, pixels, grids, max_new_tokens=n, eos_token_ids=(), chunk=chunk,
                                    callback=lambda step, toks: stamps.append(time.perf_counter()))
       return stamps, tokens
 
-    def run_torch():
+    def run_torch(threads, attention):
+      torch.set_num_threads(threads)
+      reference.set_attn_implementation(attention)
       stamps = [time.perf_counter()]
       with torch.no_grad():
         out = reference.generate(
@@ -125,36 +133,57 @@ def main(argv):
             streamer=TimeStamps(stamps))
       return stamps[:1] + stamps[2:], out[:, ids.shape[1]:].numpy()  # stamps[1]: the prompt, before prefill
 
-    threads = [int(t) for t in _THREADS.value]
-    first, _ = run_ours()
-    ours_runs, torch_runs = [], {t: [] for t in threads}
-    for _ in range(_REPEATS.value):  # interleaved, so that every side sees the same machine load
-      ours_runs.append(run_ours())
-      for t in threads:
-        torch.set_num_threads(t)
-        torch_runs[t].append(run_torch())
-    ours_prefill, ours_step, ours_tokens = best(ours_runs, n)
-    compile_s = (first[1] - first[0] - ours_prefill) + (first[2] - first[1] - ours_step)
+    first = {c: run_ours(c)[0] for c in ours_settings}
+    for s in torch_settings:  # warm-up: the first call of each setting
+      run_torch(*s)
+    runs = {("ours", c): [] for c in ours_settings} | {("torch",) + s: [] for s in torch_settings}
+    for _ in range(_REPEATS.value):  # interleaved, so that every setting sees the same machine load
+      for c in ours_settings:
+        runs[("ours", c)].append(run_ours(c))
+      for s in torch_settings:
+        runs[("torch",) + s].append(run_torch(*s))
+      load.append(os.getloadavg()[0])
+    ours_tokens = runs[("ours", _CHUNK.value)][-1][1]
     length = ids.shape[1]
-    for t in threads:
-      torch_prefill, torch_step, torch_tokens = best(torch_runs[t], n)
-      same = bool(np.array_equal(ours_tokens, torch_tokens))
-      agree = float((ours_tokens == torch_tokens).mean())
-      row = dict(batch=batch, threads=t, prompt=length, ours_prefill=batch * length / ours_prefill,
-                 torch_prefill=batch * length / torch_prefill, ours_decode=batch / ours_step,
-                 torch_decode=batch / torch_step, compile_s=compile_s, same=same, agree=agree)
+    for key, key_runs in runs.items():
+      prefill, step, tokens = best(key_runs, n)
+      row = dict(batch=batch, side=key[0], setting=key[1:], prompt=length, prefill=batch * length / prefill,
+                 decode=batch / step, same=bool(np.array_equal(ours_tokens, tokens)),
+                 agree=float((ours_tokens == tokens).mean()))
+      if key[0] == "ours":
+        first_stamps = first[key[1]]
+        row["compile_s"] = (first_stamps[1] - first_stamps[0] - prefill) + (first_stamps[-1] - first_stamps[1]
+                                                                            - step * (n - 1))
       rows.append(row)
-      print(f"batch {batch}, torch threads {t}: prompt {length} tokens, {n} new | prefill "
-            f"{row['ours_prefill']:.0f} vs {row['torch_prefill']:.0f} tok/s "
-            f"({row['ours_prefill'] / row['torch_prefill']:.2f}x) | decode {row['ours_decode']:.1f} vs "
-            f"{row['torch_decode']:.1f} tok/s ({row['ours_decode'] / row['torch_decode']:.2f}x) | compile "
-            f"{compile_s:.1f} s | tokens identical: {same} ({agree:.0%} agree)", flush=True)
+      print(f"batch {batch} {describe(row)}: prefill {row['prefill']:.0f} tok/s, decode {row['decode']:.1f} tok/s, "
+            f"tokens identical to ours: {row['same']} ({row['agree']:.0%})", flush=True)
+    for line in ratio_lines(rows, batch):
+      print(line, flush=True)
   if _OUT.value:
-    write_markdown(_OUT.value, cfg, rows, n)
+    write_markdown(_OUT.value, cfg, rows, n, load)
     print(f"wrote {_OUT.value}")
 
 
-def write_markdown(path, cfg, rows, n):
+def describe(row):
+  if row["side"] == "ours":
+    return f"ours, chunk {row['setting'][0]}"
+  return f"torch, {row['setting'][0]} thread{'s' if row['setting'][0] > 1 else ''}, {row['setting'][1]}"
+
+
+def ratio_lines(rows, batch):
+  """Ours / the fastest torch setting, for prefill and decode (each with its own fastest setting)."""
+  ours = [r for r in rows if r["batch"] == batch and r["side"] == "ours"]
+  ref = [r for r in rows if r["batch"] == batch and r["side"] == "torch"]
+  lines = []
+  for metric in ("prefill", "decode"):
+    top = max(ref, key=lambda r: r[metric])
+    for r in ours:
+      lines.append(f"batch {batch}: {metric} {describe(r)} / fastest torch ({describe(top)}): "
+                   f"{r[metric]:.1f} / {top[metric]:.1f} = {r[metric] / top[metric]:.2f}x")
+  return lines
+
+
+def write_markdown(path, cfg, rows, n, load):
   import jax
   import torch
   v, t = cfg.vision, cfg.text
@@ -162,12 +191,11 @@ def write_markdown(path, cfg, rows, n):
       "# Qwen2.5-VL generation: ours (JAX, jitted KV cache) vs transformers `generate` (PyTorch)",
       "",
       "`python -m gleam_jax.bench.generate` (figures below from one run). Machine: 2-core CPU dev box, shared "
-      "with other jobs during the measurement, so absolute numbers are noisy; both sides were measured "
-      "side by side in the same process, best of "
-      f"{_REPEATS.value} warm runs each (runs interleaved). jax {jax.__version__} (XLA CPU, its default thread "
-      f"pool), torch {torch.__version__} (eager attention, `set_num_threads` as in the table), float32 on "
-      "both sides, greedy decoding. On this oversubscribed box torch with 2 threads loses much more to "
-      "contention than with 1 thread, so both settings are shown.",
+      f"with other jobs (1-minute load average {min(load):.1f}-{max(load):.1f} during the run), so absolute numbers "
+      "are noisy; all settings were measured side by side in the same process, best of "
+      f"{_REPEATS.value} warm runs each, runs interleaved. jax {jax.__version__} (XLA CPU, its default thread "
+      f"pool), torch {torch.__version__} (`set_num_threads` and attention implementation as in the table), "
+      "float32 on both sides, greedy decoding.",
       "",
       f"Model (random weights, same for both): vision tower {v.depth} x {v.hidden_size} "
       f"(window {v.window_size} px, full attention in block {list(v.fullatt_block_indexes)}), decoder "
@@ -175,24 +203,26 @@ def write_markdown(path, cfg, rows, n):
       f"heads, MLP {t.intermediate_size}), vocabulary {t.vocab_size}. Each row: one {_IMAGE.value}x{_IMAGE.value} "
       f"image (256 merged tokens) + {_TEXT.value} text tokens; {n} new tokens.",
       "",
-      "| batch | torch threads | prompt tokens | prefill tok/s ours | prefill tok/s torch | prefill ratio | "
-      "decode tok/s ours | decode tok/s torch | decode ratio | compile (s, ours) | same tokens |",
-      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+      "| batch | run | prompt tokens | prefill tok/s | decode tok/s | compile (s) | same tokens as ours |",
+      "|---:|---|---:|---:|---:|---:|---|",
   ]
   for r in rows:
     same = "yes" if r["same"] else f"no ({r['agree']:.0%} agree)"
-    lines.append(
-        f"| {r['batch']} | {r['threads']} | {r['prompt']} | {r['ours_prefill']:.0f} | {r['torch_prefill']:.0f} | "
-        f"{r['ours_prefill'] / r['torch_prefill']:.2f}x | {r['ours_decode']:.1f} | {r['torch_decode']:.1f} | "
-        f"{r['ours_decode'] / r['torch_decode']:.2f}x | {r['compile_s']:.1f} | "
-        f"{same} |")
+    compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
+    lines.append(f"| {r['batch']} | {describe(r)} | {r['prompt']} | {r['prefill']:.0f} | {r['decode']:.1f} | "
+                 f"{compile_s} | {same} |")
+  lines += ["", "Ratios, ours / the fastest torch setting for that measurement:", ""]
+  for batch in sorted({r["batch"] for r in rows}):
+    lines += [f"- {line}" for line in ratio_lines(rows, batch)]
   lines += [
       "",
       "prefill = from the call of `generate` to the first new token (host preprocessing, vision tower, "
       "prompt), prompt tokens of all rows per second; decode = from the first to the last new token "
       f"({n - 1} steps), new tokens of all rows per second; both from time stamps within one `generate` "
-      "call (our streaming callback, a transformers streamer). Compile = first call minus a warm call "
-      "(the prefill and the single decode-step function), not included in the rates.",
+      "call (our streaming callback, a transformers streamer). With chunk c our callback receives the tokens "
+      "of each c decode steps when the compiled loop returns, so the decode rate includes every host round "
+      "trip. Compile = first call minus the best warm call (prefill and decode loop), not included in the "
+      "rates.",
       "",
   ]
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
