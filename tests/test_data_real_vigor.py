@@ -100,6 +100,16 @@ def test_cross_area_trains_on_two_cities_and_tests_on_the_others(vigor):
   assert len(set(sources.get_index(cross, "test")["location_id"].tolist())) == 6
 
 
+def test_built_dataset_is_read_without_the_local_copy(vigor):
+  """manual_dir is read once, at build time: afterwards the data dir alone serves the splits."""
+  cfg, expected, _ = vigor
+  sources.get_builder(cfg)
+  without = data_config(name="vigor", data_dir=cfg.data_dir)
+  assert without.manual_dir == ""
+  index = sources.get_index(without, "train")
+  assert sorted(index["location_id"].tolist()) == sorted(l for _, _, l, _ in expected["train"])
+
+
 def test_missing_inputs_stop_with_one_clear_error(tmp_path):
   with pytest.raises(GleamError, match="manual_dir is not set"):
     sources.get_source(data_config(name="vigor", data_dir=str(tmp_path / "d0")), "train")
