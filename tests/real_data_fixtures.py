@@ -157,9 +157,10 @@ CVACT_IDS = ["__-DFIFxvZBCn1873qkqXA", "_0aXqBKYMV4_Lz9ZuIF2tg", "-1aB2cD3eF4gH5
              "A1b2C3d4E5f6G7h8I9j0Kk", "Qq_-Ww_-Ee_-Rr_-Tt_-Yy"]
 
 
-def write_cvact(root, pano_size=(16, 32), sat_size=(16, 16), ext=".jpg"):
-  """ACT_data.mat as the release stores it (panoIds a char matrix; trainSet/valSet structs with
-  1-based trainInd/valInd columns). Returns {'train'|'test': 0-based positions in panoIds}."""
+def write_cvact(root, pano_size=(16, 32), sat_size=(16, 16), ext=".jpg", cell_ids=False):
+  """ACT_data.mat as the release stores it (panoIds a char matrix, or a cell array with `cell_ids`;
+  trainSet/valSet structs with 1-based trainInd/valInd columns). Returns {'train'|'test': 0-based
+  positions in panoIds}."""
   expected = {"train": [0, 2, 3], "test": [5, 1]}
   for i, pano_id in enumerate(CVACT_IDS):
     paint(f"{root}/ANU_data_small/streetview/{pano_id}_grdView{ext}", i, pano_size)
@@ -167,7 +168,7 @@ def write_cvact(root, pano_size=(16, 32), sat_size=(16, 16), ext=".jpg"):
   os.makedirs(root, exist_ok=True)
   column = lambda idx: np.asarray(idx, np.float64).reshape(-1, 1) + 1
   scipy.io.savemat(f"{root}/ACT_data.mat", {
-      "panoIds": np.asarray(CVACT_IDS),
+      "panoIds": np.asarray(CVACT_IDS, object).reshape(-1, 1) if cell_ids else np.asarray(CVACT_IDS),
       "utm": np.arange(2 * len(CVACT_IDS), dtype=np.float64).reshape(-1, 2),
       "trainSet": {"trainNum": float(len(expected["train"])), "trainInd": column(expected["train"])},
       "valSet": {"valNum": float(len(expected["test"])), "valInd": column(expected["test"])},

@@ -59,12 +59,13 @@ def test_cvusa_missing_and_malformed(tmp_path):
     sources.get_source(data_config(name="cvusa", manual_dir=root, data_dir=str(tmp_path / "d3")), "train")
 
 
-@pytest.mark.parametrize("ext", [".jpg", ".png"])
-def test_cvact_mat_indices_splits_and_protocol(tmp_path, ext):
+@pytest.mark.parametrize("ext,cell_ids", [(".jpg", False), (".png", True)])
+def test_cvact_mat_indices_splits_and_protocol(tmp_path, ext, cell_ids):
   root = str(tmp_path / "CVACT")
-  expected = fx.write_cvact(root, ext=ext)
+  expected = fx.write_cvact(root, ext=ext, cell_ids=cell_ids)
   mat = scipy.io.loadmat(f"{root}/ACT_data.mat")  # the structure the published loaders index
   assert mat["trainSet"]["trainInd"][0][0].reshape(-1).tolist() == [i + 1 for i in expected["train"]]
+  assert mat["panoIds"].dtype == (object if cell_ids else np.dtype("<U22"))
   cfg = data_config(name="cvact", manual_dir=root, data_dir=str(tmp_path / "data"), **SIZES)
   for split in ("train", "test"):
     check_pairs(cfg, split, expected[split])

@@ -100,6 +100,22 @@ def test_cross_area_trains_on_two_cities_and_tests_on_the_others(vigor):
   assert len(set(sources.get_index(cross, "test")["location_id"].tolist())) == 6
 
 
+def test_sample4geo_folder_layout_is_read_too(tmp_path):
+  """Sample4Geo moves the images to ground/<City>/ and satellite/<City>/; the split files stay."""
+  root = str(tmp_path / "VIGOR")
+  expected = fx.write_vigor(root)
+  os.makedirs(f"{root}/ground")
+  os.makedirs(f"{root}/satellite")
+  for city in fx.VIGOR_CITIES:
+    os.rename(f"{root}/{city}/panorama", f"{root}/ground/{city}")
+    os.rename(f"{root}/{city}/satellite", f"{root}/satellite/{city}")
+  cfg = data_config(name="vigor", manual_dir=root, data_dir=str(tmp_path / "data"))
+  source = sources.get_source(cfg, "train")
+  index = sources.get_index(cfg, "train", source)
+  assert sorted(index["location_id"].tolist()) == sorted(l for _, _, l, _ in expected["train"])
+  assert all(fx.code_of(source[i]["query"]) == source[i]["location_id"] for i in range(len(source)))
+
+
 def test_built_dataset_is_read_without_the_local_copy(vigor):
   """manual_dir is read once, at build time: afterwards the data dir alone serves the splits."""
   cfg, expected, _ = vigor
