@@ -74,12 +74,24 @@ class RMSNorm(nnx.Module):
 
 
 def _softmax_attention(q, k, v, mask, scale):
-  """q (B, L, K, G, D), k/v (B, S, K, D), mask (B, L, S) bool -> (B, L, K*G*D). Softmax in float32."""
-  logits = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None], logits, _NEG)
+  """q (B, L, K, G, D), k/v (B, S, K, D), mask (B, L, S) bool -> (B, L, K*G*D). Softmax in float32.
+
+  Written as two batched matmuls over (B, K) with rows (G, L): the logits come out as (.., L, S)
+  rows, so the mask, the softmax and the second matmul read them contiguously (an einsum straight
+  from these layouts let XLA produce (S, L) logits and transpose them, the slowest op of the vision
+  tower's full-attention block).
+  """
+  b, length, kv_heads, groups, dim = q.shape
+  rows = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kv_heads, groups * length, dim)
+  keys, values = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # (B, K, S, D)
+  batch = ((0, 1), (0, 1))
+  logits = jax.lax.dot_general(rows, keys, (((3,), (3,)), batch), preferred_element_type=jnp.float32) * scale
+  logits = logits.reshape(b, kv_heads, groups, length, -1)
+  logits = jnp.where(mask[:, None, None], logits, _NEG).reshape(b, kv_heads, groups * length, -1)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-  return out.reshape(*out.shape[:2], -1)
+  out = jax.lax.dot_general(probs, values, (((3,), (2,)), batch))  # (B, K, G*L, D)
+  out = jnp.transpose(out.reshape(b, kv_heads, groups, length, dim), (0, 3, 1, 2, 4))
+  return out.reshape(b, length, -1)
 
 
 # ----------------------------------------------------------------------------- vision tower
@@ -111,7 +123,8 @@ class VisionAttention(nnx.Module):
     """x (N, D); attention only within each row of `blocks` (see `rope.VisionLayout`)."""
     n = x.shape[0]
     q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim), 1, 0)
-    q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+    # Materialised before the gathers: fused into them, the rotary was recomputed per gathered element.
+    q, k = jax.lax.optimization_barrier((rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)))
     to_blocks = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[blocks]  # (S, longest, H, Dh)
     keys_valid = jnp.broadcast_to((blocks < n)[:, None, :], (*blocks.shape, blocks.shape[1]))
     out = _softmax_attention(to_blocks(q)[:, :, :, None], to_blocks(k), to_blocks(v), keys_valid,
@@ -181,7 +194,9 @@ class VisionTransformer(nnx.Module):
     """`layout` holds the arrays of `rope.vision_layout(image_grid_thw, ...)` (NumPy or jnp)."""
     v = self.cfg
     x = self.patch_embed(pixel_values)[layout.patch_index]
-    cos, sin = rope.vision_cos_sin(jnp.asarray(layout.positions), v.head_dim, v.rope_theta)
+    # Computed once for all blocks (left to itself, XLA fuses cos and sin into every consumer).
+    cos, sin = jax.lax.optimization_barrier(rope.vision_cos_sin(jnp.asarray(layout.positions), v.head_dim,
+                                                                v.rope_theta))
     full = set(v.fullatt_block_indexes)
     run = nnx.remat(VisionBlock.__call__) if self.remat else VisionBlock.__call__
     for i, block in enumerate(self.blocks):
