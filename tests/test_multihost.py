@@ -1,5 +1,6 @@
 """GLEAM-C on two processes (jax.distributed on loopback, 4 CPU devices each) against one process
-with 8 devices: the same losses step by step, the same eval metrics, a resume, one writer."""
+with 8 devices: the same losses step by step (DSS neighbours refreshed every 2 epochs, one epoch a
+step), the same eval metrics, a resume, one writer."""
 import json
 import os
 import shutil
@@ -15,14 +16,16 @@ from gleam_jax.utils.writer import read_metrics
 from test_main_contrastive import ROOT, tiny_config, train_losses
 
 STEPS = 6
-OVERRIDES = {"total_steps": STEPS, "checkpoint.every_steps": 4, "eval.splits": ("test",)}
+OVERRIDES = {"total_steps": STEPS, "checkpoint.every_steps": 4, "eval.splits": ("test",),
+             "data.sampler.name": "dss", "dss_refresh_every_epochs": 2}
 
 
 def _launch(workdir, data_dir, *extra):
   """launch/local_multiprocess.sh with 2 processes of 4 CPU devices."""
   cmd = ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "configs/c_phase1.py:tiny", workdir,
          f"--config.data.data_dir={data_dir}", f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=4",
-         "--config.eval.splits=('test',)", *extra]
+         "--config.eval.splits=('test',)", "--config.data.sampler.name=dss", "--config.dss_refresh_every_epochs=2",
+         *extra]
   env = {**os.environ, "DEVICES_PER_PROCESS": "4"}
   env.pop("PORT", None)
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
