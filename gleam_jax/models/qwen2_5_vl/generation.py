@@ -1,6 +1,6 @@
 """KV-cache generation for Qwen2.5-VL: jitted prefill + one jitted decode step reused for every token.
 
-The cache is preallocated at a static size: k, v of shape (layers, batch, max_len, kv_heads, head_dim)
+The cache is preallocated at a static size: k, v of shape (layers, batch, kv_heads, max_len, head_dim)
 and a (batch, max_len) mask of the slots holding real tokens (left padding is False). Prefill writes
 slots [0, L) and samples the first token; decode step s writes slot L + s - 1. The decode step is one
 compiled function (slot, positions, tokens and rng travel in a `carry` of arrays) and donates the
@@ -41,18 +41,18 @@ class Sampling:
   top_p: float = 1.0
 
 
-CACHE_AXES = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_len", "head_dim")  # attention reads (L, S) rows per head
 
 
 def init_cache(cfg, batch: int, max_len: int, mesh=None, rules=QWEN_SHARDING_RULES) -> dict:
   """Zero cache; on `mesh`, k/v are sharded by `CACHE_AXES` under `rules` (batch, kv heads)."""
   t = cfg.text
-  shape = (t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim)
+  shape = (t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim)
   dtype = jnp.dtype(cfg.dtype)
   cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "mask": jnp.zeros((batch, max_len), bool)}
   if mesh is not None:
     kv = NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, rules, shape, mesh))
-    mask = NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES[1:3], rules, (batch, max_len), mesh))
+    mask = NamedSharding(mesh, sharding.logical_to_spec(("batch", "cache_len"), rules, (batch, max_len), mesh))
     cache = sharding.place(cache, {"k": kv, "v": kv, "mask": mask})
   return cache
 

@@ -74,7 +74,8 @@ class RMSNorm(nnx.Module):
 
 
 def _softmax_attention(q, k, v, mask, scale):
-  """q (B, L, K, G, D), k/v (B, S, K, D), mask (B, L, S) bool -> (B, L, K*G*D). Softmax in float32.
+  """q (B, L, K, G, D), k/v (B, K, S, D) (the KV cache's layout), mask (B, L, S) bool -> (B, L, K*G*D).
+  Softmax in float32.
 
   Written as two batched matmuls over (B, K) with rows (G, L): the logits come out as (.., L, S)
   rows, so the mask, the softmax and the second matmul read them contiguously (an einsum straight
@@ -83,13 +84,12 @@ def _softmax_attention(q, k, v, mask, scale):
   """
   b, length, kv_heads, groups, dim = q.shape
   rows = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kv_heads, groups * length, dim)
-  keys, values = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # (B, K, S, D)
   batch = ((0, 1), (0, 1))
-  logits = jax.lax.dot_general(rows, keys, (((3,), (3,)), batch), preferred_element_type=jnp.float32) * scale
+  logits = jax.lax.dot_general(rows, k, (((3,), (3,)), batch), preferred_element_type=jnp.float32) * scale
   logits = logits.reshape(b, kv_heads, groups, length, -1)
   logits = jnp.where(mask[:, None, None], logits, _NEG).reshape(b, kv_heads, groups * length, -1)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jax.lax.dot_general(probs, values, (((3,), (2,)), batch))  # (B, K, G*L, D)
+  out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch))  # (B, K, G*L, D)
   out = jnp.transpose(out.reshape(b, kv_heads, groups, length, dim), (0, 3, 1, 2, 4))
   return out.reshape(b, length, -1)
 
@@ -126,8 +126,9 @@ class VisionAttention(nnx.Module):
     # Materialised before the gathers: fused into them, the rotary was recomputed per gathered element.
     q, k = jax.lax.optimization_barrier((rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)))
     to_blocks = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:1])])[blocks]  # (S, longest, H, Dh)
+    heads_first = lambda a: jnp.transpose(to_blocks(a), (0, 2, 1, 3))  # (S, H, longest, Dh)
     keys_valid = jnp.broadcast_to((blocks < n)[:, None, :], (*blocks.shape, blocks.shape[1]))
-    out = _softmax_attention(to_blocks(q)[:, :, :, None], to_blocks(k), to_blocks(v), keys_valid,
+    out = _softmax_attention(to_blocks(q)[:, :, :, None], heads_first(k), heads_first(v), keys_valid,
                              self.head_dim**-0.5)
     return self.proj(out.reshape(-1, out.shape[-1])[unblock])
 
@@ -232,7 +233,7 @@ class Attention(nnx.Module):
                           cfg=cfg, rngs=rngs)
 
   def __call__(self, x, cos, sin, mask, cache=None, start=None, layer=None):
-    """x (B, L, D); mask (B, L, S) bool. With a `cache` (dict of k, v: (layers, B, S, K, Dh)), this
+    """x (B, L, D); mask (B, L, S) bool. With a `cache` (dict of k, v: (layers, B, K, S, Dh)), this
     step's keys and values are written at slot `start` of `layer` and attention runs over that layer's
     whole cache; returns (out, cache)."""
     b, length, _ = x.shape
@@ -241,8 +242,9 @@ class Attention(nnx.Module):
     k = self.k_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
     q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+    k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # (B, K, L, Dh)
     if cache is not None:
-      at = (layer, 0, start, 0, 0)
+      at = (layer, 0, 0, start, 0)
       cache = dict(cache, k=jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
                    v=jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at))
       k, v = cache["k"][layer], cache["v"][layer]
@@ -291,7 +293,7 @@ class TextModel(nnx.Module):
     self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, cfg=cfg)
 
   def __call__(self, x, position_ids, mask, cache=None, start=None):
-    """x (B, L, D) embeddings; position_ids (3, B, L); mask (B, L, S). cache: dict k/v (layers, B, S, K, Dh)."""
+    """x (B, L, D) embeddings; position_ids (3, B, L); mask (B, L, S). cache: dict k/v (layers, B, K, S, Dh)."""
     t = self.cfg
     cos, sin = rope.mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
     for i, layer in enumerate(self.layers):
