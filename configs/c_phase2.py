@@ -27,10 +27,15 @@ def get_config(arg=None):
   c = c_phase1.base_config(arg, modalities=MODALITIES)
   for m in MODALITIES:
     c.data.modality_weights[m] = 1.0
+  # Ground photos carry their compass heading: placed in the panorama frame, they are read by
+  # what phase 1 learned from panoramas (gleam_jax/data/panorama_frame.py).
+  c.data.ground_frame = "panorama"
   c.init_from = PHASE1_WORKDIR
   flags, knobs = c_phase1.parse_arg(arg)
-  if "tiny" not in flags:
+  if "tiny" in flags:
+    c.batch_size = int(knobs.get("batch", 32))  # 4 modality groups of 8: one row per device each
+  else:
     c.total_steps = int(knobs.get("steps", 1200))
-    c.optim.lr = float(knobs.get("lr", 5e-4))  # lower than phase 1: keep what phase 1 learned
-    c.optim.warmup_steps = 20
+    c.optim.lr = float(knobs.get("lr", 1e-3))
+    c.optim.warmup_steps = 50
   return c

@@ -17,9 +17,10 @@ def tiny_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_cfg(tmp_path_factory):
-  """data_config of the tiny world (phase 2: all modalities), built on first use."""
+  """data_config of the tiny world (phase 2: all modalities), built on first use. Panoramas are
+  read square here, so one TrainStream can mix all four modalities in one batch array."""
   cfg = data_config(config="tiny", data_dir=tiny_data_dir(tmp_path_factory),
                     modalities=("uav", "streetmap", "panorama", "ground"), query_size=(32, 32),
-                    panorama_size=(32, 64), satellite_size=(32, 32), read_threads=2)
+                    panorama_size=(32, 32), satellite_size=(32, 32), read_threads=2)
   sources.get_builder(cfg)
   return cfg

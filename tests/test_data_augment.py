@@ -4,6 +4,7 @@ import pytest
 
 from gleam_jax.data import augment
 from gleam_jax.data.config import data_config
+from gleam_jax.errors import GleamError
 
 S, PH = 48, 32  # satellite side; panorama height (width 2 * PH)
 
@@ -61,11 +62,11 @@ def test_flip_keeps_panorama_and_satellite_aligned(azimuth):
 def test_streetmap_turns_with_satellite_and_ground_does_not():
   rng = np.random.default_rng(0)
   street, sat = rng.integers(0, 255, (2, S, S, 3), dtype=np.uint8)
-  q, s = augment.rotate_pair(street, sat, "streetmap", 3)
+  q, s = augment.rotate_pair(street, sat, "map", 3)
   np.testing.assert_array_equal(q, np.rot90(street, 3))
   np.testing.assert_array_equal(s, np.rot90(sat, 3))
   for modality in ("ground", "uav"):
-    q, s = augment.rotate_pair(street, sat, modality, 1)
+    q, s = augment.rotate_pair(street, sat, "photo", 1)
     np.testing.assert_array_equal(q, street)
     np.testing.assert_array_equal(s, np.rot90(sat, 1))
 
@@ -83,8 +84,8 @@ def test_augment_pair_is_seeded_and_synchronised():
   aug = always(flip=0.5, rotate=0.75)
   outs = []
   for seed in range(20):
-    out = augment.augment_pair(example, np.random.default_rng(seed), aug)
-    again = augment.augment_pair(example, np.random.default_rng(seed), aug)
+    out = augment.augment_pair(example, np.random.default_rng(seed), aug, "panorama")
+    again = augment.augment_pair(example, np.random.default_rng(seed), aug, "panorama")
     np.testing.assert_array_equal(out["query"], again["query"])
     np.testing.assert_array_equal(out["satellite"], again["satellite"])
     assert angle_gap(sat_azimuth(out["satellite"]), pano_azimuth(out["query"])) < 6
@@ -123,9 +124,12 @@ def test_prepare_resizes_and_normalises():
   assert out["query"].dtype == np.float32
   np.testing.assert_allclose(out["query"], 0.0, atol=0.5 / 255 / 0.224)
   np.testing.assert_allclose(out["satellite"], np.broadcast_to((1 - mean) / np.asarray(cfg.std), (24, 24, 3)), rtol=1e-6)
-  # mixed-modality streams give every query the square size
-  mixed = augment.PreparePair(data_config(modalities=("panorama", "uav"), query_size=(20, 20)))
+  # every modality keeps its own layout's size, also when several are trained together
+  mixed = augment.PreparePair(data_config(modalities=("panorama", "uav"), query_size=(20, 20),
+                                          panorama_size=(16, 32)))
   assert mixed({"query": pano, "satellite": sat, "modality": 2, "modality_name": "panorama",
+                "location_id": 5})["query"].shape == (16, 32, 3)
+  assert mixed({"query": sat, "satellite": sat, "modality": 0, "modality_name": "uav",
                 "location_id": 5})["query"].shape == (20, 20, 3)
 
 
@@ -169,3 +173,38 @@ def test_rendered_location_stays_aligned_under_rot90_and_roll(k):
   row, col, _ = marker_pixels(fr)
   sat_az = np.degrees(np.arctan2(col + 0.5 - s / 2, s / 2 - (row + 0.5))) % 360
   assert angle_gap(sat_az, (marker_pixels(fq)[1] + 0.5) / w * 360) < 10
+
+
+def test_ground_photo_in_panorama_frame_matches_the_panorama():
+  """A rendered ground photo warped into the panorama frame at its heading shows what the
+  location's panorama shows in those columns (the two renders differ only in their photometric
+  noise), and nothing elsewhere."""
+  from gleam_jax.data import synthetic
+  from gleam_jax.data.panorama_frame import FILL_RGB, photo_to_panorama
+  spec = synthetic.spec_from_name("tiny", pano_height=48, query_size=48)
+  for location_id in (0, 5):
+    views = synthetic.render_location(spec, location_id)
+    heading = views["ground_heading_deg"]
+    canvas = photo_to_panorama(views["ground"], heading, spec.ground_fov_deg, spec.pano_height)
+    assert canvas.shape == views["panorama"].shape
+    filled = np.any(canvas != np.asarray(FILL_RGB, np.uint8), axis=-1)
+    # the photo covers 90 deg of azimuth (a quarter of the columns) centred on its heading
+    cols = np.flatnonzero(filled.any(axis=0))
+    assert abs(len(cols) - spec.pano_width / 4) <= 2
+    centre = np.angle(np.mean(np.exp(1j * (cols + 0.5) / spec.pano_width * 2 * np.pi)), deg=True) % 360
+    assert min(abs(centre - heading), 360 - abs(centre - heading)) < 4
+    diff = np.abs(canvas[filled].astype(float) - views["panorama"][filled].astype(float)).mean()
+    other = np.abs(canvas[filled].astype(float) - np.roll(views["panorama"], spec.pano_width // 2, 1)[filled]).mean()
+    assert diff < 12 and diff < other / 2
+
+
+def test_ground_frame_needs_a_heading():
+  cfg = data_config(modalities=("ground",), ground_frame="panorama")
+  photo = np.zeros((S, S, 3), np.uint8)
+  with pytest.raises(GleamError, match="heading_deg=nan"):
+    augment.query_in_frame(photo, "ground", {"heading_deg": float("nan"), "fov_deg": 90.0}, cfg)
+  out = augment.query_in_frame(photo, "ground", {"heading_deg": 10.0, "fov_deg": 90.0}, cfg)
+  assert out.shape == (S, 2 * S, 3)
+  assert augment.query_in_frame(photo, "uav", {}, cfg) is photo
+  with pytest.raises(GleamError, match="ground_frame"):
+    data_config(ground_frame="pano")

@@ -46,7 +46,7 @@ def test_train_batches_are_prepared_pairs(tiny_cfg):
 
 
 def test_phase1_panorama_stream_shape(tiny_cfg):
-  cfg = with_fields(tiny_cfg, modalities=("panorama",))
+  cfg = with_fields(tiny_cfg, modalities=("panorama",), panorama_size=(32, 64))
   b = next(stream(cfg, 6))
   assert b["query"].shape == (6, 32, 64, 3)
   assert np.all(b["modality"] == MODALITIES.index("panorama"))
@@ -167,3 +167,65 @@ def test_eval_and_gallery_batches(tiny_cfg):
   assert want.shape == b["image"][0].shape
   with pytest.raises(GleamError, match="unknown modality 'drone'"):
     pipeline.make_eval_batches(tiny_cfg, "test", "drone", 4)
+
+
+def test_modality_batch_sizes_follow_the_weights():
+  cfg = data_config(modalities=("uav", "streetmap", "panorama", "ground"),
+                    modality_weights={"uav": 2.0, "streetmap": 1.0, "panorama": 1.0, "ground": 1.0})
+  # 6 units of 2: one each, the other 2 by weight (uav's share is the largest remainder, then streetmap)
+  assert pipeline.modality_batch_sizes(cfg, 12, multiple=2) == {"uav": 4, "streetmap": 4, "panorama": 2, "ground": 2}
+  # 8 units of 8: one each, then 4 x (0.4, 0.2, 0.2, 0.2) = (1.6, 0.8, 0.8, 0.8): largest remainders
+  assert pipeline.modality_batch_sizes(cfg, 64, multiple=8) == {"uav": 16, "streetmap": 16, "panorama": 16, "ground": 16}
+  assert pipeline.modality_batch_sizes(cfg, 80, multiple=8) == {"uav": 32, "streetmap": 16, "panorama": 16, "ground": 16}
+  equal = data_config(modalities=("uav", "streetmap", "panorama", "ground"))
+  assert pipeline.modality_batch_sizes(equal, 64) == {m: 16 for m in equal.modalities}
+  with pytest.raises(GleamError, match="cannot hold 4 modalities"):
+    pipeline.modality_batch_sizes(cfg, 24, multiple=8)
+  with pytest.raises(GleamError, match="use a multiple of 8"):
+    pipeline.modality_batch_sizes(cfg, 36, multiple=8)
+
+
+def test_modality_streams_keep_each_shape_and_resume(tiny_cfg):
+  cfg = with_fields(tiny_cfg, panorama_size=(32, 64), ground_frame="panorama", augment={"enabled": True})
+  index = sources.get_index(cfg, "train")
+  kw = dict(process_index=0, process_count=1)
+  s = pipeline.ModalityStreams(cfg, 16, 0, index, multiple=2, **kw)
+  assert s.batch_sizes == {"uav": 4, "streetmap": 4, "panorama": 4, "ground": 4}
+  with pytest.raises(GleamError, match="different shapes"):
+    stream(cfg, 16)
+  for _ in range(3):
+    b = next(s)
+  shapes = {m: q.shape for m, q in b["query"].items()}
+  assert shapes == {"uav": (4, 32, 32, 3), "streetmap": (4, 32, 32, 3), "panorama": (4, 32, 64, 3),
+                    "ground": (4, 32, 64, 3)}
+  assert all(b["satellite"][m].shape == (4, 32, 32, 3) for m in cfg.modalities)
+  for m in cfg.modalities:
+    assert len(set(b["location_id"][m].tolist())) == 4
+  # the modalities draw their orders independently (one shared seed would give every group the
+  # same locations, i.e. the same satellites four times in a batch)
+  firsts = [tuple(next(s)["location_id"][m].tolist()) for m in cfg.modalities]
+  assert len(set(firsts)) == len(firsts)
+  state = json.loads(json.dumps(s.get_state()))
+  want = [next(s) for _ in range(8)]  # crosses an epoch of the first modality (24 locations / 4)
+  again = pipeline.ModalityStreams(cfg, 16, 0, index, multiple=2, **kw)
+  again.set_state(state)
+  for w in want:
+    got = next(again)
+    for key in ("query", "satellite", "location_id"):
+      for m in cfg.modalities:
+        np.testing.assert_array_equal(got[key][m], w[key][m])
+  other = pipeline.ModalityStreams(with_fields(cfg, modality_weights={"uav": 3.0}), 16, 0, index, multiple=2, **kw)
+  with pytest.raises(GleamError, match="pairs per modality"):
+    other.set_state(state)
+
+
+def test_a_single_modality_stream_is_the_plain_stream(tiny_cfg):
+  """Phase 1 through ModalityStreams reads exactly the batches of a TrainStream with the job's seed."""
+  cfg = with_fields(tiny_cfg, modalities=("panorama",), panorama_size=(32, 64))
+  index = sources.get_index(cfg, "train")
+  grouped = pipeline.ModalityStreams(cfg, 8, 3, index, process_index=0, process_count=1)
+  plain = stream(cfg, 8, seed=3)
+  for _ in range(4):
+    g, p = next(grouped), next(plain)
+    np.testing.assert_array_equal(g["query"]["panorama"], p["query"])
+    np.testing.assert_array_equal(g["location_id"]["panorama"], p["location_id"])

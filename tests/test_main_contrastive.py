@@ -132,24 +132,17 @@ def test_batch_that_does_not_divide_fails_with_the_numbers(tiny_cfg, tmp_path):
 
 
 def test_nan_loss_stops_naming_step_and_checkpoint(tiny_cfg, tmp_path, monkeypatch):
-  make_stream = pipeline.make_train_stream
+  original_next = pipeline.ModalityStreams.__next__
+  count = [0]
 
-  def poisoned(*args, **kwargs):
-    stream = make_stream(*args, **kwargs)
-    original_next = type(stream).__next__
-    count = [0]
+  def poisoned(self):
+    batch = original_next(self)
+    count[0] += 1
+    if count[0] == 6:
+      batch["query"] = {m: np.full_like(q, np.nan) for m, q in batch["query"].items()}
+    return batch
 
-    class Poisoned(type(stream)):
-      def __next__(self):
-        batch = original_next(self)
-        count[0] += 1
-        if count[0] == 6:
-          batch = {**batch, "query": np.full_like(batch["query"], np.nan)}
-        return batch
-    stream.__class__ = Poisoned
-    return stream
-
-  monkeypatch.setattr(pipeline, "make_train_stream", poisoned)
+  monkeypatch.setattr(pipeline.ModalityStreams, "__next__", poisoned)
   config = tiny_config("c_phase1", tiny_cfg.data_dir, **{"eval.at_end": False})
   with pytest.raises(GleamError, match=r"loss is nan at step 6\. Last good checkpoint: step 4 \(.*checkpoints/4\)"):
     main.run(config, str(tmp_path))

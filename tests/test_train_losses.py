@@ -80,3 +80,39 @@ def test_unknown_loss_is_a_config_error():
   q = jnp.asarray(_embeddings(4, 4, 8))
   with pytest.raises(GleamError, match="config.loss.name"):
     losses.contrastive_loss("triplet", q, q, jnp.float32(1.0))
+
+
+def _numpy_infonce_excluding(q, r, log_scale, smoothing, exclude):
+  """Per row: cross-entropy over the row's valid entries only (the excluded ones removed), with
+  the smoothing spread over those valid entries; both directions averaged."""
+  logits = min(np.exp(log_scale), 100.0) * q.astype(np.float64) @ r.T.astype(np.float64)
+
+  def one_side(lg, ex):
+    total = 0.0
+    for i in range(len(lg)):
+      keep = ~ex[i]
+      row = lg[i, keep]
+      logp = row - np.log(np.exp(row - row.max()).sum()) - row.max()
+      target = np.full(keep.sum(), smoothing / keep.sum())
+      target[np.flatnonzero(keep) == i] += 1 - smoothing
+      total -= (target * logp).sum()
+    return total / len(lg)
+  return 0.5 * (one_side(logits, exclude) + one_side(logits.T, exclude.T))
+
+
+def test_infonce_excludes_pairs_of_the_same_location():
+  q, r = _embeddings(12, 8, 0), _embeddings(12, 8, 1)
+  location_ids = np.array([0, 1, 2, 3, 4, 5, 2, 7, 8, 0, 10, 11])  # two groups share locations 0 and 2
+  exclude = np.asarray(losses.same_location_pairs(jnp.asarray(location_ids), jnp.asarray(location_ids)))
+  assert exclude.sum() == 4 and exclude[0, 9] and exclude[9, 0] and exclude[2, 6] and not exclude.diagonal().any()
+  ours = losses.infonce(jnp.asarray(q), jnp.asarray(r), jnp.float32(2.5), 0.1, jnp.asarray(exclude))
+  np.testing.assert_allclose(float(ours), _numpy_infonce_excluding(q, r, 2.5, 0.1, exclude), rtol=1e-5)
+  # nothing excluded: exactly the plain loss
+  none = losses.infonce(jnp.asarray(q), jnp.asarray(r), jnp.float32(2.5), 0.1, jnp.zeros((12, 12), bool))
+  np.testing.assert_allclose(float(none), float(losses.infonce(jnp.asarray(q), jnp.asarray(r), jnp.float32(2.5), 0.1)),
+                             rtol=1e-6)
+  # an excluded pair gets no gradient however similar it is
+  grads = jax.grad(lambda x: losses.infonce(x, jnp.asarray(r), jnp.float32(2.5), 0.1, jnp.asarray(exclude)))(jnp.asarray(q))
+  moved = jax.grad(lambda x: losses.infonce(x, jnp.asarray(r).at[9].set(jnp.asarray(q)[0]), jnp.float32(2.5), 0.1,
+                                            jnp.asarray(exclude)))(jnp.asarray(q))
+  np.testing.assert_allclose(np.asarray(moved[0]), np.asarray(grads[0]), rtol=1e-5, atol=1e-7)

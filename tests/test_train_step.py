@@ -10,6 +10,7 @@ from flax import nnx
 from gleam_jax.errors import GleamError
 from gleam_jax.models import gleam_c
 from gleam_jax.train import contrastive
+from gleam_jax.train import losses
 from gleam_jax.train import sharding as shd
 
 RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))
@@ -111,3 +112,46 @@ def test_batch_that_does_not_divide_fails_before_compiling():
   step = contrastive.make_train_step(setup)
   with pytest.raises(GleamError, match=r"batch size=12 .*8 shards"):
     step(state, _batch(n=12))
+
+
+def _grouped_batch(seed=0):
+  """Two modality groups of 8 with their own query shapes; group 'b' repeats one location of 'a'."""
+  a, b = _batch(seed, 8), _batch(seed + 1, 8)
+  b["query"] = b["query"][:, :, :16]  # square queries
+  location_ids = {"a": np.arange(8), "b": np.arange(100, 108)}
+  location_ids["b"][3] = 5
+  return {"query": {"a": a["query"], "b": b["query"]}, "satellite": {"a": a["satellite"], "b": b["satellite"]},
+          "location_id": location_ids}
+
+
+def test_grouped_batch_matches_single_device_and_gathers_no_images():
+  batch = _grouped_batch()
+  setup1, state1 = _setup(shd.single_device_mesh())
+  loss1, grads1 = contrastive.make_grad_fn(setup1)(state1, batch)
+  mesh = shd.make_mesh(dict(data=8, fsdp=1, tensor=1))
+  setup8, state8 = _setup(mesh)
+  loss8, grads8 = contrastive.make_grad_fn(setup8)(state8, shd.shard_batch(batch, mesh))
+  np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
+  for (path, g1), g8 in zip(jax.tree_util.tree_leaves_with_path(grads1), jax.tree.leaves(grads8)):
+    g1 = np.asarray(g1)
+    np.testing.assert_allclose(np.asarray(g8), g1, rtol=2e-4, atol=1e-4 * np.abs(g1).max() + 1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  # the loss is the plain InfoNCE over the joined batch, with the shared location's pairs excluded
+  model = contrastive.eval_model(setup1, state1)
+  model.train()
+  q = np.concatenate([np.asarray(model.encode(batch["query"][k], tower="query")) for k in ("a", "b")])
+  r = np.concatenate([np.asarray(model.encode(batch["satellite"][k], tower="reference")) for k in ("a", "b")])
+  ids = np.concatenate([batch["location_id"]["a"], batch["location_id"]["b"]])
+  exclude = losses.same_location_pairs(ids, ids)
+  want = losses.infonce(q, r, model.logit_scale[...], 0.1, exclude)
+  np.testing.assert_allclose(float(loss1), float(want), rtol=1e-5)
+  # one step: per-group batch accuracies, and no image crosses devices
+  step = contrastive.make_train_step(setup8)
+  sharded = shd.shard_batch(batch, mesh)
+  hlo = step.jitted.lower(state8, contrastive.step_inputs(sharded)).compile().as_text()
+  assert not re.search(r"all-gather[^\n]*f32\[\d+,\d+,\d+,3\]", hlo)
+  state8, metrics = step(state8, sharded)
+  assert set(metrics) >= {"batch_acc/a", "batch_acc/b"}
+  twelve = np.concatenate([batch["query"]["b"], batch["query"]["b"][:4]])
+  with pytest.raises(GleamError, match="batch size of b=12"):
+    step(state8, {**batch, "query": {**batch["query"], "b": twelve}})

@@ -4,13 +4,15 @@ Geometric augmentations are synchronised so the pair stays a true correspondence
   * flip: both views are mirrored left-right together. A north-up satellite mirrored east-west
     and a panorama mirrored left-right still agree (azimuth a -> -a in both).
   * rotate: the satellite turns by k*90 deg counter-clockwise (np.rot90, k in 1..3); what was
-    east is now up (north). The query follows where its heading is known:
-      panorama  -> rolled by -k*W/4 columns (azimuth grows left to right, clockwise from north), so
-                   the column that showed east now sits where north was;
-      streetmap -> rotated by the same k (it is a north-up map of the same ground);
-      uav, ground -> unchanged: their heading relative to north is unknown to the model (UAV views
-                   circle the location, ground photos face any direction), so only the satellite
-                   turns, as in Sample4Geo's University-1652 recipe.
+    east is now up (north). The query follows where its heading is known, by its layout
+    (`config.query_layout`):
+      panorama -> rolled by -k*W/4 columns (azimuth grows left to right, clockwise from north), so
+                  the column that showed east now sits where north was (panoramas, and ground
+                  photos placed in the panorama frame);
+      map      -> rotated by the same k (the streetmap is a north-up map of the same ground);
+      photo    -> unchanged: the heading relative to north is unknown to the model (UAV views
+                  circle the location, ground photos face any direction), so only the satellite
+                  turns, as in Sample4Geo's University-1652 recipe.
 Photometric augmentations (colour jitter, blur or sharpen, coarse or grid dropout) are drawn
 independently for each image. `prepare_pair` then resizes and normalises (no randomness), and is
 also what evaluation applies.
@@ -18,16 +20,19 @@ also what evaluation applies.
 import numpy as np
 from PIL import Image, ImageFilter
 
-from gleam_jax.data.config import query_shape
+from gleam_jax.data.config import MODALITIES, query_layout, query_shape
+from gleam_jax.data.panorama_frame import photo_to_panorama
+from gleam_jax.errors import GleamError
 
 
-def rotate_pair(query, satellite, modality, k):
-  """Satellite rot90 by k (counter-clockwise); the query follows as the module docstring says."""
+def rotate_pair(query, satellite, layout, k):
+  """Satellite rot90 by k (counter-clockwise); the query follows by its `layout` as the module
+  docstring says."""
   satellite = np.rot90(satellite, k)
-  if modality == "panorama":
+  if layout == "panorama":
     width = query.shape[1]
     query = np.roll(query, -int(round(k * width / 4)), axis=1)
-  elif modality == "streetmap":
+  elif layout == "map":
     query = np.rot90(query, k)
   return np.ascontiguousarray(query), np.ascontiguousarray(satellite)
 
@@ -93,13 +98,14 @@ def photometric(image, rng, aug):
   return image
 
 
-def augment_pair(example, rng, aug):
-  """Random synchronised geometry, then independent photometric changes; uint8 in, uint8 out."""
-  query, satellite, modality = example["query"], example["satellite"], example["modality_name"]
+def augment_pair(example, rng, aug, layout):
+  """Random synchronised geometry, then independent photometric changes; uint8 in, uint8 out.
+  `layout`: the query's layout ('panorama', 'map', 'photo'; see `config.query_layout`)."""
+  query, satellite = example["query"], example["satellite"]
   if rng.random() < aug["flip"]:
     query, satellite = flip_pair(query, satellite)
   if rng.random() < aug["rotate"]:
-    query, satellite = rotate_pair(query, satellite, modality, int(rng.integers(1, 4)))
+    query, satellite = rotate_pair(query, satellite, layout, int(rng.integers(1, 4)))
   return dict(example, query=photometric(query, rng, aug), satellite=photometric(satellite, rng, aug))
 
 
@@ -120,9 +126,36 @@ class AugmentPair:
 
   def __init__(self, data_cfg):
     self.aug = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in data_cfg.augment.items()}
+    self.layouts = {m: query_layout(data_cfg, m) for m in MODALITIES}
 
   def __call__(self, example, rng):
-    return augment_pair(example, rng, self.aug)
+    return augment_pair(example, rng, self.aug, self.layouts[example["modality_name"]])
+
+
+def query_in_frame(image, modality, camera, data_cfg):
+  """The query image in its layout's frame: a ground photo with `ground_frame='panorama'` is
+  warped into the panorama frame at its heading (`camera`: heading_deg, fov_deg); anything else
+  passes unchanged."""
+  if modality != "ground" or query_layout(data_cfg, modality) != "panorama":
+    return image
+  heading, fov = camera["heading_deg"], camera["fov_deg"]
+  if not (np.isfinite(heading) and np.isfinite(fov) and 0 < fov < 180):
+    raise GleamError(f"data.ground_frame='panorama' needs each ground photo's heading and field of "
+                     f"view, but this record has heading_deg={heading}, fov_deg={fov}: use a dataset "
+                     "that records them, or set data.ground_frame='photo'.")
+  return photo_to_panorama(image, heading, fov, image.shape[0])
+
+
+class QueryFrame:
+  """grain map transform: `query_in_frame` on a training example (before augmentation, so the
+  panorama's synchronised roll applies to a ground photo in the panorama frame)."""
+
+  def __init__(self, data_cfg):
+    self.data_cfg = data_cfg
+
+  def __call__(self, example):
+    image = query_in_frame(example["query"], example["modality_name"], example, self.data_cfg)
+    return example if image is example["query"] else dict(example, query=image)
 
 
 class PreparePair:

@@ -23,9 +23,10 @@ Fields
   modalities        query modalities in training: phase 1 ('panorama',), phase 2 all four.
   modality_weights  share of each training modality in an epoch (normalised over `modalities`).
   query_size        (H, W) of uav / streetmap / ground queries fed to the model.
-  panorama_size     (H, W) of panoramas when the stream holds panoramas only; a stream that mixes
-                    panoramas with square views resizes every query to `query_size`, so one batch
-                    has one shape (evaluation follows the same rule, see `query_shape`).
+  panorama_size     (H, W) of panoramas, and of ground photos placed in the panorama frame.
+  ground_frame      'photo': a ground photo is a square query like a UAV view; 'panorama': it is
+                    warped into the panorama frame at its compass heading (`panorama_frame.py`;
+                    needs datasets that record heading and field of view, as synthetic_cvgl).
   satellite_size    (H, W) of satellite images.
   augment           probabilities and strengths of the training augmentations (augment.py).
   mean / std        normalisation (ImageNet, on [0, 1] pixels).
@@ -48,6 +49,7 @@ from gleam_jax.errors import GleamError
 DATASETS = builders.NAMES
 PRESETS = tuple(WORLD_PRESETS)  # builder configs of synthetic_cvgl
 SAMPLERS = ("shuffle", "gps", "dss")
+GROUND_FRAMES = ("photo", "panorama")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -74,6 +76,7 @@ def data_config(**overrides):
   c.query_size = (64, 64)
   c.panorama_size = (64, 128)
   c.satellite_size = (64, 64)
+  c.ground_frame = "photo"
 
   c.augment = ml_collections.ConfigDict()
   c.augment.enabled = True
@@ -154,6 +157,8 @@ def validate(c):
       raise GleamError(f"data.modality_weights.{m}={w!r}: every training modality needs a weight > 0.")
   for key in ("query_size", "panorama_size", "satellite_size"):
     _size(c, key)
+  if c.ground_frame not in GROUND_FRAMES:
+    raise GleamError(f"data.ground_frame={c.ground_frame!r}; choose one of {GROUND_FRAMES}.")
   for key in ("flip", "rotate", "color_jitter", "blur_sharpen", "dropout"):
     _prob(c, key)
   if not 0.0 < c.augment.dropout_size <= 0.5:
@@ -177,9 +182,17 @@ def validate(c):
   return c
 
 
+def query_layout(data_cfg, modality):
+  """How a query of `modality` is laid out: 'panorama' (equirectangular, column 0 north), 'map'
+  (north-up, orthographic) or 'photo' (a pinhole view, heading unknown to the model)."""
+  if modality == "panorama" or (modality == "ground" and data_cfg.ground_frame == "panorama"):
+    return "panorama"
+  return "map" if modality == "streetmap" else "photo"
+
+
 def query_shape(data_cfg, modality):
   """(H, W) a query of `modality` is resized to, in training and in evaluation alike."""
-  if modality == "panorama" and tuple(data_cfg.modalities) == ("panorama",):
+  if query_layout(data_cfg, modality) == "panorama":
     return tuple(data_cfg.panorama_size)
   return tuple(data_cfg.query_size)
 

@@ -25,8 +25,9 @@ import numpy as np
 import grain
 from absl import flags
 
+from gleam_jax.data import samplers
 from gleam_jax.data import sources
-from gleam_jax.data.augment import AugmentPair, PreparePair, normalise, resize
+from gleam_jax.data.augment import AugmentPair, PreparePair, QueryFrame, normalise, query_in_frame, resize
 from gleam_jax.data.config import MODALITIES, query_shape, validate
 from gleam_jax.errors import GleamError
 
@@ -95,6 +96,8 @@ class TrainStream:
     # The whole epoch is one dataset, so a record's random stream follows its position in the
     # global order: every process count augments each record of a batch the same way.
     ds = grain.MapDataset.source(RecordsView(self.source, order))
+    if "ground" in self.data_cfg.modalities and self.data_cfg.ground_frame != "photo":
+      ds = ds.map(QueryFrame(self.data_cfg))
     if self._augment is not None:
       ds = ds.random_map(self._augment, seed=_epoch_seed(self.seed, epoch))
     ds = ds.map(self._prepare)
@@ -176,19 +179,117 @@ class TrainStream:
 
 def make_train_stream(data_cfg, global_batch_size, sampler, seed, **kwargs):
   """See TrainStream; kwargs: source, process_index, process_count (default: from jax)."""
+  layouts = {query_shape(data_cfg, m) for m in data_cfg.modalities}
+  if len(layouts) > 1:
+    raise GleamError(f"data.modalities={tuple(data_cfg.modalities)} have queries of different shapes "
+                     f"{sorted(layouts)}, which one batch array cannot hold: read them with "
+                     "ModalityStreams (one stream per modality), as the trainer does.")
   return TrainStream(data_cfg, global_batch_size, sampler, seed, **kwargs)
+
+
+def modality_batch_sizes(data_cfg, global_batch_size, multiple=1):
+  """{modality: pairs per global batch}: shares of `global_batch_size` by data.modality_weights,
+  each a positive multiple of `multiple` (the mesh's data shards x processes), summing to it."""
+  mods = tuple(data_cfg.modalities)
+  units, rest = divmod(int(global_batch_size), int(multiple))
+  if rest or units < len(mods):
+    raise GleamError(
+        f"config.batch_size={global_batch_size} cannot hold {len(mods)} modalities {mods} in groups that "
+        f"split over the mesh and processes ({multiple}): use a multiple of {multiple} that is at least "
+        f"{len(mods) * multiple}.")
+  w = np.asarray([float(data_cfg.modality_weights[m]) for m in mods])
+  share = 1 + (units - len(mods)) * w / w.sum()  # one unit each, the rest by weight
+  counts = np.floor(share).astype(int)
+  counts[np.argsort(-(share - counts), kind="stable")[:units - counts.sum()]] += 1
+  return {m: int(c) * int(multiple) for m, c in zip(mods, counts)}
+
+
+def _modality_seed(seed, modality, n_modalities):
+  """A single-modality job keeps `seed`; several get independent orders and augmentations."""
+  if n_modalities == 1:
+    return int(seed)
+  return int(np.random.SeedSequence([int(seed), 7, MODALITIES.index(modality)]).generate_state(1)[0] >> 1)
+
+
+class ModalityStreams:
+  """The training input of any number of modalities: one TrainStream per modality, read in lockstep.
+
+  Every global batch holds `batch_sizes[m]` pairs of each modality m (`modality_batch_sizes`), so
+  training is modality-balanced step by step, and each modality keeps its own query shape
+  (panoramas stay 1:2 next to square UAV views). `next()` gives
+  `{'query': {m: (b_m, H_m, W_m, 3)}, 'satellite': {m: ...}, 'location_id': {m: (b_m,)}}` (this
+  process's rows). Each modality has its own sampler (unique locations within its group; the loss
+  masks a location that two groups happen to share) with its own seed. `epoch`,
+  `batches_in_epoch` and `steps_per_epoch` are those of the first modality.
+  """
+
+  def __init__(self, data_cfg, global_batch_size, seed, index, multiple=1, source=None, **kwargs):
+    validate(data_cfg)
+    self.modalities = tuple(data_cfg.modalities)
+    self.batch_sizes = modality_batch_sizes(data_cfg, global_batch_size, multiple)
+    source = source or sources.get_source(data_cfg, data_cfg.train_split)
+    self.samplers, self.streams = {}, {}
+    for m in self.modalities:
+      cfg = data_cfg.copy_and_resolve_references()
+      with cfg.unlocked():
+        cfg.modalities = (m,)
+        cfg.seed = _modality_seed(data_cfg.seed, m, len(self.modalities))
+      self.samplers[m] = samplers.make_sampler(cfg, index)
+      self.streams[m] = TrainStream(cfg, self.batch_sizes[m], self.samplers[m],
+                                    _modality_seed(seed, m, len(self.modalities)), source=source, **kwargs)
+    self.global_batch_size = int(global_batch_size)
+
+  @property
+  def _first(self):
+    return self.streams[self.modalities[0]]
+
+  epoch = property(lambda self: self._first.epoch)
+  batches_in_epoch = property(lambda self: self._first.batches_in_epoch)
+  steps_per_epoch = property(lambda self: self._first.steps_per_epoch)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batches = {m: next(s) for m, s in self.streams.items()}
+    return {k: {m: b[k] for m, b in batches.items()} for k in ("query", "satellite", "location_id")}
+
+  def set_neighbours(self, table, location_ids=None):
+    """DSS: the same satellite-neighbour table for every modality's sampler (used from its next epoch)."""
+    for sampler in self.samplers.values():
+      sampler.set_neighbours(table, location_ids)
+
+  def get_state(self):
+    return {"batch_sizes": self.batch_sizes, "streams": {m: s.get_state() for m, s in self.streams.items()}}
+
+  def set_state(self, state):
+    if state.get("batch_sizes") != self.batch_sizes:
+      raise GleamError(f"the saved input state reads {state.get('batch_sizes')} pairs per modality but this "
+                       f"job reads {self.batch_sizes}: resume with the same data.modalities, modality_weights "
+                       "and batch size, or start a new workdir.")
+    for m, s in self.streams.items():
+      s.set_state(state["streams"][m])
+
+  def close(self):
+    for s in self.streams.values():
+      s.close()
 
 
 class _ViewImage:
   """grain map: record index -> {image, location_id, index} resized + normalised, no augmentation."""
 
-  def __init__(self, data_cfg, source, key, size):
+  def __init__(self, data_cfg, source, key, size, modality=None):
     self.source, self.key, self.size = source, key, tuple(size)
     self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
+    self.data_cfg, self.modality = data_cfg, modality
 
   def __call__(self, record):
+    image = self.source.image(int(record), self.key)
+    if self.key == "query":
+      image = query_in_frame(image, self.modality, sources.query_camera(self.source.raw(int(record))),
+                             self.data_cfg)
     return {
-        "image": normalise(resize(self.source.image(int(record), self.key), self.size), self.mean, self.std),
+        "image": normalise(resize(image, self.size), self.mean, self.std),
         "index": np.int64(record),
     }
 
@@ -196,13 +297,13 @@ class _ViewImage:
 class EvalBatches:
   """Re-iterable batches over fixed records; `len()` is the number of batches."""
 
-  def __init__(self, data_cfg, source, records, location_ids, key, size, batch_size):
+  def __init__(self, data_cfg, source, records, location_ids, key, size, batch_size, modality=None):
     if batch_size <= 0:
       raise GleamError(f"eval batch size {batch_size} must be positive.")
     self.records = np.asarray(records, np.int64)
     self.location_ids = np.asarray(location_ids, np.int64)
     self.batch_size = int(batch_size)
-    ds = grain.MapDataset.source(self.records).map(_ViewImage(data_cfg, source, key, size))
+    ds = grain.MapDataset.source(self.records).map(_ViewImage(data_cfg, source, key, size, modality))
     self._ds = ds.batch(self.batch_size, drop_remainder=False)
     self._read_options = _read_options(data_cfg)
     self._location_of = dict(zip(self.records.tolist(), self.location_ids.tolist()))
@@ -236,7 +337,7 @@ def make_eval_batches(data_cfg, split, modality, batch_size):
   rows = _query_rows(index, modality)
   rows = rows[np.lexsort((index["view_index"][rows], index["location_id"][rows]))]
   batches = EvalBatches(data_cfg, source, rows, index["location_id"][rows], "query",
-                        query_shape(data_cfg, modality), batch_size)
+                        query_shape(data_cfg, modality), batch_size, modality)
   if "semi_positive_ids" in index:
     batches.labels["semi_positive_ids"] = index["semi_positive_ids"][rows]
   return batches

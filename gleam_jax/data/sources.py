@@ -134,10 +134,17 @@ class Source:
         "modality_name": MODALITIES[int(r["modality"])],
         "location_id": int(r["location_id"]),
         "view_index": int(r["view_index"]),
+        **query_camera(r),
         "city_id": int(r["city_id"]),
         "coords": np.asarray(r["coords"], np.float64),
         "index": int(i),
     }
+
+
+def query_camera(record):
+  """heading_deg (clockwise from north) and fov_deg of the record's query camera; NaN where the
+  dataset does not record them."""
+  return {k: float(record[k]) if k in record else float("nan") for k in ("heading_deg", "fov_deg")}
 
 
 def get_source(data_cfg, split):

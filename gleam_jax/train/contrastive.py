@@ -14,8 +14,13 @@ The train step (reused by `gleam_jax.bench.train_step`):
   (key data; drop path draws from `fold_in(rng, step)`, so a resumed run draws the same noise).
 - `batch` arrays are global jax.Arrays sharded over ('data', 'fsdp') (`sharding.shard_batch`) or
   host NumPy arrays of the global batch; images are float32/bfloat16 (already normalised) or uint8
-  (normalised in the step with ImageNet mean/std).
-- `metrics`: loss, lr, logit_scale (exp, clipped), grad_norm (trainable parameters), batch_acc.
+  (normalised in the step with ImageNet mean/std). `query` and `satellite` are arrays, or dicts of
+  modality groups (`pipeline.ModalityStreams`: each modality at its own image shape) with
+  `location_id` groups alongside; each group is encoded on its own shards, the embeddings are
+  joined, and one loss covers every query against every satellite of the global batch, a
+  location that two groups share excluded from the negatives.
+- `metrics`: loss, lr, logit_scale (exp, clipped), grad_norm (trainable parameters), batch_acc
+  (and batch_acc/<modality> for grouped batches).
 
 The loss covers the global batch: the (B x B) logits are computed from the embeddings, so GSPMD
 all-gathers embeddings across the data axes and never the images.
@@ -37,7 +42,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gleam_jax.data import pipeline
-from gleam_jax.data import samplers
 from gleam_jax.data import sources
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import evaluator
@@ -138,17 +142,33 @@ def _loss_fn(setup, params, model_state, rng, step, batch):
   model = merge_model(setup, params["model"], model_state)
   model.train()
   nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(rng), step))
-  query = model.encode(normalise_images(batch["query"]), tower="query")
-  reference = model.encode(normalise_images(batch["satellite"]), tower="reference")
+  query = _encode_groups(model, batch["query"], "query")
+  reference = _encode_groups(model, batch["satellite"], "reference")
+  exclude = None
+  if "location_id" in batch:
+    location_ids = jnp.concatenate(jax.tree.leaves(batch["location_id"]))
+    exclude = losses.same_location_pairs(location_ids, location_ids)
   loss = losses.contrastive_loss(
       setup.loss_name, query, reference, model.logit_scale[...], params.get("loss_bias"),
-      setup.label_smoothing)
+      setup.label_smoothing, exclude)
   _, _, _, new_model_state = split_model(model)
   aux = {
       "logit_scale": losses.logit_scale_value(model.logit_scale[...]),
       "batch_acc": losses.retrieval_accuracy(query, reference),
   }
+  if isinstance(batch["query"], dict):
+    hits = losses.retrieval_hits(query, reference)
+    start = 0
+    for name, images in sorted(batch["query"].items()):
+      aux[f"batch_acc/{name}"] = jnp.mean(hits[start:start + images.shape[0]])
+      start += images.shape[0]
   return loss, (nnx.to_pure_dict(new_model_state), aux)
+
+
+def _encode_groups(model, images, tower):
+  """Embeddings of an image array, or of a dict of groups (in key order, as jax.tree.leaves) each
+  encoded on its own shards, so no group's images move between devices."""
+  return jnp.concatenate([model.encode(normalise_images(x), tower=tower) for x in jax.tree.leaves(images)])
 
 
 def _grads(setup, state, batch):
@@ -176,12 +196,21 @@ def _train_step(setup, state, batch):
 
 
 def batch_shardings(setup):
-  sharding = shd.batch_sharding(setup.mesh)
-  return {k: sharding for k in STEP_INPUTS}
+  """One sharding for every leaf of the batch (a pytree prefix): the batch axis over the data axes."""
+  return shd.batch_sharding(setup.mesh)
 
 
 def step_inputs(batch):
-  return {k: batch[k] for k in STEP_INPUTS}
+  """What the step reads: query and satellite, and the location ids of grouped batches."""
+  keys = STEP_INPUTS + (("location_id",) if isinstance(batch["query"], dict) else ())
+  return {k: batch[k] for k in keys}
+
+
+def check_batch_groups(batch, mesh):
+  """Every group of the batch must split over the mesh's data axes (fails before compiling)."""
+  groups = batch["query"] if isinstance(batch["query"], dict) else {"": batch["query"]}
+  for name, images in groups.items():
+    shd.check_batch_divides(images.shape[0], mesh, what=f"batch size of {name}" if name else "batch size")
 
 
 def make_train_step(setup):
@@ -194,7 +223,7 @@ def make_train_step(setup):
 
   def train_step(state, batch):
     batch = step_inputs(batch)
-    shd.check_batch_divides(batch["query"].shape[0], setup.mesh, what="batch size")
+    check_batch_groups(batch, setup.mesh)
     return jitted(state, batch)
   train_step.jitted = jitted
   return train_step
@@ -317,8 +346,8 @@ def run(config, workdir):
   seed = int(config.seed)
 
   index = sources.get_index(config.data, config.data.train_split)
-  sampler = samplers.make_sampler(config.data, index)
-  stream = pipeline.make_train_stream(config.data, batch_size, sampler, seed)
+  stream = pipeline.ModalityStreams(config.data, batch_size, seed, index,
+                                    multiple=math.lcm(shd.batch_shards(mesh), jax.process_count()))
   steps_per_epoch = stream.steps_per_epoch
   total_steps = int(config.total_steps)
   if config.get("total_epochs"):
@@ -341,8 +370,9 @@ def run(config, workdir):
     state = _init_from(config, state)
   step = int(step)
 
+  groups = ", ".join(f"{m} {b}" for m, b in stream.batch_sizes.items())
   _log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {n_params / 1e6:.2f}M params; "
-       f"{steps_per_epoch} steps/epoch of {batch_size} pairs; training to step {total_steps}")
+       f"{steps_per_epoch} steps/epoch of {batch_size} pairs ({groups}); training to step {total_steps}")
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   train_step = make_train_step(setup)
   rate = RateEta(total_steps)
@@ -356,7 +386,7 @@ def run(config, workdir):
     while step < total_steps:
       if (config.data.sampler.name == "dss" and stream.batches_in_epoch == stream.steps_per_epoch
           and (stream.epoch + 1) % dss_every == 0):
-        refresh_dss_neighbours(config, setup, state, sampler)
+        refresh_dss_neighbours(config, setup, state, stream)
       batch = shd.shard_batch(step_inputs(next(stream)), mesh)
       state, metrics = train_step(state, batch)
       step += 1

@@ -9,6 +9,11 @@ embeddings (B x D), never the images, and every query is scored against every re
 - `sigmoid`: the SigLIP loss, -mean over queries of sum_j log sigmoid(z_ij * (scale * q_i.r_j + bias)),
   z_ij = +1 on the diagonal, -1 elsewhere.
 
+`exclude` (optional, (B, B) bool) drops off-diagonal pairs that are not negatives: in a batch
+that joins several modality groups, two groups may hold the same location, whose satellite is then
+a true match for both queries. Excluded logits leave the softmax and the label smoothing, so with
+nothing excluded the loss is Sample4Geo's exactly.
+
 The logit scale is learned as a log value; its exponential is clipped at `MAX_LOGIT_SCALE` as CLIP.
 """
 import jax
@@ -34,32 +39,59 @@ def similarity_logits(query, reference, log_scale, bias=None):
   return logits
 
 
-def infonce(query, reference, log_scale, label_smoothing=0.1):
+def _smoothed_targets(valid, label_smoothing):
+  """Row-wise smoothed one-hot on the diagonal, the smoothing spread over the row's valid entries."""
+  n = valid.shape[0]
+  spread = valid / jnp.sum(valid, axis=1, keepdims=True)
+  return (1.0 - label_smoothing) * jnp.eye(n, dtype=jnp.float32) + label_smoothing * spread
+
+
+def infonce(query, reference, log_scale, label_smoothing=0.1, exclude=None):
   logits = similarity_logits(query, reference, log_scale)
   n = logits.shape[0]
-  targets = optax.smooth_labels(jnp.eye(n, dtype=jnp.float32), label_smoothing)
+  if exclude is None:
+    targets = optax.smooth_labels(jnp.eye(n, dtype=jnp.float32), label_smoothing)
+    targets_t = targets
+  else:
+    valid = jnp.logical_not(exclude).astype(jnp.float32)
+    logits = jnp.where(exclude, jnp.finfo(jnp.float32).min / 4, logits)
+    targets, targets_t = _smoothed_targets(valid, label_smoothing), _smoothed_targets(valid.T, label_smoothing)
   loss_q = optax.softmax_cross_entropy(logits, targets).mean()
-  loss_r = optax.softmax_cross_entropy(logits.T, targets).mean()
+  loss_r = optax.softmax_cross_entropy(logits.T, targets_t).mean()
   return 0.5 * (loss_q + loss_r)
 
 
-def sigmoid(query, reference, log_scale, bias):
+def sigmoid(query, reference, log_scale, bias, exclude=None):
   logits = similarity_logits(query, reference, log_scale, bias)
   n = logits.shape[0]
   signs = 2.0 * jnp.eye(n, dtype=jnp.float32) - 1.0
-  return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / n
+  terms = jax.nn.log_sigmoid(signs * logits)
+  if exclude is not None:
+    terms = jnp.where(exclude, 0.0, terms)
+  return -jnp.sum(terms) / n
 
 
-def contrastive_loss(name, query, reference, log_scale, bias=None, label_smoothing=0.1):
+def same_location_pairs(query_location_ids, reference_location_ids):
+  """(B, B) bool: off-diagonal pairs whose query and reference show the same location."""
+  same = query_location_ids[:, None] == reference_location_ids[None, :]
+  return jnp.logical_and(same, jnp.logical_not(jnp.eye(same.shape[0], dtype=bool)))
+
+
+def contrastive_loss(name, query, reference, log_scale, bias=None, label_smoothing=0.1, exclude=None):
   """The loss named in the config (`config.loss.name`)."""
   if name == "infonce":
-    return infonce(query, reference, log_scale, label_smoothing)
+    return infonce(query, reference, log_scale, label_smoothing, exclude)
   if name == "sigmoid":
-    return sigmoid(query, reference, log_scale, bias)
+    return sigmoid(query, reference, log_scale, bias, exclude)
   raise GleamError(f"config.loss.name={name!r} is not a loss: set it to one of {LOSSES}.")
+
+
+def retrieval_hits(query, reference):
+  """(B,) float: 1 where a query's own reference scores highest in the batch."""
+  sims = jnp.einsum("qd,rd->qr", query.astype(jnp.float32), reference.astype(jnp.float32))
+  return (jnp.argmax(sims, axis=1) == jnp.arange(sims.shape[0])).astype(jnp.float32)
 
 
 def retrieval_accuracy(query, reference):
   """Fraction of queries whose own reference scores highest in the batch (a cheap training signal)."""
-  sims = jnp.einsum("qd,rd->qr", query.astype(jnp.float32), reference.astype(jnp.float32))
-  return jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(sims.shape[0]))
+  return jnp.mean(retrieval_hits(query, reference))

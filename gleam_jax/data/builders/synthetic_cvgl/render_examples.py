@@ -35,10 +35,15 @@ def location_examples(spec, location_id):
       city_id=int(loc["city"]),
       coords=np.asarray(loc["coords"], np.float64),
   )
-  views = [(m, 0, loc[m]) for m in ("streetmap", "panorama", "ground")]
-  views += [("uav", i, im) for i, im in enumerate(loc["uav"])]
-  return [(f"{location_id}-{m}-{i}", dict(common, query=encode_png(im), modality=m, view_index=i))
-          for m, i, im in views]
+  # (modality, view index, image, heading clockwise from north, horizontal field of view);
+  # streetmap and panorama are north-aligned, the panorama sees 360 deg, the map is orthographic (0).
+  views = [("streetmap", 0, loc["streetmap"], 0.0, 0.0), ("panorama", 0, loc["panorama"], 0.0, 360.0),
+           ("ground", 0, loc["ground"], loc["ground_heading_deg"], spec.ground_fov_deg)]
+  views += [("uav", i, im, cam["heading_deg"], cam["fov_deg"])
+            for i, (im, cam) in enumerate(zip(loc["uav"], loc["uav_cameras"]))]
+  return [(f"{location_id}-{m}-{i}", dict(common, query=encode_png(im), modality=m, view_index=i,
+                                          heading_deg=np.float32(heading), fov_deg=np.float32(fov)))
+          for m, i, im, heading, fov in views]
 
 
 def _render_parts(preset, overrides, parts, out):

@@ -48,6 +48,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {
       "1.0.0": "First release.",
       "1.1.0": "Locations spread over 40 m tiles; street cameras clear of trees and walls.",
+      "1.2.0": "Every record stores its query camera's heading and field of view.",
   }
   BUILDER_CONFIGS = [SyntheticCvglConfig(preset=p) for p in synthetic.PRESETS]
   DEFAULT_CONFIG_NAME = "s64"
@@ -63,6 +64,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "satellite": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
             "modality": tfds.features.ClassLabel(names=synthetic.MODALITIES),
             "view_index": np.int32,
+            "heading_deg": np.float32,  # the query camera's heading, clockwise from north
+            "fov_deg": np.float32,  # its horizontal field of view (360: panorama, 0: map)
             "location_id": np.int64,
             "city": tfds.features.Text(),
             "city_id": np.int32,
