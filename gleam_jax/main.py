@@ -23,14 +23,24 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
-def init_distributed():
-  """Joins a multi-process job when asked to; a single process needs nothing."""
-  if _COORDINATOR.value is not None:
-    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+def init_distributed(multihost=False, coordinator_address=None, num_processes=None, process_id=None):
+  """Joins a multi-process job when asked to; a single process needs nothing.
+
+  With `coordinator_address` (and `num_processes`, `process_id`) every process names the
+  coordinator itself, as `launch/local_multiprocess.sh` does on loopback (CPU collectives: gloo,
+  jax's default); with `multihost` alone `jax.distributed.initialize()` finds it (Cloud TPU, SLURM).
+  """
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
       raise GleamError("--coordinator_address needs --num_processes and --process_id as well.")
+    if not 0 <= process_id < num_processes:
+      raise GleamError(f"--process_id={process_id} must be in [0, --num_processes={num_processes}).")
     import jax
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _MULTIHOST.value:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif num_processes is not None or process_id is not None:
+    raise GleamError("--num_processes and --process_id need --coordinator_address (host:port of process 0); "
+                     "or use --multihost where jax finds the coordinator itself (Cloud TPU, SLURM).")
+  elif multihost:
     import jax
     jax.distributed.initialize()
 
@@ -65,7 +75,7 @@ def main(argv):
     print("error: --workdir is required (the folder for config.json, metrics.jsonl and checkpoints).", file=sys.stderr)
     sys.exit(2)
   try:
-    init_distributed()
+    init_distributed(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     run(_CONFIG.value, _WORKDIR.value)
   except GleamError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -5,13 +5,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import main
+from gleam_jax.errors import GleamError
 from gleam_jax.utils.writer import read_metrics
 from test_main_contrastive import ROOT, tiny_config, train_losses
 
@@ -72,9 +72,11 @@ def test_two_processes_match_one_process_and_resume(tiny_cfg, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
 
-def test_coordinator_without_process_count_is_an_error(tmp_path):
-  cmd = [sys.executable, "-m", "gleam_jax.main", "--config=configs/c_phase1.py:tiny", f"--workdir={tmp_path}",
-         "--coordinator_address=127.0.0.1:1"]
-  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 2
-  assert "--coordinator_address needs --num_processes and --process_id" in result.stderr
+@pytest.mark.parametrize("flags, message", [
+    (dict(coordinator_address="127.0.0.1:1"), "needs --num_processes and --process_id"),
+    (dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2), r"--process_id=2 must be in \[0, "),
+    (dict(num_processes=2, process_id=0), "need --coordinator_address"),
+])
+def test_incomplete_distributed_flags_are_an_error(flags, message):
+  with pytest.raises(GleamError, match=message):
+    main.init_distributed(**flags)
