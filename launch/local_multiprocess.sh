@@ -8,19 +8,20 @@
 # gloo, jax's default) and reads only its slice of every global batch, exactly as on a TPU pod
 # slice; process 0 writes config.json, metrics and reports, all processes write the checkpoint.
 # DEVICES_PER_PROCESS (default 4) CPU devices per process; PORT (default: a free one) for the
-# coordinator. If one process fails, the others are stopped and the script exits with its status.
+# coordinator; PYTHON (default: python) the interpreter with gleam_jax installed. If one process fails, the others are stopped and the script exits with its status.
 set -euo pipefail
 if (($# < 3)); then
   echo "usage: $0 N CONFIG WORKDIR [--config.x=y ...]" >&2
   exit 2
 fi
 N=$1; CONFIG=$2; WORKDIR=$3; shift 3
-PORT=${PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+PYTHON=${PYTHON:-python}
+PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 DEVICES=${DEVICES_PER_PROCESS:-4}
 pids=()
 for ((i = 0; i < N; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" \
-    python -m gleam_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
+    "$PYTHON" -m gleam_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
     --coordinator_address="127.0.0.1:$PORT" --num_processes="$N" --process_id="$i" "$@" &
   pids+=($!)
 done

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def _launch(workdir, data_dir, *extra):
          f"--config.data.data_dir={data_dir}", f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=4",
          "--config.eval.splits=('test',)", "--config.data.sampler.name=dss", "--config.dss_refresh_every_epochs=2",
          *extra]
-  env = {**os.environ, "DEVICES_PER_PROCESS": "4"}
+  env = {**os.environ, "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable}
   env.pop("PORT", None)
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
