@@ -12,6 +12,8 @@ import pytest
 
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import main
+from gleam_jax.data import pipeline, samplers, sources
+from gleam_jax.data.config import data_config
 from gleam_jax.errors import GleamError
 from gleam_jax.utils.writer import read_metrics
 from test_main_contrastive import ROOT, tiny_config, train_losses
@@ -74,6 +76,33 @@ def test_two_processes_match_one_process_and_resume(tiny_cfg, tmp_path):
   resumed = train_losses(workdir)
   np.testing.assert_allclose([resumed[s] for s in (5, 6)], [ref_losses[s] for s in (5, 6)], rtol=1e-5, atol=1e-6)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
+
+
+def test_process_slices_of_augmented_batches_join_to_the_single_process_batch(tiny_cfg):
+  """Augmentation is seeded by a record's position in the global order, so two processes' rows of
+  every batch (over an epoch boundary, and after a resume) are exactly the one-process batch."""
+  cfg = data_config(**{**tiny_cfg.to_dict(), "modalities": ("panorama",)})
+  assert cfg.augment.enabled
+  index = sources.get_index(cfg, cfg.train_split)
+
+  def stream(process_index, process_count):
+    return pipeline.make_train_stream(cfg, 8, samplers.make_sampler(cfg, index), 3,
+                                      process_index=process_index, process_count=process_count)
+  whole, parts = stream(0, 1), [stream(p, 2) for p in (0, 1)]
+  steps = whole.steps_per_epoch + 1
+  for step in range(steps):
+    if step == 1:  # resume each process from its own state
+      parts = [_restored(part, stream(p, 2)) for p, part in enumerate(parts)]
+    b, p0, p1 = next(whole), next(parts[0]), next(parts[1])
+    assert p0["query"].shape[0] == 4
+    for k in b:
+      np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), b[k], err_msg=f"{k} at step {step}")
+  assert whole.epoch == 1
+
+
+def _restored(old, new):
+  new.set_state(old.get_state())
+  return new
 
 
 @pytest.mark.parametrize("flags, message", [
