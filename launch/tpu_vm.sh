@@ -20,10 +20,11 @@ VERSION=${TPU_SOFTWARE_VERSION:-v2-alpha-tpuv5-lite}
 if ! gcloud compute tpus tpu-vm describe "$NAME" --zone "$ZONE" >/dev/null 2>&1; then
   gcloud compute tpus tpu-vm create "$NAME" --zone "$ZONE" --accelerator-type "$ACCEL" --version "$VERSION"
 fi
+ARGS=$(printf ' %q' --multihost "--config=$CONFIG" "--workdir=$WORKDIR" "$@")  # quoted for the remote shell
 tar czf /tmp/gleam_jax.tgz --exclude=.git --exclude=.venv .
 gcloud compute tpus tpu-vm scp /tmp/gleam_jax.tgz "$NAME":~/ --zone "$ZONE" --worker=all
 gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "
   set -e; mkdir -p ~/gleam_jax && tar xzf ~/gleam_jax.tgz -C ~/gleam_jax && cd ~/gleam_jax &&
   python3 -m venv ~/venv && . ~/venv/bin/activate &&
   pip install -q -e . 'jax[tpu]' &&
-  python -m gleam_jax.main --multihost --config=$CONFIG --workdir=$WORKDIR $*"
+  python -m gleam_jax.main$ARGS"
