@@ -94,8 +94,9 @@ def step_by_step(jm, cfg, ids, mask, px, grids, steps, eos):
       graphdef, state, cache, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(px),
       modeling.vision_inputs(grids, cfg), jax.random.key(0), sampling=generation.Sampling(), stop_ids=stop)
   out = [np.asarray(carry["tokens"])]
+  rows = generation.output_rows(jm)
   for _ in range(steps - 1):
-    carry, cache = generation.decode_step(graphdef, state, cache, carry, sampling=generation.Sampling(),
+    carry, cache = generation.decode_step(graphdef, state, rows, cache, carry, sampling=generation.Sampling(),
                                           stop_ids=stop, pad_id=PAD)
     out.append(np.asarray(carry["tokens"]))
   return np.stack(out, 1)
