@@ -103,6 +103,8 @@ def base_config(arg, modalities):
   c.eval.splits = tuple(c.data.eval_splits)
   c.eval.modalities = config_dict.placeholder(tuple)  # default: the training modalities
   c.eval.protocol = real["protocol"] if real else "cvusa"
+  # University-1652 / SUES-200 also report satellite -> drone: these modalities' views as gallery
+  c.eval.satellite_to = ("uav",) if real and real["protocol"] == "university" else ()
   c.eval.batch_size = config_dict.FieldReference(128) if not tiny else batch_size
   c.eval.num_examples_png = 4 if tiny else 8
   c.eval.search = search_config()

@@ -20,8 +20,8 @@ from flax import nnx
 import numpy as np
 from PIL import Image
 
-from gleam_jax.data.augment import normalise, resize
-from gleam_jax.data.config import query_shape
+from gleam_jax.data.augment import normalise, query_in_frame, resize
+from gleam_jax.data.config import query_layout, query_shape
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -43,6 +43,9 @@ def define_flags():
   flags.DEFINE_string("modality", None, "Query modality (sets its input size); default: the job's first "
                       "training modality.")
   flags.DEFINE_string("out", None, "PNG to write (default W/retrieve/<query>_top<k>.png).")
+  flags.DEFINE_float("heading_deg", None, "A ground photo's compass heading (clockwise from north), "
+                     "for jobs that read ground photos in the panorama frame (data.ground_frame).")
+  flags.DEFINE_float("fov_deg", 90.0, "That photo's horizontal field of view.")
 
 
 def load_config(workdir):
@@ -95,8 +98,9 @@ def prepare(image, size, data_cfg):
   return normalise(resize(image, tuple(size)), tuple(data_cfg.mean), tuple(data_cfg.std))
 
 
-def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None):
-  """Prints and returns the top-k [(file, score)]; writes the PNG."""
+def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, heading_deg=None, fov_deg=90.0):
+  """Prints and returns the top-k [(file, score)]; writes the PNG. A ground photo needs
+  `heading_deg` when the job read ground photos in the panorama frame."""
   model, config = load_model(workdir)
   data_cfg = config.data
   modality = modality or tuple(data_cfg.modalities)[0]
@@ -107,7 +111,12 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None):
   batches = [{"image": np.stack([prepare(g, data_cfg.satellite_size, data_cfg) for g in gallery_raw[i:i + batch_size]]),
               "index": np.arange(i, min(i + batch_size, len(files)))} for i in range(0, len(files), batch_size)]
   gallery, _ = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)
-  query_image = prepare(query_raw, query_shape(data_cfg, modality), data_cfg)[None]
+  if heading_deg is None and query_layout(data_cfg, modality) == "panorama" and modality == "ground":
+    raise GleamError(f"{workdir} reads ground photos in the panorama frame at their compass heading: "
+                     "give the photo's --heading_deg (clockwise from north) and --fov_deg.")
+  camera = {"heading_deg": float("nan") if heading_deg is None else float(heading_deg), "fov_deg": float(fov_deg)}
+  query_framed = query_in_frame(query_raw, modality, camera, data_cfg)
+  query_image = prepare(query_framed, query_shape(data_cfg, modality), data_cfg)[None]
   query = np.asarray(jax.jit(lambda x: model.encode(x, tower="query"))(query_image))
   scores = (gallery @ query[0]).astype(np.float32)
   k = min(k, len(files))
@@ -132,7 +141,8 @@ def main(argv):
     print(f"error: {', '.join(missing)} required.", file=sys.stderr)
     sys.exit(2)
   try:
-    search(os.path.expanduser(FLAGS.workdir), FLAGS.query, FLAGS.gallery, FLAGS.k, FLAGS.modality, FLAGS.out)
+    search(os.path.expanduser(FLAGS.workdir), FLAGS.query, FLAGS.gallery, FLAGS.k, FLAGS.modality, FLAGS.out,
+           FLAGS.heading_deg, FLAGS.fov_deg)
   except GleamError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

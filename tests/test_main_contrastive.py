@@ -117,6 +117,35 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
     assert any(f"eval/test/{modality}/R@1" in r for r in rows)
   phase1_loss = train_losses(phase1_workdir)[1]
   assert train_losses(str(tmp_path))[1] < phase1_loss  # trained weights, not a fresh init
+  rows = [r for r in rows if "batch_acc/ground" in r]
+  assert rows and all(0 <= r[f"batch_acc/{m}"] <= 1 for r in rows for m in config.data.modalities)
+
+  # the retrieve CLI places a ground photo in the panorama frame at the heading it is given
+  from PIL import Image
+
+  from gleam_jax import retrieve
+  from gleam_jax.data import sources
+  from gleam_jax.data.augment import query_in_frame
+  source = sources.get_source(tiny_cfg, "test")
+  index = sources.get_index(tiny_cfg, "test", source)
+  gallery = tmp_path / "gallery"
+  gallery.mkdir()
+  rows = np.flatnonzero(index["modality"] == 3)[:4]  # ground photos of four locations
+  for r in rows:
+    Image.fromarray(source[int(r)]["satellite"]).save(gallery / f"loc{index['location_id'][r]}.png")
+  record = source[int(rows[0])]
+  Image.fromarray(record["query"]).save(tmp_path / "photo.png")
+  with pytest.raises(GleamError, match="--heading_deg"):
+    retrieve.search(str(tmp_path), str(tmp_path / "photo.png"), str(gallery), modality="ground")
+  top = retrieve.search(str(tmp_path), str(tmp_path / "photo.png"), str(gallery), k=4, modality="ground",
+                        heading_deg=record["heading_deg"], fov_deg=record["fov_deg"])
+  model, job = retrieve.load_model(str(tmp_path))
+  framed = query_in_frame(record["query"], "ground", record, job.data)
+  assert framed.shape[1] == 2 * framed.shape[0]
+  q = np.asarray(model.encode(retrieve.prepare(framed, job.data.panorama_size, job.data)[None], tower="query"))
+  best = retrieve.prepare(retrieve.read_image(top[0][0]), job.data.satellite_size, job.data)[None]
+  g = np.asarray(model.encode(best, tower="reference"))
+  np.testing.assert_allclose(float(q[0] @ g[0]), top[0][1], rtol=1e-4, atol=1e-5)
 
 
 def test_phase2_without_phase1_says_what_to_do(tiny_cfg, tmp_path):

@@ -12,7 +12,9 @@ Geometric augmentations are synchronised so the pair stays a true correspondence
       map      -> rotated by the same k (the streetmap is a north-up map of the same ground);
       photo    -> unchanged: the heading relative to north is unknown to the model (UAV views
                   circle the location, ground photos face any direction), so only the satellite
-                  turns, as in Sample4Geo's University-1652 recipe.
+                  turns, as in Sample4Geo's University-1652 recipe; with `rotate_photo=False`
+                  neither turns (the satellite stays north-up for a tower that also serves
+                  panoramas).
 Photometric augmentations (colour jitter, blur or sharpen, coarse or grid dropout) are drawn
 independently for each image. `prepare_pair` then resizes and normalises (no randomness), and is
 also what evaluation applies.
@@ -105,7 +107,9 @@ def augment_pair(example, rng, aug, layout):
   if rng.random() < aug["flip"]:
     query, satellite = flip_pair(query, satellite)
   if rng.random() < aug["rotate"]:
-    query, satellite = rotate_pair(query, satellite, layout, int(rng.integers(1, 4)))
+    k = int(rng.integers(1, 4))
+    if layout != "photo" or aug["rotate_photo"]:
+      query, satellite = rotate_pair(query, satellite, layout, k)
   return dict(example, query=photometric(query, rng, aug), satellite=photometric(satellite, rng, aug))
 
 

@@ -82,6 +82,10 @@ def data_config(**overrides):
   c.augment.enabled = True
   c.augment.flip = 0.5  # P(flip query and satellite together)
   c.augment.rotate = 0.75  # P(rotate the satellite by k*90 deg, k in 1..3; the query follows)
+  # Also rotate the satellites of 'photo' queries (UAV, ground photos), whose heading the model
+  # does not know (Sample4Geo's University-1652 recipe). Off when one satellite tower also serves
+  # north-aligned queries: it would be taught to ignore the orientation panoramas depend on.
+  c.augment.rotate_photo = True
   c.augment.color_jitter = 0.8  # P(jitter) per image
   c.augment.brightness = 0.15
   c.augment.contrast = 0.15
@@ -161,6 +165,8 @@ def validate(c):
     raise GleamError(f"data.ground_frame={c.ground_frame!r}; choose one of {GROUND_FRAMES}.")
   for key in ("flip", "rotate", "color_jitter", "blur_sharpen", "dropout"):
     _prob(c, key)
+  if not isinstance(c.augment.rotate_photo, bool):
+    raise GleamError(f"data.augment.rotate_photo={c.augment.rotate_photo!r}: it must be True or False.")
   if not 0.0 < c.augment.dropout_size <= 0.5:
     raise GleamError(f"data.augment.dropout_size={c.augment.dropout_size!r}: it must be in (0, 0.5].")
   lo, hi = c.augment.blur_sigma
@@ -185,7 +191,7 @@ def validate(c):
 def query_layout(data_cfg, modality):
   """How a query of `modality` is laid out: 'panorama' (equirectangular, column 0 north), 'map'
   (north-up, orthographic) or 'photo' (a pinhole view, heading unknown to the model)."""
-  if modality == "panorama" or (modality == "ground" and data_cfg.ground_frame == "panorama"):
+  if modality == "panorama" or (modality == "ground" and data_cfg.get("ground_frame") == "panorama"):
     return "panorama"
   return "map" if modality == "streetmap" else "photo"
 

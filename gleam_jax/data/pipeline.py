@@ -373,4 +373,4 @@ def make_view_gallery_batches(data_cfg, split, modality, batch_size):
   rows = np.flatnonzero((index["modality"] == MODALITIES.index(modality)) & (index["view_index"] >= 0))
   rows = rows[np.lexsort((index["view_index"][rows], index["location_id"][rows]))]
   return EvalBatches(data_cfg, source, rows, index["location_id"][rows], "query", query_shape(data_cfg, modality),
-                     batch_size)
+                     batch_size, modality)
