@@ -19,17 +19,16 @@ from gleam_jax.utils.writer import read_metrics
 from test_main_contrastive import ROOT, tiny_config, train_losses
 
 STEPS = 6
-OVERRIDES = {"total_steps": STEPS, "checkpoint.every_steps": 4, "eval.splits": ("test",),
+OVERRIDES = {"total_steps": STEPS, "checkpoint.every_steps": 4, "eval.splits": ("test",), "eval.num_examples_png": 0,
              "data.sampler.name": "dss", "dss_refresh_every_epochs": 2}
 
 
 def _launch(workdir, data_dir, *extra):
   """launch/local_multiprocess.sh with 2 processes of 4 CPU devices; the second launch reads the
   compiled programs of the first from a persistent compilation cache beside the workdir."""
+  overrides = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   cmd = ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "configs/c_phase1.py:tiny", workdir,
-         f"--config.data.data_dir={data_dir}", f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=4",
-         "--config.eval.splits=('test',)", "--config.data.sampler.name=dss", "--config.dss_refresh_every_epochs=2",
-         *extra]
+         f"--config.data.data_dir={data_dir}", *overrides, *extra]
   env = {**os.environ, "DEVICES_PER_PROCESS": "4", "PYTHON": sys.executable,
          "JAX_COMPILATION_CACHE_DIR": os.path.join(os.path.dirname(workdir), "xla_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
