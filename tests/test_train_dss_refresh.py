@@ -36,7 +36,7 @@ def stream_states(workdir):
   states = {s: manager.restore(s, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]["stream"]
             for s in manager.all_steps()}
   manager.close()
-  return {s: state["streams"]["panorama"] if "streams" in state else state for s, state in states.items()}
+  return {s: state["streams"]["panorama"] for s, state in states.items()}
 
 
 def table_of(sampler_state):
