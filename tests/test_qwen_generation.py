@@ -62,6 +62,18 @@ def test_greedy_matches_hf_generate(pair, make):
   np.testing.assert_array_equal(np.stack([t for _, t in streamed], 1), out)
 
 
+def test_tied_embeddings_greedy_matches_hf(tmp_path):
+  """`output_rows` uses the embedding itself when the output projection is tied."""
+  hf_cfg = hf_config(tie=True)
+  tm = torch_model(hf_cfg, seed=2)
+  jm, cfg = jax_model(hf_cfg, tm, tmp_path)
+  assert cfg.tie_word_embeddings
+  ids, mask, px, grids = batch2(seed=9)
+  ref = torch_generate(tm, ids, mask, px, grids, eos=[999])
+  out = generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=(), chunk=8)
+  np.testing.assert_array_equal(out, ref)
+
+
 def test_stop_token_pads_like_hf(pair):
   tm, jm, cfg = pair
   ids, mask, px, grids = batch2()

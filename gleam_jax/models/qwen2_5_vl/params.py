@@ -15,16 +15,14 @@ embeddings there is no lm_head parameter; an `lm_head.weight` key in such a chec
 
 The model is built abstractly (`nnx.eval_shape`), every key and shape is checked against it from the
 file headers alone (unused or missing keys, wrong shapes -> one GleamError listing them), then the
-files are read tensor by tensor: each tensor is memory-mapped and copied onto its `NamedSharding`
-(`jax.make_array_from_callback`, so each process only places its own shards) - a kernel in its stored
-(out, in) layout on the transposed sharding, then transposed and cast to the parameter dtype by XLA on
-the device (much faster than NumPy copying a transposed view) - then unmapped, while the kernel already reads the next one
+files are read tensor by tensor: each tensor is memory-mapped, transposed (a strided view), cast to
+the parameter dtype and copied onto its `NamedSharding` (`jax.make_array_from_callback`, so each
+process only places its own shards), then unmapped, while the kernel already reads the next one
 (posix_fadvise WILLNEED); a few tensors are placed at once by a thread pool. Peak host memory is
 the model plus about that many tensors.
 """
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -35,7 +33,6 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 from flax import nnx, traverse_util
-from jax.sharding import NamedSharding, PartitionSpec
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import config as config_lib
@@ -168,22 +165,6 @@ def _to_ours(array: np.ndarray, leaf: str, target_shape) -> np.ndarray:
   return array
 
 
-def _stored_sharding(kernel_sharding):
-  """The sharding of a kernel's (out, in) torch layout whose transpose has `kernel_sharding`, or None
-  when that is not a 2-D `NamedSharding`."""
-  if not isinstance(kernel_sharding, NamedSharding) or len(kernel_sharding.spec) > 2:
-    return None
-  spec = tuple(kernel_sharding.spec) + (None,) * (2 - len(kernel_sharding.spec))
-  return NamedSharding(kernel_sharding.mesh, PartitionSpec(spec[1], spec[0]))
-
-
-@functools.partial(jax.jit, static_argnames=("dtype", "sharding"))
-def _transposed(stored, dtype, sharding):
-  """(out, in) -> (in, out) kernel in `dtype` on `sharding`: XLA's blocked, multi-threaded transpose
-  instead of NumPy copying a strided view element by element on the host."""
-  return jax.lax.with_sharding_constraint(stored.T.astype(dtype), sharding)
-
-
 def _plan(index: dict[str, TensorInfo], targets: dict, tied: bool) -> dict:
   """(NNX path -> HF key) after checking that every key and every parameter is accounted for."""
   plan, unused, bad_shapes, twice = {}, [], [], []
@@ -261,18 +242,11 @@ def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
     path, key = order[i]
     if i + 1 < len(order):
       prefetch(index[order[i + 1][1]])  # the kernel reads ahead while this tensor is placed
-    target, target_sharding = targets[path], flat_shardings[path]
+    target = targets[path]
     mapped = map_tensor(index[key])
-    stored_sharding = _stored_sharding(target_sharding) if path[-1] == "kernel" else None
-    if stored_sharding is not None:  # placed as stored (contiguous copies), transposed on the device
-      stored = mapped.reshape(mapped.shape[0], -1)
-      array = jax.make_array_from_callback(stored.shape, stored_sharding,
-                                           lambda idx: _owned_slice(stored, mapped, idx))
-      array = _transposed(array, dtype=np.dtype(target.dtype), sharding=target_sharding)
-    else:
-      host = _to_ours(mapped, path[-1], target.shape).astype(target.dtype, copy=False)
-      array = jax.make_array_from_callback(target.shape, target_sharding,
-                                           lambda idx: _owned_slice(host, mapped, idx))
+    host = _to_ours(mapped, path[-1], target.shape).astype(target.dtype, copy=False)
+    array = jax.make_array_from_callback(target.shape, flat_shardings[path],
+                                         lambda idx: _owned_slice(host, mapped, idx))
     return jax.block_until_ready(array)  # the mapping is dropped on return: its pages leave our RSS
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
