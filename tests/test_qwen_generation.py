@@ -207,3 +207,18 @@ def test_sharded_mesh_same_logits_and_tokens(pair):
   np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=1e-5)
   tokens = generation.generate(sharded, ids, mask, px, grids, max_new_tokens=8, eos_token_ids=(), mesh=mesh)
   np.testing.assert_array_equal(tokens, ref_tokens)
+
+
+def test_output_rows_transposed_once_per_kernel(pair):
+  _, jm, cfg = pair
+  kernel = jm.lm_head.kernel[...]
+  rows = generation.output_rows(jm)
+  np.testing.assert_array_equal(np.asarray(rows), np.asarray(kernel).T)
+  assert generation.output_rows(jm) is rows  # cached while the kernel array lives
+  other = modeling.create_model(cfg, seed=1)
+  np.testing.assert_array_equal(np.asarray(generation.output_rows(other)), np.asarray(other.lm_head.kernel[...]).T)
+  key = id(other.lm_head.kernel[...])
+  del other
+  import gc
+  gc.collect()
+  assert key not in generation._OUTPUT_ROWS  # dropped with its kernel

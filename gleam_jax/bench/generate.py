@@ -225,9 +225,15 @@ def write_markdown(path, cfg, rows, n, load):
       "rates.",
       "",
   ]
+  notes = ""  # a hand-written "## Notes" section of an earlier file is kept
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if "\n## Notes" in old:
+      notes = old[old.index("\n## Notes") + 1:]
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
-    f.write("\n".join(lines))
+    f.write("\n".join(lines) + notes)
 
 
 if __name__ == "__main__":

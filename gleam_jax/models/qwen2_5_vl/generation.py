@@ -1,10 +1,12 @@
-"""KV-cache generation for Qwen2.5-VL: jitted prefill + one jitted decode step reused for every token.
+"""KV-cache generation for Qwen2.5-VL: a jitted prefill, then decoding in compiled loops of `chunk` steps.
 
 The cache is preallocated at a static size: k, v of shape (layers, batch, kv_heads, max_len, head_dim)
 and a (batch, max_len) mask of the slots holding real tokens (left padding is False). Prefill writes
-slots [0, L) and samples the first token; decode step s writes slot L + s - 1. The decode step is one
-compiled function (slot, positions, tokens and rng travel in a `carry` of arrays) and donates the
-cache, so XLA updates it in place.
+slots [0, L) and samples the first token; decode step s writes slot L + s - 1. `decode_chunk` runs up
+to `chunk` decode steps in one `lax.while_loop` (slot, positions, tokens, done and rng travel in a
+`carry` of arrays; the loop stops early once every row is done) and donates the cache, so XLA updates
+it in place; `decode_step` is the same step as its own compiled function. On a CPU, one call per token
+cost about as much in dispatch and host round trips as the step itself at batch 1.
 
 Positions follow HF: prompt tokens get `rope.get_rope_index` positions; generated token s of row b gets
 position max(prompt positions of b) + 1 + s on all three M-RoPE axes (HF's attention-mask cumsum plus
@@ -13,12 +15,14 @@ position max(prompt positions of b) + 1 + s on all three M-RoPE axes (HF's atten
     tokens = generate(model, input_ids, attention_mask, pixel_values, image_grid_thw,
                       max_new_tokens=64, temperature=0.0)          # greedy
     tokens = generate(..., temperature=0.7, top_p=0.9, seed=0, callback=lambda step, toks: ...)
+    tokens = generate(..., callback=print_token, chunk=1)          # every token the moment it exists
 
 Rows that emitted a stop token continue with `pad_token_id` (as HF `generate`); the loop ends when every
 row has stopped or after `max_new_tokens`.
 """
 import dataclasses
 import functools
+import weakref
 from typing import Callable
 
 import jax
@@ -95,16 +99,27 @@ def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pix
   return logits, carry, cache
 
 
+_OUTPUT_ROWS: dict[int, jax.Array] = {}  # id(untied lm_head kernel array) -> its (vocab, hidden) transpose
+
+
 def output_rows(model: Qwen2_5_VL):
-  """The output projection as (vocab, hidden) rows: the tied embedding as it is, or a transposed copy of
-  the untied `lm_head.kernel` (hidden, vocab), made once per `generate` and passed to every decode call.
+  """The output projection as (vocab, hidden) rows: the tied embedding as it is, or the transpose of the
+  untied `lm_head.kernel` (hidden, vocab), made once per kernel array and kept while that array lives.
 
   A few rows of hidden states times (hidden, vocab) ran 2.5x slower on XLA CPU than against the
-  (vocab, hidden) layout (batch 8, vocabulary 32768: the output projection was most of a decode step).
-  Costs one copy of an untied `lm_head` while decoding."""
+  (vocab, hidden) layout (batch 8, vocabulary 32768: the output projection was most of a decode step),
+  and the transpose itself costs as much as ~30 decode steps at batch 1, hence the cache. Costs one
+  copy of an untied `lm_head` for as long as its parameters are alive."""
   if model.cfg.tie_word_embeddings:
     return model.language_model.embed_tokens.embedding[...]
-  return jnp.transpose(model.lm_head.kernel[...])
+  kernel = model.lm_head.kernel[...]
+  if isinstance(kernel, jax.core.Tracer):
+    return jnp.transpose(kernel)
+  rows = _OUTPUT_ROWS.get(id(kernel))
+  if rows is None:
+    rows = _OUTPUT_ROWS[id(kernel)] = jnp.transpose(kernel)
+    weakref.finalize(kernel, _OUTPUT_ROWS.pop, id(kernel), None)
+  return rows
 
 
 def _logits(model: Qwen2_5_VL, rows, hidden):
