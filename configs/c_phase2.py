@@ -35,7 +35,13 @@ def get_config(arg=None):
   if "tiny" in flags:
     c.batch_size = int(knobs.get("batch", 32))  # 4 modality groups of 8: one row per device each
   else:
-    c.total_steps = int(knobs.get("steps", 1200))
+    c.total_steps = int(knobs.get("steps", 3000))
     c.optim.lr = float(knobs.get("lr", 1e-3))
     c.optim.warmup_steps = 50
+  # One satellite tower serves north-aligned panoramas and heading-free photos: keep satellites
+  # of photos north-up. Photometric augmentation slowed the new modalities in short runs.
+  c.data.augment.rotate_photo = False
+  c.data.augment.color_jitter = 0.0
+  c.data.augment.blur_sharpen = 0.0
+  c.data.augment.dropout = 0.0
   return c
