@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from gleam_jax.data.augment import normalise, query_in_frame, resize
-from gleam_jax.data.config import query_layout, query_shape
+from gleam_jax.data.config import data_config, query_layout, query_shape
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -53,7 +53,10 @@ def load_config(workdir):
   if not os.path.exists(path):
     raise GleamError(f"{path} not found: --workdir must be the folder of a GLEAM-C training job.")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  if "data" in config:  # fields added since the job was written take their defaults
+    config.data = data_config(**config.data.to_dict())
+  return config
 
 
 def load_model(workdir):

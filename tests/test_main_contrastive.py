@@ -218,3 +218,18 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
   (gallery / "broken.png").write_bytes(b"not a png")
   with pytest.raises(GleamError, match="broken.png"):
     retrieve.search(phase1_workdir, str(query), str(gallery), k=3)
+
+
+def test_a_job_written_before_newer_data_fields_still_loads(phase1_workdir, tmp_path):
+  """retrieve reads a workdir whose config.json predates data fields added since (their defaults)."""
+  from gleam_jax import retrieve
+  with open(os.path.join(phase1_workdir, "config.json")) as f:
+    saved = json.load(f)
+  for key in ("ground_frame", "manual_dir"):
+    del saved["data"][key]
+  del saved["data"]["augment"]["rotate_photo"]
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(saved, f)
+  config = retrieve.load_config(str(tmp_path))
+  assert (config.data.ground_frame, config.data.manual_dir, config.data.augment.rotate_photo) == ("photo", "", True)
+  assert tuple(config.data.panorama_size) == tuple(saved["data"]["panorama_size"])
