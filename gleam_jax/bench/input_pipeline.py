@@ -52,7 +52,10 @@ def main():
   args = p.parse_args()
 
   kw = {"data_dir": args.data_dir} if args.data_dir else {}
-  cfg = data_config(config=args.config, modalities=tuple(args.modalities.split(",")), **kw)
+  modalities = tuple(args.modalities.split(","))
+  if len(modalities) > 1:  # one batch array: panoramas read at the square query size
+    kw["panorama_size"] = data_config().query_size
+  cfg = data_config(config=args.config, modalities=modalities, **kw)
   source = sources.get_source(cfg, cfg.train_split)
   index = sources.get_index(cfg, cfg.train_split, source)
   sampler = samplers.make_sampler(cfg, index)
