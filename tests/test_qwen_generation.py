@@ -63,7 +63,7 @@ def test_greedy_matches_hf_generate(pair, make):
 
 
 def test_tied_embeddings_greedy_matches_hf(tmp_path):
-  """`output_rows` uses the embedding itself when the output projection is tied."""
+  """`decode_kernels` uses the embedding itself when the output projection is tied."""
   hf_cfg = hf_config(tie=True)
   tm = torch_model(hf_cfg, seed=2)
   jm, cfg = jax_model(hf_cfg, tm, tmp_path)
@@ -106,9 +106,9 @@ def step_by_step(jm, cfg, ids, mask, px, grids, steps, eos):
       graphdef, state, cache, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(px),
       modeling.vision_inputs(grids, cfg), jax.random.key(0), sampling=generation.Sampling(), stop_ids=stop)
   out = [np.asarray(carry["tokens"])]
-  rows = generation.output_rows(jm)
+  kernels = generation.decode_kernels(jm)
   for _ in range(steps - 1):
-    carry, cache = generation.decode_step(graphdef, state, rows, cache, carry, sampling=generation.Sampling(),
+    carry, cache = generation.decode_step(graphdef, state, kernels, cache, carry, sampling=generation.Sampling(),
                                           stop_ids=stop, pad_id=PAD)
     out.append(np.asarray(carry["tokens"]))
   return np.stack(out, 1)
@@ -209,16 +209,45 @@ def test_sharded_mesh_same_logits_and_tokens(pair):
   np.testing.assert_array_equal(tokens, ref_tokens)
 
 
-def test_output_rows_transposed_once_per_kernel(pair):
+def test_decode_kernels_made_once_per_parameter_set(pair):
   _, jm, cfg = pair
-  kernel = jm.lm_head.kernel[...]
-  rows = generation.output_rows(jm)
-  np.testing.assert_array_equal(np.asarray(rows), np.asarray(kernel).T)
-  assert generation.output_rows(jm) is rows  # cached while the kernel array lives
+  kernels = generation.decode_kernels(jm)
+  np.testing.assert_array_equal(np.asarray(kernels["rows"]), np.asarray(jm.lm_head.kernel[...]).T)
+  attn, mlp = jm.language_model.layers[1].self_attn, jm.language_model.layers[1].mlp
+  np.testing.assert_array_equal(
+      np.asarray(kernels["layers"][1]["qkv"]),
+      np.concatenate([np.asarray(p.kernel[...]) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], 1))
+  np.testing.assert_array_equal(np.asarray(kernels["layers"][1]["gate_up"]),
+                                np.concatenate([np.asarray(mlp.gate_proj.kernel[...]),
+                                                np.asarray(mlp.up_proj.kernel[...])], 1))
+  assert generation.decode_kernels(jm)["rows"] is kernels["rows"]  # cached while the parameters live
   other = modeling.create_model(cfg, seed=1)
-  np.testing.assert_array_equal(np.asarray(generation.output_rows(other)), np.asarray(other.lm_head.kernel[...]).T)
-  key = id(other.lm_head.kernel[...])
-  del other
+  other_kernels = generation.decode_kernels(other)
+  np.testing.assert_array_equal(np.asarray(other_kernels["rows"]), np.asarray(other.lm_head.kernel[...]).T)
+  # New values for one projection (as after a training step): new kernels, the old entry is dropped.
+  key = tuple(id(a) for a in generation._parameter_arrays(other))
+  up = other.language_model.layers[0].mlp.up_proj.kernel
+  up[...] = up[...] * 2.0
+  gate_up = np.asarray(generation.decode_kernels(other)["layers"][0]["gate_up"])
+  np.testing.assert_array_equal(gate_up[:, cfg.text.intermediate_size:], np.asarray(up[...]))
   import gc
   gc.collect()
-  assert key not in generation._OUTPUT_ROWS  # dropped with its kernel
+  assert key not in generation._DECODE_KERNELS
+  key = tuple(id(a) for a in generation._parameter_arrays(other))
+  assert key in generation._DECODE_KERNELS
+  del other, other_kernels, up
+  gc.collect()
+  assert key not in generation._DECODE_KERNELS  # dropped with the model's parameters
+
+
+def test_fused_decoder_equals_unfused(pair):
+  """The decoder with q/k/v and gate/up fused gives the logits of the five separate projections."""
+  _, jm, cfg = pair
+  rng = np.random.default_rng(4)
+  ids, mask = left_pad([list(rng.integers(3, 200, 9)), list(rng.integers(3, 200, 6))])
+  pos, _ = generation.rope.get_rope_index(ids, None, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  x = jm.embed(jnp.asarray(ids))
+  causal = modeling.causal_mask(mask, ids.shape[1])
+  plain, _ = jm.language_model(x, jnp.asarray(pos), causal)
+  fused, _ = jm.language_model(x, jnp.asarray(pos), causal, fused=generation.decode_kernels(jm)["layers"])
+  np.testing.assert_allclose(np.asarray(fused), np.asarray(plain), rtol=1e-5, atol=1e-5)

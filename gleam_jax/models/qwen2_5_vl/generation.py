@@ -1,7 +1,7 @@
 """KV-cache generation for Qwen2.5-VL: a jitted prefill, then decoding in compiled loops of `chunk` steps.
 
-The cache is preallocated at a static size: k, v of shape (layers, batch, kv_heads, max_len, head_dim)
-and a (batch, max_len) mask of the slots holding real tokens (left padding is False). Prefill writes
+The cache is preallocated at a static size: k, v, each one (batch, kv_heads, max_len, head_dim) array per
+layer (a slice of one stacked array was copied out per layer and step), and a (batch, max_len) mask of the slots holding real tokens (left padding is False). Prefill writes
 slots [0, L) and samples the first token; decode step s writes slot L + s - 1. `decode_chunk` runs up
 to `chunk` decode steps in one `lax.while_loop` (slot, positions, tokens, done and rng travel in a
 `carry` of arrays; the loop stops early once every row is done) and donates the cache, so XLA updates
@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import rope
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
-from gleam_jax.models.qwen2_5_vl.modeling import Qwen2_5_VL, check_image_tokens, vision_inputs
+from gleam_jax.models.qwen2_5_vl.modeling import Qwen2_5_VL, check_image_tokens, fused_decoder_kernels, vision_inputs
 from gleam_jax.train import sharding
 
 
@@ -45,19 +45,22 @@ class Sampling:
   top_p: float = 1.0
 
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "cache_len", "head_dim")  # attention reads (L, S) rows per head
+CACHE_AXES = ("batch", "kv_heads", "cache_len", "head_dim")  # attention reads (L, S) rows per head
 
 
 def init_cache(cfg, batch: int, max_len: int, mesh=None, rules=QWEN_SHARDING_RULES) -> dict:
-  """Zero cache; on `mesh`, k/v are sharded by `CACHE_AXES` under `rules` (batch, kv heads)."""
+  """Zero cache: k, v tuples of one `CACHE_AXES` array per layer, and the slot mask; on `mesh`, k/v are
+  sharded under `rules` (batch, kv heads)."""
   t = cfg.text
-  shape = (t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim)
+  shape = (batch, t.num_key_value_heads, max_len, t.head_dim)
   dtype = jnp.dtype(cfg.dtype)
-  cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "mask": jnp.zeros((batch, max_len), bool)}
+  layers = t.num_hidden_layers
+  cache = {"k": tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+           "v": tuple(jnp.zeros(shape, dtype) for _ in range(layers)), "mask": jnp.zeros((batch, max_len), bool)}
   if mesh is not None:
     kv = NamedSharding(mesh, sharding.logical_to_spec(CACHE_AXES, rules, shape, mesh))
     mask = NamedSharding(mesh, sharding.logical_to_spec(("batch", "cache_len"), rules, (batch, max_len), mesh))
-    cache = sharding.place(cache, {"k": kv, "v": kv, "mask": mask})
+    cache = sharding.place(cache, {"k": (kv,) * layers, "v": (kv,) * layers, "mask": mask})
   return cache
 
 
@@ -99,46 +102,71 @@ def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pix
   return logits, carry, cache
 
 
-_OUTPUT_ROWS: dict[int, jax.Array] = {}  # id(untied lm_head kernel array) -> its (vocab, hidden) transpose
+_DECODE_KERNELS: dict[tuple, dict] = {}  # ids of the source parameter arrays -> their derived kernels
 
 
-def output_rows(model: Qwen2_5_VL):
-  """The output projection as (vocab, hidden) rows: the tied embedding as it is, or the transpose of the
-  untied `lm_head.kernel` (hidden, vocab), made once per kernel array and kept while that array lives.
+def _parameter_arrays(model: Qwen2_5_VL) -> list:
+  """The arrays `decode_kernels` derives its kernels from."""
+  arrays = [] if model.cfg.tie_word_embeddings else [model.lm_head.kernel[...]]
+  for layer in model.language_model.layers:
+    attn, mlp = layer.self_attn, layer.mlp
+    arrays += [p[...] for p in (attn.q_proj.kernel, attn.k_proj.kernel, attn.v_proj.kernel, attn.q_proj.bias,
+                                attn.k_proj.bias, attn.v_proj.bias, mlp.gate_proj.kernel, mlp.up_proj.kernel)]
+  return arrays
 
-  A few rows of hidden states times (hidden, vocab) ran 2.5x slower on XLA CPU than against the
-  (vocab, hidden) layout (batch 8, vocabulary 32768: the output projection was most of a decode step),
-  and the transpose itself costs as much as ~30 decode steps at batch 1, hence the cache. Costs one
-  copy of an untied `lm_head` for as long as its parameters are alive."""
-  if model.cfg.tie_word_embeddings:
-    return model.language_model.embed_tokens.embedding[...]
-  kernel = model.lm_head.kernel[...]
-  if isinstance(kernel, jax.core.Tracer):
-    return jnp.transpose(kernel)
-  rows = _OUTPUT_ROWS.get(id(kernel))
-  if rows is None:
-    rows = _OUTPUT_ROWS[id(kernel)] = jnp.transpose(kernel)
-    weakref.finalize(kernel, _OUTPUT_ROWS.pop, id(kernel), None)
-  return rows
+
+def decode_kernels(model: Qwen2_5_VL) -> dict:
+  """Decode-step weight layouts, made once per parameter set and kept while its arrays live:
+
+    rows    the output projection as (vocab, hidden): the tied embedding as it is, or the transpose of
+            the untied `lm_head.kernel` (hidden, vocab). A few rows of hidden states times (hidden, vocab)
+            ran 2.5x slower on XLA CPU than against the (vocab, hidden) layout (batch 8, vocabulary 32768:
+            the output projection was most of a decode step), and the transpose itself costs as much as
+            ~30 decode steps at batch 1.
+    layers  `modeling.fused_decoder_kernels`: q/k/v and gate/up each as one matmul.
+
+  Costs one copy of the untied `lm_head` and of those decoder kernels. The cache entry is keyed by the
+  source arrays and dropped when any of them is freed, so new parameters (e.g. after `nnx.update`) get
+  new kernels."""
+  arrays = _parameter_arrays(model)
+  if any(isinstance(a, jax.core.Tracer) for a in arrays):
+    kernels = _derived_kernels(model)
+  else:
+    key = tuple(id(a) for a in arrays)
+    kernels = _DECODE_KERNELS.get(key)
+    if kernels is None:
+      kernels = _DECODE_KERNELS[key] = _derived_kernels(model)
+      for a in arrays:
+        weakref.finalize(a, _DECODE_KERNELS.pop, key, None)
+  if model.cfg.tie_word_embeddings:  # used as is; not kept in the cache, which would keep it alive
+    kernels = dict(kernels, rows=model.language_model.embed_tokens.embedding[...])
+  return kernels
+
+
+def _derived_kernels(model: Qwen2_5_VL) -> dict:
+  kernels = dict(layers=fused_decoder_kernels(model.language_model))
+  if not model.cfg.tie_word_embeddings:
+    kernels["rows"] = jnp.transpose(model.lm_head.kernel[...])
+  return kernels
 
 
 def _logits(model: Qwen2_5_VL, rows, hidden):
-  """`model.logits(hidden)` for hidden (B, hidden), computed against `rows = output_rows(model)`."""
+  """`model.logits(hidden)` for hidden (B, hidden), computed against `rows = decode_kernels(model)['rows']`."""
   dtype = jnp.dtype(model.cfg.dtype)
   out = jax.lax.dot_general(hidden.astype(dtype), rows.astype(dtype), (((1,), (1,)), ((), ())))
   return out.astype(jnp.float32)
 
 
-def _decode(model, rows, cache, carry, sampling: Sampling, stop_ids, pad_id):
-  """One decode step on a merged model (traced inside `decode_step` and `decode_chunk`); `rows` from
-  `output_rows`."""
+def _decode(model, kernels, cache, carry, sampling: Sampling, stop_ids, pad_id):
+  """One decode step on a merged model (traced inside `decode_step` and `decode_chunk`); `kernels` from
+  `decode_kernels`."""
   tokens, positions, slot = carry["tokens"], carry["positions"], carry["slot"]
   cache = dict(cache, mask=jax.lax.dynamic_update_slice(
       cache["mask"], jnp.ones((tokens.shape[0], 1), bool), (0, slot)))
   x = model.embed(tokens[:, None])
   position_ids = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
-  hidden, cache = model.language_model(x, position_ids, cache["mask"][:, None, :], cache, slot)
-  next_tokens = sample(_logits(model, rows, hidden[:, -1]), jax.random.fold_in(carry["rng"], slot), sampling)
+  hidden, cache = model.language_model(x, position_ids, cache["mask"][:, None, :], cache, slot, kernels["layers"])
+  next_tokens = sample(_logits(model, kernels["rows"], hidden[:, -1]), jax.random.fold_in(carry["rng"], slot), sampling)
   next_tokens = jnp.where(carry["done"], pad_id, next_tokens)
   carry = dict(carry, tokens=next_tokens, positions=positions + 1, slot=slot + 1,
                done=carry["done"] | jnp.isin(next_tokens, stop_ids))
@@ -146,15 +174,15 @@ def _decode(model, rows, cache, carry, sampling: Sampling, stop_ids, pad_id):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def decode_step(graphdef, state, rows, cache, carry, *, sampling: Sampling, stop_ids, pad_id):
+def decode_step(graphdef, state, kernels, cache, carry, *, sampling: Sampling, stop_ids, pad_id):
   """Feeds `carry['tokens']` (B,) into cache slot `carry['slot']` at M-RoPE positions `carry['positions']`
-  and samples the next tokens (finished rows emit `pad_id`); `rows` = `output_rows(model)`.
+  and samples the next tokens (finished rows emit `pad_id`); `kernels` = `decode_kernels(model)`.
   Returns (carry, cache) for the next step."""
-  return _decode(nnx.merge(graphdef, state), rows, cache, carry, sampling, stop_ids, pad_id)
+  return _decode(nnx.merge(graphdef, state), kernels, cache, carry, sampling, stop_ids, pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "chunk"), donate_argnames=("cache",))
-def decode_chunk(graphdef, state, rows, cache, carry, steps, *, sampling: Sampling, stop_ids, pad_id,
+def decode_chunk(graphdef, state, kernels, cache, carry, steps, *, sampling: Sampling, stop_ids, pad_id,
                  chunk: int):
   """Up to `steps` (<= `chunk`, a traced scalar) decode steps in one compiled `while_loop`, which stops
   early once every row is done. Returns (tokens (B, chunk) of which the first `count` columns are the new
@@ -169,7 +197,7 @@ def decode_chunk(graphdef, state, rows, cache, carry, steps, *, sampling: Sampli
 
   def step(loop):
     i, out, carry, cache = loop
-    carry, cache = _decode(model, rows, cache, carry, sampling, stop_ids, pad_id)
+    carry, cache = _decode(model, kernels, cache, carry, sampling, stop_ids, pad_id)
     return i + 1, jax.lax.dynamic_update_slice(out, carry["tokens"][:, None], (0, i)), carry, cache
 
   out = jnp.zeros((batch, chunk), jnp.int32)
@@ -230,11 +258,11 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   out = [np.asarray(carry["tokens"])]
   if callback is not None:
     callback(0, out[-1])
-  rows = output_rows(model) if max_new_tokens > 1 else None
+  kernels = decode_kernels(model) if max_new_tokens > 1 else None
   step = 1
   while step < max_new_tokens:
     want = min(chunk, max_new_tokens - step)
-    tokens, count, carry, cache = decode_chunk(graphdef, state, rows, cache, carry, jnp.int32(want),
+    tokens, count, carry, cache = decode_chunk(graphdef, state, kernels, cache, carry, jnp.int32(want),
                                                sampling=sampling, stop_ids=stop_ids, pad_id=pad, chunk=chunk)
     tokens, count = np.asarray(tokens), int(count)
     for j in range(count):

@@ -144,8 +144,11 @@ class VisionMLP(nnx.Module):
     self.down_proj = _linear(v.intermediate_size, v.hidden_size, ("vision_mlp", "vision_embed"), bias=True,
                              cfg=cfg, rngs=rngs)
 
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x, fused=None):
+    if fused is None:
+      return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    gate, up = jnp.split(_fused_matmul(x, fused["gate_up"]), 2, axis=-1)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class VisionBlock(nnx.Module):
@@ -232,25 +235,39 @@ class Attention(nnx.Module):
     self.o_proj = _linear(t.num_attention_heads * t.head_dim, t.hidden_size, ("heads", "embed"), bias=False,
                           cfg=cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, cache=None, start=None, layer=None):
-    """x (B, L, D); mask (B, L, S) bool. With a `cache` (dict of k, v: (layers, B, K, S, Dh)), this
-    step's keys and values are written at slot `start` of `layer` and attention runs over that layer's
-    whole cache; returns (out, cache)."""
+  def __call__(self, x, cos, sin, mask, cache=None, start=None, layer=None, fused=None):
+    """x (B, L, D); mask (B, L, S) bool. With a `cache` (dict of k, v: one (B, K, S, Dh) array per layer),
+    this step's keys and values are written at slot `start` of `layer` and attention runs over that
+    layer's whole cache; returns (out, cache). `fused`: this layer's entry of `fused_decoder_kernels`
+    (q/k/v as one matmul) instead of the three projections."""
     b, length, _ = x.shape
     groups = self.num_heads // self.num_kv_heads
-    q = self.q_proj(x).reshape(b, length, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+    if fused is None:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    else:
+      q, k, v = jnp.split(_fused_matmul(x, fused["qkv"], fused["qkv_bias"]),
+                          [self.num_heads * self.head_dim, (self.num_heads + self.num_kv_heads) * self.head_dim],
+                          axis=-1)
+    q = q.reshape(b, length, self.num_heads, self.head_dim)
+    k = k.reshape(b, length, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, length, self.num_kv_heads, self.head_dim)
     q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
     k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # (B, K, L, Dh)
     if cache is not None:
-      at = (layer, 0, 0, start, 0)
-      cache = dict(cache, k=jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
-                   v=jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at))
-      k, v = cache["k"][layer], cache["v"][layer]
+      keys, values = list(cache["k"]), list(cache["v"])
+      keys[layer] = jax.lax.dynamic_update_slice(keys[layer], k.astype(keys[layer].dtype), (0, 0, start, 0))
+      values[layer] = jax.lax.dynamic_update_slice(values[layer], v.astype(values[layer].dtype), (0, 0, start, 0))
+      cache = dict(cache, k=tuple(keys), v=tuple(values))
+      k, v = keys[layer], values[layer]
     q = q.reshape(b, length, self.num_kv_heads, groups, self.head_dim)
     out = _softmax_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, self.head_dim**-0.5)
     return self.o_proj(out), cache
+
+
+def _fused_matmul(x, kernel, bias=None):
+  """x (..., D) times a (D, N) kernel concatenated from several projections (+ bias), as `nnx.Linear`."""
+  out = jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+  return out if bias is None else out + bias.astype(out.dtype)
 
 
 class MLP(nnx.Module):
@@ -261,8 +278,11 @@ class MLP(nnx.Module):
     self.up_proj = _linear(t.hidden_size, t.intermediate_size, ("embed", "mlp"), bias=False, cfg=cfg, rngs=rngs)
     self.down_proj = _linear(t.intermediate_size, t.hidden_size, ("mlp", "embed"), bias=False, cfg=cfg, rngs=rngs)
 
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x, fused=None):
+    if fused is None:
+      return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    gate, up = jnp.split(_fused_matmul(x, fused["gate_up"]), 2, axis=-1)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -274,10 +294,10 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps, cfg=cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, cache=None, start=None, layer=None):
-    h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, layer)
+  def __call__(self, x, cos, sin, mask, cache=None, start=None, layer=None, fused=None):
+    h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, layer, fused)
     x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), cache
+    return x + self.mlp(self.post_attention_layernorm(x), fused), cache
 
 
 class TextModel(nnx.Module):
@@ -292,16 +312,32 @@ class TextModel(nnx.Module):
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(t.num_hidden_layers)])
     self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, cfg=cfg)
 
-  def __call__(self, x, position_ids, mask, cache=None, start=None):
-    """x (B, L, D) embeddings; position_ids (3, B, L); mask (B, L, S). cache: dict k/v (layers, B, K, S, Dh)."""
+  def __call__(self, x, position_ids, mask, cache=None, start=None, fused=None):
+    """x (B, L, D) embeddings; position_ids (3, B, L); mask (B, L, S). cache: dict k/v, each a tuple of one
+    (B, K, S, Dh) array per layer. fused: `fused_decoder_kernels(self)` (fewer, wider matmuls)."""
     t = self.cfg
     cos, sin = rope.mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
     for i, layer in enumerate(self.layers):
       if self.remat and cache is None:
         x, _ = nnx.remat(DecoderLayer.__call__)(layer, x, cos, sin, mask)
       else:
-        x, cache = layer(x, cos, sin, mask, cache, start, i)
+        x, cache = layer(x, cos, sin, mask, cache, start, i, None if fused is None else fused[i])
     return self.norm(x), cache
+
+
+def fused_decoder_kernels(text_model: TextModel) -> list[dict]:
+  """Per decoder layer: `qkv` (hidden, (heads + 2 kv_heads) * head_dim) and `qkv_bias`, the q/k/v
+  projections side by side, and `gate_up` (hidden, 2 * mlp), gate and up side by side: two matmuls
+  instead of five per layer when passed as `TextModel(..., fused=...)`. New arrays (one copy of those
+  weights); `generation.decode_kernels` keeps them per parameter set."""
+  fused = []
+  for layer in text_model.layers:
+    attn, mlp = layer.self_attn, layer.mlp
+    fused.append(dict(
+        qkv=jnp.concatenate([attn.q_proj.kernel[...], attn.k_proj.kernel[...], attn.v_proj.kernel[...]], axis=1),
+        qkv_bias=jnp.concatenate([attn.q_proj.bias[...], attn.k_proj.bias[...], attn.v_proj.bias[...]]),
+        gate_up=jnp.concatenate([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1)))
+  return fused
 
 
 # ----------------------------------------------------------------------------- full model
