@@ -1,12 +1,13 @@
 """KV-cache generation for Qwen2.5-VL: a jitted prefill, then decoding in compiled loops of `chunk` steps.
 
-The cache is preallocated at a static size: k, v, each one (batch, kv_heads, max_len, head_dim) array per
-layer (XLA copied each layer's slice out of one stacked array every step), and a (batch, max_len) mask
-of the slots holding real tokens (left padding is False). Prefill writes slots [0, L) and samples the
-first token; decode step s writes slot L + s - 1. `decode_chunk` runs up to `chunk` decode steps in one `lax.while_loop` (slot, positions, tokens, done and rng travel in a
-`carry` of arrays; the loop stops early once every row is done) and donates the cache, so XLA updates
-it in place; `decode_step` is the same step as its own compiled function. On a CPU, one call per token
-cost about as much in dispatch and host round trips as the step itself at batch 1.
+The cache is preallocated at a static size: k, v, each one (batch, kv_heads, max_len, head_dim) array
+per layer (XLA copied each layer's slice out of one stacked array every step), and a (batch, max_len)
+mask of the slots holding real tokens (left padding is False). Prefill writes slots [0, L) and samples
+the first token; decode step s writes slot L + s - 1. `decode_chunk` runs up to `chunk` decode steps in
+one `lax.while_loop` (slot, positions, tokens, done and rng travel in a `carry` of arrays; the loop
+stops early once every row is done) and donates the cache, so XLA updates it in place; `decode_step` is
+the same step as its own compiled function. On a CPU, one call per token cost about as much in dispatch
+and host round trips as the step itself at batch 1.
 
 Positions follow HF: prompt tokens get `rope.get_rope_index` positions; generated token s of row b gets
 position max(prompt positions of b) + 1 + s on all three M-RoPE axes (HF's attention-mask cumsum plus
