@@ -15,7 +15,9 @@ def test_defaults_and_overrides():
   assert c.modality_weights.uav == 3.0 and c.modality_weights.panorama == 1.0  # dicts merge
   assert c.augment.flip == 0.0 and c.augment.rotate == 0.75
   assert c.overrides.seed == 7
-  assert query_shape(c, "panorama") == (64, 64)  # a mixed stream has one query shape
+  assert query_shape(c, "panorama") == (64, 128) and query_shape(c, "uav") == (64, 64)  # each its own
+  assert query_shape(c, "ground") == (64, 64)
+  assert query_shape(data_config(ground_frame="panorama"), "ground") == (64, 128)  # a partial panorama
   c.lock()
   c.worker_count = 2  # a locked config still takes new values of known keys
   validate(c)
