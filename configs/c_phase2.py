@@ -7,10 +7,13 @@ modality-balanced, initialised from the phase-1 result.
 `init_from` names the phase-1 workdir (or its checkpoints folder, or one step folder); it must
 exist. Presets as in c_phase1 (`:tiny`, `key=value`).
 
-Measured (2-core CPU dev box, shared), from the 500-step phase-1 result (test panorama R@1 36.5%):
-`steps=300` at lr 2e-3 and `steps=600,lr=5e-4` (~100-150 pairs/s) both stayed near chance on the
-1,000 test locations: R@1 uav 2.9%, streetmap 0.1%, panorama 6.9%, ground 1.2% (the 600-step run).
-Phase 2 does not reach R@1 50% at these budgets.
+Each batch holds 16 pairs of every modality (pipeline.ModalityStreams), each at its own shape;
+ground photos are read in the panorama frame at their heading.
+
+Measured (2-core CPU dev box, shared with a CI run: ~120 pairs/s; ~330 idle), from the phase-1
+default (test panorama R@1 82.9%), the default 3000 steps: test R@1 uav 5.6%, streetmap 23.5%,
+panorama 65.2%, ground 5.5% in 27:24. Short of R@1 50% per modality; README "Phase 2" has the runs
+that chose this recipe and what reaching 50% would take.
 """
 import os
 import sys
