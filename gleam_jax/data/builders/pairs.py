@@ -62,6 +62,19 @@ def example(query, satellite, modality, location_id, *, view_index=0, city="", c
               semi_positive_ids=np.asarray(semi, np.int64))
 
 
+def read_bytes(path):
+  """The bytes of a file (a path `LocalCopy.require` has checked)."""
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def panorama_pairs(records, city):
+  """(key, example) of panorama -> satellite pairs from [(key, panorama path, satellite path,
+  location id)]: CVUSA and CVACT."""
+  for key, panorama, satellite, location_id in records:
+    yield key, example(read_bytes(panorama), read_bytes(satellite), "panorama", location_id, city=city)
+
+
 def gallery_only(satellite, location_id, **kwargs):
   """A satellite that belongs in the evaluation gallery without being any query's pair."""
   return example(PLACEHOLDER, satellite, "uav", location_id, view_index=-1, is_query=False, **kwargs)
@@ -96,8 +109,7 @@ class LocalCopy:
 
   def read(self, relative, what):
     """Bytes of the file at `relative`."""
-    with open(self.require(relative, what), "rb") as f:
-      return f.read()
+    return read_bytes(self.require(relative, what))
 
   def lines(self, relative, what):
     """Non-empty lines of a text file, whitespace-split."""

@@ -62,15 +62,10 @@ def image_path(local, folder, name, what):
 
 
 def split_records(local, ids, inds):
-  return [(image_path(local, "streetview", f"{ids[i]}_grdView", "the panorama"),
+  """[(panorama id, panorama path, satellite path, location id)] (`pairs.panorama_pairs`)."""
+  return [(ids[i], image_path(local, "streetview", f"{ids[i]}_grdView", "the panorama"),
            image_path(local, "satview_polish", f"{ids[i]}_satView_polish", "the satellite image"),
-           int(i), ids[i]) for i in inds]
-
-
-def generate(records):
-  for pano, sat, location_id, pano_id in records:
-    with open(sat, "rb") as f_sat, open(pano, "rb") as f_pano:
-      yield pano_id, pairs.example(f_pano.read(), f_sat.read(), "panorama", location_id, city="cvact")
+           int(i)) for i in inds]
 
 
 class Builder(pairs.PairsBuilder):
@@ -86,7 +81,7 @@ class Builder(pairs.PairsBuilder):
   def split_examples(self, local):
     ids, splits = read_mat(local)
     records = {s: split_records(local, ids, inds) for s, inds in splits.items()}
-    return {s: generate(r) for s, r in records.items()}
+    return {s: pairs.panorama_pairs(r, "cvact") for s, r in records.items()}
 
 
 def make_builder(config, *, data_dir, manual_dir=None):

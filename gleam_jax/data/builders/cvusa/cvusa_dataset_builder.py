@@ -20,7 +20,7 @@ LAYOUT = "splits/{train,val}-19zl.csv, bingmap/19/ and streetview/panos/"
 
 
 def split_records(local, split):
-  """[(satellite path, panorama path, location id)], every file checked."""
+  """[(key, panorama path, satellite path, location id)] (`pairs.panorama_pairs`), every file checked."""
   listing = SPLIT_FILES[split]
   records = []
   with open(local.require(listing, f"the {split} pairs (satellite,panorama,annotation per line)")) as f:
@@ -32,15 +32,10 @@ def split_records(local, split):
                        "'bingmap/19/<n>.jpg,streetview/panos/<n>.jpg,annotations/<n>.png'.")
     sat, pano = fields[0].strip(), fields[1].strip()
     stem = os.path.splitext(os.path.basename(sat))[0]
-    records.append((local.require(sat, "the satellite image"), local.require(pano, "the panorama"),
+    pano_path = local.require(pano, "the panorama")
+    records.append((pano_path, pano_path, local.require(sat, "the satellite image"),
                     int(stem) if stem.isdigit() else n))
   return records
-
-
-def generate(records):
-  for sat, pano, location_id in records:
-    with open(sat, "rb") as f_sat, open(pano, "rb") as f_pano:
-      yield pano, pairs.example(f_pano.read(), f_sat.read(), "panorama", location_id, city="cvusa")
 
 
 class Builder(pairs.PairsBuilder):
@@ -55,7 +50,7 @@ class Builder(pairs.PairsBuilder):
 
   def split_examples(self, local):
     records = {s: split_records(local, s) for s in SPLIT_FILES}
-    return {s: generate(r) for s, r in records.items()}
+    return {s: pairs.panorama_pairs(r, "cvusa") for s, r in records.items()}
 
 
 def make_builder(config, *, data_dir, manual_dir=None):

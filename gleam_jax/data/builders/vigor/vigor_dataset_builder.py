@@ -93,19 +93,14 @@ def split_records(local, config, split, table):
   return records
 
 
-def _read(path):
-  with open(path, "rb") as f:
-    return f.read()
-
-
 def generate(records):
   for key, kind, f in records:
     common = dict(coords=f["coords"], city=f["city"], city_id=f["city_id"])
     if kind == "pair":
-      yield key, pairs.example(_read(f["query"]), _read(f["satellite"]), "panorama", f["location_id"],
-                               semi_positive_ids=f["semi_positive_ids"], **common)
+      yield key, pairs.example(pairs.read_bytes(f["query"]), pairs.read_bytes(f["satellite"]), "panorama",
+                               f["location_id"], semi_positive_ids=f["semi_positive_ids"], **common)
     else:
-      yield key, pairs.gallery_only(_read(f["satellite"]), f["location_id"], **common)
+      yield key, pairs.gallery_only(pairs.read_bytes(f["satellite"]), f["location_id"], **common)
 
 
 class Builder(pairs.PairsBuilder):
