@@ -20,8 +20,8 @@ from flax import nnx
 import numpy as np
 from PIL import Image
 
-from gleam_jax.data.augment import normalise, query_in_frame, resize
-from gleam_jax.data.config import data_config, query_layout, query_shape
+from gleam_jax.data.augment import normalise, query_in_frame, resize, warps_to_panorama
+from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -114,7 +114,7 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
   batches = [{"image": np.stack([prepare(g, data_cfg.satellite_size, data_cfg) for g in gallery_raw[i:i + batch_size]]),
               "index": np.arange(i, min(i + batch_size, len(files)))} for i in range(0, len(files), batch_size)]
   gallery, _ = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)
-  if heading_deg is None and query_layout(data_cfg, modality) == "panorama" and modality == "ground":
+  if heading_deg is None and warps_to_panorama(data_cfg, modality):
     raise GleamError(f"{workdir} reads ground photos in the panorama frame at their compass heading: "
                      "give the photo's --heading_deg (clockwise from north) and --fov_deg.")
   camera = {"heading_deg": float("nan") if heading_deg is None else float(heading_deg), "fov_deg": float(fov_deg)}

@@ -229,3 +229,13 @@ def test_a_single_modality_stream_is_the_plain_stream(tiny_cfg):
     g, p = next(grouped), next(plain)
     np.testing.assert_array_equal(g["query"]["panorama"], p["query"])
     np.testing.assert_array_equal(g["location_id"]["panorama"], p["location_id"])
+
+
+def test_eval_ground_photos_are_read_in_the_panorama_frame(tiny_cfg):
+  from gleam_jax.data.panorama_frame import photo_to_panorama
+  cfg = with_fields(tiny_cfg, panorama_size=(16, 32), ground_frame="panorama")
+  batch = next(iter(pipeline.make_eval_batches(cfg, "test", "ground", 3)))
+  assert batch["image"].shape == (3, 16, 32, 3)
+  record = sources.get_source(cfg, "test")[int(batch["index"][0])]
+  framed = photo_to_panorama(record["query"], record["heading_deg"], record["fov_deg"], record["query"].shape[0])
+  np.testing.assert_allclose(batch["image"][0], normalise(resize(framed, (16, 32)), cfg.mean, cfg.std), rtol=1e-6)

@@ -136,11 +136,16 @@ class AugmentPair:
     return augment_pair(example, rng, self.aug, self.layouts[example["modality_name"]])
 
 
+def warps_to_panorama(data_cfg, modality):
+  """Whether a `modality` query is a photo warped into the panorama frame (needs its camera)."""
+  return modality == "ground" and query_layout(data_cfg, modality) == "panorama"
+
+
 def query_in_frame(image, modality, camera, data_cfg):
   """The query image in its layout's frame: a ground photo with `ground_frame='panorama'` is
   warped into the panorama frame at its heading (`camera`: heading_deg, fov_deg); anything else
   passes unchanged."""
-  if modality != "ground" or query_layout(data_cfg, modality) != "panorama":
+  if not warps_to_panorama(data_cfg, modality):
     return image
   heading, fov = camera["heading_deg"], camera["fov_deg"]
   if not (np.isfinite(heading) and np.isfinite(fov) and 0 < fov < 180):

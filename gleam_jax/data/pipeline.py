@@ -27,7 +27,8 @@ from absl import flags
 
 from gleam_jax.data import samplers
 from gleam_jax.data import sources
-from gleam_jax.data.augment import AugmentPair, PreparePair, QueryFrame, normalise, query_in_frame, resize
+from gleam_jax.data.augment import (AugmentPair, PreparePair, QueryFrame, normalise, query_in_frame, resize,
+                                    warps_to_panorama)
 from gleam_jax.data.config import MODALITIES, query_shape, validate
 from gleam_jax.errors import GleamError
 
@@ -96,7 +97,7 @@ class TrainStream:
     # The whole epoch is one dataset, so a record's random stream follows its position in the
     # global order: every process count augments each record of a batch the same way.
     ds = grain.MapDataset.source(RecordsView(self.source, order))
-    if "ground" in self.data_cfg.modalities and self.data_cfg.ground_frame != "photo":
+    if any(warps_to_panorama(self.data_cfg, m) for m in self.data_cfg.modalities):
       ds = ds.map(QueryFrame(self.data_cfg))
     if self._augment is not None:
       ds = ds.random_map(self._augment, seed=_epoch_seed(self.seed, epoch))
@@ -179,10 +180,10 @@ class TrainStream:
 
 def make_train_stream(data_cfg, global_batch_size, sampler, seed, **kwargs):
   """See TrainStream; kwargs: source, process_index, process_count (default: from jax)."""
-  layouts = {query_shape(data_cfg, m) for m in data_cfg.modalities}
-  if len(layouts) > 1:
+  shapes = {query_shape(data_cfg, m) for m in data_cfg.modalities}
+  if len(shapes) > 1:
     raise GleamError(f"data.modalities={tuple(data_cfg.modalities)} have queries of different shapes "
-                     f"{sorted(layouts)}, which one batch array cannot hold: read them with "
+                     f"{sorted(shapes)}, which one batch array cannot hold: read them with "
                      "ModalityStreams (one stream per modality), as the trainer does.")
   return TrainStream(data_cfg, global_batch_size, sampler, seed, **kwargs)
 
@@ -237,7 +238,6 @@ class ModalityStreams:
       self.samplers[m] = samplers.make_sampler(cfg, index)
       self.streams[m] = TrainStream(cfg, self.batch_sizes[m], self.samplers[m],
                                     _modality_seed(seed, m, len(self.modalities)), source=source, **kwargs)
-    self.global_batch_size = int(global_batch_size)
 
   @property
   def _first(self):
@@ -282,10 +282,11 @@ class _ViewImage:
     self.source, self.key, self.size = source, key, tuple(size)
     self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
     self.data_cfg, self.modality = data_cfg, modality
+    self.warps = key == "query" and warps_to_panorama(data_cfg, modality)
 
   def __call__(self, record):
     image = self.source.image(int(record), self.key)
-    if self.key == "query":
+    if self.warps:  # the only case that reads the record's camera
       image = query_in_frame(image, self.modality, sources.query_camera(self.source.raw(int(record))),
                              self.data_cfg)
     return {

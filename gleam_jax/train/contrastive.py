@@ -276,22 +276,21 @@ def evaluate(config, setup, state, workdir, step, writer):
   encode_reference = lambda images: model.encode(images, tower="reference")
   modalities = tuple(config.eval.modalities or config.data.modalities)
   results = {}
+  batch_size = config.eval.batch_size
   for split in config.eval.splits:
-    query_sets = {m: pipeline.make_eval_batches(config.data, split, m, config.eval.batch_size)
-                  for m in modalities}
-    gallery = pipeline.make_gallery_batches(config.data, split, config.eval.batch_size)
-    results.update(evaluator.evaluate_retrieval(
-        encode_query, encode_reference, query_sets, gallery, protocol=config.eval.protocol,
-        mesh=setup.mesh, search_cfg=config.eval.search, workdir=workdir, step=step, writer=writer,
-        num_examples_png=config.eval.num_examples_png, split=split))
-    for m in config.eval.get("satellite_to", ()):  # the reverse direction: satellites query views of m
-      query_sets = {f"satellite_to_{m}": pipeline.make_satellite_query_batches(config.data, split, m,
-                                                                               config.eval.batch_size)}
-      gallery = pipeline.make_view_gallery_batches(config.data, split, m, config.eval.batch_size)
+    def report(encode_q, encode_g, query_sets, gallery):
       results.update(evaluator.evaluate_retrieval(
-          encode_reference, encode_query, query_sets, gallery, protocol=config.eval.protocol,
-          mesh=setup.mesh, search_cfg=config.eval.search, workdir=workdir, step=step, writer=writer,
+          encode_q, encode_g, query_sets, gallery, protocol=config.eval.protocol, mesh=setup.mesh,
+          search_cfg=config.eval.search, workdir=workdir, step=step, writer=writer,
           num_examples_png=config.eval.num_examples_png, split=split))
+
+    report(encode_query, encode_reference,
+           {m: pipeline.make_eval_batches(config.data, split, m, batch_size) for m in modalities},
+           pipeline.make_gallery_batches(config.data, split, batch_size))
+    for m in config.eval.get("satellite_to", ()):  # the reverse direction: satellites query views of m
+      report(encode_reference, encode_query,
+             {f"satellite_to_{m}": pipeline.make_satellite_query_batches(config.data, split, m, batch_size)},
+             pipeline.make_view_gallery_batches(config.data, split, m, batch_size))
   r1 = ", ".join(f"{k[len('eval/'):-len('/R@1')]} {100 * v:.1f}%" for k, v in results.items()
                  if k.endswith("/R@1"))
   _log(f"step {step}: eval R@1: {r1}")
