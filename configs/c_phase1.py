@@ -32,24 +32,24 @@ from gleam_jax.train.sharding import DEFAULT_RULES
 KNOBS = ("variant", "data", "res", "steps", "batch", "sampler", "loss", "lr", "modalities")
 
 
-def parse_arg(arg):
+def parse_arg(arg, known=KNOBS):
   """'tiny,steps=20' -> ({'tiny'}, {'steps': '20'}); unknown knobs are an error."""
   flags, knobs = set(), {}
   for token in filter(None, (t.strip() for t in (arg or "").split(","))):
     if "=" in token:
       key, value = token.split("=", 1)
-      if key not in KNOBS:
-        raise ValueError(f"unknown config knob {key!r} in {arg!r}; the knobs are {KNOBS}.")
+      if key not in known:
+        raise ValueError(f"unknown config knob {key!r} in {arg!r}; the knobs are {known}.")
       knobs[key] = value
     elif token == "tiny":
       flags.add(token)
     else:
-      raise ValueError(f"unknown preset {token!r} in {arg!r}; use 'tiny' or key=value with {KNOBS}.")
+      raise ValueError(f"unknown preset {token!r} in {arg!r}; use 'tiny' or key=value with {known}.")
   return flags, knobs
 
 
-def base_config(arg, modalities):
-  flags, knobs = parse_arg(arg)
+def base_config(arg, modalities, known=KNOBS):
+  flags, knobs = parse_arg(arg, known)
   tiny = "tiny" in flags
   c = ml_collections.ConfigDict()
   c.trainer = "contrastive"

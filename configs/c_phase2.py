@@ -26,17 +26,33 @@ from gleam_jax.data.config import MODALITIES  # noqa: E402
 PHASE1_WORKDIR = "~/gleam_runs/c_phase1"
 
 
+KNOBS = c_phase1.KNOBS + ("towers",)
+TOWERS = ("modality", "shared")
+
+
 def get_config(arg=None):
-  c = c_phase1.base_config(arg, modalities=MODALITIES)
+  flags, knobs = c_phase1.parse_arg(arg, KNOBS)
+  towers = knobs.get("towers", "modality")
+  if towers not in TOWERS:
+    raise ValueError(f"towers={towers!r}: use one of {TOWERS}.")
+  c = c_phase1.base_config(arg, modalities=MODALITIES, known=KNOBS)
   for m in MODALITIES:
     c.data.modality_weights[m] = 1.0
   # Ground photos carry their compass heading: placed in the panorama frame, they are read by
   # what phase 1 learned from panoramas (gleam_jax/data/panorama_frame.py).
   c.data.ground_frame = "panorama"
   c.init_from = PHASE1_WORKDIR
-  flags, knobs = c_phase1.parse_arg(arg)
+  if towers == "modality":
+    # Locked satellites (LiT): phase 1's tower stays as it is, encoding satellites and panoramas;
+    # each new modality gets its own tower, started as a copy of it, and learns to meet the
+    # satellites where they already are. Panoramas need no training: their tower is frozen.
+    new = tuple(m for m in c.data.modalities if m != "panorama")
+    c.model.modality_towers = new
+    c.optim.frozen = (r"^model/encoder/", r"^model/projection/")
+    c.eval.modalities = tuple(c.data.modalities)
+    c.data.modalities = new
   if "tiny" in flags:
-    c.batch_size = int(knobs.get("batch", 32))  # 4 modality groups of 8: one row per device each
+    c.batch_size = int(knobs.get("batch", 8 * len(c.data.modalities)))  # groups of 8: a row per device
   else:
     c.total_steps = int(knobs.get("steps", 3000))
     c.optim.lr = float(knobs.get("lr", 1e-3))

@@ -71,7 +71,7 @@ def load_model(workdir):
   target = {"model": jax.device_put(nnx.to_pure_dict(params), shd.replicated(mesh))}
   if config.loss.name == "sigmoid":
     target["loss_bias"] = jax.device_put(np.float32(0), shd.replicated(mesh))
-  restored, where = checkpoint.restore_params(workdir, target)
+  restored, where, _ = checkpoint.restore_params(workdir, target)
   model = nnx.merge(graphdef, restored["model"], rng_state, rest)
   model.eval()
   print(f"model from {where}")
@@ -120,7 +120,7 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
   camera = {"heading_deg": float("nan") if heading_deg is None else float(heading_deg), "fov_deg": float(fov_deg)}
   query_framed = query_in_frame(query_raw, modality, camera, data_cfg)
   query_image = prepare(query_framed, query_shape(data_cfg, modality), data_cfg)[None]
-  query = np.asarray(jax.jit(lambda x: model.encode(x, tower="query"))(query_image))
+  query = np.asarray(jax.jit(lambda x: model.encode(x, tower=modality))(query_image))
   scores = (gallery @ query[0]).astype(np.float32)
   k = min(k, len(files))
   top = np.argsort(-scores, kind="stable")[:k]

@@ -136,3 +136,20 @@ def test_config_errors_and_overrides():
     cfg.embed_dim = 'large'
   model = nnx.eval_shape(lambda: gleam_c.GleamC(gleam_c.model_config(), rngs=nnx.Rngs(0)))
   assert model.encoder.config.dims == (40, 80, 160, 320)  # atto by default
+
+
+def test_modality_towers_encode_their_modality_and_others_fall_back():
+  model = _make(modality_towers=('uav',), embed_dim=12)
+  model.eval()
+  x = _images(2, 32, 32)
+  np.testing.assert_array_equal(model.encode(x, tower='panorama'), model.encode(x, tower='query'))
+  np.testing.assert_array_equal(model.encode(x, tower='reference'), model.encode(x, tower='query'))
+  assert not np.allclose(model.encode(x, tower='uav'), model.encode(x, tower='query'))
+  nnx.update(model.uav_encoder, nnx.state(model.encoder))
+  nnx.update(model.uav_projection, nnx.state(model.projection))
+  np.testing.assert_array_equal(model.encode(x, tower='uav'), model.encode(x, tower='query'))
+  assert gleam_c.tower_copy_source('uav_encoder/stem/conv/kernel', False, ('uav',)) == 'encoder/stem/conv/kernel'
+  assert gleam_c.tower_copy_source('uav_projection/kernel', True, ('uav',)) == 'query_projection/kernel'
+  assert gleam_c.tower_copy_source('encoder/stem/conv/kernel', False, ('uav',)) is None
+  with pytest.raises(GleamError, match='cannot name a tower'):
+    _make(modality_towers=('reference',))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -117,13 +118,26 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
     assert any(f"eval/test/{modality}/R@1" in r for r in rows)
   phase1_loss = train_losses(phase1_workdir)[1]
   assert train_losses(str(tmp_path))[1] < phase1_loss  # trained weights, not a fresh init
+  # the default recipe locks phase 1's tower: panoramas and satellites embed exactly as before
+  final = lambda workdir, key: [r[key] for r in read_metrics(workdir) if key in r][-1]
+  for metric in ("R@1", "R@5", "R@10"):
+    key = f"eval/test/panorama/{metric}"
+    assert final(str(tmp_path), key) == final(phase1_workdir, key)
+  from flax import nnx
+
+  from gleam_jax import retrieve
+  before, after = retrieve.load_model(phase1_workdir)[0], retrieve.load_model(str(tmp_path))[0]
+  leaves = lambda module: [np.asarray(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param))]
+  for x, y in zip(leaves(before.encoder), leaves(after.encoder), strict=True):
+    np.testing.assert_array_equal(x, y)
+  for m in ("uav", "streetmap", "ground"):  # each new tower started as that copy and has moved
+    assert any(not np.array_equal(x, y) for x, y in zip(leaves(before.encoder), leaves(getattr(after, f"{m}_encoder"))))
   rows = [r for r in rows if "batch_acc/ground" in r]
   assert rows and all(0 <= r[f"batch_acc/{m}"] <= 1 for r in rows for m in config.data.modalities)
 
   # the retrieve CLI places a ground photo in the panorama frame at the heading it is given
   from PIL import Image
 
-  from gleam_jax import retrieve
   from gleam_jax.data import sources
   from gleam_jax.data.augment import query_in_frame
   source = sources.get_source(tiny_cfg, "test")
@@ -142,7 +156,7 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
   model, job = retrieve.load_model(str(tmp_path))
   framed = query_in_frame(record["query"], "ground", record, job.data)
   assert framed.shape[1] == 2 * framed.shape[0]
-  q = np.asarray(model.encode(retrieve.prepare(framed, job.data.panorama_size, job.data)[None], tower="query"))
+  q = np.asarray(model.encode(retrieve.prepare(framed, job.data.panorama_size, job.data)[None], tower="ground"))
   best = retrieve.prepare(retrieve.read_image(top[0][0]), job.data.satellite_size, job.data)[None]
   g = np.asarray(model.encode(best, tower="reference"))
   np.testing.assert_allclose(float(q[0] @ g[0]), top[0][1], rtol=1e-4, atol=1e-5)
@@ -188,7 +202,6 @@ def test_unknown_config_key_is_rejected(tmp_path):
 def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, tmp_path, capsys):
   from PIL import Image
 
-  from gleam_jax import retrieve
   from gleam_jax.data import sources
 
   source = sources.get_source(tiny_cfg, "test")

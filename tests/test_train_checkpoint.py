@@ -16,8 +16,8 @@ OPTIM = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, warmup_steps=1, we
                                        frozen=(), lr_mults=(), no_decay=()))
 
 
-def _state(mesh, dims=(8, 16), seed=0):
-  cfg = gleam_c.model_config(depths=(1, 1), dims=dims, embed_dim=16)
+def _state(mesh, dims=(8, 16), seed=0, **model_kw):
+  cfg = gleam_c.model_config(depths=(1, 1), dims=dims, embed_dim=16, **model_kw)
   model = gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=seed, dropout=1))
   return contrastive.create_train_state(model, OPTIM, 10, mesh, RULES)
 
@@ -67,9 +67,35 @@ def test_restore_params_only(tmp_path):
   checkpoint.save(manager, 7, state, {})
   manager.close()
   _, fresh = _state(mesh, seed=3)
-  params, where = checkpoint.restore_params(str(tmp_path), fresh["params"])
+  params, where, _ = checkpoint.restore_params(str(tmp_path), fresh["params"])
   assert where.endswith("checkpoints/7")
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(GleamError, match="no checkpoint at"):
     checkpoint.restore_params(str(tmp_path / "nope"), fresh["params"])
+
+
+def test_restore_params_starts_new_modality_towers_as_copies(tmp_path):
+  """Phase 2 from a phase-1 checkpoint: the shared tower is restored, each new modality tower
+  starts as a copy of it (placed like its target), and a parameter nobody can supply is an error."""
+  mesh = shd.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  _, state = _state(mesh)
+  manager = checkpoint.make_manager(tmp_path, async_save=False)
+  checkpoint.save(manager, 3, state, {})
+  manager.close()
+  _, fresh = _state(mesh, seed=5, modality_towers=("uav", "ground"))
+  source = lambda name: (name.replace("model/uav_", "model/").replace("model/ground_", "model/")
+                         if name.startswith(("model/uav_", "model/ground_")) else None)
+  params, _, copied = checkpoint.restore_params(str(tmp_path), fresh["params"], source)
+  assert copied and all(n.startswith(("model/uav_", "model/ground_")) for n in copied)
+  saved = jax.tree.map(np.asarray, state["params"]["model"])
+  for m in ("uav", "ground"):
+    for part in ("encoder", "projection"):
+      for (path, a), b, t in zip(jax.tree_util.tree_leaves_with_path(params["model"][f"{m}_{part}"]),
+                                 jax.tree.leaves(saved[part]), jax.tree.leaves(fresh["params"]["model"][f"{m}_{part}"])):
+        np.testing.assert_array_equal(np.asarray(a), b, err_msg=f"{m}_{part}{jax.tree_util.keystr(path)}")
+        assert a.sharding == t.sharding
+  np.testing.assert_array_equal(np.asarray(params["model"]["logit_scale"]), saved["logit_scale"])
+  jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(params)  # no buffer is shared
+  with pytest.raises(GleamError, match="ground_encoder/.*missing in the checkpoint"):
+    checkpoint.restore_params(str(tmp_path), fresh["params"])

@@ -51,7 +51,7 @@ def nearest_satellites(config, params=None, checkpoint_path=None):
   setup, state = contrastive.create_train_state(
       contrastive.build_model(config.model, int(config.seed)), config.optim, STEPS, mesh, config.sharding_rules)
   if checkpoint_path is not None:
-    state["params"], _ = checkpoint.restore_params(checkpoint_path, state["params"])
+    state["params"], _, _ = checkpoint.restore_params(checkpoint_path, state["params"])
   model = contrastive.eval_model(setup, state)
   gallery = pipeline.make_gallery_batches(config.data, config.data.train_split, 8)
   embeddings, labels = retrieval.embed(lambda x: model.encode(x, tower="reference"), gallery, mesh)

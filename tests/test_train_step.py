@@ -155,3 +155,41 @@ def test_grouped_batch_matches_single_device_and_gathers_no_images():
   twelve = np.concatenate([batch["query"]["b"], batch["query"]["b"][:4]])
   with pytest.raises(GleamError, match="batch size of b=12"):
     step(state8, {**batch, "query": {**batch["query"], "b": twelve}})
+
+
+def test_modality_towers_with_a_frozen_shared_tower():
+  """Phase 2's locked-satellite recipe: group 'b' has its own tower, the shared tower is frozen.
+  The step's gradients equal plain autodiff restricted to the trainable parameters, and the frozen
+  tower costs no backward pass (fewer flops than training it)."""
+  batch = _grouped_batch()
+  cfg = gleam_c.model_config(depths=(1, 1), dims=(8, 16), embed_dim=16, modality_towers=("b",))
+  frozen = (r"^model/encoder/", r"^model/projection/")
+  mesh = shd.single_device_mesh()
+  setup, state = contrastive.create_train_state(
+      gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1)), _optim(frozen=frozen), 20, mesh, RULES)
+  loss, grads = contrastive.make_grad_fn(setup)(state, batch)
+  model = contrastive.eval_model(setup, state)
+  model.train()
+
+  def reference_loss(params):
+    m = contrastive.merge_model(setup, params["model"], state["model_state"])
+    q = jax.numpy.concatenate([m.encode(batch["query"]["a"], tower="a"), m.encode(batch["query"]["b"], tower="b")])
+    r = jax.numpy.concatenate([m.encode(batch["satellite"][k], tower="reference") for k in ("a", "b")])
+    ids = np.concatenate([batch["location_id"]["a"], batch["location_id"]["b"]])
+    return losses.infonce(q, r, m.logit_scale[...], 0.1, losses.same_location_pairs(ids, ids))
+  want_loss, want = jax.value_and_grad(reference_loss)(state["params"])
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
+    name = jax.tree_util.keystr(path)
+    if "'encoder'" in name or "'projection'" in name:
+      np.testing.assert_array_equal(np.asarray(g), 0.0, err_msg=name)
+    else:
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6, err_msg=name)
+  assert np.abs(np.asarray(grads["model"]["b_encoder"]["stem"]["conv"]["kernel"])).max() > 0
+
+  def flops(setup, state):
+    compiled = contrastive.make_train_step(setup).jitted.lower(state, batch).compile()
+    return compiled.cost_analysis()["flops"]
+  setup_all, state_all = contrastive.create_train_state(
+      gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1)), _optim(), 20, mesh, RULES)
+  assert flops(setup, state) < 0.85 * flops(setup_all, state_all)

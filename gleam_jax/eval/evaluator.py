@@ -49,7 +49,8 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
                        split="test", ks=metrics_lib.RANKS):
   """Embeds the gallery once and every modality's queries, searches, and reports the protocol.
 
-  encode_query / encode_gallery: images (B,H,W,C) -> (B, D) embeddings (closed over parameters).
+  encode_query / encode_gallery: images (B,H,W,C) -> (B, D) embeddings (closed over parameters);
+  encode_query may be a dict {modality: encode} (a model with a tower per modality).
   query_sets: {modality: iterable of batches}; gallery_batches: iterable of batches. A batch is a
   dict with 'image' (float32 NHWC, normalised), 'location_id' (int; query and gallery items of the
   same location match), optionally 'raw' (display images) and, for 'vigor' queries,
@@ -82,7 +83,8 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
   flat, by_modality, curves, examples, counts = {}, {}, {}, {}, {}
   for modality, batches in query_sets.items():
     keep = _KeepDisplayImages(batches, lambda i: i < num_examples_png)
-    queries, labels = retrieval.embed(encode_query, keep, mesh)
+    encode = encode_query[modality] if isinstance(encode_query, dict) else encode_query
+    queries, labels = retrieval.embed(encode, keep, mesh)
     counts[modality] = len(queries)
     result = _score_modality(protocol, exact, queries, labels, gallery_labels, scann=None if index is exact else index)
     result["metrics"] = {**metrics_lib.summarize(protocol, result["stats"], num_gallery, ks),

@@ -11,6 +11,11 @@ The encoder is global-average-pooled and LayerNormed (+ a Linear projection when
 set), so any input size works and panoramas and satellite tiles go through the same weights.
 Modules: shared towers -> `encoder` (+ `projection`); `separate_towers=True` ->
 `query_encoder`/`reference_encoder` (+ `query_projection`/`reference_projection`).
+
+`modality_towers=('uav', ...)` gives each named query modality its own tower `<m>_encoder` (+
+`<m>_projection`); `encode(x, tower=m)` uses it, and any other name falls back to the query tower.
+Phase 2 starts these towers as copies of the phase-1 query tower (`init_missing_towers`), so a new
+modality can be learned against frozen satellites without moving what phase 1 learned.
 """
 import math
 
@@ -29,7 +34,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def model_config(variant='atto', embed_dim=None, separate_towers=False, drop_path_rate=0.0,
                  dtype='float32', remat=False, logit_scale_init=math.log(1 / 0.07),
-                 pretrained=None, depths=None, dims=None) -> ml_collections.ConfigDict:
+                 pretrained=None, depths=None, dims=None, modality_towers=()) -> ml_collections.ConfigDict:
   """GLEAM-C model settings. `depths`/`dims` (both) give a custom ConvNeXt instead of `variant`;
   `pretrained` is a local HF/timm ConvNeXt checkpoint (directory or file) loaded at construction."""
   ph = config_dict.placeholder
@@ -39,6 +44,7 @@ def model_config(variant='atto', embed_dim=None, separate_towers=False, drop_pat
       dims=ph(tuple) if dims is None else tuple(dims),
       embed_dim=ph(int) if embed_dim is None else embed_dim,
       separate_towers=separate_towers,
+      modality_towers=tuple(modality_towers),
       drop_path_rate=float(drop_path_rate),
       dtype=dtype,
       remat=remat,
@@ -65,7 +71,13 @@ class GleamC(nnx.Module):
     embed_dim = cfg.get('embed_dim')
     if embed_dim is not None and embed_dim <= 0:
       raise GleamError(f'model.embed_dim={embed_dim} must be positive (or None for no projection).')
+    self.modality_towers = tuple(cfg.get('modality_towers', ()) or ())
+    for name in self.modality_towers:
+      if name in TOWERS or not str(name).isidentifier():
+        raise GleamError(f'model.modality_towers={self.modality_towers!r}: {name!r} cannot name a tower; '
+                         "give query modality names such as 'uav'.")
     names = ('query_', 'reference_') if self.separate_towers else ('',)
+    names += tuple(f'{m}_' for m in self.modality_towers)
     for prefix in names:
       encoder = convnext.ConvNeXt(bcfg, rngs=rngs)
       setattr(self, prefix + 'encoder', encoder)
@@ -88,19 +100,18 @@ class GleamC(nnx.Module):
       convnext_params.load_convnext_weights(encoder, sd)
 
   def _encoders(self):
-    if self.separate_towers:
-      return [self.query_encoder, self.reference_encoder]
-    return [self.encoder]
+    names = ['query_encoder', 'reference_encoder'] if self.separate_towers else ['encoder']
+    return [getattr(self, n) for n in names + [f'{m}_encoder' for m in self.modality_towers]]
 
   def _tower(self, tower):
-    if tower not in TOWERS:
-      raise ValueError(f'tower must be one of {TOWERS}, got {tower!r}')
-    if self.separate_towers:
-      return getattr(self, f'{tower}_encoder'), getattr(self, f'{tower}_projection')
-    return self.encoder, self.projection
+    if not isinstance(tower, str):
+      raise ValueError(f'tower must be a string, got {tower!r}')
+    prefix = tower_prefix(tower, self.separate_towers, self.modality_towers)
+    return getattr(self, f'{prefix}encoder'), getattr(self, f'{prefix}projection')
 
   def encode(self, images: jax.Array, tower: str = 'query') -> jax.Array:
-    """(B, H, W, 3) normalised images -> (B, D) float32 unit-norm embeddings."""
+    """(B, H, W, 3) normalised images -> (B, D) float32 unit-norm embeddings. `tower`: 'query',
+    'reference' or a query modality's name (its own tower if it has one, else the query tower)."""
     encoder, projection = self._tower(tower)
     x = encoder(images)
     if projection is not None:
@@ -110,3 +121,24 @@ class GleamC(nnx.Module):
 
   def __call__(self, query_images, reference_images):
     return self.encode(query_images, 'query'), self.encode(reference_images, 'reference')
+
+
+def tower_prefix(tower, separate_towers, modality_towers):
+  """The attribute prefix of the modules that encode `tower` ('' for the shared tower)."""
+  if tower in modality_towers:
+    return f'{tower}_'
+  if tower != 'reference' or not separate_towers:
+    return 'query_' if separate_towers else ''
+  return 'reference_'
+
+
+
+def tower_copy_source(name, separate_towers, modality_towers):
+  """For a parameter name below the model's root ('uav_encoder/stem/conv/kernel') of a modality
+  tower: the same parameter of the query tower, which it starts as a copy of; else None."""
+  head, _, rest = name.partition('/')
+  for m in modality_towers:
+    for part in ('encoder', 'projection'):
+      if head == f'{m}_{part}':
+        return f"{'query_' if separate_towers else ''}{part}/{rest}"
+  return None

@@ -14,6 +14,7 @@ A checkpoint whose arrays do not fit the target fails with a `GleamError` listin
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -103,25 +104,60 @@ def restore(manager, target_state, step=None):
   return restored["state"], restored["data"], step
 
 
-def restore_params(path, target_params):
+def restore_params(path, target_params, copy_source=None):
   """Parameters only (`state['params']`) from a checkpoint directory: a workdir, its `checkpoints`
-  folder, or one step folder; used to initialise a job from another job's result."""
+  folder, or one step folder; used to initialise a job from another job's result.
+
+  `copy_source(name) -> name | None`: a target parameter the checkpoint lacks starts as a copy of
+  the checkpoint's parameter of that name (e.g. a new modality tower from the query tower).
+  Returns (params, the step folder read, the names filled by copies)."""
   manager, step = _open_for_reading(path)
   saved = _saved_state_metadata(manager, step)
   if "params" not in saved:
     raise GleamError(f"checkpoint {step_path(manager, step)} holds no params.")
-  problems = mismatches(saved["params"], target_params)
+  saved_names = set(_leaves_by_name(saved["params"]))
+  sources = {}
+  for name in sorted(set(_leaves_by_name(target_params)) - saved_names):
+    source = copy_source(name) if copy_source else None
+    if source in saved_names:
+      sources[name] = source
+  present = _prune(target_params, set(sources))
+  problems = mismatches(saved["params"], present)
   if problems:
     _raise_mismatch(step_path(manager, step), problems,
                     "Set the model config to the one the checkpoint was trained with.")
-  target = {"params": target_params}
+  target = {"params": present}
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(
           item=_abstract(target),
           restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
           partial_restore=True)))
   manager.close()
-  return restored["state"]["params"], step_path(manager, step)
+  by_name = _leaves_by_name(restored["state"]["params"])
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, t: by_name[path_name(p)] if path_name(p) in by_name else _copy_onto(by_name[sources[path_name(p)]], t),
+      target_params)
+  return params, step_path(manager, step), sorted(sources)
+
+
+def _copy_onto(source, target):
+  if source.shape != target.shape:
+    raise GleamError(f"cannot start a parameter of shape {target.shape} as a copy of one of shape "
+                     f"{source.shape}: the new tower must have the architecture of the one it copies.")
+  # a new buffer: two leaves of one train state must never share one (the step donates them)
+  return jax.device_put(jnp.array(source, dtype=target.dtype, copy=True), target.sharding)
+
+
+def _prune(tree, drop, prefix=()):
+  """`tree` (nested dicts) without the leaves whose '/'-joined names are in `drop`."""
+  out = {}
+  for key, value in tree.items():
+    path = prefix + (str(key),)
+    if isinstance(value, dict):
+      out[key] = _prune(value, drop, path)
+    elif "/".join(path) not in drop:
+      out[key] = value
+  return out
 
 
 def _open_for_reading(path):

@@ -26,6 +26,7 @@ The loss covers the global batch: the (B x B) logits are computed from the embed
 all-gathers embeddings across the data axes and never the images.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -143,7 +144,7 @@ def _loss_fn(setup, params, model_state, rng, step, batch):
   model.train()
   nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(rng), step))
   query = _encode_groups(model, batch["query"], "query")
-  reference = _encode_groups(model, batch["satellite"], "reference")
+  reference = _encode_groups(model, batch["satellite"], "reference", by_name=False)
   exclude = None
   if "location_id" in batch:
     location_ids = jnp.concatenate(jax.tree.leaves(batch["location_id"]))
@@ -165,16 +166,23 @@ def _loss_fn(setup, params, model_state, rng, step, batch):
   return loss, (nnx.to_pure_dict(new_model_state), aux)
 
 
-def _encode_groups(model, images, tower):
+def _encode_groups(model, images, tower, by_name=True):
   """Embeddings of an image array, or of a dict of groups (in key order, as jax.tree.leaves) each
-  encoded on its own shards, so no group's images move between devices."""
-  return jnp.concatenate([model.encode(normalise_images(x), tower=tower) for x in jax.tree.leaves(images)])
+  encoded on its own shards, so no group's images move between devices. With `by_name`, a group is
+  encoded by the tower of its modality's name (the model falls back to `tower` when it has none)."""
+  if not isinstance(images, dict):
+    return model.encode(normalise_images(images), tower=tower)
+  return jnp.concatenate([model.encode(normalise_images(images[m]), tower=m if by_name else tower)
+                          for m in sorted(images)])
 
 
 def _grads(setup, state, batch):
-  grad_fn = jax.value_and_grad(_loss_fn, argnums=1, has_aux=True)
+  def loss_fn(params, *args):  # frozen parameters get no backward pass (their gradient is zero)
+    params = jax.tree.map(lambda t, x: x if t else jax.lax.stop_gradient(x), setup.trainable, params)
+    return _loss_fn(setup, params, *args)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (model_state, aux)), grads = grad_fn(
-      setup, state["params"], state["model_state"], state["rng"], state["step"], batch)
+      state["params"], state["model_state"], state["rng"], state["step"], batch)
   return loss, grads, model_state, aux
 
 
@@ -272,9 +280,9 @@ def check_config(config):
 def evaluate(config, setup, state, workdir, step, writer):
   """Retrieval metrics of every eval split and modality (see gleam_jax.eval.evaluator)."""
   model = eval_model(setup, state)
-  encode_query = lambda images: model.encode(images, tower="query")
-  encode_reference = lambda images: model.encode(images, tower="reference")
   modalities = tuple(config.eval.modalities or config.data.modalities)
+  encode_query = {m: functools.partial(model.encode, tower=m) for m in modalities}
+  encode_reference = functools.partial(model.encode, tower="reference")
   results = {}
   batch_size = config.eval.batch_size
   for split in config.eval.splits:
@@ -288,7 +296,7 @@ def evaluate(config, setup, state, workdir, step, writer):
            {m: pipeline.make_eval_batches(config.data, split, m, batch_size) for m in modalities},
            pipeline.make_gallery_batches(config.data, split, batch_size))
     for m in config.eval.get("satellite_to", ()):  # the reverse direction: satellites query views of m
-      report(encode_reference, encode_query,
+      report(encode_reference, functools.partial(model.encode, tower=m),
              {f"satellite_to_{m}": pipeline.make_satellite_query_batches(config.data, split, m, batch_size)},
              pipeline.make_view_gallery_batches(config.data, split, m, batch_size))
   r1 = ", ".join(f"{k[len('eval/'):-len('/R@1')]} {100 * v:.1f}%" for k, v in results.items()
@@ -328,9 +336,23 @@ def _init_from(config, state):
     raise GleamError(
         f"config.init_from={config.init_from!r} does not exist: run phase 1 first (its --workdir is "
         f"the path to give), or set --config.init_from to a finished job's workdir.")
-  params, where = checkpoint.restore_params(path, state["params"])
+  cfg = config.model
+  copy_source = lambda name: _model_copy_source(name, cfg)
+  params, where, copied = checkpoint.restore_params(path, state["params"], copy_source)
   _log(f"initialised parameters from {where}")
+  towers = sorted({n.split("/")[1].rsplit("_", 1)[0] for n in copied})
+  if towers:
+    _log(f"modality towers {', '.join(towers)} start as copies of its query tower")
   return {**state, "params": params}
+
+
+def _model_copy_source(name, model_cfg):
+  """'model/uav_encoder/...' -> 'model/encoder/...' (the phase-1 tower a new modality tower copies)."""
+  if not name.startswith("model/"):
+    return None
+  source = gleam_c.tower_copy_source(name[len("model/"):], bool(model_cfg.separate_towers),
+                                     tuple(model_cfg.get("modality_towers", ()) or ()))
+  return source and f"model/{source}"
 
 
 def _check_finite(pending, last_good):
