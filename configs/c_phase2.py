@@ -3,17 +3,22 @@ modality-balanced, initialised from the phase-1 result.
 
     python -m gleam_jax.main --config=configs/c_phase2.py --workdir=~/gleam_runs/c_phase2 \
         --config.init_from=~/gleam_runs/c_phase1
+    python -m gleam_jax.main --config=configs/c_phase2.py:towers=shared ...   # one tower for all views
 
 `init_from` names the phase-1 workdir (or its checkpoints folder, or one step folder); it must
-exist. Presets as in c_phase1 (`:tiny`, `key=value`).
+exist. Presets as in c_phase1 (`:tiny`, `key=value`), plus `towers=modality|shared|locked` (below).
 
 Each batch holds 16 pairs of every modality (pipeline.ModalityStreams), each at its own shape;
-ground photos are read in the panorama frame at their heading.
+ground photos are read in the panorama frame at their heading. By default (`towers=modality`) the
+UAV, street-map and ground queries each get their own tower, started as a copy of the phase-1
+tower, which goes on encoding satellites and panoramas.
 
-Measured (2-core CPU dev box, shared with a CI run: ~120 pairs/s; ~330 idle), from the phase-1
-default (test panorama R@1 82.9%), the default 3000 steps: test R@1 uav 5.6%, streetmap 23.5%,
-panorama 65.2%, ground 5.5% in 27:24. Short of R@1 50% per modality; README "Phase 2" has the runs
-that chose this recipe and what reaching 50% would take.
+Measured (2-core CPU dev box, from the phase-1 default, test panorama R@1 82.9%), the default 3000
+steps, test R@1 uav / streetmap / panorama / ground:
+  towers=modality  6.2 / 32.0 / 73.5 / 8.6 in 14:53 wall (~230 pairs/s, three evaluations)
+  towers=shared    5.6 / 23.5 / 65.2 / 5.5 (27:24 on a box shared with a CI run, ~120 pairs/s)
+Short of R@1 50% per modality; README "Phase 2" has the runs that chose this recipe and what
+reaching 50% would take.
 """
 import os
 import sys
@@ -27,7 +32,12 @@ PHASE1_WORKDIR = "~/gleam_runs/c_phase1"
 
 
 KNOBS = c_phase1.KNOBS + ("towers",)
-TOWERS = ("modality", "shared")
+# shared:   one tower for every view, as in phase 1.
+# modality: each new modality (uav, streetmap, ground) gets its own query tower, started as a copy
+#           of the phase-1 tower, which keeps encoding satellites and panoramas; all train.
+# locked:   as modality, with the phase-1 tower frozen (LiT): satellites and panoramas embed exactly
+#           as after phase 1, and the new towers learn to meet them there.
+TOWERS = ("shared", "modality", "locked")
 
 
 def get_config(arg=None):
@@ -42,15 +52,12 @@ def get_config(arg=None):
   # what phase 1 learned from panoramas (gleam_jax/data/panorama_frame.py).
   c.data.ground_frame = "panorama"
   c.init_from = PHASE1_WORKDIR
-  if towers == "modality":
-    # Locked satellites (LiT): phase 1's tower stays as it is, encoding satellites and panoramas;
-    # each new modality gets its own tower, started as a copy of it, and learns to meet the
-    # satellites where they already are. Panoramas need no training: their tower is frozen.
-    new = tuple(m for m in c.data.modalities if m != "panorama")
-    c.model.modality_towers = new
+  if towers != "shared":
+    c.model.modality_towers = tuple(m for m in c.data.modalities if m != "panorama")
+  if towers == "locked":  # panoramas need no training: their tower is frozen
     c.optim.frozen = (r"^model/encoder/", r"^model/projection/")
     c.eval.modalities = tuple(c.data.modalities)
-    c.data.modalities = new
+    c.data.modalities = c.model.modality_towers
   if "tiny" in flags:
     c.batch_size = int(knobs.get("batch", 8 * len(c.data.modalities)))  # groups of 8: a row per device
   else:

@@ -13,6 +13,7 @@ import pytest
 
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import main
+from gleam_jax import retrieve
 from gleam_jax.data import pipeline
 from gleam_jax.errors import GleamError
 from gleam_jax.utils.writer import read_metrics
@@ -29,8 +30,8 @@ def load_config(name, arg="tiny"):
   return config
 
 
-def tiny_config(name, data_dir, **fields):
-  config = load_config(name)
+def tiny_config(name, data_dir, arg="tiny", **fields):
+  config = load_config(name, arg)
   config.data.data_dir = data_dir
   for key, value in fields.items():
     target = config
@@ -110,7 +111,7 @@ def test_sigkill_and_resume_gives_the_same_losses(phase1_workdir, tiny_cfg, tmp_
 
 
 def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
-  config = tiny_config("c_phase2", tiny_cfg.data_dir, init_from=phase1_workdir, total_steps=3,
+  config = tiny_config("c_phase2", tiny_cfg.data_dir, "tiny,towers=locked", init_from=phase1_workdir, total_steps=3,
                        **{"optim.warmup_steps": 1, "eval.splits": ("test",), "eval.num_examples_png": 0})
   main.run(config, str(tmp_path))
   rows = read_metrics(str(tmp_path))
@@ -118,14 +119,13 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
     assert any(f"eval/test/{modality}/R@1" in r for r in rows)
   phase1_loss = train_losses(phase1_workdir)[1]
   assert train_losses(str(tmp_path))[1] < phase1_loss  # trained weights, not a fresh init
-  # the default recipe locks phase 1's tower: panoramas and satellites embed exactly as before
+  # towers=locked keeps phase 1's tower: panoramas and satellites embed exactly as before
   final = lambda workdir, key: [r[key] for r in read_metrics(workdir) if key in r][-1]
   for metric in ("R@1", "R@5", "R@10"):
     key = f"eval/test/panorama/{metric}"
     assert final(str(tmp_path), key) == final(phase1_workdir, key)
   from flax import nnx
 
-  from gleam_jax import retrieve
   before, after = retrieve.load_model(phase1_workdir)[0], retrieve.load_model(str(tmp_path))[0]
   leaves = lambda module: [np.asarray(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param))]
   for x, y in zip(leaves(before.encoder), leaves(after.encoder), strict=True):
@@ -191,6 +191,21 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tiny_cfg, tmp_path, monkeypat
     main.run(config, str(tmp_path))
 
 
+def test_phase2_tower_recipes():
+  shared = load_config("c_phase2", "towers=shared")
+  assert shared.model.modality_towers == () and "panorama" in shared.data.modalities
+  modality = load_config("c_phase2", "steps=10")  # the default
+  assert modality.model.modality_towers == ("uav", "streetmap", "ground") and not modality.optim.frozen
+  assert modality.data.modalities == ("uav", "streetmap", "panorama", "ground")
+  locked = load_config("c_phase2", "towers=locked")
+  assert locked.data.modalities == ("uav", "streetmap", "ground") and locked.optim.frozen
+  assert locked.eval.modalities == ("uav", "streetmap", "panorama", "ground")
+  with pytest.raises(ValueError, match="towers='separate'"):
+    load_config("c_phase2", "towers=separate")
+  with pytest.raises(ValueError, match="unknown config knob 'towers'"):
+    load_config("c_phase1", "towers=modality")
+
+
 def test_unknown_config_key_is_rejected(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "gleam_jax.main", "--config=configs/c_phase1.py:tiny", f"--workdir={tmp_path}",
@@ -235,7 +250,6 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
 
 def test_a_job_written_before_newer_data_fields_still_loads(phase1_workdir, tmp_path):
   """retrieve reads a workdir whose config.json predates data fields added since (their defaults)."""
-  from gleam_jax import retrieve
   with open(os.path.join(phase1_workdir, "config.json")) as f:
     saved = json.load(f)
   for key in ("ground_frame", "manual_dir"):
