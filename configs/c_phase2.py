@@ -3,20 +3,20 @@ modality-balanced, initialised from the phase-1 result.
 
     python -m gleam_jax.main --config=configs/c_phase2.py --workdir=~/gleam_runs/c_phase2 \
         --config.init_from=~/gleam_runs/c_phase1
-    python -m gleam_jax.main --config=configs/c_phase2.py:towers=shared ...   # one tower for all views
+    python -m gleam_jax.main --config=configs/c_phase2.py:towers=modality ...   # a tower per new modality
 
 `init_from` names the phase-1 workdir (or its checkpoints folder, or one step folder); it must
-exist. Presets as in c_phase1 (`:tiny`, `key=value`), plus `towers=modality|shared|locked` (below).
+exist. Presets as in c_phase1 (`:tiny`, `key=value`), plus `towers=shared|modality|locked` (below).
 
 Each batch holds 16 pairs of every modality (pipeline.ModalityStreams), each at its own shape;
-ground photos are read in the panorama frame at their heading. By default (`towers=modality`) the
-UAV, street-map and ground queries each get their own tower, started as a copy of the phase-1
-tower, which goes on encoding satellites and panoramas.
+ground photos are read in the panorama frame at their heading. By default one encoder serves every
+view, as GLEAM-C is defined; `towers=modality` gives the UAV, street-map and ground queries their
+own towers, started as copies of the phase-1 tower, which goes on encoding satellites and panoramas.
 
-Measured (2-core CPU dev box, from the phase-1 default, test panorama R@1 82.9%), the default 3000
-steps, test R@1 uav / streetmap / panorama / ground:
-  towers=modality  6.2 / 32.0 / 73.5 / 8.6 in 14:53 wall (~230 pairs/s, three evaluations)
+Measured (2-core CPU dev box, from the phase-1 default, test panorama R@1 82.9%), 3000 steps,
+test R@1 uav / streetmap / panorama / ground:
   towers=shared    5.6 / 23.5 / 65.2 / 5.5 (27:24 on a box shared with a CI run, ~120 pairs/s)
+  towers=modality  6.2 / 32.0 / 73.5 / 8.6 in 14:53 wall (~230 pairs/s, three evaluations)
 Short of R@1 50% per modality; README "Phase 2" has the runs that chose this recipe and what
 reaching 50% would take.
 """
@@ -42,7 +42,7 @@ TOWERS = ("shared", "modality", "locked")
 
 def get_config(arg=None):
   flags, knobs = c_phase1.parse_arg(arg, KNOBS)
-  towers = knobs.get("towers", "modality")
+  towers = knobs.get("towers", "shared")
   if towers not in TOWERS:
     raise ValueError(f"towers={towers!r}: use one of {TOWERS}.")
   c = c_phase1.base_config(arg, modalities=MODALITIES, known=KNOBS)

@@ -192,9 +192,9 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tiny_cfg, tmp_path, monkeypat
 
 
 def test_phase2_tower_recipes():
-  shared = load_config("c_phase2", "towers=shared")
+  shared = load_config("c_phase2", "steps=10")  # the default: GLEAM-C's one encoder
   assert shared.model.modality_towers == () and "panorama" in shared.data.modalities
-  modality = load_config("c_phase2", "steps=10")  # the default
+  modality = load_config("c_phase2", "towers=modality")
   assert modality.model.modality_towers == ("uav", "streetmap", "ground") and not modality.optim.frozen
   assert modality.data.modalities == ("uav", "streetmap", "panorama", "ground")
   locked = load_config("c_phase2", "towers=locked")

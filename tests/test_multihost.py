@@ -76,6 +76,12 @@ def test_two_processes_match_one_process_and_resume(tiny_cfg, tmp_path):
   np.testing.assert_allclose([resumed[s] for s in (5, 6)], [ref_losses[s] for s in (5, 6)], rtol=1e-5, atol=1e-6)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
+  # The two-process checkpoint of step 4 resumes in one process of 8 devices, onto the same batches.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+  main.run(tiny_config("c_phase1", tiny_cfg.data_dir, **{**OVERRIDES, "eval.at_end": False}), workdir)
+  resumed = train_losses(workdir)
+  np.testing.assert_allclose([resumed[s] for s in (5, 6)], [ref_losses[s] for s in (5, 6)], rtol=1e-5, atol=1e-6)
+
 
 def test_process_slices_of_augmented_batches_join_to_the_single_process_batch(tiny_cfg):
   """Augmentation is seeded by a record's position in the global order, so two processes' rows of
@@ -97,6 +103,15 @@ def test_process_slices_of_augmented_batches_join_to_the_single_process_batch(ti
     for k in b:
       np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), b[k], err_msg=f"{k} at step {step}")
   assert whole.epoch == 1
+  # a job resumes on another process count: one process from a two-process state, and back
+  single = _restored(parts[0], stream(0, 1))
+  halves = [_restored(whole, stream(p, 2)) for p in (0, 1)]
+  for _ in range(2):
+    b, h0, h1 = next(single), next(halves[0]), next(halves[1])
+    reference = next(whole)
+    for k in b:
+      np.testing.assert_array_equal(b[k], reference[k], err_msg=k)
+      np.testing.assert_array_equal(np.concatenate([h0[k], h1[k]]), reference[k], err_msg=k)
 
 
 def _restored(old, new):

@@ -156,14 +156,18 @@ class TrainStream:
     }
 
   def set_state(self, state):
-    """Continue where `state` was taken. With the same worker count grain's own iterator state is
-    restored; with another one the epoch's dataset restarts after the batches already read."""
-    for key in ("seed", "global_batch_size", "process_count"):
+    """Continue where `state` was taken. With the same worker and process counts grain's own
+    iterator state is restored; with others the epoch's dataset restarts after the batches already
+    read (the global batches do not depend on either count, so a job may resume on more or fewer
+    processes)."""
+    for key in ("seed", "global_batch_size"):
       if state[key] != getattr(self, key):
         raise GleamError(f"the saved input state has {key}={state[key]} but this job has {getattr(self, key)}: "
                          "resume with the same value, or start a new workdir.")
     self.sampler.set_state(state["sampler_at_epoch_start"])
-    if state["worker_count"] == self.data_cfg.worker_count:
+    same_reader = (state["worker_count"] == self.data_cfg.worker_count
+                   and state.get("process_count", 1) == self.process_count)
+    if same_reader:
       self._start_epoch(int(state["epoch"]), int(state["grain_skipped"]))
       self._iter.set_state(state["grain"])
       self.batches_in_epoch = int(state["batches_in_epoch"])
