@@ -239,3 +239,35 @@ def test_eval_ground_photos_are_read_in_the_panorama_frame(tiny_cfg):
   record = sources.get_source(cfg, "test")[int(batch["index"][0])]
   framed = photo_to_panorama(record["query"], record["heading_deg"], record["fov_deg"], record["query"].shape[0])
   np.testing.assert_allclose(batch["image"][0], normalise(resize(framed, (16, 32)), cfg.mean, cfg.std), rtol=1e-6)
+
+
+def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog):
+  """Records kept decoded in memory (the default) give exactly the batches of decoding every read,
+  over two epochs, with augmentation and ground photos warped into the panorama frame."""
+  cfg = with_fields(tiny_cfg, panorama_size=(32, 64), ground_frame="panorama", augment={"enabled": True})
+  index = sources.get_index(cfg, "train")
+  kw = dict(process_index=0, process_count=1)
+  cached = pipeline.ModalityStreams(cfg, 16, 0, index, multiple=2, **kw)
+  plain = pipeline.ModalityStreams(with_fields(cfg, decoded_cache_mb=0), 16, 0, index, multiple=2, **kw)
+  source = cached.streams["uav"].source
+  assert isinstance(source, sources.DecodedCache) and not isinstance(plain.streams["uav"].source, sources.DecodedCache)
+  assert all(s.source is source for s in cached.streams.values())  # one cache for every modality
+  for _ in range(2 * cached.steps_per_epoch + 1):
+    got, want = next(cached), next(plain)
+    for key in ("query", "satellite", "location_id"):
+      for m in cfg.modalities:
+        np.testing.assert_array_equal(got[key][m], want[key][m])
+  assert source._records and source._bytes <= source.budget_bytes
+  # a cached record is returned as the same read-only arrays; a full cache decodes and says so once
+  i = next(iter(source._records))
+  first, again = source[i], source[i]
+  assert first["query"] is again["query"] and not first["query"].flags.writeable
+  with pytest.raises(ValueError):
+    first["query"][0, 0, 0] = 1
+  full = sources.DecodedCache(sources.get_source(cfg, "train"), 0)
+  with caplog.at_level("WARNING"):
+    for j in range(3):
+      np.testing.assert_array_equal(full[j]["query"], source.source[j]["query"])
+  assert not full._records and sum("decoded_cache_mb=0 is full" in r.message for r in caplog.records) == 1
+  with pytest.raises(GleamError, match="decoded_cache_mb"):
+    with_fields(cfg, decoded_cache_mb=-1)

@@ -35,6 +35,9 @@ Fields
   worker_count      grain worker processes (0: decode in the main process with `read_threads`).
   worker_buffer_size  batches each worker prefetches.
   read_threads / read_buffer_size  grain.ReadOptions of the per-record reads.
+  decoded_cache_mb  training records are kept decoded in memory up to this many MB per process
+                    (0: off): the first epoch decodes them, later epochs read memory (decoding is
+                    most of the input pipeline's time on the synthetic world). Same batches either way.
   seed              sampler order and augmentation randomness.
 """
 import os
@@ -108,6 +111,7 @@ def data_config(**overrides):
   c.worker_buffer_size = 2
   c.read_threads = 4
   c.read_buffer_size = 64
+  c.decoded_cache_mb = 2048
   c.seed = 0
 
   for key, value in overrides.items():
@@ -182,9 +186,10 @@ def validate(c):
   if c.sampler.neighbours_per_anchor < 0 or c.sampler.neighbour_range < c.sampler.neighbours_per_anchor:
     raise GleamError("data.sampler: need 0 <= neighbours_per_anchor <= neighbour_range, got "
                      f"{c.sampler.neighbours_per_anchor} and {c.sampler.neighbour_range}.")
-  for key in ("worker_count", "read_threads", "worker_buffer_size", "read_buffer_size"):
-    if not isinstance(c[key], int) or c[key] < (0 if key == "worker_count" else 1):
-      raise GleamError(f"data.{key}={c[key]!r}: it must be an int >= {0 if key == 'worker_count' else 1}.")
+  for key in ("worker_count", "read_threads", "worker_buffer_size", "read_buffer_size", "decoded_cache_mb"):
+    low = 0 if key in ("worker_count", "decoded_cache_mb") else 1
+    if not isinstance(c[key], int) or c[key] < low:
+      raise GleamError(f"data.{key}={c[key]!r}: it must be an int >= {low}.")
   return c
 
 

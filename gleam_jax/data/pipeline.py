@@ -87,7 +87,7 @@ class TrainStream:
     self.batch_size = self.global_batch_size // self.process_count
     self.sampler = sampler
     self.seed = int(seed)
-    self.source = source or sources.get_source(data_cfg, data_cfg.train_split)
+    self.source = source or sources.get_train_source(data_cfg)
     self._augment = AugmentPair(data_cfg) if data_cfg.augment.enabled else None
     self._prepare = PreparePair(data_cfg)
     self._iter = None
@@ -232,7 +232,7 @@ class ModalityStreams:
     validate(data_cfg)
     self.modalities = tuple(data_cfg.modalities)
     self.batch_sizes = modality_batch_sizes(data_cfg, global_batch_size, multiple)
-    source = source or sources.get_source(data_cfg, data_cfg.train_split)
+    source = source or sources.get_train_source(data_cfg)
     self.samplers, self.streams = {}, {}
     for m in self.modalities:
       cfg = data_cfg.copy_and_resolve_references()

@@ -17,6 +17,7 @@ import json
 import os
 import time
 
+from absl import logging
 from etils import epath
 import numpy as np
 from PIL import Image
@@ -141,6 +142,48 @@ class Source:
     }
 
 
+class DecodedCache:
+  """A Source whose decoded records stay in memory, up to `budget_mb`: each record is decoded once,
+  and later reads return the same arrays (read-only, so no reader can change what the next one
+  sees). When the budget is full, further records are decoded on every read, and that is logged
+  once. Not pickled with its records: a grain worker process starts its own."""
+
+  def __init__(self, source, budget_mb):
+    self.source = source
+    self.name, self.path, self.split = source.name, source.path, source.split
+    self.budget_bytes = int(budget_mb) * 2**20
+    self._records, self._bytes, self._full = {}, 0, False
+
+  def __len__(self):
+    return len(self.source)
+
+  def raw(self, i):
+    return self.source.raw(i)
+
+  def image(self, i, key):
+    return self.source.image(i, key)
+
+  def __getitem__(self, i):
+    record = self._records.get(int(i))
+    if record is None:
+      record = self.source[i]
+      size = sum(record[k].nbytes for k in IMAGE_KEYS)
+      if self._bytes + size <= self.budget_bytes:
+        for k in IMAGE_KEYS:
+          record[k].flags.writeable = False
+        self._records[int(i)] = record
+        self._bytes += size
+      elif not self._full:
+        self._full = True
+        logging.warning("data.decoded_cache_mb=%d is full after %d of %d records of %s; the rest are "
+                        "decoded on every read (raise it to keep them all).", self.budget_bytes >> 20,
+                        len(self._records), len(self), self.name)
+    return dict(record)
+
+  def __getstate__(self):
+    return {**self.__dict__, "_records": {}, "_bytes": 0, "_full": False}
+
+
 def query_camera(record):
   """heading_deg (clockwise from north) and fov_deg of the record's query camera; NaN where the
   dataset does not record them."""
@@ -149,6 +192,13 @@ def query_camera(record):
 
 def get_source(data_cfg, split):
   return Source(get_builder(data_cfg), split)
+
+
+def get_train_source(data_cfg):
+  """The training split's source, decoded records kept in memory per `data.decoded_cache_mb`."""
+  source = get_source(data_cfg, data_cfg.train_split)
+  budget = int(data_cfg.get("decoded_cache_mb", 0) or 0)
+  return DecodedCache(source, budget) if budget else source
 
 
 def read_index(source):
