@@ -14,8 +14,8 @@ Modules: shared towers -> `encoder` (+ `projection`); `separate_towers=True` ->
 
 `modality_towers=('uav', ...)` gives each named query modality its own tower `<m>_encoder` (+
 `<m>_projection`); `encode(x, tower=m)` uses it, and any other name falls back to the query tower.
-Phase 2 starts these towers as copies of the phase-1 query tower (`init_missing_towers`), so a new
-modality can be learned against frozen satellites without moving what phase 1 learned.
+A job's `init_from` starts these towers as copies of the checkpoint's query tower
+(`tower_copy_source`), so phase 2 can add a modality without moving what phase 1 learned.
 """
 import math
 
@@ -127,10 +127,9 @@ def tower_prefix(tower, separate_towers, modality_towers):
   """The attribute prefix of the modules that encode `tower` ('' for the shared tower)."""
   if tower in modality_towers:
     return f'{tower}_'
-  if tower != 'reference' or not separate_towers:
-    return 'query_' if separate_towers else ''
-  return 'reference_'
-
+  if not separate_towers:
+    return ''
+  return 'reference_' if tower == 'reference' else 'query_'
 
 
 def tower_copy_source(name, separate_towers, modality_towers):
