@@ -115,11 +115,11 @@ def restore_params(path, target_params, copy_source=None):
   saved = _saved_state_metadata(manager, step)
   if "params" not in saved:
     raise GleamError(f"checkpoint {step_path(manager, step)} holds no params.")
-  saved_names = set(_leaves_by_name(saved["params"]))
+  saved_names, target_names = set(_leaves_by_name(saved["params"])), set(_leaves_by_name(target_params))
   sources = {}
-  for name in sorted(set(_leaves_by_name(target_params)) - saved_names):
+  for name in sorted(target_names - saved_names):
     source = copy_source(name) if copy_source else None
-    if source in saved_names:
+    if source in saved_names & target_names:  # restored first, then copied
       sources[name] = source
   present = _prune(target_params, set(sources))
   problems = mismatches(saved["params"], present)
