@@ -16,7 +16,7 @@ own towers, started as copies of the phase-1 tower, which goes on encoding satel
 Measured (2-core CPU dev box, from the phase-1 default, test panorama R@1 82.9%), 3000 steps,
 test R@1 uav / streetmap / panorama / ground:
   towers=shared    5.6 / 23.5 / 65.2 / 5.5 in 11:44 wall (~300 pairs/s, decoded-record cache)
-  towers=modality  6.2 / 32.0 / 73.5 / 8.6 in 14:53 wall (~230 pairs/s, three evaluations, no cache)
+  towers=modality  6.2 / 32.0 / 73.5 / 8.6 in 12:48 wall (~275 pairs/s, decoded-record cache)
 Short of R@1 50% per modality; README "Phase 2" has the runs that chose this recipe and what
 reaching 50% would take.
 """
