@@ -4,8 +4,9 @@
 
 Both read the same records of the same epoch order from the same source, decode, augment
 (same functions), resize, normalise and stack. A last row reads the second epoch through the
-decoded-record cache (`data.decoded_cache_mb`, on in training by default), after the first filled it. Reported: steady-state pairs/s (after the first
-`warmup` batches) and the time to the first batch; ratios are against the plain loop, measured in this run.
+decoded-record cache (`data.decoded_cache_mb`, on in training by default), after the first filled
+it. Reported: steady-state pairs/s (after the first `warmup` batches) and the time to the first
+batch; ratios are against the plain loop, measured in this run.
 """
 import argparse
 import os

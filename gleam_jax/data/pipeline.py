@@ -165,9 +165,7 @@ class TrainStream:
         raise GleamError(f"the saved input state has {key}={state[key]} but this job has {getattr(self, key)}: "
                          "resume with the same value, or start a new workdir.")
     self.sampler.set_state(state["sampler_at_epoch_start"])
-    same_reader = (state["worker_count"] == self.data_cfg.worker_count
-                   and state.get("process_count", 1) == self.process_count)
-    if same_reader:
+    if state["worker_count"] == self.data_cfg.worker_count and state["process_count"] == self.process_count:
       self._start_epoch(int(state["epoch"]), int(state["grain_skipped"]))
       self._iter.set_state(state["grain"])
       self.batches_in_epoch = int(state["batches_in_epoch"])

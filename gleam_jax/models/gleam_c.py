@@ -139,5 +139,5 @@ def tower_copy_source(name, separate_towers, modality_towers):
   for m in modality_towers:
     for part in ('encoder', 'projection'):
       if head == f'{m}_{part}':
-        return f"{'query_' if separate_towers else ''}{part}/{rest}"
+        return f"{tower_prefix('query', separate_towers, ())}{part}/{rest}"
   return None

@@ -144,11 +144,8 @@ class VisionMLP(nnx.Module):
     self.down_proj = _linear(v.intermediate_size, v.hidden_size, ("vision_mlp", "vision_embed"), bias=True,
                              cfg=cfg, rngs=rngs)
 
-  def __call__(self, x, fused=None):
-    if fused is None:
-      return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-    gate, up = jnp.split(_fused_matmul(x, fused["gate_up"]), 2, axis=-1)
-    return self.down_proj(jax.nn.silu(gate) * up)
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class VisionBlock(nnx.Module):
