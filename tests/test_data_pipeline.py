@@ -169,6 +169,52 @@ def test_eval_and_gallery_batches(tiny_cfg):
     pipeline.make_eval_batches(tiny_cfg, "test", "drone", 4)
 
 
+class _CountingSource:
+  """A source that records which records' images were decoded."""
+
+  def __init__(self, source):
+    self.source, self.read = source, []
+
+  def image(self, record, key):
+    self.read.append(record)
+    return self.source.image(record, key)
+
+  def raw(self, record):
+    return self.source.raw(record)
+
+
+@pytest.mark.parametrize("split_rows", [([0, 1, 2, 3], [4, 5, 6, 7]), ([0, 1, 4, 5], [2, 3, 6, 7])])
+def test_eval_batches_split_over_processes_decode_each_image_once(tiny_cfg, split_rows):
+  """Each process decodes only its rows of every batch (zeros past the last record) and carries the
+  labels of the whole batch; the processes' rows put together are the one-process batches."""
+  src = sources.get_source(tiny_cfg, "test")
+  index = sources.get_index(tiny_cfg, "test", src)
+  rows = np.flatnonzero(index["modality"] == MODALITIES.index("uav"))  # 24 views: batches of 8, 8, 8
+  rows = rows[:21]  # a short last batch: 5 records, 3 padded rows
+  whole = list(pipeline.EvalBatches(tiny_cfg, src, rows, index["location_id"][rows], "query", (16, 16), 8, "uav"))
+  parts = []
+  for process_rows in split_rows:
+    counting = _CountingSource(src)
+    batches = pipeline.EvalBatches(tiny_cfg, counting, rows, index["location_id"][rows], "query", (16, 16), 8, "uav",
+                                   process_rows=process_rows)
+    parts.append(list(batches))
+    mine = (np.arange(3)[:, None] * 8 + np.asarray(process_rows)[None]).reshape(-1)
+    assert sorted(counting.read) == sorted(rows[mine[mine < len(rows)]].tolist())  # its rows, each once
+    shown = batches.display_images([0, 20])
+    np.testing.assert_array_equal(shown[20], whole[2]["image"][4])
+  for k, batch in enumerate(whole):
+    padded = np.zeros((8, 16, 16, 3), np.float32)
+    padded[:len(batch["image"])] = batch["image"]
+    for process_rows, part in zip(split_rows, parts):
+      np.testing.assert_array_equal(part[k]["image"], padded[process_rows])
+      np.testing.assert_array_equal(part[k]["rows"], process_rows)
+      assert part[k]["padded_size"] == 8
+      for key in ("location_id", "index"):
+        np.testing.assert_array_equal(part[k][key], batch[key])
+  with pytest.raises(GleamError, match=r"process_rows \[8\] must be positions in a batch of 8"):
+    pipeline.EvalBatches(tiny_cfg, src, rows, index["location_id"][rows], "query", (16, 16), 8, process_rows=[8])
+
+
 def test_modality_batch_sizes_follow_the_weights():
   cfg = data_config(modalities=("uav", "streetmap", "panorama", "ground"),
                     modality_weights={"uav": 2.0, "streetmap": 1.0, "panorama": 1.0, "ground": 1.0})

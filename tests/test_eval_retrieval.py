@@ -48,6 +48,29 @@ def test_embed_pads_masks_and_matches_single_device_and_unbatched():
   assert set(labels8) == {"location_id"}  # 'image' and 'raw' are not labels
 
 
+def test_embed_takes_process_local_rows_of_each_batch():
+  """Batches that hold only this process's rows (`EvalBatches` with `process_rows`) embed as the
+  plain batches do; rows split for another mesh are an error naming the fix."""
+  from gleam_jax.train import sharding
+  mesh = mesh_of((2, 4, 1))
+  plain = make_batches([16, 16, 5])
+  rows = sharding.process_rows(mesh, 16)
+  np.testing.assert_array_equal(rows, np.arange(16))  # one process holds every row
+  local = []
+  for b in plain:
+    image = np.zeros((16, 4, 4, 3), np.float32)
+    image[:len(b["image"])] = b["image"]
+    local.append({"image": image[rows], "rows": rows, "padded_size": 16, "location_id": b["location_id"]})
+  want, want_labels = retrieval.embed(encode, plain, mesh, batch_size=16)
+  got, labels = retrieval.embed(encode, local, mesh)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert got.shape == (37, 8) and set(labels) == {"location_id"}
+  np.testing.assert_array_equal(labels["location_id"], want_labels["location_id"])
+  bad = [dict(local[0], image=local[0]["image"][:8], rows=np.arange(8))]
+  with pytest.raises(GleamError, match=r"rows \[0, 1, 2, 3, 4, 5, 6, 7\] of every 16.*process_rows=sharding.process_rows"):
+    retrieval.embed(encode, bad, mesh)
+
+
 def test_embed_rejects_batch_not_divisible_by_data_parallel_size():
   with pytest.raises(GleamError, match="multiple of the data-parallel size 8"):
     retrieval.embed(encode, make_batches([12]), mesh_of((2, 4, 1)), batch_size=12)

@@ -19,10 +19,11 @@ dict (epoch, batches read in the epoch, grain iterator state, sampler state) for
 with another `worker_count` (augmentation is seeded per record, not per worker).
 
 Evaluation (`make_eval_batches`, `make_gallery_batches`): no augmentation, nothing dropped; the last
-batch may be smaller (the evaluator pads it).
+batch may be smaller (the evaluator pads it). On several processes each process decodes only its
+devices' rows of every batch (`process_rows`) and the embeddings are gathered.
 """
-import numpy as np
 import grain
+import numpy as np
 from absl import flags
 
 from gleam_jax.data import samplers
@@ -298,30 +299,65 @@ class _ViewImage:
 
 
 class EvalBatches:
-  """Re-iterable batches over fixed records; `len()` is the number of batches."""
+  """Re-iterable batches over fixed records, in order; `len()` is the number of batches.
 
-  def __init__(self, data_cfg, source, records, location_ids, key, size, batch_size, modality=None):
+  A batch holds `image`, `index` (the records) and `location_id` (+ `labels`) of up to `batch_size`
+  records; the last one may be shorter. With `process_rows` (in a job of several processes: the
+  rows of a batch that this process's devices hold, `sharding.process_rows`), each process decodes
+  only those rows of every batch, so no image is read twice: `image` then holds them (zeros past the
+  last record), `rows` their positions and `padded_size` the batch size, while the labels cover every
+  record of the batch.
+  `display_images(positions)` reads single items again (the evaluator's PNGs)."""
+
+  def __init__(self, data_cfg, source, records, location_ids, key, size, batch_size, modality=None,
+               process_rows=None):
     if batch_size <= 0:
       raise GleamError(f"eval batch size {batch_size} must be positive.")
     self.records = np.asarray(records, np.int64)
     self.location_ids = np.asarray(location_ids, np.int64)
     self.batch_size = int(batch_size)
-    ds = grain.MapDataset.source(self.records).map(_ViewImage(data_cfg, source, key, size, modality))
-    self._ds = ds.batch(self.batch_size, drop_remainder=False)
+    self._view = _ViewImage(data_cfg, source, key, size, modality)
+    self.rows = None if process_rows is None else np.asarray(process_rows, np.int64)
+    if self.rows is not None:
+      if not len(self.rows) or self.rows.min() < 0 or self.rows.max() >= self.batch_size:
+        raise GleamError(f"process_rows {self.rows.tolist()} must be positions in a batch of {self.batch_size}.")
+      positions = (np.arange(len(self))[:, None] * self.batch_size + self.rows[None]).reshape(-1)
+      ds = grain.MapDataset.source(positions).map(_PaddedView(self._view, self.records, tuple(size)))
+      self._ds = ds.batch(len(self.rows))
+    else:
+      self._ds = grain.MapDataset.source(self.records).map(self._view).batch(self.batch_size, drop_remainder=False)
     self._read_options = _read_options(data_cfg)
-    self._location_of = dict(zip(self.records.tolist(), self.location_ids.tolist()))
-    self._row_of = {r: i for i, r in enumerate(self.records.tolist())}
     self.labels = {}  # further label arrays aligned with `records`, added to every batch
 
   def __len__(self):
     return -(-len(self.records) // self.batch_size)
 
   def __iter__(self):
-    for batch in self._ds.to_iter_dataset(self._read_options):
-      batch["location_id"] = np.asarray([self._location_of[int(r)] for r in batch["index"]], np.int64)
+    for k, batch in enumerate(self._ds.to_iter_dataset(self._read_options)):
+      batch_rows = slice(k * self.batch_size, (k + 1) * self.batch_size)
+      batch["index"] = self.records[batch_rows]
+      batch["location_id"] = self.location_ids[batch_rows]
       for key, values in self.labels.items():
-        batch[key] = values[[self._row_of[int(r)] for r in batch["index"]]]
+        batch[key] = values[batch_rows]
+      if self.rows is not None:
+        batch["rows"], batch["padded_size"] = self.rows, self.batch_size
       yield batch
+
+  def display_images(self, positions):
+    """{position: image} of the items at `positions` (in batch order), read on this process."""
+    return {int(p): self._view(self.records[int(p)])["image"] for p in positions}
+
+
+class _PaddedView:
+  """grain map: position in the batch order -> `_ViewImage` of its record, zeros past the last record."""
+
+  def __init__(self, view, records, size):
+    self.view, self.records, self.size = view, records, size
+
+  def __call__(self, position):
+    if position < len(self.records):
+      return self.view(self.records[int(position)])
+    return {"image": np.zeros(self.size + (3,), np.float32), "index": np.int64(-1)}
 
 
 def _query_rows(index, modality):
@@ -329,7 +365,7 @@ def _query_rows(index, modality):
   return np.flatnonzero((index["modality"] == MODALITIES.index(modality)) & index.get("is_query", True))
 
 
-def make_eval_batches(data_cfg, split, modality, batch_size):
+def make_eval_batches(data_cfg, split, modality, batch_size, process_rows=None):
   """Batches of every `modality` query of `split` (ordered by location id, then view):
   `image` float32 (b, H, W, 3), `location_id` int64, `index` int64 (record index in the split),
   and `semi_positive_ids` (b, 3) where the dataset has them (VIGOR's hit rate)."""
@@ -340,22 +376,23 @@ def make_eval_batches(data_cfg, split, modality, batch_size):
   rows = _query_rows(index, modality)
   rows = rows[np.lexsort((index["view_index"][rows], index["location_id"][rows]))]
   batches = EvalBatches(data_cfg, source, rows, index["location_id"][rows], "query",
-                        query_shape(data_cfg, modality), batch_size, modality)
+                        query_shape(data_cfg, modality), batch_size, modality, process_rows)
   if "semi_positive_ids" in index:
     batches.labels["semi_positive_ids"] = index["semi_positive_ids"][rows]
   return batches
 
 
-def make_gallery_batches(data_cfg, split, batch_size):
+def make_gallery_batches(data_cfg, split, batch_size, process_rows=None):
   """The split's satellites, one per location, ordered by location id: `image`, `location_id`,
   `index` (the record the satellite was read from)."""
   source = sources.get_source(data_cfg, split)
   index = sources.get_index(data_cfg, split, source)
   location_ids, first = np.unique(index["location_id"], return_index=True)
-  return EvalBatches(data_cfg, source, first, location_ids, "satellite", data_cfg.satellite_size, batch_size)
+  return EvalBatches(data_cfg, source, first, location_ids, "satellite", data_cfg.satellite_size, batch_size,
+                     process_rows=process_rows)
 
 
-def make_satellite_query_batches(data_cfg, split, modality, batch_size):
+def make_satellite_query_batches(data_cfg, split, modality, batch_size, process_rows=None):
   """Satellite -> `modality` retrieval (University-1652 / SUES-200 satellite -> drone): the
   satellite of every location with a `modality` query, one per location, ordered by location id,
   as queries. Their gallery is `make_view_gallery_batches` (protocol 'university')."""
@@ -364,10 +401,10 @@ def make_satellite_query_batches(data_cfg, split, modality, batch_size):
   rows = _query_rows(index, modality)
   location_ids, first = np.unique(index["location_id"][rows], return_index=True)
   return EvalBatches(data_cfg, source, rows[first], location_ids, "satellite", data_cfg.satellite_size,
-                     batch_size)
+                     batch_size, process_rows=process_rows)
 
 
-def make_view_gallery_batches(data_cfg, split, modality, batch_size):
+def make_view_gallery_batches(data_cfg, split, modality, batch_size, process_rows=None):
   """Every `modality` view of `split`, queried or not (University-1652's gallery_drone keeps the
   distractor buildings' views), as a gallery with several items per location, ordered by location
   id, then view."""
@@ -376,4 +413,4 @@ def make_view_gallery_batches(data_cfg, split, modality, batch_size):
   rows = np.flatnonzero((index["modality"] == MODALITIES.index(modality)) & (index["view_index"] >= 0))
   rows = rows[np.lexsort((index["view_index"][rows], index["location_id"][rows]))]
   return EvalBatches(data_cfg, source, rows, index["location_id"][rows], "query", query_shape(data_cfg, modality),
-                     batch_size, modality)
+                     batch_size, modality, process_rows)

@@ -44,6 +44,16 @@ def _is_one_shot(iterable):
   return iter(iterable) is iterable
 
 
+def _reads_items(batches):
+  """Batches that read single items again (`pipeline.EvalBatches`): the PNGs' images come from
+  there, which also holds when each process decodes only its own rows of every batch."""
+  return hasattr(batches, "display_images")
+
+
+def _thumbnails(batches, positions):
+  return {i: report.thumbnail(image) for i, image in batches.display_images(positions).items()}
+
+
 def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches, protocol="cvusa",
                        mesh=None, search_cfg=None, workdir=None, step=0, writer=None, num_examples_png=8,
                        split="test", ks=metrics_lib.RANKS):
@@ -66,7 +76,7 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
   t0 = time.perf_counter()
 
   keep_gallery = None
-  if num_examples_png and _is_one_shot(gallery_batches):
+  if num_examples_png and _is_one_shot(gallery_batches) and not _reads_items(gallery_batches):
     keep_gallery = _KeepDisplayImages(gallery_batches, lambda i: True)
     gallery_batches_for_embed = keep_gallery
   else:
@@ -82,7 +92,7 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
 
   flat, by_modality, curves, examples, counts = {}, {}, {}, {}, {}
   for modality, batches in query_sets.items():
-    keep = _KeepDisplayImages(batches, lambda i: i < num_examples_png)
+    keep = batches if _reads_items(batches) else _KeepDisplayImages(batches, lambda i: i < num_examples_png)
     encode = encode_query[modality] if isinstance(encode_query, dict) else encode_query
     queries, labels = retrieval.embed(encode, keep, mesh)
     counts[modality] = len(queries)
@@ -96,8 +106,10 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
     if num_examples_png:
       shown = min(num_examples_png, len(queries))
       scores, indices = index.search(queries[:shown], NUM_SHOWN)
-      examples[modality] = dict(query_images=[keep.images[i] for i in range(shown)], scores=scores,
-                                indices=indices, query_labels=labels["location_id"].reshape(-1)[:shown])
+      if write_files:
+        images = _thumbnails(batches, range(shown)) if keep is batches else keep.images
+        examples[modality] = dict(query_images=[images[i] for i in range(shown)], scores=scores,
+                                  indices=indices, query_labels=labels["location_id"].reshape(-1)[:shown])
     logging.info("Eval %s/%s: %s", split, modality,
                  ", ".join(f"{k}={100 * v:.2f}" for k, v in result["metrics"].items()))
 
@@ -158,6 +170,8 @@ def _gallery_images(examples, keep_gallery, gallery_batches):
   """Display images of the gallery items shown in the PNGs: from the kept thumbnails, or by reading
   the (re-iterable) gallery a second time."""
   needed = set(int(i) for ex in examples.values() for i in np.asarray(ex["indices"]).reshape(-1))
+  if _reads_items(gallery_batches):
+    return _thumbnails(gallery_batches, sorted(needed))
   if keep_gallery is not None:
     return {i: keep_gallery.images[i] for i in needed}
   second_pass = _KeepDisplayImages(gallery_batches, lambda i: i in needed)

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gleam_jax.errors import GleamError
+from gleam_jax.train import sharding as shd
+from gleam_jax.train.sharding import MESH_AXES, single_device_mesh  # noqa: F401  (part of this module's API)
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-NON_LABEL_KEYS = ("image", "raw")
+NON_LABEL_KEYS = ("image", "raw", "rows", "padded_size")
 MIN_SCANN_TREE_SIZE = 256  # smaller galleries are scored by brute force inside ScaNN (AH needs data)
 
 
@@ -49,18 +49,6 @@ def search_config():
   return c
 
 
-def single_device_mesh():
-  return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
-
-
-def _data_parallel_size(mesh):
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
-
-
-def _batch_spec(mesh):
-  return P(tuple(a for a in BATCH_AXES if a in mesh.shape))
-
-
 def to_host(x):
   """A jax.Array as NumPy. In a multi-process job the shards held by other processes are gathered,
   so every process gets the whole array."""
@@ -79,10 +67,12 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
   there is one compilation. Returns (embeddings (N, D) float32 NumPy, {label: (N, ...) NumPy}) with
   the labels of every key except 'image' and 'raw'. In a multi-process job every process passes the
   same batches and gets every embedding (each computes its devices' rows; the rows are gathered).
+  A batch with `rows` and `padded_size` (`pipeline.EvalBatches` with `process_rows`) holds only
+  this process's rows of a `padded_size` batch, already padded: they become the global batch as they are.
   """
   mesh = mesh or single_device_mesh()
-  dp = _data_parallel_size(mesh)
-  sharding = NamedSharding(mesh, _batch_spec(mesh))
+  dp = shd.batch_shards(mesh)
+  sharding = shd.batch_sharding(mesh)
   encode = jax.jit(encode_fn, in_shardings=sharding, out_shardings=sharding)
   embeddings, labels = [], {}
   pending = None  # (device array, valid rows): converted after the next step is dispatched
@@ -96,19 +86,24 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
       raise GleamError(f"an eval batch has no 'image' (keys: {sorted(batch)}): the input pipeline must yield "
                        "dicts with 'image' (float32 NHWC) and 'location_id'.")
     images = np.asarray(batch["image"], np.float32)
-    if batch_size is None:
-      batch_size = int(math.ceil(len(images) / dp) * dp)
-    if batch_size % dp:
-      raise GleamError(f"eval batch_size {batch_size} is not a multiple of the data-parallel size {dp} "
-                       "(mesh axes 'data' x 'fsdp'): choose a multiple.")
-    for start in range(0, len(images), batch_size):
-      piece = images[start:start + batch_size]
-      valid = len(piece)
-      if valid < batch_size:
-        piece = np.concatenate([piece, np.zeros((batch_size - valid,) + piece.shape[1:], piece.dtype)])
-      out = encode(jax.device_put(piece, sharding))
+    if "rows" in batch:
+      out = encode(_process_local_batch(images, batch["rows"], int(batch["padded_size"]), mesh, sharding))
       flush(pending)
-      pending = (out, valid)
+      pending = (out, len(batch["location_id"]))
+    else:
+      if batch_size is None:
+        batch_size = int(math.ceil(len(images) / dp) * dp)
+      if batch_size % dp:
+        raise GleamError(f"eval batch_size {batch_size} is not a multiple of the data-parallel size {dp} "
+                         "(mesh axes 'data' x 'fsdp'): choose a multiple.")
+      for start in range(0, len(images), batch_size):
+        piece = images[start:start + batch_size]
+        valid = len(piece)
+        if valid < batch_size:
+          piece = np.concatenate([piece, np.zeros((batch_size - valid,) + piece.shape[1:], piece.dtype)])
+        out = encode(jax.device_put(piece, sharding))
+        flush(pending)
+        pending = (out, valid)
     for key, value in batch.items():
       if key not in NON_LABEL_KEYS:
         labels.setdefault(key, []).append(np.asarray(value))
@@ -116,6 +111,17 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
   if not embeddings:
     raise GleamError("an eval set is empty: the eval input pipeline yielded no batches.")
   return np.concatenate(embeddings), {k: np.concatenate(v) for k, v in labels.items()}
+
+
+def _process_local_batch(images, rows, padded_size, mesh, sharding):
+  """This process's `rows` of a `padded_size` batch -> the global batch array."""
+  shd.check_batch_divides(padded_size, mesh, what="eval batch size")
+  held = shd.process_rows(mesh, padded_size)
+  if not np.array_equal(rows, held):
+    raise GleamError(f"eval batches give this process rows {np.asarray(rows).tolist()} of every {padded_size}, "
+                     f"but its devices hold rows {held.tolist()}: build them with "
+                     "`process_rows=sharding.process_rows(mesh, batch_size)` of the mesh that embeds them.")
+  return jax.make_array_from_process_local_data(sharding, images, (padded_size,) + images.shape[1:])
 
 
 def brute_force_topk(queries, gallery, k):

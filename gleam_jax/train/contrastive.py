@@ -285,6 +285,7 @@ def evaluate(config, setup, state, workdir, step, writer):
   encode_reference = functools.partial(model.encode, tower="reference")
   results = {}
   batch_size = config.eval.batch_size
+  rows = eval_process_rows(setup.mesh, batch_size)
   for split in config.eval.splits:
     def report(encode_q, encode_g, query_sets, gallery):
       results.update(evaluator.evaluate_retrieval(
@@ -293,22 +294,31 @@ def evaluate(config, setup, state, workdir, step, writer):
           num_examples_png=config.eval.num_examples_png, split=split))
 
     report(encode_query, encode_reference,
-           {m: pipeline.make_eval_batches(config.data, split, m, batch_size) for m in modalities},
-           pipeline.make_gallery_batches(config.data, split, batch_size))
+           {m: pipeline.make_eval_batches(config.data, split, m, batch_size, rows) for m in modalities},
+           pipeline.make_gallery_batches(config.data, split, batch_size, rows))
     for m in config.eval.get("satellite_to", ()):  # the reverse direction: satellites query views of m
       report(encode_reference, functools.partial(model.encode, tower=m),
-             {f"satellite_to_{m}": pipeline.make_satellite_query_batches(config.data, split, m, batch_size)},
-             pipeline.make_view_gallery_batches(config.data, split, m, batch_size))
+             {f"satellite_to_{m}": pipeline.make_satellite_query_batches(config.data, split, m, batch_size, rows)},
+             pipeline.make_view_gallery_batches(config.data, split, m, batch_size, rows))
   r1 = ", ".join(f"{k[len('eval/'):-len('/R@1')]} {100 * v:.1f}%" for k, v in results.items()
                  if k.endswith("/R@1"))
   _log(f"step {step}: eval R@1: {r1}")
   return results
 
 
+def eval_process_rows(mesh, batch_size):
+  """With several processes, each decodes only the rows of every eval batch that its devices hold."""
+  if jax.process_count() == 1:
+    return None
+  shd.check_batch_divides(batch_size, mesh, what="config.eval.batch_size")
+  return shd.process_rows(mesh, batch_size)
+
+
 def refresh_dss_neighbours(config, setup, state, sampler):
   """DSS: each training location's most similar satellites (current model) share its batches."""
   model = eval_model(setup, state)
-  batches = pipeline.make_gallery_batches(config.data, config.data.train_split, config.eval.batch_size)
+  batches = pipeline.make_gallery_batches(config.data, config.data.train_split, config.eval.batch_size,
+                                         eval_process_rows(setup.mesh, config.eval.batch_size))
   embeddings, labels = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches, setup.mesh)
   location_ids = labels["location_id"].reshape(-1)
   k = min(int(config.data.sampler.neighbour_range) + 1, len(location_ids))
@@ -372,6 +382,7 @@ def run(config, workdir):
   mesh = shd.make_mesh(config.mesh)
   batch_size = int(config.batch_size)
   shd.check_batch_divides(batch_size, mesh)
+  eval_process_rows(mesh, int(config.eval.batch_size))  # an eval batch that does not divide fails now
   seed = int(config.seed)
 
   index = sources.get_index(config.data, config.data.train_split)

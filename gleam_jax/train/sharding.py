@@ -151,6 +151,17 @@ def check_batch_divides(global_batch_size, mesh, what="config.batch_size"):
         f"process(es)); use a multiple of {math.lcm(shards, processes)}.")
 
 
+def process_rows(mesh, global_batch_size):
+  """The rows of a `global_batch_size` batch sharded over ('data', 'fsdp') that this process's devices
+  hold, ascending: the rows this process reads, in the order `jax.make_array_from_process_local_data`
+  takes them."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+  held = set()
+  for index in index_map.values():
+    held.update(range(*index[0].indices(global_batch_size)))
+  return np.asarray(sorted(held), np.int64)
+
+
 def shard_batch(batch, mesh):
   """Per-process NumPy batch -> global jax.Arrays sharded over ('data', 'fsdp')."""
   sharding = batch_sharding(mesh)
