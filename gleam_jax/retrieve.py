@@ -40,8 +40,8 @@ def define_flags():
   flags.DEFINE_string("query", None, "The query image (panorama, UAV view, street map or photo).")
   flags.DEFINE_string("gallery", None, "Folder of satellite images to search.")
   flags.DEFINE_integer("k", 5, "How many gallery images to show.")
-  flags.DEFINE_string("modality", None, "Query modality (sets its input size); default: the job's first "
-                      "training modality.")
+  flags.DEFINE_string("modality", None, "Query modality (sets its input size and tower); needed when the "
+                      "job was trained for several.")
   flags.DEFINE_string("out", None, "PNG to write (default W/retrieve/<query>_top<k>.png).")
   flags.DEFINE_float("heading_deg", None, "A ground photo's compass heading (clockwise from north), "
                      "for jobs that read ground photos in the panorama frame (data.ground_frame).")
@@ -101,12 +101,21 @@ def prepare(image, size, data_cfg):
   return normalise(resize(image, tuple(size)), tuple(data_cfg.mean), tuple(data_cfg.std))
 
 
+def _only_modality(workdir, config):
+  """The query modality of a job that knows one; a job of several needs `--modality`."""
+  known = tuple(dict.fromkeys(tuple(config.data.modalities) + tuple(config.eval.get("modalities") or ())))
+  if len(known) > 1:
+    raise GleamError(f"{workdir} was trained for the query modalities {known}: say which one the query is "
+                     "with --modality.")
+  return known[0]
+
+
 def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, heading_deg=None, fov_deg=90.0):
   """Prints and returns the top-k [(file, score)]; writes the PNG. A ground photo needs
   `heading_deg` when the job read ground photos in the panorama frame."""
   model, config = load_model(workdir)
   data_cfg = config.data
-  modality = modality or tuple(data_cfg.modalities)[0]
+  modality = modality or _only_modality(workdir, config)
   query_raw = read_image(query_path)
   files, skipped = gallery_files(gallery_dir)
   gallery_raw = [read_image(f) for f in files]
