@@ -17,6 +17,7 @@ Measured (2-core CPU dev box, from the phase-1 default, test panorama R@1 82.9%)
 test R@1 uav / streetmap / panorama / ground:
   towers=shared    5.6 / 23.5 / 65.2 / 5.5 in 11:44 wall (~300 pairs/s, decoded-record cache)
   towers=modality  6.2 / 32.0 / 73.5 / 8.6 in 12:48 wall (~275 pairs/s, decoded-record cache)
+  towers=modality, steps=9000: 20.8 / 66.2 / 84.1 / 21.1 in 34 min (3x the budget; still underfitting)
 Short of R@1 50% per modality; README "Phase 2" has the runs that chose this recipe and what
 reaching 50% would take.
 """
