@@ -310,6 +310,23 @@ def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog):
   assert first["query"] is again["query"] and not first["query"].flags.writeable
   with pytest.raises(ValueError):
     first["query"][0, 0, 0] = 1
+  # the views of one location store one satellite file: decoded once, held once
+  by_location = {}
+  for r in range(len(source)):
+    by_location.setdefault(int(index["location_id"][r]), []).append(r)
+  shared = next(rows for rows in by_location.values() if len(rows) >= 3)
+  fresh = sources.DecodedCache(sources.get_source(cfg, "train"), 64)
+  satellite_decoded, example = [], fresh.source.example
+  fresh.source.example = lambda i, raw=None, satellite=None: (satellite_decoded.append(satellite is None)
+                                                              or example(i, raw, satellite))
+  views = [fresh[r] for r in shared]
+  assert satellite_decoded == [True] + [False] * (len(shared) - 1)
+  assert all(v["satellite"] is views[0]["satellite"] for v in views)
+  for r, v in zip(shared, views):
+    want = source.source[r]
+    for key in ("query", "satellite"):
+      np.testing.assert_array_equal(v[key], want[key])
+  assert fresh._bytes == sum(v["query"].nbytes for v in views) + views[0]["satellite"].nbytes
   full = sources.DecodedCache(sources.get_source(cfg, "train"), 0)
   with caplog.at_level("WARNING"):
     for j in range(3):
