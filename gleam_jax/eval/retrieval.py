@@ -65,10 +65,10 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
   the first batch's size rounded up to the data-parallel size); a short piece is padded with zeros
   to the full size and its padded rows are removed from the result, so nothing is dropped and
   there is one compilation. Returns (embeddings (N, D) float32 NumPy, {label: (N, ...) NumPy}) with
-  the labels of every key except 'image' and 'raw'. In a multi-process job every process passes the
+  the labels of every key but `NON_LABEL_KEYS`. In a multi-process job every process passes the
   same batches and gets every embedding (each computes its devices' rows; the rows are gathered).
   A batch with `rows` and `padded_size` (`pipeline.EvalBatches` with `process_rows`) holds only
-  this process's rows of a `padded_size` batch, already padded: they become the global batch as they are.
+  this process's rows of a `padded_size` batch, already padded: they form the global batch as they are.
   """
   mesh = mesh or single_device_mesh()
   dp = shd.batch_shards(mesh)
