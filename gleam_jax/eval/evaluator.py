@@ -107,7 +107,7 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
       shown = min(num_examples_png, len(queries))
       scores, indices = index.search(queries[:shown], NUM_SHOWN)
       if write_files:
-        images = _thumbnails(batches, range(shown)) if keep is batches else keep.images
+        images = _thumbnails(batches, range(shown)) if _reads_items(batches) else keep.images
         examples[modality] = dict(query_images=[images[i] for i in range(shown)], scores=scores,
                                   indices=indices, query_labels=labels["location_id"].reshape(-1)[:shown])
     logging.info("Eval %s/%s: %s", split, modality,

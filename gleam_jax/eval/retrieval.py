@@ -87,23 +87,20 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
                        "dicts with 'image' (float32 NHWC) and 'location_id'.")
     images = np.asarray(batch["image"], np.float32)
     if "rows" in batch:
-      out = encode(_process_local_batch(images, batch["rows"], int(batch["padded_size"]), mesh, sharding))
-      flush(pending)
-      pending = (out, len(batch["location_id"]))
+      pieces = [(_process_local_batch(images, batch["rows"], int(batch["padded_size"]), mesh, sharding),
+                 len(batch["location_id"]))]
     else:
       if batch_size is None:
         batch_size = int(math.ceil(len(images) / dp) * dp)
       if batch_size % dp:
         raise GleamError(f"eval batch_size {batch_size} is not a multiple of the data-parallel size {dp} "
                          "(mesh axes 'data' x 'fsdp'): choose a multiple.")
-      for start in range(0, len(images), batch_size):
-        piece = images[start:start + batch_size]
-        valid = len(piece)
-        if valid < batch_size:
-          piece = np.concatenate([piece, np.zeros((batch_size - valid,) + piece.shape[1:], piece.dtype)])
-        out = encode(jax.device_put(piece, sharding))
-        flush(pending)
-        pending = (out, valid)
+      pieces = (_padded_piece(images[start:start + batch_size], batch_size, sharding)
+                for start in range(0, len(images), batch_size))
+    for piece, valid in pieces:
+      out = encode(piece)
+      flush(pending)
+      pending = (out, valid)
     for key, value in batch.items():
       if key not in NON_LABEL_KEYS:
         labels.setdefault(key, []).append(np.asarray(value))
@@ -111,6 +108,14 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
   if not embeddings:
     raise GleamError("an eval set is empty: the eval input pipeline yielded no batches.")
   return np.concatenate(embeddings), {k: np.concatenate(v) for k, v in labels.items()}
+
+
+def _padded_piece(piece, batch_size, sharding):
+  """(up to `batch_size` rows, zero-padded to it and placed, the number of real rows)."""
+  valid = len(piece)
+  if valid < batch_size:
+    piece = np.concatenate([piece, np.zeros((batch_size - valid,) + piece.shape[1:], piece.dtype)])
+  return jax.device_put(piece, sharding), valid
 
 
 def _process_local_batch(images, rows, padded_size, mesh, sharding):
