@@ -14,6 +14,8 @@ from gleam_jax.train import losses
 from gleam_jax.train import sharding as shd
 
 RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))
+# a collective moving images (N, H, W, 3) between devices
+IMAGE_COLLECTIVE = r"(all-gather|all-to-all|collective-permute)[^\n]*f32\[\d+,\d+,\d+,3\]"
 BATCH, QUERY_HW, SAT_HW = 16, (16, 32), (16, 16)
 
 
@@ -72,6 +74,7 @@ def test_step_gathers_embeddings_not_images():
             for line in gathers for m in re.findall(r"f32\[([\d,]*)\]", line.split("=")[1].split("all-gather")[0])]
   assert shapes, "the global-batch loss needs an all-gather of the embeddings"
   assert (BATCH, 16) in shapes, shapes  # the (global batch, embed dim) embeddings
+  assert not re.search(IMAGE_COLLECTIVE, hlo)
   image_elems = BATCH * SAT_HW[0] * SAT_HW[1] * 3
   assert all(np.prod(s) < image_elems // 4 for s in shapes), shapes
   assert not any(len(s) == 4 for s in shapes), shapes
@@ -149,12 +152,41 @@ def test_grouped_batch_matches_single_device_and_gathers_no_images():
   step = contrastive.make_train_step(setup8)
   sharded = shd.shard_batch(batch, mesh)
   hlo = step.jitted.lower(state8, contrastive.step_inputs(sharded)).compile().as_text()
-  assert not re.search(r"all-gather[^\n]*f32\[\d+,\d+,\d+,3\]", hlo)
+  assert not re.search(IMAGE_COLLECTIVE, hlo)
   state8, metrics = step(state8, sharded)
   assert set(metrics) >= {"batch_acc/a", "batch_acc/b"}
   twelve = np.concatenate([batch["query"]["b"], batch["query"]["b"][:4]])
   with pytest.raises(GleamError, match="batch size of b=12"):
     step(state8, {**batch, "query": {**batch["query"], "b": twelve}})
+
+
+def test_one_encoder_call_per_tower_and_shape(monkeypatch):
+  """Images one tower reads at one shape go through one encoder call, joined shard by shard; the
+  embeddings come back in the batch's order (the grouped test above checks the loss)."""
+  calls = []
+  encode = gleam_c.GleamC.encode
+  monkeypatch.setattr(gleam_c.GleamC, "encode",
+                      lambda self, x, tower="query": calls.append((tower, x.shape)) or encode(self, x, tower))
+  batch = _grouped_batch()
+  model = _model()
+  query, reference = contrastive.encode_pairs(model, batch["query"], batch["satellite"], shards=4)
+  # one shared tower: the square queries of 'b' join both groups' satellites
+  assert calls == [("a", (8, 16, 32, 3)), ("b", (24, 16, 16, 3))], calls
+  joined = np.concatenate([batch["query"]["b"], batch["satellite"]["a"], batch["satellite"]["b"]])
+  order = np.arange(24).reshape(3, 4, 2).transpose(1, 0, 2).reshape(-1)  # shard by shard
+  np.testing.assert_array_equal(np.asarray(contrastive.join_by_shard(
+      [batch["query"]["b"], batch["satellite"]["a"], batch["satellite"]["b"]], 4)), joined[order])
+  calls.clear()
+  want_q = np.concatenate([model.encode(batch["query"][k], tower=k) for k in ("a", "b")])
+  want_r = np.concatenate([model.encode(batch["satellite"][k], tower="reference") for k in ("a", "b")])
+  np.testing.assert_allclose(np.asarray(query), want_q, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(reference), want_r, atol=2e-6)
+  # a tower of its own for 'b': its queries get their own call
+  calls.clear()
+  cfg = gleam_c.model_config(depths=(1, 1), dims=(8, 16), embed_dim=16, modality_towers=("b",))
+  towers = gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+  contrastive.encode_pairs(towers, batch["query"], batch["satellite"], shards=2)
+  assert calls == [("a", (8, 16, 32, 3)), ("b", (8, 16, 16, 3)), ("reference", (16, 16, 16, 3))], calls
 
 
 def test_modality_towers_with_a_frozen_shared_tower():

@@ -103,10 +103,14 @@ class GleamC(nnx.Module):
     names = ['query_encoder', 'reference_encoder'] if self.separate_towers else ['encoder']
     return [getattr(self, n) for n in names + [f'{m}_encoder' for m in self.modality_towers]]
 
-  def _tower(self, tower):
+  def tower_key(self, tower: str) -> str:
+    """Which modules encode `tower`: towers with the same key are the same network."""
     if not isinstance(tower, str):
       raise ValueError(f'tower must be a string, got {tower!r}')
-    prefix = tower_prefix(tower, self.separate_towers, self.modality_towers)
+    return tower_prefix(tower, self.separate_towers, self.modality_towers)
+
+  def _tower(self, tower):
+    prefix = self.tower_key(tower)
     return getattr(self, f'{prefix}encoder'), getattr(self, f'{prefix}projection')
 
   def encode(self, images: jax.Array, tower: str = 'query') -> jax.Array:

@@ -7,8 +7,9 @@ The train step (reused by `gleam_jax.bench.train_step`):
     train_step = make_train_step(setup)          # jitted, state donated
     state, metrics = train_step(state, batch)    # batch: {'query': (B,H,W,3), 'satellite': (B,Hs,Ws,3)}
 
-- `model` is a `GleamC` (anything with `encode(images, tower)` and a `logit_scale` Param); its
-  config decides the compute dtype (bfloat16 option, parameters stay float32) and remat.
+- `model` is a `GleamC` (anything with `encode(images, tower)`, `tower_key(tower)` and a
+  `logit_scale` Param); its config decides the compute dtype (bfloat16 option, parameters stay
+  float32) and remat.
 - `state` is a dict pytree of jax.Arrays placed on `mesh`: `step`, `params` (`{'model': ...}` plus
   `loss_bias` for the sigmoid loss), `opt_state`, `model_state` (non-parameter variables) and `rng`
   (key data; drop path draws from `fold_in(rng, step)`, so a resumed run draws the same noise).
@@ -16,9 +17,10 @@ The train step (reused by `gleam_jax.bench.train_step`):
   host NumPy arrays of the global batch; images are float32/bfloat16 (already normalised) or uint8
   (normalised in the step with ImageNet mean/std). `query` and `satellite` are arrays, or dicts of
   modality groups (`pipeline.ModalityStreams`: each modality at its own image shape) with
-  `location_id` groups alongside; each group is encoded on its own shards, the embeddings are
-  joined, and one loss covers every query against every satellite of the global batch, a
-  location that two groups share excluded from the negatives.
+  `location_id` groups alongside; the images one tower reads at one shape are encoded in one call,
+  joined shard by shard so that no image moves between devices (`encode_pairs`), and one loss
+  covers every query against every satellite of the global batch, a location that two groups
+  share excluded from the negatives.
 - `metrics`: loss, lr, logit_scale (exp, clipped), grad_norm (trainable parameters), batch_acc
   (and batch_acc/<modality> for grouped batches).
 
@@ -143,8 +145,7 @@ def _loss_fn(setup, params, model_state, rng, step, batch):
   model = merge_model(setup, params["model"], model_state)
   model.train()
   nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(rng), step))
-  query = _encode_groups(model, batch["query"], "query")
-  reference = _encode_groups(model, batch["satellite"], "reference", by_name=False)
+  query, reference = encode_pairs(model, batch["query"], batch["satellite"], shd.batch_shards(setup.mesh))
   exclude = None
   if "location_id" in batch:
     location_ids = jnp.concatenate(jax.tree.leaves(batch["location_id"]))
@@ -166,14 +167,49 @@ def _loss_fn(setup, params, model_state, rng, step, batch):
   return loss, (nnx.to_pure_dict(new_model_state), aux)
 
 
-def _encode_groups(model, images, tower, by_name=True):
-  """Embeddings of an image array, or of a dict of groups (in key order, as jax.tree.leaves) each
-  encoded on its own shards, so no group's images move between devices. With `by_name`, a group is
-  encoded by the tower of its modality's name (the model falls back to `tower` when it has none)."""
-  if not isinstance(images, dict):
-    return model.encode(normalise_images(images), tower=tower)
-  return jnp.concatenate([model.encode(normalise_images(images[m]), tower=m if by_name else tower)
-                          for m in sorted(images)])
+def encode_pairs(model, query, satellite, shards=1):
+  """(query, satellite) embeddings of a batch whose images are arrays or dicts of modality groups
+  (joined in key order, as jax.tree.leaves). A query group is read by its modality's tower (the
+  model falls back to the query tower), satellites by the reference tower.
+
+  The images one network reads at one shape are encoded in one call (phase 2: the satellites of
+  every modality; with one shared tower also the square UAV and street-map queries): fewer, larger
+  calls run faster than one per group. Parts are joined shard by shard (`join_by_shard`), so no
+  image moves between devices; `shards` is the number of batch shards of the mesh."""
+  if not isinstance(query, dict):
+    query, satellite = {"": query}, {"": satellite}
+  parts = [(model.tower_key(m or "query"), m or "query", normalise_images(query[m])) for m in sorted(query)]
+  parts += [(model.tower_key("reference"), "reference", normalise_images(satellite[m])) for m in sorted(satellite)]
+  calls = {}
+  for i, (key, _, images) in enumerate(parts):
+    calls.setdefault((key, images.shape[1:], images.dtype), []).append(i)
+  embeddings = [None] * len(parts)
+  for members in calls.values():
+    joined = join_by_shard([parts[i][2] for i in members], shards)
+    pieces = split_by_shard(model.encode(joined, tower=parts[members[0]][1]),
+                            [parts[i][2].shape[0] for i in members], shards)
+    for i, piece in zip(members, pieces):
+      embeddings[i] = piece
+  return jnp.concatenate(embeddings[:len(query)]), jnp.concatenate(embeddings[len(query):])
+
+
+def join_by_shard(arrays, shards):
+  """Concatenates batch-sharded arrays so that shard s of the result holds shard s of each input
+  (in order): a concatenation on the batch axis that keeps every row on its device."""
+  if len(arrays) == 1:
+    return arrays[0]
+  blocks = [a.reshape(shards, a.shape[0] // shards, *a.shape[1:]) for a in arrays]
+  joined = jnp.concatenate(blocks, axis=1)
+  return joined.reshape(-1, *joined.shape[2:])
+
+
+def split_by_shard(joined, sizes, shards):
+  """The inverse of `join_by_shard`: the arrays of batch sizes `sizes`."""
+  if len(sizes) == 1:
+    return [joined]
+  blocks = joined.reshape(shards, -1, *joined.shape[1:])
+  bounds = np.cumsum([n // shards for n in sizes])[:-1]
+  return [b.reshape(-1, *b.shape[2:]) for b in jnp.split(blocks, bounds, axis=1)]
 
 
 def _grads(setup, state, batch):
