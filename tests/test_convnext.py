@@ -240,20 +240,24 @@ def test_unreadable_or_absent_checkpoint(tmp_path):
     convnext_params.load_convnext_weights(_abstract(), str(bad))
 
 
+@pytest.mark.parametrize('x_shape,k_hw', [((3, 9, 12, 5), (7, 7)),   # a stage-0 block, small
+                                           ((2, 1, 2, 4), (7, 7)),    # a last stage: image smaller than the kernel
+                                           ((2, 5, 4, 3), (3, 5))])   # a non-square kernel
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_depthwise_conv_matches_grouped_convolution(dtype, tol):
-  """The shifted-sum depthwise conv (with its own gradient) against lax's grouped convolution."""
-  x = jax.random.normal(jax.random.key(0), (3, 9, 12, 5)).astype(dtype)
-  k = jax.random.normal(jax.random.key(1), (7, 7, 1, 5)).astype(dtype)
-  pad = ((3, 3), (3, 3))
+def test_depthwise_conv_matches_grouped_convolution(dtype, tol, x_shape, k_hw):
+  """The shifted-sum depthwise conv (with its own gradients) against lax's grouped convolution."""
+  c = x_shape[-1]
+  x = jax.random.normal(jax.random.key(0), x_shape).astype(dtype)
+  k = jax.random.normal(jax.random.key(1), (*k_hw, 1, c)).astype(dtype)
+  pad = tuple((n // 2, n // 2) for n in k_hw)
   dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ('NHWC', 'HWIO', 'NHWC'))
   ours = lambda x, k: convnext.depthwise_conv_general_dilated(x, k, (1, 1), pad,
                                                              dimension_numbers=dn,
-                                                             feature_group_count=5)
+                                                             feature_group_count=c)
   ref = lambda x, k: jax.lax.conv_general_dilated(
       x.astype(jnp.float32), k.astype(jnp.float32), (1, 1), pad, dimension_numbers=dn,
-      feature_group_count=5)
-  weights = jax.random.normal(jax.random.key(2), (3, 9, 12, 5))
+      feature_group_count=c)
+  weights = jax.random.normal(jax.random.key(2), x_shape)
   loss = lambda f: jax.jit(jax.value_and_grad(
       lambda x, k: jnp.sum(f(x, k).astype(jnp.float32) * weights), argnums=(0, 1)))
   (l_ours, g_ours), (l_ref, g_ref) = loss(ours)(x, k), loss(ref)(x, k)
@@ -263,7 +267,7 @@ def test_depthwise_conv_matches_grouped_convolution(dtype, tol):
     assert a.dtype == dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol, atol=tol * 7)
   with pytest.raises(ValueError):
-    convnext.depthwise_conv_general_dilated(x, k, (2, 2), pad, feature_group_count=5)
+    convnext.depthwise_conv_general_dilated(x, k, (2, 2), pad, feature_group_count=c)
 
 
 def test_unknown_variant():

@@ -9,9 +9,10 @@ The layout and parameter names follow timm / Hugging Face so checkpoints map one
   head_norm                                    LayerNorm after global average pooling
 
 A block is 7x7 depthwise conv -> LayerNorm -> Linear 4x -> GELU (exact erf, as timm/HF) -> Linear
--> layer scale -> drop path + residual. The depthwise conv runs as fused shifted multiply-adds
-(`depthwise_conv_general_dilated`; XLA:CPU's grouped convolution is slow). Parameters are float32 and carry logical axis names
-(see `gleam_jax.models`); `dtype` sets the compute dtype. Drop path is active in `model.train()`
+-> layer scale -> drop path + residual. The depthwise conv runs as fused shifted multiply-adds, and
+its kernel gradient as batched matmuls (`depthwise_conv_general_dilated`; XLA:CPU's grouped
+convolution is slow). Parameters are float32 and carry logical axis names (see
+`gleam_jax.models`); `dtype` sets the compute dtype. Drop path is active in `model.train()`
 mode (NNX default after construction) and draws from the 'dropout' rng stream; `model.eval()`
 turns it off.
 """
@@ -123,12 +124,20 @@ def _depthwise_bwd(padding, residuals, grad):
   flipped = [(kh - 1 - lo, kh - 1 - hi) for (lo, hi), kh in zip(padding, kernel.shape[:2])]
   dx = _shifted_sum(_pad(grad, flipped), kernel[::-1, ::-1, 0, :].astype(jnp.float32),
                     *x.shape[1:3]).astype(x.dtype)
-  # d/dkernel: XLA's own kernel gradient of the grouped convolution is the fastest form here.
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding=padding,
-                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                           feature_group_count=x.shape[-1])
-  dkernel = jax.vjp(lambda k: conv(x, k), kernel)[1](grad.astype(x.dtype))[0]
-  return dx, dkernel.astype(kernel.dtype)
+  dkernel = _depthwise_kernel_grad(_pad(x, padding), grad.astype(x.dtype), kernel.shape[:2])
+  return dx, dkernel[:, :, None, :].astype(kernel.dtype)
+
+
+def _depthwise_kernel_grad(padded, grad, kernel_hw):
+  """d/dkernel[i, j, c] = sum_nhw padded[n, h+i, w+j, c] * grad[n, h, w, c], as one batched matmul
+  per kernel column j (contracting n and w, batched over channels) whose diagonals are the kernel
+  rows. XLA:CPU turns the grouped convolution's kernel gradient into a dense C x C convolution and
+  keeps its diagonal: C times the work."""
+  kh, kw = kernel_hw
+  height, width = grad.shape[1:3]
+  columns = jnp.stack([padded[:, :, j:j + width] for j in range(kw)])  # (kw, n, H+kh-1, w, c)
+  m = jnp.einsum('jnpwc,nhwc->jcph', columns, grad, preferred_element_type=jnp.float32)
+  return jnp.stack([jnp.trace(m[:, :, i:i + height], axis1=2, axis2=3) for i in range(kh)])
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
