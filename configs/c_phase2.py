@@ -13,11 +13,12 @@ ground photos are read in the panorama frame at their heading. By default one en
 view, as GLEAM-C is defined; `towers=modality` gives the UAV, street-map and ground queries their
 own towers, started as copies of the phase-1 tower, which goes on encoding satellites and panoramas.
 
-Measured (2-core CPU dev box, from the phase-1 default, test panorama R@1 82.9%), 3000 steps,
-test R@1 uav / streetmap / panorama / ground:
-  towers=shared    5.6 / 23.5 / 65.2 / 5.5 in 11:44 wall (~300 pairs/s, decoded-record cache)
-  towers=modality  6.2 / 32.0 / 73.5 / 8.6 in 12:48 wall (~275 pairs/s, decoded-record cache)
-  towers=modality, steps=9000: 20.8 / 66.2 / 84.1 / 21.1 in 34 min (3x the budget; still underfitting)
+Measured (2-core CPU dev box, idle, from the phase-1 default, test panorama R@1 82.9%), test R@1
+uav / streetmap / panorama / ground:
+  towers=shared,   5000 steps (the default): 12.4 / 36.7 / 71.9 / 10.2 in 10:47 wall (~525 pairs/s)
+  towers=modality, 5000 steps: 12.2 / 50.7 / 77.5 / 14.1 in 14:05 wall (~405 pairs/s, evaluated at
+                   2500 too; measured before the last kernel-gradient change and read_threads=1)
+  towers=modality, 9000 steps: 20.8 / 66.2 / 84.1 / 21.1 in 34 min (an older, slower step)
 Short of R@1 50% per modality; README "Phase 2" has the runs that chose this recipe and what
 reaching 50% would take.
 """
@@ -62,7 +63,7 @@ def get_config(arg=None):
   if "tiny" in flags:
     c.batch_size = int(knobs.get("batch", 8 * len(c.data.modalities)))  # groups of 8: a row per device
   else:
-    c.total_steps = int(knobs.get("steps", 3000))
+    c.total_steps = int(knobs.get("steps", 5000))
     c.optim.lr = float(knobs.get("lr", 1e-3))
     c.optim.warmup_steps = 50
   # One satellite tower serves north-aligned panoramas and heading-free photos: keep satellites
