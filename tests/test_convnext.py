@@ -240,9 +240,11 @@ def test_unreadable_or_absent_checkpoint(tmp_path):
     convnext_params.load_convnext_weights(_abstract(), str(bad))
 
 
+# the kernel gradient takes one of three forms by the number of positions (<= 16, <= 128, more)
 @pytest.mark.parametrize('x_shape,k_hw', [((3, 9, 12, 5), (7, 7)),   # a stage-0 block, small
                                            ((2, 1, 2, 4), (7, 7)),    # a last stage: image smaller than the kernel
-                                           ((2, 5, 4, 3), (3, 5))])   # a non-square kernel
+                                           ((2, 5, 4, 3), (3, 5)),    # a non-square kernel
+                                           ((2, 12, 13, 3), (7, 7))])  # a larger image
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_depthwise_conv_matches_grouped_convolution(dtype, tol, x_shape, k_hw):
   """The shifted-sum depthwise conv (with its own gradients) against lax's grouped convolution."""

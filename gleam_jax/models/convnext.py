@@ -132,16 +132,27 @@ def _depthwise_kernel_grad(padded, grad, kernel_hw):
   """d/dkernel[i, j, c] = sum_nhw padded[n, h+i, w+j, c] * grad[n, h, w, c] (float32).
 
   XLA:CPU turns the grouped convolution's kernel gradient into a dense C x C convolution and keeps
-  its diagonal: C times the work. On images of up to 16 positions (the late stages, where most
-  taps read only padding) the kh * kw shifted products are summed one by one; on larger ones the
-  sum is one batched matmul per kernel column (contracting batch and width, batched over
-  channels) whose diagonals are the kernel rows. docs/bench_train_step.md has the timings."""
+  its diagonal: C times the work. Here, by the number of image positions H * W:
+    <= 16  (late stages, most taps read only padding): a sum per tap, kh * kw reductions;
+    <= 128 (early stages at small sizes): the correlation as H * W shifted multiply-adds of
+           (n, kh, kw, c) windows, which XLA fuses into one loop, then a sum over n;
+    larger: one batched matmul per kernel column (contracting n and w, batched over channels),
+           whose diagonals are the kernel rows.
+  docs/bench_train_step.md has the timings."""
   kh, kw = kernel_hw
   height, width = grad.shape[1:3]
+  padded = padded.astype(jnp.float32)
   if height * width <= 16:
-    rows = [[jnp.sum(padded[:, i:i + height, j:j + width].astype(jnp.float32) * grad, axis=(0, 1, 2))
-             for j in range(kw)] for i in range(kh)]
+    rows = [[jnp.sum(padded[:, i:i + height, j:j + width] * grad, axis=(0, 1, 2)) for j in range(kw)]
+            for i in range(kh)]
     return jnp.stack([jnp.stack(r) for r in rows])
+  if height * width <= 128:
+    out = None
+    for h in range(height):
+      for w in range(width):
+        term = padded[:, h:h + kh, w:w + kw] * grad[:, h:h + 1, w:w + 1]
+        out = term if out is None else out + term
+    return jnp.sum(out, axis=0)
   columns = jnp.stack([padded[:, :, j:j + width] for j in range(kw)])  # (kw, n, H+kh-1, w, c)
   m = jnp.einsum('jnpwc,nhwc->jcph', columns, grad, preferred_element_type=jnp.float32)
   return jnp.stack([jnp.trace(m[:, :, i:i + height], axis1=2, axis2=3) for i in range(kh)])
