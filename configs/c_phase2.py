@@ -16,8 +16,8 @@ own towers, started as copies of the phase-1 tower, which goes on encoding satel
 Measured (2-core CPU dev box, idle, from the phase-1 default, test panorama R@1 82.9%), test R@1
 uav / streetmap / panorama / ground:
   towers=shared,   5000 steps (the default): 12.4 / 36.7 / 71.9 / 10.2 in 10:47 wall (~525 pairs/s)
-  towers=modality, 5000 steps: 12.2 / 50.7 / 77.5 / 14.1 in 14:05 wall (~405 pairs/s, evaluated at
-                   2500 too; measured before the last kernel-gradient change and read_threads=1)
+  towers=modality, 5000 steps: 11.8 / 49.3 / 78.8 / 14.5 in 12:44 wall (~451 pairs/s); an earlier
+                   run of a slightly slower step: 12.2 / 50.7 / 77.5 / 14.1 in 14:05
   towers=modality, 9000 steps: 20.8 / 66.2 / 84.1 / 21.1 in 34 min (an older, slower step)
 Short of R@1 50% per modality; README "Phase 2" has the runs that chose this recipe and what
 reaching 50% would take.
