@@ -124,16 +124,17 @@ def _depthwise_bwd(padding, residuals, grad):
   flipped = [(kh - 1 - lo, kh - 1 - hi) for (lo, hi), kh in zip(padding, kernel.shape[:2])]
   dx = _shifted_sum(_pad(grad, flipped), kernel[::-1, ::-1, 0, :].astype(jnp.float32),
                     *x.shape[1:3]).astype(x.dtype)
-  dkernel = _depthwise_kernel_grad(_pad(x, padding), grad.astype(x.dtype), kernel.shape[:2])
+  dkernel = _depthwise_kernel_grad(_pad(x, padding), grad.astype(x.dtype), kernel.shape[:2], padding)
   return dx, dkernel[:, :, None, :].astype(kernel.dtype)
 
 
-def _depthwise_kernel_grad(padded, grad, kernel_hw):
+def _depthwise_kernel_grad(padded, grad, kernel_hw, padding):
   """d/dkernel[i, j, c] = sum_nhw padded[n, h+i, w+j, c] * grad[n, h, w, c] (float32).
 
   XLA:CPU turns the grouped convolution's kernel gradient into a dense C x C convolution and keeps
   its diagonal: C times the work. Here, by the number of image positions H * W:
-    <= 16  (late stages, most taps read only padding): a sum per tap, kh * kw reductions;
+    <= 16  (late stages, most taps read only padding): a sum per tap that reads any of the image
+           (`padding`: the ((top, bottom), (left, right)) that `padded` added), zero for the others;
     <= 128 (early stages at small sizes): the correlation as H * W shifted multiply-adds of
            (n, kh, kw, c) windows, which XLA fuses into one loop, then a sum over n;
     larger: one batched matmul per kernel column (contracting n and w, batched over channels),
@@ -143,9 +144,11 @@ def _depthwise_kernel_grad(padded, grad, kernel_hw):
   height, width = grad.shape[1:3]
   padded = padded.astype(jnp.float32)
   if height * width <= 16:
-    rows = [[jnp.sum(padded[:, i:i + height, j:j + width] * grad, axis=(0, 1, 2)) for j in range(kw)]
-            for i in range(kh)]
-    return jnp.stack([jnp.stack(r) for r in rows])
+    (top, _), (left, _) = padding
+    zero = jnp.zeros(grad.shape[-1:], jnp.float32)
+    tap = lambda i, j: (jnp.sum(padded[:, i:i + height, j:j + width] * grad, axis=(0, 1, 2))
+                        if top - height < i < top + height and left - width < j < left + width else zero)
+    return jnp.stack([jnp.stack([tap(i, j) for j in range(kw)]) for i in range(kh)])
   if height * width <= 128:
     out = None
     for h in range(height):
