@@ -10,8 +10,8 @@ The layout and parameter names follow timm / Hugging Face so checkpoints map one
 
 A block is 7x7 depthwise conv -> LayerNorm -> Linear 4x -> GELU (exact erf, as timm/HF) -> Linear
 -> layer scale -> drop path + residual. The depthwise conv runs as fused shifted multiply-adds, and
-its kernel gradient as batched matmuls (`depthwise_conv_general_dilated`; XLA:CPU's grouped
-convolution is slow). Parameters are float32 and carry logical axis names (see
+its kernel gradient in one of three forms by image size (`depthwise_conv_general_dilated`;
+XLA:CPU's grouped convolution is slow). Parameters are float32 and carry logical axis names (see
 `gleam_jax.models`); `dtype` sets the compute dtype. Drop path is active in `model.train()`
 mode (NNX default after construction) and draws from the 'dropout' rng stream; `model.eval()`
 turns it off.
@@ -124,11 +124,11 @@ def _depthwise_bwd(padding, residuals, grad):
   flipped = [(kh - 1 - lo, kh - 1 - hi) for (lo, hi), kh in zip(padding, kernel.shape[:2])]
   dx = _shifted_sum(_pad(grad, flipped), kernel[::-1, ::-1, 0, :].astype(jnp.float32),
                     *x.shape[1:3]).astype(x.dtype)
-  dkernel = _depthwise_kernel_grad(_pad(x, padding), grad.astype(x.dtype), kernel.shape[:2], padding)
+  dkernel = _depthwise_kernel_grad(_pad(x, padding), grad.astype(x.dtype), padding)
   return dx, dkernel[:, :, None, :].astype(kernel.dtype)
 
 
-def _depthwise_kernel_grad(padded, grad, kernel_hw, padding):
+def _depthwise_kernel_grad(padded, grad, padding):
   """d/dkernel[i, j, c] = sum_nhw padded[n, h+i, w+j, c] * grad[n, h, w, c] (float32).
 
   XLA:CPU turns the grouped convolution's kernel gradient into a dense C x C convolution and keeps
@@ -140,8 +140,8 @@ def _depthwise_kernel_grad(padded, grad, kernel_hw, padding):
     larger: one batched matmul per kernel column (contracting n and w, batched over channels),
            whose diagonals are the kernel rows.
   docs/bench_train_step.md has the timings."""
-  kh, kw = kernel_hw
   height, width = grad.shape[1:3]
+  kh, kw = padded.shape[1] - height + 1, padded.shape[2] - width + 1  # same-size output
   padded = padded.astype(jnp.float32)
   if height * width <= 16:
     (top, _), (left, _) = padding
@@ -157,7 +157,7 @@ def _depthwise_kernel_grad(padded, grad, kernel_hw, padding):
         out = term if out is None else out + term
     return jnp.sum(out, axis=0)
   columns = jnp.stack([padded[:, :, j:j + width] for j in range(kw)])  # (kw, n, H+kh-1, w, c)
-  m = jnp.einsum('jnpwc,nhwc->jcph', columns, grad, preferred_element_type=jnp.float32)
+  m = jnp.einsum('jnpwc,nhwc->jcph', columns, grad)
   return jnp.stack([jnp.trace(m[:, :, i:i + height], axis1=2, axis2=3) for i in range(kh)])
 
 
