@@ -53,6 +53,9 @@ def get_config(arg=None):
   # Ground photos carry their compass heading: placed in the panorama frame, they are read by
   # what phase 1 learned from panoramas (gleam_jax/data/panorama_frame.py).
   c.data.ground_frame = "panorama"
+  # UAV views carry their camera pose: projected onto the ground, north-up, they are read like the
+  # satellites they are matched to (gleam_jax/data/satellite_frame.py).
+  c.data.uav_frame = "satellite"
   c.init_from = PHASE1_WORKDIR
   if towers != "shared":
     c.model.modality_towers = tuple(m for m in c.data.modalities if m != "panorama")

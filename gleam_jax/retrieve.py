@@ -20,7 +20,7 @@ from flax import nnx
 import numpy as np
 from PIL import Image
 
-from gleam_jax.data.augment import normalise, query_in_frame, resize, warps_to_panorama
+from gleam_jax.data.augment import normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import report
@@ -43,9 +43,13 @@ def define_flags():
   flags.DEFINE_string("modality", None, "Query modality (sets its input size and tower); needed when the "
                       "job was trained for several.")
   flags.DEFINE_string("out", None, "PNG to write (default W/retrieve/<query>_top<k>.png).")
-  flags.DEFINE_float("heading_deg", None, "A ground photo's compass heading (clockwise from north), "
-                     "for jobs that read ground photos in the panorama frame (data.ground_frame).")
-  flags.DEFINE_float("fov_deg", 90.0, "That photo's horizontal field of view.")
+  flags.DEFINE_float("heading_deg", None, "The camera's compass heading (clockwise from north), for jobs "
+                     "that read ground photos in the panorama frame (data.ground_frame) or UAV views in "
+                     "the satellite frame (data.uav_frame).")
+  flags.DEFINE_float("fov_deg", None, "The camera's horizontal field of view (a ground photo: default 90).")
+  flags.DEFINE_float("pitch_deg", None, "A UAV camera's pitch below the horizon (data.uav_frame).")
+  flags.DEFINE_float("altitude_m", None, "A UAV camera's height above the ground, metres (data.uav_frame).")
+  flags.DEFINE_float("footprint_m", None, "The gallery satellites' ground width, metres (data.uav_frame).")
 
 
 def load_config(workdir):
@@ -110,9 +114,16 @@ def _only_modality(workdir, config):
   return known[0]
 
 
-def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, heading_deg=None, fov_deg=90.0):
-  """Prints and returns the top-k [(file, score)]; writes the PNG. A ground photo needs
-  `heading_deg` when the job read ground photos in the panorama frame."""
+# What a query needs to be placed in its job's frame (augment.warps_query), by modality.
+CAMERA_FLAGS = {"ground": ("heading_deg",), "uav": ("heading_deg", "pitch_deg", "altitude_m", "fov_deg", "footprint_m")}
+
+
+def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, heading_deg=None, fov_deg=None,
+           pitch_deg=None, altitude_m=None, footprint_m=None):
+  """Prints and returns the top-k [(file, score)]; writes the PNG. A ground photo needs `heading_deg`
+  (and `fov_deg`, default 90) when the job read ground photos in the panorama frame; a UAV view needs
+  its camera (`heading_deg`, `pitch_deg`, `altitude_m`, `fov_deg`) and the satellites' `footprint_m`
+  when the job read UAV views in the satellite frame."""
   model, config = load_model(workdir)
   data_cfg = config.data
   modality = modality or _only_modality(workdir, config)
@@ -123,10 +134,15 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
   batches = [{"image": np.stack([prepare(g, data_cfg.satellite_size, data_cfg) for g in gallery_raw[i:i + batch_size]]),
               "index": np.arange(i, min(i + batch_size, len(files)))} for i in range(0, len(files), batch_size)]
   gallery, _ = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)
-  if heading_deg is None and warps_to_panorama(data_cfg, modality):
-    raise GleamError(f"{workdir} reads ground photos in the panorama frame at their compass heading: "
-                     "give the photo's --heading_deg (clockwise from north) and --fov_deg.")
-  camera = {"heading_deg": float("nan") if heading_deg is None else float(heading_deg), "fov_deg": float(fov_deg)}
+  if modality == "ground" and fov_deg is None:
+    fov_deg = 90.0
+  given = dict(heading_deg=heading_deg, fov_deg=fov_deg, pitch_deg=pitch_deg, altitude_m=altitude_m,
+               footprint_m=footprint_m)
+  missing = [f"--{k}" for k in CAMERA_FLAGS.get(modality, ()) if given[k] is None]
+  if missing and warps_query(data_cfg, modality):
+    frame = "ground photos in the panorama frame" if modality == "ground" else "UAV views in the satellite frame"
+    raise GleamError(f"{workdir} reads {frame}, placed by their camera: give {', '.join(missing)}.")
+  camera = {k: float("nan") if v is None else float(v) for k, v in given.items()}
   query_framed = query_in_frame(query_raw, modality, camera, data_cfg)
   query_image = prepare(query_framed, query_shape(data_cfg, modality), data_cfg)[None]
   query = np.asarray(jax.jit(lambda x: model.encode(x, tower=modality))(query_image))
@@ -154,7 +170,7 @@ def main(argv):
     sys.exit(2)
   try:
     search(os.path.expanduser(FLAGS.workdir), FLAGS.query, FLAGS.gallery, FLAGS.k, FLAGS.modality, FLAGS.out,
-           FLAGS.heading_deg, FLAGS.fov_deg)
+           FLAGS.heading_deg, FLAGS.fov_deg, FLAGS.pitch_deg, FLAGS.altitude_m, FLAGS.footprint_m)
   except GleamError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from gleam_jax.data import augment
-from gleam_jax.data.config import data_config
+from gleam_jax.data.config import data_config, query_layout
 from gleam_jax.errors import GleamError
 
 S, PH = 48, 32  # satellite side; panorama height (width 2 * PH)
@@ -208,3 +208,77 @@ def test_ground_frame_needs_a_heading():
   assert augment.query_in_frame(photo, "uav", {}, cfg) is photo
   with pytest.raises(GleamError, match="ground_frame"):
     data_config(ground_frame="pano")
+
+
+def test_uav_ground_points_project_as_the_renderer_projects_them():
+  """`satellite_frame.ground_to_photo` puts ground points where the synthetic world's renderer
+  (`render.project_point`) sees them in each UAV view, from the camera values a record stores."""
+  from gleam_jax.data import synthetic
+  from gleam_jax.data.satellite_frame import ground_to_photo
+  from gleam_jax.data.synthetic import render
+  spec = synthetic.spec_from_name("tiny")
+  points = np.array([[10.0, -20.0], [0.0, 0.0], [-30.0, 15.0], [25.0, 30.0], [-5.0, -40.0]])
+  for location_id in (0, 3):
+    for k, cam in enumerate(render.uav_cameras(spec, location_id)):
+      u, v, ahead = ground_to_photo(points[:, 0], points[:, 1], cam["heading_deg"], cam["pitch_deg"],
+                                    cam["position_m"][2], cam["fov_deg"], spec.query_size, spec.query_size)
+      for (x, y), uk, vk, a in zip(points, u, v, ahead):
+        expected = render.project_point(spec, location_id, "uav", (x, y, 0.0), k)
+        if expected is not None:
+          assert a
+          np.testing.assert_allclose((uk, vk), expected, atol=1e-6)
+
+
+def test_uav_view_in_satellite_frame_matches_its_satellite():
+  """Rendered UAV views projected onto the ground in the satellite frame look like their location's
+  satellite (same place, north-up): more correlated with it than with other locations' satellites
+  and than with it turned by 90 degrees; the ground the camera does not see is the fill colour."""
+  from gleam_jax.data import synthetic
+  from gleam_jax.data.panorama_frame import FILL_RGB
+  from gleam_jax.data.satellite_frame import uav_to_satellite
+  spec = synthetic.spec_from_name("tiny", sat_size=48, query_size=48)
+  locations = (0, 3, 6, 9)
+  views = {i: synthetic.render_location(spec, i) for i in locations}
+  for i in locations:
+    for image, cam in zip(views[i]["uav"], views[i]["uav_cameras"]):
+      warped = uav_to_satellite(image, cam["heading_deg"], cam["pitch_deg"], cam["position_m"][2], cam["fov_deg"],
+                                spec.footprint_m, spec.sat_size)
+      seen = np.any(warped != np.asarray(FILL_RGB, np.uint8), axis=-1)
+      assert 0.3 < seen.mean() < 1.0  # the drone sees most of the tile, not what lies behind it
+
+      def correlation(sat):  # over the seen pixels, each channel's mean removed
+        a, b = warped[seen].astype(float), sat[seen].astype(float)
+        a, b = a - a.mean(0), b - b.mean(0)
+        return (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())
+
+      others = [correlation(views[j]["satellite"]) for j in locations if j != i]
+      own = correlation(views[i]["satellite"])
+      assert own > 0.2 and own > max(others + [correlation(np.rot90(views[i]["satellite"]))]) + 0.05
+
+
+def test_uav_frame_needs_the_camera():
+  cfg = data_config(modalities=("uav",), uav_frame="satellite")
+  assert augment.warps_query(cfg, "uav") and not augment.warps_query(cfg, "ground")
+  photo = np.zeros((S, S, 3), np.uint8)
+  camera = {"heading_deg": 30.0, "pitch_deg": 45.0, "altitude_m": 60.0, "fov_deg": 60.0, "footprint_m": 128.0}
+  with pytest.raises(GleamError, match="uav_frame='satellite'.*pitch_deg=nan"):
+    augment.query_in_frame(photo, "uav", dict(camera, pitch_deg=float("nan")), cfg)
+  with pytest.raises(GleamError, match="pitch <= 90"):
+    augment.query_in_frame(photo, "uav", dict(camera, pitch_deg=-10.0), cfg)
+  assert augment.query_in_frame(photo, "uav", camera, cfg).shape == (S, S, 3)
+  assert augment.query_in_frame(photo, "ground", camera, cfg) is photo
+  with pytest.raises(GleamError, match="uav_frame"):
+    data_config(uav_frame="bev")
+
+
+def test_uav_in_satellite_frame_turns_with_its_satellite():
+  """A UAV view in the satellite frame has the 'map' layout: the satellite's k*90 rotation turns it
+  too, so a mark at the same place in both stays at the same place."""
+  cfg = data_config(modalities=("uav",), uav_frame="satellite")
+  layout = query_layout(cfg, "uav")
+  assert layout == "map" and query_layout(data_config(), "uav") == "photo"
+  query = np.zeros((S, S, 3), np.uint8)
+  query[5, 30] = 255
+  for k in (1, 2, 3):
+    q, s = augment.rotate_pair(query, query.copy(), layout, k)
+    np.testing.assert_array_equal(q, s)

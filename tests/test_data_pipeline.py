@@ -232,7 +232,8 @@ def test_modality_batch_sizes_follow_the_weights():
 
 
 def test_modality_streams_keep_each_shape_and_resume(tiny_cfg):
-  cfg = with_fields(tiny_cfg, panorama_size=(32, 64), ground_frame="panorama", augment={"enabled": True})
+  cfg = with_fields(tiny_cfg, panorama_size=(32, 64), ground_frame="panorama", uav_frame="satellite",
+                    augment={"enabled": True})
   index = sources.get_index(cfg, "train")
   kw = dict(process_index=0, process_count=1)
   s = pipeline.ModalityStreams(cfg, 16, 0, index, multiple=2, **kw)
@@ -285,6 +286,17 @@ def test_eval_ground_photos_are_read_in_the_panorama_frame(tiny_cfg):
   record = sources.get_source(cfg, "test")[int(batch["index"][0])]
   framed = photo_to_panorama(record["query"], record["heading_deg"], record["fov_deg"], record["query"].shape[0])
   np.testing.assert_allclose(batch["image"][0], normalise(resize(framed, (16, 32)), cfg.mean, cfg.std), rtol=1e-6)
+
+
+def test_eval_uav_views_are_read_in_the_satellite_frame(tiny_cfg):
+  from gleam_jax.data.satellite_frame import uav_to_satellite
+  cfg = with_fields(tiny_cfg, query_size=(24, 24), uav_frame="satellite")
+  batch = next(iter(pipeline.make_eval_batches(cfg, "test", "uav", 3)))
+  assert batch["image"].shape == (3, 24, 24, 3)
+  record = sources.get_source(cfg, "test")[int(batch["index"][1])]
+  framed = uav_to_satellite(record["query"], record["heading_deg"], record["pitch_deg"], record["altitude_m"],
+                            record["fov_deg"], record["footprint_m"], record["query"].shape[0])
+  np.testing.assert_allclose(batch["image"][1], normalise(resize(framed, (24, 24)), cfg.mean, cfg.std), rtol=1e-6)
 
 
 def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog):

@@ -163,6 +163,20 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
   g = np.asarray(model.encode(best, tower="reference"))
   np.testing.assert_allclose(float(q[0] @ g[0]), top[0][1], rtol=1e-4, atol=1e-5)
 
+  # ... and a UAV view in the satellite frame from the camera it is given
+  uav = source[int(np.flatnonzero((index["modality"] == 0) & (index["location_id"] == index["location_id"][rows[0]]))[0])]
+  Image.fromarray(uav["query"]).save(tmp_path / "uav.png")
+  camera = {k: uav[k] for k in ("heading_deg", "fov_deg", "pitch_deg", "altitude_m", "footprint_m")}
+  with pytest.raises(GleamError, match="satellite frame.*--pitch_deg, --altitude_m"):
+    retrieve.search(str(tmp_path), str(tmp_path / "uav.png"), str(gallery), modality="uav",
+                    heading_deg=uav["heading_deg"], fov_deg=uav["fov_deg"], footprint_m=uav["footprint_m"])
+  top = retrieve.search(str(tmp_path), str(tmp_path / "uav.png"), str(gallery), k=4, modality="uav", **camera)
+  framed = query_in_frame(uav["query"], "uav", camera, job.data)
+  q = np.asarray(model.encode(retrieve.prepare(framed, job.data.query_size, job.data)[None], tower="uav"))
+  best = retrieve.prepare(retrieve.read_image(top[0][0]), job.data.satellite_size, job.data)[None]
+  np.testing.assert_allclose(float(q[0] @ np.asarray(model.encode(best, tower="reference"))[0]), top[0][1],
+                             rtol=1e-4, atol=1e-5)
+
 
 def test_phase2_without_phase1_says_what_to_do(tiny_cfg, tmp_path):
   config = tiny_config("c_phase2", tiny_cfg.data_dir, init_from=str(tmp_path / "missing"))

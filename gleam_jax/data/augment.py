@@ -9,7 +9,8 @@ Geometric augmentations are synchronised so the pair stays a true correspondence
       panorama -> rolled by -k*W/4 columns (azimuth grows left to right, clockwise from north), so
                   the column that showed east now sits where north was (panoramas, and ground
                   photos placed in the panorama frame);
-      map      -> rotated by the same k (the streetmap is a north-up map of the same ground);
+      map      -> rotated by the same k (the streetmap is a north-up map of the same ground, and
+                  so is a UAV view placed in the satellite frame);
       photo    -> unchanged: the heading relative to north is unknown to the model (UAV views
                   circle the location, ground photos face any direction), so only the satellite
                   turns, as in Sample4Geo's University-1652 recipe; with `rotate_photo=False`
@@ -24,6 +25,7 @@ from PIL import Image, ImageFilter
 
 from gleam_jax.data.config import MODALITIES, query_layout, query_shape
 from gleam_jax.data.panorama_frame import photo_to_panorama
+from gleam_jax.data.satellite_frame import uav_to_satellite
 from gleam_jax.errors import GleamError
 
 
@@ -136,28 +138,44 @@ class AugmentPair:
     return augment_pair(example, rng, self.aug, self.layouts[example["modality_name"]])
 
 
-def warps_to_panorama(data_cfg, modality):
-  """Whether a `modality` query is a photo warped into the panorama frame (needs its camera)."""
-  return modality == "ground" and query_layout(data_cfg, modality) == "panorama"
+def warps_query(data_cfg, modality):
+  """Whether a `modality` query is warped into another frame before use (which reads its camera):
+  ground photos into the panorama frame, UAV views into the satellite frame."""
+  layout = query_layout(data_cfg, modality)
+  return (modality == "ground" and layout == "panorama") or (modality == "uav" and layout == "map")
+
+
+def _camera_values(camera, keys, setting, fix):
+  values = [float(camera.get(k, float("nan"))) for k in keys]
+  if not all(np.isfinite(values)):
+    got = ", ".join(f"{k}={v}" for k, v in zip(keys, values))
+    raise GleamError(f"{setting} needs each query's {', '.join(keys)}, but this record has {got}: use a "
+                     f"dataset that records them, or {fix}.")
+  return values
 
 
 def query_in_frame(image, modality, camera, data_cfg):
-  """The query image in its layout's frame: a ground photo with `ground_frame='panorama'` is
-  warped into the panorama frame at its heading (`camera`: heading_deg, fov_deg); anything else
+  """The query image in its layout's frame: with `ground_frame='panorama'` a ground photo is warped
+  into the panorama frame at its heading, with `uav_frame='satellite'` a UAV view is projected onto
+  the ground in the satellite frame (`camera`: `sources.query_camera` of the record); anything else
   passes unchanged."""
-  if not warps_to_panorama(data_cfg, modality):
+  if not warps_query(data_cfg, modality):
     return image
-  heading, fov = camera["heading_deg"], camera["fov_deg"]
-  if not (np.isfinite(heading) and np.isfinite(fov) and 0 < fov < 180):
-    raise GleamError(f"data.ground_frame='panorama' needs each ground photo's heading and field of "
-                     f"view, but this record has heading_deg={heading}, fov_deg={fov}: use a dataset "
-                     "that records them, or set data.ground_frame='photo'.")
-  return photo_to_panorama(image, heading, fov, image.shape[0])
+  if modality == "ground":
+    heading, fov = _camera_values(camera, ("heading_deg", "fov_deg"), "data.ground_frame='panorama'",
+                                  "set data.ground_frame='photo'")
+    if not 0 < fov < 180:
+      raise GleamError(f"data.ground_frame='panorama' needs a ground photo's field of view in (0, 180) deg, "
+                       f"but this record has fov_deg={fov}.")
+    return photo_to_panorama(image, heading, fov, image.shape[0])
+  values = _camera_values(camera, ("heading_deg", "pitch_deg", "altitude_m", "fov_deg", "footprint_m"),
+                          "data.uav_frame='satellite'", "set data.uav_frame='photo'")
+  return uav_to_satellite(image, *values, image.shape[0])
 
 
 class QueryFrame:
   """grain map transform: `query_in_frame` on a training example (before augmentation, so the
-  panorama's synchronised roll applies to a ground photo in the panorama frame)."""
+  synchronised rotation of its layout applies to the warped query)."""
 
   def __init__(self, data_cfg):
     self.data_cfg = data_cfg

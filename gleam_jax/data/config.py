@@ -27,6 +27,10 @@ Fields
   ground_frame      'photo': a ground photo is a square query like a UAV view; 'panorama': it is
                     warped into the panorama frame at its compass heading (`panorama_frame.py`;
                     needs datasets that record heading and field of view, as synthetic_cvgl).
+  uav_frame         'photo': a UAV view is fed as it is; 'satellite': it is projected onto the
+                    ground plane, north-up, in the satellite's frame (`satellite_frame.py`; needs
+                    datasets that record the camera's heading, pitch, height and field of view and
+                    the satellite's footprint, as synthetic_cvgl >= 1.3.0).
   satellite_size    (H, W) of satellite images.
   augment           probabilities and strengths of the training augmentations (augment.py).
   mean / std        normalisation (ImageNet, on [0, 1] pixels).
@@ -54,6 +58,7 @@ DATASETS = builders.NAMES
 PRESETS = tuple(WORLD_PRESETS)  # builder configs of synthetic_cvgl
 SAMPLERS = ("shuffle", "gps", "dss")
 GROUND_FRAMES = ("photo", "panorama")
+UAV_FRAMES = ("photo", "satellite")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -81,6 +86,7 @@ def data_config(**overrides):
   c.panorama_size = (64, 128)
   c.satellite_size = (64, 64)
   c.ground_frame = "photo"
+  c.uav_frame = "photo"
 
   c.augment = ml_collections.ConfigDict()
   c.augment.enabled = True
@@ -170,6 +176,8 @@ def validate(c):
     _size(c, key)
   if c.ground_frame not in GROUND_FRAMES:
     raise GleamError(f"data.ground_frame={c.ground_frame!r}; choose one of {GROUND_FRAMES}.")
+  if c.uav_frame not in UAV_FRAMES:
+    raise GleamError(f"data.uav_frame={c.uav_frame!r}; choose one of {UAV_FRAMES}.")
   for key in ("flip", "rotate", "color_jitter", "blur_sharpen", "dropout"):
     _prob(c, key)
   if not isinstance(c.augment.rotate_photo, bool):
@@ -198,10 +206,13 @@ def validate(c):
 
 def query_layout(data_cfg, modality):
   """How a query of `modality` is laid out: 'panorama' (equirectangular, column 0 north), 'map'
-  (north-up, orthographic) or 'photo' (a pinhole view, heading unknown to the model)."""
+  (north-up, orthographic: street maps, and UAV views in the satellite frame) or 'photo' (a pinhole
+  view, heading unknown to the model)."""
   if modality == "panorama" or (modality == "ground" and data_cfg.get("ground_frame") == "panorama"):
     return "panorama"
-  return "map" if modality == "streetmap" else "photo"
+  if modality == "streetmap" or (modality == "uav" and data_cfg.get("uav_frame") == "satellite"):
+    return "map"
+  return "photo"
 
 
 def query_shape(data_cfg, modality):

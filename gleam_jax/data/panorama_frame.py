@@ -39,13 +39,20 @@ def photo_to_panorama(photo, heading_deg, fov_deg, height):
   inside = ahead[None, :] & (col >= -0.5) & (col <= w_img - 0.5) & (row >= -0.5) & (row <= h_img - 0.5)
   out = np.empty((height, width, 3), np.float32)
   out[:] = FILL_RGB
-  r = np.clip(row[inside], 0, h_img - 1)
-  c = np.clip(col[inside], 0, w_img - 1)
+  out[inside] = bilinear(photo, row[inside], col[inside])
+  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def bilinear(image, row, col):
+  """float32 (n, 3) colours of `image` at pixel-centre coordinates (row, col) (n,), clamped to the
+  image: (0, 0) is the centre of the top-left pixel."""
+  h_img, w_img = image.shape[:2]
+  r = np.clip(row, 0, h_img - 1)
+  c = np.clip(col, 0, w_img - 1)
   r0, c0 = np.floor(r).astype(np.int64), np.floor(c).astype(np.int64)
   r1, c1 = np.minimum(r0 + 1, h_img - 1), np.minimum(c0 + 1, w_img - 1)
   fr, fc = (r - r0)[:, None], (c - c0)[:, None]
-  img = photo.astype(np.float32)
+  img = image.astype(np.float32)
   top = img[r0, c0] * (1 - fc) + img[r0, c1] * fc
   bottom = img[r1, c0] * (1 - fc) + img[r1, c1] * fc
-  out[inside] = top * (1 - fr) + bottom * fr
-  return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+  return top * (1 - fr) + bottom * fr

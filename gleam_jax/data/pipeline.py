@@ -29,7 +29,7 @@ from absl import flags
 from gleam_jax.data import samplers
 from gleam_jax.data import sources
 from gleam_jax.data.augment import (AugmentPair, PreparePair, QueryFrame, normalise, query_in_frame, resize,
-                                    warps_to_panorama)
+                                    warps_query)
 from gleam_jax.data.config import MODALITIES, query_shape, validate
 from gleam_jax.errors import GleamError
 
@@ -98,7 +98,7 @@ class TrainStream:
     # The whole epoch is one dataset, so a record's random stream follows its position in the
     # global order: every process count augments each record of a batch the same way.
     ds = grain.MapDataset.source(RecordsView(self.source, order))
-    if any(warps_to_panorama(self.data_cfg, m) for m in self.data_cfg.modalities):
+    if any(warps_query(self.data_cfg, m) for m in self.data_cfg.modalities):
       ds = ds.map(QueryFrame(self.data_cfg))
     if self._augment is not None:
       ds = ds.random_map(self._augment, seed=_epoch_seed(self.seed, epoch))
@@ -285,7 +285,7 @@ class _ViewImage:
     self.source, self.key, self.size = source, key, tuple(size)
     self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
     self.data_cfg, self.modality = data_cfg, modality
-    self.warps = key == "query" and warps_to_panorama(data_cfg, modality)
+    self.warps = key == "query" and warps_query(data_cfg, modality)
 
   def __call__(self, record):
     image = self.source.image(int(record), self.key)

@@ -196,10 +196,14 @@ class DecodedCache:
     return {**self.__dict__, "_records": {}, "_satellites": {}, "_bytes": 0, "_full": False}
 
 
+CAMERA_KEYS = ("heading_deg", "fov_deg", "pitch_deg", "altitude_m", "footprint_m")
+
+
 def query_camera(record):
-  """heading_deg (clockwise from north) and fov_deg of the record's query camera; NaN where the
-  dataset does not record them."""
-  return {k: float(record[k]) if k in record else float("nan") for k in ("heading_deg", "fov_deg")}
+  """The record's query camera: heading_deg (clockwise from north), fov_deg (horizontal), pitch_deg
+  (below the horizon), altitude_m (above the ground), and footprint_m, the satellite's ground width;
+  NaN where the dataset does not record them."""
+  return {k: float(record[k]) if k in record else float("nan") for k in CAMERA_KEYS}
 
 
 def get_source(data_cfg, split):

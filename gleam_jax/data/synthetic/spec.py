@@ -12,7 +12,7 @@ from gleam_jax.errors import GleamError
 
 # The version of the renders. Bump it with any change that alters a rendered pixel or a label:
 # it is the version of the `synthetic_cvgl` dataset, so a dataset built by older code is not reused.
-WORLD_VERSION = "1.2.0"
+WORLD_VERSION = "1.3.0"
 
 MODALITIES = ("uav", "streetmap", "panorama", "ground")
 VIEWS = ("satellite",) + MODALITIES

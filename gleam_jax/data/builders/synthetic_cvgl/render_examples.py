@@ -35,15 +35,21 @@ def location_examples(spec, location_id):
       city_id=int(loc["city"]),
       coords=np.asarray(loc["coords"], np.float64),
   )
-  # (modality, view index, image, heading clockwise from north, horizontal field of view);
-  # streetmap and panorama are north-aligned, the panorama sees 360 deg, the map is orthographic (0).
-  views = [("streetmap", 0, loc["streetmap"], 0.0, 0.0), ("panorama", 0, loc["panorama"], 0.0, 360.0),
-           ("ground", 0, loc["ground"], loc["ground_heading_deg"], spec.ground_fov_deg)]
-  views += [("uav", i, im, cam["heading_deg"], cam["fov_deg"])
+  # (modality, view index, image, camera): heading clockwise from north, horizontal field of view,
+  # pitch below the horizon, height above the ground. Streetmap and panorama are north-aligned, the
+  # panorama sees 360 deg, the map is orthographic (fov 0, no camera height); street cameras are level.
+  street = dict(pitch_deg=0.0, altitude_m=spec.camera_height_m)
+  views = [("streetmap", 0, loc["streetmap"], dict(heading_deg=0.0, fov_deg=0.0, pitch_deg=90.0, altitude_m=np.nan)),
+           ("panorama", 0, loc["panorama"], dict(heading_deg=0.0, fov_deg=360.0, **street)),
+           ("ground", 0, loc["ground"], dict(heading_deg=loc["ground_heading_deg"], fov_deg=spec.ground_fov_deg,
+                                              **street))]
+  views += [("uav", i, im, dict(heading_deg=cam["heading_deg"], fov_deg=cam["fov_deg"], pitch_deg=cam["pitch_deg"],
+                                altitude_m=cam["position_m"][2]))
             for i, (im, cam) in enumerate(zip(loc["uav"], loc["uav_cameras"]))]
   return [(f"{location_id}-{m}-{i}", dict(common, query=encode_png(im), modality=m, view_index=i,
-                                          heading_deg=np.float32(heading), fov_deg=np.float32(fov)))
-          for m, i, im, heading, fov in views]
+                                          footprint_m=np.float32(spec.footprint_m),
+                                          **{k: np.float32(v) for k, v in camera.items()}))
+          for m, i, im, camera in views]
 
 
 def _render_parts(preset, overrides, parts, out):

@@ -49,6 +49,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       "1.0.0": "First release.",
       "1.1.0": "Locations spread over 40 m tiles; street cameras clear of trees and walls.",
       "1.2.0": "Every record stores its query camera's heading and field of view.",
+      "1.3.0": "Every record also stores its camera's pitch and height and the satellite's footprint.",
   }
   BUILDER_CONFIGS = [SyntheticCvglConfig(preset=p) for p in synthetic.PRESETS]
   DEFAULT_CONFIG_NAME = "s64"
@@ -66,6 +67,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "view_index": np.int32,
             "heading_deg": np.float32,  # the query camera's heading, clockwise from north
             "fov_deg": np.float32,  # its horizontal field of view (360: panorama, 0: map)
+            "pitch_deg": np.float32,  # below the horizon (0: level street cameras, 90: the map)
+            "altitude_m": np.float32,  # the camera's height above the ground (NaN: the map)
+            "footprint_m": np.float32,  # the satellite's ground width
             "location_id": np.int64,
             "city": tfds.features.Text(),
             "city_id": np.int32,
