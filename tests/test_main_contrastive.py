@@ -218,6 +218,10 @@ def test_phase2_tower_recipes():
   assert locked.eval.modalities == ("uav", "streetmap", "panorama", "ground")
   with pytest.raises(ValueError, match="towers='separate'"):
     load_config("c_phase2", "towers=separate")
+  # the synthetic world's views are read in the frames their cameras give; a published dataset's as they are
+  assert (shared.data.ground_frame, shared.data.uav_frame) == ("panorama", "satellite")
+  u1652 = load_config("c_phase2", "data=university1652")
+  assert (u1652.data.ground_frame, u1652.data.uav_frame, u1652.data.modalities) == ("photo", "photo", ("uav", "ground"))
   with pytest.raises(ValueError, match="unknown config knob 'towers'"):
     load_config("c_phase1", "towers=modality")
 
@@ -268,11 +272,12 @@ def test_a_job_written_before_newer_data_fields_still_loads(phase1_workdir, tmp_
   """retrieve reads a workdir whose config.json predates data fields added since (their defaults)."""
   with open(os.path.join(phase1_workdir, "config.json")) as f:
     saved = json.load(f)
-  for key in ("ground_frame", "manual_dir"):
+  for key in ("ground_frame", "uav_frame", "manual_dir"):
     del saved["data"][key]
   del saved["data"]["augment"]["rotate_photo"]
   with open(tmp_path / "config.json", "w") as f:
     json.dump(saved, f)
   config = retrieve.load_config(str(tmp_path))
-  assert (config.data.ground_frame, config.data.manual_dir, config.data.augment.rotate_photo) == ("photo", "", True)
+  assert (config.data.ground_frame, config.data.uav_frame, config.data.manual_dir) == ("photo", "photo", "")
+  assert config.data.augment.rotate_photo
   assert tuple(config.data.panorama_size) == tuple(saved["data"]["panorama_size"])
