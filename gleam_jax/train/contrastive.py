@@ -257,24 +257,13 @@ def check_batch_groups(batch, mesh):
     shd.check_batch_divides(images.shape[0], mesh, what=f"batch size of {name}" if name else "batch size")
 
 
-# XLA:CPU hands some fusions to YNNPACK. Its reduction fusions (a block's LayerNorm over the
-# depthwise convolution's shifted sum) materialise their inputs first; with only dots handed over,
-# the phase-1 step ran ~8% faster (docs/bench_train_step.md).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-
-
-def compiler_options(mesh):
-  """`jax.jit` compiler options for steps on `mesh`: `CPU_COMPILER_OPTIONS` on CPU, none elsewhere."""
-  return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
-
-
 def make_train_step(setup):
   """Jitted `(state, batch) -> (state, metrics)`, explicit shardings, state donated."""
   jitted = jax.jit(
       lambda state, batch: _train_step(setup, state, batch),
       in_shardings=(setup.shardings, batch_shardings(setup)),
       out_shardings=(setup.shardings, shd.replicated(setup.mesh)),
-      donate_argnums=(0,), compiler_options=compiler_options(setup.mesh))
+      donate_argnums=(0,))
 
   def train_step(state, batch):
     batch = step_inputs(batch)
