@@ -19,8 +19,8 @@ Measured on the 2-core CPU dev box (s64 world, 1,000 held-out test locations, 50
 panorama->satellite R@1 50.4% (R@5 81.2%, R@10 88.5%), cross-city R@1 38.0%. The default of 2000
 steps: 5:13-5:31 wall from an empty data dir on session 5's idle box (34-37 s build, ~490-517
 pairs/s; 6:49 before session 5's step and input changes, 8:04 before the decoded-record cache), R@1
-82.5%, cross-city 64.6%; 5:54 on session 6's slower box (45 s build, ~481 pairs/s), R@1 82.3%,
-cross-city 64.4%.
+82.5%, cross-city 64.6%; 5:33 on session 6's box (39 s build, ~493 pairs/s), the same losses and
+R@1.
 """
 import ml_collections
 from ml_collections import config_dict

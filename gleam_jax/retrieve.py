@@ -127,13 +127,6 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
   model, config = load_model(workdir)
   data_cfg = config.data
   modality = modality or _only_modality(workdir, config)
-  query_raw = read_image(query_path)
-  files, skipped = gallery_files(gallery_dir)
-  gallery_raw = [read_image(f) for f in files]
-  batch_size = 64
-  batches = [{"image": np.stack([prepare(g, data_cfg.satellite_size, data_cfg) for g in gallery_raw[i:i + batch_size]]),
-              "index": np.arange(i, min(i + batch_size, len(files)))} for i in range(0, len(files), batch_size)]
-  gallery, _ = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)
   if modality == "ground" and fov_deg is None:
     fov_deg = 90.0
   given = dict(heading_deg=heading_deg, fov_deg=fov_deg, pitch_deg=pitch_deg, altitude_m=altitude_m,
@@ -143,7 +136,14 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
     frame = "ground photos in the panorama frame" if modality == "ground" else "UAV views in the satellite frame"
     raise GleamError(f"{workdir} reads {frame}, placed by their camera: give {', '.join(missing)}.")
   camera = {k: float("nan") if v is None else float(v) for k, v in given.items()}
-  query_framed = query_in_frame(query_raw, modality, camera, data_cfg)
+  query_raw = read_image(query_path)
+  query_framed = query_in_frame(query_raw, modality, camera, data_cfg)  # bad camera values stop here
+  files, skipped = gallery_files(gallery_dir)
+  gallery_raw = [read_image(f) for f in files]
+  batch_size = 64
+  batches = [{"image": np.stack([prepare(g, data_cfg.satellite_size, data_cfg) for g in gallery_raw[i:i + batch_size]]),
+              "index": np.arange(i, min(i + batch_size, len(files)))} for i in range(0, len(files), batch_size)]
+  gallery, _ = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)
   query_image = prepare(query_framed, query_shape(data_cfg, modality), data_cfg)[None]
   query = np.asarray(jax.jit(lambda x: model.encode(x, tower=modality))(query_image))
   scores = (gallery @ query[0]).astype(np.float32)
