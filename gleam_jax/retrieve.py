@@ -20,7 +20,7 @@ from flax import nnx
 import numpy as np
 from PIL import Image
 
-from gleam_jax.data.augment import normalise, query_in_frame, resize, warps_query
+from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import report
@@ -114,10 +114,6 @@ def _only_modality(workdir, config):
   return known[0]
 
 
-# What a query needs to be placed in its job's frame (augment.warps_query), by modality.
-CAMERA_FLAGS = {"ground": ("heading_deg",), "uav": ("heading_deg", "pitch_deg", "altitude_m", "fov_deg", "footprint_m")}
-
-
 def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, heading_deg=None, fov_deg=None,
            pitch_deg=None, altitude_m=None, footprint_m=None):
   """Prints and returns the top-k [(file, score)]; writes the PNG. A ground photo needs `heading_deg`
@@ -131,7 +127,7 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
     fov_deg = 90.0
   given = dict(heading_deg=heading_deg, fov_deg=fov_deg, pitch_deg=pitch_deg, altitude_m=altitude_m,
                footprint_m=footprint_m)
-  missing = [f"--{k}" for k in CAMERA_FLAGS.get(modality, ()) if given[k] is None]
+  missing = [f"--{k}" for k in FRAME_CAMERA_KEYS.get(modality, ()) if given[k] is None]
   if missing and warps_query(data_cfg, modality):
     frame = "ground photos in the panorama frame" if modality == "ground" else "UAV views in the satellite frame"
     raise GleamError(f"{workdir} reads {frame}, placed by their camera: give {', '.join(missing)}.")

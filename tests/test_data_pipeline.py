@@ -301,8 +301,10 @@ def test_eval_uav_views_are_read_in_the_satellite_frame(tiny_cfg):
 
 def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog):
   """Records kept decoded in memory (the default) give exactly the batches of decoding every read,
-  over two epochs, with augmentation and ground photos warped into the panorama frame."""
-  cfg = with_fields(tiny_cfg, panorama_size=(32, 64), ground_frame="panorama", augment={"enabled": True})
+  over two epochs, with augmentation, ground photos warped into the panorama frame and UAV views
+  into the satellite frame."""
+  cfg = with_fields(tiny_cfg, panorama_size=(32, 64), ground_frame="panorama", uav_frame="satellite",
+                    augment={"enabled": True})
   index = sources.get_index(cfg, "train")
   kw = dict(process_index=0, process_count=1)
   cached = pipeline.ModalityStreams(cfg, 16, 0, index, multiple=2, **kw)

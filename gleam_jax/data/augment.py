@@ -138,6 +138,11 @@ class AugmentPair:
     return augment_pair(example, rng, self.aug, self.layouts[example["modality_name"]])
 
 
+# The camera values a warped query is placed by (`sources.query_camera` keys), by modality.
+FRAME_CAMERA_KEYS = {"ground": ("heading_deg", "fov_deg"),
+                     "uav": ("heading_deg", "pitch_deg", "altitude_m", "fov_deg", "footprint_m")}
+
+
 def warps_query(data_cfg, modality):
   """Whether a `modality` query is warped into another frame before use (which reads its camera):
   ground photos into the panorama frame, UAV views into the satellite frame."""
@@ -162,14 +167,14 @@ def query_in_frame(image, modality, camera, data_cfg):
   if not warps_query(data_cfg, modality):
     return image
   if modality == "ground":
-    heading, fov = _camera_values(camera, ("heading_deg", "fov_deg"), "data.ground_frame='panorama'",
+    heading, fov = _camera_values(camera, FRAME_CAMERA_KEYS["ground"], "data.ground_frame='panorama'",
                                   "set data.ground_frame='photo'")
     if not 0 < fov < 180:
       raise GleamError(f"data.ground_frame='panorama' needs a ground photo's field of view in (0, 180) deg, "
                        f"but this record has fov_deg={fov}.")
     return photo_to_panorama(image, heading, fov, image.shape[0])
-  values = _camera_values(camera, ("heading_deg", "pitch_deg", "altitude_m", "fov_deg", "footprint_m"),
-                          "data.uav_frame='satellite'", "set data.uav_frame='photo'")
+  values = _camera_values(camera, FRAME_CAMERA_KEYS["uav"], "data.uav_frame='satellite'",
+                          "set data.uav_frame='photo'")
   return uav_to_satellite(image, *values, image.shape[0])
 
 
