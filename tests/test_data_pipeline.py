@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
-from gleam_jax.data import pipeline, samplers, sources, synthetic
+from gleam_jax.data import augment, pipeline, samplers, sources, synthetic
 from gleam_jax.data.augment import normalise, resize
 from gleam_jax.data.config import MODALITIES, data_config
 from gleam_jax.errors import GleamError
@@ -299,7 +299,7 @@ def test_eval_uav_views_are_read_in_the_satellite_frame(tiny_cfg):
   np.testing.assert_allclose(batch["image"][1], normalise(resize(framed, (24, 24)), cfg.mean, cfg.std), rtol=1e-6)
 
 
-def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog):
+def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog, monkeypatch):
   """Records kept decoded in memory (the default) give exactly the batches of decoding every read,
   over two epochs, with augmentation, ground photos warped into the panorama frame and UAV views
   into the satellite frame."""
@@ -307,6 +307,9 @@ def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog):
                     augment={"enabled": True})
   index = sources.get_index(cfg, "train")
   kw = dict(process_index=0, process_count=1)
+  warps_by_frame, frame_call = {}, augment.QueryFrame.__call__
+  monkeypatch.setattr(augment.QueryFrame, "__call__", lambda self, example: (
+      warps_by_frame.setdefault(id(self), []).append(example["index"]) or frame_call(self, example)))
   cached = pipeline.ModalityStreams(cfg, 16, 0, index, multiple=2, **kw)
   plain = pipeline.ModalityStreams(with_fields(cfg, decoded_cache_mb=0), 16, 0, index, multiple=2, **kw)
   source = cached.streams["uav"].source
@@ -317,6 +320,12 @@ def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog):
     for key in ("query", "satellite", "location_id"):
       for m in cfg.modalities:
         np.testing.assert_array_equal(got[key][m], want[key][m])
+  # the cache keeps queries warped: each record went through the cache's QueryFrame once, when decoded
+  assert isinstance(source.query_frame, augment.QueryFrame)
+  warped = warps_by_frame[id(source.query_frame)]
+  assert len(warped) == len(set(warped)) and set(warped) == set(source._records)
+  ground = next(r for r in source._records.values() if r["modality_name"] == "ground")
+  assert ground["query"].shape[1] == 2 * ground["query"].shape[0]  # the panorama canvas
   assert source._records and source._bytes <= source.budget_bytes
   # a cached record is returned as the same read-only arrays; a full cache decodes and says so once
   i = next(iter(source._records))

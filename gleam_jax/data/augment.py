@@ -178,6 +178,11 @@ def query_in_frame(image, modality, camera, data_cfg):
   return uav_to_satellite(image, *values, image.shape[0])
 
 
+def query_frame(data_cfg):
+  """The QueryFrame that `data_cfg`'s training modalities need, or None when none is warped."""
+  return QueryFrame(data_cfg) if any(warps_query(data_cfg, m) for m in data_cfg.modalities) else None
+
+
 class QueryFrame:
   """grain map transform: `query_in_frame` on a training example (before augmentation, so the
   synchronised rotation of its layout applies to the warped query)."""

@@ -28,7 +28,7 @@ from absl import flags
 
 from gleam_jax.data import samplers
 from gleam_jax.data import sources
-from gleam_jax.data.augment import (AugmentPair, PreparePair, QueryFrame, normalise, query_in_frame, resize,
+from gleam_jax.data.augment import (AugmentPair, PreparePair, normalise, query_frame, query_in_frame, resize,
                                     warps_query)
 from gleam_jax.data.config import MODALITIES, query_shape, validate
 from gleam_jax.errors import GleamError
@@ -98,8 +98,9 @@ class TrainStream:
     # The whole epoch is one dataset, so a record's random stream follows its position in the
     # global order: every process count augments each record of a batch the same way.
     ds = grain.MapDataset.source(RecordsView(self.source, order))
-    if any(warps_query(self.data_cfg, m) for m in self.data_cfg.modalities):
-      ds = ds.map(QueryFrame(self.data_cfg))
+    frame = query_frame(self.data_cfg)
+    if frame is not None and getattr(self.source, "query_frame", None) is None:  # else warped when decoded
+      ds = ds.map(frame)
     if self._augment is not None:
       ds = ds.random_map(self._augment, seed=_epoch_seed(self.seed, epoch))
     ds = ds.map(self._prepare)

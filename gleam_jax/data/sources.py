@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from gleam_jax.data import builders
+from gleam_jax.data.augment import query_frame
 from gleam_jax.data.config import MODALITIES, data_dir as resolve_data_dir, validate
 from gleam_jax.errors import GleamError
 
@@ -154,12 +155,18 @@ class DecodedCache:
   sees). Records that store the same satellite file (the views of one location) share one decoded
   satellite, decoded once: University-1652's 54 drone views of a building hold one satellite, not 54.
   When the budget is full, further records are decoded on every read, and that is logged once. Not
-  pickled with its records: a grain worker process starts its own."""
+  pickled with its records: a grain worker process starts its own.
 
-  def __init__(self, source, budget_mb):
+  `query_frame` (an `augment.QueryFrame`, or None) is applied to each record as it is decoded, so a
+  query warped into another frame (ground photos into the panorama frame, UAV views into the
+  satellite frame) is warped once and kept warped, not warped again every epoch; a stream reading
+  this source then skips its own warp."""
+
+  def __init__(self, source, budget_mb, query_frame=None):
     self.source = source
     self.name, self.path, self.split = source.name, source.path, source.split
     self.budget_bytes = int(budget_mb) * 2**20
+    self.query_frame = query_frame
     self._records, self._satellites, self._bytes, self._full = {}, {}, 0, False
 
   def __len__(self):
@@ -178,6 +185,8 @@ class DecodedCache:
       key = hashlib.blake2b(raw["satellite"], digest_size=16).digest()  # the encoded file's digest
       satellite = self._satellites.get(key)
       record = self.source.example(i, raw, satellite)
+      if self.query_frame is not None:
+        record = self.query_frame(record)
       size = record["query"].nbytes + (record["satellite"].nbytes if satellite is None else 0)
       if self._bytes + size <= self.budget_bytes:
         for k in IMAGE_KEYS:
@@ -211,10 +220,11 @@ def get_source(data_cfg, split):
 
 
 def get_train_source(data_cfg):
-  """The training split's source, decoded records kept in memory per `data.decoded_cache_mb`."""
+  """The training split's source, decoded records kept in memory per `data.decoded_cache_mb`, with
+  their queries in the frame `data.ground_frame` / `data.uav_frame` name."""
   source = get_source(data_cfg, data_cfg.train_split)
   budget = int(data_cfg.get("decoded_cache_mb", 0) or 0)
-  return DecodedCache(source, budget) if budget else source
+  return DecodedCache(source, budget, query_frame(data_cfg)) if budget else source
 
 
 def read_index(source):
