@@ -1,27 +1,40 @@
 """Grain input pipelines: the training stream and the evaluation batches.
 
 Training (`make_train_stream`): the sampler orders each epoch's records (unique locations per
-batch, hard negatives); each process reads its slice of every global batch:
+batch, hard negatives); each process reads its slice of every global batch. Per epoch
+(`EpochReader.epoch_examples`):
 
   MapDataset.source(the epoch's records, in the sampler's order)
+    -> map(query into its frame)       unless the decoded-record cache keeps queries warped
     -> random_map(augment_pair)        seeded per record by (seed, epoch, position)
     -> map(resize + normalise)
     -> this process's rows of every global batch (positions stay global, so the augmentation
        does not depend on the number of processes)
+
+and the epochs one after another as one endless source (`EpochExamples`), so grain's worker
+processes, their prefetch buffers and their decoded-record caches live across epochs:
+
     -> batch(global_batch_size / process_count, drop_remainder=True)
     -> to_iter_dataset(ReadOptions(read_threads, read_buffer_size))
     -> mp_prefetch(worker_count workers)   when data.worker_count > 0
 
-The stream moves to the next epoch itself (asking the sampler for its order then, so a DSS
-neighbour table set between epochs is used from the next epoch on). `get_state()` is a JSON-able
-dict (epoch, batches read in the epoch, grain iterator state, sampler state) for the checkpoint;
-`set_state()` makes the stream continue with exactly the batch it would have given next, also
-with another `worker_count` (augmentation is seeded per record, not per worker).
+Each epoch's order is asked of a snapshot of the sampler, in whichever process reads the epoch. The
+stream counts the epochs itself and asks its own sampler for each epoch's length; when the sampler
+has changed (a DSS neighbour table set between epochs), a new dataset starts at the next epoch, so
+the new table is used from the next epoch on. `get_state()` is a JSON-able dict (epoch, batches
+read in the epoch, grain iterator state and where its dataset starts, sampler state) for the
+checkpoint; `set_state()` makes the stream continue with exactly the batch it would have given
+next, also with another `worker_count` (augmentation is seeded per record, not per worker).
 
 Evaluation (`make_eval_batches`, `make_gallery_batches`): no augmentation, nothing dropped; the last
 batch may be smaller (the evaluator pads it). On several processes each process decodes only its
 devices' rows of every batch (`process_rows`) and the embeddings are gathered.
 """
+import bisect
+import copy
+import sys
+import threading
+
 import grain
 import numpy as np
 from absl import flags
@@ -68,6 +81,85 @@ def _read_options(data_cfg):
   return grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=data_cfg.read_buffer_size)
 
 
+class EpochExamples:
+  """grain source: this process's prepared training examples of every epoch from `start_epoch` on,
+  one epoch after another, starting `skip` examples into the first. Each epoch's order is asked of
+  `sampler` (a snapshot: the stream restarts this source when its sampler changes, e.g. a new DSS
+  neighbour table) in whichever process reads the epoch, so grain's worker processes and their
+  decoded-record caches live across epochs instead of restarting with each one. Within an epoch
+  the examples are what they were with one dataset per epoch: the augmentation of a record is
+  seeded by (seed, epoch, position in the epoch)."""
+
+  def __init__(self, reader, sampler, start_epoch, skip):
+    self.reader, self.sampler = reader, sampler
+    self.start_epoch, self.skip = int(start_epoch), int(skip)
+    self._ends, self._epochs = [], {}  # cumulative example counts; the datasets of recent epochs
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    return {**self.__dict__, "_ends": [], "_epochs": {}, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
+  def __len__(self):
+    return sys.maxsize  # endless: the stream counts the epochs
+
+  def _epoch(self, k):
+    """(dataset, first example index in this source) of the k-th epoch from the start."""
+    with self._lock:
+      while len(self._ends) <= k:
+        n = len(self._ends)
+        epoch = self.start_epoch + n
+        ds = self.reader.epoch_examples(epoch, self.reader.epoch_order(self.sampler, epoch))
+        self._ends.append((self._ends[-1] if n else -self.skip) + len(ds))
+        self._epochs[n] = ds
+        self._epochs.pop(n - 3, None)  # readers are at most a prefetch buffer behind
+      if k not in self._epochs:  # an old epoch asked for again: rebuild it
+        epoch = self.start_epoch + k
+        self._epochs[k] = self.reader.epoch_examples(epoch, self.reader.epoch_order(self.sampler, epoch))
+      return self._epochs[k], (self._ends[k - 1] if k else -self.skip)
+
+  def __getitem__(self, i):
+    while not self._ends or self._ends[-1] <= i:
+      self._epoch(len(self._ends))
+    ds, first = self._epoch(bisect.bisect_right(self._ends, i))
+    return ds[i - first]
+
+
+class EpochReader:
+  """What turns one epoch's order into this process's prepared examples (picklable, for grain's
+  workers): the source, the query frame, the augmentation, resizing and normalisation."""
+
+  def __init__(self, data_cfg, source, seed, global_batch_size, process_index, process_count):
+    self.source, self.seed = source, int(seed)
+    self.global_batch_size, self.process_index, self.process_count = global_batch_size, process_index, process_count
+    frame = query_frame(data_cfg)
+    self.frame = frame if frame is not None and getattr(source, "query_frame", None) is None else None  # else warped when decoded
+    self.augment = AugmentPair(data_cfg) if data_cfg.augment.enabled else None
+    self.prepare = PreparePair(data_cfg)
+
+  def epoch_order(self, sampler, epoch):
+    """The epoch's records in global order, whole global batches only."""
+    order = sampler.epoch_order(epoch, self.global_batch_size)
+    return order[:len(order) // self.global_batch_size * self.global_batch_size]
+
+  def epoch_examples(self, epoch, order):
+    # The whole epoch is one dataset, so a record's random stream follows its position in the
+    # global order: every process count augments each record of a batch the same way.
+    ds = grain.MapDataset.source(RecordsView(self.source, order))
+    if self.frame is not None:
+      ds = ds.map(self.frame)
+    if self.augment is not None:
+      ds = ds.random_map(self.augment, seed=_epoch_seed(self.seed, epoch))
+    ds = ds.map(self.prepare)
+    if self.process_count > 1:
+      positions = process_slice(np.arange(len(order)), self.global_batch_size, self.process_index,
+                                self.process_count)
+      ds = grain.MapDataset.source(RecordsView(ds, positions))
+    return ds
+
+
 class TrainStream:
   """Iterator of this process's training batches: dict of NumPy arrays
   `query` float32 (b, H, W, 3), `satellite` float32 (b, Hs, Ws, 3), `modality` int32 (b,),
@@ -89,55 +181,45 @@ class TrainStream:
     self.sampler = sampler
     self.seed = int(seed)
     self.source = source or sources.get_train_source(data_cfg)
-    self._augment = AugmentPair(data_cfg) if data_cfg.augment.enabled else None
-    self._prepare = PreparePair(data_cfg)
+    self._reader = EpochReader(data_cfg, self.source, self.seed, self.global_batch_size, self.process_index,
+                               self.process_count)
     self._iter = None
-    self._start_epoch(0)
+    self.dataset_starts = 0  # how often the grain dataset (and its workers) started
+    self._start(0)
 
-  def _dataset(self, epoch, order, skip_batches):
-    # The whole epoch is one dataset, so a record's random stream follows its position in the
-    # global order: every process count augments each record of a batch the same way.
-    ds = grain.MapDataset.source(RecordsView(self.source, order))
-    frame = query_frame(self.data_cfg)
-    if frame is not None and getattr(self.source, "query_frame", None) is None:  # else warped when decoded
-      ds = ds.map(frame)
-    if self._augment is not None:
-      ds = ds.random_map(self._augment, seed=_epoch_seed(self.seed, epoch))
-    ds = ds.map(self._prepare)
-    if self.process_count > 1:
-      positions = process_slice(np.arange(len(order)), self.global_batch_size, self.process_index,
-                                self.process_count)
-      ds = grain.MapDataset.source(RecordsView(ds, positions))
-    if skip_batches:  # after the random map, so every record keeps its random stream
-      ds = ds[skip_batches * self.batch_size:]
+  def _start(self, epoch, skip_batches=0):
+    """A new grain dataset from batch `skip_batches` of `epoch` on, with a snapshot of the sampler."""
+    self.close()
+    self._enter_epoch(epoch)
+    self.batches_in_epoch = skip_batches
+    self._skipped, self._dataset_epoch = skip_batches, epoch
+    self._dataset_sampler_state = self._epoch_sampler_state
+    ds = grain.MapDataset.source(EpochExamples(self._reader, copy.deepcopy(self.sampler), epoch,
+                                               skip_batches * self.batch_size))
     ds = ds.batch(self.batch_size, drop_remainder=True).to_iter_dataset(_read_options(self.data_cfg))
     if self.data_cfg.worker_count > 0:
       _ensure_absl_flags()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.data_cfg.worker_count,
                                                        per_worker_buffer_size=self.data_cfg.worker_buffer_size))
-    return ds
+    self.dataset_starts += 1
+    self._iter = iter(ds)
 
-  def _start_epoch(self, epoch, skip_batches=0):
+  def _enter_epoch(self, epoch):
     self._epoch_sampler_state = self.sampler.get_state()
-    order = self.sampler.epoch_order(epoch, self.global_batch_size)
-    if len(order) == 0:
+    steps = len(self._reader.epoch_order(self.sampler, epoch)) // self.global_batch_size
+    if steps == 0:
       raise GleamError(f"epoch {epoch} has no full batch of {self.global_batch_size}: lower the batch size.")
-    self.close()
-    self.epoch = epoch
-    self.batches_in_epoch = skip_batches
-    self._skipped = skip_batches
-    self.steps_per_epoch = len(order) // self.global_batch_size
-    self._iter = iter(self._dataset(epoch, order[:self.steps_per_epoch * self.global_batch_size], skip_batches))
+    self.epoch, self.steps_per_epoch, self.batches_in_epoch = epoch, steps, 0
 
   def __iter__(self):
     return self
 
   def __next__(self):
-    try:
-      batch = next(self._iter)
-    except StopIteration:
-      self._start_epoch(self.epoch + 1)
-      batch = next(self._iter)
+    if self.batches_in_epoch >= self.steps_per_epoch:
+      self._enter_epoch(self.epoch + 1)
+      if self._epoch_sampler_state != self._dataset_sampler_state:  # new neighbours: new orders from here
+        self._start(self.epoch)
+    batch = next(self._iter)
     self.batches_in_epoch += 1
     if self.data_cfg.worker_count > 0:  # plain arrays, not views of grain's shared memory
       batch = {k: np.array(v) for k, v in batch.items()}
@@ -148,7 +230,8 @@ class TrainStream:
         "epoch": self.epoch,
         "batches_in_epoch": self.batches_in_epoch,
         "grain": self._iter.get_state(),
-        "grain_skipped": self._skipped,  # batches the epoch's grain dataset starts after
+        "grain_epoch": self._dataset_epoch,  # the epoch and batch grain's dataset starts at
+        "grain_skipped": self._skipped,
         "worker_count": self.data_cfg.worker_count,
         "sampler_at_epoch_start": self._epoch_sampler_state,
         "sampler": self.sampler.get_state(),
@@ -159,20 +242,22 @@ class TrainStream:
 
   def set_state(self, state):
     """Continue where `state` was taken. With the same worker and process counts grain's own
-    iterator state is restored; with others the epoch's dataset restarts after the batches already
-    read (the global batches do not depend on either count, so a job may resume on more or fewer
-    processes)."""
+    iterator state is restored; with others a dataset starts after the batches already read (the
+    global batches do not depend on either count, so a job may resume on more or fewer processes)."""
     for key in ("seed", "global_batch_size"):
       if state[key] != getattr(self, key):
         raise GleamError(f"the saved input state has {key}={state[key]} but this job has {getattr(self, key)}: "
                          "resume with the same value, or start a new workdir.")
     self.sampler.set_state(state["sampler_at_epoch_start"])
+    epoch, read = int(state["epoch"]), int(state["batches_in_epoch"])
     if state["worker_count"] == self.data_cfg.worker_count and state["process_count"] == self.process_count:
-      self._start_epoch(int(state["epoch"]), int(state["grain_skipped"]))
+      # the sampler did not change between the dataset's first epoch and this one (else it restarted)
+      self._start(int(state.get("grain_epoch", epoch)), int(state["grain_skipped"]))
       self._iter.set_state(state["grain"])
-      self.batches_in_epoch = int(state["batches_in_epoch"])
+      self._enter_epoch(epoch)
+      self.batches_in_epoch = read
     else:
-      self._start_epoch(int(state["epoch"]), int(state["batches_in_epoch"]))
+      self._start(epoch, read)
     self.sampler.set_state(state["sampler"])
 
   def close(self):
