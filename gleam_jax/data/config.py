@@ -43,6 +43,9 @@ Fields
   decoded_cache_mb  training records are kept decoded in memory up to this many MB per process
                     (0: off): the first epoch decodes them, later epochs read memory (decoding is
                     most of the input pipeline's time on the synthetic world). Same batches either way.
+                    Queries warped into another frame are kept warped. Each grain worker process
+                    holds its own cache (workers live across epochs), so with worker_count > 0
+                    memory is up to (1 + worker_count x modalities) x this.
   seed              sampler order and augmentation randomness.
 """
 import os
