@@ -161,15 +161,18 @@ def test_restore_refuses_another_batch_size(tiny_cfg):
 
 
 def test_each_process_reads_its_slice_of_the_global_batch(tiny_cfg):
-  cfg = with_fields(tiny_cfg, augment={"enabled": False})
+  """Over three epochs, augmented: two processes' batches are the halves of one process's."""
+  cfg = with_fields(tiny_cfg, augment={"enabled": True})
   whole = stream(cfg, 8, seed=1)
   parts = [stream(cfg, 8, seed=1, process_index=p, process_count=2) for p in (0, 1)]
-  for _ in range(3):
+  while whole.epoch < 2 or whole.batches_in_epoch < whole.steps_per_epoch:
     b = next(whole)
     p0, p1 = next(parts[0]), next(parts[1])
     assert p0["query"].shape[0] == 4
     for k in b:
       np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), b[k])
+    assert parts[0].epoch == parts[1].epoch == whole.epoch
+  assert whole.dataset_starts == parts[0].dataset_starts == 1
   with pytest.raises(GleamError, match="global batch size 6 must be a positive multiple of the number of processes"):
     stream(cfg, 6, process_index=0, process_count=4)
   np.testing.assert_array_equal(pipeline.process_slice(np.arange(12), 6, 1, 3), [2, 3, 8, 9])
