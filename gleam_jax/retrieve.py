@@ -6,7 +6,10 @@ Loads the model described by `W/config.json` with the parameters of W's latest c
 every image in DIR (png, jpg, jpeg, bmp, tif, tiff, webp; other files are skipped and counted) as
 satellite references and the query with the query tower, prints the top-k gallery files with their
 cosine scores and writes a PNG of the query and its top-k (default `W/retrieve/<query>_top<k>.png`).
-Images are resized to the sizes the model was trained on (`config.data`).
+Images are read upright (their EXIF orientation applied) and resized to the sizes the model was
+trained on (`config.data`). A phase-2 job places a ground photo by its camera: `--heading_deg` and
+`--fov_deg`, or what the photo's EXIF records (`data/photo_camera.py`); a UAV view by
+`--heading_deg --pitch_deg --altitude_m --fov_deg --footprint_m`.
 """
 import json
 import os
@@ -18,10 +21,11 @@ import jax
 import ml_collections
 from flax import nnx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import data_config, query_shape
+from gleam_jax.data.photo_camera import exif_camera
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -44,9 +48,10 @@ def define_flags():
                       "job was trained for several.")
   flags.DEFINE_string("out", None, "PNG to write (default W/retrieve/<query>_top<k>.png).")
   flags.DEFINE_float("heading_deg", None, "The camera's compass heading (clockwise from north), for jobs "
-                     "that read ground photos in the panorama frame (data.ground_frame) or UAV views in "
-                     "the satellite frame (data.uav_frame).")
-  flags.DEFINE_float("fov_deg", None, "The camera's horizontal field of view (a ground photo: default 90).")
+                     "that read ground photos in the panorama frame (data.ground_frame; default: the "
+                     "photo's EXIF GPSImgDirection) or UAV views in the satellite frame (data.uav_frame).")
+  flags.DEFINE_float("fov_deg", None, "The camera's horizontal field of view (a ground photo: default from "
+                     "its EXIF 35 mm-equivalent focal length, else 90).")
   flags.DEFINE_float("pitch_deg", None, "A UAV camera's pitch below the horizon (data.uav_frame).")
   flags.DEFINE_float("altitude_m", None, "A UAV camera's height above the ground, metres (data.uav_frame).")
   flags.DEFINE_float("footprint_m", None, "The gallery satellites' ground width, metres (data.uav_frame).")
@@ -83,9 +88,10 @@ def load_model(workdir):
 
 
 def read_image(path):
+  """The image upright (as its EXIF orientation says it is shown), RGB."""
   try:
     with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"))
+      return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
   except (OSError, ValueError) as e:
     raise GleamError(f"cannot read image {path} ({e}); replace or remove the file.") from None
 
@@ -114,17 +120,39 @@ def _only_modality(workdir, config):
   return known[0]
 
 
+def _ground_camera(query_path, heading_deg, fov_deg):
+  """A ground photo's heading and field of view: as given, else from its EXIF (a phone's compass and
+  35 mm-equivalent focal length), else a 90 deg field of view; says where each came from."""
+  exif = exif_camera(query_path)
+  used = []
+  if heading_deg is None and exif["heading_deg"] is not None:
+    heading_deg = exif["heading_deg"]
+    used.append(f"heading {heading_deg:.1f} deg from {exif['north']} north"
+                + (" (magnetic declination not corrected)" if exif["north"] == "magnetic" else ""))
+  if fov_deg is None and exif["fov_deg"] is not None:
+    fov_deg = exif["fov_deg"]
+    used.append(f"field of view {fov_deg:.1f} deg from the 35 mm-equivalent focal length")
+  if used:
+    print(f"camera from the EXIF of {query_path}: {'; '.join(used)}")
+  if heading_deg is None:
+    raise GleamError(f"{query_path} records no compass heading (EXIF GPSImgDirection): give --heading_deg, "
+                     "the direction the camera looked, clockwise from north.")
+  return heading_deg, 90.0 if fov_deg is None else fov_deg
+
+
 def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, heading_deg=None, fov_deg=None,
            pitch_deg=None, altitude_m=None, footprint_m=None):
   """Prints and returns the top-k [(file, score)]; writes the PNG. A ground photo needs `heading_deg`
-  (and `fov_deg`, default 90) when the job read ground photos in the panorama frame; a UAV view needs
+  and `fov_deg` when the job read ground photos in the panorama frame: when not given, they are read
+  from the photo's EXIF (compass heading, 35 mm-equivalent focal length; the field of view defaults
+  to 90 deg); a UAV view needs
   its camera (`heading_deg`, `pitch_deg`, `altitude_m`, `fov_deg`) and the satellites' `footprint_m`
   when the job read UAV views in the satellite frame."""
   model, config = load_model(workdir)
   data_cfg = config.data
   modality = modality or _only_modality(workdir, config)
-  if modality == "ground" and fov_deg is None:
-    fov_deg = 90.0
+  if modality == "ground" and warps_query(data_cfg, modality):
+    heading_deg, fov_deg = _ground_camera(query_path, heading_deg, fov_deg)
   given = dict(heading_deg=heading_deg, fov_deg=fov_deg, pitch_deg=pitch_deg, altitude_m=altitude_m,
                footprint_m=footprint_m)
   missing = [f"--{k}" for k in FRAME_CAMERA_KEYS.get(modality, ()) if given[k] is None]

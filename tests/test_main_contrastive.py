@@ -162,6 +162,21 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
   best = retrieve.prepare(retrieve.read_image(top[0][0]), job.data.satellite_size, job.data)[None]
   g = np.asarray(model.encode(best, tower="reference"))
   np.testing.assert_allclose(float(q[0] @ g[0]), top[0][1], rtol=1e-4, atol=1e-5)
+  # ... or at the heading and field of view its EXIF records (a phone's compass and lens)
+  from gleam_jax.data import photo_camera
+  exif = Image.Exif()
+  exif.get_ifd(photo_camera.GPS_IFD).update({photo_camera.GPS_IMG_DIRECTION_REF: "T",
+                                             photo_camera.GPS_IMG_DIRECTION: record["heading_deg"]})
+  exif.get_ifd(photo_camera.EXIF_IFD)[photo_camera.FOCAL_LENGTH_35MM] = 15
+  Image.fromarray(record["query"]).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+  fov = photo_camera.horizontal_fov_deg(15, *record["query"].shape[1::-1])
+  from_exif = retrieve.search(str(tmp_path), str(tmp_path / "phone.jpg"), str(gallery), k=4, modality="ground")
+  given = retrieve.search(str(tmp_path), str(tmp_path / "phone.jpg"), str(gallery), k=4, modality="ground",
+                          heading_deg=record["heading_deg"], fov_deg=fov)
+  assert from_exif == given and 90 < fov < 92
+  turned = retrieve.search(str(tmp_path), str(tmp_path / "phone.jpg"), str(gallery), k=4, modality="ground",
+                           heading_deg=record["heading_deg"] + 180, fov_deg=fov)
+  assert turned != given  # the heading matters: EXIF's was used
 
   # ... and a UAV view in the satellite frame from the camera it is given
   uav = source[int(np.flatnonzero((index["modality"] == 0) & (index["location_id"] == index["location_id"][rows[0]]))[0])]
