@@ -7,9 +7,10 @@ every image in DIR (png, jpg, jpeg, bmp, tif, tiff, webp; other files are skippe
 satellite references and the query with the query tower, prints the top-k gallery files with their
 cosine scores and writes a PNG of the query and its top-k (default `W/retrieve/<query>_top<k>.png`).
 Images are read upright (their EXIF orientation applied) and resized to the sizes the model was
-trained on (`config.data`). A phase-2 job places a ground photo by its camera: `--heading_deg` and
-`--fov_deg`, or what the photo's EXIF records (`data/photo_camera.py`); a UAV view by
-`--heading_deg --pitch_deg --altitude_m --fov_deg --footprint_m`.
+trained on (`config.data`). A phase-2 job places a ground photo by its camera (`--heading_deg`,
+`--fov_deg`) and a UAV view by its pose (`--heading_deg --pitch_deg --altitude_m --fov_deg`) and the
+gallery's `--footprint_m`; camera values not given are read from the file where it records them
+(EXIF, a DJI drone's XMP: `data/photo_camera.py`).
 """
 import json
 import os
@@ -25,7 +26,7 @@ from PIL import Image, ImageOps
 
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import data_config, query_shape
-from gleam_jax.data.photo_camera import exif_camera
+from gleam_jax.data.photo_camera import recorded_camera
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -120,24 +121,23 @@ def _only_modality(workdir, config):
   return known[0]
 
 
-def _ground_camera(query_path, heading_deg, fov_deg):
-  """A ground photo's heading and field of view: as given, else from its EXIF (a phone's compass and
-  35 mm-equivalent focal length), else a 90 deg field of view; says where each came from."""
-  exif = exif_camera(query_path)
-  used = []
-  if heading_deg is None and exif["heading_deg"] is not None:
-    heading_deg = exif["heading_deg"]
-    used.append(f"heading {heading_deg:.1f} deg from {exif['north']} north"
-                + (" (magnetic declination not corrected)" if exif["north"] == "magnetic" else ""))
-  if fov_deg is None and exif["fov_deg"] is not None:
-    fov_deg = exif["fov_deg"]
-    used.append(f"field of view {fov_deg:.1f} deg from the 35 mm-equivalent focal length")
+def _camera_from_file(query_path, modality, given):
+  """`given` (camera values, None where not given) completed from what the query file records (EXIF,
+  DJI XMP: `photo_camera.recorded_camera`) for the values `modality`'s frame needs; a ground photo's
+  field of view defaults to 90 deg. Says which values came from the file."""
+  recorded = recorded_camera(query_path)
+  camera, used = dict(given), []
+  for key in FRAME_CAMERA_KEYS[modality]:
+    if camera.get(key) is None and recorded.get(key) is not None:
+      camera[key] = recorded[key]
+      used.append(f"{key}={camera[key]:.1f}")
   if used:
-    print(f"camera from the EXIF of {query_path}: {'; '.join(used)}")
-  if heading_deg is None:
-    raise GleamError(f"{query_path} records no compass heading (EXIF GPSImgDirection): give --heading_deg, "
-                     "the direction the camera looked, clockwise from north.")
-  return heading_deg, 90.0 if fov_deg is None else fov_deg
+    magnetic = recorded["north"] == "magnetic" and given.get("heading_deg") is None
+    note = " (the heading is from magnetic north; declination not corrected)" if magnetic else ""
+    print(f"camera from {query_path}'s metadata: {', '.join(used)}{note}")
+  if modality == "ground" and camera.get("fov_deg") is None:
+    camera["fov_deg"] = 90.0
+  return camera
 
 
 def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, heading_deg=None, fov_deg=None,
@@ -151,14 +151,15 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
   model, config = load_model(workdir)
   data_cfg = config.data
   modality = modality or _only_modality(workdir, config)
-  if modality == "ground" and warps_query(data_cfg, modality):
-    heading_deg, fov_deg = _ground_camera(query_path, heading_deg, fov_deg)
   given = dict(heading_deg=heading_deg, fov_deg=fov_deg, pitch_deg=pitch_deg, altitude_m=altitude_m,
                footprint_m=footprint_m)
+  if warps_query(data_cfg, modality):
+    given = _camera_from_file(query_path, modality, given)
   missing = [f"--{k}" for k in FRAME_CAMERA_KEYS.get(modality, ()) if given[k] is None]
   if missing and warps_query(data_cfg, modality):
     frame = "ground photos in the panorama frame" if modality == "ground" else "UAV views in the satellite frame"
-    raise GleamError(f"{workdir} reads {frame}, placed by their camera: give {', '.join(missing)}.")
+    raise GleamError(f"{workdir} reads {frame}, placed by their camera, and {query_path} does not record "
+                     f"all of it (EXIF / DJI XMP): give {', '.join(missing)}.")
   camera = {k: float("nan") if v is None else float(v) for k, v in given.items()}
   query_raw = read_image(query_path)
   query_framed = query_in_frame(query_raw, modality, camera, data_cfg)  # bad camera values stop here

@@ -191,6 +191,23 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
   best = retrieve.prepare(retrieve.read_image(top[0][0]), job.data.satellite_size, job.data)[None]
   np.testing.assert_allclose(float(q[0] @ np.asarray(model.encode(best, tower="reference"))[0]), top[0][1],
                              rtol=1e-4, atol=1e-5)
+  # ... or with the pose a DJI drone writes into the photo's XMP (the gallery's footprint given)
+  xmp = (f'<x:xmpmeta><rdf:Description drone-dji:GimbalYawDegree="{(uav["heading_deg"] + 180) % 360 - 180:+.4f}" '
+         f'drone-dji:GimbalPitchDegree="{-uav["pitch_deg"]:+.4f}" drone-dji:RelativeAltitude="{uav["altitude_m"]:+.4f}"/>'
+         '</x:xmpmeta>')
+  exif = Image.Exif()
+  exif.get_ifd(photo_camera.EXIF_IFD)[photo_camera.FOCAL_LENGTH_35MM] = 26
+  Image.fromarray(uav["query"]).save(tmp_path / "dji.jpg", exif=exif, xmp=xmp.encode(), quality=95)
+  recorded = dict(heading_deg=round(uav["heading_deg"], 4), pitch_deg=round(uav["pitch_deg"], 4),
+                  altitude_m=round(uav["altitude_m"], 4), fov_deg=photo_camera.horizontal_fov_deg(26, 1, 1))
+  from_xmp = retrieve.search(str(tmp_path), str(tmp_path / "dji.jpg"), str(gallery), k=4, modality="uav",
+                             footprint_m=uav["footprint_m"])
+  given = retrieve.search(str(tmp_path), str(tmp_path / "dji.jpg"), str(gallery), k=4, modality="uav",
+                          footprint_m=uav["footprint_m"], **recorded)
+  assert [f for f, _ in from_xmp] == [f for f, _ in given]
+  np.testing.assert_allclose([v for _, v in from_xmp], [v for _, v in given], rtol=1e-4, atol=1e-5)
+  with pytest.raises(GleamError, match="does not record all of it.*--footprint_m"):
+    retrieve.search(str(tmp_path), str(tmp_path / "dji.jpg"), str(gallery), modality="uav")
 
 
 def test_phase2_without_phase1_says_what_to_do(tiny_cfg, tmp_path):
