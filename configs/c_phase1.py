@@ -104,6 +104,9 @@ def base_config(arg, modalities, known=KNOBS):
   c.eval.at_end = True
   c.eval.splits = tuple(c.data.eval_splits)
   c.eval.modalities = config_dict.placeholder(tuple)  # default: the training modalities
+  # Also evaluate panoramas cut to these horizontal fields of view (deg) at a heading fixed per record
+  # (known orientation, the rest filled), reported as 'panorama_fov<deg>': e.g. (90, 180).
+  c.eval.panorama_fov_deg = ()
   c.eval.protocol = real["protocol"] if real else "cvusa"
   # University-1652 / SUES-200 also report satellite -> drone: these modalities' views as gallery
   c.eval.satellite_to = ("uav",) if real and real["protocol"] == "university" else ()

@@ -318,6 +318,28 @@ def test_a_single_modality_stream_is_the_plain_stream(tiny_cfg):
     np.testing.assert_array_equal(g["location_id"]["panorama"], p["location_id"])
 
 
+def test_eval_panoramas_cut_to_a_field_of_view(tiny_cfg):
+  """Limited-field-of-view panoramas: the plain eval panorama, kept only in the columns within fov/2
+  of a heading fixed per record (the rest 0, the fill colour after normalisation)."""
+  cfg = with_fields(tiny_cfg, panorama_size=(16, 64))
+  plain = next(iter(pipeline.make_eval_batches(cfg, "test", "panorama", 6)))
+  cut = next(iter(pipeline.make_eval_batches(cfg, "test", "panorama", 6, fov_deg=90)))
+  np.testing.assert_array_equal(cut["index"], plain["index"])
+  headings = [pipeline.sector_heading_deg(r) for r in plain["index"]]
+  assert len(set(np.round(headings, 3))) == 6 and all(0 <= h < 360 for h in headings)
+  for image, whole, heading in zip(cut["image"], plain["image"], headings):
+    kept = np.flatnonzero(np.any(image != 0, axis=(0, 2)))
+    assert len(kept) == 16  # a quarter of 64 columns
+    centres = (kept + 0.5) / 64 * 360
+    assert np.all(np.abs((centres - heading + 180) % 360 - 180) <= 45)
+    np.testing.assert_array_equal(image[:, kept], whole[:, kept])
+  half = next(iter(pipeline.make_eval_batches(cfg, "test", "panorama", 6, fov_deg=180)))
+  assert all(len(np.flatnonzero(np.any(im != 0, axis=(0, 2)))) == 32 for im in half["image"])
+  for modality, fov in (("uav", 90), ("panorama", 360), ("panorama", 0)):
+    with pytest.raises(GleamError, match="eval.panorama_fov_deg"):
+      pipeline.make_eval_batches(cfg, "test", modality, 6, fov_deg=fov)
+
+
 def test_eval_ground_photos_are_read_in_the_panorama_frame(tiny_cfg):
   from gleam_jax.data.panorama_frame import photo_to_panorama
   cfg = with_fields(tiny_cfg, panorama_size=(16, 32), ground_frame="panorama")

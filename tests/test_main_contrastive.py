@@ -51,7 +51,7 @@ def train_losses(workdir):
 @pytest.fixture(scope="module")
 def phase1_workdir(tiny_cfg, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("phase1"))
-  config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=STEPS)
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=STEPS, **{"eval.panorama_fov_deg": (90,)})
   main.run(config, workdir)
   return workdir
 
@@ -66,6 +66,8 @@ def test_phase1_trains_logs_evaluates_and_checkpoints(phase1_workdir):
   evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
   for split in ("test", "test_cross_city"):
     assert 0.0 <= evals[f"eval/{split}/panorama/R@1"] <= evals[f"eval/{split}/panorama/R@5"] <= 1.0
+    # panoramas cut to a 90 deg field of view, as eval.panorama_fov_deg asks
+    assert 0.0 <= evals[f"eval/{split}/panorama_fov90/R@1"] <= evals[f"eval/{split}/panorama_fov90/R@5"] <= 1.0
   with open(os.path.join(phase1_workdir, "config.json")) as f:
     assert json.load(f)["trainer"] == "contrastive"
   assert os.listdir(os.path.join(phase1_workdir, "tensorboard"))
@@ -313,3 +315,14 @@ def test_a_job_written_before_newer_data_fields_still_loads(phase1_workdir, tmp_
   assert (config.data.ground_frame, config.data.uav_frame, config.data.manual_dir) == ("photo", "photo", "")
   assert config.data.augment.rotate_photo
   assert tuple(config.data.panorama_size) == tuple(saved["data"]["panorama_size"])
+
+
+def test_limited_field_of_view_evaluation_is_checked_before_training(tiny_cfg):
+  from gleam_jax.train import contrastive
+  ok = tiny_config("c_phase1", tiny_cfg.data_dir, **{"eval.panorama_fov_deg": (90, 180)})
+  contrastive.check_config(ok)
+  assert contrastive.fov_query_sets(ok) == {"panorama_fov90": 90.0, "panorama_fov180": 180.0}
+  for fields in ({"eval.panorama_fov_deg": (400,)},
+                 {"eval.panorama_fov_deg": (90,), "data.modalities": ("uav",)}):
+    with pytest.raises(GleamError, match="eval.panorama_fov_deg"):
+      contrastive.check_config(tiny_config("c_phase1", tiny_cfg.data_dir, **fields))

@@ -56,3 +56,14 @@ def bilinear(image, row, col):
   top = img[r0, c0] * (1 - fc) + img[r0, c1] * fc
   bottom = img[r1, c0] * (1 - fc) + img[r1, c1] * fc
   return top * (1 - fr) + bottom * fr
+
+
+def sector_mask(height, width, heading_deg, fov_deg):
+  """(height, width, 1) float32: 1 in the panorama columns within fov_deg / 2 of azimuth `heading_deg`
+  (the same column convention as `photo_to_panorama`), 0 elsewhere. A panorama times this mask (after
+  normalisation, so the rest is the fill colour) is what a camera of that horizontal field of view
+  at a known heading sees: the limited-field-of-view evaluation (`eval.panorama_fov_deg`)."""
+  azimuth = (np.arange(width) + 0.5) / width * 360.0
+  rel = (azimuth - heading_deg + 180.0) % 360.0 - 180.0
+  keep = np.abs(rel) <= fov_deg / 2.0
+  return np.broadcast_to(keep[None, :, None], (height, width, 1)).astype(np.float32)

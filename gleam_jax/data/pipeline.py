@@ -44,6 +44,7 @@ from gleam_jax.data import sources
 from gleam_jax.data.augment import (AugmentPair, PreparePair, normalise, query_frame, query_in_frame, resize,
                                     warps_query)
 from gleam_jax.data.config import MODALITIES, query_shape, validate
+from gleam_jax.data.panorama_frame import sector_mask
 from gleam_jax.errors import GleamError
 
 
@@ -364,13 +365,22 @@ class ModalityStreams:
       s.close()
 
 
-class _ViewImage:
-  """grain map: record index -> {image, location_id, index} resized + normalised, no augmentation."""
+SECTOR_SEED = 90  # the headings of limited-field-of-view panoramas: fixed, one per record
 
-  def __init__(self, data_cfg, source, key, size, modality=None):
+
+def sector_heading_deg(record):
+  """The heading a panorama record is cut at in the limited-field-of-view evaluation (seeded by record)."""
+  return float(np.random.default_rng([SECTOR_SEED, int(record)]).uniform(0.0, 360.0))
+
+
+class _ViewImage:
+  """grain map: record index -> {image, location_id, index} resized + normalised, no augmentation;
+  with `fov_deg` (panoramas) cut to that field of view at `sector_heading_deg(record)`."""
+
+  def __init__(self, data_cfg, source, key, size, modality=None, fov_deg=None):
     self.source, self.key, self.size = source, key, tuple(size)
     self.mean, self.std = tuple(data_cfg.mean), tuple(data_cfg.std)
-    self.data_cfg, self.modality = data_cfg, modality
+    self.data_cfg, self.modality, self.fov_deg = data_cfg, modality, fov_deg
     self.warps = key == "query" and warps_query(data_cfg, modality)
 
   def __call__(self, record):
@@ -378,10 +388,10 @@ class _ViewImage:
     if self.warps:  # the only case that reads the record's camera
       image = query_in_frame(image, self.modality, sources.query_camera(self.source.raw(int(record))),
                              self.data_cfg)
-    return {
-        "image": normalise(resize(image, self.size), self.mean, self.std),
-        "index": np.int64(record),
-    }
+    image = normalise(resize(image, self.size), self.mean, self.std)
+    if self.fov_deg is not None:  # the fill colour (the mean) is 0 after normalisation
+      image = image * sector_mask(*self.size, sector_heading_deg(record), self.fov_deg)
+    return {"image": image, "index": np.int64(record)}
 
 
 class EvalBatches:
@@ -396,13 +406,13 @@ class EvalBatches:
   `display_images(positions)` reads single items again (the evaluator's PNGs)."""
 
   def __init__(self, data_cfg, source, records, location_ids, key, size, batch_size, modality=None,
-               process_rows=None):
+               process_rows=None, fov_deg=None):
     if batch_size <= 0:
       raise GleamError(f"eval batch size {batch_size} must be positive.")
     self.records = np.asarray(records, np.int64)
     self.location_ids = np.asarray(location_ids, np.int64)
     self.batch_size = int(batch_size)
-    self._view = _ViewImage(data_cfg, source, key, size, modality)
+    self._view = _ViewImage(data_cfg, source, key, size, modality, fov_deg)
     self.rows = None if process_rows is None else np.asarray(process_rows, np.int64)
     if self.rows is not None:
       if not len(self.rows) or self.rows.min() < 0 or self.rows.max() >= self.batch_size:
@@ -451,18 +461,24 @@ def _query_rows(index, modality):
   return np.flatnonzero((index["modality"] == MODALITIES.index(modality)) & index.get("is_query", True))
 
 
-def make_eval_batches(data_cfg, split, modality, batch_size, process_rows=None):
+def make_eval_batches(data_cfg, split, modality, batch_size, process_rows=None, fov_deg=None):
   """Batches of every `modality` query of `split` (ordered by location id, then view):
   `image` float32 (b, H, W, 3), `location_id` int64, `index` int64 (record index in the split),
-  and `semi_positive_ids` (b, 3) where the dataset has them (VIGOR's hit rate)."""
+  and `semi_positive_ids` (b, 3) where the dataset has them (VIGOR's hit rate). With `fov_deg`
+  (panoramas only), each panorama is cut to that horizontal field of view at a heading fixed per
+  record (`sector_heading_deg`), the rest filled: limited-field-of-view queries of known heading."""
   if modality not in MODALITIES:
     raise GleamError(f"unknown modality {modality!r}: use one of {MODALITIES}.")
+  if fov_deg is not None and (modality != "panorama" or not 0 < float(fov_deg) < 360):
+    raise GleamError(f"a limited field of view ({fov_deg} deg) applies to panoramas, in (0, 360) deg; "
+                     f"got modality {modality!r}: fix eval.panorama_fov_deg.")
   source = sources.get_source(data_cfg, split)
   index = sources.get_index(data_cfg, split, source)
   rows = _query_rows(index, modality)
   rows = rows[np.lexsort((index["view_index"][rows], index["location_id"][rows]))]
   batches = EvalBatches(data_cfg, source, rows, index["location_id"][rows], "query",
-                        query_shape(data_cfg, modality), batch_size, modality, process_rows)
+                        query_shape(data_cfg, modality), batch_size, modality, process_rows,
+                        None if fov_deg is None else float(fov_deg))
   if "semi_positive_ids" in index:
     batches.labels["semi_positive_ids"] = index["semi_positive_ids"][rows]
   return batches

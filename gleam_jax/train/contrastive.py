@@ -311,6 +311,16 @@ def check_config(config):
       raise GleamError(f"config.{key}={config[key]} must be positive.")
   if config.eval.protocol != "cvusa" and config.eval.protocol not in ("vigor", "university"):
     raise GleamError(f"config.eval.protocol={config.eval.protocol!r}: use 'cvusa', 'vigor' or 'university'.")
+  fovs = tuple(config.eval.get("panorama_fov_deg", ()) or ())
+  if fovs and (not all(0 < float(f) < 360 for f in fovs)
+               or "panorama" not in tuple(config.eval.modalities or config.data.modalities)):
+    raise GleamError(f"config.eval.panorama_fov_deg={fovs}: give fields of view in (0, 360) deg, for a job that "
+                     "evaluates panoramas.")
+
+
+def fov_query_sets(config):
+  """{name: fov_deg} of the limited-field-of-view panorama evaluations (`eval.panorama_fov_deg`)."""
+  return {f"panorama_fov{float(f):g}": float(f) for f in tuple(config.eval.get("panorama_fov_deg", ()) or ())}
 
 
 def evaluate(config, setup, state, workdir, step, writer):
@@ -318,6 +328,7 @@ def evaluate(config, setup, state, workdir, step, writer):
   model = eval_model(setup, state)
   modalities = tuple(config.eval.modalities or config.data.modalities)
   encode_query = {m: functools.partial(model.encode, tower=m) for m in modalities}
+  encode_query.update({name: encode_query["panorama"] for name in fov_query_sets(config)})
   encode_reference = functools.partial(model.encode, tower="reference")
   results = {}
   batch_size = config.eval.batch_size
@@ -329,8 +340,10 @@ def evaluate(config, setup, state, workdir, step, writer):
           search_cfg=config.eval.search, workdir=workdir, step=step, writer=writer,
           num_examples_png=config.eval.num_examples_png, split=split))
 
-    report(encode_query, encode_reference,
-           {m: pipeline.make_eval_batches(config.data, split, m, batch_size, rows) for m in modalities},
+    query_sets = {m: pipeline.make_eval_batches(config.data, split, m, batch_size, rows) for m in modalities}
+    for name, fov in fov_query_sets(config).items():
+      query_sets[name] = pipeline.make_eval_batches(config.data, split, "panorama", batch_size, rows, fov)
+    report(encode_query, encode_reference, query_sets,
            pipeline.make_gallery_batches(config.data, split, batch_size, rows))
     for m in config.eval.get("satellite_to", ()):  # the reverse direction: satellites query views of m
       report(encode_reference, functools.partial(model.encode, tower=m),
