@@ -22,11 +22,11 @@ import jax
 import ml_collections
 from flax import nnx
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import data_config, query_shape
-from gleam_jax.data.photo_camera import recorded_camera
+from gleam_jax.data.photo_camera import open_image, recorded_camera
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -90,11 +90,8 @@ def load_model(workdir):
 
 def read_image(path):
   """The image upright (as its EXIF orientation says it is shown), RGB."""
-  try:
-    with Image.open(path) as image:
-      return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-  except (OSError, ValueError) as e:
-    raise GleamError(f"cannot read image {path} ({e}); replace or remove the file.") from None
+  with open_image(path) as image:
+    return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
 def gallery_files(folder):
@@ -155,11 +152,11 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
                footprint_m=footprint_m)
   if warps_query(data_cfg, modality):
     given = _camera_from_file(query_path, modality, given)
-  missing = [f"--{k}" for k in FRAME_CAMERA_KEYS.get(modality, ()) if given[k] is None]
-  if missing and warps_query(data_cfg, modality):
-    frame = "ground photos in the panorama frame" if modality == "ground" else "UAV views in the satellite frame"
-    raise GleamError(f"{workdir} reads {frame}, placed by their camera, and {query_path} does not record "
-                     f"all of it (EXIF / DJI XMP): give {', '.join(missing)}.")
+    missing = [f"--{k}" for k in FRAME_CAMERA_KEYS[modality] if given[k] is None]
+    if missing:
+      frame = "ground photos in the panorama frame" if modality == "ground" else "UAV views in the satellite frame"
+      raise GleamError(f"{workdir} reads {frame}, placed by their camera, and {query_path} does not record "
+                       f"all of it (EXIF / DJI XMP): give {', '.join(missing)}.")
   camera = {k: float("nan") if v is None else float(v) for k, v in given.items()}
   query_raw = read_image(query_path)
   query_framed = query_in_frame(query_raw, modality, camera, data_cfg)  # bad camera values stop here

@@ -5,8 +5,9 @@
 Both read the same records of the same epoch order from the same source, decode, augment
 (same functions), resize, normalise and stack. The last rows read the second epoch through the
 decoded-record cache (`data.decoded_cache_mb`, on in training by default), after the first filled
-it: in the main process, and in each of the worker processes, which live across epochs. Reported: steady-state pairs/s (after the first `warmup` batches) and the time to the first
-batch; ratios are against the plain loop, measured in this run.
+it: in the main process, and in each of the worker processes, which live across epochs. Reported:
+steady-state pairs/s (after the first `warmup` batches) and the time to the first batch; ratios are
+against the plain loop, measured in this run.
 """
 import argparse
 import os
@@ -70,25 +71,21 @@ def main():
 
   rows = [("plain Python loop",
            *measure(plain_loop(cfg, source, order, args.batch, 0), args.warmup, count, args.batch))]
-  for workers in (0, args.workers):
-    run_cfg = data_config(**{**cfg.to_dict(), "worker_count": workers})
-    stream = pipeline.make_train_stream(run_cfg, args.batch, samplers.make_sampler(run_cfg, index), 0,
-                                        source=source, process_index=0, process_count=1)
-    rows.append((f"grain, {workers} workers", *measure(stream, args.warmup, count, args.batch)))
-    stream.close()
   # data.decoded_cache_mb (the training default): the first epoch fills the cache, later ones read it;
   # grain's workers live across epochs, each with its own cache
-  for workers in (0, args.workers):
-    run_cfg = data_config(**{**cfg.to_dict(), "worker_count": workers})
-    cached = sources.DecodedCache(source, 1 << 16)
-    stream = pipeline.make_train_stream(run_cfg, args.batch, samplers.make_sampler(run_cfg, index), 0,
-                                        source=cached, process_index=0, process_count=1)
-    while stream.epoch == 0:
-      next(stream)
-    rows.append((f"grain, {workers} workers, decoded cache, 2nd epoch", *measure(stream, args.warmup, count, args.batch)))
-    stream.close()
-    if not workers:
-      print(f"decoded cache: {len(cached._records)} records, {cached._bytes / 2**20:.0f} MB")
+  for cached in (False, True):
+    for workers in (0, args.workers):
+      run_cfg = data_config(**{**cfg.to_dict(), "worker_count": workers})
+      run_source = sources.DecodedCache(source, 1 << 16) if cached else source
+      stream = pipeline.make_train_stream(run_cfg, args.batch, samplers.make_sampler(run_cfg, index), 0,
+                                          source=run_source, process_index=0, process_count=1)
+      while cached and stream.epoch == 0:
+        next(stream)
+      name = f"grain, {workers} workers" + (", decoded cache, 2nd epoch" if cached else "")
+      rows.append((name, *measure(stream, args.warmup, count, args.batch)))
+      stream.close()
+      if cached and not workers:
+        print(f"decoded cache: {len(run_source._records)} records, {run_source._bytes / 2**20:.0f} MB")
 
   base = rows[0][1]
   print(f"{'pipeline':<44}{'pairs/s':>10}{'vs plain':>10}{'first batch s':>15}")

@@ -12,6 +12,7 @@ where the ground is level). A ground photo needs heading and field of view to be
 panorama frame (`panorama_frame.photo_to_panorama`); a UAV view also needs pitch and height to be
 projected into the satellite frame (`satellite_frame.uav_to_satellite`).
 """
+import contextlib
 import math
 import re
 
@@ -40,17 +41,24 @@ def horizontal_fov_deg(focal_35mm, width, height):
   return math.degrees(2 * math.atan(half_width_mm / float(focal_35mm)))
 
 
+@contextlib.contextmanager
+def open_image(path):
+  """The image file at `path`, opened with PIL; one GleamError naming it if it cannot be read."""
+  try:
+    with Image.open(path) as image:
+      yield image
+  except (OSError, ValueError) as e:
+    raise GleamError(f"cannot read image {path} ({e}); replace or remove the file.") from None
+
+
 def recorded_camera(path):
   """{'heading_deg', 'fov_deg', 'pitch_deg', 'altitude_m', 'north'} as the image at `path` records them
   (EXIF, DJI XMP); a value the file does not record is None. 'north' says what the heading is
   measured from: 'true', 'magnetic' (a phone's GPSImgDirectionRef 'M'), None without a heading."""
-  try:
-    with Image.open(path) as image:
-      exif = image.getexif()
-      width, height = image.size
-      xmp = image.info.get("xmp", b"")
-  except (OSError, ValueError) as e:
-    raise GleamError(f"cannot read image {path} ({e}); replace or remove the file.") from None
+  with open_image(path) as image:
+    exif = image.getexif()
+    width, height = image.size
+    xmp = image.info.get("xmp", b"")
   xmp = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp)
   if exif.get(ORIENTATION) in (5, 6, 7, 8):  # stored turned by 90 deg: upright, width and height swap
     width, height = height, width

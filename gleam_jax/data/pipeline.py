@@ -106,20 +106,25 @@ class EpochExamples:
   def __len__(self):
     return sys.maxsize  # endless: the stream counts the epochs
 
+  def _first(self, k):
+    """Index in this source of the k-th epoch's first example (the first epoch starts `skip` in)."""
+    return self._ends[k - 1] if k else -self.skip
+
+  def _examples(self, k):
+    epoch = self.start_epoch + k
+    return self.reader.epoch_examples(epoch, self.reader.epoch_order(self.sampler, epoch))
+
   def _epoch(self, k):
     """(dataset, first example index in this source) of the k-th epoch from the start."""
     with self._lock:
       while len(self._ends) <= k:
         n = len(self._ends)
-        epoch = self.start_epoch + n
-        ds = self.reader.epoch_examples(epoch, self.reader.epoch_order(self.sampler, epoch))
-        self._ends.append((self._ends[-1] if n else -self.skip) + len(ds))
-        self._epochs[n] = ds
+        self._epochs[n] = self._examples(n)
+        self._ends.append(self._first(n) + len(self._epochs[n]))
         self._epochs.pop(n - 3, None)  # readers are at most a prefetch buffer behind
       if k not in self._epochs:  # an old epoch asked for again: rebuild it
-        epoch = self.start_epoch + k
-        self._epochs[k] = self.reader.epoch_examples(epoch, self.reader.epoch_order(self.sampler, epoch))
-      return self._epochs[k], (self._ends[k - 1] if k else -self.skip)
+        self._epochs[k] = self._examples(k)
+      return self._epochs[k], self._first(k)
 
   def __getitem__(self, i):
     while not self._ends or self._ends[-1] <= i:
@@ -461,6 +466,13 @@ def _query_rows(index, modality):
   return np.flatnonzero((index["modality"] == MODALITIES.index(modality)) & index.get("is_query", True))
 
 
+def check_panorama_fov(fov_deg, modality="panorama"):
+  """A limited field of view (`eval.panorama_fov_deg`) cuts panoramas, to (0, 360) deg."""
+  if modality != "panorama" or not 0 < float(fov_deg) < 360:
+    raise GleamError(f"a limited field of view ({fov_deg} deg) applies to panoramas, in (0, 360) deg; "
+                     f"got modality {modality!r}: fix eval.panorama_fov_deg.")
+
+
 def make_eval_batches(data_cfg, split, modality, batch_size, process_rows=None, fov_deg=None):
   """Batches of every `modality` query of `split` (ordered by location id, then view):
   `image` float32 (b, H, W, 3), `location_id` int64, `index` int64 (record index in the split),
@@ -469,9 +481,8 @@ def make_eval_batches(data_cfg, split, modality, batch_size, process_rows=None, 
   record (`sector_heading_deg`), the rest filled: limited-field-of-view queries of known heading."""
   if modality not in MODALITIES:
     raise GleamError(f"unknown modality {modality!r}: use one of {MODALITIES}.")
-  if fov_deg is not None and (modality != "panorama" or not 0 < float(fov_deg) < 360):
-    raise GleamError(f"a limited field of view ({fov_deg} deg) applies to panoramas, in (0, 360) deg; "
-                     f"got modality {modality!r}: fix eval.panorama_fov_deg.")
+  if fov_deg is not None:
+    check_panorama_fov(fov_deg, modality)
   source = sources.get_source(data_cfg, split)
   index = sources.get_index(data_cfg, split, source)
   rows = _query_rows(index, modality)

@@ -311,11 +311,12 @@ def check_config(config):
       raise GleamError(f"config.{key}={config[key]} must be positive.")
   if config.eval.protocol != "cvusa" and config.eval.protocol not in ("vigor", "university"):
     raise GleamError(f"config.eval.protocol={config.eval.protocol!r}: use 'cvusa', 'vigor' or 'university'.")
-  fovs = tuple(config.eval.get("panorama_fov_deg", ()) or ())
-  if fovs and (not all(0 < float(f) < 360 for f in fovs)
-               or "panorama" not in tuple(config.eval.modalities or config.data.modalities)):
-    raise GleamError(f"config.eval.panorama_fov_deg={fovs}: give fields of view in (0, 360) deg, for a job that "
-                     "evaluates panoramas.")
+  fovs = fov_query_sets(config).values()
+  if fovs and "panorama" not in tuple(config.eval.modalities or config.data.modalities):
+    raise GleamError(f"config.eval.panorama_fov_deg={tuple(fovs)} cuts panoramas, but this job does not evaluate "
+                     "panoramas: add 'panorama' to eval.modalities or clear eval.panorama_fov_deg.")
+  for fov in fovs:
+    pipeline.check_panorama_fov(fov)
 
 
 def fov_query_sets(config):
