@@ -113,15 +113,11 @@ def test_sues200_altitudes_and_protocol(tmp_path):
 def test_tiny_training_run_on_university_reports_both_directions(university, tmp_path):
   """configs/c_phase1.py:tiny,data=university1652 trains on drone views and evaluates drone ->
   satellite and satellite -> drone (the drone gallery) with the University-1652 protocol."""
-  import importlib.util
+  from config_files import load_config
   from gleam_jax import main
   from gleam_jax.utils.writer import read_metrics
   cfg, _ = university
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "c_phase1.py")
-  spec = importlib.util.spec_from_file_location("c_phase1", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny,data=university1652,modalities=uav,batch=2,steps=2")
+  config = load_config("c_phase1", "tiny,data=university1652,modalities=uav,batch=2,steps=2")
   config.mesh.data, config.mesh.tensor = 2, 4  # the fixture has two training buildings
   config.optim.warmup_steps = 1
   assert config.eval.protocol == "university" and tuple(config.eval.satellite_to) == ("uav",)

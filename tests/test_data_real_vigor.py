@@ -1,12 +1,12 @@
 """VIGOR builder on a tiny copy with the published layout: labels, splits, the VIGOR protocol through
 the pipeline and the evaluator, missing files, and a tiny training run through gleam_jax.main."""
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
 import real_data_fixtures as fx
+from config_files import load_config
 from gleam_jax.data import pipeline, sources
 from gleam_jax.data.config import MODALITIES, data_config
 from gleam_jax.errors import GleamError
@@ -14,14 +14,6 @@ from gleam_jax import main
 from gleam_jax.eval import evaluator
 from gleam_jax.utils.writer import read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name, arg):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,13 @@ def test_config_errors_and_overrides():
     cfg.embed_dim = 'large'
   model = nnx.eval_shape(lambda: gleam_c.GleamC(gleam_c.model_config(), rngs=nnx.Rngs(0)))
   assert model.encoder.config.dims == (40, 80, 160, 320)  # atto by default
+  custom = gleam_c.model_config(depths=(1, 1), dims=(8, 16))
+  assert custom.variant == 'custom'
+  custom.variant = 'base'  # --config.model.variant=base on a custom net: not silently ignored
+  with pytest.raises(GleamError, match=r"variant='base'.*depths=\(1, 1\).*c_phase1.py:variant=base"):
+    gleam_c.backbone_config(custom)
+  custom.variant = 'atto'  # configs saved before 'custom' existed: the custom net, as then
+  assert gleam_c.backbone_config(custom).dims == (8, 16)
 
 
 def test_modality_towers_encode_their_modality_and_others_fall_back():

@@ -1,5 +1,4 @@
 """The GLEAM-C job end to end on the tiny world: phase 1, resume after SIGKILL, phase 2, errors."""
-import importlib.util
 import json
 import os
 import signal
@@ -11,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from config_files import load_config
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import main
 from gleam_jax import retrieve
@@ -20,14 +20,6 @@ from gleam_jax.utils.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
-
-
-def load_config(name, arg="tiny"):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  return config
 
 
 def tiny_config(name, data_dir, arg="tiny", **fields):

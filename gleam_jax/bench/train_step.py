@@ -1,7 +1,7 @@
 """GLEAM-C train step: ours (jitted, `gleam_jax.train.contrastive`) against PyTorch as Sample4Geo.
 
   python -m gleam_jax.bench.train_step                       # configs/c_phase1.py as it is
-  python -m gleam_jax.bench.train_step --config.model.variant=tiny --config.batch_size=32 \
+  python -m gleam_jax.bench.train_step --config=configs/c_phase1.py:variant=tiny --config.batch_size=32 \
       --config.data.panorama_size='(128, 256)' --config.model.dtype=bfloat16 --repeats=5
 
 Model, optimizer, batch size and image sizes (panorama -> query, satellite) come from `--config`.
@@ -13,6 +13,14 @@ AdamW, gradient clipping by global norm, one scheduler step. It runs eagerly and
 `torch.compile` (model + loss; the optimizer step eager). All three run on the same batch
 (panoramas + satellite tiles) in one process; repeats are interleaved (ours, eager, compiled,
 ours, ...) so load from other processes falls on all of them alike, and the median is reported.
+
+The last line gives our step's model FLOPs (`gleam_c.contrastive_step_flops`), the FLOP/s reached
+and, where the device's peak is known (`utils.mfu`, or `--peak_tflops`), the MFU. On an accelerator,
+ConvNeXt-B at 384 px in bfloat16, ours alone (the PyTorch reference is the CPU step):
+
+  python -m gleam_jax.bench.train_step --torch=false --config=configs/c_phase1.py:variant=base \
+      --config.model.dtype=bfloat16 --config.data.panorama_size='(384, 384)' \
+      --config.data.satellite_size='(384, 384)' --config.batch_size=64
 """
 import os
 import statistics
@@ -30,7 +38,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats.")
 _THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
 _COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time the torch.compile variant.")
 _OUT = flags.DEFINE_string("out", None, "Append the result table to this Markdown file.")
-
+_TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch steps too (false: ours alone, e.g. on "
+                           "an accelerator where the PyTorch build is CPU-only).")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "The device's peak dense TFLOP/s in the model's "
+                           "dtype, for MFU (default: utils.mfu.PEAK_BF16_TFLOPS by device kind).")
 
 def bench_config():
   config = _CONFIG.value
@@ -44,21 +55,26 @@ def make_batch(batch, query, sat, seed=0):
           "satellite": rng.standard_normal((batch, *sat, 3), dtype=np.float32)}
 
 
+def load_torch_weights(model, torch_encoder):
+  import jax.numpy as jnp
+  from gleam_jax.models import convnext_params
+  convnext_params.load_convnext_weights(model.encoder, torch_encoder.backbone.state_dict())
+  if model.projection is not None:
+    model.projection.kernel[...] = jnp.asarray(torch_encoder.projection.weight.detach().numpy().T)
+    model.projection.bias[...] = jnp.asarray(torch_encoder.projection.bias.detach().numpy())
+
+
 class Ours:
-  """Our jitted step on a 1-device mesh, starting from the PyTorch model's weights (so the first
-  losses agree); `compile_s` is the trace + XLA compile time."""
+  """Our jitted step on a 1-device mesh, starting from the PyTorch model's weights when given (so
+  the first losses agree); `compile_s` is the trace + XLA compile time."""
 
   def __init__(self, config, batch, torch_encoder):
     import jax
-    import jax.numpy as jnp
-    from gleam_jax.models import convnext_params
     from gleam_jax.train import contrastive
     from gleam_jax.train import sharding as shd
     model = contrastive.build_model(config.model, config.seed)
-    convnext_params.load_convnext_weights(model.encoder, torch_encoder.backbone.state_dict())
-    if model.projection is not None:
-      model.projection.kernel[...] = jnp.asarray(torch_encoder.projection.weight.detach().numpy().T)
-      model.projection.bias[...] = jnp.asarray(torch_encoder.projection.bias.detach().numpy())
+    if torch_encoder is not None:
+      load_torch_weights(model, torch_encoder)
     mesh = shd.single_device_mesh()
     self.setup, self.state = contrastive.create_train_state(
         model, config.optim, config.total_steps, mesh, config.sharding_rules,
@@ -68,6 +84,7 @@ class Ours:
     start = time.perf_counter()
     self.compiled = step.jitted.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
+    self.xla_flops = (self.compiled.cost_analysis() or {}).get("flops")
     self.state, metrics = self.compiled(self.state, self.batch)  # warm-up
     self.loss0 = float(metrics["loss"])
     jax.block_until_ready(self.state)
@@ -167,26 +184,31 @@ class Torch:
 def main(argv):
   del argv
   import jax
-  import torch
-  torch.set_num_threads(_THREADS.value)
   config, query, sat = bench_config()
   b = config.batch_size
   batch = make_batch(b, query, sat)
   from gleam_jax.models import gleam_c
+  from gleam_jax.utils import mfu
   arch = gleam_c.backbone_config(config.model)
-  desc = (f"ConvNeXt {config.model.variant if not config.model.get('depths') else 'custom'} "
+  desc = (f"ConvNeXt {config.model.variant} "
           f"depths={arch.depths} dims={arch.dims} embed_dim={config.model.get('embed_dim')}, batch {b}, query {query[0]}x{query[1]}, "
-          f"satellite {sat[0]}x{sat[1]}, our dtype {config.model.dtype}, torch threads "
-          f"{torch.get_num_threads()}, jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__}, {os.cpu_count()} CPU cores, load avg "
-          f"{os.getloadavg()[0]:.1f}")
+          f"satellite {sat[0]}x{sat[1]}, our dtype {config.model.dtype}, "
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores, "
+          f"load avg {os.getloadavg()[0]:.1f}")
+  eager = None
+  if _TORCH.value:
+    import torch
+    torch.set_num_threads(_THREADS.value)
+    desc += f", torch {torch.__version__} with {torch.get_num_threads()} threads"
+    eager = Torch(config, batch, compile_=False)  # same seed: same initial weights for all
   print(desc, flush=True)
 
-  eager = Torch(config, batch, compile_=False)  # same seed: same initial weights for all
-  runners = {"ours (jax.jit)": Ours(config, batch, eager.model), "torch eager": eager}
+  runners = {"ours (jax.jit)": Ours(config, batch, eager.model if eager else None)}
   print(f"ours: compile {runners['ours (jax.jit)'].compile_s:.1f} s", flush=True)
-  eager.warm_up()
-  if _COMPILE.value:
+  if eager is not None:
+    runners["torch eager"] = eager
+    eager.warm_up()
+  if _TORCH.value and _COMPILE.value:
     runners["torch.compile"] = Torch(config, batch, compile_=True)
     runners["torch.compile"].warm_up()
     print(f"torch.compile: first two steps (compile) {runners['torch.compile'].compile_s:.1f} s",
@@ -205,13 +227,19 @@ def main(argv):
 
   median = {n: statistics.median(v) for n, v in rates.items()}
   ours = median["ours (jax.jit)"]
-  best_torch = max((v, n) for n, v in median.items() if n != "ours (jax.jit)")
   lines = [f"Setting: {desc}.", "",
            "| step | steps/s (median) | pairs/s | ours / this |", "| --- | --- | --- | --- |"]
   for name, v in median.items():
     lines.append(f"| {name} | {v:.3f} | {v * b:.1f} | {ours / v:.2f}x |")
-  lines += ["", f"Our compile time: {runners['ours (jax.jit)'].compile_s:.1f} s. "
-            f"Ours vs the faster PyTorch variant ({best_torch[1]}): {ours / best_torch[0]:.2f}x."]
+  lines += ["", f"Our compile time: {runners['ours (jax.jit)'].compile_s:.1f} s."]
+  if _TORCH.value:
+    best_torch = max((v, n) for n, v in median.items() if n != "ours (jax.jit)")
+    lines[-1] += (f" Ours vs the faster PyTorch variant ({best_torch[1]}): "
+                  f"{ours / best_torch[0]:.2f}x.")
+  step_flops = gleam_c.contrastive_step_flops(config.model, b, query, sat)
+  lines += ["", "Ours, in model FLOPs (convs and linears; backward = 2x forward): "
+            + mfu.describe(step_flops, ours, jax.devices()[0], config.model.dtype, _PEAK.value,
+                           runners["ours (jax.jit)"].xla_flops)]
   text = "\n".join(lines)
   print(text)
   if _OUT.value:

@@ -29,6 +29,7 @@ from gleam_jax.errors import GleamError
 from gleam_jax.models import convnext, convnext_params
 
 TOWERS = ('query', 'reference')
+CUSTOM = 'custom'  # model.variant when model.depths and model.dims give the architecture
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -39,7 +40,7 @@ def model_config(variant='atto', embed_dim=None, separate_towers=False, drop_pat
   `pretrained` is a local HF/timm ConvNeXt checkpoint (directory or file) loaded at construction."""
   ph = config_dict.placeholder
   return ml_collections.ConfigDict(dict(
-      variant=variant,
+      variant=CUSTOM if depths is not None or dims is not None else variant,
       depths=ph(tuple) if depths is None else tuple(depths),
       dims=ph(tuple) if dims is None else tuple(dims),
       embed_dim=ph(int) if embed_dim is None else embed_dim,
@@ -54,6 +55,13 @@ def model_config(variant='atto', embed_dim=None, separate_towers=False, drop_pat
 
 
 def backbone_config(cfg) -> convnext.ConvNeXtConfig:
+  custom = cfg.get('depths') is not None or cfg.get('dims') is not None
+  # 'atto' with depths/dims: how configs saved before 'custom' existed name a custom net.
+  if custom and cfg.variant not in (CUSTOM, 'atto'):
+    raise GleamError(f'model.variant={cfg.variant!r} and a custom model.depths={cfg.get("depths")} / '
+                     f'dims={cfg.get("dims")} are both set, and the custom net would be built; for '
+                     f'the named variant give it to the config file (configs/c_phase1.py:'
+                     f'variant={cfg.variant}), which sets no depths or dims.')
   if cfg.dtype not in DTYPES:
     raise GleamError(f'model.dtype={cfg.dtype!r} is not supported; use one of {sorted(DTYPES)}.')
   if not 0.0 <= cfg.drop_path_rate < 1.0:
@@ -125,6 +133,23 @@ class GleamC(nnx.Module):
 
   def __call__(self, query_images, reference_images):
     return self.encode(query_images, 'query'), self.encode(reference_images, 'reference')
+
+
+def encode_flops(cfg, height: int, width: int) -> int:
+  """Model FLOPs of embedding one (height, width) image: the backbone's convs and linears
+  (`convnext.forward_flops`) and the projection, 2 per multiply-add."""
+  bcfg = backbone_config(cfg)
+  embed_dim = cfg.get('embed_dim')
+  projection = 2 * bcfg.dims[-1] * embed_dim if embed_dim else 0
+  return convnext.forward_flops(bcfg, height, width) + projection
+
+
+def contrastive_step_flops(cfg, batch: int, query_hw, reference_hw) -> int:
+  """Model FLOPs of one contrastive train step: forward + backward (3x the forward) of `batch`
+  query and reference embeddings and of the (batch x batch) similarity matrix."""
+  embed = cfg.get('embed_dim') or backbone_config(cfg).dims[-1]
+  per_pair = encode_flops(cfg, *query_hw) + encode_flops(cfg, *reference_hw)
+  return 3 * (batch * per_pair + 2 * batch * batch * embed)
 
 
 def tower_prefix(tower, separate_towers, modality_towers):
