@@ -16,6 +16,7 @@ from gleam_jax import main
 from gleam_jax import retrieve
 from gleam_jax.data import pipeline
 from gleam_jax.errors import GleamError
+from gleam_jax.models import gleam_c
 from gleam_jax.utils.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,11 @@ def test_phase1_trains_logs_evaluates_and_checkpoints(phase1_workdir):
   assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
   last = [r for r in rows if r["step"] == STEPS and "loss" in r][0]
   assert {"lr", "logit_scale", "grad_norm", "pairs_per_s"} <= set(last)
+  assert "mfu" not in last  # no peak FLOP/s known for a CPU
+  config = retrieve.load_config(phase1_workdir)  # model FLOPs of a step times steps/s
+  b, (ph, pw), (sh, sw) = config.batch_size, config.data.panorama_size, config.data.satellite_size
+  step_flops = gleam_c.contrastive_step_flops(config.model, [(b, ph, pw)], [(b, sh, sw)])
+  assert last["model_tflops_per_s"] == pytest.approx(step_flops * last["pairs_per_s"] / b / 1e12)
   evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
   for split in ("test", "test_cross_city"):
     assert 0.0 <= evals[f"eval/{split}/panorama/R@1"] <= evals[f"eval/{split}/panorama/R@5"] <= 1.0

@@ -20,7 +20,12 @@ def test_contrastive_step_flops_counts_both_views_the_projection_and_the_logits(
   b = 64
   expected = 3 * (b * (gleam_c.encode_flops(model, 32, 64) + gleam_c.encode_flops(model, 32, 32))
                   + 2 * b * b * embed)
-  assert gleam_c.contrastive_step_flops(model, b, (32, 64), (32, 32)) == expected
+  assert gleam_c.contrastive_step_flops(model, [(b, 32, 64)], [(b, 32, 32)]) == expected
+  # Phase 2: query groups of different sizes, their satellites in two groups too.
+  groups = [(16, 32, 64), (48, 32, 32)]
+  assert gleam_c.contrastive_step_flops(model, groups, [(16, 32, 32), (48, 32, 32)]) == 3 * (
+      16 * gleam_c.encode_flops(model, 32, 64) + 48 * gleam_c.encode_flops(model, 32, 32)
+      + b * gleam_c.encode_flops(model, 32, 32) + 2 * b * b * embed)
 
 
 def test_peak_flops_by_device_kind_and_dtype():

@@ -236,7 +236,7 @@ def main(argv):
     best_torch = max((v, n) for n, v in median.items() if n != "ours (jax.jit)")
     lines[-1] += (f" Ours vs the faster PyTorch variant ({best_torch[1]}): "
                   f"{ours / best_torch[0]:.2f}x.")
-  step_flops = gleam_c.contrastive_step_flops(config.model, b, query, sat)
+  step_flops = gleam_c.contrastive_step_flops(config.model, [(b, *query)], [(b, *sat)])
   lines += ["", "Ours, in model FLOPs (convs and linears; backward = 2x forward): "
             + mfu.describe(step_flops, ours, jax.devices()[0], config.model.dtype, _PEAK.value,
                            runners["ours (jax.jit)"].xla_flops)]

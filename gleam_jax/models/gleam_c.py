@@ -144,12 +144,16 @@ def encode_flops(cfg, height: int, width: int) -> int:
   return convnext.forward_flops(bcfg, height, width) + projection
 
 
-def contrastive_step_flops(cfg, batch: int, query_hw, reference_hw) -> int:
-  """Model FLOPs of one contrastive train step: forward + backward (3x the forward) of `batch`
-  query and reference embeddings and of the (batch x batch) similarity matrix."""
+def contrastive_step_flops(cfg, query_shapes, reference_shapes) -> int:
+  """Model FLOPs of one contrastive train step: forward + backward (3x the forward) of every query
+  and reference embedding and of the similarity matrix of the global batch. Shapes are
+  (count, height, width), one per group of images (a modality's queries, their satellites). Towers
+  frozen by the optimizer are counted as trained: a fixed model cost per step, whatever is frozen."""
   embed = cfg.get('embed_dim') or backbone_config(cfg).dims[-1]
-  per_pair = encode_flops(cfg, *query_hw) + encode_flops(cfg, *reference_hw)
-  return 3 * (batch * per_pair + 2 * batch * batch * embed)
+  encode = sum(n * encode_flops(cfg, h, w) for n, h, w in [*query_shapes, *reference_shapes])
+  n_query = sum(n for n, _, _ in query_shapes)
+  n_reference = sum(n for n, _, _ in reference_shapes)
+  return 3 * (encode + 2 * n_query * n_reference * embed)
 
 
 def tower_prefix(tower, separate_towers, modality_towers):

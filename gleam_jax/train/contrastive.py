@@ -54,6 +54,7 @@ from gleam_jax.train import checkpoint
 from gleam_jax.train import losses
 from gleam_jax.train import optim
 from gleam_jax.train import sharding as shd
+from gleam_jax.utils import mfu
 from gleam_jax.utils.progress import RateEta, format_eta
 from gleam_jax.utils.writer import MetricWriter, read_metrics
 
@@ -248,6 +249,12 @@ def step_inputs(batch):
   """What the step reads: query and satellite, and the location ids of grouped batches."""
   keys = STEP_INPUTS + (("location_id",) if isinstance(batch["query"], dict) else ())
   return {k: batch[k] for k in keys}
+
+
+def step_model_flops(model_cfg, batch):
+  """Model FLOPs of a train step on `batch` (global shapes): `gleam_c.contrastive_step_flops`."""
+  shapes = {k: [x.shape[:3] for x in jax.tree.leaves(batch[k])] for k in STEP_INPUTS}
+  return gleam_c.contrastive_step_flops(model_cfg, shapes["query"], shapes["satellite"])
 
 
 def check_batch_groups(batch, mesh):
@@ -465,7 +472,9 @@ def run(config, workdir):
        f"{steps_per_epoch} steps/epoch of {batch_size} pairs ({groups}); training to step {total_steps}")
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   train_step = make_train_step(setup)
-  rate = RateEta(total_steps)
+  rate = RateEta(total_steps)  # steps/s; times the batch: pairs/s, times a step's FLOPs: FLOP/s
+  peak = mfu.peak_flops(jax.devices()[0], config.model.dtype)
+  peak = peak and peak * len(jax.devices())
   pending = []
   results = {}
   ckpt_every = int(config.checkpoint.every_steps)
@@ -479,6 +488,8 @@ def run(config, workdir):
         refresh_dss_neighbours(config, setup, state, stream)
       batch = shd.shard_batch(step_inputs(next(stream)), mesh)
       state, metrics = train_step(state, batch)
+      if step == first_step:
+        step_flops = step_model_flops(config.model, batch)
       step += 1
       pending.append((step, metrics))
       if step == first_step + 1:
@@ -493,12 +504,16 @@ def run(config, workdir):
         if is_log:
           m = dict(pending[-1][1])
           pairs_per_s, eta = rate.update(step)
-          pairs_per_s *= batch_size
-          m.update(pairs_per_s=pairs_per_s, epoch=step / steps_per_epoch)
+          m.update(pairs_per_s=pairs_per_s * batch_size, epoch=step / steps_per_epoch,
+                   model_tflops_per_s=step_flops * pairs_per_s / 1e12)
+          speed = f"{m['pairs_per_s']:.1f} pairs/s"
+          if peak:
+            m["mfu"] = step_flops * pairs_per_s / peak
+            speed += f" MFU {m['mfu']:.1%}"
           writer.write(step, m)
           _log(f"step {step}/{total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} logit scale "
                f"{m['logit_scale']:.2f} grad norm {m['grad_norm']:.3f} batch acc {m['batch_acc']:.2f} "
-               f"{pairs_per_s:.1f} pairs/s ETA {format_eta(eta)}")
+               f"{speed} ETA {format_eta(eta)}")
         pending = []
       if is_ckpt:
         checkpoint.save(manager, step, state, {"stream": stream.get_state()})
