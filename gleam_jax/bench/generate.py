@@ -18,6 +18,11 @@ implementations (eager, sdpa); ours is compared with the fastest of them. For ea
 
 Times are the best of `--repeats` warm runs, interleaved over all settings so that each sees the same
 machine load. The tokens of all runs are compared with ours.
+
+On an accelerator, ours alone at a real size (random weights, no PyTorch), with the rate at which a
+decode step reads the decoder's weights (what bounds decoding):
+
+  python -m gleam_jax.bench.generate --torch=false --model=qwen2_5_vl_3b --dtype=bfloat16
 """
 import os
 import tempfile
@@ -35,6 +40,11 @@ _THREADS = flags.DEFINE_list("torch_threads", ["1", "2"], "torch.set_num_threads
 _ATTN = flags.DEFINE_list("torch_attention", ["eager", "sdpa"], "transformers attention implementations.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Warm runs per setting; the best is reported.")
 _OUT = flags.DEFINE_string("out", "docs/bench_generate.md", "Markdown file for the figures ('' = none).")
+_TORCH = flags.DEFINE_bool("torch", True, "Compare with transformers (false: ours alone, e.g. on an accelerator).")
+_MODEL = flags.DEFINE_enum("model", "bench", ["bench", "qwen2_5_vl_3b", "qwen2_5_vl_7b"],
+                           "Model shape (random weights); real sizes only with --torch=false.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Our parameter and compute dtype "
+                           "(with --torch=false).")
 
 
 def bench_config():
@@ -91,6 +101,11 @@ def best(runs, n):
 
 def main(argv):
   del argv
+  if not _TORCH.value:
+    return main_ours_alone()
+  if _MODEL.value != "bench" or _DTYPE.value != "float32":
+    raise app.UsageError("--model and --dtype choose the model of --torch=false; the comparison with "
+                         "transformers runs the bench model in float32.")
   import numpy as np
   import torch
   import transformers
@@ -162,6 +177,48 @@ def main(argv):
   if _OUT.value:
     write_markdown(_OUT.value, cfg, rows, n, load)
     print(f"wrote {_OUT.value}")
+
+
+def main_ours_alone():
+  """Ours alone on the default device: prefill and decode tokens/s, and the parameter bytes a decode
+  step reads per second (decoding is bound by them)."""
+  import jax
+  import numpy as np
+  from gleam_jax.models.qwen2_5_vl import config as config_lib
+  from gleam_jax.models.qwen2_5_vl import generation, modeling
+  base = bench_config() if _MODEL.value == "bench" else config_lib.get(_MODEL.value)
+  cfg = base.replace(dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+  start = time.perf_counter()
+  model = modeling.create_model(cfg)
+  jax.block_until_ready(nnx_arrays(model))
+  params = sum(x.size for x in nnx_arrays(model))
+  # What a decode step reads: every parameter outside the vision tower, less an untied input embedding
+  # (of which it reads one row per sequence).
+  weight_bytes = sum(x.nbytes for x in nnx_arrays(model)) - sum(x.nbytes for x in nnx_arrays(model.visual))
+  if not cfg.tie_word_embeddings:
+    weight_bytes -= model.language_model.embed_tokens.embedding[...].nbytes
+  print(f"{_MODEL.value} ({params / 1e9:.2f} B parameters, {_DTYPE.value}) on {jax.devices()[0].device_kind}: "
+        f"initialised in {time.perf_counter() - start:.1f} s", flush=True)
+  n = _NEW.value
+  for batch in [int(b) for b in _BATCH.value]:
+    ids, mask, pixels, grids = make_inputs(cfg, batch, np.random.default_rng(batch))
+    runs = []
+    for _ in range(_REPEATS.value + 1):  # the first call compiles
+      stamps = [time.perf_counter()]
+      generation.generate(model, ids, mask, pixels.astype(np.float32), grids, max_new_tokens=n,
+                          eos_token_ids=(), chunk=_CHUNK.value,
+                          callback=lambda step, toks: stamps.append(time.perf_counter()))
+      runs.append((stamps, None))
+    prefill, step, _ = best(runs[1:], n)
+    print(f"batch {batch}: prefill {batch * ids.shape[1] / prefill:.0f} tok/s, decode {batch / step:.1f} tok/s "
+          f"({step * 1e3:.2f} ms per step, decoder weights read at {weight_bytes / step / 1e9:.0f} GB/s), "
+          f"compile {runs[0][0][-1] - runs[0][0][0] - prefill - step * (n - 1):.1f} s", flush=True)
+
+
+def nnx_arrays(model):
+  import jax
+  from flax import nnx
+  return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
 def describe(row):
