@@ -1,17 +1,21 @@
-"""Retrieve the satellite images that match a query image with a trained GLEAM-C model.
+"""Retrieve the satellite images that match query images with a trained GLEAM-C model.
 
     python -m gleam_jax.retrieve --workdir=W --query=img.jpg --gallery=DIR [--k=5] [--modality=panorama]
 
 Loads the model described by `W/config.json` with the parameters of W's latest checkpoint, embeds
 every image in DIR (png, jpg, jpeg, bmp, tif, tiff, webp; other files are skipped and counted) as
-satellite references and the query with the query tower, prints the top-k gallery files with their
-cosine scores and writes a PNG of the query and its top-k (default `W/retrieve/<query>_top<k>.png`).
+satellite references, batch by batch, and keeps those embeddings in W/retrieve/ for the next call
+(reused while the checkpoint and DIR's files stay the same). It embeds the query (one file, or every
+image of a folder) with the query tower, searches as the evaluation does (`eval.search`: exact, or
+ScaNN for large galleries), prints each query's top-k gallery files with their cosine scores and
+writes a PNG of the query and its top-k (default `W/retrieve/<query>_top<k>.png`).
 Images are read upright (their EXIF orientation applied) and resized to the sizes the model was
 trained on (`config.data`). A phase-2 job places a ground photo by its camera (`--heading_deg`,
 `--fov_deg`) and a UAV view by its pose (`--heading_deg --pitch_deg --altitude_m --fov_deg`) and the
 gallery's `--footprint_m`; camera values not given are read from the file where it records them
 (EXIF, a DJI drone's XMP: `data/photo_camera.py`).
 """
+import hashlib
 import json
 import os
 import sys
@@ -27,6 +31,7 @@ from PIL import ImageOps
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.data.photo_camera import open_image, recorded_camera
+from gleam_jax.data.sources import CAMERA_KEYS
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -35,6 +40,7 @@ from gleam_jax.train import contrastive
 from gleam_jax.train import sharding as shd
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+GALLERY_BATCH = 64
 
 FLAGS = flags.FLAGS
 
@@ -42,12 +48,14 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Command-line flags (defined only when run as a program: gleam_jax.main owns --workdir too)."""
   flags.DEFINE_string("workdir", None, "Workdir of a finished (or running) GLEAM-C job.")
-  flags.DEFINE_string("query", None, "The query image (panorama, UAV view, street map or photo).")
+  flags.DEFINE_string("query", None, "The query image (panorama, UAV view, street map or photo), or a folder "
+                      "of query images (one modality).")
   flags.DEFINE_string("gallery", None, "Folder of satellite images to search.")
   flags.DEFINE_integer("k", 5, "How many gallery images to show.")
   flags.DEFINE_string("modality", None, "Query modality (sets its input size and tower); needed when the "
                       "job was trained for several.")
-  flags.DEFINE_string("out", None, "PNG to write (default W/retrieve/<query>_top<k>.png).")
+  flags.DEFINE_string("out", None, "PNG to write for one query, folder of the PNGs for several (default "
+                      "W/retrieve/<query>_top<k>.png).")
   flags.DEFINE_float("heading_deg", None, "The camera's compass heading (clockwise from north), for jobs "
                      "that read ground photos in the panorama frame (data.ground_frame; default: the "
                      "photo's EXIF GPSImgDirection) or UAV views in the satellite frame (data.uav_frame).")
@@ -71,6 +79,12 @@ def load_config(workdir):
 
 def load_model(workdir):
   """(model in eval mode, config) with the parameters of the workdir's latest checkpoint."""
+  model, config, _ = _load(workdir)
+  return model, config
+
+
+def _load(workdir):
+  """(model in eval mode, config, the checkpoint read)."""
   config = load_config(workdir)
   if config.get("trainer") != "contrastive":
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; retrieval needs a GLEAM-C "
@@ -85,7 +99,7 @@ def load_model(workdir):
   model = nnx.merge(graphdef, restored["model"], rng_state, rest)
   model.eval()
   print(f"model from {where}")
-  return model, config
+  return model, config, where
 
 
 def read_image(path):
@@ -94,15 +108,25 @@ def read_image(path):
     return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
 
 
-def gallery_files(folder):
+def image_files(folder, flag):
+  """(the image files in `folder`, sorted; how many other files it holds)."""
   if not os.path.isdir(folder):
-    raise GleamError(f"--gallery={folder} is not a folder of satellite images.")
+    raise GleamError(f"{flag}={folder} is not a folder of images.")
   names = sorted(os.listdir(folder))
   files = [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
   skipped = len([n for n in names if os.path.isfile(os.path.join(folder, n))]) - len(files)
   if not files:
-    raise GleamError(f"--gallery={folder} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    raise GleamError(f"{flag}={folder} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
   return files, skipped
+
+
+def query_files(path):
+  """A query image file, or the images of a folder of queries."""
+  if os.path.isdir(path):
+    return image_files(path, "--query")[0]
+  if not os.path.isfile(path):
+    raise GleamError(f"--query={path} is neither an image file nor a folder of images.")
+  return [path]
 
 
 def prepare(image, size, data_cfg):
@@ -139,48 +163,102 @@ def _camera_from_file(query_path, modality, given):
 
 def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, heading_deg=None, fov_deg=None,
            pitch_deg=None, altitude_m=None, footprint_m=None):
-  """Prints and returns the top-k [(file, score)]; writes the PNG. A ground photo needs `heading_deg`
-  and `fov_deg` when the job read ground photos in the panorama frame: when not given, they are read
-  from the photo's EXIF (compass heading, 35 mm-equivalent focal length; the field of view defaults
-  to 90 deg); a UAV view needs
-  its camera (`heading_deg`, `pitch_deg`, `altitude_m`, `fov_deg`) and the satellites' `footprint_m`
-  when the job read UAV views in the satellite frame."""
-  model, config = load_model(workdir)
+  """Prints and returns the top-k [(file, score)] of one query file; writes the PNG (`out`). See
+  `search_all`, which this calls, for the camera values."""
+  found = search_all(workdir, [query_path], gallery_dir, k, modality, out, heading_deg=heading_deg,
+                     fov_deg=fov_deg, pitch_deg=pitch_deg, altitude_m=altitude_m, footprint_m=footprint_m)
+  return found[query_path]
+
+
+def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, **camera):
+  """{query file: its top-k [(gallery file, score)]} for every query, printed, with a PNG each
+  (`out`: the PNG of a single query, else the folder of the PNGs; default W/retrieve/). The
+  gallery's embeddings are kept in W/retrieve/ and reused while the checkpoint, the input settings
+  and the gallery's files (names, sizes, modification times) stay the same; the search is the
+  evaluation's (`eval.search`: exact, or ScaNN for large galleries). A ground photo needs
+  `heading_deg` and `fov_deg` when the job read ground photos in the panorama frame: when not
+  given, they are read from the photo's EXIF (compass heading, 35 mm-equivalent focal length; the
+  field of view defaults to 90 deg); a UAV view needs its camera (`heading_deg`, `pitch_deg`,
+  `altitude_m`, `fov_deg`) and the satellites' `footprint_m` when the job read UAV views in the
+  satellite frame. Camera values given apply to every query."""
+  model, config, source = _load(workdir)
   data_cfg = config.data
   modality = modality or _only_modality(workdir, config)
-  given = dict(heading_deg=heading_deg, fov_deg=fov_deg, pitch_deg=pitch_deg, altitude_m=altitude_m,
-               footprint_m=footprint_m)
+  queries = {path: _query_input(workdir, path, modality, camera, data_cfg) for path in query_paths}
+  files, skipped = image_files(gallery_dir, "--gallery")
+  gallery = gallery_embeddings(model, config, source, files, workdir)
+  encode = jax.jit(lambda x: model.encode(x, tower=modality))
+  shape = query_shape(data_cfg, modality)
+  embedded = np.concatenate([np.asarray(encode(prepare(framed, shape, data_cfg)[None]))
+                             for _, framed in queries.values()])
+  search_cfg = config.eval.get("search") or retrieval.search_config()
+  index = retrieval.build_index(gallery, search_cfg, workdir=os.path.join(workdir, "retrieve"))
+  scores, top = index.search(embedded, k)
+  print(f"gallery {len(files)} images in {gallery_dir}"
+        + (f" ({skipped} non-image files skipped)" if skipped else ""))
+  found = {}
+  for (path, (raw, _)), row_scores, row_top in zip(queries.items(), scores, top):
+    print(f"query {path} ({modality})")
+    for rank, (score, i) in enumerate(zip(row_scores, row_top), 1):
+      print(f"{rank:3d}. {score:.4f}  {files[i]}")
+    png = _png_path(workdir, path, len(row_top), out, single=len(queries) == 1)
+    report.save_topk_png(raw, [read_image(files[i]) for i in row_top], row_scores, png)
+    print(f"wrote {png}")
+    found[path] = [(files[i], float(score)) for score, i in zip(row_scores, row_top)]
+  return found
+
+
+def _query_input(workdir, path, modality, given, data_cfg):
+  """(the query as read, the query in its modality's frame); the camera completed from the file."""
+  given = {key: given.get(key) for key in CAMERA_KEYS}
   if warps_query(data_cfg, modality):
-    given = _camera_from_file(query_path, modality, given)
+    given = _camera_from_file(path, modality, given)
     missing = [f"--{k}" for k in FRAME_CAMERA_KEYS[modality] if given[k] is None]
     if missing:
       frame = "ground photos in the panorama frame" if modality == "ground" else "UAV views in the satellite frame"
-      raise GleamError(f"{workdir} reads {frame}, placed by their camera, and {query_path} does not record "
+      raise GleamError(f"{workdir} reads {frame}, placed by their camera, and {path} does not record "
                        f"all of it (EXIF / DJI XMP): give {', '.join(missing)}.")
   camera = {k: float("nan") if v is None else float(v) for k, v in given.items()}
-  query_raw = read_image(query_path)
-  query_framed = query_in_frame(query_raw, modality, camera, data_cfg)  # bad camera values stop here
-  files, skipped = gallery_files(gallery_dir)
-  gallery_raw = [read_image(f) for f in files]
-  batch_size = 64
-  batches = [{"image": np.stack([prepare(g, data_cfg.satellite_size, data_cfg) for g in gallery_raw[i:i + batch_size]]),
-              "index": np.arange(i, min(i + batch_size, len(files)))} for i in range(0, len(files), batch_size)]
+  raw = read_image(path)
+  return raw, query_in_frame(raw, modality, camera, data_cfg)  # bad camera values stop here
+
+
+def _png_path(workdir, query_path, k, out, single):
+  name = f"{os.path.splitext(os.path.basename(query_path))[0]}_top{k}.png"
+  if out and single:
+    path = out
+  else:
+    path = os.path.join(out or os.path.join(workdir, "retrieve"), name)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  return path
+
+
+def gallery_embeddings(model, config, source, files, workdir):
+  """The reference tower's embeddings of `files`, read and embedded batch by batch (no image is
+  held longer), kept in W/retrieve/gallery_<folder>.npz with a fingerprint of the checkpoint
+  (`source`), the input settings and the files (path, size, modification time): reused while these
+  stay the same, embedded again (and the file replaced) when any changes."""
+  stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+  data_cfg = config.data
+  key = json.dumps([str(source), list(data_cfg.satellite_size), list(data_cfg.mean), list(data_cfg.std), stats])
+  fingerprint = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+  folder = hashlib.blake2b(os.path.dirname(stats[0][0]).encode(), digest_size=8).hexdigest()
+  path = os.path.join(workdir, "retrieve", f"gallery_{folder}.npz")
+  if os.path.exists(path):
+    with np.load(path) as cached:
+      if str(cached["fingerprint"]) == fingerprint:
+        print(f"gallery embeddings from {path}")
+        return cached["embeddings"]
+  batches = ({"image": np.stack([prepare(read_image(f), data_cfg.satellite_size, data_cfg)
+                                 for f in files[i:i + GALLERY_BATCH]]),
+              "index": np.arange(i, min(i + GALLERY_BATCH, len(files)))}
+             for i in range(0, len(files), GALLERY_BATCH))
   gallery, _ = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)
-  query_image = prepare(query_framed, query_shape(data_cfg, modality), data_cfg)[None]
-  query = np.asarray(jax.jit(lambda x: model.encode(x, tower=modality))(query_image))
-  scores = (gallery @ query[0]).astype(np.float32)
-  k = min(k, len(files))
-  top = np.argsort(-scores, kind="stable")[:k]
-  print(f"query {query_path} ({modality}); gallery {len(files)} images in {gallery_dir}"
-        + (f" ({skipped} non-image files skipped)" if skipped else ""))
-  for rank, i in enumerate(top, 1):
-    print(f"{rank:3d}. {scores[i]:.4f}  {files[i]}")
-  out = out or os.path.join(workdir, "retrieve",
-                            f"{os.path.splitext(os.path.basename(query_path))[0]}_top{k}.png")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  report.save_topk_png(query_raw, [gallery_raw[i] for i in top], scores[top], out)
-  print(f"wrote {out}")
-  return [(files[i], float(scores[i])) for i in top]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  partial = path[:-len(".npz")] + ".partial.npz"
+  np.savez(partial, fingerprint=fingerprint, embeddings=gallery)
+  os.replace(partial, path)  # a reader never sees half a file
+  return gallery
 
 
 def main(argv):
@@ -191,8 +269,8 @@ def main(argv):
     print(f"error: {', '.join(missing)} required.", file=sys.stderr)
     sys.exit(2)
   try:
-    search(os.path.expanduser(FLAGS.workdir), FLAGS.query, FLAGS.gallery, FLAGS.k, FLAGS.modality, FLAGS.out,
-           FLAGS.heading_deg, FLAGS.fov_deg, FLAGS.pitch_deg, FLAGS.altitude_m, FLAGS.footprint_m)
+    search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query), FLAGS.gallery, FLAGS.k,
+               FLAGS.modality, FLAGS.out, **{name: FLAGS[name].value for name in CAMERA_KEYS})
   except GleamError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

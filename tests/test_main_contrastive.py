@@ -295,6 +295,35 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
   np.testing.assert_allclose(float(q[0] @ g[0]), top[0][1], rtol=1e-4, atol=1e-5)
   assert os.path.exists(os.path.join(phase1_workdir, "retrieve", "query_top3.png"))
 
+  # The gallery's embeddings are kept and reused while its files stay the same, embedded again when
+  # one changes: the same ranking either way.
+  assert retrieve.search(phase1_workdir, str(query), str(gallery), k=3) == top
+  assert "gallery embeddings from" in capsys.readouterr().out
+  first = gallery / f"loc{index['location_id'][rows[0]]}.png"
+  Image.fromarray(source[int(rows[0])]["satellite"][::-1]).save(first)  # the top-1 tile, flipped
+  changed = retrieve.search(phase1_workdir, str(query), str(gallery), k=5)
+  assert "gallery embeddings from" not in capsys.readouterr().out
+  assert dict(changed)[str(first)] != pytest.approx(dict(top).get(str(first), 2.0))
+  cached = retrieve.search(phase1_workdir, str(query), str(gallery), k=5)
+  assert "gallery embeddings from" in capsys.readouterr().out and cached == changed
+
+  # A folder of queries: each ranked as alone, a PNG each in `out`.
+  queries = tmp_path / "queries"
+  queries.mkdir()
+  for r in rows[:3]:
+    Image.fromarray(source[int(r)]["query"]).save(queries / f"q{index['location_id'][r]}.png")
+  paths = retrieve.query_files(str(queries))
+  found = retrieve.search_all(phase1_workdir, paths, str(gallery), k=2, out=str(tmp_path / "pngs"))
+  assert list(found) == paths
+  for path in paths:
+    alone = retrieve.search(phase1_workdir, path, str(gallery), k=2)
+    assert [f for f, _ in found[path]] == [f for f, _ in alone]
+    np.testing.assert_allclose([s for _, s in found[path]], [s for _, s in alone], rtol=1e-5, atol=1e-6)
+  assert sorted(os.listdir(tmp_path / "pngs")) == sorted(
+      f"{os.path.splitext(os.path.basename(p))[0]}_top2.png" for p in paths)
+  with pytest.raises(GleamError, match="--query=.*missing.png"):
+    retrieve.query_files(str(tmp_path / "missing.png"))
+
   (gallery / "broken.png").write_bytes(b"not a png")
   with pytest.raises(GleamError, match="broken.png"):
     retrieve.search(phase1_workdir, str(query), str(gallery), k=3)
