@@ -50,7 +50,18 @@ def write_config(config, workdir):
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):  # a rerun resumes; another trainer's job in this workdir stays as it is
+    with open(path) as f:
+      try:
+        written = json.load(f).get("trainer")
+      except json.JSONDecodeError as e:
+        raise GleamError(f"{path} is not a job's config ({e}): give this job an empty workdir, or remove "
+                         "that file if the workdir is this job's.") from None
+    if written != config.trainer:
+      raise GleamError(f"--workdir={workdir} holds a job of trainer {written!r}, and this job's trainer is "
+                       f"{config.trainer!r}: give it a workdir of its own.")
+  with open(path, "w") as f:
     f.write(config.to_json_best_effort(indent=2))
 
 

@@ -74,6 +74,31 @@ def test_phase1_trains_logs_evaluates_and_checkpoints(phase1_workdir):
   assert str(STEPS) in os.listdir(os.path.join(phase1_workdir, "checkpoints"))
 
 
+def test_evaluate_job_gives_the_training_jobs_last_metrics(phase1_workdir, tiny_cfg, tmp_path):
+  """--config.trainer=evaluate on the trained job's checkpoint: the same metrics as the job's own last
+  evaluation, written into the evaluation's workdir; the trained job's workdir is not touched."""
+  trained = {k: v for r in read_metrics(phase1_workdir) if r["step"] == STEPS for k, v in r.items()
+             if k.startswith("eval/")}
+  with open(os.path.join(phase1_workdir, "config.json")) as f:
+    job_config = f.read()
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, trainer="evaluate", init_from=phase1_workdir,
+                       **{"eval.panorama_fov_deg": (90,)})
+  results = main.run(config, str(tmp_path / "eval"))
+  assert results == pytest.approx(trained) and len(trained) > 4
+  rows = read_metrics(str(tmp_path / "eval"))
+  assert {k: v for r in rows for k, v in r.items() if k.startswith("eval/")} == pytest.approx(trained)
+  assert all(r["step"] == STEPS for r in rows)
+  assert os.path.exists(tmp_path / "eval" / "eval" / "test" / "summary.md")
+
+  with pytest.raises(GleamError, match="trainer 'contrastive', and this job's trainer is 'evaluate'"):
+    main.run(config, phase1_workdir)  # its own workdir: refused before anything is written
+  with open(os.path.join(phase1_workdir, "config.json")) as f:
+    assert f.read() == job_config
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, trainer="evaluate")
+  with pytest.raises(GleamError, match="config.init_from"):
+    main.run(config, str(tmp_path / "eval2"))
+
+
 def _run_cli(workdir, data_dir, *extra):
   cmd = [sys.executable, "-m", "gleam_jax.main", "--config=configs/c_phase1.py:tiny", f"--workdir={workdir}",
          f"--config.data.data_dir={data_dir}", f"--config.total_steps={STEPS}", "--config.eval.at_end=False",

@@ -397,7 +397,8 @@ def _truncate_metrics(workdir, step):
         f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _init_from(config, state):
+def init_from_checkpoint(config, state):
+  """(state with the parameters of `config.init_from`, the step folder they came from)."""
   path = os.path.expanduser(config.init_from)
   if not os.path.exists(path):
     raise GleamError(
@@ -410,7 +411,7 @@ def _init_from(config, state):
   towers = sorted({n.split("/")[1].rsplit("_", 1)[0] for n in copied})
   if towers:
     _log(f"modality towers {', '.join(towers)} start as copies of its query tower")
-  return {**state, "params": params}
+  return {**state, "params": params}, where
 
 
 def _model_copy_source(name, model_cfg):
@@ -464,7 +465,7 @@ def run(config, workdir):
       _truncate_metrics(workdir, step)
     _log(f"resumed from {last_good[1]}")
   elif config.get("init_from"):
-    state = _init_from(config, state)
+    state, _ = init_from_checkpoint(config, state)
   step = int(step)
 
   groups = ", ".join(f"{m} {b}" for m, b in stream.batch_sizes.items())
