@@ -97,6 +97,9 @@ def test_evaluate_job_gives_the_training_jobs_last_metrics(phase1_workdir, tiny_
   config = tiny_config("c_phase1", tiny_cfg.data_dir, trainer="evaluate")
   with pytest.raises(GleamError, match="config.init_from"):
     main.run(config, str(tmp_path / "eval2"))
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, trainer="evaluate", init_from=str(tmp_path / "none"))
+  with pytest.raises(GleamError, match="does not exist: check the path of the trained job"):
+    main.run(config, str(tmp_path / "eval3"))
 
 
 def _run_cli(workdir, data_dir, *extra):

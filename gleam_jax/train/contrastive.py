@@ -397,13 +397,13 @@ def _truncate_metrics(workdir, step):
         f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def init_from_checkpoint(config, state):
-  """(state with the parameters of `config.init_from`, the step folder they came from)."""
+def init_from_checkpoint(config, state, what="run phase 1 first (its --workdir is the path to give)"):
+  """(state with the parameters of `config.init_from`, the step folder they came from); `what`:
+  the fix to name when the path does not exist."""
   path = os.path.expanduser(config.init_from)
   if not os.path.exists(path):
-    raise GleamError(
-        f"config.init_from={config.init_from!r} does not exist: run phase 1 first (its --workdir is "
-        f"the path to give), or set --config.init_from to a finished job's workdir.")
+    raise GleamError(f"config.init_from={config.init_from!r} does not exist: {what}, or set "
+                     "--config.init_from to a finished job's workdir.")
   cfg = config.model
   copy_source = lambda name: _model_copy_source(name, cfg)
   params, where, copied = checkpoint.restore_params(path, state["params"], copy_source)

@@ -32,7 +32,7 @@ def run(config, workdir):
       contrastive.build_model(config.model, seed), config.optim, int(config.total_steps), mesh, config.sharding_rules,
       loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed)
   del state["opt_state"]  # not needed to evaluate: its memory is freed before the parameters are read
-  state, where = contrastive.init_from_checkpoint(config, state)
+  state, where = contrastive.init_from_checkpoint(config, state, "check the path of the trained job")
   step = int(os.path.basename(where)) if os.path.basename(where).isdigit() else 0
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
