@@ -60,6 +60,11 @@ def test_greedy_matches_hf_generate(pair, make):
   # Streaming: one callback per step, in order, with the returned tokens.
   assert [s for s, _ in streamed] == list(range(STEPS))
   np.testing.assert_array_equal(np.stack([t for _, t in streamed], 1), out)
+  # Without the fused q/k/v and gate/up copies (less memory): the same tokens.
+  unfused = generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=(),
+                                fuse_projections=False)
+  np.testing.assert_array_equal(unfused, ref)
+  assert generation.decode_kernels(jm, fuse_projections=False)["layers"] is None
 
 
 def test_tied_embeddings_greedy_matches_hf(tmp_path):
@@ -225,7 +230,7 @@ def test_decode_kernels_made_once_per_parameter_set(pair):
   other_kernels = generation.decode_kernels(other)
   np.testing.assert_array_equal(np.asarray(other_kernels["rows"]), np.asarray(other.lm_head.kernel[...]).T)
   # New values for one projection (as after a training step): new kernels, the old entry is dropped.
-  key = tuple(id(a) for a in generation._parameter_arrays(other))
+  key = (True,) + tuple(id(a) for a in generation._parameter_arrays(other))  # fused projections
   up = other.language_model.layers[0].mlp.up_proj.kernel
   up[...] = up[...] * 2.0
   gate_up = np.asarray(generation.decode_kernels(other)["layers"][0]["gate_up"])
@@ -233,7 +238,7 @@ def test_decode_kernels_made_once_per_parameter_set(pair):
   import gc
   gc.collect()
   assert key not in generation._DECODE_KERNELS
-  key = tuple(id(a) for a in generation._parameter_arrays(other))
+  key = (True,) + tuple(id(a) for a in generation._parameter_arrays(other))  # fused projections
   assert key in generation._DECODE_KERNELS
   del other, other_kernels, up
   gc.collect()

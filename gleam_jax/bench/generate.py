@@ -43,6 +43,7 @@ _OUT = flags.DEFINE_string("out", "docs/bench_generate.md", "Markdown file for t
 _TORCH = flags.DEFINE_bool("torch", True, "Compare with transformers (false: ours alone, e.g. on an accelerator).")
 _MODEL = flags.DEFINE_enum("model", "bench", ["bench", "qwen2_5_vl_3b", "qwen2_5_vl_7b"],
                            "Model shape (random weights); real sizes only with --torch=false.")
+_FUSE = flags.DEFINE_bool("fuse_projections", True, "generate's fuse_projections (with --torch=false).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Our parameter and compute dtype "
                            "(with --torch=false).")
 
@@ -206,7 +207,7 @@ def main_ours_alone():
     for _ in range(_REPEATS.value + 1):  # the first call compiles
       stamps = [time.perf_counter()]
       generation.generate(model, ids, mask, pixels.astype(np.float32), grids, max_new_tokens=n,
-                          eos_token_ids=(), chunk=_CHUNK.value,
+                          eos_token_ids=(), chunk=_CHUNK.value, fuse_projections=_FUSE.value,
                           callback=lambda step, toks: stamps.append(time.perf_counter()))
       runs.append((stamps, None))
     prefill, step, _ = best(runs[1:], n)

@@ -116,7 +116,7 @@ def _parameter_arrays(model: Qwen2_5_VL) -> list:
   return arrays
 
 
-def decode_kernels(model: Qwen2_5_VL) -> dict:
+def decode_kernels(model: Qwen2_5_VL, fuse_projections: bool = True) -> dict:
   """Decode-step weight layouts, made once per parameter set and kept while its arrays live:
 
     rows    the output projection as (vocab, hidden): the tied embedding as it is, or the transpose of
@@ -124,19 +124,20 @@ def decode_kernels(model: Qwen2_5_VL) -> dict:
             ran 2.5x slower on XLA CPU than against the (vocab, hidden) layout (batch 8, vocabulary 32768:
             the output projection was most of a decode step), and the transpose itself costs as much as
             ~30 decode steps at batch 1.
-    layers  `modeling.fused_decoder_kernels`: q/k/v and gate/up each as one matmul.
+    layers  `modeling.fused_decoder_kernels`: q/k/v and gate/up each as one matmul (None without
+            `fuse_projections`: the layers' own projections).
 
   Costs one copy of the untied `lm_head` and of those decoder kernels. The cache entry is keyed by the
   source arrays and dropped when any of them is freed, so new parameters (e.g. after `nnx.update`) get
   new kernels."""
   arrays = _parameter_arrays(model)
   if any(isinstance(a, jax.core.Tracer) for a in arrays):
-    kernels = _derived_kernels(model)
+    kernels = _derived_kernels(model, fuse_projections)
   else:
-    key = tuple(id(a) for a in arrays)
+    key = (bool(fuse_projections),) + tuple(id(a) for a in arrays)
     kernels = _DECODE_KERNELS.get(key)
     if kernels is None:
-      kernels = _DECODE_KERNELS[key] = _derived_kernels(model)
+      kernels = _DECODE_KERNELS[key] = _derived_kernels(model, fuse_projections)
       for a in arrays:
         weakref.finalize(a, _DECODE_KERNELS.pop, key, None)
   if model.cfg.tie_word_embeddings:  # used as is; not kept in the cache, which would keep it alive
@@ -144,8 +145,8 @@ def decode_kernels(model: Qwen2_5_VL) -> dict:
   return kernels
 
 
-def _derived_kernels(model: Qwen2_5_VL) -> dict:
-  kernels = dict(layers=fused_decoder_kernels(model.language_model))
+def _derived_kernels(model: Qwen2_5_VL, fuse_projections: bool) -> dict:
+  kernels = dict(layers=fused_decoder_kernels(model.language_model) if fuse_projections else None)
   if not model.cfg.tie_word_embeddings:
     kernels["rows"] = jnp.transpose(model.lm_head.kernel[...])
   return kernels
@@ -210,7 +211,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, eos_token_ids=None,
              pad_token_id: int | None = None, seed: int = 0,
              callback: Callable[[int, np.ndarray], None] | None = None, chunk: int = 32,
-             cache_len: int | None = None, mesh=None, rules=QWEN_SHARDING_RULES) -> np.ndarray:
+             cache_len: int | None = None, mesh=None, rules=QWEN_SHARDING_RULES,
+             fuse_projections: bool = True) -> np.ndarray:
   """Generates up to `max_new_tokens` per row; returns them (B, n) as int32 NumPy (n <= max_new_tokens).
 
   `input_ids`/`attention_mask` (B, L) are left padded; `pixel_values`/`image_grid_thw` as for the model.
@@ -220,6 +222,9 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   `cache_len`: KV-cache slots (default: prompt + max_new_tokens rounded up to a multiple of 64, so that
   nearby prompt lengths and token budgets reuse the compiled functions).
   With `mesh` (a model placed by `modeling.shard_model`), the KV cache is sharded under `rules` too.
+  `fuse_projections`: decode with q/k/v and gate/up as one matmul each (`decode_kernels`), faster at
+  the cost of a copy of those weights while the parameters live; False where memory is short (a 3B
+  model in bfloat16: ~3.6 GB), the same tokens.
   """
   cfg = model.cfg
   input_ids = np.asarray(input_ids)
@@ -259,7 +264,7 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   out = [np.asarray(carry["tokens"])]
   if callback is not None:
     callback(0, out[-1])
-  kernels = decode_kernels(model) if max_new_tokens > 1 else None
+  kernels = decode_kernels(model, fuse_projections) if max_new_tokens > 1 else None
   step = 1
   while step < max_new_tokens:
     want = min(chunk, max_new_tokens - step)
