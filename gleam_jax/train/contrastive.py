@@ -504,12 +504,12 @@ def run(config, workdir):
         _check_finite(pending, last_good)
         if is_log:
           m = dict(pending[-1][1])
-          pairs_per_s, eta = rate.update(step)
-          m.update(pairs_per_s=pairs_per_s * batch_size, epoch=step / steps_per_epoch,
-                   model_tflops_per_s=step_flops * pairs_per_s / 1e12)
+          steps_per_s, eta = rate.update(step)
+          m.update(pairs_per_s=steps_per_s * batch_size, epoch=step / steps_per_epoch,
+                   model_tflops_per_s=step_flops * steps_per_s / 1e12)
           speed = f"{m['pairs_per_s']:.1f} pairs/s"
           if peak:
-            m["mfu"] = step_flops * pairs_per_s / peak
+            m["mfu"] = step_flops * steps_per_s / peak
             speed += f" MFU {m['mfu']:.1%}"
           writer.write(step, m)
           _log(f"step {step}/{total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} logit scale "
