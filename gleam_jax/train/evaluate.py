@@ -33,7 +33,7 @@ def run(config, workdir):
       loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed)
   del state["opt_state"]  # not needed to evaluate: its memory is freed before the parameters are read
   state, where = contrastive.init_from_checkpoint(config, state, "check the path of the trained job")
-  step = int(os.path.basename(where)) if os.path.basename(where).isdigit() else 0
+  step = int(os.path.basename(where))  # `checkpoint.step_path`: <checkpoints>/<step>
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
     return contrastive.evaluate(config, setup, state, workdir, step, writer)
