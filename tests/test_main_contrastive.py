@@ -294,6 +294,13 @@ def test_unknown_config_key_is_rejected(tmp_path):
   assert "learning_rate" in result.stderr
 
 
+def test_a_workdir_with_an_unreadable_config_is_refused_and_kept(tiny_cfg, tmp_path):
+  (tmp_path / "config.json").write_text("{ not json")
+  with pytest.raises(GleamError, match=r"config.json is not a job's config .*empty workdir"):
+    main.run(tiny_config("c_phase1", tiny_cfg.data_dir), str(tmp_path))
+  assert (tmp_path / "config.json").read_text() == "{ not json"
+
+
 def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, tmp_path, capsys):
   from PIL import Image
 
