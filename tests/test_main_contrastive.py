@@ -17,6 +17,7 @@ from gleam_jax import retrieve
 from gleam_jax.data import pipeline
 from gleam_jax.errors import GleamError
 from gleam_jax.models import gleam_c
+from gleam_jax.train import contrastive
 from gleam_jax.utils.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,9 +75,14 @@ def test_phase1_trains_logs_evaluates_and_checkpoints(phase1_workdir):
   assert str(STEPS) in os.listdir(os.path.join(phase1_workdir, "checkpoints"))
 
 
-def test_evaluate_job_gives_the_training_jobs_last_metrics(phase1_workdir, tiny_cfg, tmp_path):
+def test_evaluate_job_gives_the_training_jobs_last_metrics(phase1_workdir, tiny_cfg, tmp_path, monkeypatch):
   """--config.trainer=evaluate on the trained job's checkpoint: the same metrics as the job's own last
-  evaluation, written into the evaluation's workdir; the trained job's workdir is not touched."""
+  evaluation, written into the evaluation's workdir; the trained job's workdir is not touched; no
+  optimizer state is built."""
+  built = []
+  create = contrastive.create_train_state
+  monkeypatch.setattr(contrastive, "create_train_state",
+                      lambda *a, **k: built.append(create(*a, **k)) or built[-1])
   trained = {k: v for r in read_metrics(phase1_workdir) if r["step"] == STEPS for k, v in r.items()
              if k.startswith("eval/")}
   with open(os.path.join(phase1_workdir, "config.json")) as f:
@@ -85,6 +91,8 @@ def test_evaluate_job_gives_the_training_jobs_last_metrics(phase1_workdir, tiny_
                        **{"eval.panorama_fov_deg": (90,)})
   results = main.run(config, str(tmp_path / "eval"))
   assert results == pytest.approx(trained) and len(trained) > 4
+  [(setup, state)] = built
+  assert set(state) == {"step", "params", "model_state", "rng"} and set(setup.shardings) == set(state)
   rows = read_metrics(str(tmp_path / "eval"))
   assert {k: v for r in rows for k, v in r.items() if k.startswith("eval/")} == pytest.approx(trained)
   assert all(r["step"] == STEPS for r in rows)

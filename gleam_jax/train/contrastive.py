@@ -97,8 +97,11 @@ def merge_model(setup, params, model_state):
 
 
 def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="infonce",
-                       label_smoothing=0.1, seed=0):
-  """(TrainSetup, state placed on `mesh`) for `model`; the model object is not used afterwards."""
+                       label_smoothing=0.1, seed=0, with_optimizer=True):
+  """(TrainSetup, state placed on `mesh`) for `model`; the model object is not used afterwards.
+
+  `with_optimizer=False` (evaluation only): the state has no `opt_state`, which is never built, so
+  the job's peak memory is the parameters', not a training job's."""
   if loss_name not in losses.LOSSES:
     losses.contrastive_loss(loss_name, None, None, None)  # raises the config error
   graphdef, params, rng_state, rest = split_model(model)
@@ -111,22 +114,21 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="in
     param_shardings["loss_bias"] = shd.replicated(mesh)
   params = shd.place(params, param_shardings)
   tx, schedule = optim.make_optimizer(optim_cfg, params, total_steps)
-  opt_state = jax.jit(tx.init)(params)
-  opt_shardings = jax.tree.map(lambda x: _on_mesh(x.sharding, mesh), opt_state)
   state = {
       "step": jnp.int32(0),
       "params": params,
-      "opt_state": opt_state,
       "model_state": nnx.to_pure_dict(rest),
       "rng": jax.random.key_data(jax.random.key(seed)),
   }
   shardings = {
       "step": shd.replicated(mesh),
       "params": param_shardings,
-      "opt_state": opt_shardings,
       "model_state": rest_shardings,
       "rng": shd.replicated(mesh),
   }
+  if with_optimizer:
+    state["opt_state"] = jax.jit(tx.init)(params)
+    shardings["opt_state"] = jax.tree.map(lambda x: _on_mesh(x.sharding, mesh), state["opt_state"])
   state = shd.place(state, shardings)
   setup = TrainSetup(
       graphdef=graphdef, rng_state=nnx.to_pure_dict(rng_state), tx=tx, schedule=schedule,

@@ -30,8 +30,8 @@ def run(config, workdir):
   seed = int(config.seed)
   setup, state = contrastive.create_train_state(
       contrastive.build_model(config.model, seed), config.optim, int(config.total_steps), mesh, config.sharding_rules,
-      loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed)
-  del state["opt_state"]  # not needed to evaluate: its memory is freed before the parameters are read
+      loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed,
+      with_optimizer=False)
   state, where = contrastive.init_from_checkpoint(config, state, "check the path of the trained job")
   step = int(os.path.basename(where))  # `checkpoint.step_path`: <checkpoints>/<step>
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
