@@ -1,5 +1,7 @@
 """Grain pipelines on the tiny synthetic_cvgl: batches, resume from state, process slices, eval."""
+import concurrent.futures
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -383,7 +385,7 @@ def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog, monkeypatch):
       for m in cfg.modalities:
         np.testing.assert_array_equal(got[key][m], want[key][m])
   # the cache keeps queries warped: each record went through the cache's QueryFrame when decoded,
-  # and not again in later epochs (a record that two read threads miss at once is decoded twice)
+  # and not again in later epochs (a record that two read threads miss at once is decoded by both; one is kept)
   assert isinstance(source.query_frame, augment.QueryFrame)
   warped = warps_by_frame[id(source.query_frame)]
   assert set(warped) == set(source._records) and len(warped) <= len(set(warped)) + 8
@@ -420,3 +422,29 @@ def test_decoded_cache_gives_the_same_batches(tiny_cfg, caplog, monkeypatch):
   assert not full._records and sum("decoded_cache_mb=0 is full" in r.message for r in caplog.records) == 1
   with pytest.raises(GleamError, match="decoded_cache_mb"):
     with_fields(cfg, decoded_cache_mb=-1)
+
+
+def test_decoded_cache_keeps_one_copy_when_threads_miss_together(tiny_cfg):
+  """Read threads that miss the same record, or two views of one location, at the same moment each
+  decode, and the cache keeps the first result: one record, one satellite, each counted once."""
+  cfg = with_fields(tiny_cfg, decoded_cache_mb=64)
+  cache = sources.DecodedCache(sources.get_source(cfg, "train"), 64)
+  index = sources.read_index(cache.source)
+  rows = {}
+  for r in range(len(cache)):
+    rows.setdefault(int(index["location_id"][r]), []).append(r)
+  a, b = next(v for v in rows.values() if len(v) >= 2)[:2]
+  started = threading.Barrier(4)
+  example = cache.source.example
+
+  def slow_example(i, raw=None, satellite=None):  # every thread is inside the decode before any keeps
+    started.wait(timeout=30)
+    return example(i, raw, satellite)
+
+  cache.source.example = slow_example
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    got = list(pool.map(cache.__getitem__, [a, a, b, b]))
+  assert got[0]["query"] is got[1]["query"] and got[2]["query"] is got[3]["query"]
+  assert all(g["satellite"] is got[0]["satellite"] for g in got)
+  assert set(cache._records) == {a, b} and len(cache._satellites) == 1
+  assert cache._bytes == got[0]["query"].nbytes + got[2]["query"].nbytes + got[0]["satellite"].nbytes

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 
 from absl import logging
@@ -168,6 +169,7 @@ class DecodedCache:
     self.budget_bytes = int(budget_mb) * 2**20
     self.query_frame = query_frame
     self._records, self._satellites, self._bytes, self._full = {}, {}, 0, False
+    self._lock = threading.Lock()  # grain's read threads: decode outside it, keep the first result
 
   def __len__(self):
     return len(self.source)
@@ -187,11 +189,22 @@ class DecodedCache:
       record = self.source.example(i, raw, satellite)
       if self.query_frame is not None:
         record = self.query_frame(record)
-      size = record["query"].nbytes + (record["satellite"].nbytes if satellite is None else 0)
+      record = self._keep(int(i), key, record)
+    return dict(record)
+
+  def _keep(self, i, key, record):
+    """The record the cache holds for `i`: this one if it fits, or the one another thread kept first."""
+    with self._lock:
+      if i in self._records:
+        return self._records[i]
+      shared = self._satellites.get(key)
+      if shared is not None:  # decoded meanwhile by another view of the location: hold one copy
+        record["satellite"] = shared
+      size = record["query"].nbytes + (record["satellite"].nbytes if shared is None else 0)
       if self._bytes + size <= self.budget_bytes:
         for k in IMAGE_KEYS:
           record[k].flags.writeable = False
-        self._records[int(i)] = record
+        self._records[i] = record
         self._satellites.setdefault(key, record["satellite"])
         self._bytes += size
       elif not self._full:
@@ -199,10 +212,13 @@ class DecodedCache:
         logging.warning("data.decoded_cache_mb=%d is full after %d of %d records of %s; the rest are "
                         "decoded on every read (raise it to keep them all).", self.budget_bytes >> 20,
                         len(self._records), len(self), self.name)
-    return dict(record)
+      return record
 
   def __getstate__(self):
-    return {**self.__dict__, "_records": {}, "_satellites": {}, "_bytes": 0, "_full": False}
+    return {**self.__dict__, "_records": {}, "_satellites": {}, "_bytes": 0, "_full": False, "_lock": None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
 
 
 CAMERA_KEYS = ("heading_deg", "fov_deg", "pitch_deg", "altitude_m", "footprint_m")
