@@ -13,7 +13,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from gleam_jax.errors import GleamError
+from gleam_jax.errors import GleamError, make_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where config.json, metrics, checkpoints and reports go.")
@@ -49,7 +49,7 @@ def write_config(config, workdir):
   import jax
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
+  make_dir(workdir, "--workdir")
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):  # a rerun resumes; another trainer's job in this workdir stays as it is
     with open(path) as f:
@@ -93,6 +93,22 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a `--config.x=y` that names no field of the config (ml_collections
+  raises while it applies the override) stopped on one line, with its "did you mean" hint."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(message))
+      e = e.args[0]
+    field, *hint = str(e.args[0] if e.args else e).split("\n")
+    field = field.strip("'\"")
+    flag = next((a.split("=")[0] for a in argv[1:] if a.split("=")[0].endswith(f".{field}")), f"--config...{field}")
+    print(f"error: {flag}: the config has no field {field!r}. {' '.join(hint)} The config is locked: its "
+          "fields are in the config file (and --helpfull).".replace("  ", " "), file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -294,12 +294,34 @@ def test_phase2_tower_recipes():
     load_config("c_phase1", "towers=modality")
 
 
-def test_unknown_config_key_is_rejected(tmp_path):
+def test_unknown_config_key_is_rejected_on_one_line(tmp_path):
+  """A typo in an override stops before anything is written: one line naming the flag, with the hint."""
+  workdir = tmp_path / "job"
   result = subprocess.run(
-      [sys.executable, "-m", "gleam_jax.main", "--config=configs/c_phase1.py:tiny", f"--workdir={tmp_path}",
-       "--config.optim.learning_rate=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0
-  assert "learning_rate" in result.stderr
+      [sys.executable, "-m", "gleam_jax.main", "--config=configs/c_phase1.py:tiny", f"--workdir={workdir}",
+       "--config.batch_size=8", "--config.optim.lrr=0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: --config.optim.lrr: the config has no field 'lrr'. Did you mean \"lr\" instead of \"lrr\"? The "
+      "config is locked: its fields are in the config file (and --helpfull)."]
+  assert not workdir.exists()
+
+
+def test_folders_that_cannot_be_made_are_named(tiny_cfg, tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(GleamError, match=r"--workdir=.*file/job: cannot create this folder \(Not a directory\)"):
+    main.run(tiny_config("c_phase1", tiny_cfg.data_dir), str(tmp_path / "file" / "job"))
+  config = tiny_config("c_phase1", str(tmp_path / "file" / "data"))
+  with pytest.raises(GleamError, match=r"data.data_dir=.*file/data: cannot create this folder"):
+    main.run(config, str(tmp_path / "job"))
+
+
+def test_optimizer_values_adamw_cannot_train_with_stop_first(tiny_cfg, tmp_path):
+  for field, value, rule in [("lr", -1.0, "> 0"), ("b2", 1.5, r"in \[0, 1\)"), ("weight_decay", -0.1, ">= 0"),
+                             ("warmup_steps", -5, ">= 0")]:
+    with pytest.raises(GleamError, match=rf"config.optim.{field}={value} must be {rule}"):
+      main.run(tiny_config("c_phase1", tiny_cfg.data_dir, **{f"optim.{field}": value}), str(tmp_path / field))
+    assert os.listdir(tmp_path / field) == ["config.json"]  # nothing trained
 
 
 def test_a_workdir_with_an_unreadable_config_is_refused_and_kept(tiny_cfg, tmp_path):

@@ -27,7 +27,7 @@ from PIL import Image
 from gleam_jax.data import builders
 from gleam_jax.data.augment import query_frame
 from gleam_jax.data.config import MODALITIES, data_dir as resolve_data_dir, validate
-from gleam_jax.errors import GleamError
+from gleam_jax.errors import GleamError, make_dir
 
 IMAGE_KEYS = ("query", "satellite")
 INDEX_KEYS = ("location_id", "modality", "view_index", "city_id", "coords")
@@ -60,7 +60,7 @@ def get_builder(data_cfg):
   if "://" in root:
     _build(data_cfg, builder, root)
   else:
-    os.makedirs(root, exist_ok=True)
+    make_dir(root, "data.data_dir")
     with open(os.path.join(root, f".{data_cfg.name}-{builder.builder_config.name}.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same dataset
       if not builder.is_prepared():

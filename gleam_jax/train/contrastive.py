@@ -315,6 +315,7 @@ def check_config(config):
     raise GleamError(f"config.loss.name={config.loss.name!r} is not a loss: set it to one of {losses.LOSSES}.")
   if int(config.batch_size) <= 0:
     raise GleamError(f"config.batch_size={config.batch_size} must be positive.")
+  optim.check_values(config.optim)
   for key in ("log_every_steps",):
     if int(config[key]) <= 0:
       raise GleamError(f"config.{key}={config[key]} must be positive.")

@@ -13,6 +13,7 @@ import numpy as np
 
 from gleam_jax.data import sources
 from gleam_jax.data.config import MODALITIES
+from gleam_jax.errors import make_dir
 
 
 def split_stats(data_cfg, split, source):
@@ -70,7 +71,7 @@ def format_stats(stats):
 def run(config, workdir):
   stats = collect(config.data)
   print(format_stats(stats), flush=True)
-  os.makedirs(workdir, exist_ok=True)
+  make_dir(workdir, "--workdir")
   with open(os.path.join(workdir, "data_stats.json"), "w") as f:
     json.dump(stats, f, indent=2, ensure_ascii=False)
   return stats

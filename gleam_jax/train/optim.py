@@ -97,10 +97,28 @@ def learning_rate_schedule(cfg, total_steps):
       end_value=float(cfg.lr) * float(cfg.get("min_lr_ratio", 0.0)))
 
 
+def check_values(cfg):
+  """Values AdamW cannot train with (a negative rate trains until the loss is NaN): stop before
+  anything is built."""
+  bounds = {"lr": (0.0, None, "> 0"), "weight_decay": (None, None, ">= 0"), "eps": (0.0, None, "> 0"),
+            "b1": (None, 1.0, "in [0, 1)"), "b2": (None, 1.0, "in [0, 1)"), "min_lr_ratio": (None, None, ">= 0"),
+            "clip_norm": (None, None, ">= 0 (0: no clipping)"), "warmup_steps": (None, None, ">= 0")}
+  for key, (above, below, rule) in bounds.items():
+    value = cfg.get(key)
+    if value is None:
+      continue
+    value = float(value)
+    bad = (value < 0 or (above is not None and value <= above) or (below is not None and value >= below)
+           or value != value)
+    if bad:
+      raise GleamError(f"config.optim.{key}={cfg[key]} must be {rule}.")
+
+
 def make_optimizer(cfg, params, total_steps):
   """(optax.GradientTransformation, schedule) for the params pytree under `cfg` (config.optim)."""
   if cfg.get("name", "adamw") != "adamw":
     raise GleamError(f"config.optim.name={cfg.name!r}: only 'adamw' is implemented.")
+  check_values(cfg)
   schedule = learning_rate_schedule(cfg, total_steps)
   labels = partition_labels(params, cfg)
   names = sorted(set(jax.tree.leaves(labels)))
