@@ -1,6 +1,7 @@
 """The GLEAM-C job end to end on the tiny world: phase 1, resume after SIGKILL, phase 2, errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,29 @@ def test_sigkill_and_resume_gives_the_same_losses(phase1_workdir, tiny_cfg, tmp_
   assert sorted(resumed) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)],
                              [straight[s] for s in range(1, STEPS + 1)], rtol=1e-5)
+
+
+def test_a_damaged_checkpoint_is_named_with_the_step_to_fall_back_to(phase1_workdir, tiny_cfg, tmp_path):
+  """A truncated array file in the latest checkpoint stops the resume on one message naming it; the
+  fix it names (delete that step folder) resumes from the step before, with the same losses."""
+  workdir = tmp_path / "job"
+  shutil.copytree(phase1_workdir, workdir)
+  steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
+  latest, before = workdir / "checkpoints" / str(steps[-1]), steps[-2]
+  arrays = [os.path.join(d, f) for d, _, files in os.walk(latest / "state") for f in files
+            if os.path.basename(d) == "d"]  # the array data files (OCDBT)
+  for path in arrays:
+    with open(path, "r+b") as f:
+      f.truncate(64)
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=STEPS, **{"eval.at_end": False})
+  with pytest.raises(GleamError, match=rf"checkpoint {latest} cannot be read \(.+\); its files are damaged or "
+                                       rf"incomplete: delete that step folder to resume from step {before}"):
+    main.run(config, str(workdir))
+  shutil.rmtree(latest)
+  main.run(config, str(workdir))
+  resumed, straight = train_losses(str(workdir)), train_losses(phase1_workdir)
+  np.testing.assert_allclose([resumed[s] for s in range(before + 1, STEPS + 1)],
+                             [straight[s] for s in range(before + 1, STEPS + 1)], rtol=1e-5)
 
 
 def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):

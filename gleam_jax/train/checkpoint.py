@@ -9,8 +9,10 @@ Each checkpoint is a composite of
 Saving is asynchronous (training continues while the arrays are written); `max_to_keep` old
 checkpoints are kept. Restoring takes the target train state (placed on the current mesh) and reads
 every array straight into the target's sharding, so a job can resume on another mesh shape.
-A checkpoint whose arrays do not fit the target fails with a `GleamError` listing the mismatches.
+A checkpoint whose arrays do not fit the target fails with a `GleamError` listing the mismatches;
+one whose files are damaged, with one naming it and the step to fall back to.
 """
+import contextlib
 import os
 
 import jax
@@ -91,17 +93,40 @@ def _saved_state_metadata(manager, step):
 def restore(manager, target_state, step=None):
   """(state, data_state, step) of checkpoint `step` (default: the latest), placed like `target_state`."""
   step = manager.latest_step() if step is None else step
-  saved = _saved_state_metadata(manager, step)
-  problems = mismatches(saved, target_state)
-  if problems:
-    _raise_mismatch(step_path(manager, step), problems,
-                    "Resume with the config the checkpoint was written with, or use a new --workdir.")
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=_abstract(target_state),
-          restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target_state)),
-      data=ocp.args.JsonRestore()))
+  earlier = [s for s in manager.all_steps() if s < step]
+  fix = (f"delete that step folder to resume from step {max(earlier)}" if earlier else
+         "delete that step folder to start again") + ", or use a new --workdir"
+  with _damaged_files_named(step_path(manager, step), fix):
+    saved = _saved_state_metadata(manager, step)
+    problems = mismatches(saved, target_state)
+    if problems:
+      _raise_mismatch(step_path(manager, step), problems,
+                      "Resume with the config the checkpoint was written with, or use a new --workdir.")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=_abstract(target_state),
+            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target_state)),
+        data=ocp.args.JsonRestore()))
   return restored["state"], restored["data"], step
+
+
+@contextlib.contextmanager
+def _damaged_files_named(path, fix):
+  """A checkpoint whose files are truncated or missing stops with a GleamError naming it and `fix`.
+  Orbax and TensorStore raise plain Exceptions (and ValueErrors, OSErrors) for them; the message
+  keeps the first line of what they said, and the original stays chained as the cause."""
+  try:
+    yield
+  except GleamError:
+    raise
+  except Exception as e:  # noqa: BLE001  (re-raised as the user-facing error, chained)
+    root, seen = e, {id(e)}
+    while (root.__cause__ or root.__context__) is not None and id(root.__cause__ or root.__context__) not in seen:
+      root = root.__cause__ or root.__context__  # down to the storage layer's own words
+      seen.add(id(root))
+    cause = (str(root).strip().splitlines() or [type(root).__name__])[0][:300]
+    raise GleamError(f"checkpoint {path} cannot be read ({cause}); its files are damaged or incomplete: "
+                     f"{fix}.") from e
 
 
 def restore_params(path, target_params, copy_source=None):
@@ -112,7 +137,8 @@ def restore_params(path, target_params, copy_source=None):
   the checkpoint's parameter of that name (e.g. a new modality tower from the query tower).
   Returns (params, the step folder read, the names filled by copies)."""
   manager, step = _open_for_reading(path)
-  saved = _saved_state_metadata(manager, step)
+  with _damaged_files_named(step_path(manager, step), "point the job at another step folder of that job"):
+    saved = _saved_state_metadata(manager, step)
   if "params" not in saved:
     raise GleamError(f"checkpoint {step_path(manager, step)} holds no params.")
   saved_names, target_names = set(_leaves_by_name(saved["params"])), set(_leaves_by_name(target_params))
@@ -127,11 +153,12 @@ def restore_params(path, target_params, copy_source=None):
     _raise_mismatch(step_path(manager, step), problems,
                     "Set the model config to the one the checkpoint was trained with.")
   target = {"params": present}
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=_abstract(target),
-          restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-          partial_restore=True)))
+  with _damaged_files_named(step_path(manager, step), "point the job at another step folder of that job"):
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+            item=_abstract(target),
+            restore_args=jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+            partial_restore=True)))
   manager.close()
   by_name = _leaves_by_name(restored["state"]["params"])
   params = jax.tree_util.tree_map_with_path(

@@ -461,7 +461,12 @@ def run(config, workdir):
   manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
   step, last_good = 0, None
   if manager.latest_step() is not None:
-    state, data_state, step = checkpoint.restore(manager, state)
+    try:
+      state, data_state, step = checkpoint.restore(manager, state)
+    except GleamError:
+      manager.close()  # its reading threads end before the error reaches main
+      stream.close()
+      raise
     stream.set_state(data_state["stream"])
     last_good = (step, checkpoint.step_path(manager, step))
     if jax.process_index() == 0:
