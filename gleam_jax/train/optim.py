@@ -97,20 +97,17 @@ def learning_rate_schedule(cfg, total_steps):
       end_value=float(cfg.lr) * float(cfg.get("min_lr_ratio", 0.0)))
 
 
+_POSITIVE, _NOT_NEGATIVE, _BETA = ("> 0", lambda v: v > 0), (">= 0", lambda v: v >= 0), ("in [0, 1)", lambda v: 0 <= v < 1)
+VALUE_RULES = {"lr": _POSITIVE, "eps": _POSITIVE, "b1": _BETA, "b2": _BETA, "weight_decay": _NOT_NEGATIVE,
+               "min_lr_ratio": _NOT_NEGATIVE, "warmup_steps": _NOT_NEGATIVE,
+               "clip_norm": (">= 0 (0: no clipping)", lambda v: v >= 0)}
+
+
 def check_values(cfg):
-  """Values AdamW cannot train with (a negative rate trains until the loss is NaN): stop before
-  anything is built."""
-  bounds = {"lr": (0.0, None, "> 0"), "weight_decay": (None, None, ">= 0"), "eps": (0.0, None, "> 0"),
-            "b1": (None, 1.0, "in [0, 1)"), "b2": (None, 1.0, "in [0, 1)"), "min_lr_ratio": (None, None, ">= 0"),
-            "clip_norm": (None, None, ">= 0 (0: no clipping)"), "warmup_steps": (None, None, ">= 0")}
-  for key, (above, below, rule) in bounds.items():
-    value = cfg.get(key)
-    if value is None:
-      continue
-    value = float(value)
-    bad = (value < 0 or (above is not None and value <= above) or (below is not None and value >= below)
-           or value != value)
-    if bad:
+  """Values AdamW cannot train with (a negative rate trains until the loss is NaN; NaN fails every
+  rule) stop before anything is built."""
+  for key, (rule, holds) in VALUE_RULES.items():
+    if cfg.get(key) is not None and not holds(float(cfg[key])):
       raise GleamError(f"config.optim.{key}={cfg[key]} must be {rule}.")
 
 
