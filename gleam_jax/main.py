@@ -98,12 +98,16 @@ def parse_flags(argv):
   raises while it applies the override) stopped on one line, with its "did you mean" hint."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError) as error:
+    e = error
     while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(message))
       e = e.args[0]
     field, *hint = str(e.args[0] if e.args else e).split("\n")
     field = field.strip("'\"")
-    flag = next((a.split("=")[0] for a in argv[1:] if a.split("=")[0].endswith(f".{field}")), f"--config...{field}")
+    flags_named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and a.split("=")[0].endswith(f".{field}")]
+    if not flags_named:  # not an override's field (e.g. an error inside the config file): as it is
+      raise
+    flag = flags_named[0]
     print(f"error: {flag}: the config has no field {field!r}. {' '.join(hint)} The config is locked: its "
           "fields are in the config file (and --helpfull).".replace("  ", " "), file=sys.stderr)
     sys.exit(2)
