@@ -108,6 +108,16 @@ def test_photometric_changes():
   assert 0 < (holes == 0).all(-1).sum() <= 4 * 8 * 8
   grid = augment.grid_dropout(image, np.random.default_rng(2), 0.25)
   assert (grid == 0).all(-1).mean() > 0.1
+  for seed, size in [(2, 0.25), (3, 0.05), (4, 1.0)]:  # squares of `hole` at every `unit`, cut at the borders
+    rng = np.random.default_rng(seed)
+    h, w = image.shape[:2]
+    unit = int(rng.integers(max(2, int(size * min(h, w) / 2)), max(3, int(size * min(h, w)) + 1)))
+    hole, oy, ox = max(1, unit // 2), int(rng.integers(0, unit)), int(rng.integers(0, unit))
+    want = image.copy()
+    for y in range(oy - unit, h, unit):
+      for x in range(ox - unit, w, unit):
+        want[max(y, 0):max(y + hole, 0), max(x, 0):max(x + hole, 0)] = 0
+    np.testing.assert_array_equal(augment.grid_dropout(image, np.random.default_rng(seed), size), want)
   identity = augment.photometric(image, np.random.default_rng(1), always())
   np.testing.assert_array_equal(identity, image)
 

@@ -83,9 +83,9 @@ def grid_dropout(image, rng, max_size):
   unit = int(rng.integers(max(2, int(max_size * min(h, w) / 2)), max(3, int(max_size * min(h, w)) + 1)))
   hole = max(1, unit // 2)
   oy, ox = int(rng.integers(0, unit)), int(rng.integers(0, unit))
-  for y in range(oy - unit, h, unit):
-    for x in range(ox - unit, w, unit):
-      out[max(y, 0):max(y + hole, 0), max(x, 0):max(x + hole, 0)] = 0
+  rows = (np.arange(h) - oy) % unit < hole  # the first `hole` of every `unit` rows from oy (and before it)
+  cols = (np.arange(w) - ox) % unit < hole
+  out[rows[:, None] & cols[None, :]] = 0
   return out
 
 
