@@ -68,7 +68,10 @@ def test_restore_params_only(tmp_path):
   manager.close()
   _, fresh = _state(mesh, seed=3)
   params, where, _ = checkpoint.restore_params(str(tmp_path), fresh["params"])
-  assert where.endswith("checkpoints/7")
+  assert where.endswith("checkpoints/7") and checkpoint.step_of(where) == 7
+  assert checkpoint.step_of(where + "/") == 7 and checkpoint.step_of(str(tmp_path)) is None
+  params, where, _ = checkpoint.restore_params(where, fresh["params"])  # the step folder itself
+  assert checkpoint.step_of(where) == 7
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(GleamError, match="no checkpoint at"):

@@ -81,6 +81,12 @@ def step_path(manager, step):
   return os.path.join(str(manager.directory), str(step))
 
 
+def step_of(path):
+  """The step of a step folder (`step_path`'s <checkpoints>/<step>); None for another folder."""
+  name = os.path.basename(os.path.normpath(path))
+  return int(name) if name.isdigit() else None
+
+
 def _saved_state_metadata(manager, step):
   metadata = manager.item_metadata(step)
   tree = metadata["state"] if "state" in metadata else None
@@ -190,8 +196,8 @@ def _prune(tree, drop, prefix=()):
 def _open_for_reading(path):
   path = os.path.abspath(os.path.expanduser(path))
   step = None
-  if os.path.basename(path).isdigit():
-    step, path = int(os.path.basename(path)), os.path.dirname(path)
+  if step_of(path) is not None:
+    step, path = step_of(path), os.path.dirname(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   if not os.path.isdir(path):

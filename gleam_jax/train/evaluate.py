@@ -13,6 +13,7 @@ import os
 import jax
 
 from gleam_jax.errors import GleamError
+from gleam_jax.train import checkpoint
 from gleam_jax.train import contrastive
 from gleam_jax.train import sharding as shd
 from gleam_jax.utils.writer import MetricWriter
@@ -33,7 +34,7 @@ def run(config, workdir):
       loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed,
       with_optimizer=False)
   state, where = contrastive.init_from_checkpoint(config, state, "check the path of the trained job")
-  step = int(os.path.basename(where))  # `checkpoint.step_path`: <checkpoints>/<step>
+  step = checkpoint.step_of(where)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   try:
     return contrastive.evaluate(config, setup, state, workdir, step, writer)
