@@ -104,12 +104,12 @@ def parse_flags(argv):
       e = e.args[0]
     field, *hint = str(e.args[0] if e.args else e).split("\n")
     field = field.strip("'\"")
-    flags_named = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and a.split("=")[0].endswith(f".{field}")]
-    if not flags_named:  # not an override's field (e.g. an error inside the config file): as it is
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [flag for flag in overrides if flag.endswith(f".{field}")]
+    if not named:  # not an override's field (e.g. an error inside the config file): as it is
       raise
-    flag = flags_named[0]
-    print(f"error: {flag}: the config has no field {field!r}. {' '.join(hint)} The config is locked: its "
-          "fields are in the config file (and --helpfull).".replace("  ", " "), file=sys.stderr)
+    print(" ".join([f"error: {named[0]}: the config has no field {field!r}.", *hint,
+                    "The config is locked: its fields are in the config file (and --helpfull)."]), file=sys.stderr)
     sys.exit(2)
 
 

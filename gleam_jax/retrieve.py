@@ -32,7 +32,7 @@ from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame,
 from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.data.photo_camera import open_image, recorded_camera
 from gleam_jax.data.sources import CAMERA_KEYS
-from gleam_jax.errors import GleamError
+from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
 from gleam_jax.train import checkpoint
@@ -229,7 +229,7 @@ def _png_path(workdir, query_path, k, out, single):
     path = out
   else:
     path = os.path.join(out or os.path.join(workdir, "retrieve"), name)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  make_dir(os.path.dirname(os.path.abspath(path)), "--out" if out else "--workdir")
   return path
 
 
@@ -238,7 +238,10 @@ def gallery_embeddings(model, config, source, files, workdir):
   held longer), kept in W/retrieve/gallery_<folder>.npz with a fingerprint of the checkpoint
   (`source`), the input settings and the files (path, size, modification time): reused while these
   stay the same, embedded again (and the file replaced) when any changes."""
-  stats = [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+  stats = []
+  for f in files:
+    st = os.stat(f)
+    stats.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
   data_cfg = config.data
   key = json.dumps([str(source), list(data_cfg.satellite_size), list(data_cfg.mean), list(data_cfg.std), stats])
   fingerprint = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()

@@ -412,6 +412,9 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
       f"{os.path.splitext(os.path.basename(p))[0]}_top2.png" for p in paths)
   with pytest.raises(GleamError, match="--query=.*missing.png"):
     retrieve.query_files(str(tmp_path / "missing.png"))
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(GleamError, match=r"--out=.*a_file/pngs: cannot create this folder"):
+    retrieve.search_all(phase1_workdir, paths, str(gallery), k=2, out=str(tmp_path / "a_file" / "pngs"))
 
   (gallery / "broken.png").write_bytes(b"not a png")
   with pytest.raises(GleamError, match="broken.png"):

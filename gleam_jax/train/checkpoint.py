@@ -13,6 +13,7 @@ A checkpoint whose arrays do not fit the target fails with a `GleamError` listin
 one whose files are damaged, with one naming it and the step to fall back to.
 """
 import contextlib
+import functools
 import os
 
 import jax
@@ -126,11 +127,11 @@ def _damaged_files_named(path, fix):
   except GleamError:
     raise
   except Exception as e:  # noqa: BLE001  (re-raised as the user-facing error, chained)
-    root, seen = e, {id(e)}
-    while (root.__cause__ or root.__context__) is not None and id(root.__cause__ or root.__context__) not in seen:
-      root = root.__cause__ or root.__context__  # down to the storage layer's own words
-      seen.add(id(root))
-    cause = (str(root).strip().splitlines() or [type(root).__name__])[0][:300]
+    chain, link = [], e
+    while link is not None and link not in chain:  # down to the storage layer's own words
+      chain.append(link)
+      link = link.__cause__ or link.__context__
+    cause = (str(chain[-1]).strip().splitlines() or [type(chain[-1]).__name__])[0][:300]
     raise GleamError(f"checkpoint {path} cannot be read ({cause}); its files are damaged or incomplete: "
                      f"{fix}.") from e
 
@@ -143,7 +144,9 @@ def restore_params(path, target_params, copy_source=None):
   the checkpoint's parameter of that name (e.g. a new modality tower from the query tower).
   Returns (params, the step folder read, the names filled by copies)."""
   manager, step = _open_for_reading(path)
-  with _damaged_files_named(step_path(manager, step), "point the job at another step folder of that job"):
+  damaged = functools.partial(_damaged_files_named, step_path(manager, step),
+                              "point the job at another step folder of that job")
+  with damaged():
     saved = _saved_state_metadata(manager, step)
   if "params" not in saved:
     raise GleamError(f"checkpoint {step_path(manager, step)} holds no params.")
@@ -159,7 +162,7 @@ def restore_params(path, target_params, copy_source=None):
     _raise_mismatch(step_path(manager, step), problems,
                     "Set the model config to the one the checkpoint was trained with.")
   target = {"params": present}
-  with _damaged_files_named(step_path(manager, step), "point the job at another step folder of that job"):
+  with damaged():
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=_abstract(target),
@@ -195,9 +198,9 @@ def _prune(tree, drop, prefix=()):
 
 def _open_for_reading(path):
   path = os.path.abspath(os.path.expanduser(path))
-  step = None
-  if step_of(path) is not None:
-    step, path = step_of(path), os.path.dirname(path)
+  step = step_of(path)
+  if step is not None:
+    path = os.path.dirname(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   if not os.path.isdir(path):

@@ -27,6 +27,7 @@ The train step (reused by `gleam_jax.bench.train_step`):
 The loss covers the global batch: the (B x B) logits are computed from the embeddings, so GSPMD
 all-gathers embeddings across the data axes and never the images.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -446,51 +447,50 @@ def run(config, workdir):
   eval_process_rows(mesh, int(config.eval.batch_size))  # an eval batch that does not divide fails now
   seed = int(config.seed)
 
-  index = sources.get_index(config.data, config.data.train_split)
-  stream = pipeline.ModalityStreams(config.data, batch_size, seed, index,
-                                    multiple=math.lcm(shd.batch_shards(mesh), jax.process_count()))
-  steps_per_epoch = stream.steps_per_epoch
-  total_steps = int(config.total_steps)
-  if config.get("total_epochs"):
-    total_steps = int(math.ceil(float(config.total_epochs) * steps_per_epoch))
+  with contextlib.ExitStack() as cleanup:  # closes the stream, manager and writer on any exit
+    index = sources.get_index(config.data, config.data.train_split)
+    stream = pipeline.ModalityStreams(config.data, batch_size, seed, index,
+                                      multiple=math.lcm(shd.batch_shards(mesh), jax.process_count()))
+    cleanup.callback(stream.close)
+    steps_per_epoch = stream.steps_per_epoch
+    total_steps = int(config.total_steps)
+    if config.get("total_epochs"):
+      total_steps = int(math.ceil(float(config.total_epochs) * steps_per_epoch))
 
-  setup, state = create_train_state(
-      build_model(config.model, seed), config.optim, total_steps, mesh, config.sharding_rules,
-      loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
-  step, last_good = 0, None
-  if manager.latest_step() is not None:
-    try:
+    setup, state = create_train_state(
+        build_model(config.model, seed), config.optim, total_steps, mesh, config.sharding_rules,
+        loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
+    cleanup.callback(manager.close)
+    cleanup.callback(manager.wait_until_finished)  # runs first: callbacks run last-in, first-out
+    step, last_good = 0, None
+    if manager.latest_step() is not None:
       state, data_state, step = checkpoint.restore(manager, state)
-    except GleamError:
-      manager.close()  # its reading threads end before the error reaches main
-      stream.close()
-      raise
-    stream.set_state(data_state["stream"])
-    last_good = (step, checkpoint.step_path(manager, step))
-    if jax.process_index() == 0:
-      _truncate_metrics(workdir, step)
-    _log(f"resumed from {last_good[1]}")
-  elif config.get("init_from"):
-    state, _ = init_from_checkpoint(config, state)
-  step = int(step)
+      stream.set_state(data_state["stream"])
+      last_good = (step, checkpoint.step_path(manager, step))
+      if jax.process_index() == 0:
+        _truncate_metrics(workdir, step)
+      _log(f"resumed from {last_good[1]}")
+    elif config.get("init_from"):
+      state, _ = init_from_checkpoint(config, state)
+    step = int(step)
 
-  groups = ", ".join(f"{m} {b}" for m, b in stream.batch_sizes.items())
-  _log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {n_params / 1e6:.2f}M params; "
-       f"{steps_per_epoch} steps/epoch of {batch_size} pairs ({groups}); training to step {total_steps}")
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  train_step = make_train_step(setup)
-  rate = RateEta(total_steps)  # steps/s; times the batch: pairs/s, times a step's FLOPs: FLOP/s
-  peak = mfu.peak_flops(jax.devices()[0], config.model.dtype)
-  peak = peak and peak * len(jax.devices())
-  pending = []
-  results = {}
-  ckpt_every = int(config.checkpoint.every_steps)
-  eval_every = int(config.eval.every_steps)
-  dss_every = max(1, int(config.get("dss_refresh_every_epochs", 1)))
-  first_step = step
-  try:
+    groups = ", ".join(f"{m} {b}" for m, b in stream.batch_sizes.items())
+    _log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {n_params / 1e6:.2f}M params; "
+         f"{steps_per_epoch} steps/epoch of {batch_size} pairs ({groups}); training to step {total_steps}")
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    cleanup.callback(writer.close)
+    train_step = make_train_step(setup)
+    rate = RateEta(total_steps)  # steps/s; times the batch: pairs/s, times a step's FLOPs: FLOP/s
+    peak = mfu.peak_flops(jax.devices()[0], config.model.dtype)
+    peak = peak and peak * len(jax.devices())
+    pending = []
+    results = {}
+    ckpt_every = int(config.checkpoint.every_steps)
+    eval_every = int(config.eval.every_steps)
+    dss_every = max(1, int(config.get("dss_refresh_every_epochs", 1)))
+    first_step = step
     while step < total_steps:
       if (config.data.sampler.name == "dss" and stream.batches_in_epoch == stream.steps_per_epoch
           and (stream.epoch + 1) % dss_every == 0):
@@ -529,9 +529,4 @@ def run(config, workdir):
         last_good = (step, checkpoint.step_path(manager, step))
       if is_eval:
         results = evaluate(config, setup, state, workdir, step, writer)
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    stream.close()
-  return results
+    return results
