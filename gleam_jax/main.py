@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from gleam_jax import errors
 from gleam_jax.errors import GleamError, make_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config(arg)).", lock_config=True)
@@ -93,26 +94,6 @@ def main(argv):
     sys.exit(2)
 
 
-def parse_flags(argv):
-  """absl's flag parsing, with a `--config.x=y` that names no field of the config (ml_collections
-  raises while it applies the override) stopped on one line, with its "did you mean" hint."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as error:
-    e = error
-    while e.args and isinstance(e.args[0], Exception):  # AttributeError(KeyError(message))
-      e = e.args[0]
-    field, *hint = str(e.args[0] if e.args else e).split("\n")
-    field = field.strip("'\"")
-    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    named = [flag for flag in overrides if flag.endswith(f".{field}")]
-    if not named:  # not an override's field (e.g. an error inside the config file): as it is
-      raise
-    print(" ".join([f"error: {named[0]}: the config has no field {field!r}.", *hint,
-                    "The config is locked: its fields are in the config file (and --helpfull)."]), file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=errors.parse_flags)

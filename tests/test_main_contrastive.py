@@ -331,6 +331,17 @@ def test_unknown_config_key_is_rejected_on_one_line(tmp_path):
   assert not workdir.exists()
 
 
+def test_benchmark_config_typo_is_rejected_on_one_line():
+  """bench.train_step reads the same configs: a typo in its overrides stops the same way, also when
+  it runs on its default config (configs/c_phase1.py, added to the arguments when none is named)."""
+  result = subprocess.run([sys.executable, "-m", "gleam_jax.bench.train_step", "--config.batch_sise=8"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: --config.batch_sise: the config has no field 'batch_sise'. Did you mean \"batch_size\" instead of "
+      "\"batch_sise\"? The config is locked: its fields are in the config file (and --helpfull)."]
+
+
 def test_folders_that_cannot_be_made_are_named(tiny_cfg, tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(GleamError, match=r"--workdir=.*file/job: cannot create this folder \(Not a directory\)"):

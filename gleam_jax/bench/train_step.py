@@ -30,9 +30,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "c_phase1.py")
+# No default here: ml_collections would load it, and apply any `--config.x` override, while defining
+# the flag, before `errors.parse_flags` could stop a typo on one line (`with_default_config` adds it).
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "c_phase1.py"),
-    "Experiment config whose model, optimizer, batch and image sizes are benchmarked.")
+    "config", None, "Experiment config whose model, optimizer, batch and image sizes are benchmarked "
+    "(default: configs/c_phase1.py).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats.")
 _THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
@@ -247,5 +250,12 @@ def main(argv):
       f.write(text + "\n\n")
 
 
+def with_default_config(argv):
+  """`argv` with `--config=configs/c_phase1.py` added when it names no config."""
+  named = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+  return argv if named else [argv[0], f"--config={_DEFAULT_CONFIG}", *argv[1:]]
+
+
 if __name__ == "__main__":
-  app.run(main)
+  from gleam_jax import errors
+  app.run(main, flags_parser=lambda argv: errors.parse_flags(with_default_config(argv)))
