@@ -23,9 +23,28 @@ GENERATE_ARGS=${GENERATE_ARGS:---model=qwen2_5_vl_3b --dtype=bfloat16 --batch_si
 STEP_TIMEOUT=${STEP_TIMEOUT:-280}
 (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv) || true
 "$PYTHON" -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
+# bench NAME ARGS...: one benchmark under STEP_TIMEOUT, logged to $LOGS/NAME.log. If it fails (not a
+# timeout) with the machine's own flax/optax, the versions the project is tested with (.whl/fallback/)
+# are installed over them once, and it runs again.
+fallback_done=0
+bench() {
+  local name=$1; shift
+  timeout "$STEP_TIMEOUT" "$PYTHON" -m "gleam_jax.bench.$name" --torch=false "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ $fallback_done -eq 0 ] && compgen -G ".whl/fallback/*.whl" >/dev/null; then
+    fallback_done=1
+    echo "== $name failed (exit $rc): installing .whl/fallback/ ($(cd .whl/fallback && echo *.whl)) and running it again"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/fallback/*.whl \
+      || { echo "installing .whl/fallback/ failed" >&2; return 1; }
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+    timeout "$STEP_TIMEOUT" "$PYTHON" -m "gleam_jax.bench.$name" --torch=false "$@" 2>&1 | tee "$LOGS/$name.fallback.log"
+    rc=${PIPESTATUS[0]}
+  fi
+  return "$rc"
+}
 status=0
 # shellcheck disable=SC2086  # the arguments are words on purpose
-timeout "$STEP_TIMEOUT" "$PYTHON" -m gleam_jax.bench.train_step --torch=false $TRAIN_ARGS 2>&1 | tee "$LOGS/train_step.log" || status=1
+bench train_step $TRAIN_ARGS || status=1
 # shellcheck disable=SC2086
-timeout "$STEP_TIMEOUT" "$PYTHON" -m gleam_jax.bench.generate --torch=false --out= $GENERATE_ARGS 2>&1 | tee "$LOGS/generate.log" || status=1
+bench generate --out= $GENERATE_ARGS || status=1
 exit $status

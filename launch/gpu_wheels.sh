@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # For a GPU machine that cannot reach a package registry and whose Python 3.12 (x86-64) has jax[cuda],
 # flax, optax, orbax, torch, transformers and numpy: the wheels of gleam_jax's other dependencies,
-# downloaded where a registry is reachable into .whl/ (ignored by git; ~21 MB), to copy along with
-# the checkout.
+# downloaded where a registry is reachable into .whl/ (ignored by git; ~22 MB), to copy along with
+# the checkout, and in .whl/fallback/ the flax and optax it is tested with.
 #
 #   bash launch/gpu_wheels.sh            # then, on the GPU machine: bash launch/gpu_bench.sh
 set -euo pipefail
@@ -18,4 +18,7 @@ for wheel in "${WHEELS[@]}"; do
     --platform manylinux2014_x86_64 -d .whl "$wheel"
 done
 "$PYTHON" -m pip wheel -q --no-deps -w .whl promise==2.3  # pure Python, published as a source archive only
-ls .whl
+# The flax and optax the project is tested with, installed there only if a benchmark fails with the
+# machine's own (gpu_bench.sh); pure Python.
+"$PYTHON" -m pip download -q --no-deps --only-binary=:all: -d .whl/fallback flax==0.12.8 optax==0.2.8
+ls .whl .whl/fallback
