@@ -9,6 +9,7 @@ import pytest
 
 import real_data_fixtures as fx
 from gleam_jax.data import pipeline, sources
+from gleam_jax.data.builders import pairs
 from gleam_jax.data.config import MODALITIES, data_config
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import evaluator
@@ -42,6 +43,22 @@ def test_university_splits_buildings_and_modalities(university):
       assert fx.code_of(ex["satellite"]) == ex["location_id"]
       if index["view_index"][i] >= 0:
         assert fx.code_of(ex["query"]) == ex["location_id"]
+    # each building's satellite is stored once per split: the other records hold a placeholder
+    here = index["satellite_here"]
+    assert sorted(index["location_id"][here].tolist()) == sorted(set(index["location_id"].tolist()))
+    assert all(source.raw(i)["satellite"] == pairs.PLACEHOLDER for i in np.flatnonzero(~here))
+    assert len(np.flatnonzero(~here)) > 0
+    # and decoded once: the cache's views of a building share its satellite array
+    cache = sources.DecodedCache(source, 64)
+    first = {}
+    for i in range(len(source)):
+      satellite = cache[i]["satellite"]
+      assert np.array_equal(satellite, source[i]["satellite"])
+      assert first.setdefault(int(index["location_id"][i]), satellite) is satellite
+    source._satellite_records = {}  # as if the records holding the satellites were lost
+    with pytest.raises(GleamError, match=r"no record of location \d+ stores its satellite; the dataset files are "
+                                         r"damaged: delete .* and run again to rebuild it"):
+      source[int(np.flatnonzero(~here)[0])]
     # drone views are numbered within their building
     uav = index["modality"] == MODALITIES.index("uav")
     for b in set(index["location_id"][uav & (index["view_index"] >= 0)].tolist()):

@@ -8,8 +8,8 @@ a GleamError naming the record and the fix.
 
 `get_index(data_cfg, split)` gives every record's metadata as NumPy arrays without decoding any
 image (for samplers and the evaluation protocol); it is cached as `index-<split>.npz` next to the
-dataset's files. The published datasets add `is_query` and `semi_positive_ids` (builders/pairs.py);
-for synthetic_cvgl every record is a query.
+dataset's files. The published datasets add `is_query`, `semi_positive_ids` and `satellite_here`
+(builders/pairs.py); for synthetic_cvgl every record is a query and stores its satellite.
 """
 import fcntl
 import hashlib
@@ -31,7 +31,7 @@ from gleam_jax.errors import GleamError, make_dir
 
 IMAGE_KEYS = ("query", "satellite")
 INDEX_KEYS = ("location_id", "modality", "view_index", "city_id", "coords")
-OPTIONAL_INDEX_KEYS = ("is_query", "semi_positive_ids")  # in the published datasets' records
+OPTIONAL_INDEX_KEYS = ("is_query", "semi_positive_ids", "satellite_here")  # in the published datasets' records
 BUILD_INFO = "gleam_build.json"
 
 
@@ -104,6 +104,7 @@ class Source:
     self.name = f"{builder.name}/{builder.builder_config.name}"
     self.path = builder.data_dir
     self.split = split
+    self._satellite_records = None  # see _satellite_record
     try:
       self._records = builder.as_data_source(split, decoders={k: tfds.decode.SkipDecoding() for k in IMAGE_KEYS})
     except Exception as e:
@@ -126,7 +127,27 @@ class Source:
       raise GleamError(f"{self._where(i)} cannot be read ({type(e).__name__}: {e}); {_rebuild_hint(self.path)}.") from None
 
   def image(self, i, key):
-    return decode_png(self.raw(i)[key], f"{self._where(i)}, image {key!r}", _rebuild_hint(self.path))
+    data = self.satellite_bytes(i) if key == "satellite" else self.raw(i)[key]
+    return decode_png(data, f"{self._where(i)}, image {key!r}", _rebuild_hint(self.path))
+
+  def satellite_bytes(self, i, raw=None):
+    """The encoded satellite of record i: its own, or, where the dataset stores each location's
+    satellite once (`satellite_here` False, builders/pairs.py), that of the location's record holding it."""
+    r = self.raw(i) if raw is None else raw
+    if bool(r.get("satellite_here", True)):
+      return r["satellite"]
+    return self.raw(self._satellite_record(int(r["location_id"]), i))["satellite"]
+
+  def _satellite_record(self, location_id, i):
+    if self._satellite_records is None:  # location id -> its record holding the satellite, from the index
+      index = index_of(self)
+      here = np.flatnonzero(index["satellite_here"])
+      self._satellite_records = dict(zip(index["location_id"][here].tolist(), here.tolist()))
+    record = self._satellite_records.get(location_id)
+    if record is None:
+      raise GleamError(f"{self._where(i)}: no record of location {location_id} stores its satellite; "
+                       f"{_rebuild_hint(self.path)}.")
+    return record
 
   def __getitem__(self, i):
     return self.example(i)
@@ -136,9 +157,11 @@ class Source:
     decoded."""
     r = self.raw(i) if raw is None else raw
     where, fix = self._where(i), _rebuild_hint(self.path)
+    if satellite is None:
+      satellite = decode_png(self.satellite_bytes(i, r), f"{where}, image 'satellite'", fix)
     return {
         "query": decode_png(r["query"], f"{where}, image 'query'", fix),
-        "satellite": decode_png(r["satellite"], f"{where}, image 'satellite'", fix) if satellite is None else satellite,
+        "satellite": satellite,
         "modality": int(r["modality"]),
         "modality_name": MODALITIES[int(r["modality"])],
         "location_id": int(r["location_id"]),
@@ -153,8 +176,9 @@ class Source:
 class DecodedCache:
   """A Source whose decoded records stay in memory, up to `budget_mb`: each record is decoded once,
   and later reads return the same arrays (read-only, so no reader can change what the next one
-  sees). Records that store the same satellite file (the views of one location) share one decoded
-  satellite, decoded once: University-1652's 54 drone views of a building hold one satellite, not 54.
+  sees). Records of the same satellite file (the views of one location, whether each stores it or
+  one record of the location does) share one decoded satellite, decoded once: University-1652's 54
+  drone views of a building hold one satellite, not 54.
   When the budget is full, further records are decoded on every read, and that is logged once. Not
   pickled with its records: a grain worker process starts its own.
 
@@ -184,7 +208,7 @@ class DecodedCache:
     record = self._records.get(int(i))
     if record is None:
       raw = self.source.raw(i)
-      key = hashlib.blake2b(raw["satellite"], digest_size=16).digest()  # the encoded file's digest
+      key = hashlib.blake2b(self.source.satellite_bytes(i, raw), digest_size=16).digest()  # the file's digest
       satellite = self._satellites.get(key)
       record = self.source.example(i, raw, satellite)
       if self.query_frame is not None:
@@ -265,13 +289,19 @@ def read_index(source):
     index["is_query"] = np.asarray(out["is_query"], bool).reshape(n)
   if len(out["semi_positive_ids"]) == n:
     index["semi_positive_ids"] = np.asarray(out["semi_positive_ids"], np.int64).reshape(n, -1)
+  index["satellite_here"] = (np.asarray(out["satellite_here"], bool).reshape(n) if len(out["satellite_here"]) == n
+                             else np.ones(n, bool))
   return index
 
 
 def get_index(data_cfg, split, source=None):
   """Metadata of `split` (dict of arrays, one row per record), cached next to the dataset."""
-  source = source or get_source(data_cfg, split)
-  path = epath.Path(source.path) / f"index-{split}.npz"
+  return index_of(source or get_source(data_cfg, split))
+
+
+def index_of(source):
+  """`get_index` of an open source."""
+  path = epath.Path(source.path) / f"index-{source.split}.npz"
   if path.exists():
     with np.load(io.BytesIO(path.read_bytes())) as z:
       index = {k: z[k] for k in z.files}

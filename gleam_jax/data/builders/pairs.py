@@ -8,6 +8,11 @@ Every example is one (query image, satellite image) pair in the schema of `synth
                       and SUES-200's distractor buildings) but is no query; such a record's `query` is
                       a 1x1 placeholder, and training splits hold none.
   semi_positive_ids   (3,) location ids of VIGOR's semi-positive satellites, -1 elsewhere.
+  satellite_here      False where the record's `satellite` is a 1x1 placeholder and the location's
+                      satellite is stored in the one record of the same location and split that has
+                      it True (`sources.Source` resolves it): a dataset with many views per
+                      location (University-1652: 54 drone views of a building) stores each
+                      satellite once (`SatelliteOnce`), not with every view.
 `coords` is (latitude, longitude) in degrees where the dataset publishes them (VIGOR), else NaN.
 Images are the dataset's own encoded files (JPEG or PNG bytes), stored as they are.
 """
@@ -48,18 +53,34 @@ def features():
       "coords": tfds.features.Tensor(shape=(2,), dtype=np.float64, encoding=tfds.features.Encoding.BYTES),
       "is_query": np.bool_,
       "semi_positive_ids": tfds.features.Tensor(shape=(NUM_SEMI_POSITIVES,), dtype=np.int64),
+      "satellite_here": np.bool_,
   })
 
 
 def example(query, satellite, modality, location_id, *, view_index=0, city="", city_id=0, coords=NO_COORDS,
             is_query=True, semi_positive_ids=()):
-  """One record; `query` / `satellite` are encoded image bytes."""
+  """One record; `query` / `satellite` are encoded image bytes, `satellite` None where another record
+  of the location stores it (`SatelliteOnce`)."""
   semi = list(semi_positive_ids)[:NUM_SEMI_POSITIVES]
   semi += [-1] * (NUM_SEMI_POSITIVES - len(semi))
-  return dict(query=query, satellite=satellite, modality=modality, view_index=int(view_index),
-              location_id=int(location_id), city=str(city), city_id=int(city_id),
+  return dict(query=query, satellite=PLACEHOLDER if satellite is None else satellite, modality=modality,
+              view_index=int(view_index), location_id=int(location_id), city=str(city), city_id=int(city_id),
               coords=np.asarray(coords, np.float64), is_query=bool(is_query),
-              semi_positive_ids=np.asarray(semi, np.int64))
+              semi_positive_ids=np.asarray(semi, np.int64), satellite_here=satellite is not None)
+
+
+class SatelliteOnce:
+  """The satellite bytes to store with a split's next record of a location: the file's bytes for its
+  first record, None (stored elsewhere) for the others. One per split."""
+
+  def __init__(self, local):
+    self.local, self.stored = local, set()
+
+  def __call__(self, location_id, relative):
+    if location_id in self.stored:
+      return None
+    self.stored.add(location_id)
+    return self.local.read(relative, "the satellite image")
 
 
 def read_bytes(path):

@@ -71,8 +71,9 @@ def split_records(local, ids, inds):
 class Builder(pairs.PairsBuilder):
   """CVACT panorama -> satellite pairs; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Records carry `satellite_here` (always True: every record stores its satellite)."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default", description="ANU_data_small train / val")]
 
   def layout(self):

@@ -41,8 +41,9 @@ def split_records(local, split):
 class Builder(pairs.PairsBuilder):
   """CVUSA panorama -> satellite pairs; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Records carry `satellite_here` (always True: every record stores its satellite)."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default", description="CVM-Net subset, zoom 19")]
 
   def layout(self):

@@ -20,8 +20,9 @@ LAYOUT = "Training/<altitude>/{drone,satellite}/<place>/ and Testing/<altitude>/
 class Builder(pairs.PairsBuilder):
   """SUES-200 drone -> satellite at one altitude; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "2.0.0": "Each place's satellite stored once per split (`satellite_here`)."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=a, description=f"drone views at {a} m") for a in ALTITUDES]
   DEFAULT_CONFIG_NAME = "150"
 

@@ -108,11 +108,10 @@ def test_records(local, root, query_views):
 
 
 def generate(local, records):
-  cache = {}
+  """The split's examples, each building's satellite stored with its first record only."""
+  satellite_once = pairs.SatelliteOnce(local)
   for key, f in records:
-    if f["satellite"] not in cache:
-      cache = {f["satellite"]: local.read(f["satellite"], "the satellite image")}
-    satellite = cache[f["satellite"]]
+    satellite = satellite_once(f["location_id"], f["satellite"])
     if f["query"] is None:
       yield key, pairs.gallery_only(satellite, f["location_id"])
     else:
@@ -123,8 +122,9 @@ def generate(local, records):
 class Builder(pairs.PairsBuilder):
   """University-1652 drone / street -> satellite; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "2.0.0": "Each building's satellite stored once per split (`satellite_here`)."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default", description="drone and street views")]
 
   def layout(self):

@@ -106,8 +106,9 @@ def generate(records):
 class Builder(pairs.PairsBuilder):
   """VIGOR panorama -> satellite pairs with semi-positives; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Records carry `satellite_here` (always True: every record stores its satellite)."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n, description=f"VIGOR {n.replace('_', '-')} split")
                      for n in SPLIT_CITIES]
   DEFAULT_CONFIG_NAME = "same_area"
