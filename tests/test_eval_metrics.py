@@ -21,7 +21,8 @@ def sample4geo_recalls(sim, true_index, ks):
 
 
 def university_baseline(sim, query_labels, gallery_labels):
-  """The University-1652 baseline loop: reversed argsort, junk removed, CMC and trapezoid AP."""
+  """The University-1652 baseline loop: reversed argsort, junk removed, CMC and trapezoid AP. (Its sort
+  is numpy's default, not stable: its order among exactly tied scores is arbitrary; ours is stable.)"""
   num_gallery = len(gallery_labels)
   cmc_total = np.zeros(num_gallery)
   ap_total = 0.0
@@ -113,26 +114,32 @@ def test_university_hand_computed_several_positives_junk_and_distractors():
   np.testing.assert_array_equal(ranks, [1, 0, 2, metrics.NO_TRUE_RANK])
   np.testing.assert_allclose(ap, [1 / 3, 1.0, 1 / 12 + 0.1625, 0.0])
   got = metrics.university_metrics(sim, queries, gallery)
-  assert got == pytest.approx({"R@1": 1 / 4, "R@5": 3 / 4, "R@10": 3 / 4,
+  # R@1% = CMC[round(6 * 0.01)] = CMC[0] = R@1: the baseline reports it for any gallery size
+  assert got == pytest.approx({"R@1": 1 / 4, "R@5": 3 / 4, "R@10": 3 / 4, "R@1%": 1 / 4,
                                "mAP": (1 / 3 + 1 + 1 / 12 + 0.1625) / 4})
 
 
 def test_university_matches_baseline_loop_and_one_percent_is_cmc_index():
   rng = np.random.default_rng(1)
-  gallery = rng.integers(-1, 60, size=400)  # repeats (several positives), -1 junk, unmatched distractors
-  queries = rng.integers(0, 70, size=50)
-  sim = np.round(rng.normal(size=(50, 400)), 1)
+  # 951 references, as University-1652's drone -> satellite gallery: R@1% is CMC[round(9.51)] = CMC[10]
+  gallery = rng.integers(-1, 140, size=951)  # repeats (several positives), -1 junk, unmatched distractors
+  queries = rng.integers(0, 150, size=200)
+  sim = np.round(rng.normal(size=(200, 951)), 1)
   got = metrics.university_metrics(sim, queries, gallery)
   cmc, m_ap = university_baseline(sim, queries, gallery)
   np.testing.assert_allclose([got["R@1"], got["R@5"], got["R@10"], got["R@1%"], got["mAP"]],
-                             [cmc[0], cmc[4], cmc[9], cmc[400 // 100], m_ap])
+                             [cmc[0], cmc[4], cmc[9], cmc[10], m_ap])
+  assert cmc[10] != cmc[9]  # the inputs tell CMC[round(R * 0.01)] from CMC[R // 100]
 
 
 def test_one_percent_rule_differs_between_protocols():
-  # 200 references -> K = 2: a first true reference at rank 2 is in University's CMC[2], not in Sample4Geo's.
+  # 200 references: a first true reference at rank 2 is in University's CMC[2], not in Sample4Geo's R // 100 = 2.
   stats = {"rank": np.array([2]), "ap": np.array([1 / 3])}
   assert metrics.summarize("university", stats, 200)["R@1%"] == 1.0
   assert metrics.summarize("cvusa", {"rank": np.array([2])}, 200)["R@1%"] == 0.0
+  # University: CMC[round(R * 0.01)], Python's round (half to even); Sample4Geo: R // 100
+  for r, university_k, cvusa_k in [(951, 11, 9), (150, 3, 1), (250, 3, 2), (350, 5, 3), (60, 2, 0), (40, 1, 0)]:
+    assert (metrics.one_percent_k("university", r), metrics.one_percent_k("cvusa", r)) == (university_k, cvusa_k)
 
 
 def test_recall_curve():
@@ -157,6 +164,9 @@ def test_bad_labels_raise_clear_errors():
   sim = np.zeros((1, 3))
   with pytest.raises(GleamError, match="no reference in the gallery"):
     metrics.protocol_stats("cvusa", sim, {"location_id": np.array([9])}, np.array([1, 2, 3]))
+  with pytest.raises(GleamError, match="query location_id -1 has no reference"):  # -1 pads semi-positives only
+    metrics.protocol_stats("vigor", sim, {"location_id": np.array([-1]), "semi_positive_ids": np.array([[2, -1]])},
+                           np.array([1, 2, 3]))
   with pytest.raises(GleamError, match="more than once"):
     metrics.protocol_stats("cvusa", sim, {"location_id": np.array([1])}, np.array([1, 1, 3]))
   with pytest.raises(GleamError, match="unknown evaluation protocol"):

@@ -76,6 +76,15 @@ def test_embed_rejects_batch_not_divisible_by_data_parallel_size():
     retrieval.embed(encode, make_batches([12]), mesh_of((2, 4, 1)), batch_size=12)
 
 
+def test_embed_stops_on_embeddings_that_are_not_finite():
+  """A NaN embedding would count as a top-1 hit under every protocol: it stops, naming the set."""
+  batches = make_batches([5, 3])
+  batches[1]["image"][1] = np.nan  # row 6 of 8
+  with pytest.raises(GleamError, match=r"the test gallery: 1 of 8 embeddings are not finite \(NaN or inf, first at "
+                                       r"row 6\).*evaluate another checkpoint"):
+    retrieval.embed(encode, batches, mesh_of((1, 1, 1)), what="the test gallery")
+
+
 def test_exact_index_equals_numpy_brute_force_on_8_devices_with_chunks():
   rng = np.random.default_rng(1)
   gallery = rng.normal(size=(1003, 32)).astype(np.float32)

@@ -81,7 +81,8 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
     gallery_batches_for_embed = keep_gallery
   else:
     gallery_batches_for_embed = gallery_batches
-  gallery, gallery_label_fields = retrieval.embed(encode_gallery, gallery_batches_for_embed, mesh)
+  gallery, gallery_label_fields = retrieval.embed(encode_gallery, gallery_batches_for_embed, mesh,
+                                                  what=f"the {split} gallery")
   gallery_labels = gallery_label_fields["location_id"].reshape(-1)
   num_gallery = len(gallery)
   index = retrieval.build_index(gallery, search_cfg, workdir if write_files else None, mesh)
@@ -94,14 +95,14 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
   for modality, batches in query_sets.items():
     keep = batches if _reads_items(batches) else _KeepDisplayImages(batches, lambda i: i < num_examples_png)
     encode = encode_query[modality] if isinstance(encode_query, dict) else encode_query
-    queries, labels = retrieval.embed(encode, keep, mesh)
+    queries, labels = retrieval.embed(encode, keep, mesh, what=f"the {split} {modality} queries")
     counts[modality] = len(queries)
     result = _score_modality(protocol, exact, queries, labels, gallery_labels, scann=None if index is exact else index)
     result["metrics"] = {**metrics_lib.summarize(protocol, result["stats"], num_gallery, ks),
                          **result.get("search", {})}
     by_modality[modality] = result["metrics"]
     flat.update(report.metric_rows(result["metrics"], split, modality))
-    max_k = min(num_gallery, max(100, metrics_lib.one_percent(num_gallery)))
+    max_k = min(num_gallery, max(100, metrics_lib.one_percent_k(protocol, num_gallery)))
     curves[modality] = metrics_lib.recall_curve(result["stats"]["rank"], max_k)
     if num_examples_png:
       shown = min(num_examples_png, len(queries))
@@ -122,15 +123,16 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
     info = [f"Gallery: {num_gallery} items; search: {backend}; "
             f"queries: {', '.join(f'{m} {n}' for m, n in counts.items())}; "
             f"took {format_eta(time.perf_counter() - t0)}."]
-    if metrics_lib.one_percent(num_gallery) == 0:
+    top1p = metrics_lib.one_percent_k(protocol, num_gallery)
+    if top1p == 0:
       info.append("R@1% is left out: the gallery has fewer than 100 items (K = R // 100 = 0).")
     report.write_summary(workdir, step, split, report.summary_markdown(step, protocol, split, by_modality, info))
     out_dir = os.path.join(workdir, "eval", split, f"step{step}")
-    report.save_recall_curve_png(curves, os.path.join(out_dir, "recall_curve.png"), num_gallery,
+    report.save_recall_curve_png(curves, os.path.join(out_dir, "recall_curve.png"), num_gallery, top1p,
                                  title=f"{split} R@K, step {step}")
     for modality, curve in curves.items():
       report.save_recall_curve_png({modality: curve}, os.path.join(out_dir, f"{modality}_recall_curve.png"),
-                                   num_gallery, title=f"{split}/{modality} R@K, step {step}")
+                                   num_gallery, top1p, title=f"{split}/{modality} R@K, step {step}")
     if examples:
       gallery_images = _gallery_images(examples, keep_gallery, gallery_batches)
       for modality, ex in examples.items():
@@ -154,11 +156,12 @@ def _score_modality(protocol, exact, queries, labels, gallery_labels, scann=None
     parts.append(metrics_lib.protocol_stats(protocol, sim, chunk_labels, gallery_labels))
     if scann is not None:
       k = min(10, sim.shape[1])
-      exact_top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
       _, approx_top = scann.search(queries[start:start + len(sim)], k)
-      best = sim.max(axis=1)  # a top-1 tied with the exact best counts as found
-      hits1 += int(np.sum(sim[np.arange(len(sim)), approx_top[:, 0]] >= best))
-      hits10 += sum(len(np.intersect1d(a, e)) for a, e in zip(approx_top, exact_top)) / k
+      found = sim[np.arange(len(sim))[:, None], approx_top]  # exact scores of what the index returned
+      # A result tied with the exact best (k-th best) counts as found: any of the tied items is a right answer.
+      hits1 += int(np.sum(found[:, 0] >= sim.max(axis=1)))
+      kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
+      hits10 += np.sum(found >= kth[:, None]) / k
   stats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   result = {"stats": stats}
   if scann is not None:

@@ -8,15 +8,17 @@
   query's semi-positives (so the top-1 is the positive or a semi-positive).
 - 'university' (University-1652 / SUES-200 baseline `evaluate_gpu.py`): several true references per
   query (same location label), junk references (label -1) removed from the ranking, distractor
-  locations kept. The gallery is ranked by `argsort(score)[::-1]` (a stable sort, so ties put the
-  later gallery index first); CMC[k] counts a query when its first true reference is within the top
-  k + 1; AP is the baseline's trapezoid average of precisions; R@1% is CMC[R // 100]; mean over ALL
-  queries (a query without any true reference counts 0, as the baseline).
+  locations kept. The gallery is ranked by `argsort(score)[::-1]`; the baseline's default sort is not
+  stable, so its order among exactly tied scores is arbitrary, ours is stable (ties put the later
+  gallery index first). CMC[k] counts a query when its first true reference is within the top k + 1;
+  AP is the baseline's trapezoid average of precisions; R@1% is CMC[round(R * 0.01)] (Python's round,
+  half to even: R = 951 -> CMC[10]), reported for any R; mean over ALL queries (a query without any
+  true reference counts 0, as the baseline).
 
 Every function works on a chunk of query rows of the similarity matrix (queries x gallery), so a
 large evaluation runs chunk by chunk: `protocol_stats` per chunk, concatenate, `summarize`.
-Scores are fractions in [0, 1]. With fewer than 100 gallery items R // 100 is 0, so R@1% (always 0
-there) is left out of the results.
+Scores are fractions in [0, 1]. With fewer than 100 gallery items R // 100 is 0, so the 'cvusa' and
+'vigor' R@1% (always 0 there) is left out of the results.
 """
 import numpy as np
 
@@ -28,13 +30,18 @@ JUNK_LABEL = -1
 NO_TRUE_RANK = np.iinfo(np.int64).max  # rank of a query without any true reference: never counted
 
 
-def one_percent(num_gallery):
-  """K of R@1%: `R // 100` (= int(R * 0.01)), as the published code."""
+def one_percent_k(protocol, num_gallery):
+  """K such that the protocol's R@1% is R@K (rank < K); 0 where it is not reported. 'cvusa' / 'vigor':
+  R // 100 (= int(R * 0.01)), as Sample4Geo; 'university': round(R * 0.01) + 1, the baseline's
+  CMC[round(R * 0.01)] (Python's round, half to even: R = 951 -> K = 11, R = 250 -> K = 3)."""
+  if protocol == "university":
+    return round(int(num_gallery) * 0.01) + 1
   return int(num_gallery) // 100
 
 
-def index_of_labels(gallery_labels, labels, what="query"):
-  """Gallery index of each label in `labels` (gallery labels must be unique). -1 stays -1."""
+def index_of_labels(gallery_labels, labels, what="query", padded=False):
+  """Gallery index of each label in `labels` (gallery labels must be unique). With `padded` (lists of
+  semi-positives), -1 is padding and stays -1; otherwise every label must be a gallery location."""
   gallery_labels = np.asarray(gallery_labels)
   labels = np.asarray(labels)
   order = np.argsort(gallery_labels, kind="stable")
@@ -45,7 +52,7 @@ def index_of_labels(gallery_labels, labels, what="query"):
                      "per location: use protocol='university' for several references per location.")
   pos = np.clip(np.searchsorted(sorted_labels, labels), 0, max(len(order) - 1, 0))
   found = (sorted_labels[pos] == labels) if len(order) else np.zeros(labels.shape, bool)
-  missing = ~found & (labels != JUNK_LABEL)
+  missing = ~found & (labels != JUNK_LABEL) if padded else ~found
   if np.any(missing):
     raise GleamError(f"{what} location_id {int(labels[missing].flat[0])} has no reference in the gallery: "
                      "the gallery must hold the satellite image of every query location.")
@@ -131,7 +138,8 @@ def protocol_stats(protocol, similarity, query_labels, gallery_labels):
   semi_ids = query_labels.get("semi_positive_ids")
   if semi_ids is None:
     semi_ids = np.full((len(location), 0), JUNK_LABEL)
-  semi_index = index_of_labels(gallery_labels, np.asarray(semi_ids).reshape(len(location), -1), "semi-positive")
+  semi_index = index_of_labels(gallery_labels, np.asarray(semi_ids).reshape(len(location), -1), "semi-positive",
+                               padded=True)
   ranks, hits = vigor_stats(similarity, true_index, semi_index)
   return {"rank": ranks, "hit": hits}
 
@@ -141,11 +149,9 @@ def summarize(protocol, stats, num_gallery, ks=RANKS):
   check_protocol(protocol)
   ranks = np.asarray(stats["rank"])
   out = recall_at_k(ranks, ks)
-  top1p = one_percent(num_gallery)
+  top1p = one_percent_k(protocol, num_gallery)
   if top1p > 0:
-    # Sample4Geo counts rank < R//100; the University-1652 baseline reads CMC[R//100] (rank <= R//100).
-    bound = top1p + 1 if protocol == "university" else top1p
-    out["R@1%"] = float(np.mean(ranks < bound))
+    out["R@1%"] = float(np.mean(ranks < top1p))
   if protocol == "vigor":
     out["hit_rate"] = float(np.mean(stats["hit"]))
   if protocol == "university":

@@ -92,10 +92,10 @@ def save_topk_png(query_image, gallery_images, scores, path, true_index=None):
                               "true_index": true_index}], path)
 
 
-def save_recall_curve_png(curves, path, num_gallery, title="R@K"):
-  """curves: {modality: R@K fractions for K = 1..len}. The R@1% point is marked when it fits."""
+def save_recall_curve_png(curves, path, num_gallery, top1p, title="R@K"):
+  """curves: {modality: R@K fractions for K = 1..len}. The R@1% point (R@`top1p`, 0: none) is marked
+  when it fits."""
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  top1p = num_gallery // 100
   for name, curve in curves.items():
     ks = np.arange(1, len(curve) + 1)
     ax.plot(ks, 100 * np.asarray(curve), label=name)

@@ -57,7 +57,7 @@ def to_host(x):
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def embed(encode_fn, batches, mesh=None, batch_size=None):
+def embed(encode_fn, batches, mesh=None, batch_size=None, what="an eval set"):
   """Embeds every example of `batches` (dicts with 'image' NHWC float32 and label fields).
 
   encode_fn(images (B,H,W,C)) -> (B, D). The batch dimension is sharded over the ('data', 'fsdp')
@@ -69,6 +69,8 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
   same batches and gets every embedding (each computes its devices' rows; the rows are gathered).
   A batch with `rows` and `padded_size` (`pipeline.EvalBatches` with `process_rows`) holds only
   this process's rows of a `padded_size` batch, already padded: they form the global batch as they are.
+  An embedding that is not finite stops with a GleamError naming `what` (comparisons with NaN are
+  false, so a NaN query would count as ranked first: a broken model would score well).
   """
   mesh = mesh or single_device_mesh()
   dp = shd.batch_shards(mesh)
@@ -106,8 +108,14 @@ def embed(encode_fn, batches, mesh=None, batch_size=None):
         labels.setdefault(key, []).append(np.asarray(value))
   flush(pending)
   if not embeddings:
-    raise GleamError("an eval set is empty: the eval input pipeline yielded no batches.")
-  return np.concatenate(embeddings), {k: np.concatenate(v) for k, v in labels.items()}
+    raise GleamError(f"{what}: the set is empty: the eval input pipeline yielded no batches.")
+  embeddings = np.concatenate(embeddings)
+  broken = ~np.isfinite(embeddings).all(axis=1)
+  if broken.any():
+    raise GleamError(f"{what}: {int(broken.sum())} of {len(embeddings)} embeddings are not finite (NaN or inf, first "
+                     f"at row {int(np.flatnonzero(broken)[0])}): the model's parameters or its input images are "
+                     "broken (a checkpoint of a diverged run?); evaluate another checkpoint or check the images.")
+  return embeddings, {k: np.concatenate(v) for k, v in labels.items()}
 
 
 def _padded_piece(piece, batch_size, sharding):
