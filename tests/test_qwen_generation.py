@@ -89,6 +89,9 @@ def test_stop_token_pads_like_hf(pair):
   np.testing.assert_array_equal(out[:, :ref.shape[1]], ref)
   first = int(np.flatnonzero(out[0] == eos)[0])
   assert first <= 5 and np.all(out[0, first + 1:] == PAD)
+  # one stop token may be given as an int, as transformers takes it
+  np.testing.assert_array_equal(generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=eos),
+                                out)
 
 
 def test_decode_chunk_compiles_once(pair):
@@ -185,6 +188,29 @@ def test_right_padding_is_rejected(pair):
   from gleam_jax.errors import GleamError
   with pytest.raises(GleamError, match="LEFT padded"):
     generation.generate(jm, np.array([[5, 6, PAD]]), np.array([[1, 1, 0]]), max_new_tokens=2)
+
+
+def test_text_only_prompt_with_the_processors_empty_image_arrays(pair):
+  """The processor gives a prompt without images (0, patch_dim) pixel_values and a (0, 3) grid: the
+  same as passing none."""
+  _, jm, cfg = pair
+  ids = np.array([[5, 6, 7, 8]])
+  none = generation.generate(jm, ids, max_new_tokens=4, eos_token_ids=())
+  empty = generation.generate(jm, ids, None, np.zeros((0, cfg.vision.patch_dim), np.float32), np.zeros((0, 3), int),
+                              max_new_tokens=4, eos_token_ids=())
+  np.testing.assert_array_equal(empty, none)
+
+
+def test_pixel_rows_that_do_not_match_the_grid_are_rejected(pair):
+  """The vision tower gathers patch rows by index (an index past the end would read a clamped row):
+  too few, too many or too wide pixel_values stop before the model runs, with both shapes."""
+  _, jm, cfg = pair
+  from gleam_jax.errors import GleamError
+  ids, mask, px, grids = batch1()
+  for bad in (px[:-4], np.concatenate([px, px[:4]]), px[:, :-1]):
+    with pytest.raises(GleamError, match=rf"pixel_values has shape \({bad.shape[0]}, {bad.shape[1]}\) but "
+                                         rf"image_grid_thw .* needs \({px.shape[0]}, {cfg.vision.patch_dim}\)"):
+      generation.generate(jm, ids, mask, bad, grids, max_new_tokens=2)
 
 
 def test_sharded_mesh_same_logits_and_tokens(pair):

@@ -1,6 +1,7 @@
 """Weight import: a random transformers Qwen2.5-VL saved to disk, loaded into the NNX model."""
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -205,6 +206,36 @@ def test_unused_missing_and_misshapen_keys_are_errors(checkpoints, tmp_path):
     params.load_pretrained(str(twice))
   with pytest.raises(GleamError, match=r"No \*\.safetensors weights"):
     params.checkpoint_files(str(tmp_path / "empty"))
+  # checked from the headers too: the torch layout of each shape, and a float dtype for every weight
+  conv = "model.visual.patch_embed.proj.weight"
+  swapped = _edit_checkpoint(new, tmp_path / "swapped", lambda s: s.update({conv: s[conv].transpose(1, 2)}))
+  out, c, t, p, _ = safetensors.torch.load_file(os.path.join(new, "model.safetensors"))[conv].shape
+  with pytest.raises(GleamError, match=rf"{re.escape(conv)} \[{out}, {t}, {c}, {p}, {p}\] \(expected \[{out}, {c}, {t}, "
+                                       rf"{p}, {p}\] for visual\.patch_embed\.proj\.kernel\)"):
+    params.load_pretrained(str(swapped))
+  norm = "model.language_model.norm.weight"
+  for dtype, name in ((torch.int64, "I64"), (torch.float8_e4m3fn, "F8_E4M3")):
+    cast = _edit_checkpoint(new, tmp_path / name, lambda s: s.update({norm: s[norm].to(dtype)}))
+    with pytest.raises(GleamError, match=rf"1 tensors are not stored as float32, bfloat16 or float16 \(convert "
+                                         rf"them\): {re.escape(norm)} {name}"):
+      params.load_pretrained(str(cast))
+  with pytest.raises(GleamError, match=r"param_dtype='float8'; use 'float32', 'bfloat16' or 'float16'"):
+    params.load_pretrained(str(new), param_dtype="float8")
+
+
+def test_stop_and_pad_tokens_come_from_generation_config(checkpoints, tmp_path):
+  """As transformers' generate: generation_config.json's eos (an int or a list) and pad over config.json's."""
+  new, _ = checkpoints["new"]
+  directory = tmp_path / "ckpt"
+  shutil.copytree(new, directory, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+  (directory / "generation_config.json").unlink(missing_ok=True)
+  plain = config_lib.from_pretrained_dir(str(directory))
+  (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "pad_token_id": 7}))
+  cfg = config_lib.from_pretrained_dir(str(directory))
+  assert (cfg.eos_token_ids, cfg.pad_token_id) == ((2, 7), 7) != (plain.eos_token_ids, plain.pad_token_id)
+  (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+  assert config_lib.from_pretrained_dir(str(directory)).eos_token_ids == (9,)
+  assert config_lib.from_pretrained_dir(str(directory), eos_token_ids=(4,)).eos_token_ids == (4,)  # overrides win
 
 
 def test_truncated_shard_and_missing_shard(checkpoints, tmp_path):

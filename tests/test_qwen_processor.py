@@ -1,4 +1,6 @@
 """The Qwen2.5-VL processor against transformers' Qwen2_5_VLProcessor (PIL image processor)."""
+import json
+
 import numpy as np
 import pytest
 import transformers
@@ -88,6 +90,7 @@ def test_smart_resize_rule():
     assert rh % 28 == 0 and rw % 28 == 0
     assert 56 * 56 <= rh * rw <= 28 * 28 * 1280
   assert proc_lib.smart_resize(480, 640) == (476, 644)  # round(480/28)=17, round(640/28)=23
+  assert proc_lib.smart_resize(20, 3000, 28, 3136, 6272) == (28, 952)  # as transformers: above max_pixels
   with pytest.raises(GleamError, match="aspect ratio"):
     proc_lib.smart_resize(1, 300)
 
@@ -136,6 +139,14 @@ def test_min_max_pixels_override(model_dir):
   small = proc_lib.load_processor(model_dir, max_pixels=28 * 28 * 16)
   ex = small.encode_prompt([random_image(1024, 768)], "Where?")
   assert int(np.prod(ex["image_grid_thw"][0])) * 14 * 14 <= 28 * 28 * 16
+
+
+@pytest.mark.parametrize("size", [{"shortest_edge": 1000, "longest_edge": 9000},
+                                  {"min_pixels": 1000, "max_pixels": 9000}])
+def test_pixel_bounds_from_either_spelling_of_size(tmp_path, size):
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": size}))
+  cfg = proc_lib.image_config_from_dir(str(tmp_path))
+  assert (cfg.min_pixels, cfg.max_pixels) == (1000, 9000)
 
 
 def test_errors(tmp_path, ours):

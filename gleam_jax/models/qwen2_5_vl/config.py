@@ -80,7 +80,8 @@ class Qwen2_5_VLConfig:
   remat: bool = False
 
   def replace(self, **kwargs) -> "Qwen2_5_VLConfig":
-    return dataclasses.replace(self, **kwargs)
+    """A copy with `kwargs` changed, checked as the presets are (GleamError on bad values)."""
+    return _check(dataclasses.replace(self, **kwargs))
 
 
 def _check(cfg: Qwen2_5_VLConfig) -> Qwen2_5_VLConfig:
@@ -99,7 +100,7 @@ def _check(cfg: Qwen2_5_VLConfig) -> Qwen2_5_VLConfig:
                      f"spatial_merge_size*patch_size = {v.spatial_merge_size * v.patch_size}.")
   for name in ("dtype", "param_dtype"):
     if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
-      raise GleamError(f"Qwen config: {name}={getattr(cfg, name)!r}; use 'float32' or 'bfloat16'.")
+      raise GleamError(f"Qwen config: {name}={getattr(cfg, name)!r}; use 'float32', 'bfloat16' or 'float16'.")
   return cfg
 
 
@@ -113,12 +114,12 @@ def tiny(**overrides) -> Qwen2_5_VLConfig:
                       max_position_embeddings=4096),
       image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303,
       bos_token_id=1, eos_token_ids=(2,), pad_token_id=0, tie_word_embeddings=False)
-  return _check(cfg.replace(**overrides))
+  return cfg.replace(**overrides)
 
 
 def qwen2_5_vl_3b(**overrides) -> Qwen2_5_VLConfig:
   """Qwen/Qwen2.5-VL-3B-Instruct."""
-  return _check(Qwen2_5_VLConfig().replace(**overrides))
+  return Qwen2_5_VLConfig().replace(**overrides)
 
 
 def qwen2_5_vl_7b(**overrides) -> Qwen2_5_VLConfig:
@@ -128,7 +129,7 @@ def qwen2_5_vl_7b(**overrides) -> Qwen2_5_VLConfig:
       text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4),
       tie_word_embeddings=False)
-  return _check(cfg.replace(**overrides))
+  return cfg.replace(**overrides)
 
 
 PRESETS = {"tiny": tiny, "qwen2_5_vl_3b": qwen2_5_vl_3b, "qwen2_5_vl_7b": qwen2_5_vl_7b}
@@ -140,10 +141,14 @@ def get(name: str, **overrides) -> Qwen2_5_VLConfig:
   return PRESETS[name](**overrides)
 
 
-def _eos_tuple(eos) -> tuple[int, ...]:
+def eos_tuple(eos) -> tuple[int, ...]:
+  """Stop tokens as a tuple: None -> (), an int -> (int,), a list -> its ints (as transformers takes them)."""
   if eos is None:
     return ()
-  return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+  try:
+    return tuple(int(e) for e in eos)
+  except TypeError:  # not iterable: one token id
+    return (int(eos),)
 
 
 def from_hf(hf_config, **overrides) -> Qwen2_5_VLConfig:
@@ -169,7 +174,7 @@ def from_hf(hf_config, **overrides) -> Qwen2_5_VLConfig:
       rope_theta=trope.get("rope_theta", td.get("rope_theta", 1000000.0)),
       mrope_section=tuple(trope.get("mrope_section", (16, 24, 24))),
       max_position_embeddings=td.get("max_position_embeddings", 128000))
-  eos = _eos_tuple(td.get("eos_token_id", d.get("eos_token_id")))
+  eos = eos_tuple(td.get("eos_token_id", d.get("eos_token_id")))
   pad = td.get("pad_token_id", d.get("pad_token_id"))
   tie = bool(d.get("tie_word_embeddings") or td.get("tie_word_embeddings"))
   cfg = Qwen2_5_VLConfig(
@@ -177,11 +182,14 @@ def from_hf(hf_config, **overrides) -> Qwen2_5_VLConfig:
       vision_start_token_id=d["vision_start_token_id"], vision_end_token_id=d["vision_end_token_id"],
       bos_token_id=td.get("bos_token_id", d.get("bos_token_id")) or 0, eos_token_ids=eos,
       pad_token_id=pad if pad is not None else (eos[0] if eos else 0), tie_word_embeddings=tie)
-  return _check(cfg.replace(**overrides))
+  return cfg.replace(**overrides)
 
 
 def from_pretrained_dir(path: str, **overrides) -> Qwen2_5_VLConfig:
-  """Reads `<path>/config.json` of a local Hugging Face checkpoint (no network)."""
+  """Reads `<path>/config.json` of a local Hugging Face checkpoint (no network), and the stop and pad
+  tokens of its `generation_config.json` where there is one, as transformers' `generate` does (the
+  released Instruct checkpoints stop on <|im_end|> and <|endoftext|> and pad with <|endoftext|>;
+  config.json names only the first)."""
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
     raise GleamError(f"No config.json in {path!r}; point the config at a downloaded Qwen2.5-VL checkpoint "
@@ -192,6 +200,14 @@ def from_pretrained_dir(path: str, **overrides) -> Qwen2_5_VLConfig:
     raise GleamError(f"{file} has model_type {d.get('model_type')!r}, expected 'qwen2_5_vl'.")
   if "text_config" not in d:
     d = dict(d, text_config=d)
+  generation = os.path.join(path, "generation_config.json")
+  if os.path.isfile(generation):
+    with open(generation) as f:
+      g = json.load(f)
+    if g.get("eos_token_id") is not None:
+      overrides.setdefault("eos_token_ids", eos_tuple(g["eos_token_id"]))
+    if g.get("pad_token_id") is not None:
+      overrides.setdefault("pad_token_id", int(g["pad_token_id"]))
   return from_hf(d, **overrides)
 
 

@@ -34,8 +34,9 @@ from jax.sharding import NamedSharding
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import rope
-from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
-from gleam_jax.models.qwen2_5_vl.modeling import Qwen2_5_VL, check_image_tokens, fused_decoder_kernels, vision_inputs
+from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES, eos_tuple
+from gleam_jax.models.qwen2_5_vl.modeling import (Qwen2_5_VL, check_image_tokens, check_pixel_values,
+                                                   fused_decoder_kernels, vision_inputs)
 from gleam_jax.train import sharding
 
 
@@ -240,8 +241,13 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     raise GleamError(f"generate: temperature={temperature}, top_p={top_p}; need temperature >= 0, 0 < top_p <= 1.")
   if (pixel_values is None) != (image_grid_thw is None):
     raise GleamError("generate: pass pixel_values and image_grid_thw together.")
+  if image_grid_thw is not None and len(image_grid_thw) == 0:  # the processor's text-only prompt
+    check_pixel_values(pixel_values, image_grid_thw, cfg)
+    pixel_values = image_grid_thw = None
   check_image_tokens(input_ids, image_grid_thw, cfg)
-  eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+  if pixel_values is not None:
+    check_pixel_values(pixel_values, image_grid_thw, cfg)
+  eos = eos_tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
   pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
   position_ids, _ = rope.get_rope_index(input_ids, image_grid_thw, attention_mask,
                                         image_token_id=cfg.image_token_id,

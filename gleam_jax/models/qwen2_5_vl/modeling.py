@@ -403,6 +403,18 @@ def check_image_tokens(input_ids, image_grid_thw, cfg: Qwen2_5_VLConfig):
                      f"{need} merged image tokens; build the prompt with the processor for these images.")
 
 
+def check_pixel_values(pixel_values, image_grid_thw, cfg: Qwen2_5_VLConfig):
+  """Host check: one row of `patch_dim` values per patch of the images, (sum of t*h*w, patch_dim). (The
+  vision tower gathers rows by index, and an index past the end would read a clamped row, not fail.)"""
+  grids = np.asarray(image_grid_thw).reshape(-1, 3)
+  need = (int(np.prod(grids, axis=1).sum()), cfg.vision.patch_dim)
+  have = tuple(np.shape(pixel_values))
+  if have != need:
+    raise GleamError(f"pixel_values has shape {have} but image_grid_thw {grids.tolist()} needs {need} (one row "
+                     f"of {cfg.vision.patch_dim} values per patch); pass the processor's pixel_values of these "
+                     "images together with their image_grid_thw.")
+
+
 def create_model(cfg: Qwen2_5_VLConfig, seed: int = 0) -> Qwen2_5_VL:
   """A randomly initialised model (normal(0.02) weights, unit norms, zero biases)."""
   return Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed))

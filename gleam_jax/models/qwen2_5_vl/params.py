@@ -44,6 +44,7 @@ SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what a weight may be stored as
 INDEX_FILE = "model.safetensors.index.json"
 # Non-persistent buffers that some older exports wrote; they hold no weights.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -165,9 +166,20 @@ def _to_ours(array: np.ndarray, leaf: str, target_shape) -> np.ndarray:
   return array
 
 
-def _plan(index: dict[str, TensorInfo], targets: dict, tied: bool) -> dict:
-  """(NNX path -> HF key) after checking that every key and every parameter is accounted for."""
-  plan, unused, bad_shapes, twice = {}, [], [], []
+def _hf_shape(leaf: str, target_shape, stored_ndim: int, vision) -> tuple:
+  """The shape a parameter of `target_shape` has in a checkpoint (torch layout; see `_to_ours`)."""
+  if leaf == "kernel" and stored_ndim == 5:  # Conv3d (out, C, T, P, P)
+    return (target_shape[1], vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size)
+  if leaf == "kernel" and stored_ndim == 2:
+    return tuple(reversed(target_shape))
+  return tuple(target_shape)
+
+
+def _plan(index: dict[str, TensorInfo], targets: dict, cfg: config_lib.Qwen2_5_VLConfig) -> dict:
+  """(NNX path -> HF key) after checking, from the headers, that every key and every parameter is
+  accounted for, with the right shape and a float dtype."""
+  tied = cfg.tie_word_embeddings
+  plan, unused, bad_shapes, twice, bad_dtypes = {}, [], [], [], []
   for key, info in index.items():
     if _IGNORED.search(key):
       continue
@@ -183,10 +195,11 @@ def _plan(index: dict[str, TensorInfo], targets: dict, tied: bool) -> dict:
     if path is None:
       unused.append(key)
       continue
-    want = tuple(targets[path].shape)
-    got = _to_ours(np.empty(info.shape, np.bool_), path[-1], want).shape
-    if got != want:
+    want = _hf_shape(path[-1], tuple(targets[path].shape), len(info.shape), cfg.vision)
+    if tuple(info.shape) != want:
       bad_shapes.append(f"{key} {list(info.shape)} (expected {list(want)} for {'.'.join(map(str, path))})")
+    if info.dtype not in FLOAT_DTYPES:
+      bad_dtypes.append(f"{key} {info.dtype}")
     if path in plan:
       twice.append(f"{plan[path]} and {key}")
     plan[path] = key
@@ -202,6 +215,9 @@ def _plan(index: dict[str, TensorInfo], targets: dict, tied: bool) -> dict:
     problems.append(f"{len(bad_shapes)} tensors have the wrong shape: {_some(bad_shapes)}")
   if twice:
     problems.append(f"{len(twice)} parameters are given twice (old and new key layout mixed): {_some(twice)}")
+  if bad_dtypes:
+    problems.append(f"{len(bad_dtypes)} tensors are not stored as float32, bfloat16 or float16 (convert them): "
+                    f"{_some(bad_dtypes)}")
   if problems:
     raise GleamError("The checkpoint does not fit the Qwen2.5-VL config: " + "; ".join(problems) +
                      ". Use the config.json that came with these weights.")
@@ -232,7 +248,7 @@ def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
   flat_shardings = traverse_util.flatten_dict(shardings)
   targets = {p: v.get_value() for p, v in flat.items()}
   index = checkpoint_index(directory)
-  plan = _plan(index, targets, abstract.cfg.tie_word_embeddings)
+  plan = _plan(index, targets, abstract.cfg)
 
   total = sum(index[k].end - index[k].begin for k in plan.values())
   progress, done, last_log = RateEta(total), 0, time.perf_counter()

@@ -1,7 +1,7 @@
 """Qwen2.5-VL inputs: images -> patches, chat prompt -> token ids, and fine-tuning targets.
 
 Numerically the same as `transformers.Qwen2_5_VLProcessor` with its PIL image processor:
-  * `smart_resize` picks a size divisible by patch*merge (28) with min_pixels <= h*w <= max_pixels,
+  * `smart_resize` picks a size divisible by patch*merge (28) near min_pixels <= h*w <= max_pixels,
     the image is resized with PIL bicubic on uint8, scaled by 1/255 and normalised with the OpenAI
     CLIP mean/std;
   * a still image is one temporal patch (the frame repeated `temporal_patch_size` times), patches are
@@ -45,7 +45,9 @@ class ImageConfig:
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
-  """(height, width) divisible by `factor`, pixel count within [min_pixels, max_pixels], aspect kept."""
+  """(height, width) divisible by `factor`, aspect kept, pixel count brought into [min_pixels, max_pixels]
+  as transformers does it: the rounding to multiples of `factor` (at least one) can leave it outside for
+  thin images or tight bounds (20x3000 with max 6272 gives 28x952)."""
   if max(height, width) / min(height, width) > 200:
     raise GleamError(f"Image of {height}x{width} has an aspect ratio above 200, which Qwen2.5-VL cannot "
                      "take; crop or pad it first.")
@@ -117,7 +119,8 @@ def chat_prompt(num_images: int, prompt: str, system: str = DEFAULT_SYSTEM) -> s
 
 
 def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
-  """`ImageConfig` from `<directory>/preprocessor_config.json` (min_pixels/max_pixels or size)."""
+  """`ImageConfig` from `<directory>/preprocessor_config.json`: the pixel bounds from min_pixels/max_pixels,
+  or from size (shortest_edge/longest_edge, or min_pixels/max_pixels inside it, as some exports write)."""
   file = os.path.join(directory, "preprocessor_config.json")
   if not os.path.isfile(file):
     raise GleamError(f"No preprocessor_config.json in {directory!r}; point the config at a local "
@@ -126,8 +129,8 @@ def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
     d = json.load(f)
   size = d.get("size") or {}
   fields = dict(
-      min_pixels=d.get("min_pixels", size.get("shortest_edge", ImageConfig.min_pixels)),
-      max_pixels=d.get("max_pixels", size.get("longest_edge", ImageConfig.max_pixels)),
+      min_pixels=d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels", ImageConfig.min_pixels))),
+      max_pixels=d.get("max_pixels", size.get("longest_edge", size.get("max_pixels", ImageConfig.max_pixels))),
       patch_size=d.get("patch_size", 14), temporal_patch_size=d.get("temporal_patch_size", 2),
       merge_size=d.get("merge_size", 2),
       image_mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)),
