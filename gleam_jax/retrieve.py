@@ -26,12 +26,11 @@ import jax
 import ml_collections
 from flax import nnx
 import numpy as np
-from PIL import ImageOps
 
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.data.photo_camera import open_image, recorded_camera
-from gleam_jax.data.sources import CAMERA_KEYS
+from gleam_jax.data.sources import CAMERA_KEYS, upright_rgb
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -103,9 +102,9 @@ def _load(workdir):
 
 
 def read_image(path):
-  """The image upright (as its EXIF orientation says it is shown), RGB."""
+  """The image upright (as its EXIF orientation says it is shown), RGB (`sources.upright_rgb`)."""
   with open_image(path) as image:
-    return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    return upright_rgb(image)
 
 
 def image_files(folder, flag):

@@ -260,11 +260,18 @@ def test_eval_batches_split_over_processes_decode_each_image_once(tiny_cfg, spli
 def test_modality_batch_sizes_follow_the_weights():
   cfg = data_config(modalities=("uav", "streetmap", "panorama", "ground"),
                     modality_weights={"uav": 2.0, "streetmap": 1.0, "panorama": 1.0, "ground": 1.0})
-  # 6 units of 2: one each, the other 2 by weight (uav's share is the largest remainder, then streetmap)
-  assert pipeline.modality_batch_sizes(cfg, 12, multiple=2) == {"uav": 4, "streetmap": 4, "panorama": 2, "ground": 2}
-  # 8 units of 8: one each, then 4 x (0.4, 0.2, 0.2, 0.2) = (1.6, 0.8, 0.8, 0.8): largest remainders
-  assert pipeline.modality_batch_sizes(cfg, 64, multiple=8) == {"uav": 16, "streetmap": 16, "panorama": 16, "ground": 16}
+  # 6 units of 2 by weight: (2.4, 1.2, 1.2, 1.2) -> (2, 1, 1, 1) and the largest remainder (uav) one more
+  assert pipeline.modality_batch_sizes(cfg, 12, multiple=2) == {"uav": 6, "streetmap": 2, "panorama": 2, "ground": 2}
+  # 8 units of 8: (3.2, 1.6, 1.6, 1.6) -> (3, 1, 1, 1) + the two largest remainders (ties in order)
+  assert pipeline.modality_batch_sizes(cfg, 64, multiple=8) == {"uav": 24, "streetmap": 16, "panorama": 16, "ground": 8}
   assert pipeline.modality_batch_sizes(cfg, 80, multiple=8) == {"uav": 32, "streetmap": 16, "panorama": 16, "ground": 16}
+  heavy = data_config(modalities=("uav", "streetmap", "panorama", "ground"),
+                      modality_weights={"uav": 2.0, "streetmap": 1.0, "panorama": 1.0, "ground": 2.0})
+  assert pipeline.modality_batch_sizes(heavy, 64, multiple=8) == {"uav": 24, "streetmap": 8, "panorama": 8, "ground": 24}
+  assert pipeline.modality_batch_sizes(heavy, 64) == {"uav": 21, "streetmap": 11, "panorama": 11, "ground": 21}
+  # a weight too small for a unit of its own still gets one, from the largest group
+  tiny = data_config(modalities=("uav", "panorama"), modality_weights={"uav": 20.0, "panorama": 1.0})
+  assert pipeline.modality_batch_sizes(tiny, 16, multiple=8) == {"uav": 8, "panorama": 8}
   equal = data_config(modalities=("uav", "streetmap", "panorama", "ground"))
   assert pipeline.modality_batch_sizes(equal, 64) == {m: 16 for m in equal.modalities}
   with pytest.raises(GleamError, match="cannot hold 4 modalities"):

@@ -42,6 +42,13 @@ def test_cvusa_pairs_splits_and_protocol(tmp_path):
   for split in ("train", "test"):
     check_pairs(cfg, split, expected[split])
   assert r_at_1(cfg, str(tmp_path / "eval")) == 1.0
+  # the record order (and so every epoch's batches) does not depend on where the local copy lies
+  moved = str(tmp_path / "elsewhere" / "CVUSA")
+  os.renames(root, moved)
+  cfg_moved = data_config(name="cvusa", manual_dir=moved, data_dir=str(tmp_path / "data2"), **SIZES)
+  for split in ("train", "test"):
+    assert (sources.get_index(cfg_moved, split)["location_id"].tolist()
+            == sources.get_index(cfg, split)["location_id"].tolist())
 
 
 def test_cvusa_missing_and_malformed(tmp_path):
@@ -70,6 +77,13 @@ def test_cvact_mat_indices_splits_and_protocol(tmp_path, ext, cell_ids):
   for split in ("train", "test"):
     check_pairs(cfg, split, expected[split])
   assert r_at_1(cfg, str(tmp_path / "eval")) == 1.0
+  # the record order (and so every epoch's batches) does not depend on where the local copy lies
+  moved = str(tmp_path / "elsewhere" / "CVACT")
+  os.renames(root, moved)
+  cfg_moved = data_config(name="cvact", manual_dir=moved, data_dir=str(tmp_path / "data2"), **SIZES)
+  for split in ("train", "test"):
+    assert (sources.get_index(cfg_moved, split)["location_id"].tolist()
+            == sources.get_index(cfg, split)["location_id"].tolist())
 
 
 def test_cvact_missing_and_malformed(tmp_path):

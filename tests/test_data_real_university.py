@@ -102,6 +102,20 @@ def test_university_missing_and_inconsistent_folders(tmp_path):
   os.remove(f"{root2}/test/gallery_satellite/0003/0003.jpg")
   with pytest.raises(GleamError, match="holds 0 images"):
     sources.get_source(data_config(name="university1652", manual_dir=root2, data_dir=str(tmp_path / "d3")), "test")
+  # hidden files and folders (a macOS copy's resource forks, a notebook's checkpoints) are not part of it,
+  # and a file that is no image stops the build naming it
+  root3 = str(tmp_path / "U3")
+  expected = fx.write_university(root3)
+  with open(f"{root3}/train/drone/0001/._image-01.jpeg", "wb") as f:
+    f.write(b"\x00\x05\x16\x07 AppleDouble")
+  os.makedirs(f"{root3}/train/drone/.ipynb_checkpoints")
+  hidden = data_config(name="university1652", manual_dir=root3, data_dir=str(tmp_path / "d5"))
+  assert records_of(sources.get_index(hidden, "train")) == expected["train"]
+  with open(f"{root3}/train/drone/0001/image-02.jpeg", "wb") as f:
+    f.write(b"not a jpeg")
+  with pytest.raises(GleamError, match=r"train/drone/0001/image-02\.jpeg is not an image that can be read \("
+                                       r"UnidentifiedImageError.*\); replace it with the published file"):
+    sources.get_source(data_config(name="university1652", manual_dir=root3, data_dir=str(tmp_path / "d7")), "train")
 
 
 def test_sues200_altitudes_and_protocol(tmp_path):

@@ -161,6 +161,23 @@ def test_state_round_trip_plain_and_gps():
     samplers.UniqueLocationShuffle(index).set_state(make_all(index)[1].get_state())
 
 
+def test_dss_state_round_trips_when_the_table_covers_more_locations_than_the_sampler():
+  """Phase 2: the trainer's neighbour table has a row per location of the split, and a modality may be
+  held by only some locations (University-1652's street views): the state keeps the table's rows."""
+  index = make_index(num_locations=40)
+  ground = MODALITIES.index("ground")
+  some = ~((index["modality"] == ground) & (index["location_id"] % 2 == 0))  # ground views at odd ids only
+  index = {k: v[some] for k, v in index.items()}
+  every = np.unique(index["location_id"])
+  table = np.stack([np.roll(every, -j) for j in range(1, 5)], 1)
+  dss = samplers.DSSSampler(index, ("ground",), seed=0, neighbours_per_anchor=1, neighbour_range=2)
+  dss.set_neighbours(table, every)
+  fresh = samplers.DSSSampler(index, ("ground",), seed=0, neighbours_per_anchor=1, neighbour_range=2)
+  fresh.set_state(json.loads(json.dumps(dss.get_state())))
+  np.testing.assert_array_equal(fresh.epoch_order(3, 4), dss.epoch_order(3, 4))
+  np.testing.assert_array_equal(fresh._positions, dss._positions)
+
+
 def test_bad_inputs():
   index = make_index(num_locations=10)
   with pytest.raises(GleamError, match="batch size 16 is impossible"):
@@ -168,6 +185,8 @@ def test_bad_inputs():
   only_pano = {k: v[index["modality"] == 2] for k, v in index.items()}
   with pytest.raises(GleamError, match="no records of modalities"):
     samplers.UniqueLocationShuffle(only_pano, ("uav",))
+  with pytest.raises(GleamError, match=r"no records of modalities \('uav',\) \(it holds \['panorama'\]\)"):
+    samplers.UniqueLocationShuffle(only_pano, ("panorama", "uav"))  # one missing of two (its epochs never filled)
   with pytest.raises(GleamError, match="one row per location"):
     samplers.DSSSampler(index).set_neighbours(np.zeros((3, 2), int))
 

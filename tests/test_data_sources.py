@@ -154,3 +154,23 @@ def test_parallel_build_matches_the_renders(tmp_path):
     np.testing.assert_array_equal(src[r]["satellite"], views["satellite"])
   cross = sources.get_index(cfg, "test_cross_city")
   assert sorted(set(cross["location_id"].tolist())) == synthetic.split_location_ids(spec, "test_cross_city").tolist()
+
+
+def test_decoded_images_are_upright_rgb():
+  """A JPEG whose EXIF says 'rotate 90° to show' decodes as shown (as `retrieve` reads query files);
+  16-bit grey scales to 8 bits instead of clipping to white."""
+  import io
+  from PIL import Image
+  wide = np.zeros((20, 40, 3), np.uint8)
+  wide[:, :20] = 255  # left half white
+  exif = Image.Exif()
+  exif[0x0112] = 6  # orientation: the stored image is shown turned 90° clockwise
+  buffer = io.BytesIO()
+  Image.fromarray(wide).save(buffer, format="JPEG", exif=exif, quality=95)
+  shown = sources.decode_png(buffer.getvalue(), "x", "y")
+  assert shown.shape == (40, 20, 3)
+  assert shown[:15].mean() > 200 and shown[25:].mean() < 50  # the white half is now on top
+  grey = np.array([[0, 32896, 65535]], np.uint16)
+  buffer = io.BytesIO()
+  Image.fromarray(grey).save(buffer, format="PNG")
+  np.testing.assert_array_equal(sources.decode_png(buffer.getvalue(), "x", "y")[0, :, 0], [0, 128, 255])

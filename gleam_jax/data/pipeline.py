@@ -285,7 +285,9 @@ def make_train_stream(data_cfg, global_batch_size, sampler, seed, **kwargs):
 
 def modality_batch_sizes(data_cfg, global_batch_size, multiple=1):
   """{modality: pairs per global batch}: shares of `global_batch_size` by data.modality_weights,
-  each a positive multiple of `multiple` (the mesh's data shards x processes), summing to it."""
+  each a positive multiple of `multiple` (the mesh's data shards x processes), summing to it. The
+  `global_batch_size / multiple` units go by weight (largest remainders), then a group left with none
+  takes one from the largest group."""
   mods = tuple(data_cfg.modalities)
   units, rest = divmod(int(global_batch_size), int(multiple))
   if rest or units < len(mods):
@@ -294,9 +296,12 @@ def modality_batch_sizes(data_cfg, global_batch_size, multiple=1):
         f"split over the mesh and processes ({multiple}): use a multiple of {multiple} that is at least "
         f"{len(mods) * multiple}.")
   w = np.asarray([float(data_cfg.modality_weights[m]) for m in mods])
-  share = 1 + (units - len(mods)) * w / w.sum()  # one unit each, the rest by weight
+  share = units * w / w.sum()
   counts = np.floor(share).astype(int)
   counts[np.argsort(-(share - counts), kind="stable")[:units - counts.sum()]] += 1
+  while np.any(counts == 0):  # units >= len(mods), so the largest group has more than one
+    counts[np.argmax(counts)] -= 1
+    counts[np.flatnonzero(counts == 0)[0]] += 1
   return {m: int(c) * int(multiple) for m, c in zip(mods, counts)}
 
 

@@ -127,8 +127,11 @@ class UniqueLocationShuffle:
     mods = tuple(modalities)
     mod_ids = [MODALITIES.index(m) for m in mods]
     keep = np.isin(index["modality"], mod_ids)
-    if not keep.any():
-      raise GleamError(f"the split has no records of modalities {mods}: choose data.modalities among those it holds.")
+    absent = [m for m, i in zip(mods, mod_ids) if not np.any(np.asarray(index["modality"]) == i)]
+    if absent:
+      held = sorted({MODALITIES[int(i)] for i in np.unique(index["modality"])})
+      raise GleamError(f"the split has no records of modalities {tuple(absent)} (it holds {held}): choose "
+                       "data.modalities among those it holds.")
     self.records = np.flatnonzero(keep)
     self.record_modality = np.asarray(index["modality"])[self.records]
     self.location_ids, self.record_loc = np.unique(np.asarray(index["location_id"])[self.records], return_inverse=True)
@@ -231,7 +234,7 @@ class DSSSampler(UniqueLocationShuffle):
     nb_pos = np.searchsorted(self.location_ids, table)
     nb_ok = (nb_pos < self.num_locations) & (self.location_ids[np.minimum(nb_pos, self.num_locations - 1)] == table)
     full[row_pos[ok]] = np.where(nb_ok[ok], nb_pos[ok], -1)
-    self.table = table
+    self.table, self.table_rows = table, np.asarray(rows, np.int64)
     self._positions = full
 
   def _neighbours(self):
@@ -240,6 +243,9 @@ class DSSSampler(UniqueLocationShuffle):
   def get_state(self):
     state = super().get_state()
     state["neighbours"] = None if self.table is None else encode_array(self.table)
+    # the table's rows may be other locations than this sampler's (the trainer's table covers every
+    # location of the split; a modality may hold only some of them)
+    state["neighbour_rows"] = None if self.table is None else encode_array(self.table_rows)
     return state
 
   def set_state(self, state):
@@ -247,7 +253,8 @@ class DSSSampler(UniqueLocationShuffle):
     if state.get("neighbours") is None:
       self.table = None
     else:
-      self.set_neighbours(decode_array(state["neighbours"]))
+      rows = state.get("neighbour_rows")
+      self.set_neighbours(decode_array(state["neighbours"]), None if rows is None else decode_array(rows))
 
 
 def make_sampler(data_cfg, index):

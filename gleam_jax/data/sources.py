@@ -22,7 +22,7 @@ import time
 from absl import logging
 from etils import epath
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from gleam_jax.data import builders
 from gleam_jax.data.augment import query_frame
@@ -83,11 +83,23 @@ def build_info(builder):
   return json.loads(path.read_text()) if path.exists() else {}
 
 
+def upright_rgb(image):
+  """A PIL image as uint8 (h, w, 3) RGB, turned upright as its EXIF orientation says it is shown (the
+  same for training records and for `retrieve`'s query files); 16-bit grey is scaled to 8 bits (PIL's
+  RGB conversion would clip it to white)."""
+  ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+  if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+    grey = np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  return np.asarray(image.convert("RGB"))
+
+
 def decode_png(data, what, fix):
-  """Encoded image bytes -> uint8 (h, w, 3); GleamError naming `what` and `fix` if they do not decode."""
+  """Encoded image bytes -> uint8 (h, w, 3) upright RGB (`upright_rgb`); GleamError naming `what` and
+  `fix` if they do not decode."""
   try:
     with Image.open(io.BytesIO(data)) as im:
-      return np.asarray(im.convert("RGB"))
+      return upright_rgb(im)
   except Exception as e:  # PIL raises many types for broken files
     raise GleamError(f"{what}: the image does not decode ({type(e).__name__}: {e}); {fix}.") from None
 

@@ -84,9 +84,17 @@ class SatelliteOnce:
 
 
 def read_bytes(path):
-  """The bytes of a file (a path `LocalCopy.require` has checked)."""
+  """The bytes of an image file (a path `LocalCopy.require` has checked), stored as they are; a file
+  PIL cannot read stops the build naming it (not later, at training, as a damaged dataset)."""
   with open(path, "rb") as f:
-    return f.read()
+    data = f.read()
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.verify()
+  except Exception as e:  # PIL raises many types for broken files
+    raise GleamError(f"{path} is not an image that can be read ({type(e).__name__}: {e}); replace it with the "
+                     "published file, or remove it from the local copy.") from None
+  return data
 
 
 def panorama_pairs(records, city):
@@ -140,14 +148,16 @@ class LocalCopy:
   def subfolders(self, relative, what):
     """Sorted names of the folders in `relative`."""
     full = self.require(relative, what, folder=True)
-    return sorted(n for n in os.listdir(full) if os.path.isdir(os.path.join(full, n)))
+    return sorted(n for n in os.listdir(full) if not n.startswith(".") and os.path.isdir(os.path.join(full, n)))
 
   def images(self, relative):
-    """Sorted image file names in the folder `relative` ([] if there is no such folder)."""
+    """Sorted image file names in the folder `relative` ([] if there is no such folder); hidden files
+    (macOS's `._name.jpg` resource forks, say) are not images of the dataset."""
     full = self.path(relative)
     if not os.path.isdir(full):
       return []
-    return sorted(n for n in os.listdir(full) if os.path.splitext(n)[1].lower() in (".jpg", ".jpeg", ".png"))
+    return sorted(n for n in os.listdir(full)
+                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in (".jpg", ".jpeg", ".png"))
 
 
 class PairsBuilder(tfds.core.GeneratorBasedBuilder):

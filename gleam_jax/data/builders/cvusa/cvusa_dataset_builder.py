@@ -33,8 +33,9 @@ def split_records(local, split):
     sat, pano = fields[0].strip(), fields[1].strip()
     stem = os.path.splitext(os.path.basename(sat))[0]
     pano_path = local.require(pano, "the panorama")
-    records.append((pano_path, pano_path, local.require(sat, "the satellite image"),
-                    int(stem) if stem.isdigit() else n))
+    # the key is the csv's relative path: TFDS orders records by the key's hash, so an absolute one
+    # would make the order (and the batches) depend on where manual_dir lies
+    records.append((pano, pano_path, local.require(sat, "the satellite image"), int(stem) if stem.isdigit() else n))
   return records
 
 
@@ -43,7 +44,8 @@ class Builder(pairs.PairsBuilder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "Records carry `satellite_here` (always True: every record stores its satellite)."}
+                   "1.1.0": "Records carry `satellite_here` (always True: every record stores its satellite); "
+                            "keyed by the csv's relative paths (the record order no longer depends on manual_dir)."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default", description="CVM-Net subset, zoom 19")]
 
   def layout(self):
