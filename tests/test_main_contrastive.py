@@ -1,6 +1,8 @@
 """The GLEAM-C job end to end on the tiny world: phase 1, resume after SIGKILL, phase 2, errors."""
+import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +20,7 @@ from gleam_jax import retrieve
 from gleam_jax.data import pipeline
 from gleam_jax.errors import GleamError
 from gleam_jax.models import gleam_c
+from gleam_jax.train import checkpoint
 from gleam_jax.train import contrastive
 from gleam_jax.utils.writer import read_metrics
 
@@ -88,8 +91,9 @@ def test_evaluate_job_gives_the_training_jobs_last_metrics(phase1_workdir, tiny_
              if k.startswith("eval/")}
   with open(os.path.join(phase1_workdir, "config.json")) as f:
     job_config = f.read()
+  # total_steps 1 with the job's warmup: a schedule that could not be built, and is not (no optimizer)
   config = tiny_config("c_phase1", tiny_cfg.data_dir, trainer="evaluate", init_from=phase1_workdir,
-                       **{"eval.panorama_fov_deg": (90,)})
+                       total_steps=1, **{"eval.panorama_fov_deg": (90,)})
   results = main.run(config, str(tmp_path / "eval"))
   assert results == pytest.approx(trained) and len(trained) > 4
   [(setup, state)] = built
@@ -148,8 +152,9 @@ def test_sigkill_and_resume_gives_the_same_losses(phase1_workdir, tiny_cfg, tmp_
 
 
 def test_a_damaged_checkpoint_is_named_with_the_step_to_fall_back_to(phase1_workdir, tiny_cfg, tmp_path):
-  """A truncated array file in the latest checkpoint stops the resume on one message naming it; the
-  fix it names (delete that step folder) resumes from the step before, with the same losses."""
+  """A truncated array file in the latest checkpoint stops the resume on one message naming it, and
+  nothing more on stderr; the fix it names (delete that step folder) resumes from the step before,
+  with the same losses."""
   workdir = tmp_path / "job"
   shutil.copytree(phase1_workdir, workdir)
   steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
@@ -159,15 +164,43 @@ def test_a_damaged_checkpoint_is_named_with_the_step_to_fall_back_to(phase1_work
   for path in arrays:
     with open(path, "r+b") as f:
       f.truncate(64)
-  config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=STEPS, **{"eval.at_end": False})
-  with pytest.raises(GleamError, match=rf"checkpoint {latest} cannot be read \(.+\); its files are damaged or "
-                                       rf"incomplete: delete that step folder to resume from step {before}"):
-    main.run(config, str(workdir))
+  proc = _run_cli(str(workdir), tiny_cfg.data_dir)
+  _, err = proc.communicate(timeout=240)
+  assert proc.returncode == 2, err[-3000:]
+  assert re.search(rf"^error: checkpoint {re.escape(str(latest))} cannot be read \(.+\); its files are damaged or "
+                   rf"incomplete: delete that step folder to resume from step {before}, or use a new --workdir\.$",
+                   err, re.MULTILINE), err[-3000:]
+  # no reads were left in flight when Orbax closed its event loop (TensorStore's threads report those)
+  assert "Event loop is closed" not in err and "Traceback" not in err, err[-3000:]
   shutil.rmtree(latest)
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=STEPS, **{"eval.at_end": False})
   main.run(config, str(workdir))
   resumed, straight = train_losses(str(workdir)), train_losses(phase1_workdir)
   np.testing.assert_allclose([resumed[s] for s in range(before + 1, STEPS + 1)],
                              [straight[s] for s in range(before + 1, STEPS + 1)], rtol=1e-5)
+
+
+def test_a_failed_batch_of_checkpoint_reads_raises_once_its_other_reads_are_done():
+  """Orbax reads a checkpoint's arrays in one gather, which raises on the first failure, then closes
+  its event loop: the arrays' handler lets the other reads finish first (whether they fail or not)."""
+  finished = []
+
+  async def read(name, delay, fails=False):
+    await asyncio.sleep(delay)
+    finished.append(name)
+    if fails:
+      raise OSError(f"{name} is damaged")
+
+  async def batch():
+    await asyncio.gather(read("a", 0, fails=True), read("b", 0.02), read("c", 0.05, fails=True))
+
+  loop = asyncio.new_event_loop()  # as Orbax runs them: no cancelling of what is left, then close
+  try:
+    with pytest.raises(OSError, match="a is damaged"):
+      loop.run_until_complete(checkpoint._reads_done(batch()))
+    assert sorted(finished) == ["a", "b", "c"] and not asyncio.all_tasks(loop)
+  finally:
+    loop.close()
 
 
 def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
@@ -295,8 +328,15 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tiny_cfg, tmp_path, monkeypat
 
   monkeypatch.setattr(pipeline.ModalityStreams, "__next__", poisoned)
   config = tiny_config("c_phase1", tiny_cfg.data_dir, **{"eval.at_end": False})
-  with pytest.raises(GleamError, match=r"loss is nan at step 6\. Last good checkpoint: step 4 \(.*checkpoints/4\)"):
+  with pytest.raises(GleamError, match=r"the loss is nan and the grad norm is nan at step 6\. Last good checkpoint: "
+                                       r"step 4 \(.*checkpoints/4\)\. Lower config\.optim\.lr, then run again"):
     main.run(config, str(tmp_path))
+  # a gradient that is not finite stops the run too, though its loss (computed before the update) is:
+  # the update would put NaN into the parameters that step's checkpoint saves
+  with pytest.raises(GleamError, match=r"^the grad norm is inf at step 8\. Last good checkpoint: step 6 \(/c/6\)\. "
+                                       r"Lower config\.optim\.lr or set config\.optim\.clip_norm, then run"):
+    contrastive._check_finite([(7, {"loss": 2.0, "grad_norm": 1.0}), (8, {"loss": 2.0, "grad_norm": np.inf})],
+                              (6, "/c/6"), clip_norm=None)
 
 
 def test_phase2_tower_recipes():

@@ -12,6 +12,7 @@ every array straight into the target's sharding, so a job can resume on another 
 A checkpoint whose arrays do not fit the target fails with a `GleamError` listing the mismatches;
 one whose files are damaged, with one naming it and the step to fall back to.
 """
+import asyncio
 import contextlib
 import functools
 import os
@@ -31,8 +32,45 @@ def checkpoint_dir(workdir):
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+async def _reads_done(batch):
+  """Awaits `batch`, a handler's reads of many arrays; if it fails, first waits for the reads it
+  started. Orbax gathers one read per array, which raises on the first failure (a damaged file) with
+  the others still in flight, then closes its event loop without cancelling them (orbax 0.12's
+  `run_sync`); as each completes, TensorStore's thread reports "Event loop is closed". Waiting, not
+  cancelling: a task is done only once its read's callback reached the loop. Tasks that existed
+  before `batch` started (those awaiting it among them) are not waited for."""
+  before = asyncio.all_tasks()
+  try:
+    return await batch
+  except Exception:
+    while started := asyncio.all_tasks() - before:  # the not yet done ones
+      await asyncio.wait(started)
+    raise
+
+
+class _ArrayHandler(ocp.type_handlers.ArrayHandler):
+  """Orbax's jax.Array handler, except that a failed batch raises once its reads are done."""
+
+  async def metadata(self, infos):
+    return await _reads_done(super().metadata(infos))
+
+  async def deserialize(self, infos, args=None):
+    return await _reads_done(super().deserialize(infos, args))
+
+
+def _type_handlers():
+  """Orbax's registered type handlers, with `_ArrayHandler` for jax.Array (on the store of array
+  metadata that the registered one writes, as Orbax itself finds it)."""
+  registered = ocp.type_handlers.get_type_handler(jax.Array)
+  arrays = _ArrayHandler(array_metadata_store=getattr(registered, "_array_metadata_store", None))
+  return ocp.type_handlers.create_type_handler_registry(
+      *[(ty, arrays if ty is jax.Array else ocp.type_handlers.get_type_handler(ty))
+        for ty in ocp.type_handlers.supported_types()])
+
+
 def _handlers():
-  return {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+  return {"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+          "data": ocp.JsonCheckpointHandler()}
 
 
 def make_manager(workdir, max_to_keep=3, async_save=True):
