@@ -22,6 +22,8 @@ pairs/s; 6:49 before session 5's step and input changes, 8:04 before the decoded
 82.5%, cross-city 64.6%; 5:33 on session 6's box (39 s build, ~493 pairs/s), the same losses and
 R@1.
 """
+import math
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -86,6 +88,8 @@ def base_config(arg, modalities, known=KNOBS):
       c.model = model_config(depths=(1, 1, 3, 1), dims=(32, 64, 128, 256), embed_dim=128)
 
   c.loss = ml_collections.ConfigDict(dict(name=knobs.get("loss", "infonce"), label_smoothing=0.1))
+  if c.loss.name == "sigmoid":  # SigLIP starts at t = 10 (and b = -10), InfoNCE at 1/0.07
+    c.model.logit_scale_init = math.log(10.0)
 
   batch_size = config_dict.FieldReference(int(knobs.get("batch", 16 if tiny else 64)))
   c.batch_size = batch_size  # global batch (pairs per step), split over the mesh's data axes

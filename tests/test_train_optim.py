@@ -101,3 +101,5 @@ def test_bad_rules_are_config_errors():
     optim.make_optimizer(_cfg(frozen=(".*",)), _params(), 10)
   with pytest.raises(GleamError, match="warmup_steps"):
     optim.make_optimizer(_cfg(warmup_steps=10), _params(), 10)
+  with pytest.raises(GleamError, match=r"lr_mults: \('\^head/', -1\.0\) has multiplier -1\.0; it must be >= 0"):
+    optim.make_optimizer(_cfg(lr_mults=((r"^head/", -1.0),)), _params(), 10)  # would climb the loss

@@ -95,6 +95,20 @@ def test_loss_falls_and_step_reports_metrics():
   assert 0 < float(metrics["grad_norm"]) and 1.0 < float(metrics["logit_scale"]) <= 100.0
 
 
+@pytest.mark.parametrize("loss", ["infonce", "sigmoid"])
+def test_infonce_step_bounds_the_logit_scale_parameter(loss):
+  """InfoNCE: the log scale is clamped at log 100 after the update (CLIP); SigLIP leaves it free."""
+  setup, state = _setup(shd.single_device_mesh(), loss=loss)
+  state["params"]["model"]["logit_scale"] = jax.numpy.float32(np.log(150.0))
+  state, metrics = contrastive.make_train_step(setup)(state, _batch())
+  np.testing.assert_allclose(float(metrics["logit_scale"]), 150.0, rtol=1e-5)  # the step's loss used it as it was
+  after = float(state["params"]["model"]["logit_scale"])
+  if loss == "infonce":
+    np.testing.assert_allclose(after, np.log(100.0), rtol=1e-6)
+  else:
+    assert abs(after - np.log(150.0)) < 0.01
+
+
 def test_sigmoid_loss_with_frozen_stem():
   """The sigmoid loss trains its bias; frozen parameters do not move, the others do."""
   setup, state = _setup(shd.single_device_mesh(), loss="sigmoid", frozen=(r"^model/encoder/stem/",))
@@ -115,6 +129,14 @@ def test_batch_that_does_not_divide_fails_before_compiling():
   step = contrastive.make_train_step(setup)
   with pytest.raises(GleamError, match=r"batch size=12 .*8 shards"):
     step(state, _batch(n=12))
+  # a satellite per query, group by group
+  short = dict(_batch(), satellite=_batch()["satellite"][:8])
+  with pytest.raises(GleamError, match="the batch holds 16 queries but 8 satellites"):
+    step(state, short)
+  grouped = _grouped_batch()
+  grouped["satellite"]["b"] = grouped["satellite"]["b"][:4]
+  with pytest.raises(GleamError, match="the batch group b holds 8 queries but 4 satellites"):
+    step(state, grouped)
 
 
 def _grouped_batch(seed=0):
@@ -155,9 +177,9 @@ def test_grouped_batch_matches_single_device_and_gathers_no_images():
   assert not re.search(IMAGE_COLLECTIVE, hlo)
   state8, metrics = step(state8, sharded)
   assert set(metrics) >= {"batch_acc/a", "batch_acc/b"}
-  twelve = np.concatenate([batch["query"]["b"], batch["query"]["b"][:4]])
+  twelve = {k: {**batch[k], "b": np.concatenate([batch[k]["b"], batch[k]["b"][:4]])} for k in ("query", "satellite")}
   with pytest.raises(GleamError, match="batch size of b=12"):
-    step(state8, {**batch, "query": {**batch["query"], "b": twelve}})
+    step(state8, {**batch, **twelve})
 
 
 def test_one_encoder_call_per_tower_and_shape(monkeypatch):

@@ -114,7 +114,8 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="in
     params["loss_bias"] = jnp.float32(SIGMOID_BIAS_INIT)
     param_shardings["loss_bias"] = shd.replicated(mesh)
   params = shd.place(params, param_shardings)
-  tx, schedule = optim.make_optimizer(optim_cfg, params, total_steps)
+  # evaluation builds no optimizer (nor its schedule, which could not fit an evaluation's total_steps)
+  tx, schedule = optim.make_optimizer(optim_cfg, params, total_steps) if with_optimizer else (None, None)
   state = {
       "step": jnp.int32(0),
       "params": params,
@@ -232,6 +233,9 @@ def _train_step(setup, state, batch):
       lambda g, t: g if t else jnp.zeros_like(g), grads, setup.trainable))
   updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
+  if setup.loss_name == "infonce":
+    model_params = dict(params["model"], logit_scale=losses.clamp_log_scale(params["model"]["logit_scale"]))
+    params = dict(params, model=model_params)
   new_state = {
       "step": state["step"] + 1,
       "params": params,
@@ -261,9 +265,16 @@ def step_model_flops(model_cfg, batch):
 
 
 def check_batch_groups(batch, mesh):
-  """Every group of the batch must split over the mesh's data axes (fails before compiling)."""
-  groups = batch["query"] if isinstance(batch["query"], dict) else {"": batch["query"]}
-  for name, images in groups.items():
+  """Every group of the batch has as many satellites as queries, and splits over the mesh's data axes
+  (fails before compiling, with the numbers)."""
+  queries = batch["query"] if isinstance(batch["query"], dict) else {"": batch["query"]}
+  satellites = batch["satellite"] if isinstance(batch["satellite"], dict) else {"": batch["satellite"]}
+  if set(satellites) != set(queries):
+    raise GleamError(f"the batch's satellite groups {sorted(satellites)} are not its query groups {sorted(queries)}.")
+  for name, images in queries.items():
+    if satellites[name].shape[0] != images.shape[0]:
+      raise GleamError(f"the batch{' group ' + name if name else ''} holds {images.shape[0]} queries but "
+                       f"{satellites[name].shape[0]} satellites; each query needs its own satellite.")
     shd.check_batch_divides(images.shape[0], mesh, what=f"batch size of {name}" if name else "batch size")
 
 
@@ -427,13 +438,17 @@ def _model_copy_source(name, model_cfg):
   return source and f"model/{source}"
 
 
-def _check_finite(pending, last_good):
+def _check_finite(pending, last_good, clip_norm):
+  """Stops at the first step whose loss or gradient norm is not finite. The gradient counts too: the
+  loss of step k comes before update k, so a NaN gradient (a bfloat16 overflow, say) would put NaN
+  into the parameters saved at step k while its loss still looks fine."""
   for step, m in pending:
-    if not math.isfinite(float(m["loss"])):
+    bad = [f"the {k.replace('_', ' ')} is {float(m[k])}" for k in ("loss", "grad_norm") if not math.isfinite(float(m[k]))]
+    if bad:
       where = f"step {last_good[0]} ({last_good[1]})" if last_good else "none (no checkpoint was written yet)"
-      raise GleamError(
-          f"the loss is {float(m['loss'])} at step {step}. Last good checkpoint: {where}. Lower "
-          "config.optim.lr or set config.optim.clip_norm, then run again (it resumes from that checkpoint).")
+      fix = "Lower config.optim.lr" + ("" if clip_norm else " or set config.optim.clip_norm")
+      raise GleamError(f"{' and '.join(bad)} at step {step}. Last good checkpoint: {where}. {fix}, then run again "
+                       "(it resumes from that checkpoint).")
 
 
 def run(config, workdir):
@@ -509,7 +524,7 @@ def run(config, workdir):
       is_eval = (eval_every and step % eval_every == 0) or (step == total_steps and config.eval.at_end)
       if is_log or is_ckpt or is_eval:
         pending = jax.device_get(pending)
-        _check_finite(pending, last_good)
+        _check_finite(pending, last_good, config.optim.get("clip_norm"))
         if is_log:
           m = dict(pending[-1][1])
           steps_per_s, eta = rate.update(step)

@@ -14,8 +14,12 @@ that joins several modality groups, two groups may hold the same location, whose
 a true match for both queries. Excluded logits leave the softmax and the label smoothing, so with
 nothing excluded the loss is Sample4Geo's exactly.
 
-The logit scale is learned as a log value; its exponential is clipped at `MAX_LOGIT_SCALE` as CLIP.
+The logit scale is learned as a log value and used as exp(log scale), as Sample4Geo (which bounds
+it nowhere). For InfoNCE the train step clamps that parameter at log `MAX_LOGIT_SCALE` after each
+update (`clamp_log_scale`), as CLIP; the sigmoid loss leaves it free, as big_vision's SigLIP.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,7 +31,14 @@ LOSSES = ("infonce", "sigmoid")
 
 
 def logit_scale_value(log_scale):
-  return jnp.minimum(jnp.exp(log_scale.astype(jnp.float32)), MAX_LOGIT_SCALE)
+  """The scale the logits are multiplied by: exp of the learned log scale, in float32."""
+  return jnp.exp(log_scale.astype(jnp.float32))
+
+
+def clamp_log_scale(log_scale):
+  """CLIP's bound, on the parameter after an update: clamped in the forward pass instead, the scale
+  would get no gradient above the bound, and the optimizer's momentum could leave it there for good."""
+  return jnp.minimum(log_scale, jnp.asarray(math.log(MAX_LOGIT_SCALE), log_scale.dtype))
 
 
 def similarity_logits(query, reference, log_scale, bias=None):

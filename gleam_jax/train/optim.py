@@ -54,6 +54,8 @@ def _lr_mult_rules(cfg):
   for rule in cfg.get("lr_mults", ()) or ():
     if len(rule) != 2:
       raise GleamError(f"config.optim.lr_mults: {rule!r} is not a (regex, multiplier) pair.")
+    if not float(rule[1]) >= 0:  # a negative multiplier would climb the loss (NaN fails too)
+      raise GleamError(f"config.optim.lr_mults: {rule!r} has multiplier {rule[1]}; it must be >= 0 (0 freezes).")
     rules.append((_compile([rule[0]], "lr_mults")[0], float(rule[1])))
   return rules
 
