@@ -28,6 +28,16 @@ def check_pairs(cfg, split, location_ids):
     assert ex["query"].shape == (16, 32, 3) and ex["satellite"].shape == (16, 16, 3)
 
 
+def check_order_does_not_depend_on_where_the_copy_lies(cfg, tmp_path):
+  """The record order (and so every epoch's batches) is the same when the local copy is moved."""
+  moved = str(tmp_path / "elsewhere" / os.path.basename(cfg.manual_dir))
+  os.renames(cfg.manual_dir, moved)
+  cfg_moved = data_config(name=cfg.name, manual_dir=moved, data_dir=str(tmp_path / "data2"), **SIZES)
+  for split in ("train", "test"):
+    assert (sources.get_index(cfg_moved, split)["location_id"].tolist()
+            == sources.get_index(cfg, split)["location_id"].tolist())
+
+
 def r_at_1(cfg, workdir):
   out = evaluator.evaluate_retrieval(
       fx.code_encoder, fx.code_encoder, {"panorama": pipeline.make_eval_batches(cfg, "test", "panorama", 2)},
@@ -42,13 +52,7 @@ def test_cvusa_pairs_splits_and_protocol(tmp_path):
   for split in ("train", "test"):
     check_pairs(cfg, split, expected[split])
   assert r_at_1(cfg, str(tmp_path / "eval")) == 1.0
-  # the record order (and so every epoch's batches) does not depend on where the local copy lies
-  moved = str(tmp_path / "elsewhere" / "CVUSA")
-  os.renames(root, moved)
-  cfg_moved = data_config(name="cvusa", manual_dir=moved, data_dir=str(tmp_path / "data2"), **SIZES)
-  for split in ("train", "test"):
-    assert (sources.get_index(cfg_moved, split)["location_id"].tolist()
-            == sources.get_index(cfg, split)["location_id"].tolist())
+  check_order_does_not_depend_on_where_the_copy_lies(cfg, tmp_path)
 
 
 def test_cvusa_missing_and_malformed(tmp_path):
@@ -77,13 +81,7 @@ def test_cvact_mat_indices_splits_and_protocol(tmp_path, ext, cell_ids):
   for split in ("train", "test"):
     check_pairs(cfg, split, expected[split])
   assert r_at_1(cfg, str(tmp_path / "eval")) == 1.0
-  # the record order (and so every epoch's batches) does not depend on where the local copy lies
-  moved = str(tmp_path / "elsewhere" / "CVACT")
-  os.renames(root, moved)
-  cfg_moved = data_config(name="cvact", manual_dir=moved, data_dir=str(tmp_path / "data2"), **SIZES)
-  for split in ("train", "test"):
-    assert (sources.get_index(cfg_moved, split)["location_id"].tolist()
-            == sources.get_index(cfg, split)["location_id"].tolist())
+  check_order_does_not_depend_on_where_the_copy_lies(cfg, tmp_path)
 
 
 def test_cvact_missing_and_malformed(tmp_path):

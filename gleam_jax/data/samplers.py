@@ -134,9 +134,10 @@ class UniqueLocationShuffle:
     mods = tuple(modalities)
     mod_ids = [MODALITIES.index(m) for m in mods]
     keep = np.isin(index["modality"], mod_ids)
-    absent = [m for m, i in zip(mods, mod_ids) if not np.any(np.asarray(index["modality"]) == i)]
+    present = set(np.unique(index["modality"]).tolist())
+    absent = [m for m, i in zip(mods, mod_ids) if i not in present]
     if absent:
-      held = sorted({MODALITIES[int(i)] for i in np.unique(index["modality"])})
+      held = sorted(MODALITIES[i] for i in present)
       raise GleamError(f"the split has no records of modalities {tuple(absent)} (it holds {held}): choose "
                        "data.modalities among those it holds.")
     self.records = np.flatnonzero(keep)
