@@ -29,6 +29,7 @@ from ml_collections import config_dict
 
 from gleam_jax.data import builders
 from gleam_jax.data.config import data_config
+from gleam_jax.errors import GleamError
 from gleam_jax.eval.retrieval import search_config
 from gleam_jax.models.gleam_c import model_config
 from gleam_jax.train.sharding import DEFAULT_RULES
@@ -43,13 +44,24 @@ def parse_arg(arg, known=KNOBS):
     if "=" in token:
       key, value = token.split("=", 1)
       if key not in known:
-        raise ValueError(f"unknown config knob {key!r} in {arg!r}; the knobs are {known}.")
+        raise GleamError(f"unknown config knob {key!r} in {arg!r}; the knobs are {', '.join(known)}.")
       knobs[key] = value
     elif token == "tiny":
       flags.add(token)
     else:
-      raise ValueError(f"unknown preset {token!r} in {arg!r}; use 'tiny' or key=value with {known}.")
+      raise GleamError(f"unknown preset {token!r} in {arg!r}; use 'tiny' or key=value with the knobs "
+                       f"{', '.join(known)}.")
   return flags, knobs
+
+
+def knob(knobs, key, default, kind=int):
+  """The knob's value as a number of `kind`, or `default` when not given."""
+  if key not in knobs:
+    return default
+  try:
+    return kind(knobs[key])
+  except ValueError:
+    raise GleamError(f"config knob {key}={knobs[key]!r} must be a{'n integer' if kind is int else ' number'}.") from None
 
 
 def base_config(arg, modalities, known=KNOBS):
@@ -65,40 +77,37 @@ def base_config(arg, modalities, known=KNOBS):
   if real:  # a published dataset: the phase's modalities it holds (else its first), its eval splits
     if "modalities" not in knobs:
       modalities = tuple(m for m in modalities if m in real["modalities"]) or real["modalities"][:1]
-    res = 32 if tiny else int(knobs.get("res", 32))
+    res = knob(knobs, "res", 32)
     c.data = data_config(name=knobs["data"], modalities=modalities, query_size=(res, res),
                          panorama_size=(res, 2 * res), satellite_size=(res, res), read_threads=2 if tiny else 4)
-  elif tiny:
-    c.data = data_config(config="tiny", modalities=modalities, query_size=(32, 32), panorama_size=(32, 64),
-                         satellite_size=(32, 32), read_threads=2)
   else:
     # The s64 world read at 32 px: on a 2-core CPU this is what trains in minutes.
-    res = int(knobs.get("res", 32))
-    c.data = data_config(config=knobs.get("data", "s64"), modalities=modalities, query_size=(res, res),
-                         panorama_size=(res, 2 * res), satellite_size=(res, res))
+    res = knob(knobs, "res", 32)
+    c.data = data_config(config=knobs.get("data", "tiny" if tiny else "s64"), modalities=modalities,
+                         query_size=(res, res), panorama_size=(res, 2 * res), satellite_size=(res, res),
+                         **(dict(read_threads=2) if tiny else {}))
   c.data.seed = seed
   c.data.sampler.name = knobs.get("sampler", "shuffle")
 
-  if tiny:
+  if "variant" in knobs:  # also with tiny: a real variant on the tiny world
+    c.model = model_config(variant=knobs["variant"], embed_dim=16 if tiny else 128)
+  elif tiny:
     c.model = model_config(depths=(1, 1), dims=(8, 16), embed_dim=16)
-  else:
-    if "variant" in knobs:
-      c.model = model_config(variant=knobs["variant"], embed_dim=128)
-    else:  # a small ConvNeXt (atto's layout at 4/5 width, fewer blocks): fast on CPU
-      c.model = model_config(depths=(1, 1, 3, 1), dims=(32, 64, 128, 256), embed_dim=128)
+  else:  # a small ConvNeXt (atto's layout at 4/5 width, fewer blocks): fast on CPU
+    c.model = model_config(depths=(1, 1, 3, 1), dims=(32, 64, 128, 256), embed_dim=128)
 
   c.loss = ml_collections.ConfigDict(dict(name=knobs.get("loss", "infonce"), label_smoothing=0.1))
   if c.loss.name == "sigmoid":  # SigLIP starts at t = 10 (and b = -10), InfoNCE at 1/0.07
     c.model.logit_scale_init = math.log(10.0)
 
-  batch_size = config_dict.FieldReference(int(knobs.get("batch", 16 if tiny else 64)))
+  batch_size = config_dict.FieldReference(knob(knobs, "batch", 16 if tiny else 64))
   c.batch_size = batch_size  # global batch (pairs per step), split over the mesh's data axes
   # 1000 steps (16 epochs) gave test R@1 50.4% (module docstring), still rising, hence 2000.
-  c.total_steps = int(knobs.get("steps", 12 if tiny else 2000))
+  c.total_steps = knob(knobs, "steps", 12 if tiny else 2000)
   c.total_epochs = config_dict.placeholder(float)  # when set, replaces total_steps
 
   c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=float(knobs.get("lr", 3e-3 if tiny else 2e-3)), b1=0.9, b2=0.999, eps=1e-8,
+      name="adamw", lr=knob(knobs, "lr", 3e-3 if tiny else 2e-3, float), b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.05, warmup_steps=2 if tiny else 50, min_lr_ratio=0.01, clip_norm=1.0,
       frozen=(), lr_mults=(), no_decay=(r"logit_scale",)))
 

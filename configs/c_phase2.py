@@ -46,7 +46,7 @@ def get_config(arg=None):
   flags, knobs = c_phase1.parse_arg(arg, KNOBS)
   towers = knobs.get("towers", "shared")
   if towers not in TOWERS:
-    raise ValueError(f"towers={towers!r}: use one of {TOWERS}.")
+    raise c_phase1.GleamError(f"config knob towers={towers!r}: use one of {', '.join(TOWERS)}.")
   c = c_phase1.base_config(arg, modalities=MODALITIES, known=KNOBS)
   for m in MODALITIES:
     c.data.modality_weights[m] = 1.0
@@ -65,10 +65,10 @@ def get_config(arg=None):
     c.eval.modalities = tuple(c.data.modalities)
     c.data.modalities = c.model.modality_towers
   if "tiny" in flags:
-    c.batch_size = int(knobs.get("batch", 8 * len(c.data.modalities)))  # groups of 8: a row per device
+    c.batch_size = c_phase1.knob(knobs, "batch", 8 * len(c.data.modalities))  # groups of 8: a row per device
   else:
-    c.total_steps = int(knobs.get("steps", 5000))
-    c.optim.lr = float(knobs.get("lr", 1e-3))
+    c.total_steps = c_phase1.knob(knobs, "steps", 5000)
+    c.optim.lr = c_phase1.knob(knobs, "lr", 1e-3, float)
     c.optim.warmup_steps = 50
   # One satellite tower serves north-aligned panoramas and heading-free photos: keep satellites
   # of photos north-up. Photometric augmentation slowed the new modalities in short runs.

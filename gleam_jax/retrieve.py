@@ -22,6 +22,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 from flax import nnx
@@ -132,13 +133,28 @@ def prepare(image, size, data_cfg):
   return normalise(resize(image, tuple(size)), tuple(data_cfg.mean), tuple(data_cfg.std))
 
 
-def _only_modality(workdir, config):
-  """The query modality of a job that knows one; a job of several needs `--modality`."""
+def _query_modality(workdir, config, modality):
+  """`modality` when the job knows it; else the job's one query modality (a job of several needs
+  `--modality`)."""
   known = tuple(dict.fromkeys(tuple(config.data.modalities) + tuple(config.eval.get("modalities") or ())))
-  if len(known) > 1:
-    raise GleamError(f"{workdir} was trained for the query modalities {known}: say which one the query is "
-                     "with --modality.")
-  return known[0]
+  if modality is None and len(known) > 1:
+    raise GleamError(f"{workdir} was trained for the query modalities {', '.join(known)}: say which one the "
+                     "query is with --modality.")
+  if modality is not None and modality not in known:
+    raise GleamError(f"--modality={modality}: {workdir} was trained for the query modalities "
+                     f"{', '.join(known)}; give one of them.")
+  return modality or known[0]
+
+
+def _check_output(k, out, single):
+  """A request that cannot be answered stops before any image is embedded."""
+  if k < 1:
+    raise GleamError(f"--k={k}: ask for at least one gallery image (--k=5 shows the best five).")
+  if out:
+    folder = os.path.dirname(os.path.abspath(out)) if single else out
+    make_dir(folder, "--out")
+    if not os.access(folder, os.W_OK):
+      raise GleamError(f"--out={out}: cannot write in {folder} (permission denied); give a path you can write.")
 
 
 def _camera_from_file(query_path, modality, given):
@@ -180,9 +196,10 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   field of view defaults to 90 deg); a UAV view needs its camera (`heading_deg`, `pitch_deg`,
   `altitude_m`, `fov_deg`) and the satellites' `footprint_m` when the job read UAV views in the
   satellite frame. Camera values given apply to every query."""
+  _check_output(k, out, single=len(query_paths) == 1)
   model, config, source = _load(workdir)
   data_cfg = config.data
-  modality = modality or _only_modality(workdir, config)
+  modality = _query_modality(workdir, config, modality)
   queries = {path: _query_input(workdir, path, modality, camera, data_cfg) for path in query_paths}
   files, skipped = image_files(gallery_dir, "--gallery")
   gallery = gallery_embeddings(model, config, source, files, workdir)
@@ -270,6 +287,7 @@ def main(argv):
   if missing:
     print(f"error: {', '.join(missing)} required.", file=sys.stderr)
     sys.exit(2)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
   try:
     search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query), FLAGS.gallery, FLAGS.k,
                FLAGS.modality, FLAGS.out, **{name: FLAGS[name].value for name in CAMERA_KEYS})

@@ -43,3 +43,22 @@ def test_defaults_and_overrides():
 def test_bad_values_name_the_key(kw, message):
   with pytest.raises(GleamError, match=message):
     data_config(**kw)
+
+
+def test_world_overrides_from_the_command_line(monkeypatch):
+  """The locked config takes a WorldSpec field as `--config.data.overrides.<field>=...`; those not
+  given stay None and are not passed on (the preset's values and config name are kept)."""
+  from absl import flags
+  from ml_collections import config_flags
+  from config_files import REPO
+  from gleam_jax.data.config import world_overrides
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+  argv = ["prog", f"--config={REPO}/configs/c_phase1.py:tiny", "--config.data.overrides.seed=3",
+          "--config.data.overrides.uav_fov_deg=50"]
+  monkeypatch.setattr("sys.argv", argv)  # ml_collections reads the overrides from sys.argv
+  values(argv)
+  assert world_overrides(values.config.data) == {"seed": 3, "uav_fov_deg": 50.0}
+  assert world_overrides(data_config()) == {}
+  c = data_config(overrides={"uav_altitude_m": [40.0, 70.0]})  # as read back from a job's config.json
+  assert world_overrides(c) == {"uav_altitude_m": (40.0, 70.0)}

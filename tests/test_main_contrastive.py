@@ -172,6 +172,9 @@ def test_a_damaged_checkpoint_is_named_with_the_step_to_fall_back_to(phase1_work
                    err, re.MULTILINE), err[-3000:]
   # no reads were left in flight when Orbax closed its event loop (TensorStore's threads report those)
   assert "Event loop is closed" not in err and "Traceback" not in err, err[-3000:]
+  # read for retrieval (parameters only), the message names the step to read instead
+  with pytest.raises(GleamError, match=rf"delete that step folder to read step {before} instead"):
+    retrieve.load_model(str(workdir))
   shutil.rmtree(latest)
   config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=STEPS, **{"eval.at_end": False})
   main.run(config, str(workdir))
@@ -348,14 +351,17 @@ def test_phase2_tower_recipes():
   locked = load_config("c_phase2", "towers=locked")
   assert locked.data.modalities == ("uav", "streetmap", "ground") and locked.optim.frozen
   assert locked.eval.modalities == ("uav", "streetmap", "panorama", "ground")
-  with pytest.raises(ValueError, match="towers='separate'"):
+  with pytest.raises(GleamError, match="towers='separate'"):
     load_config("c_phase2", "towers=separate")
   # the synthetic world's views are read in the frames their cameras give; a published dataset's as they are
   assert (shared.data.ground_frame, shared.data.uav_frame) == ("panorama", "satellite")
   u1652 = load_config("c_phase2", "data=university1652")
   assert (u1652.data.ground_frame, u1652.data.uav_frame, u1652.data.modalities) == ("photo", "photo", ("uav", "ground"))
-  with pytest.raises(ValueError, match="unknown config knob 'towers'"):
+  with pytest.raises(GleamError, match="unknown config knob 'towers'"):
     load_config("c_phase1", "towers=modality")
+  # the knobs apply with tiny too: a real ConvNeXt variant, another input size, on the tiny world
+  atto = load_config("c_phase1", "tiny,variant=atto,res=48")
+  assert atto.model.variant == "atto" and atto.model.dims is None and atto.data.query_size == (48, 48) and atto.data.config == "tiny"
 
 
 def test_unknown_config_key_is_rejected_on_one_line(tmp_path):
@@ -368,6 +374,29 @@ def test_unknown_config_key_is_rejected_on_one_line(tmp_path):
   assert result.stderr.strip().splitlines() == [
       "error: --config.optim.lrr: the config has no field 'lrr'. Did you mean \"lr\" instead of \"lrr\"? The "
       "config is locked: its fields are in the config file (and --helpfull)."]
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--config=configs/c_phase1.py:tny"], "error: --config=configs/c_phase1.py:tny: unknown preset 'tny' in 'tny'; "
+     "use 'tiny' or key=value with the knobs variant, data, res, steps, batch, sampler, loss, lr, modalities."),
+    (["--config=configs/c_phase1.py:steps=ten"],
+     "error: --config=configs/c_phase1.py:steps=ten: config knob steps='ten' must be an integer."),
+    (["--config=configs/c_phase1.py:data=s32"], "error: --config=configs/c_phase1.py:data=s32: data.config='s32' is "
+     "not a builder config of synthetic_cvgl; choose one of ('tiny', 's64', 's128')."),
+    (["--config=configs/c_phase9.py"], "error: --config=configs/c_phase9.py: cannot load this config file ([Errno 2] "
+     "No such file or directory: 'configs/c_phase9.py'); give the path of a config file, e.g. "
+     "--config=configs/c_phase1.py."),
+    ([], "error: --config is required, e.g. --config=configs/c_phase1.py (presets after a colon: :tiny)."),
+    (["--config=configs/c_phase1.py:tiny", "--config.optim.lr=fast"],
+     "error: flag --config.optim.lr=fast: could not convert string to float: 'fast'"),
+])
+def test_bad_config_arguments_stop_on_one_line(args, line, tmp_path):
+  """A config that cannot be built stops before anything is written, on one line naming the argument."""
+  workdir = tmp_path / "job"
+  result = subprocess.run([sys.executable, "-m", "gleam_jax.main", *args, f"--workdir={workdir}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert (result.returncode, result.stderr.strip().splitlines()) == (2, [line])
   assert not workdir.exists()
 
 
@@ -406,7 +435,7 @@ def test_a_workdir_with_an_unreadable_config_is_refused_and_kept(tiny_cfg, tmp_p
   assert (tmp_path / "config.json").read_text() == "{ not json"
 
 
-def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, tmp_path, capsys):
+def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, tmp_path, capsys, monkeypatch):
   from PIL import Image
 
   from gleam_jax.data import sources
@@ -466,6 +495,16 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
   (tmp_path / "a_file").write_text("")
   with pytest.raises(GleamError, match=r"--out=.*a_file/pngs: cannot create this folder"):
     retrieve.search_all(phase1_workdir, paths, str(gallery), k=2, out=str(tmp_path / "a_file" / "pngs"))
+
+  # requests that cannot be answered stop before anything is embedded
+  with pytest.raises(GleamError, match=r"--k=0: ask for at least one"):
+    retrieve.search(phase1_workdir, str(query), str(gallery), k=0)
+  with pytest.raises(GleamError, match=r"--modality=uav: .* trained for the query modalities panorama; give one"):
+    retrieve.search(phase1_workdir, str(query), str(gallery), modality="uav")
+  with monkeypatch.context() as patch:  # as a user without write permission there (root may write anywhere)
+    patch.setattr(retrieve.os, "access", lambda path, mode: False)
+    with pytest.raises(GleamError, match=r"--out=.*q.png: cannot write in .* \(permission denied\)"):
+      retrieve.search(phase1_workdir, str(query), str(gallery), out=str(tmp_path / "q.png"))
 
   (gallery / "broken.png").write_bytes(b"not a png")
   with pytest.raises(GleamError, match="broken.png"):

@@ -48,13 +48,16 @@ Fields
                     memory is up to (1 + worker_count x modalities) x this.
   seed              sampler order and augmentation randomness.
 """
+import dataclasses
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 from gleam_jax.data import builders
 from gleam_jax.data.synthetic.spec import MODALITIES
 from gleam_jax.data.synthetic.spec import PRESETS as WORLD_PRESETS
+from gleam_jax.data.synthetic.spec import WorldSpec
 from gleam_jax.errors import GleamError
 
 DATASETS = builders.NAMES
@@ -70,12 +73,24 @@ def default_data_dir():
   return os.environ.get("GLEAM_DATA_DIR", "~/gleam_data")
 
 
+def world_override_fields():
+  """Every WorldSpec field, unset (None: the preset's value), so that a locked config takes
+  `--config.data.overrides.seed=3` from the command line."""
+  return ml_collections.ConfigDict({f.name: config_dict.placeholder(tuple if f.type in (tuple, "tuple") else f.type)
+                                    for f in dataclasses.fields(WorldSpec)})
+
+
+def world_overrides(data_cfg):
+  """The WorldSpec fields the config sets (those left None take the preset's value)."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.overrides.items() if v is not None}
+
+
 def data_config(**overrides):
   """Every data field with its default; `overrides` replace top-level fields (dicts merge)."""
   c = ml_collections.ConfigDict()
   c.name = "synthetic_cvgl"
   c.config = "s64"
-  c.overrides = ml_collections.ConfigDict()
+  c.overrides = world_override_fields()
   c.manual_dir = ""
   c.data_dir = default_data_dir()
   c.build_workers = 2
@@ -130,7 +145,7 @@ def data_config(**overrides):
     if key not in c:
       raise GleamError(f"data_config: unknown field {key!r}; the fields are {sorted(c.keys())}.")
     if isinstance(c[key], ml_collections.ConfigDict) and isinstance(value, dict):
-      c[key].update(value)
+      c[key].update({k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})  # JSON lists
     else:
       c[key] = value
   if "name" in overrides and c.name in builders.REAL:

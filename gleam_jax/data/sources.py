@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 
 from gleam_jax.data import builders
 from gleam_jax.data.augment import query_frame
-from gleam_jax.data.config import MODALITIES, data_dir as resolve_data_dir, validate
+from gleam_jax.data.config import MODALITIES, data_dir as resolve_data_dir, validate, world_overrides
 from gleam_jax.errors import GleamError, make_dir
 
 IMAGE_KEYS = ("query", "satellite")
@@ -40,7 +40,7 @@ def _rebuild_hint(path):
 
 
 def _make_builder(data_cfg, root):
-  overrides = dict(data_cfg.overrides)
+  overrides = world_overrides(data_cfg)
   try:
     return builders.builder(data_cfg.name, data_cfg.config, root, overrides=overrides,
                             build_workers=data_cfg.build_workers, manual_dir=data_cfg.manual_dir)

@@ -182,8 +182,11 @@ def restore_params(path, target_params, copy_source=None):
   the checkpoint's parameter of that name (e.g. a new modality tower from the query tower).
   Returns (params, the step folder read, the names filled by copies)."""
   manager, step = _open_for_reading(path)
+  earlier = [s for s in manager.all_steps() if s < step]
   damaged = functools.partial(_damaged_files_named, step_path(manager, step),
-                              "point the job at another step folder of that job")
+                              f"give step {max(earlier)}'s folder, or delete that step folder to read step {max(earlier)} instead"
+                              if earlier else
+                              "train that job again")
   with damaged():
     saved = _saved_state_metadata(manager, step)
   if "params" not in saved:

@@ -10,6 +10,7 @@ folder or one step folder) is evaluated by the retrieval evaluators of `config.e
 the checkpoint read; the trained job's workdir is only read."""
 import os
 
+from absl import logging
 import jax
 
 from gleam_jax.errors import GleamError
@@ -22,6 +23,7 @@ from gleam_jax.utils.writer import MetricWriter
 def run(config, workdir):
   """Returns the evaluation's metrics."""
   contrastive.check_config(config)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
   if not config.get("init_from"):
     raise GleamError("config.trainer='evaluate' evaluates a trained model: set --config.init_from to the "
                      "workdir (or a checkpoint folder) of a GLEAM-C training job.")
