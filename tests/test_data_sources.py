@@ -1,6 +1,7 @@
 """synthetic_cvgl TFDS builder and sources: exact round trip, fields, counts, index, bad inputs."""
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -139,11 +140,16 @@ def test_corrupt_file_names_the_record_and_the_fix(tiny_cfg, tmp_path):
     src[0]
 
 
-def test_parallel_build_matches_the_renders(tmp_path):
+def test_parallel_build_matches_the_renders(tmp_path, capfd):
   cfg = data_config(config="tiny", data_dir=str(tmp_path), overrides={"train_locations": 128}, build_workers=2)
   spec = synthetic.spec_from_name("tiny", train_locations=128)
   src = sources.get_source(cfg, "train")
   assert src.name == "synthetic_cvgl/tiny_train_locations-128"
+  # the build says where it builds and how long it took, and nothing of downloads (TFDS's own lines)
+  lines = capfd.readouterr().out.splitlines()
+  assert lines[0] == f"building synthetic_cvgl/tiny_train_locations-128 in {tmp_path} (first use)", lines
+  assert re.fullmatch(r"built synthetic_cvgl/tiny_train_locations-128 in \d+\.\d s", lines[-1]), lines
+  assert not any("download" in line.lower() for line in lines), lines
   index = sources.get_index(cfg, "train", src)
   assert len(src) == 128 * (3 + spec.uav_views)
   assert sorted(set(index["location_id"].tolist())) == list(range(128))

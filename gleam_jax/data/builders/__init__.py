@@ -25,6 +25,18 @@ REAL = {
 NAMES = ("synthetic_cvgl",) + tuple(REAL)
 
 
+class OwnBuildLines:
+  """Mixin of every builder here: `sources._build` prints a build's first and last line itself, and
+  TFDS's own two ("Downloading and preparing dataset Unknown size ...", "... downloaded and
+  prepared ...") speak of a download there is none of."""
+
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
+
+
 def builder(name, config, data_dir, *, manual_dir=None, overrides=None, build_workers=2):
   """The TFDS builder of dataset `name`, builder config `config`, reading/writing under `data_dir`."""
   if name == "synthetic_cvgl":

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from gleam_jax.data import builders
 from gleam_jax.data.config import MODALITIES
 from gleam_jax.errors import GleamError
 
@@ -160,7 +161,7 @@ class LocalCopy:
                   if not n.startswith(".") and os.path.splitext(n)[1].lower() in (".jpg", ".jpeg", ".png"))
 
 
-class PairsBuilder(tfds.core.GeneratorBasedBuilder):
+class PairsBuilder(builders.OwnBuildLines, tfds.core.GeneratorBasedBuilder):
   """A builder reading a published dataset from `manual_dir`; subclasses give `split_examples`."""
 
   def __init__(self, *, manual_dir=None, **kwargs):

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 
+from gleam_jax.data import builders
 from gleam_jax.data import synthetic
 from gleam_jax.data.builders.synthetic_cvgl import render_examples
 from gleam_jax.utils.progress import RateEta, format_eta
@@ -41,7 +42,7 @@ class SyntheticCvglConfig(tfds.core.BuilderConfig):
     return synthetic.spec_from_name(self.preset, **dict(self.overrides))
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builders.OwnBuildLines, tfds.core.GeneratorBasedBuilder):
   """Synthetic CVGL pairs; see the module docstring."""
 
   VERSION = tfds.core.Version(synthetic.WORLD_VERSION)
