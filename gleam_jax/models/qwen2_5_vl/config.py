@@ -192,7 +192,7 @@ def from_pretrained_dir(path: str, **overrides) -> Qwen2_5_VLConfig:
   config.json names only the first)."""
   file = os.path.join(path, "config.json")
   if not os.path.isfile(file):
-    raise GleamError(f"No config.json in {path!r}; point the config at a downloaded Qwen2.5-VL checkpoint "
+    raise GleamError(f"No config.json in {path!r}; give the path of a downloaded Qwen2.5-VL checkpoint "
                      "directory (with config.json and *.safetensors).")
   with open(file) as f:
     d = json.load(f)

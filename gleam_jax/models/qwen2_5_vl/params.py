@@ -127,7 +127,7 @@ def checkpoint_files(directory: str) -> list[str]:
     return [directory]
   files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")) if os.path.isdir(directory) else []
   if not files:
-    raise GleamError(f"No *.safetensors weights in {directory!r}; point the config at a downloaded Qwen2.5-VL "
+    raise GleamError(f"No *.safetensors weights in {directory!r}; give the path of a downloaded Qwen2.5-VL "
                      "checkpoint directory (convert .bin checkpoints with save_pretrained(safe_serialization=True)).")
   return [os.path.join(directory, n) for n in files]
 

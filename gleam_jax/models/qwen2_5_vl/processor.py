@@ -123,7 +123,7 @@ def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
   or from size (shortest_edge/longest_edge, or min_pixels/max_pixels inside it, as some exports write)."""
   file = os.path.join(directory, "preprocessor_config.json")
   if not os.path.isfile(file):
-    raise GleamError(f"No preprocessor_config.json in {directory!r}; point the config at a local "
+    raise GleamError(f"No preprocessor_config.json in {directory!r}; give the path of a local "
                      "Qwen2.5-VL model directory.")
   with open(file) as f:
     d = json.load(f)
@@ -207,7 +207,7 @@ def load_processor(directory: str, min_pixels: int | None = None,
   """The processor of a local Qwen2.5-VL directory; min/max_pixels override preprocessor_config.json."""
   if not os.path.isfile(os.path.join(directory, "tokenizer.json")) and not os.path.isfile(
       os.path.join(directory, "vocab.json")):
-    raise GleamError(f"No tokenizer (tokenizer.json or vocab.json) in {directory!r}; point the config at "
+    raise GleamError(f"No tokenizer (tokenizer.json or vocab.json) in {directory!r}; give the path of "
                      "a local Qwen2.5-VL model directory.")
   import transformers  # pylint: disable=g-import-not-at-top
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)

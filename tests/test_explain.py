@@ -1,0 +1,82 @@
+"""`python -m gleam_jax.explain`: a local Hugging Face directory, two images, the answer streamed."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import qwen_fixtures
+from config_files import REPO
+from gleam_jax import explain
+from gleam_jax.errors import GleamError
+from gleam_jax.models.qwen2_5_vl import generation, params, processor
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  """A tiny random Qwen2.5-VL saved by transformers, with the fixture tokenizer and processor files."""
+  path = qwen_fixtures.write_tiny_qwen_dir(str(tmp_path_factory.mktemp("qwen_explain")))
+  torch.manual_seed(0)
+  model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig.from_pretrained(path))
+  model.save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory):
+  root = tmp_path_factory.mktemp("views")
+  rng = np.random.default_rng(0)
+  paths = []
+  for name, size in (("uav.jpg", (90, 70)), ("satellite.png", (64, 64))):
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), np.uint8)).save(root / name)
+    paths.append(str(root / name))
+  return paths
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_the_streamed_answer_is_the_greedy_generation_decoded(model_dir, views, lang):
+  """What streams to stdout, piece by piece, is the decoded greedy generation of GLEAM-X's question
+  (in `lang`) about the two views, in order."""
+  pieces = []
+  text = explain.explain(model_dir, views, lang=lang, max_new_tokens=12, write=pieces.append, chunk=4)
+  assert "".join(pieces) == text + "\n"
+  proc = processor.load_processor(model_dir)
+  inputs = proc.encode_prompt(explain.read_images(views), explain.QUESTIONS[lang])
+  assert proc.decode(inputs["input_ids"]).count(explain.QUESTIONS[lang]) == 1
+  tokens = generation.generate(params.load_pretrained(model_dir), inputs["input_ids"][None],
+                               pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                               max_new_tokens=12)
+  assert text == proc.decode(tokens[0]) and len(tokens[0]) == 12
+
+
+def test_the_stream_holds_back_half_a_character(model_dir):
+  """Byte-level BPE splits a Chinese character over tokens: no piece written ends in half of one."""
+  proc = processor.load_processor(model_dir)
+  answer = "是。两张图像显示同一个十字路口。"
+  ids = proc.tokenizer.encode(answer, add_special_tokens=False)
+  assert any("\ufffd" in proc.decode(ids[:n]) for n in range(1, len(ids)))  # the case exists here
+  pieces = []
+  stream = explain.TextStream(proc, pieces.append)
+  for step, token in enumerate(ids):
+    stream(step, np.array([token]))
+  assert stream.close() == answer and "".join(pieces) == answer + "\n"
+  assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_bad_requests_stop_before_loading(model_dir, views, tmp_path):
+  with pytest.raises(GleamError, match="compares two views and 1 --image"):
+    explain.explain(model_dir, views[:1])
+  with pytest.raises(GleamError, match="--lang=fr"):
+    explain.explain(model_dir, views, lang="fr")
+  broken = tmp_path / "broken.jpg"
+  broken.write_bytes(b"not an image")
+  with pytest.raises(GleamError, match=r"cannot read image .*broken.jpg"):
+    explain.explain(str(tmp_path / "no_model"), [views[0], str(broken)])
+  result = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={tmp_path}/no_model",
+                           f"--image={views[0]}", f"--image={views[1]}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert result.stderr.startswith(f"error: ") and "no_model" in result.stderr, result.stderr
