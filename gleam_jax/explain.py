@@ -17,15 +17,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from gleam_jax.data.gleam_x import QUESTIONS
 from gleam_jax.data.photo_camera import open_image
 from gleam_jax.errors import GleamError
-
-# GLEAM-X's question: the same place or not, then the evidence.
-QUESTIONS = {
-    "en": ("Do these two images show the same place? Answer yes or no first, then explain which "
-           "landmarks, layout and structures agree or differ between the two views."),
-    "zh": "这两张图像拍摄的是同一个地点吗？请先回答是或否，然后说明两个视角之间哪些地标、布局和建筑一致或不同。",
-}
 
 FLAGS = flags.FLAGS
 

@@ -8,17 +8,16 @@ import torch
 import transformers
 from PIL import Image
 
-import qwen_fixtures
 from config_files import REPO
 from gleam_jax import explain
 from gleam_jax.errors import GleamError
-from gleam_jax.models.qwen2_5_vl import generation, params, processor
+from gleam_jax.models.qwen2_5_vl import generation, params, processor, tiny_dir
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   """A tiny random Qwen2.5-VL saved by transformers, with the fixture tokenizer and processor files."""
-  path = qwen_fixtures.write_tiny_qwen_dir(str(tmp_path_factory.mktemp("qwen_explain")))
+  path = tiny_dir.write_tiny_qwen_dir(str(tmp_path_factory.mktemp("qwen_explain")))
   torch.manual_seed(0)
   model = transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig.from_pretrained(path))
   model.save_pretrained(path)

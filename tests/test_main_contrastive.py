@@ -22,6 +22,7 @@ from gleam_jax.errors import GleamError
 from gleam_jax.models import gleam_c
 from gleam_jax.train import checkpoint
 from gleam_jax.train import contrastive
+from gleam_jax.train import loop
 from gleam_jax.utils.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,7 +339,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint(tiny_cfg, tmp_path, monkeypat
   # the update would put NaN into the parameters that step's checkpoint saves
   with pytest.raises(GleamError, match=r"^the grad norm is inf at step 8\. Last good checkpoint: step 6 \(/c/6\)\. "
                                        r"Lower config\.optim\.lr or set config\.optim\.clip_norm, then run"):
-    contrastive._check_finite([(7, {"loss": 2.0, "grad_norm": 1.0}), (8, {"loss": 2.0, "grad_norm": np.inf})],
+    loop.check_finite([(7, {"loss": 2.0, "grad_norm": 1.0}), (8, {"loss": 2.0, "grad_norm": np.inf})],
                               (6, "/c/6"), clip_norm=None)
 
 

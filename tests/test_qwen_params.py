@@ -14,11 +14,11 @@ import transformers
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-import qwen_fixtures
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import config as config_lib
 from gleam_jax.models.qwen2_5_vl import modeling, params, rope
 from gleam_jax.models.qwen2_5_vl import processor as proc_lib
+from gleam_jax.models.qwen2_5_vl import tiny_dir
 from gleam_jax.train import sharding as sharding_lib
 
 
@@ -43,7 +43,7 @@ def checkpoints(tmp_path_factory):
   """Old layout (what transformers 5's save_pretrained writes, sharded), new layout (the in-memory
   state_dict names that transformers 4.52-4.57 wrote; one file), tied embeddings, bfloat16."""
   root = tmp_path_factory.mktemp("qwen_ckpt")
-  old = qwen_fixtures.write_tiny_qwen_dir(str(root / "old"))
+  old = tiny_dir.write_tiny_qwen_dir(str(root / "old"))
   model = random_torch_model(old)
   model.save_pretrained(old, max_shard_size="100KB")
   state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -52,7 +52,7 @@ def checkpoints(tmp_path_factory):
   assert "model.language_model.norm.weight" in state and "model.norm.weight" in params.checkpoint_index(old)
   write_safetensors(new, state)
 
-  tied = qwen_fixtures.write_tiny_qwen_dir(str(root / "tied"), tie_word_embeddings=True,
+  tied = tiny_dir.write_tiny_qwen_dir(str(root / "tied"), tie_word_embeddings=True,
                                            text=dict(tie_word_embeddings=True))
   tied_model = random_torch_model(tied, seed=1)
   tied_model.save_pretrained(tied)

@@ -7,9 +7,9 @@ import transformers
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-import qwen_fixtures
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import processor as proc_lib
+from gleam_jax.models.qwen2_5_vl import tiny_dir
 
 PROMPT = "Do these two views show the same place? 这两个视角显示的是同一个地方吗？"
 ANSWER = "Yes. The road layout matches. 是的。道路布局、环岛和河湾与卫星图像一致。"
@@ -24,7 +24,7 @@ class ImageOnlyQwenProcessor(transformers.Qwen2_5_VLProcessor):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-  return qwen_fixtures.write_tiny_qwen_dir(str(tmp_path_factory.mktemp("qwen_tiny")))
+  return tiny_dir.write_tiny_qwen_dir(str(tmp_path_factory.mktemp("qwen_tiny")))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def hf(model_dir):
   return ImageOnlyQwenProcessor(
       image_processor=Qwen2VLImageProcessorPil.from_pretrained(model_dir),
       tokenizer=transformers.AutoTokenizer.from_pretrained(model_dir),
-      chat_template=qwen_fixtures.CHAT_TEMPLATE)
+      chat_template=tiny_dir.CHAT_TEMPLATE)
 
 
 def random_image(width, height, seed=0, mode="RGB"):

@@ -30,7 +30,6 @@ all-gathers embeddings across the data axes and never the images.
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -53,11 +52,12 @@ from gleam_jax.eval import retrieval
 from gleam_jax.models import gleam_c
 from gleam_jax.train import checkpoint
 from gleam_jax.train import losses
+from gleam_jax.train.loop import check_finite, log, truncate_metrics
 from gleam_jax.train import optim
 from gleam_jax.train import sharding as shd
 from gleam_jax.utils import mfu
 from gleam_jax.utils.progress import RateEta, format_eta
-from gleam_jax.utils.writer import MetricWriter, read_metrics
+from gleam_jax.utils.writer import MetricWriter
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -305,11 +305,6 @@ def make_grad_fn(setup):
 # ----------------------------------------------------------------------------------------------
 # The job: `python -m gleam_jax.main --config=configs/c_phase1.py --workdir=DIR`.
 # ----------------------------------------------------------------------------------------------
-def _log(message):
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
 def build_model(model_cfg, seed):
   return gleam_c.GleamC(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
@@ -374,7 +369,7 @@ def evaluate(config, setup, state, workdir, step, writer):
              pipeline.make_view_gallery_batches(config.data, split, m, batch_size, rows))
   r1 = ", ".join(f"{k[len('eval/'):-len('/R@1')]} {100 * v:.1f}%" for k, v in results.items()
                  if k.endswith("/R@1"))
-  _log(f"step {step}: eval R@1: {r1}")
+  log(f"step {step}: eval R@1: {r1}")
   return results
 
 
@@ -402,16 +397,6 @@ def refresh_dss_neighbours(config, setup, state, sampler):
   sampler.set_neighbours(location_ids[table], location_ids)
 
 
-def _truncate_metrics(workdir, step):
-  """On resume: drop rows written after the checkpoint, so metrics.jsonl reads as one run."""
-  rows = read_metrics(workdir)
-  kept = [r for r in rows if r["step"] <= step]
-  if len(kept) != len(rows):
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-      for r in kept:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def init_from_checkpoint(config, state, what="run phase 1 first (its --workdir is the path to give)"):
   """(state with the parameters of `config.init_from`, the step folder they came from); `what`:
   the fix to name when the path does not exist."""
@@ -422,10 +407,10 @@ def init_from_checkpoint(config, state, what="run phase 1 first (its --workdir i
   cfg = config.model
   copy_source = lambda name: _model_copy_source(name, cfg)
   params, where, copied = checkpoint.restore_params(path, state["params"], copy_source)
-  _log(f"initialised parameters from {where}")
+  log(f"initialised parameters from {where}")
   towers = sorted({n.split("/")[1].rsplit("_", 1)[0] for n in copied})
   if towers:
-    _log(f"modality towers {', '.join(towers)} start as copies of its query tower")
+    log(f"modality towers {', '.join(towers)} start as copies of its query tower")
   return {**state, "params": params}, where
 
 
@@ -436,19 +421,6 @@ def _model_copy_source(name, model_cfg):
   source = gleam_c.tower_copy_source(name[len("model/"):], bool(model_cfg.separate_towers),
                                      tuple(model_cfg.get("modality_towers", ()) or ()))
   return source and f"model/{source}"
-
-
-def _check_finite(pending, last_good, clip_norm):
-  """Stops at the first step whose loss or gradient norm is not finite. The gradient counts too: the
-  loss of step k comes before update k, so a NaN gradient (a bfloat16 overflow, say) would put NaN
-  into the parameters saved at step k while its loss still looks fine."""
-  for step, m in pending:
-    bad = [f"the {k.replace('_', ' ')} is {float(m[k])}" for k in ("loss", "grad_norm") if not math.isfinite(float(m[k]))]
-    if bad:
-      where = f"step {last_good[0]} ({last_good[1]})" if last_good else "none (no checkpoint was written yet)"
-      fix = "Lower config.optim.lr" + ("" if clip_norm else " or set config.optim.clip_norm")
-      raise GleamError(f"{' and '.join(bad)} at step {step}. Last good checkpoint: {where}. {fix}, then run again "
-                       "(it resumes from that checkpoint).")
 
 
 def run(config, workdir):
@@ -485,14 +457,14 @@ def run(config, workdir):
       stream.set_state(data_state["stream"])
       last_good = (step, checkpoint.step_path(manager, step))
       if jax.process_index() == 0:
-        _truncate_metrics(workdir, step)
-      _log(f"resumed from {last_good[1]}")
+        truncate_metrics(workdir, step)
+      log(f"resumed from {last_good[1]}")
     elif config.get("init_from"):
       state, _ = init_from_checkpoint(config, state)
     step = int(step)
 
     groups = ", ".join(f"{m} {b}" for m, b in stream.batch_sizes.items())
-    _log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {n_params / 1e6:.2f}M params; "
+    log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {n_params / 1e6:.2f}M params; "
          f"{steps_per_epoch} steps/epoch of {batch_size} pairs ({groups}); training to step {total_steps}")
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     cleanup.callback(writer.close)
@@ -524,7 +496,7 @@ def run(config, workdir):
       is_eval = (eval_every and step % eval_every == 0) or (step == total_steps and config.eval.at_end)
       if is_log or is_ckpt or is_eval:
         pending = jax.device_get(pending)
-        _check_finite(pending, last_good, config.optim.get("clip_norm"))
+        check_finite(pending, last_good, config.optim.get("clip_norm"))
         if is_log:
           m = dict(pending[-1][1])
           steps_per_s, eta = rate.update(step)
@@ -535,7 +507,7 @@ def run(config, workdir):
             m["mfu"] = step_flops * steps_per_s / peak
             speed += f" MFU {m['mfu']:.1%}"
           writer.write(step, m)
-          _log(f"step {step}/{total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} logit scale "
+          log(f"step {step}/{total_steps} loss {m['loss']:.4f} lr {m['lr']:.2e} logit scale "
                f"{m['logit_scale']:.2f} grad norm {m['grad_norm']:.3f} batch acc {m['batch_acc']:.2f} "
                f"{speed} ETA {format_eta(eta)}")
         pending = []

@@ -1,9 +1,11 @@
 """A tiny Qwen2.5-VL model directory, generated on the spot (no network).
 
 Laid out like a real Hugging Face Qwen2.5-VL directory: tokenizer.json, tokenizer_config.json,
-chat_template.json, preprocessor_config.json, config.json (and, on request, safetensors weights
-of a random `Qwen2_5_VLForConditionalGeneration`). The tokenizer is a byte-level BPE with Qwen's
-pre-tokenizer, trained on a few English and Chinese sentences, followed by Qwen's special tokens.
+chat_template.json, preprocessor_config.json, config.json (the tests add safetensors weights of a
+random `Qwen2_5_VLForConditionalGeneration`). The tokenizer is a byte-level BPE with Qwen's
+pre-tokenizer, trained on a few English and Chinese sentences (and on `corpus`, e.g. the GLEAM-X
+answers a tiny fine-tuning job learns), followed by Qwen's special tokens. The tests' parity checks
+and the `tiny` GLEAM-X job (`train/sft.py`) both use it.
 """
 import json
 import os
@@ -49,7 +51,7 @@ CORPUS = [
 ]
 
 
-def train_tokenizer(vocab_size=700):
+def train_tokenizer(vocab_size=700, corpus=()):
   """Byte-level BPE with Qwen's pre-tokenizer and special tokens appended after the merges."""
   tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
   tok.normalizer = normalizers.NFC()
@@ -59,7 +61,7 @@ def train_tokenizer(vocab_size=700):
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+  tok.train_from_iterator(CORPUS * 4 + list(corpus), trainer=trainer)
   tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
   return tok
 
@@ -92,10 +94,11 @@ def tiny_model_config(tok, **overrides):
   return config
 
 
-def write_tiny_qwen_dir(path, min_pixels=56 * 56, max_pixels=28 * 28 * 1280, **config_overrides):
+def write_tiny_qwen_dir(path, min_pixels=56 * 56, max_pixels=28 * 28 * 1280, corpus=(), vocab_size=700,
+                        **config_overrides):
   """Writes tokenizer, processor and model config files into `path`; returns `path`."""
   os.makedirs(path, exist_ok=True)
-  tok = train_tokenizer()
+  tok = train_tokenizer(vocab_size, corpus)
   tok.save(os.path.join(path, "tokenizer.json"))
   added = {str(tok.token_to_id(t)): dict(content=t, lstrip=False, normalized=False, rstrip=False,
                                          single_word=False, special=True) for t in SPECIAL_TOKENS}

@@ -1,0 +1,179 @@
+"""GLEAM-X examples: a query view and a satellite image, the question "the same place?", and the
+answer: a verdict and an explanation, in English or Chinese.
+
+On the synthetic world the answer is written from what the world knows of both places (`place_facts`:
+the city's archetype, the street the camera stands on, the buildings, water, green and fields within
+the satellite's footprint), so every explanation is true of the images it speaks of:
+
+    Yes. Both views show a downtown district around a main road, with dense buildings up to 42 m and a river.
+    No. The drone view shows a suburb with open fields, while the satellite image shows an old town with a plaza.
+
+A matching pair is a record's query with its own satellite; a non-matching one takes the satellite of
+another location, of the same city when it has one (a hard negative: the same archetype and palette).
+`examples(data_cfg, split, n, seed)` draws them, seeded, from the built synthetic_cvgl dataset.
+"""
+import numpy as np
+
+from gleam_jax.data import sources
+from gleam_jax.data.config import world_overrides
+from gleam_jax.data.synthetic import city as city_lib
+from gleam_jax.data.synthetic import render, spec as spec_lib
+from gleam_jax.errors import GleamError
+
+LANGS = ("en", "zh")
+
+# GLEAM-X's question: the same place or not, then the evidence.
+QUESTIONS = {
+  "en": ("Do these two images show the same place? Answer yes or no first, then explain which "
+     "landmarks, layout and structures agree or differ between the two views."),
+  "zh": "这两张图像拍摄的是同一个地点吗？请先回答是或否，然后说明两个视角之间哪些地标、布局和建筑一致或不同。",
+}
+VERDICTS = {"en": ("Yes.", "No."), "zh": ("是。", "否。")}  # (match, no match): how every answer starts
+
+ARCHETYPE_WORDS = {
+  "downtown": ("a downtown district", "市中心街区"), "suburb": ("a suburb", "郊区住宅区"),
+  "oldtown": ("an old town", "老城区"), "industrial": ("an industrial estate", "工业区"),
+  "garden": ("a garden city", "花园城区"),
+}
+STREET_WORDS = {
+  city_lib.FOOTPATH: ("a footpath", "步行小路"), city_lib.RESIDENTIAL: ("a residential street", "居民区街道"),
+  city_lib.PRIMARY: ("a main road", "主干道"), city_lib.PLAZA: ("a plaza", "广场"),
+}
+MODALITY_WORDS = {"uav": ("drone", "无人机"), "streetmap": ("street map", "街道地图"),
+         "panorama": ("panorama", "全景"), "ground": ("ground photo", "地面照片")}
+FEATURE_ORDER = ("buildings", "water", "green", "fields", "motorway")
+
+
+def place_facts(spec, location_id):
+  """What a location's satellite footprint holds: {'archetype', 'street' (the class the camera
+  stands on), 'buildings' ('dense' | 'sparse' | None, with 'tallest_m'), 'water', 'green',
+  'fields', 'motorway' (bools)}."""
+  city, scene = render.location_scene(spec, int(location_id))
+  half = int(spec.footprint_m / 2)
+  window = (slice(max(scene.i0 - half, 0), scene.i0 + half), slice(max(scene.j0 - half, 0), scene.j0 + half))
+  cls, height = city.cls[window], city.height[window]
+  share = lambda *classes: float(np.isin(cls, classes).mean())
+  built = share(city_lib.BUILDING)
+  tallest = float(height[cls == city_lib.BUILDING].max()) if built > 0 else 0.0
+  return {
+    "archetype": city.style.archetype,
+    "street": int(city.cls[scene.i0, scene.j0]),
+    "buildings": "dense" if built > 0.25 else "sparse" if built > 0.02 else None,
+    "tallest_m": int(round(tallest)),
+    "water": share(city_lib.WATER) > 0.02,
+    "green": share(city_lib.PARK, city_lib.TREE) > 0.15,
+    "fields": share(city_lib.FIELD) > 0.15,
+    "motorway": share(city_lib.MOTORWAY) > 0.01,
+  }
+
+
+def _feature_words(facts, name, lang):
+  zh = lang == "zh"
+  if name == "buildings":
+    if facts["buildings"] == "dense":
+      return f"高达{facts['tallest_m']}米的密集建筑" if zh else f"dense buildings up to {facts['tallest_m']} m"
+    if facts["buildings"] == "sparse":
+      return "零散的低矮建筑" if zh else "scattered low buildings"
+    return "几乎没有建筑" if zh else "almost no buildings"
+  if not facts[name]:
+    return None
+  return {"water": ("a river", "一条河流"), "green": ("parks and trees", "公园和树木"),
+      "fields": ("open fields", "开阔的农田"), "motorway": ("a motorway", "一条高速公路")}[name][zh]
+
+
+def _features(facts, names, lang):
+  words = [w for w in (_feature_words(facts, n, lang) for n in names) if w]
+  if lang == "zh":
+    return "、".join(words)
+  return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def answer(match, query_facts, satellite_facts, modality, lang):
+  """The verdict and its explanation for a query (of `modality`) and a satellite with these facts."""
+  if lang not in LANGS:
+    raise GleamError(f"GLEAM-X answers are written in {', '.join(LANGS)}, not {lang!r}.")
+  zh = lang == "zh"
+  verdict = VERDICTS[lang][0 if match else 1]
+  q_place = ARCHETYPE_WORDS[query_facts["archetype"]][zh]
+  if match:
+    street = STREET_WORDS.get(query_facts["street"], STREET_WORDS[city_lib.RESIDENTIAL])[zh]
+    features = _features(query_facts, FEATURE_ORDER, lang)
+    if zh:
+      return f"{verdict}两个视角都显示{street}周围的{q_place}，有{features}。"
+    return f"{verdict} Both views show {q_place} around {street}, with {features}."
+  s_place = ARCHETYPE_WORDS[satellite_facts["archetype"]][zh]
+  differ = [n for n in FEATURE_ORDER if _feature_words(query_facts, n, lang) != _feature_words(satellite_facts, n, lang)]
+  view = MODALITY_WORDS[modality][zh]
+  if not differ:  # the same kind of place: the layout tells them apart
+    if zh:
+      return f"{verdict}两者都是{q_place}，但{view}视角中的道路布局和建筑形状与卫星图像不一致。"
+    return (f"{verdict} Both show {q_place}, but the road layout and building shapes of the {view} view "
+        "do not match the satellite image.")
+  q = _features(query_facts, differ, lang) or ("没有这些" if zh else "none of these")
+  s = _features(satellite_facts, differ, lang) or ("没有这些" if zh else "none of these")
+  if zh:
+    return f"{verdict}{view}视角显示{q_place}，有{q}；而卫星图像显示{s_place}，有{s}。"
+  return f"{verdict} The {view} view shows {q_place} with {q}, while the satellite image shows {s_place} with {s}."
+
+
+def world_spec(data_cfg):
+  if data_cfg.name != "synthetic_cvgl":
+    raise GleamError(f"GLEAM-X examples are written from the synthetic world's facts; data.name="
+            f"{data_cfg.name!r} records none: use data.name='synthetic_cvgl'.")
+  return spec_lib.spec_from_name(data_cfg.config, **world_overrides(data_cfg))
+
+
+def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS):
+  """`n` examples of `split`: dicts of 'query', 'satellite' (uint8 images), 'match', 'lang',
+  'modality', 'question', 'answer', 'location_id', 'satellite_location_id'. Half match (alternating),
+  languages and query records are drawn with `seed`."""
+  spec = world_spec(data_cfg)
+  source = sources.get_source(data_cfg, split)
+  index = sources.index_of(source)
+  modalities = tuple(modalities or data_cfg.modalities)
+  names = np.asarray(spec_lib.MODALITIES)[index["modality"]]
+  rows = np.flatnonzero(np.isin(names, modalities) & index["is_query"])
+  if len(rows) == 0:
+    raise GleamError(f"split {split!r} of {source.name} has no queries of modalities {modalities}.")
+  locations = np.unique(index["location_id"][rows])
+  if len(locations) < 2:
+    raise GleamError(f"split {split!r} of {source.name} has one location: a non-matching pair needs two.")
+  rng = np.random.default_rng([int(seed), 11])
+  facts, out = {}, []
+  for k in range(int(n)):
+    r = int(rng.choice(rows))
+    record = source[r]
+    match = k % 2 == 0
+    loc = record["location_id"]
+    if match:
+      other, satellite = loc, record["satellite"]
+    else:
+      same_city = rows[(index["city_id"][rows] == record["city_id"]) & (index["location_id"][rows] != loc)]
+      pool = same_city if len(same_city) else rows[index["location_id"][rows] != loc]
+      o = int(rng.choice(pool))
+      other, satellite = int(index["location_id"][o]), source.image(o, "satellite")
+    lang = langs[int(rng.integers(len(langs)))]
+    for location in (loc, other):
+      if location not in facts:
+        facts[location] = place_facts(spec, location)
+    out.append(dict(query=record["query"], satellite=satellite, match=match, lang=lang,
+            modality=record["modality_name"], question=QUESTIONS[lang],
+            answer=answer(match, facts[loc], facts[other], record["modality_name"], lang),
+            location_id=loc, satellite_location_id=other))
+  return out
+
+
+def corpus(langs=LANGS):
+  """Sentences of every kind of answer and the questions: what a tokenizer trained for a tiny
+  GLEAM-X model must encode compactly."""
+  facts = [dict(archetype=a, street=s, buildings=b, tallest_m=t, water=w, green=g, fields=f, motorway=m)
+      for a in ARCHETYPE_WORDS for s in STREET_WORDS
+      for b, t, w, g, f, m in (("dense", 42, True, True, False, True), ("sparse", 9, False, False, True, False),
+                   (None, 0, True, False, False, False))]
+  lines = [QUESTIONS[lang] for lang in langs]
+  for i, q in enumerate(facts):
+    s = facts[(i * 7 + 3) % len(facts)]
+    for lang in langs:
+      modality = spec_lib.MODALITIES[i % len(spec_lib.MODALITIES)]
+      lines += [answer(True, q, q, modality, lang), answer(False, q, s, modality, lang)]
+  return lines
