@@ -83,6 +83,8 @@ def _feature_words(facts, name, lang):
 
 def _features(facts, names, lang):
   words = [w for w in (_feature_words(facts, n, lang) for n in names) if w]
+  if not words:
+    return ""
   if lang == "zh":
     return "、".join(words)
   return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
@@ -109,11 +111,12 @@ def answer(match, query_facts, satellite_facts, modality, lang):
       return f"{verdict}两者都是{q_place}，但{view}视角中的道路布局和建筑形状与卫星图像不一致。"
     return (f"{verdict} Both show {q_place}, but the road layout and building shapes of the {view} view "
         "do not match the satellite image.")
-  q = _features(query_facts, differ, lang) or ("没有这些" if zh else "none of these")
-  s = _features(satellite_facts, differ, lang) or ("没有这些" if zh else "none of these")
+  q, s = _features(query_facts, differ, lang), _features(satellite_facts, differ, lang)
   if zh:
-    return f"{verdict}{view}视角显示{q_place}，有{q}；而卫星图像显示{s_place}，有{s}。"
-  return f"{verdict} The {view} view shows {q_place} with {q}, while the satellite image shows {s_place} with {s}."
+    q, s = (f"有{q}" if q else f"没有{s}"), (f"有{s}" if s else f"没有{q}")
+    return f"{verdict}{view}视角显示{q_place}，{q}；而卫星图像显示{s_place}，{s}。"
+  q, s = (f"with {q}" if q else f"without {s}"), (f"with {s}" if s else f"without {q}")
+  return f"{verdict} The {view} view shows {q_place} {q}, while the satellite image shows {s_place} {s}."
 
 
 def world_spec(data_cfg):

@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gleam_jax.data import pipeline
 from gleam_jax.data import sources
@@ -130,20 +129,13 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="in
   }
   if with_optimizer:
     state["opt_state"] = jax.jit(tx.init)(params)
-    shardings["opt_state"] = jax.tree.map(lambda x: _on_mesh(x.sharding, mesh), state["opt_state"])
+    shardings["opt_state"] = jax.tree.map(lambda x: shd.on_mesh(x.sharding, mesh), state["opt_state"])
   state = shd.place(state, shardings)
   setup = TrainSetup(
       graphdef=graphdef, rng_state=nnx.to_pure_dict(rng_state), tx=tx, schedule=schedule,
       loss_name=loss_name, label_smoothing=float(label_smoothing), mesh=mesh, shardings=shardings,
       trainable=optim.trainable_mask(params, optim_cfg))
   return setup, state
-
-
-def _on_mesh(sharding, mesh):
-  """A sharding jit chose for an output, as a NamedSharding on `mesh` (replicated if it is not one)."""
-  if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
-    return sharding
-  return shd.replicated(mesh)
 
 
 def _loss_fn(setup, params, model_state, rng, step, batch):

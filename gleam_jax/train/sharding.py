@@ -130,6 +130,13 @@ def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
+def on_mesh(sharding, mesh):
+  """A sharding jit chose for an output, as a NamedSharding on `mesh` (replicated if it is not one)."""
+  if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+    return sharding
+  return replicated(mesh)
+
+
 def batch_sharding(mesh, ndim=1):
   """Leading dimension over ('data', 'fsdp'), the rest replicated."""
   del ndim

@@ -1,0 +1,69 @@
+"""GLEAM-X: fine-tune Qwen2.5-VL to say whether two views show the same place, and why (train/sft.py).
+
+    python -m gleam_jax.main --config=configs/x_sft.py --workdir=~/gleam_runs/x_sft
+    python -m gleam_jax.main --config=configs/x_sft.py:tiny --workdir=/tmp/x   # seconds, for tests
+    python -m gleam_jax.main --config=configs/x_sft.py:hf_dir=/models/Qwen2.5-VL-3B-Instruct --workdir=...
+
+`arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
+`key=value` knobs: steps, batch, lr, data (a synthetic world preset), hf_dir (a local Hugging Face
+Qwen2.5-VL directory: its weights, tokenizer and processor, bfloat16, the vision tower frozen),
+langs (en+zh). Without hf_dir the model is a small random Qwen2.5-VL (`model.tiny`) with a
+tokenizer trained on the GLEAM-X answers: what trains on a CPU. Any field can be overridden on the
+command line (`--config.optim.lr=1e-4`); the config is locked, so a typo is an error.
+"""
+import os
+import sys
+
+import ml_collections
+from ml_collections import config_dict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import c_phase1  # noqa: E402
+
+from gleam_jax.data.config import MODALITIES, data_config  # noqa: E402
+from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES  # noqa: E402
+
+KNOBS = ("steps", "batch", "lr", "data", "hf_dir", "langs")
+
+
+def get_config(arg=None):
+  flags, knobs = c_phase1.parse_arg(arg, KNOBS)
+  tiny = "tiny" in flags
+  c = ml_collections.ConfigDict()
+  c.trainer = "sft"
+  c.seed = 0
+  c.data = data_config(config=knobs.get("data", "tiny" if tiny else "s64"), modalities=MODALITIES,
+                       read_threads=2 if tiny else 4)
+  c.examples = ml_collections.ConfigDict(dict(
+      train=64 if tiny else 2048, eval=8 if tiny else 128, eval_split="test",
+      langs=tuple(knobs.get("langs", "en+zh").split("+"))))
+
+  hf_dir = knobs.get("hf_dir")
+  c.model = ml_collections.ConfigDict(dict(
+      hf_dir=hf_dir or config_dict.placeholder(str),
+      dtype="bfloat16" if hf_dir else "float32", param_dtype="bfloat16" if hf_dir else "float32", remat=bool(hf_dir),
+      # the processor's pixel bounds: the synthetic 64 px views give 2 x 2 merged tokens each
+      min_pixels=56 * 56, max_pixels=448 * 448,
+      tiny=dict(vocab_size=1200,
+                text=dict(hidden_size=64 if tiny else 256, intermediate_size=96 if tiny else 704,
+                          num_hidden_layers=2 if tiny else 4, num_attention_heads=4, num_key_value_heads=2,
+                          rope_parameters=dict(rope_type="default", rope_theta=10000.0,  # sums to head_dim / 2
+                                               mrope_section=[2, 3, 3] if tiny else [8, 12, 12])),
+                vision=dict(depth=2 if tiny else 4, hidden_size=32 if tiny else 128,
+                            intermediate_size=48 if tiny else 256, num_heads=2 if tiny else 4,
+                            out_hidden_size=64 if tiny else 256))))
+
+  c.batch_size = c_phase1.knob(knobs, "batch", 8 if tiny else 16)  # tiny: a row per device of the tests' 8
+  c.total_steps = c_phase1.knob(knobs, "steps", 8 if tiny else 600)
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=c_phase1.knob(knobs, "lr", 2e-5 if hf_dir else 1e-3, float), b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.0 if hf_dir else 0.01, warmup_steps=2 if tiny else 30, min_lr_ratio=0.1, clip_norm=1.0,
+      frozen=(r"^model/visual/",) if hf_dir else (), lr_mults=(), no_decay=(r"norm", r"bias$")))
+
+  c.log_every_steps = 1 if tiny else 20
+  c.eval = ml_collections.ConfigDict(dict(every_steps=0, at_end=True, batch_size=8 if tiny else 32,
+                                          max_new_tokens=16 if tiny else 64, num_samples=8))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4 if tiny else 200, max_to_keep=2, async_save=True))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = QWEN_SHARDING_RULES
+  return c

@@ -1,0 +1,327 @@
+"""GLEAM-X: supervised fine-tuning of Qwen2.5-VL to answer "do these two views show the same place?"
+with a verdict and an explanation (English or Chinese). `config.trainer = 'sft'` (configs/x_sft.py).
+
+The model is a local Hugging Face directory's (`config.model.hf_dir`: weights, tokenizer and
+processor; nothing is downloaded) or, without one, a tiny random Qwen2.5-VL whose tokenizer is
+trained on the GLEAM-X answers and written into `<workdir>/tiny_qwen` (the CPU default and the
+tests). Examples come from the synthetic world (`data/gleam_x.py`): query and satellite images,
+the question, the answer. Each is tokenized with the chat template (`Processor.build_sft_example`:
+the loss covers only the answer and its closing `<|im_end|>`), right-padded to the longest example.
+A batch holds one query modality (one image shape, so one compiled step per shape), modalities in
+turn; the order is a function of (seed, step), so a resumed job reads the batches it would have.
+
+Full fine-tuning with AdamW (`train/optim.py`: warmup + cosine, clipping, regex rules for frozen
+parameters, e.g. `optim.frozen=('^model/visual/',)` to keep the vision tower, and learning-rate
+multipliers); frozen parameters get no backward pass. Checkpoints (Orbax) resume automatically.
+The evaluation generates greedy answers to held-out examples and reports verdict accuracy, the
+share of answers that give a verdict, and ROUGE-L against the reference explanation
+(`eval/explain.py`), overall and per language, with sample answers in `eval/explain_step<N>.md`.
+"""
+import contextlib
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from gleam_jax.data import gleam_x
+from gleam_jax.errors import GleamError, make_dir
+from gleam_jax.eval import explain as explain_metrics
+from gleam_jax.models.qwen2_5_vl import config as config_lib
+from gleam_jax.models.qwen2_5_vl import generation, modeling, params, processor, rope, tiny_dir
+from gleam_jax.models.qwen2_5_vl.processor import IGNORE_INDEX
+from gleam_jax.train import checkpoint
+from gleam_jax.train import optim
+from gleam_jax.train import sharding as shd
+from gleam_jax.train.loop import check_finite, log, truncate_metrics
+from gleam_jax.utils.progress import RateEta, format_eta
+from gleam_jax.utils.writer import MetricWriter
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
+
+
+def load_model_and_processor(config, workdir, mesh):
+  """(model placed on `mesh`, processor, the model directory)."""
+  mc = config.model
+  directory = mc.get("hf_dir")
+  if directory:
+    directory = os.path.expanduser(directory)
+    cfg = config_lib.from_pretrained_dir(directory)
+  else:
+    directory = os.path.join(workdir, "tiny_qwen")
+    if not os.path.exists(os.path.join(directory, "config.json")):
+      make_dir(directory, "--workdir")
+      tiny_dir.write_tiny_qwen_dir(directory, min_pixels=int(mc.min_pixels), max_pixels=int(mc.max_pixels),
+                                   corpus=gleam_x.corpus(), vocab_size=int(mc.tiny.vocab_size),
+                                   text=mc.tiny.text.to_dict(), vision=mc.tiny.vision.to_dict())
+    cfg = config_lib.from_pretrained_dir(directory)
+  cfg = cfg.replace(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=bool(mc.remat))
+  if mc.get("hf_dir"):
+    model = params.load_pretrained(directory, cfg, mesh=mesh)
+  else:
+    model = modeling.shard_model(modeling.create_model(cfg, seed=int(config.seed)), mesh)
+  proc = processor.load_processor(directory, min_pixels=mc.get("min_pixels"), max_pixels=mc.get("max_pixels"))
+  return model, proc, directory
+
+
+def encode(proc, example):
+  """One example as model inputs: input_ids, labels (the answer only), pixel_values, image_grid_thw."""
+  return proc.build_sft_example([example["query"], example["satellite"]], example["question"], example["answer"])
+
+
+def collate(rows, length, cfg):
+  """Right-padded (B, length) input_ids / attention_mask / labels, position ids (B, 3, length), the
+  images' patches and their vision layout."""
+  b = len(rows)
+  input_ids = np.full((b, length), cfg.pad_token_id, np.int32)
+  labels = np.full((b, length), IGNORE_INDEX, np.int32)
+  mask = np.zeros((b, length), np.int32)
+  for i, row in enumerate(rows):
+    n = len(row["input_ids"])
+    input_ids[i, :n], labels[i, :n], mask[i, :n] = row["input_ids"], row["labels"], 1
+  grid = np.concatenate([row["image_grid_thw"] for row in rows])
+  position_ids, _ = rope.get_rope_index(input_ids, grid, mask, image_token_id=cfg.image_token_id,
+                                        spatial_merge_size=cfg.vision.spatial_merge_size)
+  return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+          "position_ids": np.ascontiguousarray(np.transpose(position_ids, (1, 0, 2)).astype(np.int32)),
+          "pixel_values": np.concatenate([row["pixel_values"] for row in rows]).astype(np.float32),
+          "layout": modeling.vision_inputs(grid, cfg)}
+
+
+def answer_loss(logits, labels):
+  """Mean next-token cross-entropy over the answer tokens (labels != IGNORE_INDEX, not shifted: the
+  logits at position i predict labels[i + 1], as Hugging Face's causal-LM loss); and the share of
+  those tokens predicted right."""
+  logits, targets = logits[:, :-1], labels[:, 1:]
+  valid = targets != IGNORE_INDEX
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  count = jnp.maximum(valid.sum(), 1)
+  accuracy = ((jnp.argmax(logits, -1) == targets) & valid).sum() / count
+  return (nll * valid).sum() / count, accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class SftSetup:
+  graphdef: Any
+  rest: Any  # the model's non-parameter state (none for Qwen2.5-VL; kept for generality)
+  tx: optax.GradientTransformation
+  schedule: Any
+  mesh: jax.sharding.Mesh
+  shardings: Any
+  trainable: Any
+
+
+def create_train_state(model, optim_cfg, total_steps, mesh, rules):
+  graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
+  params = {"model": nnx.to_pure_dict(model_params)}
+  param_shardings = {"model": shd.state_shardings(model_params, mesh, rules)}
+  params = shd.place(params, param_shardings)
+  tx, schedule = optim.make_optimizer(optim_cfg, params, total_steps)
+  opt_state = jax.jit(tx.init)(params)
+  state = {"step": jnp.int32(0), "params": params, "opt_state": opt_state}
+  shardings = {"step": shd.replicated(mesh), "params": param_shardings,
+               "opt_state": jax.tree.map(lambda x: shd.on_mesh(x.sharding, mesh), opt_state)}
+  state = shd.place(state, shardings)
+  setup = SftSetup(graphdef=graphdef, rest=nnx.to_pure_dict(rest), tx=tx, schedule=schedule, mesh=mesh,
+                   shardings=shardings, trainable=optim.trainable_mask(params, optim_cfg))
+  return setup, state
+
+
+def model_of(setup, params):
+  return nnx.merge(setup.graphdef, params["model"], setup.rest)
+
+
+def _loss_fn(setup, params, batch):
+  params = jax.tree.map(lambda t, x: x if t else jax.lax.stop_gradient(x), setup.trainable, params)
+  model = model_of(setup, params)
+  logits = model(batch["input_ids"], jnp.transpose(batch["position_ids"], (1, 0, 2)), batch["attention_mask"],
+                 batch["pixel_values"], batch["layout"])
+  return answer_loss(logits, batch["labels"])
+
+
+def _train_step(setup, state, batch):
+  (loss, accuracy), grads = jax.value_and_grad(lambda p: _loss_fn(setup, p, batch), has_aux=True)(state["params"])
+  grad_norm = optax.tree.norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, setup.trainable))
+  updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+               "opt_state": opt_state}
+  metrics = {"loss": loss, "token_acc": accuracy, "lr": setup.schedule(state["step"]), "grad_norm": grad_norm}
+  return new_state, metrics
+
+
+def make_train_step(setup):
+  """Jitted `(state, batch) -> (state, metrics)`: token arrays split over the data axes, the images'
+  patches and layout replicated, the state donated."""
+  tokens = shd.batch_sharding(setup.mesh)
+  whole = shd.replicated(setup.mesh)
+  batch_shardings = {**{k: tokens for k in TOKEN_KEYS}, "pixel_values": whole, "layout": whole}
+  return jax.jit(lambda state, batch: _train_step(setup, state, batch),
+                 in_shardings=(setup.shardings, batch_shardings), out_shardings=(setup.shardings, whole),
+                 donate_argnums=(0,))
+
+
+class Batches:
+  """The training batches: step s reads `batch_size` examples of modality `modalities[s % M]`, the
+  (s // M)-th batch of that modality's endless stream of seeded epoch permutations."""
+
+  def __init__(self, rows, modalities_of_rows, batch_size, seed, length, cfg):
+    self.rows, self.batch_size, self.seed, self.length, self.cfg = rows, batch_size, seed, length, cfg
+    self.modalities = sorted(set(modalities_of_rows))
+    self.by_modality = {m: np.flatnonzero(np.asarray(modalities_of_rows) == m) for m in self.modalities}
+    small = {m: len(r) for m, r in self.by_modality.items() if len(r) < batch_size}
+    if small:
+      raise GleamError(f"config.batch_size={batch_size} is larger than the training examples of {small}: "
+                       "raise config.examples.train or lower the batch size.")
+
+  def indices(self, step):
+    m = self.modalities[step % len(self.modalities)]
+    members = self.by_modality[m]
+    start = (step // len(self.modalities)) * self.batch_size
+    out = []
+    for p in range(start, start + self.batch_size):
+      epoch, k = divmod(p, len(members))
+      order = np.random.default_rng([self.seed, 5, epoch, self.modalities.index(m)]).permutation(len(members))
+      out.append(int(members[order[k]]))
+    return out
+
+  def batch(self, step):
+    return collate([self.rows[i] for i in self.indices(step)], self.length, self.cfg)
+
+
+def padded_length(rows, multiple=16):
+  return int(math.ceil(max(len(r["input_ids"]) for r in rows) / multiple) * multiple)
+
+
+def evaluate(config, setup, state, proc, examples, workdir, step, writer):
+  """Greedy answers to the held-out examples (batched by language and modality: prompts of one
+  length); returns and writes the metrics, with sample answers in eval/explain_step<N>.md."""
+  model = model_of(setup, state["params"])
+  cfg = model.cfg
+  groups = {}
+  for i, ex in enumerate(examples):
+    groups.setdefault((ex["lang"], ex["modality"]), []).append(i)
+  answers = [None] * len(examples)
+  eval_batch = int(config.eval.batch_size)
+  for members in groups.values():
+    for start in range(0, len(members), eval_batch):
+      chunk = members[start:start + eval_batch]
+      prompts = [proc.encode_prompt([examples[i]["query"], examples[i]["satellite"]], examples[i]["question"])
+                 for i in chunk]
+      length = max(len(p["input_ids"]) for p in prompts)
+      input_ids = np.full((len(chunk), length), cfg.pad_token_id, np.int32)
+      mask = np.zeros((len(chunk), length), np.int32)
+      for r, p in enumerate(prompts):  # left padding, as generation needs
+        input_ids[r, length - len(p["input_ids"]):], mask[r, length - len(p["input_ids"]):] = p["input_ids"], 1
+      tokens = generation.generate(model, input_ids, mask, np.concatenate([p["pixel_values"] for p in prompts]),
+                                   np.concatenate([p["image_grid_thw"] for p in prompts]),
+                                   max_new_tokens=int(config.eval.max_new_tokens), mesh=setup.mesh)
+      for r, i in enumerate(chunk):
+        answers[i] = proc.decode(tokens[r])
+  metrics = explain_metrics.explain_metrics(answers, examples)
+  writer.write(step, {f"eval/explain/{k}": v for k, v in metrics.items()})
+  if jax.process_index() == 0:
+    lines = [f"# GLEAM-X evaluation, step {step}", "",
+             " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()), "",
+             "| # | modality | lang | truth | reference | generated |", "| --- | --- | --- | --- | --- | --- |"]
+    for i in range(min(int(config.eval.num_samples), len(examples))):
+      ex = examples[i]
+      lines.append(f"| {i} | {ex['modality']} | {ex['lang']} | {'match' if ex['match'] else 'no match'} | "
+                   f"{ex['answer']} | {answers[i].replace('|', '/').replace(chr(10), ' ')} |")
+    path = os.path.join(workdir, "eval", f"explain_step{step}.md")
+    make_dir(os.path.dirname(path), "--workdir")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+  log(f"step {step}: eval verdict acc {metrics['verdict_acc']:.1%} (answered {metrics['answered']:.0%}), "
+      f"ROUGE-L {metrics['rouge_l']:.3f} on {len(examples)} held-out pairs")
+  return metrics
+
+
+def check_config(config):
+  if int(config.batch_size) <= 0:
+    raise GleamError(f"config.batch_size={config.batch_size} must be positive.")
+  optim.check_values(config.optim)
+  for key in ("train", "eval"):
+    if int(config.examples[key]) < 2:
+      raise GleamError(f"config.examples.{key}={config.examples[key]}: give at least 2 (a match and a non-match).")
+  for lang in config.examples.langs:
+    if lang not in gleam_x.LANGS:
+      raise GleamError(f"config.examples.langs has {lang!r}; GLEAM-X answers are written in {gleam_x.LANGS}.")
+
+
+def run(config, workdir):
+  """Fine-tunes as `config` says; returns the last evaluation's metrics."""
+  check_config(config)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every write at INFO; progress goes to stdout
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  mesh = shd.make_mesh(config.mesh)
+  batch_size, seed, total_steps = int(config.batch_size), int(config.seed), int(config.total_steps)
+  shd.check_batch_divides(batch_size, mesh)
+  with contextlib.ExitStack() as cleanup:
+    model, proc, directory = load_model_and_processor(config, workdir, mesh)
+    cfg = model.cfg
+    langs = tuple(config.examples.langs)
+    train = gleam_x.examples(config.data, config.data.train_split, int(config.examples.train), seed, langs=langs)
+    held_out = gleam_x.examples(config.data, config.examples.eval_split, int(config.examples.eval), seed + 1,
+                                langs=langs)
+    rows = [encode(proc, ex) for ex in train]
+    batches = Batches(rows, [ex["modality"] for ex in train], batch_size, seed, padded_length(rows), cfg)
+    setup, state = create_train_state(model, config.optim, total_steps, mesh, config.sharding_rules)
+    del model
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
+    cleanup.callback(manager.close)
+    cleanup.callback(manager.wait_until_finished)
+    step, last_good = 0, None
+    if manager.latest_step() is not None:
+      state, _, step = checkpoint.restore(manager, state)
+      last_good = (int(step), checkpoint.step_path(manager, step))
+      if jax.process_index() == 0:
+        truncate_metrics(workdir, int(step))
+      log(f"resumed from {last_good[1]}")
+    step = int(step)
+    log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; Qwen2.5-VL {n_params / 1e6:.2f}M params from "
+        f"{directory}; {len(train)} training pairs ({', '.join(batches.modalities)}; {', '.join(langs)}), "
+        f"{batches.length} tokens per row; training to step {total_steps}")
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    cleanup.callback(writer.close)
+    train_step = make_train_step(setup)
+    rate = RateEta(total_steps)
+    pending, results, first_step = [], {}, step
+    ckpt_every, eval_every = int(config.checkpoint.every_steps), int(config.eval.every_steps)
+    while step < total_steps:
+      batch = batches.batch(step)
+      batch = {**shd.shard_batch({k: batch[k] for k in TOKEN_KEYS}, mesh), "pixel_values": batch["pixel_values"],
+               "layout": batch["layout"]}
+      state, metrics = train_step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      if step == first_step + 1:
+        jax.block_until_ready(metrics)
+        rate.reset(step)  # the first step of each shape compiles
+      is_log = step % int(config.log_every_steps) == 0 or step == total_steps
+      is_ckpt = (ckpt_every and step % ckpt_every == 0) or step == total_steps
+      is_eval = (eval_every and step % eval_every == 0) or (step == total_steps and config.eval.at_end)
+      if is_log or is_ckpt or is_eval:
+        pending = jax.device_get(pending)
+        check_finite(pending, last_good, config.optim.get("clip_norm"))
+        if is_log:
+          m = dict(pending[-1][1])
+          steps_per_s, eta = rate.update(step)
+          m.update(examples_per_s=steps_per_s * batch_size)
+          writer.write(step, m)
+          log(f"step {step}/{total_steps} loss {m['loss']:.4f} token acc {m['token_acc']:.2f} lr {m['lr']:.2e} "
+              f"grad norm {m['grad_norm']:.3f} {m['examples_per_s']:.1f} examples/s ETA {format_eta(eta)}")
+        pending = []
+      if is_ckpt:
+        checkpoint.save(manager, step, state, {"step": step})
+        last_good = (step, checkpoint.step_path(manager, step))
+      if is_eval:
+        results = evaluate(config, setup, state, proc, held_out, workdir, step, writer)
+    return results

@@ -1,0 +1,152 @@
+"""GLEAM-X fine-tuning: the answer loss against transformers', the examples' answers, the metrics,
+and the tiny job end to end (the loss falls, evaluation files, resumption onto the same batches)."""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from config_files import load_config
+from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
+from gleam_jax import main
+from gleam_jax.data import gleam_x
+from gleam_jax.data.synthetic import city as city_lib
+from gleam_jax.errors import GleamError
+from gleam_jax.eval import explain as metrics
+from gleam_jax.models.qwen2_5_vl import params, processor, tiny_dir
+from gleam_jax.train import sft
+from gleam_jax.utils.writer import read_metrics
+
+
+def test_answer_loss_matches_transformers(tmp_path):
+  """Two right-padded examples of different lengths: our loss over the answer tokens equals
+  `Qwen2_5_VLForConditionalGeneration(..., labels=...)`'s, from the same weights."""
+  path = tiny_dir.write_tiny_qwen_dir(str(tmp_path / "qwen"), corpus=gleam_x.corpus())
+  torch.manual_seed(0)
+  reference = transformers.Qwen2_5_VLForConditionalGeneration(
+      transformers.Qwen2_5_VLConfig.from_pretrained(path)).eval()
+  reference.save_pretrained(path)
+  proc, model = processor.load_processor(path), params.load_pretrained(path)
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (64, 64, 3), np.uint8) for _ in range(4)]
+  rows = [proc.build_sft_example(images[:2], gleam_x.QUESTIONS["en"], "Yes. Both views show a suburb."),
+          proc.build_sft_example(images[2:], gleam_x.QUESTIONS["zh"], "否。无人机视角显示老城区，有一条河流；而卫星图像显示郊区住宅区。")]
+  assert len(rows[0]["input_ids"]) != len(rows[1]["input_ids"])
+  batch = sft.collate(rows, sft.padded_length(rows), model.cfg)
+  logits = model(jnp.asarray(batch["input_ids"]), jnp.transpose(jnp.asarray(batch["position_ids"]), (1, 0, 2)),
+                 jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["pixel_values"]), batch["layout"])
+  ours, accuracy = sft.answer_loss(logits, jnp.asarray(batch["labels"]))
+  with torch.no_grad():
+    theirs = reference(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                       attention_mask=torch.tensor(batch["attention_mask"]),
+                       pixel_values=torch.tensor(batch["pixel_values"]),
+                       image_grid_thw=torch.tensor(np.concatenate([r["image_grid_thw"] for r in rows])),
+                       labels=torch.tensor(batch["labels"], dtype=torch.long)).loss
+  np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
+  assert 0.0 <= float(accuracy) <= 1.0
+
+
+FACTS = dict(archetype="suburb", street=city_lib.PRIMARY, buildings="dense", tallest_m=31, water=True, green=False,
+             fields=False, motorway=False)
+
+
+def test_answers_state_the_verdict_and_the_facts():
+  other = dict(FACTS, archetype="oldtown", buildings="sparse", water=False, green=True)
+  assert gleam_x.answer(True, FACTS, FACTS, "uav", "en") == (
+      "Yes. Both views show a suburb around a main road, with dense buildings up to 31 m and a river.")
+  assert gleam_x.answer(True, FACTS, FACTS, "uav", "zh") == "是。两个视角都显示主干道周围的郊区住宅区，有高达31米的密集建筑、一条河流。"
+  assert gleam_x.answer(False, FACTS, other, "ground", "en") == (
+      "No. The ground photo view shows a suburb with dense buildings up to 31 m and a river, while the "
+      "satellite image shows an old town with scattered low buildings and parks and trees.")
+  assert gleam_x.answer(False, dict(FACTS, water=False), dict(FACTS, water=True), "panorama", "zh") == (
+      "否。全景视角显示郊区住宅区，没有一条河流；而卫星图像显示郊区住宅区，有一条河流。")
+  assert gleam_x.answer(False, FACTS, FACTS, "streetmap", "en") == (
+      "No. Both show a suburb, but the road layout and building shapes of the street map view do not match "
+      "the satellite image.")
+  for text in gleam_x.corpus():  # every answer the tiny tokenizer learns starts with a verdict it parses
+    assert text in gleam_x.QUESTIONS.values() or metrics.verdict(text) is not None
+
+
+def test_examples_pair_views_with_the_facts_of_their_places(tiny_cfg):
+  examples = gleam_x.examples(tiny_cfg, "train", 12, seed=3)
+  again = gleam_x.examples(tiny_cfg, "train", 12, seed=3)
+  assert [e["answer"] for e in examples] == [e["answer"] for e in again]
+  assert [e["match"] for e in examples] == [True, False] * 6
+  spec = gleam_x.world_spec(tiny_cfg)
+  for e in examples:
+    assert (e["location_id"] == e["satellite_location_id"]) == e["match"]
+    assert metrics.verdict(e["answer"]) == e["match"] and e["question"] == gleam_x.QUESTIONS[e["lang"]]
+    q, s = gleam_x.place_facts(spec, e["location_id"]), gleam_x.place_facts(spec, e["satellite_location_id"])
+    assert e["answer"] == gleam_x.answer(e["match"], q, s, e["modality"], e["lang"])
+  assert {e["lang"] for e in examples} == {"en", "zh"}
+  with pytest.raises(GleamError, match="data.name='vigor' records none"):
+    gleam_x.world_spec(_renamed(tiny_cfg, "vigor"))
+
+
+def _renamed(cfg, name):
+  cfg = cfg.copy_and_resolve_references()
+  cfg.name = name
+  return cfg
+
+
+def test_verdicts_and_rouge_l_on_hand_checked_texts():
+  assert [metrics.verdict(t) for t in ("Yes. Both", " \"No, the", "Nope", "Not sure", "是。两个", "否。", "不是。", "maybe")] == [
+      True, False, None, None, True, False, False, None]
+  # 6 and 5 words, common subsequence "the cat on mat": P 4/6, R 4/5
+  assert metrics.rouge_l("The cat sat on the mat.", "the cat on a mat", "en") == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
+  assert metrics.rouge_l("两个视角都显示", "两个视角显示", "zh") == pytest.approx(12 / 13)  # P 6/7, R 1
+  examples = [dict(lang="en", match=True, answer="Yes. A river."), dict(lang="en", match=False, answer="No. A park."),
+              dict(lang="zh", match=False, answer="否。河流。")]
+  out = metrics.explain_metrics(["Yes. A river.", "Maybe", "是。河流。"], examples)
+  assert out["verdict_acc"] == pytest.approx(1 / 3) and out["answered"] == pytest.approx(2 / 3)
+  assert out["en/verdict_acc"] == 0.5 and out["zh/verdict_acc"] == 0.0
+  assert out["en/rouge_l"] == 0.5 and out["zh/rouge_l"] == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+
+
+def sft_config(data_dir, **fields):
+  config = load_config("x_sft", "tiny")
+  config.data.data_dir = data_dir
+  for key, value in fields.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def test_tiny_job_learns_evaluates_and_resumes_onto_the_same_batches(tiny_cfg, tmp_path):
+  workdir = str(tmp_path / "job")
+  result = main.run(sft_config(tiny_cfg.data_dir), workdir)
+  rows = read_metrics(workdir)
+  losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+  assert sorted(losses) == list(range(1, 9))
+  assert np.mean([losses[7], losses[8]]) < losses[1] - 0.2, losses
+  assert set(result) >= {"verdict_acc", "answered", "rouge_l", "en/verdict_acc", "zh/rouge_l"}
+  assert rows[-1]["eval/explain/verdict_acc"] == result["verdict_acc"]
+  with open(os.path.join(workdir, "eval", "explain_step8.md"), encoding="utf-8") as f:
+    table = f.read()
+  assert table.count("\n| ") == 2 + 8  # header, rule and 8 sample answers
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+  # a job stopped after step 4's checkpoint resumes onto the batches it would have read
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
+  main.run(sft_config(tiny_cfg.data_dir, **{"eval.at_end": False}), resumed)
+  again = {r["step"]: r["loss"] for r in read_metrics(resumed) if "loss" in r}
+  np.testing.assert_allclose([again[s] for s in range(1, 9)], [losses[s] for s in range(1, 9)], rtol=1e-5)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["trainer"] == "sft"
+
+
+def test_bad_sft_settings_are_named(tiny_cfg, tmp_path):
+  with pytest.raises(GleamError, match="config.examples.train=1"):
+    main.run(sft_config(tiny_cfg.data_dir, **{"examples.train": 1}), str(tmp_path / "a"))
+  with pytest.raises(GleamError, match="config.examples.langs has 'fr'"):
+    main.run(sft_config(tiny_cfg.data_dir, **{"examples.langs": ("en", "fr")}), str(tmp_path / "b"))
+  with pytest.raises(GleamError, match=r"config.batch_size=64 is larger than the training examples of"):
+    main.run(sft_config(tiny_cfg.data_dir, batch_size=64), str(tmp_path / "c"))
