@@ -36,6 +36,7 @@ def get_config(arg=None):
                        read_threads=2 if tiny else 4)
   c.examples = ml_collections.ConfigDict(dict(
       train=64 if tiny else 2048, eval=8 if tiny else 128, eval_split="test",
+      hard_negatives=0.5,  # share of non-matching satellites from the query's own city
       langs=tuple(knobs.get("langs", "en+zh").split("+"))))
 
   hf_dir = knobs.get("hf_dir")

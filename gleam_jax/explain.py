@@ -2,9 +2,11 @@
 
     python -m gleam_jax.explain --model_dir=/path/to/Qwen2.5-VL-3B-Instruct \
         --image=uav.jpg --image=satellite.png [--lang=zh] [--prompt="..."] [--max_new_tokens=256]
+    python -m gleam_jax.explain --workdir=~/gleam_runs/x_sft --image=uav.jpg --image=satellite.png
 
 Loads the weights and processor of a local Hugging Face directory (`params.load_pretrained`,
-`processor.load_processor`; nothing is downloaded), builds the chat prompt with the images in the
+`processor.load_processor`; nothing is downloaded), or the model a GLEAM-X fine-tuning job wrote
+(`--workdir`: its latest checkpoint, `train/sft.py`), builds the chat prompt with the images in the
 order given, and generates under jit with the KV cache (`generation.generate`), printing the answer
 to stdout as each chunk of tokens is decoded. Greedy unless `--temperature` > 0 (then top-p
 sampling, seeded). Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
@@ -28,6 +30,8 @@ def define_flags():
   """Command-line flags (defined only when run as a program)."""
   flags.DEFINE_string("model_dir", None, "Local Hugging Face Qwen2.5-VL directory (config, safetensors, "
                       "tokenizer, preprocessor_config.json).")
+  flags.DEFINE_string("workdir", None, "Instead of --model_dir: a GLEAM-X fine-tuning job's workdir (its "
+                      "latest checkpoint).")
   flags.DEFINE_multi_string("image", [], "An image file; repeat for each view (GLEAM-X: the query, then "
                             "the satellite image).")
   flags.DEFINE_string("prompt", None, "The question (default: GLEAM-X's, in --lang).")
@@ -77,9 +81,10 @@ class TextStream:
 
 def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, temperature=0.0, top_p=1.0,
             seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
-            model=None, proc=None):
+            model=None, proc=None, workdir=None):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
-  it as it streams; returns the text. `model`/`proc`: already loaded ones, to skip loading."""
+  it as it streams; returns the text. The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`,
+  or `model`/`proc` already loaded."""
   from gleam_jax.models.qwen2_5_vl import config as config_lib
   from gleam_jax.models.qwen2_5_vl import generation, params, processor
   if prompt is None:
@@ -91,6 +96,10 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
                        "give two (the query, then the satellite image), or a --prompt of your own.")
     prompt = QUESTIONS[lang]
   images = read_images(image_paths)  # a bad file stops before the model is loaded
+  if workdir:
+    from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
+    model, proc, where = sft.load_trained(workdir)
+    print(f"[model from {where}]", file=sys.stderr)
   proc = proc or processor.load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
   if model is None:
     cfg = config_lib.from_pretrained_dir(model_dir).replace(dtype=dtype, param_dtype=dtype)
@@ -114,12 +123,13 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.model_dir or not FLAGS.image:
-    print("error: --model_dir and at least one --image are required.", file=sys.stderr)
+  if bool(FLAGS.model_dir) == bool(FLAGS.workdir) or not FLAGS.image:
+    print("error: give --model_dir (a Hugging Face directory) or --workdir (a GLEAM-X job), not both, and "
+          "at least one --image.", file=sys.stderr)
     sys.exit(2)
   try:
-    explain(FLAGS.model_dir, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens, FLAGS.temperature,
-            FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels)
+    explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens, FLAGS.temperature,
+            FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels, workdir=FLAGS.workdir)
   except GleamError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 
 from config_files import load_config
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
-from gleam_jax import main
+from gleam_jax import explain, main
 from gleam_jax.data import gleam_x
 from gleam_jax.data.synthetic import city as city_lib
+from gleam_jax.data.synthetic import spec as spec_lib
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import explain as metrics
 from gleam_jax.models.qwen2_5_vl import params, processor, tiny_dir
@@ -83,6 +85,11 @@ def test_examples_pair_views_with_the_facts_of_their_places(tiny_cfg):
     q, s = gleam_x.place_facts(spec, e["location_id"]), gleam_x.place_facts(spec, e["satellite_location_id"])
     assert e["answer"] == gleam_x.answer(e["match"], q, s, e["modality"], e["lang"])
   assert {e["lang"] for e in examples} == {"en", "zh"}
+  # hard negatives come from the query's own city, the others from another city
+  city = lambda location: spec_lib.location_city(spec, location)
+  for share, same_city in ((1.0, True), (0.0, False)):
+    negatives = [e for e in gleam_x.examples(tiny_cfg, "train", 8, seed=4, hard_negatives=share) if not e["match"]]
+    assert [city(e["location_id"]) == city(e["satellite_location_id"]) for e in negatives] == [same_city] * 4
   with pytest.raises(GleamError, match="data.name='vigor' records none"):
     gleam_x.world_spec(_renamed(tiny_cfg, "vigor"))
 
@@ -132,6 +139,15 @@ def test_tiny_job_learns_evaluates_and_resumes_onto_the_same_batches(tiny_cfg, t
     table = f.read()
   assert table.count("\n| ") == 2 + 8  # header, rule and 8 sample answers
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+  # `python -m gleam_jax.explain --workdir=` answers with the trained model: as the evaluation did
+  config = sft_config(tiny_cfg.data_dir)
+  first = gleam_x.examples(config.data, "test", 1, int(config.seed) + 1, langs=tuple(config.examples.langs))[0]
+  paths = [str(tmp_path / "query.png"), str(tmp_path / "satellite.png")]
+  Image.fromarray(first["query"]).save(paths[0])
+  Image.fromarray(first["satellite"]).save(paths[1])
+  text = explain.explain(None, paths, lang=first["lang"], max_new_tokens=16, workdir=workdir, write=lambda _: None)
+  sample = table.split("\n| 0 | ")[1].split("\n")[0]
+  assert sample.endswith(f"| {text.replace('|', '/').replace(chr(10), ' ')} |"), (sample, text)
   # a job stopped after step 4's checkpoint resumes onto the batches it would have read
   resumed = str(tmp_path / "resumed")
   shutil.copytree(workdir, resumed)

@@ -9,8 +9,9 @@ the satellite's footprint), so every explanation is true of the images it speaks
     No. The drone view shows a suburb with open fields, while the satellite image shows an old town with a plaza.
 
 A matching pair is a record's query with its own satellite; a non-matching one takes the satellite of
-another location, of the same city when it has one (a hard negative: the same archetype and palette).
-`examples(data_cfg, split, n, seed)` draws them, seeded, from the built synthetic_cvgl dataset.
+another location: with probability `hard_negatives` one of the same city (the same archetype and
+palette: only the layout tells them apart), else one of another city. `examples(data_cfg, split, n,
+seed)` draws them, seeded, from the built synthetic_cvgl dataset.
 """
 import numpy as np
 
@@ -25,7 +26,7 @@ LANGS = ("en", "zh")
 # GLEAM-X's question: the same place or not, then the evidence.
 QUESTIONS = {
   "en": ("Do these two images show the same place? Answer yes or no first, then explain which "
-     "landmarks, layout and structures agree or differ between the two views."),
+         "landmarks, layout and structures agree or differ between the two views."),
   "zh": "这两张图像拍摄的是同一个地点吗？请先回答是或否，然后说明两个视角之间哪些地标、布局和建筑一致或不同。",
 }
 VERDICTS = {"en": ("Yes.", "No."), "zh": ("是。", "否。")}  # (match, no match): how every answer starts
@@ -40,7 +41,7 @@ STREET_WORDS = {
   city_lib.PRIMARY: ("a main road", "主干道"), city_lib.PLAZA: ("a plaza", "广场"),
 }
 MODALITY_WORDS = {"uav": ("drone", "无人机"), "streetmap": ("street map", "街道地图"),
-         "panorama": ("panorama", "全景"), "ground": ("ground photo", "地面照片")}
+                  "panorama": ("panorama", "全景"), "ground": ("ground photo", "地面照片")}
 FEATURE_ORDER = ("buildings", "water", "green", "fields", "motorway")
 
 
@@ -74,11 +75,11 @@ def _feature_words(facts, name, lang):
       return f"高达{facts['tallest_m']}米的密集建筑" if zh else f"dense buildings up to {facts['tallest_m']} m"
     if facts["buildings"] == "sparse":
       return "零散的低矮建筑" if zh else "scattered low buildings"
-    return "几乎没有建筑" if zh else "almost no buildings"
+    return "极少的建筑" if zh else "almost no buildings"
   if not facts[name]:
     return None
   return {"water": ("a river", "一条河流"), "green": ("parks and trees", "公园和树木"),
-      "fields": ("open fields", "开阔的农田"), "motorway": ("a motorway", "一条高速公路")}[name][zh]
+          "fields": ("open fields", "开阔的农田"), "motorway": ("a motorway", "一条高速公路")}[name][zh]
 
 
 def _features(facts, names, lang):
@@ -110,7 +111,7 @@ def answer(match, query_facts, satellite_facts, modality, lang):
     if zh:
       return f"{verdict}两者都是{q_place}，但{view}视角中的道路布局和建筑形状与卫星图像不一致。"
     return (f"{verdict} Both show {q_place}, but the road layout and building shapes of the {view} view "
-        "do not match the satellite image.")
+            "do not match the satellite image.")
   q, s = _features(query_facts, differ, lang), _features(satellite_facts, differ, lang)
   if zh:
     q, s = (f"有{q}" if q else f"没有{s}"), (f"有{s}" if s else f"没有{q}")
@@ -122,11 +123,11 @@ def answer(match, query_facts, satellite_facts, modality, lang):
 def world_spec(data_cfg):
   if data_cfg.name != "synthetic_cvgl":
     raise GleamError(f"GLEAM-X examples are written from the synthetic world's facts; data.name="
-            f"{data_cfg.name!r} records none: use data.name='synthetic_cvgl'.")
+                     f"{data_cfg.name!r} records none: use data.name='synthetic_cvgl'.")
   return spec_lib.spec_from_name(data_cfg.config, **world_overrides(data_cfg))
 
 
-def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS):
+def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negatives=0.5):
   """`n` examples of `split`: dicts of 'query', 'satellite' (uint8 images), 'match', 'lang',
   'modality', 'question', 'answer', 'location_id', 'satellite_location_id'. Half match (alternating),
   languages and query records are drawn with `seed`."""
@@ -151,8 +152,11 @@ def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS):
     if match:
       other, satellite = loc, record["satellite"]
     else:
-      same_city = rows[(index["city_id"][rows] == record["city_id"]) & (index["location_id"][rows] != loc)]
-      pool = same_city if len(same_city) else rows[index["location_id"][rows] != loc]
+      same = index["city_id"][rows] == record["city_id"]
+      hard = rng.random() < hard_negatives
+      pool = rows[(same if hard else ~same) & (index["location_id"][rows] != loc)]
+      if len(pool) == 0:  # a split of one city, or of one location per city
+        pool = rows[index["location_id"][rows] != loc]
       o = int(rng.choice(pool))
       other, satellite = int(index["location_id"][o]), source.image(o, "satellite")
     lang = langs[int(rng.integers(len(langs)))]
@@ -160,9 +164,9 @@ def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS):
       if location not in facts:
         facts[location] = place_facts(spec, location)
     out.append(dict(query=record["query"], satellite=satellite, match=match, lang=lang,
-            modality=record["modality_name"], question=QUESTIONS[lang],
-            answer=answer(match, facts[loc], facts[other], record["modality_name"], lang),
-            location_id=loc, satellite_location_id=other))
+                    modality=record["modality_name"], question=QUESTIONS[lang],
+                    answer=answer(match, facts[loc], facts[other], record["modality_name"], lang),
+                    location_id=loc, satellite_location_id=other))
   return out
 
 
@@ -170,9 +174,9 @@ def corpus(langs=LANGS):
   """Sentences of every kind of answer and the questions: what a tokenizer trained for a tiny
   GLEAM-X model must encode compactly."""
   facts = [dict(archetype=a, street=s, buildings=b, tallest_m=t, water=w, green=g, fields=f, motorway=m)
-      for a in ARCHETYPE_WORDS for s in STREET_WORDS
-      for b, t, w, g, f, m in (("dense", 42, True, True, False, True), ("sparse", 9, False, False, True, False),
-                   (None, 0, True, False, False, False))]
+           for a in ARCHETYPE_WORDS for s in STREET_WORDS
+           for b, t, w, g, f, m in (("dense", 42, True, True, False, True), ("sparse", 9, False, False, True, False),
+                                    (None, 0, True, False, False, False))]
   lines = [QUESTIONS[lang] for lang in langs]
   for i, q in enumerate(facts):
     s = facts[(i * 7 + 3) % len(facts)]

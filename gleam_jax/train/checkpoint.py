@@ -17,6 +17,7 @@ import contextlib
 import functools
 import os
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,8 +248,13 @@ def _open_for_reading(path):
   if not os.path.isdir(path):
     raise GleamError(f"no checkpoint at {path}: give a workdir of a finished job, its checkpoints "
                      "folder or a step folder.")
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_handlers=_handlers())
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager neither saves nor creates
+  try:
+    manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
+                                    item_handlers=_handlers())
+  finally:
+    logging.set_verbosity(verbosity)
   steps = manager.all_steps()
   if not steps:
     raise GleamError(f"{path} has no checkpoints: finish (or resume) the job that writes them first.")

@@ -19,12 +19,14 @@ share of answers that give a verdict, and ROUGE-L against the reference explanat
 """
 import contextlib
 import dataclasses
+import json
 import math
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -68,6 +70,30 @@ def load_model_and_processor(config, workdir, mesh):
     model = modeling.shard_model(modeling.create_model(cfg, seed=int(config.seed)), mesh)
   proc = processor.load_processor(directory, min_pixels=mc.get("min_pixels"), max_pixels=mc.get("max_pixels"))
   return model, proc, directory
+
+
+def load_trained(workdir):
+  """(model with the parameters of the workdir's latest checkpoint, processor, its step folder) of a
+  GLEAM-X job, for `python -m gleam_jax.explain --workdir=W`."""
+  path = os.path.join(os.path.expanduser(workdir), "config.json")
+  if not os.path.exists(path):
+    raise GleamError(f"{path} not found: --workdir must be the folder of a GLEAM-X ('sft') job.")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.get("trainer") != "sft":
+    raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; --workdir needs a GLEAM-X ('sft') job.")
+  mc = config.model
+  directory = os.path.expanduser(mc.hf_dir) if mc.get("hf_dir") else os.path.join(workdir, "tiny_qwen")
+  cfg = config_lib.from_pretrained_dir(directory).replace(dtype=mc.dtype, param_dtype=mc.param_dtype)
+  model = modeling.create_model(cfg, seed=int(config.seed))
+  graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
+  mesh = shd.single_device_mesh()
+  target = {"model": shd.place(nnx.to_pure_dict(model_params), jax.tree.map(lambda _: shd.replicated(mesh),
+                                                                         nnx.to_pure_dict(model_params)))}
+  restored, where, _ = checkpoint.restore_params(workdir, target)
+  nnx.replace_by_pure_dict(model_params, restored["model"])
+  proc = processor.load_processor(directory, min_pixels=mc.get("min_pixels"), max_pixels=mc.get("max_pixels"))
+  return nnx.merge(graphdef, model_params, rest), proc, where
 
 
 def encode(proc, example):
@@ -267,9 +293,10 @@ def run(config, workdir):
     model, proc, directory = load_model_and_processor(config, workdir, mesh)
     cfg = model.cfg
     langs = tuple(config.examples.langs)
-    train = gleam_x.examples(config.data, config.data.train_split, int(config.examples.train), seed, langs=langs)
-    held_out = gleam_x.examples(config.data, config.examples.eval_split, int(config.examples.eval), seed + 1,
-                                langs=langs)
+    draw = lambda split, n, seed: gleam_x.examples(config.data, split, int(n), seed, langs=langs,
+                                                   hard_negatives=float(config.examples.hard_negatives))
+    train = draw(config.data.train_split, config.examples.train, seed)
+    held_out = draw(config.examples.eval_split, config.examples.eval, seed + 1)
     rows = [encode(proc, ex) for ex in train]
     batches = Batches(rows, [ex["modality"] for ex in train], batch_size, seed, padded_length(rows), cfg)
     setup, state = create_train_state(model, config.optim, total_steps, mesh, config.sharding_rules)
