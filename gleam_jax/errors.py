@@ -4,6 +4,7 @@ Raise `GleamError` for bad input (config values, dataset files, images, checkpoi
 names the offending thing and the fix; `gleam_jax.main` prints it on one line and exits with
 status 2, without a traceback and without touching what is already written in the workdir.
 """
+import contextlib
 import os
 import sys
 
@@ -12,6 +13,16 @@ from absl import flags
 
 class GleamError(Exception):
   """Bad input from the user: the message says what is wrong and how to fix it."""
+
+
+@contextlib.contextmanager
+def stop_on_bad_input():
+  """A GleamError raised inside ends the program: its message on one line, exit status 2."""
+  try:
+    yield
+  except GleamError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def make_dir(path, name):

@@ -21,7 +21,7 @@ import numpy as np
 
 from gleam_jax.data.gleam_x import QUESTIONS
 from gleam_jax.data.photo_camera import open_image
-from gleam_jax.errors import GleamError
+from gleam_jax.errors import GleamError, stop_on_bad_input
 
 FLAGS = flags.FLAGS
 
@@ -127,12 +127,9 @@ def main(argv):
     print("error: give --model_dir (a Hugging Face directory) or --workdir (a GLEAM-X job), not both, and "
           "at least one --image.", file=sys.stderr)
     sys.exit(2)
-  try:
+  with stop_on_bad_input():
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens, FLAGS.temperature,
             FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels, workdir=FLAGS.workdir)
-  except GleamError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

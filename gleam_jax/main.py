@@ -86,12 +86,9 @@ def main(argv):
   if _WORKDIR.value is None:
     print("error: --workdir is required (the folder for config.json, metrics.jsonl and checkpoints).", file=sys.stderr)
     sys.exit(2)
-  try:
+  with errors.stop_on_bad_input():
     init_distributed(_MULTIHOST.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     run(_CONFIG.value, _WORKDIR.value)
-  except GleamError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

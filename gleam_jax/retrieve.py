@@ -32,7 +32,7 @@ from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame,
 from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.data.photo_camera import open_image, recorded_camera
 from gleam_jax.data.sources import CAMERA_KEYS, upright_rgb
-from gleam_jax.errors import GleamError, make_dir
+from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
 from gleam_jax.train import checkpoint
@@ -288,12 +288,9 @@ def main(argv):
     print(f"error: {', '.join(missing)} required.", file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
-  try:
+  with stop_on_bad_input():
     search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query), FLAGS.gallery, FLAGS.k,
                FLAGS.modality, FLAGS.out, **{name: FLAGS[name].value for name in CAMERA_KEYS})
-  except GleamError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

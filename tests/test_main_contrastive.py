@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from config_files import load_config
+from config_files import load_config, tiny_config
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import main
 from gleam_jax import retrieve
@@ -27,19 +27,6 @@ from gleam_jax.utils.writer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
-
-
-def tiny_config(name, data_dir, arg="tiny", **fields):
-  config = load_config(name, arg)
-  config.data.data_dir = data_dir
-  for key, value in fields.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  config.lock()
-  return config
 
 
 def train_losses(workdir):

@@ -16,7 +16,8 @@ from gleam_jax.data import pipeline, samplers, sources
 from gleam_jax.data.config import data_config
 from gleam_jax.errors import GleamError
 from gleam_jax.utils.writer import read_metrics
-from test_main_contrastive import ROOT, tiny_config, train_losses
+from config_files import tiny_config
+from test_main_contrastive import ROOT, train_losses
 
 STEPS = 6
 OVERRIDES = {"total_steps": STEPS, "checkpoint.every_steps": 4, "eval.splits": ("test",), "eval.num_examples_png": 0,

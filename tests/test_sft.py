@@ -11,7 +11,7 @@ import torch
 import transformers
 from PIL import Image
 
-from config_files import load_config
+from config_files import tiny_config
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import explain, main
 from gleam_jax.data import gleam_x
@@ -115,15 +115,7 @@ def test_verdicts_and_rouge_l_on_hand_checked_texts():
 
 
 def sft_config(data_dir, **fields):
-  config = load_config("x_sft", "tiny")
-  config.data.data_dir = data_dir
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return tiny_config("x_sft", data_dir, **fields)
 
 
 def test_tiny_job_learns_evaluates_and_resumes_onto_the_same_batches(tiny_cfg, tmp_path):

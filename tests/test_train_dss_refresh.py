@@ -15,7 +15,8 @@ from gleam_jax.eval import retrieval
 from gleam_jax.train import checkpoint
 from gleam_jax.train import contrastive
 from gleam_jax.train import sharding as shd
-from test_main_contrastive import tiny_config, train_losses
+from config_files import tiny_config
+from test_main_contrastive import train_losses
 
 STEPS = 9
 REFRESH_EVERY = 2

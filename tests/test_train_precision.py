@@ -8,7 +8,8 @@ from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import main
 from gleam_jax.train import checkpoint
 from gleam_jax.train.optim import path_name
-from test_main_contrastive import tiny_config, train_losses
+from config_files import tiny_config
+from test_main_contrastive import train_losses
 
 STEPS = 10
 

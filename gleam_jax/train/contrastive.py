@@ -51,7 +51,7 @@ from gleam_jax.eval import retrieval
 from gleam_jax.models import gleam_c
 from gleam_jax.train import checkpoint
 from gleam_jax.train import losses
-from gleam_jax.train.loop import check_finite, log, truncate_metrics
+from gleam_jax.train.loop import check_finite, due, log, truncate_metrics
 from gleam_jax.train import optim
 from gleam_jax.train import sharding as shd
 from gleam_jax.utils import mfu
@@ -466,8 +466,6 @@ def run(config, workdir):
     peak = peak and peak * len(jax.devices())
     pending = []
     results = {}
-    ckpt_every = int(config.checkpoint.every_steps)
-    eval_every = int(config.eval.every_steps)
     dss_every = max(1, int(config.get("dss_refresh_every_epochs", 1)))
     first_step = step
     while step < total_steps:
@@ -483,9 +481,7 @@ def run(config, workdir):
       if step == first_step + 1:
         jax.block_until_ready(metrics)
         rate.reset(step)  # the first step compiles: rate and ETA count from here
-      is_log = step % int(config.log_every_steps) == 0 or step == total_steps
-      is_ckpt = (ckpt_every and step % ckpt_every == 0) or step == total_steps
-      is_eval = (eval_every and step % eval_every == 0) or (step == total_steps and config.eval.at_end)
+      is_log, is_ckpt, is_eval = due(step, total_steps, config)
       if is_log or is_ckpt or is_eval:
         pending = jax.device_get(pending)
         check_finite(pending, last_good, config.optim.get("clip_norm"))

@@ -14,6 +14,17 @@ def log(message):
     print(message, flush=True)
 
 
+def due(step, total_steps, config):
+  """(log, checkpoint, evaluate): what a trainer does after `step`, by config.log_every_steps,
+  checkpoint.every_steps and eval.every_steps (0: never; the last step always logs and checkpoints,
+  and evaluates when eval.at_end)."""
+  ckpt_every, eval_every = int(config.checkpoint.every_steps), int(config.eval.every_steps)
+  last = step == total_steps
+  return (step % int(config.log_every_steps) == 0 or last,
+          bool(ckpt_every and step % ckpt_every == 0) or last,
+          bool(eval_every and step % eval_every == 0) or (last and bool(config.eval.at_end)))
+
+
 def truncate_metrics(workdir, step):
   """On resume: drop rows written after the checkpoint, so metrics.jsonl reads as one run."""
   rows = read_metrics(workdir)

@@ -41,7 +41,7 @@ from gleam_jax.models.qwen2_5_vl.processor import IGNORE_INDEX
 from gleam_jax.train import checkpoint
 from gleam_jax.train import optim
 from gleam_jax.train import sharding as shd
-from gleam_jax.train.loop import check_finite, log, truncate_metrics
+from gleam_jax.train.loop import check_finite, due, log, truncate_metrics
 from gleam_jax.utils.progress import RateEta, format_eta
 from gleam_jax.utils.writer import MetricWriter
 
@@ -321,7 +321,6 @@ def run(config, workdir):
     train_step = make_train_step(setup)
     rate = RateEta(total_steps)
     pending, results, first_step = [], {}, step
-    ckpt_every, eval_every = int(config.checkpoint.every_steps), int(config.eval.every_steps)
     while step < total_steps:
       batch = batches.batch(step)
       batch = {**shd.shard_batch({k: batch[k] for k in TOKEN_KEYS}, mesh), "pixel_values": batch["pixel_values"],
@@ -332,9 +331,7 @@ def run(config, workdir):
       if step == first_step + 1:
         jax.block_until_ready(metrics)
         rate.reset(step)  # the first step of each shape compiles
-      is_log = step % int(config.log_every_steps) == 0 or step == total_steps
-      is_ckpt = (ckpt_every and step % ckpt_every == 0) or step == total_steps
-      is_eval = (eval_every and step % eval_every == 0) or (step == total_steps and config.eval.at_end)
+      is_log, is_ckpt, is_eval = due(step, total_steps, config)
       if is_log or is_ckpt or is_eval:
         pending = jax.device_get(pending)
         check_finite(pending, last_good, config.optim.get("clip_norm"))
