@@ -78,4 +78,4 @@ def test_bad_requests_stop_before_loading(model_dir, views, tmp_path):
                            f"--image={views[0]}", f"--image={views[1]}"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-  assert result.stderr.startswith(f"error: ") and "no_model" in result.stderr, result.stderr
+  assert result.stderr.startswith("error: ") and "no_model" in result.stderr, result.stderr

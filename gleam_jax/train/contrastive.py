@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import math
 import os
-import time
 from typing import Any
 
 from absl import logging
