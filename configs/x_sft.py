@@ -7,7 +7,7 @@
 `arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
 `key=value` knobs: steps, batch, lr, data (a synthetic world preset), hf_dir (a local Hugging Face
 Qwen2.5-VL directory: its weights, tokenizer and processor, bfloat16, the vision tower frozen),
-langs (en+zh). Without hf_dir the model is a small random Qwen2.5-VL (`model.tiny`) with a
+langs (en+zh), lora (a LoRA rank: adapters on the decoder's projections, the model frozen). Without hf_dir the model is a small random Qwen2.5-VL (`model.tiny`) with a
 tokenizer trained on the GLEAM-X answers: what trains on a CPU. Any field can be overridden on the
 command line (`--config.optim.lr=1e-4`); the config is locked, so a typo is an error.
 """
@@ -22,8 +22,9 @@ import c_phase1  # noqa: E402
 
 from gleam_jax.data.config import MODALITIES, data_config  # noqa: E402
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES  # noqa: E402
+from gleam_jax.train import lora  # noqa: E402
 
-KNOBS = ("steps", "batch", "lr", "data", "hf_dir", "langs")
+KNOBS = ("steps", "batch", "lr", "data", "hf_dir", "langs", "lora")
 
 
 def get_config(arg=None):
@@ -54,6 +55,9 @@ def get_config(arg=None):
                             intermediate_size=48 if tiny else 256, num_heads=2 if tiny else 4,
                             out_hidden_size=64 if tiny else 256))))
 
+  # LoRA (rank > 0): adapters on the decoder's projections, the model frozen (train/lora.py)
+  c.lora = ml_collections.ConfigDict(dict(rank=c_phase1.knob(knobs, "lora", 0), alpha=16.0,
+                                          targets=(lora.DECODER_PROJECTIONS,)))
   c.batch_size = c_phase1.knob(knobs, "batch", 8 if tiny else 16)  # tiny: a row per device of the tests' 8
   c.total_steps = c_phase1.knob(knobs, "steps", 8 if tiny else 600)
   c.optim = ml_collections.ConfigDict(dict(

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from gleam_jax.data.synthetic import spec as spec_lib
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import explain as metrics
 from gleam_jax.models.qwen2_5_vl import params, processor, tiny_dir
-from gleam_jax.train import sft
+from gleam_jax.train import checkpoint, lora, sft
+from gleam_jax.train import sharding as shd
 from gleam_jax.utils.writer import read_metrics
 
 
@@ -158,3 +160,57 @@ def test_bad_sft_settings_are_named(tiny_cfg, tmp_path):
     main.run(sft_config(tiny_cfg.data_dir, **{"examples.langs": ("en", "fr")}), str(tmp_path / "b"))
   with pytest.raises(GleamError, match=r"config.batch_size=64 is larger than the training examples of"):
     main.run(sft_config(tiny_cfg.data_dir, batch_size=64), str(tmp_path / "c"))
+
+
+def test_lora_merge_adds_the_scaled_product_and_starts_at_the_model():
+  params = {"language_model": {"layers": {0: {"mlp": {"up_proj": {"kernel": jnp.ones((3, 2))}},
+                                              "input_layernorm": {"scale": jnp.ones(3)}}}}}
+  cfg = sft_config("/unused").lora.copy_and_resolve_references()
+  cfg.rank = 2
+  adapters = lora.init(params, cfg, seed=0)
+  assert list(adapters) == ["language_model.layers.0.mlp.up_proj.kernel"]
+  same = lora.merge(params, adapters, scale=8.0)  # B starts at zero: the model as it is
+  np.testing.assert_array_equal(same["language_model"]["layers"][0]["mlp"]["up_proj"]["kernel"], np.ones((3, 2)))
+  adapters = {"language_model.layers.0.mlp.up_proj.kernel": {"a": jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+                                                             "b": jnp.asarray([[0.5, 0.0], [0.0, -1.0]])}}
+  merged = lora.merge(params, adapters, scale=2.0)["language_model"]["layers"][0]
+  np.testing.assert_allclose(merged["mlp"]["up_proj"]["kernel"], [[2.0, 1.0], [1.0, -1.0], [2.0, -1.0]])
+  np.testing.assert_array_equal(merged["input_layernorm"]["scale"], np.ones(3))
+  cfg.targets = (r"^vision/",)
+  with pytest.raises(GleamError, match="match no 2-D kernel"):
+    lora.init(params, cfg, seed=0)
+
+
+def test_lora_job_trains_only_the_adapters(tiny_cfg, tmp_path):
+  """lora=4: the model's parameters stay as initialised, the adapters move, AdamW holds state for the
+  adapters only, the loss falls; `explain --workdir` answers with the adapters folded in."""
+  workdir = str(tmp_path / "lora")
+  config = sft_config(tiny_cfg.data_dir, **{"lora.rank": 4, "optim.lr": 1e-2})
+  main.run(config, workdir)
+  losses = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
+  assert np.mean(losses[-2:]) < losses[0] - 0.1, losses
+  mesh = shd.make_mesh(config.mesh)
+  model, _, _ = sft.load_model_and_processor(config, workdir, mesh)  # the job's initial model
+  initial = nnx_params(model)
+  _, state = sft.create_train_state(model, config.optim, 8, mesh, config.sharding_rules, lora_cfg=config.lora)
+  manager = checkpoint.make_manager(workdir)
+  trained, _, _ = checkpoint.restore(manager, state)
+  manager.close()
+  for x, y in zip(jax.tree.leaves(trained["params"]["model"]), jax.tree.leaves(initial)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert any(np.abs(np.asarray(a["b"])).max() > 0 for a in trained["params"]["lora"].values())
+  adapter_size = sum(x.size for x in jax.tree.leaves(trained["params"]["lora"]))
+  assert sum(x.size for x in jax.tree.leaves(trained["opt_state"])) <= 2 * adapter_size + 16
+  first = gleam_x.examples(config.data, "test", 1, 1, langs=tuple(config.examples.langs))[0]
+  paths = [str(tmp_path / "query.png"), str(tmp_path / "satellite.png")]
+  Image.fromarray(first["query"]).save(paths[0])
+  Image.fromarray(first["satellite"]).save(paths[1])
+  text = explain.explain(None, paths, lang=first["lang"], max_new_tokens=16, workdir=workdir, write=lambda _: None)
+  with open(os.path.join(workdir, "eval", "explain_step8.md"), encoding="utf-8") as f:
+    sample = f.read().split("\n| 0 | ")[1].split("\n")[0]
+  assert sample.endswith(f"| {text.replace('|', '/').replace(chr(10), ' ')} |"), (sample, text)
+
+
+def nnx_params(model):
+  from flax import nnx
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -12,7 +12,8 @@ turn; the order is a function of (seed, step), so a resumed job reads the batche
 
 Full fine-tuning with AdamW (`train/optim.py`: warmup + cosine, clipping, regex rules for frozen
 parameters, e.g. `optim.frozen=('^model/visual/',)` to keep the vision tower, and learning-rate
-multipliers); frozen parameters get no backward pass. Checkpoints (Orbax) resume automatically.
+multipliers), or LoRA (`lora.rank` > 0: adapters on the kernels `lora.targets` match, the model
+frozen; `train/lora.py`); frozen parameters get no backward pass and no optimizer state. Checkpoints (Orbax) resume automatically.
 The evaluation generates greedy answers to held-out examples and reports verdict accuracy, the
 share of answers that give a verdict, and ROUGE-L against the reference explanation
 (`eval/explain.py`), overall and per language, with sample answers in `eval/explain_step<N>.md`.
@@ -39,6 +40,7 @@ from gleam_jax.models.qwen2_5_vl import config as config_lib
 from gleam_jax.models.qwen2_5_vl import generation, modeling, params, processor, rope, tiny_dir
 from gleam_jax.models.qwen2_5_vl.processor import IGNORE_INDEX
 from gleam_jax.train import checkpoint
+from gleam_jax.train import lora
 from gleam_jax.train import optim
 from gleam_jax.train import sharding as shd
 from gleam_jax.train.loop import check_finite, due, log, truncate_metrics
@@ -88,10 +90,13 @@ def load_trained(workdir):
   model = modeling.create_model(cfg, seed=int(config.seed))
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
   mesh = shd.single_device_mesh()
-  target = {"model": shd.place(nnx.to_pure_dict(model_params), jax.tree.map(lambda _: shd.replicated(mesh),
-                                                                         nnx.to_pure_dict(model_params)))}
+  pure = nnx.to_pure_dict(model_params)
+  target = {"model": pure}
+  if lora_rank(config):
+    target["lora"] = lora.init(pure, config.lora, int(config.seed))
+  target = shd.place(target, jax.tree.map(lambda _: shd.replicated(mesh), target))
   restored, where, _ = checkpoint.restore_params(workdir, target)
-  nnx.replace_by_pure_dict(model_params, restored["model"])
+  nnx.replace_by_pure_dict(model_params, merged_params(restored, config.get("lora")))
   proc = processor.load_processor(directory, min_pixels=mc.get("min_pixels"), max_pixels=mc.get("max_pixels"))
   return nnx.merge(graphdef, model_params, rest), proc, where
 
@@ -142,12 +147,34 @@ class SftSetup:
   mesh: jax.sharding.Mesh
   shardings: Any
   trainable: Any
+  lora_cfg: Any = None  # config.lora when the job trains LoRA adapters
 
 
-def create_train_state(model, optim_cfg, total_steps, mesh, rules):
+def lora_rank(config):
+  return int(config.lora.rank) if config.get("lora") else 0
+
+
+def merged_params(params, lora_cfg):
+  """The model's parameters, with the LoRA adapters folded in when the state has them."""
+  if "lora" not in params:
+    return params["model"]
+  return lora.merge(params["model"], params["lora"], lora.scale(lora_cfg))
+
+
+def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None, seed=0):
+  """(SftSetup, state). With `lora_cfg.rank` > 0 the state also holds LoRA adapters and the whole
+  model is frozen: AdamW keeps state for the adapters only."""
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
   params = {"model": nnx.to_pure_dict(model_params)}
   param_shardings = {"model": shd.state_shardings(model_params, mesh, rules)}
+  if lora_cfg is not None and int(lora_cfg.rank) > 0:
+    params["lora"] = lora.init(params["model"], lora_cfg, seed)
+    param_shardings["lora"] = jax.tree.map(lambda _: shd.replicated(mesh), params["lora"])
+    optim_cfg = optim_cfg.copy_and_resolve_references()
+    with optim_cfg.unlocked():
+      optim_cfg.frozen = tuple(optim_cfg.get("frozen") or ()) + (r"^model/",)
+  else:
+    lora_cfg = None
   params = shd.place(params, param_shardings)
   tx, schedule = optim.make_optimizer(optim_cfg, params, total_steps)
   opt_state = jax.jit(tx.init)(params)
@@ -156,12 +183,12 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules):
                "opt_state": jax.tree.map(lambda x: shd.on_mesh(x.sharding, mesh), opt_state)}
   state = shd.place(state, shardings)
   setup = SftSetup(graphdef=graphdef, rest=nnx.to_pure_dict(rest), tx=tx, schedule=schedule, mesh=mesh,
-                   shardings=shardings, trainable=optim.trainable_mask(params, optim_cfg))
+                   shardings=shardings, trainable=optim.trainable_mask(params, optim_cfg), lora_cfg=lora_cfg)
   return setup, state
 
 
 def model_of(setup, params):
-  return nnx.merge(setup.graphdef, params["model"], setup.rest)
+  return nnx.merge(setup.graphdef, merged_params(params, setup.lora_cfg), setup.rest)
 
 
 def _loss_fn(setup, params, batch):
@@ -299,9 +326,13 @@ def run(config, workdir):
     held_out = draw(config.examples.eval_split, config.examples.eval, seed + 1)
     rows = [encode(proc, ex) for ex in train]
     batches = Batches(rows, [ex["modality"] for ex in train], batch_size, seed, padded_length(rows), cfg)
-    setup, state = create_train_state(model, config.optim, total_steps, mesh, config.sharding_rules)
+    setup, state = create_train_state(model, config.optim, total_steps, mesh, config.sharding_rules,
+                                      lora_cfg=config.get("lora"), seed=seed)
     del model
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    n_params = size(state["params"]["model"])
+    adapters = (f", LoRA rank {int(config.lora.rank)}: {size(state['params']['lora']) / 1e6:.2f}M trained"
+                if "lora" in state["params"] else "")
     manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
     cleanup.callback(manager.close)
     cleanup.callback(manager.wait_until_finished)
@@ -313,7 +344,7 @@ def run(config, workdir):
         truncate_metrics(workdir, int(step))
       log(f"resumed from {last_good[1]}")
     step = int(step)
-    log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; Qwen2.5-VL {n_params / 1e6:.2f}M params from "
+    log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; Qwen2.5-VL {n_params / 1e6:.2f}M params{adapters} from "
         f"{directory}; {len(train)} training pairs ({', '.join(batches.modalities)}; {', '.join(langs)}), "
         f"{batches.length} tokens per row; training to step {total_steps}")
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
