@@ -58,6 +58,9 @@ def get_config(arg=None):
   # LoRA (rank > 0): adapters on the decoder's projections, the model frozen (train/lora.py)
   c.lora = ml_collections.ConfigDict(dict(rank=c_phase1.knob(knobs, "lora", 0), alpha=16.0,
                                           targets=(lora.DECODER_PROJECTIONS,)))
+  # > 0: the loss over chunks of this many positions, never all (batch, length, vocabulary) logits at once
+  # (a real model's 151k vocabulary); 0: in one piece
+  c.loss_chunk = 128 if hf_dir else 0
   c.batch_size = c_phase1.knob(knobs, "batch", 8 if tiny else 16)  # tiny: a row per device of the tests' 8
   c.total_steps = c_phase1.knob(knobs, "steps", 8 if tiny else 600)
   c.optim = ml_collections.ConfigDict(dict(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from PIL import Image
 
 from config_files import tiny_config
@@ -52,6 +53,24 @@ def test_answer_loss_matches_transformers(tmp_path):
                        labels=torch.tensor(batch["labels"], dtype=torch.long)).loss
   np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
   assert 0.0 <= float(accuracy) <= 1.0
+  # in chunks of 7 positions (the last one padded): the same loss, accuracy and parameter gradients
+  graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
+  inputs = (jnp.asarray(batch["input_ids"]), jnp.transpose(jnp.asarray(batch["position_ids"]), (1, 0, 2)),
+            jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["pixel_values"]), batch["layout"])
+  labels = jnp.asarray(batch["labels"])
+
+  def loss(weights, chunk):
+    m = nnx.merge(graphdef, weights, rest)
+    hidden = m.hidden_states(*inputs)
+    if chunk:
+      return sft.answer_loss_chunked(m.logits, hidden, labels, chunk)
+    return sft.answer_loss(m.logits(hidden), labels)
+  (full, full_acc), full_grads = jax.value_and_grad(loss, has_aux=True)(weights, 0)
+  (chunked, chunked_acc), chunked_grads = jax.value_and_grad(loss, has_aux=True)(weights, 7)
+  np.testing.assert_allclose(float(chunked), float(full), rtol=1e-6)
+  assert float(chunked_acc) == float(full_acc) == float(accuracy)
+  for x, y in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(full_grads)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
 FACTS = dict(archetype="suburb", street=city_lib.PRIMARY, buildings="dense", tallest_m=31, water=True, green=False,
@@ -212,5 +231,4 @@ def test_lora_job_trains_only_the_adapters(tiny_cfg, tmp_path):
 
 
 def nnx_params(model):
-  from flax import nnx
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -129,13 +129,39 @@ def answer_loss(logits, labels):
   """Mean next-token cross-entropy over the answer tokens (labels != IGNORE_INDEX, not shifted: the
   logits at position i predict labels[i + 1], as Hugging Face's causal-LM loss); and the share of
   those tokens predicted right."""
-  logits, targets = logits[:, :-1], labels[:, 1:]
+  nll, correct, count = _token_sums(logits[:, :-1], labels[:, 1:])
+  count = jnp.maximum(count, 1)
+  return nll / count, correct / count
+
+
+def _token_sums(logits, targets):
+  """(summed cross-entropy, tokens predicted right, tokens) over the targets that count."""
   valid = targets != IGNORE_INDEX
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-  count = jnp.maximum(valid.sum(), 1)
-  accuracy = ((jnp.argmax(logits, -1) == targets) & valid).sum() / count
-  return (nll * valid).sum() / count, accuracy
+  return (nll * valid).sum(), ((jnp.argmax(logits, -1) == targets) & valid).sum(), valid.sum()
+
+
+def answer_loss_chunked(logits_fn, hidden, labels, chunk):
+  """`answer_loss` of `logits_fn(hidden)` without the (batch, length, vocabulary) logits: the positions
+  go through in chunks of `chunk` (a scan), each chunk's logits recomputed in the backward pass, so at
+  most (batch, chunk, vocabulary) exist at a time (a 3B model's 151k vocabulary)."""
+  h, targets = hidden[:, :-1], labels[:, 1:]
+  b, n, d = h.shape
+  pad = -n % chunk
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
+  targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX).reshape(b, -1, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def piece(h_c, t_c):
+    return _token_sums(logits_fn(h_c), t_c)
+
+  def body(total, xs):
+    return jax.tree.map(jnp.add, total, piece(*xs)), None
+  zero = (jnp.float32(0), jnp.int32(0), jnp.int32(0))
+  (nll, correct, count), _ = jax.lax.scan(body, zero, (h, targets))
+  count = jnp.maximum(count, 1)
+  return nll / count, correct / count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +174,7 @@ class SftSetup:
   shardings: Any
   trainable: Any
   lora_cfg: Any = None  # config.lora when the job trains LoRA adapters
+  loss_chunk: int = 0  # > 0: the loss over chunks of this many positions (`answer_loss_chunked`)
 
 
 def lora_rank(config):
@@ -161,7 +188,7 @@ def merged_params(params, lora_cfg):
   return lora.merge(params["model"], params["lora"], lora.scale(lora_cfg))
 
 
-def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None, seed=0):
+def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None, seed=0, loss_chunk=0):
   """(SftSetup, state). With `lora_cfg.rank` > 0 the state also holds LoRA adapters and the whole
   model is frozen: AdamW keeps state for the adapters only."""
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
@@ -183,7 +210,8 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None
                "opt_state": jax.tree.map(lambda x: shd.on_mesh(x.sharding, mesh), opt_state)}
   state = shd.place(state, shardings)
   setup = SftSetup(graphdef=graphdef, rest=nnx.to_pure_dict(rest), tx=tx, schedule=schedule, mesh=mesh,
-                   shardings=shardings, trainable=optim.trainable_mask(params, optim_cfg), lora_cfg=lora_cfg)
+                   shardings=shardings, trainable=optim.trainable_mask(params, optim_cfg), lora_cfg=lora_cfg,
+                   loss_chunk=int(loss_chunk))
   return setup, state
 
 
@@ -194,9 +222,11 @@ def model_of(setup, params):
 def _loss_fn(setup, params, batch):
   params = jax.tree.map(lambda t, x: x if t else jax.lax.stop_gradient(x), setup.trainable, params)
   model = model_of(setup, params)
-  logits = model(batch["input_ids"], jnp.transpose(batch["position_ids"], (1, 0, 2)), batch["attention_mask"],
-                 batch["pixel_values"], batch["layout"])
-  return answer_loss(logits, batch["labels"])
+  hidden = model.hidden_states(batch["input_ids"], jnp.transpose(batch["position_ids"], (1, 0, 2)),
+                               batch["attention_mask"], batch["pixel_values"], batch["layout"])
+  if setup.loss_chunk:
+    return answer_loss_chunked(model.logits, hidden, batch["labels"], setup.loss_chunk)
+  return answer_loss(model.logits(hidden), batch["labels"])
 
 
 def _train_step(setup, state, batch):
@@ -327,7 +357,7 @@ def run(config, workdir):
     rows = [encode(proc, ex) for ex in train]
     batches = Batches(rows, [ex["modality"] for ex in train], batch_size, seed, padded_length(rows), cfg)
     setup, state = create_train_state(model, config.optim, total_steps, mesh, config.sharding_rules,
-                                      lora_cfg=config.get("lora"), seed=seed)
+                                      lora_cfg=config.get("lora"), seed=seed, loss_chunk=config.get("loss_chunk", 0))
     del model
     size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     n_params = size(state["params"]["model"])
