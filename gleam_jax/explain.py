@@ -20,7 +20,7 @@ from absl import flags
 import numpy as np
 
 from gleam_jax.data.gleam_x import QUESTIONS
-from gleam_jax.data.photo_camera import open_image
+from gleam_jax.data.sources import read_image
 from gleam_jax.errors import GleamError, stop_on_bad_input
 
 FLAGS = flags.FLAGS
@@ -47,13 +47,9 @@ def define_flags():
 
 
 def read_images(paths):
-  """The images upright (EXIF orientation applied, as Hugging Face's `load_image`), RGB."""
-  from PIL import ImageOps
-  images = []
-  for path in paths:
-    with open_image(path) as image:
-      images.append(ImageOps.exif_transpose(image).convert("RGB"))
-  return images
+  """The images upright (EXIF orientation applied, as Hugging Face's `load_image`), RGB uint8 arrays
+  (`sources.read_image`, as `retrieve` reads its queries)."""
+  return [read_image(path) for path in paths]
 
 
 class TextStream:

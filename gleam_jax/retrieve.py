@@ -30,8 +30,8 @@ import numpy as np
 
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import data_config, query_shape
-from gleam_jax.data.photo_camera import open_image, recorded_camera
-from gleam_jax.data.sources import CAMERA_KEYS, upright_rgb
+from gleam_jax.data.photo_camera import recorded_camera
+from gleam_jax.data.sources import CAMERA_KEYS, read_image
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -100,12 +100,6 @@ def _load(workdir):
   model.eval()
   print(f"model from {where}")
   return model, config, where
-
-
-def read_image(path):
-  """The image upright (as its EXIF orientation says it is shown), RGB (`sources.upright_rgb`)."""
-  with open_image(path) as image:
-    return upright_rgb(image)
 
 
 def image_files(folder, flag):

@@ -82,7 +82,7 @@ def world_override_fields():
 
 def world_overrides(data_cfg):
   """The WorldSpec fields the config sets (those left None take the preset's value)."""
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.overrides.items() if v is not None}
+  return {k: v for k, v in data_cfg.overrides.items() if v is not None}
 
 
 def data_config(**overrides):

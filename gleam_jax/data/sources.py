@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 from gleam_jax.data import builders
 from gleam_jax.data.augment import query_frame
 from gleam_jax.data.config import MODALITIES, data_dir as resolve_data_dir, validate, world_overrides
+from gleam_jax.data.photo_camera import open_image
 from gleam_jax.errors import GleamError, make_dir
 
 IMAGE_KEYS = ("query", "satellite")
@@ -92,6 +93,13 @@ def upright_rgb(image):
     grey = np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
   return np.asarray(image.convert("RGB"))
+
+
+def read_image(path):
+  """The image file at `path` upright (as its EXIF orientation says it is shown), RGB (`upright_rgb`);
+  one GleamError naming the file if it cannot be read."""
+  with open_image(path) as image:
+    return upright_rgb(image)
 
 
 def decode_png(data, what, fix):

@@ -20,6 +20,7 @@ share of answers that give a verdict, and ROUGE-L against the reference explanat
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -50,28 +51,39 @@ from gleam_jax.utils.writer import MetricWriter
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
-def load_model_and_processor(config, workdir, mesh):
-  """(model placed on `mesh`, processor, the model directory)."""
+def model_directory(config, workdir):
+  """The job's Hugging Face-layout model directory: `model.hf_dir`, or the tiny one in the workdir."""
+  hf_dir = config.model.get("hf_dir")
+  return os.path.expanduser(hf_dir) if hf_dir else os.path.join(workdir, "tiny_qwen")
+
+
+def _model_config(config, directory):
   mc = config.model
-  directory = mc.get("hf_dir")
-  if directory:
-    directory = os.path.expanduser(directory)
-    cfg = config_lib.from_pretrained_dir(directory)
-  else:
-    directory = os.path.join(workdir, "tiny_qwen")
-    if not os.path.exists(os.path.join(directory, "config.json")):
-      make_dir(directory, "--workdir")
-      tiny_dir.write_tiny_qwen_dir(directory, min_pixels=int(mc.min_pixels), max_pixels=int(mc.max_pixels),
-                                   corpus=gleam_x.corpus(), vocab_size=int(mc.tiny.vocab_size),
-                                   text=mc.tiny.text.to_dict(), vision=mc.tiny.vision.to_dict())
-    cfg = config_lib.from_pretrained_dir(directory)
-  cfg = cfg.replace(dtype=mc.dtype, param_dtype=mc.param_dtype, remat=bool(mc.remat))
+  return config_lib.from_pretrained_dir(directory).replace(dtype=mc.dtype, param_dtype=mc.param_dtype,
+                                                           remat=bool(mc.remat))
+
+
+def _processor(config, directory):
+  return processor.load_processor(directory, min_pixels=config.model.get("min_pixels"),
+                                  max_pixels=config.model.get("max_pixels"))
+
+
+def load_model_and_processor(config, workdir, mesh):
+  """(model placed on `mesh`, processor, the model directory); the tiny directory is written on the
+  job's first run."""
+  mc = config.model
+  directory = model_directory(config, workdir)
+  if not mc.get("hf_dir") and not os.path.exists(os.path.join(directory, "config.json")):
+    make_dir(directory, "--workdir")
+    tiny_dir.write_tiny_qwen_dir(directory, min_pixels=int(mc.min_pixels), max_pixels=int(mc.max_pixels),
+                                 corpus=gleam_x.corpus(), vocab_size=int(mc.tiny.vocab_size),
+                                 text=mc.tiny.text.to_dict(), vision=mc.tiny.vision.to_dict())
+  cfg = _model_config(config, directory)
   if mc.get("hf_dir"):
     model = params.load_pretrained(directory, cfg, mesh=mesh)
   else:
     model = modeling.shard_model(modeling.create_model(cfg, seed=int(config.seed)), mesh)
-  proc = processor.load_processor(directory, min_pixels=mc.get("min_pixels"), max_pixels=mc.get("max_pixels"))
-  return model, proc, directory
+  return model, _processor(config, directory), directory
 
 
 def load_trained(workdir):
@@ -84,21 +96,18 @@ def load_trained(workdir):
     config = ml_collections.ConfigDict(json.load(f))
   if config.get("trainer") != "sft":
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; --workdir needs a GLEAM-X ('sft') job.")
-  mc = config.model
-  directory = os.path.expanduser(mc.hf_dir) if mc.get("hf_dir") else os.path.join(workdir, "tiny_qwen")
-  cfg = config_lib.from_pretrained_dir(directory).replace(dtype=mc.dtype, param_dtype=mc.param_dtype)
-  model = modeling.create_model(cfg, seed=int(config.seed))
+  directory = model_directory(config, workdir)
+  model = modeling.create_model(_model_config(config, directory), seed=int(config.seed))
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
   mesh = shd.single_device_mesh()
   pure = nnx.to_pure_dict(model_params)
   target = {"model": pure}
-  if lora_rank(config):
+  if lora_on(config.get("lora")):
     target["lora"] = lora.init(pure, config.lora, int(config.seed))
   target = shd.place(target, jax.tree.map(lambda _: shd.replicated(mesh), target))
   restored, where, _ = checkpoint.restore_params(workdir, target)
   nnx.replace_by_pure_dict(model_params, merged_params(restored, config.get("lora")))
-  proc = processor.load_processor(directory, min_pixels=mc.get("min_pixels"), max_pixels=mc.get("max_pixels"))
-  return nnx.merge(graphdef, model_params, rest), proc, where
+  return nnx.merge(graphdef, model_params, rest), _processor(config, directory), where
 
 
 def encode(proc, example):
@@ -177,8 +186,9 @@ class SftSetup:
   loss_chunk: int = 0  # > 0: the loss over chunks of this many positions (`answer_loss_chunked`)
 
 
-def lora_rank(config):
-  return int(config.lora.rank) if config.get("lora") else 0
+def lora_on(lora_cfg):
+  """Whether `config.lora` asks for adapters (rank > 0); configs written before LoRA have none."""
+  return lora_cfg is not None and int(lora_cfg.rank) > 0
 
 
 def merged_params(params, lora_cfg):
@@ -194,7 +204,7 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
   params = {"model": nnx.to_pure_dict(model_params)}
   param_shardings = {"model": shd.state_shardings(model_params, mesh, rules)}
-  if lora_cfg is not None and int(lora_cfg.rank) > 0:
+  if lora_on(lora_cfg):
     params["lora"] = lora.init(params["model"], lora_cfg, seed)
     param_shardings["lora"] = jax.tree.map(lambda _: shd.replicated(mesh), params["lora"])
     optim_cfg = optim_cfg.copy_and_resolve_references()
@@ -270,9 +280,14 @@ class Batches:
     out = []
     for p in range(start, start + self.batch_size):
       epoch, k = divmod(p, len(members))
-      order = np.random.default_rng([self.seed, 5, epoch, self.modalities.index(m)]).permutation(len(members))
-      out.append(int(members[order[k]]))
+      out.append(int(members[self._order(m, epoch)[k]]))
     return out
+
+  @functools.lru_cache(maxsize=8)
+  def _order(self, modality, epoch):
+    """The seeded permutation of `modality`'s examples in `epoch` (a batch spans at most two)."""
+    return np.random.default_rng([self.seed, 5, epoch, self.modalities.index(modality)]).permutation(
+        len(self.by_modality[modality]))
 
   def batch(self, step):
     return collate([self.rows[i] for i in self.indices(step)], self.length, self.cfg)
