@@ -1,5 +1,6 @@
 """GLEAM-X fine-tuning: the answer loss against transformers', the examples' answers, the metrics,
 and the tiny job end to end (the loss falls, evaluation files, resumption onto the same batches)."""
+import dataclasses
 import json
 import os
 import shutil
@@ -21,10 +22,12 @@ from gleam_jax.data.synthetic import city as city_lib
 from gleam_jax.data.synthetic import spec as spec_lib
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import explain as metrics
-from gleam_jax.models.qwen2_5_vl import params, processor, tiny_dir
+from gleam_jax.models.qwen2_5_vl import config as qcfg
+from gleam_jax.models.qwen2_5_vl import modeling, params, processor, rope, tiny_dir
 from gleam_jax.train import checkpoint, lora, sft
 from gleam_jax.train import sharding as shd
 from gleam_jax.utils.writer import read_metrics
+from test_qwen_modeling import GRIDS, IMAGE, left_pad, pixels, prompt
 
 
 def test_answer_loss_matches_transformers(tmp_path):
@@ -196,8 +199,52 @@ def test_lora_merge_adds_the_scaled_product_and_starts_at_the_model():
   np.testing.assert_allclose(merged["mlp"]["up_proj"]["kernel"], [[2.0, 1.0], [1.0, -1.0], [2.0, -1.0]])
   np.testing.assert_array_equal(merged["input_layernorm"]["scale"], np.ones(3))
   cfg.targets = (r"^vision/",)
-  with pytest.raises(GleamError, match="match no 2-D kernel"):
+  with pytest.raises(GleamError, match="match no Linear kernel"):
     lora.init(params, cfg, seed=0)
+  cfg.targets = (r"layernorm",)  # a norm scale is no kernel
+  with pytest.raises(GleamError, match="match no Linear kernel"):
+    lora.init(params, cfg, seed=0)
+
+
+def test_lora_beside_the_layers_gives_the_merged_kernels_loss_and_gradients():
+  """The train step's adapters beside their layers (`lora.attach`: x W + s (x A) B) give the loss and
+  adapter gradients of the merged kernels W + s A B, for decoder, vision, patch-embedding and lm_head
+  kernels."""
+  cfg = qcfg.tiny()
+  cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, depth=2),
+                    text=dataclasses.replace(cfg.text, num_hidden_layers=1))
+  rng = np.random.default_rng(4)
+  ids, mask = left_pad([prompt(rng, 5, GRIDS[:1])])
+  ids, px = jnp.asarray(ids), jnp.asarray(pixels(rng, GRIDS[:1]))
+  pos, _ = rope.get_rope_index(ids, GRIDS[:1], mask, image_token_id=IMAGE, spatial_merge_size=2)
+  layout = modeling.vision_inputs(GRIDS[:1], cfg)
+  graphdef, model_params, rest = nnx.split(modeling.create_model(cfg, seed=3), nnx.Param, ...)
+  pure = nnx.to_pure_dict(model_params)
+  lcfg = sft_config("/unused").lora.copy_and_resolve_references()
+  lcfg.rank, lcfg.targets = 3, (lora.DECODER_PROJECTIONS, r"^visual/(patch_embed/proj|blocks/1/attn/qkv)/",
+                                r"^lm_head/")
+  adapters = lora.init(pure, lcfg, seed=0)
+  assert len(adapters) == 7 + 3
+  adapters = {k: {"a": a["a"], "b": jnp.asarray(rng.standard_normal(a["b"].shape) * 0.1, jnp.float32)}
+              for k, a in adapters.items()}
+
+  def loss(adapters, beside):
+    if beside:
+      model = lora.attach(nnx.merge(graphdef, pure, rest), adapters, 2.0)
+    else:
+      model = nnx.merge(graphdef, lora.merge(pure, adapters, 2.0), rest)
+    logits = model(ids, jnp.asarray(pos), jnp.asarray(mask), px, layout)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), ids[:, 1:, None], -1))
+
+  (merged, g_merged), (beside, g_beside) = (jax.jit(jax.value_and_grad(lambda a, b=b: loss(a, b)))(adapters)
+                                            for b in (False, True))
+  np.testing.assert_allclose(beside, merged, rtol=1e-6)
+  for k in adapters:
+    for part in "ab":
+      np.testing.assert_allclose(g_beside[k][part], g_merged[k][part], rtol=1e-4, atol=1e-6, err_msg=f"{k}/{part}")
+  assert float(jnp.abs(g_beside["visual.patch_embed.proj.kernel"]["a"]).max()) > 0
+  with pytest.raises(GleamError, match="only nnx.Linear kernels"):
+    lora.attach(nnx.merge(graphdef, pure, rest), {"language_model.embed_tokens.embedding": adapters[k]}, 1.0)
 
 
 def test_lora_job_trains_only_the_adapters(tiny_cfg, tmp_path):

@@ -226,12 +226,15 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None
 
 
 def model_of(setup, params):
+  """The model with the LoRA adapters merged into its kernels (for generation)."""
   return nnx.merge(setup.graphdef, merged_params(params, setup.lora_cfg), setup.rest)
 
 
 def _loss_fn(setup, params, batch):
   params = jax.tree.map(lambda t, x: x if t else jax.lax.stop_gradient(x), setup.trainable, params)
-  model = model_of(setup, params)
+  model = nnx.merge(setup.graphdef, params["model"], setup.rest)
+  if "lora" in params:  # beside their layers: no merged kernel, no kernel-sized gradient
+    lora.attach(model, params["lora"], lora.scale(setup.lora_cfg))
   hidden = model.hidden_states(batch["input_ids"], jnp.transpose(batch["position_ids"], (1, 0, 2)),
                                batch["attention_mask"], batch["pixel_values"], batch["layout"])
   if setup.loss_chunk:
