@@ -265,6 +265,7 @@ def test_depthwise_conv_matches_grouped_convolution(dtype, tol, x_shape, k_hw):
   (l_ours, g_ours), (l_ref, g_ref) = loss(ours)(x, k), loss(ref)(x, k)
   assert ours(x, k).dtype == dtype
   np.testing.assert_allclose(np.asarray(ours(x, k), np.float32), ref(x, k), rtol=tol, atol=tol * 7)
+  np.testing.assert_allclose(l_ours, l_ref, rtol=tol * 10)
   for a, b in zip(g_ours, g_ref):
     assert a.dtype == dtype
     np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=tol, atol=tol * 7)

@@ -1,5 +1,4 @@
 """Mesh construction, logical axis rules and batch checks."""
-import jax
 import numpy as np
 import pytest
 from flax import nnx

@@ -272,7 +272,6 @@ def _road_network(style, rng, n):
 
 def _draw_fields(cv, rng, urban):
   """A patchwork of striped fields outside the urban area."""
-  n = cv.n
   size = rng.uniform(60, 110)
   th = rng.uniform(0, math.pi)
   out = np.nonzero(~urban)
