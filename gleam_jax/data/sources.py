@@ -56,7 +56,7 @@ def get_builder(data_cfg):
   validate(data_cfg)
   root = resolve_data_dir(data_cfg)
   builder = _make_builder(data_cfg, root)
-  if builder.is_prepared():
+  if _prepared(builder):
     return builder
   if "://" in root:
     _build(data_cfg, builder, root)
@@ -64,9 +64,15 @@ def get_builder(data_cfg):
     make_dir(root, "data.data_dir")
     with open(os.path.join(root, f".{data_cfg.name}-{builder.builder_config.name}.lock"), "w") as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same dataset
-      if not builder.is_prepared():
+      if not _prepared(builder):
         _build(data_cfg, builder, root)
   return _make_builder(data_cfg, root)  # reads the dataset info from disk, whoever built it
+
+
+def _prepared(builder):
+  """`builder.is_prepared()`, without its warning about the version folder that TFDS makes before a
+  first build ("Variant folder ... has no dataset_info.json")."""
+  return (epath.Path(builder.data_path) / "dataset_info.json").exists() and builder.is_prepared()
 
 
 def _build(data_cfg, builder, root):

@@ -88,9 +88,11 @@ class Builder(builders.OwnBuildLines, tfds.core.GeneratorBasedBuilder):
     spec = config.spec()
     ids = {split: synthetic.split_location_ids(spec, split) for split in SPLITS}
     self._renderer = render_examples.ParallelRenderer(config.preset, config.overrides, ids, self.build_workers)
+    tfds.display_progress_bar(False)  # the progress lines of `_generate_examples` instead of TFDS's bars
     try:
       return super()._download_and_prepare(*args, **kwargs)
     finally:
+      tfds.display_progress_bar(True)
       self._renderer.close()
       self._renderer = None
 
