@@ -3,6 +3,7 @@ and the tiny job end to end (the loss falls, evaluation files, resumption onto t
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -142,9 +143,12 @@ def sft_config(data_dir, **fields):
   return tiny_config("x_sft", data_dir, **fields)
 
 
-def test_tiny_job_learns_evaluates_and_resumes_onto_the_same_batches(tiny_cfg, tmp_path):
+def test_tiny_job_learns_evaluates_and_resumes_onto_the_same_batches(tiny_cfg, tmp_path, capsys, monkeypatch):
   workdir = str(tmp_path / "job")
+  monkeypatch.setattr(sft, "EVAL_PROGRESS_SECONDS", 0)  # a progress line after every batch but the last
   result = main.run(sft_config(tiny_cfg.data_dir), workdir)
+  progress = re.findall(r"step 8: eval (\d+)/(\d+) pairs answered, [\d.]+ pairs/s, ETA [\d:?]+", capsys.readouterr().out)
+  assert progress and all(int(done) < int(total) for done, total in progress), progress
   rows = read_metrics(workdir)
   losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
   assert sorted(losses) == list(range(1, 9))

@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -49,6 +50,7 @@ from gleam_jax.utils.progress import RateEta, format_eta
 from gleam_jax.utils.writer import MetricWriter
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
+EVAL_PROGRESS_SECONDS = 10  # between the evaluation's progress lines
 
 
 def model_directory(config, workdir):
@@ -310,6 +312,7 @@ def evaluate(config, setup, state, proc, examples, workdir, step, writer):
     groups.setdefault((ex["lang"], ex["modality"]), []).append(i)
   answers = [None] * len(examples)
   eval_batch = int(config.eval.batch_size)
+  progress, answered, last_line = RateEta(len(examples)), 0, time.perf_counter()
   for members in groups.values():
     for start in range(0, len(members), eval_batch):
       chunk = members[start:start + eval_batch]
@@ -325,6 +328,11 @@ def evaluate(config, setup, state, proc, examples, workdir, step, writer):
                                    max_new_tokens=int(config.eval.max_new_tokens), mesh=setup.mesh)
       for r, i in enumerate(chunk):
         answers[i] = proc.decode(tokens[r])
+      answered += len(chunk)
+      if time.perf_counter() - last_line > EVAL_PROGRESS_SECONDS and answered < len(examples):
+        last_line = time.perf_counter()
+        rate, eta = progress.update(answered)
+        log(f"step {step}: eval {answered}/{len(examples)} pairs answered, {rate:.1f} pairs/s, ETA {format_eta(eta)}")
   metrics = explain_metrics.explain_metrics(answers, examples)
   writer.write(step, {f"eval/explain/{k}": v for k, v in metrics.items()})
   if jax.process_index() == 0:
