@@ -39,10 +39,8 @@ DTYPE_BYTES = 2  # bfloat16
 
 def hf_config_dict(cfg) -> dict:
   """A `Qwen2_5_VLConfig` dict (as the real config.json, nested) for our config, stored in bfloat16."""
-  from gleam_jax.models.qwen2_5_vl import config as config_lib  # pylint: disable=g-import-not-at-top
-  config_dict = config_lib.to_hf(cfg).to_dict()
-  config_dict.update(architectures=["Qwen2_5_VLForConditionalGeneration"], dtype="bfloat16")
-  return config_dict
+  from gleam_jax.models.qwen2_5_vl import params  # pylint: disable=g-import-not-at-top
+  return params.hf_config_dict(cfg, "bfloat16")
 
 
 def checkpoint_tensors(config_dict) -> list[tuple[str, tuple[int, ...]]]:

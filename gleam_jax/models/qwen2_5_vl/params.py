@@ -20,12 +20,21 @@ the parameter dtype and copied onto its `NamedSharding` (`jax.make_array_from_ca
 process only places its own shards), then unmapped, while the kernel already reads the next one
 (posix_fadvise WILLNEED); a few tensors are placed at once by a thread pool. Peak host memory is
 the model plus about that many tensors.
+
+`save_pretrained(model, directory)` is the way back: the old key layout (what transformers 5 writes),
+each parameter gathered to the host, turned into its torch layout (`_to_hf`), cast if asked and
+written on its own, in safetensors shards of at most `max_shard_bytes` (with
+model.safetensors.index.json when there are several), and config.json; with `source_dir`, that
+directory's config.json is the base (its other fields kept) and its tokenizer, processor and
+chat-template files are copied. Peak host memory: a few copies of the largest tensor.
 """
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import re
+import shutil
 import time
 
 import jax
@@ -34,7 +43,7 @@ import numpy as np
 from absl import logging
 from flax import nnx, traverse_util
 
-from gleam_jax.errors import GleamError
+from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.models.qwen2_5_vl import config as config_lib
 from gleam_jax.models.qwen2_5_vl import modeling
 from gleam_jax.train import sharding as sharding_lib
@@ -48,6 +57,14 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # what a weight may be stored as
 INDEX_FILE = "model.safetensors.index.json"
 # Non-persistent buffers that some older exports wrote; they hold no weights.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_DTYPE_CODES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                 "float16": np.dtype(np.float16)}
+# As transformers 4 sharded (transformers 5: 50 GB); the released Qwen2.5-VL checkpoints have 2-5 GB files.
+MAX_SHARD_BYTES = 5 * 10**9
+# Files of a model directory that hold weights (any framework) or their shard index.
+_WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|h5|msgpack|ckpt)$|\.index\.json$")
+PATCH_EMBED_KERNEL = ("visual", "patch_embed", "proj", "kernel")  # a Conv3d weight in the checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +174,15 @@ def hf_module_path(key: str) -> tuple | None:
   return tuple(int(p) if p.isdigit() else p for p in module), leaf
 
 
+def hf_key(path: tuple) -> str:
+  """The checkpoint key of an NNX parameter in the old layout (the released checkpoints'; what
+  transformers 5 writes): ('language_model', 'layers', 3, 'mlp', 'up_proj', 'kernel') ->
+  'model.layers.3.mlp.up_proj.weight'. `hf_module_path` reads it back."""
+  root, *module = path[:-1]
+  return ".".join([{"language_model": "model"}.get(root, root), *map(str, module),
+                   "bias" if path[-1] == "bias" else "weight"])
+
+
 def _to_ours(array: np.ndarray, leaf: str, target_shape) -> np.ndarray:
   """A torch-layout tensor -> the NNX leaf layout (a view where possible)."""
   if leaf == "kernel" and array.ndim == 5:  # Conv3d (out, C, T, P, P) with stride == kernel
@@ -164,6 +190,13 @@ def _to_ours(array: np.ndarray, leaf: str, target_shape) -> np.ndarray:
   if leaf == "kernel" and array.ndim == 2:
     return array.T
   return array
+
+
+def _to_hf(array: np.ndarray, leaf: str, hf_shape) -> np.ndarray:
+  """The inverse of `_to_ours`: an NNX leaf -> its torch layout `hf_shape` (`_hf_shape`), C-contiguous."""
+  if leaf == "kernel":
+    array = array.T
+  return np.ascontiguousarray(array).reshape(hf_shape)
 
 
 def _hf_shape(leaf: str, target_shape, stored_ndim: int, vision) -> tuple:
@@ -288,3 +321,177 @@ def load_pretrained(directory: str, cfg: config_lib.Qwen2_5_VLConfig | None = No
     cfg = cfg.replace(param_dtype=param_dtype)
   return load_into(modeling.abstract_model(cfg), directory, shardings=shardings, mesh=mesh, rules=rules,
                    threads=threads)
+
+
+def check_export_dir(directory: str, source_dir: str | None = None, overwrite: bool = False):
+  """GleamError unless `save_pretrained` may write into `directory`: not a file, not the model's own
+  `source_dir`, and holding no weights unless `overwrite`."""
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise GleamError(f"{directory} is a file; give a directory to export the model into.")
+  if source_dir is not None and os.path.realpath(source_dir) == os.path.realpath(directory):
+    raise GleamError(f"{directory} is the directory the model came from; export into another directory.")
+  weights = _weight_files(directory)
+  if weights and not overwrite:
+    raise GleamError(f"{directory} already holds model weights ({_some(weights)}); export into a new or empty "
+                     "directory, or pass overwrite=True (--overwrite) to replace them.")
+
+
+def _weight_files(directory: str) -> list[str]:
+  return sorted(n for n in os.listdir(directory) if _WEIGHT_FILE.search(n)) if os.path.isdir(directory) else []
+
+
+def _config_differences(a: config_lib.Qwen2_5_VLConfig, b: config_lib.Qwen2_5_VLConfig) -> list[str]:
+  """The fields ('text.hidden_size', 'tie_word_embeddings', ...) in which two configs differ; the
+  compute and parameter dtypes and remat aside (they are not part of a checkpoint)."""
+  out = []
+  for field in dataclasses.fields(a):
+    x, y = getattr(a, field.name), getattr(b, field.name)
+    if field.name in ("dtype", "param_dtype", "remat"):
+      continue
+    if dataclasses.is_dataclass(x):
+      out += [f"{field.name}.{f.name}" for f in dataclasses.fields(x) if getattr(x, f.name) != getattr(y, f.name)]
+    elif x != y:
+      out.append(field.name)
+  return out
+
+
+def hf_config_dict(cfg: config_lib.Qwen2_5_VLConfig, dtype: str, source_dir: str | None = None) -> dict:
+  """config.json of a checkpoint of `cfg` stored in `dtype`: `source_dir`'s config.json (fields we do
+  not model kept; GleamError if it describes another model), or one written from `cfg`."""
+  if source_dir is None:
+    out = config_lib.to_hf(cfg).to_diff_dict()
+    out["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+  else:
+    differ = _config_differences(config_lib.from_pretrained_dir(source_dir), cfg)
+    if differ:
+      raise GleamError(f"{os.path.join(source_dir, 'config.json')} describes another model than the one exported "
+                       f"({', '.join(differ)} differ); give the directory the model was loaded from.")
+    with open(os.path.join(source_dir, "config.json")) as f:
+      out = json.load(f)
+  out["dtype"] = dtype
+  for sub in (out, out.get("text_config") or {}, out.get("vision_config") or {}):
+    for key in ("dtype", "torch_dtype"):  # torch_dtype: what transformers 4 wrote and reads
+      if key in sub:
+        sub[key] = dtype
+  return out
+
+
+def shard_names(n: int) -> list[str]:
+  """The safetensors file names of a checkpoint in `n` shards, as transformers names them."""
+  return ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _export_layout(values: dict, cfg: config_lib.Qwen2_5_VLConfig, dtype, max_shard_bytes: int) -> list:
+  """[(file name, [(NNX path, key, torch-layout shape, safetensors dtype, bytes), ...])]: the shards of at
+  most `max_shard_bytes` (a larger tensor gets one of its own), checked as `load_pretrained` checks a
+  checkpoint's headers (every parameter once, the shapes, the dtypes)."""
+  shards, size = [[]], 0
+  for path, value in values.items():
+    out = np.dtype(value.dtype) if dtype is None else dtype
+    ndim = 5 if path == PATCH_EMBED_KERNEL else len(value.shape)
+    shape = _hf_shape(path[-1], tuple(value.shape), ndim, cfg.vision)
+    nbytes = math.prod(shape) * out.itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append((path, hf_key(path), shape, _DTYPE_CODES[out], nbytes))
+    size += nbytes
+  layout = list(zip(shard_names(len(shards)), shards))
+  _plan({key: TensorInfo(file, code, shape, 0, nbytes) for file, shard in layout
+         for _, key, shape, code, nbytes in shard}, values, cfg)
+  return layout
+
+
+def _write_shard(file: str, entries: list, values: dict, dtype, written) -> None:
+  """One safetensors file (8-byte little-endian header length, JSON header, the tensors' bytes), the
+  tensors gathered to the host and written one at a time; `written(nbytes)` after each."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for _, key, shape, code, nbytes in entries:
+    header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the tensor data starts 8-byte aligned, as the safetensors library writes
+  with open(file, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little") + blob)
+    for path, _, shape, _, nbytes in entries:
+      host = np.asarray(jax.device_get(values[path]))
+      array = _to_hf(host if dtype is None else host.astype(dtype), path[-1], shape)
+      assert array.nbytes == nbytes, (path, array.shape, array.dtype)
+      f.write(array.reshape(-1).view(np.uint8).data)  # little-endian, as safetensors stores
+      written(nbytes)
+
+
+def _progress_log(total: int):
+  """`written(nbytes)`: logs the bytes written so far, the rate and the ETA every 10 s and at the end."""
+  progress, done, last_log = RateEta(total), 0, time.perf_counter()
+
+  def written(nbytes):
+    nonlocal done, last_log
+    done += nbytes
+    if done == total or time.perf_counter() - last_log > 10:
+      last_log = time.perf_counter()
+      rate, eta = progress.update(done)
+      logging.info("Qwen2.5-VL export: %.2f / %.2f GB written (%.0f MB/s, ETA %s)", done / 1e9, total / 1e9,
+                   rate / 1e6, format_eta(eta))
+  return written
+
+
+def _write_index(directory: str, layout: list, parameters: int, total: int) -> None:
+  """model.safetensors.index.json: which file holds each tensor, as transformers writes it."""
+  index = {"metadata": {"total_parameters": parameters, "total_size": total},
+           "weight_map": dict(sorted((entry[1], file) for file, shard in layout for entry in shard))}
+  with open(os.path.join(directory, INDEX_FILE), "w") as f:
+    json.dump(index, f, indent=2)
+
+
+def _copy_model_files(source_dir: str, directory: str) -> list[str]:
+  """Copies the tokenizer, processor, chat-template and other files of a model directory: every file
+  but the weights, their index and config.json (hidden files and folders stay behind)."""
+  copied = []
+  for name in sorted(os.listdir(source_dir)):
+    source = os.path.join(source_dir, name)
+    if name.startswith(".") or name == "config.json" or _WEIGHT_FILE.search(name) or not os.path.isfile(source):
+      continue
+    shutil.copyfile(source, os.path.join(directory, name))
+    copied.append(name)
+  return copied
+
+
+def save_pretrained(model: modeling.Qwen2_5_VL, directory: str, *, source_dir: str | None = None,
+                    dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+                    overwrite: bool = False) -> tuple[int, int]:
+  """Writes `model` as a Hugging Face Qwen2.5-VL directory that `load_pretrained` and transformers'
+  `Qwen2_5_VLForConditionalGeneration.from_pretrained` read: safetensors weights (old key layout, the
+  parameters' dtype or `dtype`: 'float32', 'bfloat16', 'float16'), config.json and, from `source_dir`
+  (the model's Hugging Face directory), its config.json's other fields and its tokenizer and processor
+  files. A directory holding weights is refused unless `overwrite` (its weight files are replaced).
+  Every parameter must be addressable from this process. Returns (bytes of weights, files written)."""
+  if dtype is not None and dtype not in EXPORT_DTYPES:
+    raise GleamError(f"dtype={dtype!r}: export as one of {', '.join(EXPORT_DTYPES)}.")
+  if max_shard_bytes <= 0:
+    raise GleamError(f"max_shard_bytes={max_shard_bytes} must be positive.")
+  check_export_dir(directory, source_dir, overwrite)
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  not_params = [".".join(map(str, p)) for p, v in flat.items() if not isinstance(v, nnx.Param)]
+  if not_params:
+    raise ValueError(f"save_pretrained writes nnx.Param leaves only; the model also has {_some(not_params)}.")
+  values = {p: v.get_value() for p, v in flat.items()}
+  cast = EXPORT_DTYPES[dtype] if dtype else None
+  layout = _export_layout(values, model.cfg, cast, max_shard_bytes)
+  stored = np.dtype(next(iter(values.values())).dtype) if cast is None else cast
+  config = hf_config_dict(model.cfg, stored.name, source_dir)
+  make_dir(directory, "directory")
+  for name in _weight_files(directory):  # overwrite: no stale shard may stay next to the new ones
+    os.remove(os.path.join(directory, name))
+  total = sum(nbytes for _, shard in layout for *_, nbytes in shard)
+  written = _progress_log(total)
+  for file, entries in layout:
+    _write_shard(os.path.join(directory, file), entries, values, cast, written)
+  if len(layout) > 1:
+    _write_index(directory, layout, sum(math.prod(v.shape) for v in values.values()), total)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f, indent=2, ensure_ascii=False)
+  if source_dir is not None:
+    logging.info("Qwen2.5-VL export: copied %s from %s", ", ".join(_copy_model_files(source_dir, directory)),
+                 source_dir)
+  return total, len(layout)

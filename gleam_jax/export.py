@@ -1,0 +1,77 @@
+"""Export a GLEAM-X fine-tuning job's model as a Hugging Face Qwen2.5-VL directory.
+
+    python -m gleam_jax.export --workdir=~/gleam_runs/x_sft --out=~/models/gleam-x [--dtype=bfloat16]
+
+Loads the job's latest checkpoint (`sft.load_trained`: LoRA adapters folded in) and writes it with
+`params.save_pretrained`: safetensors weights with the released checkpoints' key names (in the
+trained dtype unless --dtype; files of at most --max_shard_gb, with model.safetensors.index.json
+when there are several), config.json, and the tokenizer, processor and chat-template files of the
+job's model directory (`model.hf_dir`, or the tiny one in the workdir). The result loads with
+transformers' `from_pretrained`, `params.load_pretrained` and `python -m gleam_jax.explain
+--model_dir=`. A directory that already holds weights is refused unless --overwrite.
+"""
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+
+from gleam_jax import errors
+from gleam_jax.models.qwen2_5_vl import params
+from gleam_jax.train import checkpoint, sft
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("workdir", None, "A GLEAM-X fine-tuning ('sft') job's workdir; its latest checkpoint is "
+                      "exported.")
+  flags.DEFINE_string("out", None, "The Hugging Face model directory to write.")
+  flags.DEFINE_enum("dtype", None, list(params.EXPORT_DTYPES), "Cast the weights (default: as trained).")
+  flags.DEFINE_float("max_shard_gb", params.MAX_SHARD_BYTES / 1e9, "Largest safetensors file, in GB.")
+  flags.DEFINE_bool("overwrite", False, "Replace the weights of an --out directory that already holds some.")
+
+
+def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, overwrite=False):
+  """Writes the latest checkpoint of the GLEAM-X job in `workdir` as a Hugging Face directory `out`;
+  returns the line that reports it."""
+  start = time.perf_counter()
+  workdir, out = os.path.expanduser(workdir), os.path.expanduser(out)
+  params.check_export_dir(out, overwrite=overwrite)  # before the model is loaded
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(min(verbosity, logging.WARNING))  # Orbax logs every read at INFO
+  try:
+    model, _, where = sft.load_trained(workdir)
+  finally:
+    logging.set_verbosity(verbosity)  # save_pretrained's progress at INFO
+  with open(os.path.join(workdir, "config.json")) as f:  # there: load_trained read it
+    source = sft.model_directory(ml_collections.ConfigDict(json.load(f)), workdir)
+  total, files = params.save_pretrained(model, out, source_dir=source, dtype=dtype,
+                                        max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+  size = f"{total / 1e9:.2f} GB" if total >= 1e9 else f"{total / 1e6:.1f} MB"
+  stored = dtype or model.cfg.param_dtype
+  return (f"exported step {checkpoint.step_of(where)} of {workdir} to {out}: {size} of {stored} weights in "
+          f"{files} file{'s' * (files > 1)}, {time.perf_counter() - start:.1f} s")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir or not FLAGS.out:
+    print("error: give --workdir (a GLEAM-X job) and --out (the directory to write).", file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.max_shard_gb <= 0:
+    print(f"error: --max_shard_gb={FLAGS.max_shard_gb} must be positive.", file=sys.stderr)
+    sys.exit(2)
+  with errors.stop_on_bad_input():
+    print(export(FLAGS.workdir, FLAGS.out, FLAGS.dtype, int(FLAGS.max_shard_gb * 1e9), FLAGS.overwrite))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=errors.parse_flags)
