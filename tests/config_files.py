@@ -1,15 +1,9 @@
 """The experiment configs under configs/, loaded as `--config=configs/<name>.py:<arg>` would."""
-import importlib.util
 import os
 
+from gleam_jax.utils.config_files import load_config  # noqa: F401  (the tests import it from here)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def tiny_config(name, data_dir, arg="tiny", **fields):

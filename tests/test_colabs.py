@@ -34,6 +34,17 @@ def test_quickstart_trains_evaluates_and_retrieves(tiny_cfg, monkeypatch):  # no
   assert "_top3.png" in text and "  1. " in text  # the retrieval printed its ranking and wrote the PNG
 
 
+@pytest.mark.slow
+def test_gleam_x_notebook_trains_explains_and_exports(tiny_cfg, monkeypatch):  # noqa: F811
+  monkeypatch.setenv("GLEAM_DATA_DIR", tiny_cfg.data_dir)
+  text = _execute("gleam_x_finetune.ipynb", 'ARG = "tiny"')
+  assert "step 8/8 loss" in text and "step 8: eval verdict acc" in text
+  assert "eval/explain/rouge_l" in text  # the metrics read back
+  assert "reference: Yes." in text or "reference: No." in text
+  assert "answer:   " in text
+  assert "exported step 8 of " in text and "model.safetensors" in text
+
+
 def test_qwen_generation_notebook_runs():
   text = _execute("qwen2_5_vl_generate.ipynb")
   assert "compiling included" in text
