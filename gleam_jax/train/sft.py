@@ -99,14 +99,14 @@ def load_trained(workdir):
   if config.get("trainer") != "sft":
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; --workdir needs a GLEAM-X ('sft') job.")
   directory = model_directory(config, workdir)
-  model = modeling.create_model(_model_config(config, directory), seed=int(config.seed))
+  model = modeling.abstract_model(_model_config(config, directory))  # shapes only: the checkpoint fills it
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
-  mesh = shd.single_device_mesh()
+  whole = shd.replicated(shd.single_device_mesh())
   pure = nnx.to_pure_dict(model_params)
   target = {"model": pure}
   if lora_on(config.get("lora")):
     target["lora"] = lora.init(pure, config.lora, int(config.seed))
-  target = shd.place(target, jax.tree.map(lambda _: shd.replicated(mesh), target))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), target)
   restored, where, _ = checkpoint.restore_params(workdir, target)
   nnx.replace_by_pure_dict(model_params, merged_params(restored, config.get("lora")))
   return nnx.merge(graphdef, model_params, rest), _processor(config, directory), where
