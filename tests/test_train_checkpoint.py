@@ -1,4 +1,7 @@
 """Checkpoint save/restore of the train state: another mesh shape, mismatches, params-only init."""
+import logging
+
+from absl import logging as absl_logging
 import jax
 import ml_collections
 import numpy as np
@@ -60,14 +63,24 @@ def test_checkpoint_that_does_not_fit_names_path_and_keys(tmp_path):
   assert "new --workdir" in message
 
 
-def test_restore_params_only(tmp_path):
+def test_restore_params_only(tmp_path, caplog):
   mesh = shd.single_device_mesh()
   _, state = _state(mesh)
   manager = checkpoint.make_manager(tmp_path, async_save=False)
   checkpoint.save(manager, 7, state, {})
   manager.close()
   _, fresh = _state(mesh, seed=3)
-  params, where, _ = checkpoint.restore_params(str(tmp_path), fresh["params"])
+  caplog.clear()
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  try:
+    with caplog.at_level(logging.INFO):
+      params, where, _ = checkpoint.restore_params(str(tmp_path), fresh["params"])
+    assert absl_logging.get_verbosity() == absl_logging.INFO  # set back after the open
+  finally:
+    absl_logging.set_verbosity(verbosity)
+  # a read-only open does not repeat Orbax's warnings that such a manager neither saves nor creates
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert where.endswith("checkpoints/7") and checkpoint.step_of(where) == 7
   assert checkpoint.step_of(where + "/") == 7 and checkpoint.step_of(str(tmp_path)) is None
   params, where, _ = checkpoint.restore_params(where, fresh["params"])  # the step folder itself
