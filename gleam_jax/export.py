@@ -43,12 +43,8 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
   start = time.perf_counter()
   workdir, out = os.path.expanduser(workdir), os.path.expanduser(out)
   params.check_export_dir(out, overwrite=overwrite)  # before the model is loaded
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(min(verbosity, logging.WARNING))  # Orbax logs every read at INFO
-  try:
+  with checkpoint.at_most_verbose(logging.WARNING):  # Orbax logs every read at INFO; ours after at INFO
     model, _, where = sft.load_trained(workdir)
-  finally:
-    logging.set_verbosity(verbosity)  # save_pretrained's progress at INFO
   with open(os.path.join(workdir, "config.json")) as f:  # there: load_trained read it
     source = sft.model_directory(ml_collections.ConfigDict(json.load(f)), workdir)
   total, files = params.save_pretrained(model, out, source_dir=source, dtype=dtype,

@@ -238,6 +238,18 @@ def _prune(tree, drop, prefix=()):
   return out
 
 
+@contextlib.contextmanager
+def at_most_verbose(level):
+  """absl logging at `level` or quieter while inside (Orbax logs each read and write at INFO and
+  warns about read-only managers); the verbosity is set back on the way out."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(min(verbosity, level))
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 def _open_for_reading(path):
   path = os.path.abspath(os.path.expanduser(path))
   step = step_of(path)
@@ -248,13 +260,9 @@ def _open_for_reading(path):
   if not os.path.isdir(path):
     raise GleamError(f"no checkpoint at {path}: give a workdir of a finished job, its checkpoints "
                      "folder or a step folder.")
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only manager neither saves nor creates
-  try:
+  with at_most_verbose(logging.ERROR):  # Orbax warns that a read-only manager neither saves nor creates
     manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
                                     item_handlers=_handlers())
-  finally:
-    logging.set_verbosity(verbosity)
   steps = manager.all_steps()
   if not steps:
     raise GleamError(f"{path} has no checkpoints: finish (or resume) the job that writes them first.")
