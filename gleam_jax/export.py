@@ -10,7 +10,6 @@ job's model directory (`model.hf_dir`, or the tiny one in the workdir). The resu
 transformers' `from_pretrained`, `params.load_pretrained` and `python -m gleam_jax.explain
 --model_dir=`. A directory that already holds weights is refused unless --overwrite.
 """
-import json
 import os
 import sys
 import time
@@ -18,7 +17,6 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import ml_collections
 
 from gleam_jax import errors
 from gleam_jax.models.qwen2_5_vl import params
@@ -45,8 +43,7 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
   params.check_export_dir(out, overwrite=overwrite)  # before the model is loaded
   with checkpoint.at_most_verbose(logging.WARNING):  # Orbax logs every read at INFO; ours after at INFO
     model, _, where = sft.load_trained(workdir)
-  with open(os.path.join(workdir, "config.json")) as f:  # there: load_trained read it
-    source = sft.model_directory(ml_collections.ConfigDict(json.load(f)), workdir)
+  source = sft.model_directory(sft.job_config(workdir), workdir)
   total, files = params.save_pretrained(model, out, source_dir=source, dtype=dtype,
                                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)
   size = f"{total / 1e9:.2f} GB" if total >= 1e9 else f"{total / 1e6:.1f} MB"

@@ -88,9 +88,8 @@ def load_model_and_processor(config, workdir, mesh):
   return model, _processor(config, directory), directory
 
 
-def load_trained(workdir):
-  """(model with the parameters of the workdir's latest checkpoint, processor, its step folder) of a
-  GLEAM-X job, for `python -m gleam_jax.explain --workdir=W`."""
+def job_config(workdir):
+  """The config a GLEAM-X job wrote into its workdir; GleamError if the workdir holds none."""
   path = os.path.join(os.path.expanduser(workdir), "config.json")
   if not os.path.exists(path):
     raise GleamError(f"{path} not found: --workdir must be the folder of a GLEAM-X ('sft') job.")
@@ -98,6 +97,13 @@ def load_trained(workdir):
     config = ml_collections.ConfigDict(json.load(f))
   if config.get("trainer") != "sft":
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; --workdir needs a GLEAM-X ('sft') job.")
+  return config
+
+
+def load_trained(workdir):
+  """(model with the parameters of the workdir's latest checkpoint, processor, its step folder) of a
+  GLEAM-X job, for `python -m gleam_jax.explain --workdir=W`."""
+  config = job_config(workdir)
   directory = model_directory(config, workdir)
   model = modeling.abstract_model(_model_config(config, directory))  # shapes only: the checkpoint fills it
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
