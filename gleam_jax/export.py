@@ -21,6 +21,7 @@ from absl import logging
 from gleam_jax import errors
 from gleam_jax.models.qwen2_5_vl import params
 from gleam_jax.train import checkpoint, sft
+from gleam_jax.utils import model_dirs
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +41,7 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
   returns the line that reports it."""
   start = time.perf_counter()
   workdir, out = os.path.expanduser(workdir), os.path.expanduser(out)
-  params.check_export_dir(out, overwrite=overwrite)  # before the model is loaded
+  model_dirs.check_export_dir(out, overwrite=bool(overwrite))  # before the model is loaded
   with checkpoint.at_most_verbose(logging.WARNING):  # Orbax logs every read at INFO; ours after at INFO
     model, _, where = sft.load_trained(workdir)
   source = sft.model_directory(sft.job_config(workdir), workdir)

@@ -79,12 +79,12 @@ def load_config(workdir):
 
 def load_model(workdir):
   """(model in eval mode, config) with the parameters of the workdir's latest checkpoint."""
-  model, config, _ = _load(workdir)
+  model, config, _ = load_trained(workdir)
   return model, config
 
 
-def _load(workdir):
-  """(model in eval mode, config, the checkpoint read)."""
+def load_trained(workdir):
+  """(model in eval mode, config, the step folder of the checkpoint read)."""
   config = load_config(workdir)
   if config.get("trainer") != "contrastive":
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; retrieval needs a GLEAM-C "
@@ -191,7 +191,7 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   `altitude_m`, `fov_deg`) and the satellites' `footprint_m` when the job read UAV views in the
   satellite frame. Camera values given apply to every query."""
   _check_output(k, out, single=len(query_paths) == 1)
-  model, config, source = _load(workdir)
+  model, config, source = load_trained(workdir)
   data_cfg = config.data
   modality = _query_modality(workdir, config, modality)
   queries = {path: _query_input(workdir, path, modality, camera, data_cfg) for path in query_paths}

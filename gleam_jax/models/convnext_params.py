@@ -10,8 +10,12 @@ Both layouts are detected from the key names:
   timm          stem.{0,1}, stages.i.downsample.{0,1}, stages.i.blocks.j.{conv_dw, norm, mlp.fc1,
                 mlp.fc2, gamma}, head.norm (and the classifier head.fc)
 A wrapper prefix such as `module.` (DataParallel) or `model.` (Sample4Geo) is stripped.
-Classifier weights are ignored; every other key must map onto a parameter and every parameter
-must be given, or a GleamError lists the keys and the fix.
+Classifier weights and the `gleam_c.*` head of an exported GLEAM-C tower are ignored; every other
+key must map onto a parameter and every parameter must be given, or a GleamError lists the keys
+and the fix.
+
+The other way, `save_hf_convnext(model, directory)` writes our ConvNeXt as a transformers
+`ConvNextModel` directory (config.json, model.safetensors; `hf_state_dict` gives the tensors).
 """
 import json
 import os
@@ -23,11 +27,13 @@ from flax import nnx
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models import convnext
+from gleam_jax.utils.model_dirs import check_export_dir
 
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'open_clip_model.safetensors',
                  'open_clip_pytorch_model.bin')
 _WRAPPER_PREFIXES = ('module.', 'model.', 'convnext.', 'backbone.')
-_CLASSIFIER = re.compile(r'^(classifier|head\.fc)\.')
+# Keys that are no ConvNeXt parameter: a classifier, a CLIP-style logit scale, a GLEAM-C head.
+_NOT_BACKBONE = re.compile(r'^((classifier|head\.fc|gleam_c)\..*|logit_scale)$')
 
 # (source regex, target path template, kind). kind says how a torch tensor becomes ours.
 _HF_RULES = [
@@ -124,7 +130,7 @@ def _strip_wrappers(sd: dict) -> dict:
   while changed:
     changed = False
     for p in _WRAPPER_PREFIXES:
-      keys = [k for k in sd if not _CLASSIFIER.match(k) and k != 'logit_scale']
+      keys = [k for k in sd if not _NOT_BACKBONE.match(k)]
       if keys and all(k.startswith(p) for k in keys):
         sd = {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
         changed = True
@@ -175,13 +181,85 @@ def _convert(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
   raise ValueError(kind)
 
 
+def _unconvert(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
+  """The inverse of `_convert`: our layout -> torch's."""
+  if param != 'weight' or kind == 'norm':
+    return value
+  if kind == 'conv':  # (kh, kw, in/groups, out) -> torch (out, in/groups, kh, kw)
+    return value.transpose(3, 2, 0, 1)
+  if kind == 'dense':  # (in, out) -> torch (out, in)
+    return value.T
+  raise ValueError(kind)
+
+
+def _hf_key(name: str) -> tuple[str, str, str]:
+  """Our dotted parameter path -> (its `ConvNextModel` key, kind, torch parameter name), by the
+  rules of `_HF_RULES` read backwards."""
+  *parent, leaf = name.split('.')
+  param = 'weight' if leaf in ('kernel', 'scale') else leaf
+  torch_name = '.'.join([*parent, param])
+  for pattern, template, kind in _HF_RULES:
+    ours = r'(\w+)'.join(re.escape(part) for part in re.split(r'\{\d\}', template))
+    m = re.fullmatch(ours, torch_name)
+    if m:
+      key = re.sub(r'\([^()]*\)', '{}', pattern).replace('\\.', '.').format(*m.groups())
+      return key, kind, param
+  raise ValueError(f'no Hugging Face key for ConvNeXt parameter {name}')
+
+
+def hf_state_dict(model: convnext.ConvNeXt) -> dict[str, np.ndarray]:
+  """Our ConvNeXt's parameters under transformers' `ConvNextModel` keys, in torch layouts, float32."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    key, kind, param = _hf_key('.'.join(str(p) for p in path))
+    value = np.asarray(var.get_value(), np.float32)
+    out[key] = np.ascontiguousarray(_unconvert(value, kind, param))
+  return out
+
+
+def hf_config(cfg: convnext.ConvNeXtConfig) -> dict:
+  """config.json of a transformers `ConvNextModel` with our architecture. Its stem, downsampling and
+  block norms have eps 1e-6 as ours; the final norm reads `layer_norm_eps` (transformers' default is
+  1e-12). transformers makes no layer scale parameter for `layer_scale_init_value` <= 0, and ours
+  always has one, so that value (only an initialisation) is kept positive. `drop_path_rate` acts only
+  in training, as ours."""
+  from transformers import ConvNextConfig
+  return ConvNextConfig(
+      num_channels=cfg.in_channels, patch_size=4, num_stages=len(cfg.depths),
+      depths=list(cfg.depths), hidden_sizes=list(cfg.dims), hidden_act='gelu',
+      layer_norm_eps=convnext.LN_EPS, drop_path_rate=cfg.drop_path_rate,
+      layer_scale_init_value=cfg.layer_scale_init if cfg.layer_scale_init > 0 else 1e-6,
+      architectures=['ConvNextModel'], dtype='float32').to_diff_dict()
+
+
+def save_hf_convnext(model: convnext.ConvNeXt, directory: str, extra: dict | None = None,
+                     extra_config: dict | None = None) -> int:
+  """Writes `model` as a transformers `ConvNextModel` directory: config.json (+ `extra_config`'s
+  entries) and model.safetensors (+ the `extra` tensors, keys that are no ConvNeXt parameter).
+  Refuses a directory that holds weights. Returns the bytes written."""
+  check_export_dir(directory)
+  from safetensors.numpy import save_file
+  tensors = hf_state_dict(model)
+  extra = {k: np.array(v, np.float32, order='C') for k, v in (extra or {}).items()}  # 0-d stays 0-d
+  if set(extra) & set(tensors):
+    raise ValueError(f'extra tensors overwrite ConvNeXt keys: {sorted(set(extra) & set(tensors))}')
+  config = hf_config(model.config) | (extra_config or {})
+  os.makedirs(directory, exist_ok=True)
+  weights = os.path.join(directory, 'model.safetensors')
+  save_file(tensors | extra, weights, metadata={'format': 'pt'})
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write('\n')
+  return os.path.getsize(weights) + os.path.getsize(os.path.join(directory, 'config.json'))
+
+
 def map_state_dict(sd: dict) -> tuple[dict[str, np.ndarray], list[str]]:
   """Maps checkpoint tensors to our dotted parameter paths. Returns (mapped, unexpected keys)."""
   sd = _strip_wrappers(sd)
   rules = _LAYOUTS[detect_layout(sd)]
   mapped, unexpected = {}, []
   for key, value in sd.items():
-    if _CLASSIFIER.match(key) or key == 'logit_scale':
+    if _NOT_BACKBONE.match(key):
       continue
     for pattern, template, kind in rules:
       m = re.fullmatch(pattern, key)

@@ -47,6 +47,7 @@ from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.models.qwen2_5_vl import config as config_lib
 from gleam_jax.models.qwen2_5_vl import modeling
 from gleam_jax.train import sharding as sharding_lib
+from gleam_jax.utils.model_dirs import WEIGHT_FILE, check_export_dir, weight_files
 from gleam_jax.utils.progress import RateEta, format_eta
 
 SAFETENSORS_DTYPES = {
@@ -62,8 +63,6 @@ EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes
                  "float16": np.dtype(np.float16)}
 # As transformers 4 sharded (transformers 5: 50 GB); the released Qwen2.5-VL checkpoints have 2-5 GB files.
 MAX_SHARD_BYTES = 5 * 10**9
-# Files of a model directory that hold weights (any framework) or their shard index.
-_WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|h5|msgpack|ckpt)$|\.index\.json$")
 PATCH_EMBED_KERNEL = ("visual", "patch_embed", "proj", "kernel")  # a Conv3d weight in the checkpoint
 
 
@@ -323,23 +322,6 @@ def load_pretrained(directory: str, cfg: config_lib.Qwen2_5_VLConfig | None = No
                    threads=threads)
 
 
-def check_export_dir(directory: str, source_dir: str | None = None, overwrite: bool = False):
-  """GleamError unless `save_pretrained` may write into `directory`: not a file, not the model's own
-  `source_dir`, and holding no weights unless `overwrite`."""
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise GleamError(f"{directory} is a file; give a directory to export the model into.")
-  if source_dir is not None and os.path.realpath(source_dir) == os.path.realpath(directory):
-    raise GleamError(f"{directory} is the directory the model came from; export into another directory.")
-  weights = _weight_files(directory)
-  if weights and not overwrite:
-    raise GleamError(f"{directory} already holds model weights ({_some(weights)}); export into a new or empty "
-                     "directory, or pass overwrite=True (--overwrite) to replace them.")
-
-
-def _weight_files(directory: str) -> list[str]:
-  return sorted(n for n in os.listdir(directory) if _WEIGHT_FILE.search(n)) if os.path.isdir(directory) else []
-
-
 def _config_differences(a: config_lib.Qwen2_5_VLConfig, b: config_lib.Qwen2_5_VLConfig) -> list[str]:
   """The fields ('text.hidden_size', 'tie_word_embeddings', ...) in which two configs differ; the
   compute and parameter dtypes and remat aside (they are not part of a checkpoint)."""
@@ -450,7 +432,7 @@ def _copy_model_files(source_dir: str, directory: str) -> list[str]:
   copied = []
   for name in sorted(os.listdir(source_dir)):
     source = os.path.join(source_dir, name)
-    if name.startswith(".") or name == "config.json" or _WEIGHT_FILE.search(name) or not os.path.isfile(source):
+    if name.startswith(".") or name == "config.json" or WEIGHT_FILE.search(name) or not os.path.isfile(source):
       continue
     shutil.copyfile(source, os.path.join(directory, name))
     copied.append(name)
@@ -470,7 +452,7 @@ def save_pretrained(model: modeling.Qwen2_5_VL, directory: str, *, source_dir: s
     raise GleamError(f"dtype={dtype!r}: export as one of {', '.join(EXPORT_DTYPES)}.")
   if max_shard_bytes <= 0:
     raise GleamError(f"max_shard_bytes={max_shard_bytes} must be positive.")
-  check_export_dir(directory, source_dir, overwrite)
+  check_export_dir(directory, source_dir, bool(overwrite))
   flat = dict(nnx.to_flat_state(nnx.state(model)))
   not_params = [".".join(map(str, p)) for p, v in flat.items() if not isinstance(v, nnx.Param)]
   if not_params:
@@ -481,7 +463,7 @@ def save_pretrained(model: modeling.Qwen2_5_VL, directory: str, *, source_dir: s
   stored = np.dtype(next(iter(values.values())).dtype) if cast is None else cast
   config = hf_config_dict(model.cfg, stored.name, source_dir)
   make_dir(directory, "directory")
-  for name in _weight_files(directory):  # overwrite: no stale shard may stay next to the new ones
+  for name in weight_files(directory):  # overwrite: no stale shard may stay next to the new ones
     os.remove(os.path.join(directory, name))
   total = sum(nbytes for _, shard in layout for *_, nbytes in shard)
   written = _progress_log(total)

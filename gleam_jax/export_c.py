@@ -1,0 +1,173 @@
+"""Export a GLEAM-C job's encoders as Hugging Face ConvNeXt directories, for PyTorch users.
+
+    python -m gleam_jax.export_c --workdir=~/gleam_runs/c_phase1 --out=~/models/gleam-c [--tower=reference]
+
+Loads the job's latest checkpoint (`retrieve.load_trained`) and writes each distinct network as a
+transformers `ConvNextModel` directory (`convnext_params.save_hf_convnext`): a job with one encoder
+into --out, one with several into a folder each, named by its tower ('query', 'reference', a
+modality tower such as 'uav'; 'shared' for the encoder of queries and references when modality
+towers are added to it); --tower writes only the network of that tower (or query modality) into
+--out. The GLEAM-C head rides along in model.safetensors under `gleam_c.*` keys (transformers'
+`from_pretrained` reports them as unexpected and leaves them out) and config.json's `gleam_c`
+entry says how to use it; in PyTorch:
+
+    hf = transformers.ConvNextModel.from_pretrained(out).eval()
+    head = safetensors.torch.load_file(f'{out}/model.safetensors')
+    x = hf(pixel_values).pooler_output      # LayerNorm of the global average pool, as ours
+    x = F.linear(x, head['gleam_c.projection.weight'], head['gleam_c.projection.bias'])
+    embedding = F.normalize(x, dim=-1, eps=1e-6)
+    scores = head['gleam_c.logit_scale'].exp() * query_embedding @ reference_embedding.T
+
+`pixel_values` are RGB images (N, 3, H, W) read as [0, 1] and normalised by config.json's
+`gleam_c.pixel_mean` / `pixel_std`, at the sizes of `gleam_c.inputs` (the job's; any size works).
+A directory that already holds weights is refused.
+"""
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from gleam_jax import errors
+from gleam_jax import retrieve
+from gleam_jax.data.config import query_shape
+from gleam_jax.errors import GleamError
+from gleam_jax.models import convnext_params
+from gleam_jax.models import gleam_c
+from gleam_jax.train import checkpoint
+from gleam_jax.utils import model_dirs
+
+SHARED = "shared"  # the folder of the one encoder of queries and references, beside modality towers
+L2_EPS = 1e-6  # GleamC.encode divides by max(|x|, 1e-6), as torch's F.normalize(eps=1e-6)
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("workdir", None, "A GLEAM-C ('contrastive') job's workdir; its latest checkpoint is exported.")
+  flags.DEFINE_string("out", None, "The directory to write (a folder per tower inside when the job has several).")
+  flags.DEFINE_string("tower", None, "Export only this tower's network, into --out: 'query', 'reference', a "
+                      "modality tower or a query modality of the job.")
+
+
+def tower_folders(separate_towers, modality_towers) -> dict[str, list[str]]:
+  """{folder name: the tower names (`GleamC.encode`'s `tower`) of one network}, a folder per distinct
+  network."""
+  groups = {}
+  for tower in gleam_c.TOWERS + tuple(modality_towers):
+    groups.setdefault(gleam_c.tower_prefix(tower, separate_towers, modality_towers), []).append(tower)
+  return {prefix.rstrip("_") or SHARED: towers for prefix, towers in groups.items()}
+
+
+def select_folders(folders, tower, modalities, separate_towers, modality_towers) -> dict[str, list[str]]:
+  """`folders` (`tower_folders`), or the one of `tower`: a folder name, a tower or a query modality."""
+  if tower is None:
+    return folders
+  names = list(dict.fromkeys([*folders, *gleam_c.TOWERS, *modalities]))
+  if tower not in names:
+    raise GleamError(f"--tower={tower}: the job's towers and query modalities are {', '.join(names)}; give one "
+                     "of them, or no --tower to export every network.")
+  name = tower if tower in folders else (
+      gleam_c.tower_prefix(tower, separate_towers, modality_towers).rstrip("_") or SHARED)
+  return {name: folders[name]}
+
+
+def head_tensors(model, tower) -> dict[str, np.ndarray]:
+  """The GLEAM-C head of `tower`'s network in torch layouts: `gleam_c.projection.weight` (embed_dim,
+  width) and `.bias` when the model projects, and `gleam_c.logit_scale` (log of the score scale)."""
+  projection = getattr(model, f"{model.tower_key(tower)}projection")
+  out = {"gleam_c.logit_scale": np.asarray(model.logit_scale[...], np.float32)}
+  if projection is not None:
+    out["gleam_c.projection.weight"] = np.asarray(projection.kernel[...], np.float32).T
+    out["gleam_c.projection.bias"] = np.asarray(projection.bias[...], np.float32)
+  return out
+
+
+def head_config(model, tower) -> dict:
+  """config.json's `gleam_c` entry: the towers the network encodes, how their embedding is made from
+  transformers' outputs (`pooler_output` is the LayerNorm of the global average pool: what our
+  encoder gives the projection)."""
+  key = model.tower_key(tower)
+  projected = getattr(model, f"{key}projection") is not None
+  features = ("F.linear(pooler_output, gleam_c.projection.weight, gleam_c.projection.bias)" if projected
+              else "pooler_output")
+  return {
+      "towers": [t for t in (*gleam_c.TOWERS, *model.modality_towers) if model.tower_key(t) == key],
+      "embed_dim": int(model.embed_dim),
+      "features": "pooler_output",
+      "projection": projected,
+      "normalize": "l2",
+      "embedding": f"F.normalize({features}, dim=-1, eps={L2_EPS})",
+      "similarity": "exp(gleam_c.logit_scale) * query_embedding @ reference_embedding.T",
+      "compute_dtype": getattr(model, f"{key}encoder").config.dtype.__name__,
+  }
+
+
+def save_tower(model, tower, directory, info=None) -> int:
+  """Writes the network that encodes `tower` into `directory` (`convnext_params.save_hf_convnext`)
+  with its head; `info`: more entries of config.json's `gleam_c`. Returns the bytes written."""
+  encoder = getattr(model, f"{model.tower_key(tower)}encoder")
+  return convnext_params.save_hf_convnext(encoder, directory, extra=head_tensors(model, tower),
+                                          extra_config={"gleam_c": head_config(model, tower) | (info or {})})
+
+
+def _modalities(config) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(tuple(config.data.modalities) + tuple(config.eval.get("modalities") or ())))
+
+
+def _job_info(config, towers, step) -> dict:
+  """What a PyTorch user needs of the job to feed a network: its inputs' sizes and normalisation."""
+  data, model = config.data, config.model
+  prefix = lambda t: gleam_c.tower_prefix(t, model.separate_towers, tuple(model.get("modality_towers") or ()))
+  inputs = {m: list(query_shape(data, m)) for m in _modalities(config) if prefix(m) == prefix(towers[0])}
+  if "reference" in towers:
+    inputs["satellite"] = list(data.satellite_size)
+  return {"inputs": inputs, "pixel_mean": list(data.mean), "pixel_std": list(data.std), "step": step}
+
+
+def _size(n: int) -> str:
+  return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def export(workdir, out, tower=None) -> str:
+  """Writes the latest checkpoint of the GLEAM-C job in `workdir` as Hugging Face ConvNeXt directories
+  (`out`, or a folder per network in it); returns the line that reports it."""
+  start = time.perf_counter()
+  workdir, out = os.path.expanduser(workdir), os.path.expanduser(out)
+  config = retrieve.load_config(workdir)
+  if config.get("trainer") != "contrastive":
+    raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; give the workdir of a GLEAM-C "
+                     "('contrastive') training job (GLEAM-X jobs: python -m gleam_jax.export).")
+  separate, modality_towers = bool(config.model.separate_towers), tuple(config.model.get("modality_towers") or ())
+  folders = select_folders(tower_folders(separate, modality_towers), tower, _modalities(config), separate,
+                           modality_towers)
+  dirs = {name: out if len(folders) == 1 else os.path.join(out, name) for name in folders}
+  for directory in dict.fromkeys([out, *dirs.values()]):  # before the model is loaded
+    model_dirs.check_export_dir(directory)
+  with checkpoint.at_most_verbose(logging.WARNING):  # Orbax logs every read at INFO
+    model, config, where = retrieve.load_trained(workdir)
+  step = checkpoint.step_of(where)
+  total = sum(save_tower(model, towers[0], dirs[name], _job_info(config, towers, step))
+              for name, towers in folders.items())
+  names = ", ".join(name if towers == [name] else f"{name} ({'/'.join(towers)})" for name, towers in folders.items())
+  return (f"exported step {step} of {workdir} to {out}: towers {names}, {_size(total)}, "
+          f"{time.perf_counter() - start:.1f} s")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir or not FLAGS.out:
+    print("error: give --workdir (a GLEAM-C job) and --out (the directory to write).", file=sys.stderr)
+    sys.exit(2)
+  with errors.stop_on_bad_input():
+    print(export(FLAGS.workdir, FLAGS.out, FLAGS.tower))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=errors.parse_flags)

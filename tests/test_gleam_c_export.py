@@ -1,0 +1,198 @@
+"""GLEAM-C export (`python -m gleam_jax.export_c`): each network as a transformers `ConvNextModel`
+directory with the GLEAM-C head, whose documented PyTorch recipe gives our embeddings; read back
+by our ConvNeXt loader bit for bit; on a one-step tiny job, and refusing to write over weights."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+import transformers
+from flax import nnx, traverse_util
+
+from config_files import REPO, tiny_config
+from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
+from gleam_jax import export_c, main, retrieve
+from gleam_jax.errors import GleamError
+from gleam_jax.models import convnext, convnext_params, gleam_c
+
+TOL = 1e-5  # float32 on both sides; the largest difference seen is ~1e-7 (unit-norm embeddings)
+
+
+def random_gleam_c(seed, **kw):
+  """A tiny GLEAM-C whose every parameter is random (norm scales around 1, biases and layer scales
+  non-zero), so a swapped or mistransposed tensor cannot go unseen."""
+  cfg = gleam_c.model_config(depths=(1, 2), dims=(8, 16), **kw)
+  model = nnx.eval_shape(lambda: gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
+  state = nnx.state(model, nnx.Param)
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  for path, value in flat.items():
+    noise = rng.standard_normal(np.shape(value)).astype(np.float32)
+    flat[path] = jnp.asarray({"scale": 1.0 + 0.1 * noise, "gamma": 0.5 + 0.1 * noise}.get(path[-1], 0.2 * noise))
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(flat))
+  nnx.update(model, state)
+  model.eval()
+  return model
+
+
+def images(shape, seed):
+  """Normalised NHWC images, as `GleamC.encode` takes them."""
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def torch_embed(directory, x):
+  """The embedding by config.json's recipe in PyTorch (float32): transformers' ConvNextModel
+  pooler_output, the gleam_c.* projection, L2 norm. Returns (embedding, ConvNextModel output, loading
+  info, config)."""
+  hf, info = transformers.ConvNextModel.from_pretrained(directory, output_loading_info=True)
+  head = safetensors.torch.load_file(os.path.join(directory, "model.safetensors"))
+  with torch.no_grad():
+    out = hf.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2)))  # NHWC -> NCHW
+    features = out.pooler_output
+    if hf.config.gleam_c["projection"]:
+      features = F.linear(features, head["gleam_c.projection.weight"], head["gleam_c.projection.bias"])
+    return F.normalize(features, dim=-1, eps=1e-6).numpy(), out, info, hf.config
+
+
+def params_of(module):
+  return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+@nnx.jit(static_argnums=2)
+def forward(model, x, tower):
+  """(embedding, backbone features, last stage's output) of `tower`'s network."""
+  encoder = getattr(model, f"{model.tower_key(tower)}encoder")
+  return model.encode(x, tower=tower), encoder(x), encoder.stage_features(x)[-1]
+
+
+def check_tower(model, tower, directory, x):
+  """transformers reads the backbone (the head keys reported unexpected), its features and our recipe's
+  embedding are ours; our loader reads the backbone back bit for bit. Returns the largest difference."""
+  want, features, last = map(np.asarray, forward(model, jnp.asarray(x), tower))
+  got, out, info, config = torch_embed(directory, x)
+  head = export_c.head_tensors(model, tower)
+  assert not info["missing_keys"] and not info["mismatched_keys"]
+  assert info["unexpected_keys"] == set(head) and "gleam_c.logit_scale" in head
+  assert tower in config.gleam_c["towers"] and config.layer_norm_eps == convnext.LN_EPS
+  np.testing.assert_allclose(out.pooler_output.numpy(), features, atol=TOL, rtol=0)
+  np.testing.assert_allclose(out.last_hidden_state.numpy().transpose(0, 2, 3, 1), last, atol=TOL, rtol=0)
+  np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+  encoder = getattr(model, f"{model.tower_key(tower)}encoder")
+  back = nnx.eval_shape(lambda: convnext.ConvNeXt(encoder.config, rngs=nnx.Rngs(0)))
+  convnext_params.load_convnext_weights(back, directory)
+  written, read = params_of(encoder), params_of(back)
+  assert written.keys() == read.keys()
+  for name in written:
+    np.testing.assert_array_equal(read[name], written[name], err_msg=name)
+  stored = safetensors.torch.load_file(os.path.join(directory, "model.safetensors"))
+  for key, value in head.items():
+    assert stored[key].shape == value.shape, key
+    np.testing.assert_array_equal(stored[key].numpy(), value, err_msg=key)
+  return float(np.abs(got - want).max())
+
+
+def test_modality_tower_model_exports_each_network(tmp_path):
+  """A shared encoder with a UAV tower and a projection: a folder per network, each giving our
+  embeddings of its towers in PyTorch."""
+  model = random_gleam_c(0, embed_dim=12, modality_towers=("uav",))
+  folders = export_c.tower_folders(False, ("uav",))
+  assert folders == {"shared": ["query", "reference"], "uav": ["uav"]}
+  for name, towers in folders.items():
+    export_c.save_tower(model, towers[0], str(tmp_path / name))
+    assert sorted(os.listdir(tmp_path / name)) == ["config.json", "model.safetensors"]
+  x = images((2, 32, 64, 3), seed=1)
+  diffs = [check_tower(model, t, str(tmp_path / "shared"), x) for t in ("query", "reference")]
+  diffs.append(check_tower(model, "uav", str(tmp_path / "uav"), images((3, 32, 32, 3), seed=2)))
+  assert max(diffs) < TOL
+  with open(tmp_path / "uav" / "config.json") as f:
+    config = json.load(f)
+  assert (config["depths"], config["hidden_sizes"], config["hidden_act"]) == ([1, 2], [8, 16], "gelu")
+  assert config["gleam_c"]["embed_dim"] == 12 and config["gleam_c"]["embedding"].startswith("F.normalize(F.linear(")
+  # the shared and UAV networks differ; the head's logit scale is the model's
+  shared = safetensors.torch.load_file(str(tmp_path / "shared" / "model.safetensors"))
+  uav = safetensors.torch.load_file(str(tmp_path / "uav" / "model.safetensors"))
+  assert not torch.equal(shared["embeddings.patch_embeddings.weight"], uav["embeddings.patch_embeddings.weight"])
+  assert float(uav["gleam_c.logit_scale"]) == float(model.logit_scale[...])
+
+
+def test_separate_towers_without_projection(tmp_path):
+  model = random_gleam_c(3, separate_towers=True)
+  assert export_c.tower_folders(True, ()) == {"query": ["query"], "reference": ["reference"]}
+  export_c.save_tower(model, "reference", str(tmp_path))
+  assert set(export_c.head_tensors(model, "reference")) == {"gleam_c.logit_scale"}
+  assert check_tower(model, "reference", str(tmp_path), images((2, 32, 32, 3), seed=4)) < TOL
+  with pytest.raises(GleamError, match=rf"{re.escape(str(tmp_path))} already holds model weights "
+                                       r"\(model.safetensors\); export into a new or empty directory"):
+    export_c.save_tower(model, "query", str(tmp_path))
+
+
+def test_tower_selection():
+  folders = export_c.tower_folders(False, ("uav", "ground"))
+  select = lambda tower: export_c.select_folders(folders, tower, ("uav", "panorama"), False, ("uav", "ground"))
+  assert select(None) == folders and list(select("panorama")) == ["shared"] and list(select("reference")) == ["shared"]
+  assert select("ground") == {"ground": ["ground"]} and list(select("shared")) == ["shared"]
+  with pytest.raises(GleamError, match=r"--tower=streetmap: the job's towers and query modalities are shared, uav, "
+                                       r"ground, query, reference, panorama; give one of them"):
+    select("streetmap")
+
+
+@pytest.fixture(scope="module")
+def c_job(tiny_cfg, tmp_path_factory):
+  """A finished one-step phase-1 job with separate query and reference towers."""
+  workdir = str(tmp_path_factory.mktemp("c_job"))
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=1, **{
+      "model.separate_towers": True, "optim.warmup_steps": 0, "eval.at_end": False})
+  main.run(config, workdir)
+  return workdir
+
+
+def test_export_command_on_a_gleam_c_job(c_job, tmp_path):
+  out = str(tmp_path / "hf")
+  line = export_c.export(c_job, out)  # what `python -m gleam_jax.export_c --workdir --out` runs and prints
+  assert re.fullmatch(rf"exported step 1 of {re.escape(c_job)} to {re.escape(out)}: towers query, reference, "
+                      r"[0-9.]+ MB, [0-9.]+ s", line), line
+  assert sorted(os.listdir(out)) == ["query", "reference"]
+  model, config = retrieve.load_model(c_job)
+  data = config.data
+  for tower, size, name in [("query", data.panorama_size, "panorama"), ("reference", data.satellite_size, "satellite")]:
+    x = images((2, *size, 3), seed=5)
+    assert check_tower(model, tower, os.path.join(out, tower), x) < TOL
+    with open(os.path.join(out, tower, "config.json")) as f:
+      info = json.load(f)["gleam_c"]
+    assert info["inputs"] == {name: list(size)} and info["step"] == 1
+    assert info["pixel_mean"] == list(data.mean) and info["pixel_std"] == list(data.std)
+  # --tower: one network, into --out itself
+  single = str(tmp_path / "panorama")
+  assert "towers query, " in export_c.export(c_job, single, tower="panorama")
+  for file in ("model.safetensors", "config.json"):
+    with open(os.path.join(single, file), "rb") as f, open(os.path.join(out, "query", file), "rb") as g:
+      assert f.read() == g.read()
+  with pytest.raises(GleamError, match=r"--tower=uav: the job's towers and query modalities are query, reference, "
+                                       r"panorama; give one"):
+    export_c.export(c_job, str(tmp_path / "uav"), tower="uav")
+  (tmp_path / "file").write_text("")
+  with pytest.raises(GleamError, match="is a file; give a directory"):
+    export_c.export(c_job, str(tmp_path / "file"), tower="query")
+  assert not (tmp_path / "uav").exists()
+  # the command line: an --out that holds weights stops on one line, before the model is loaded
+  run = subprocess.run([sys.executable, "-m", "gleam_jax.export_c", f"--workdir={c_job}", f"--out={out}"],
+                       cwd=REPO, capture_output=True, text=True, check=False)
+  assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+      f"error: {out}/query already holds model weights (model.safetensors); export into a new or empty "
+      "directory, or delete those files first."], run.stderr
+
+
+def test_only_gleam_c_jobs_are_exported(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"trainer": "sft"}))
+  with pytest.raises(GleamError, match=r"holds a 'sft' job; give the workdir of a GLEAM-C \('contrastive'\) "
+                                       r"training job \(GLEAM-X jobs: python -m gleam_jax.export\)"):
+    export_c.export(str(tmp_path), str(tmp_path / "out"))
+  with pytest.raises(GleamError, match="config.json not found"):
+    export_c.export(str(tmp_path / "none"), str(tmp_path / "out"))
