@@ -6,6 +6,7 @@ status 2, without a traceback and without touching what is already written in th
 """
 import contextlib
 import os
+import re
 import sys
 
 from absl import flags
@@ -68,7 +69,10 @@ def _flag_error_line(error, given, config_flag):
     return (f"{given}: cannot load this config file ({reason}); give the path of a "
             "config file, e.g. --config=configs/c_phase1.py.")
   root = chain[-1]
-  if isinstance(error, flags.IllegalFlagValueError) and "must have a value other than None" in str(error):
+  missing = re.search(r"Flag --(\w+) must have a value other than None", str(error))
+  if isinstance(error, flags.IllegalFlagValueError) and missing:
+    if missing.group(1) != config_flag:
+      return f"--{missing.group(1)} is required ({flags.FLAGS[missing.group(1)].help})"
     return f"--{config_flag} is required, e.g. --config=configs/c_phase1.py (presets after a colon: :tiny)."
   if any(str(e).startswith("Error whilst parsing config file") for e in chain):  # the config file's code
     return f"{given}: {type(root).__name__}: {root}"

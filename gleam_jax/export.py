@@ -56,9 +56,6 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir or not FLAGS.out:
-    print("error: give --workdir (a GLEAM-X job) and --out (the directory to write).", file=sys.stderr)
-    sys.exit(2)
   if FLAGS.max_shard_gb <= 0:
     print(f"error: --max_shard_gb={FLAGS.max_shard_gb} must be positive.", file=sys.stderr)
     sys.exit(2)
@@ -68,4 +65,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
+  flags.mark_flags_as_required(["workdir", "out"])
   app.run(main, flags_parser=errors.parse_flags)

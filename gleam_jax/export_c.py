@@ -23,7 +23,6 @@ entry says how to use it; in PyTorch:
 A directory that already holds weights is refused.
 """
 import os
-import sys
 import time
 
 from absl import app
@@ -161,13 +160,11 @@ def export(workdir, out, tower=None) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS.workdir or not FLAGS.out:
-    print("error: give --workdir (a GLEAM-C job) and --out (the directory to write).", file=sys.stderr)
-    sys.exit(2)
   with errors.stop_on_bad_input():
     print(export(FLAGS.workdir, FLAGS.out, FLAGS.tower))
 
 
 if __name__ == "__main__":
   define_flags()
+  flags.mark_flags_as_required(["workdir", "out"])
   app.run(main, flags_parser=errors.parse_flags)

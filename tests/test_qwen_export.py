@@ -176,3 +176,7 @@ def test_export_command_on_a_gleam_x_job(tiny_cfg, tmp_path):
   assert run.returncode == 2 and run.stderr.strip().splitlines()[-1] == (
       f"error: {out} already holds model weights (model.safetensors); export into a new or empty directory, "
       "or pass overwrite=True (--overwrite) to replace them."), run.stderr
+  run = subprocess.run([sys.executable, "-m", "gleam_jax.export", f"--workdir={workdir}"],
+                       cwd=REPO, capture_output=True, text=True, check=False)
+  assert (run.returncode, run.stderr.strip().splitlines()) == (
+      2, ["error: --out is required (The Hugging Face model directory to write.)"]), run.stderr
