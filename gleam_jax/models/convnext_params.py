@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gleam_jax.errors import GleamError
+from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.models import convnext
 from gleam_jax.utils.model_dirs import check_export_dir
 
@@ -244,7 +244,7 @@ def save_hf_convnext(model: convnext.ConvNeXt, directory: str, extra: dict | Non
   if set(extra) & set(tensors):
     raise ValueError(f'extra tensors overwrite ConvNeXt keys: {sorted(set(extra) & set(tensors))}')
   config = hf_config(model.config) | (extra_config or {})
-  os.makedirs(directory, exist_ok=True)
+  make_dir(directory, 'the export directory')
   weights = os.path.join(directory, 'model.safetensors')
   save_file(tensors | extra, weights, metadata={'format': 'pt'})
   with open(os.path.join(directory, 'config.json'), 'w') as f:

@@ -462,7 +462,7 @@ def save_pretrained(model: modeling.Qwen2_5_VL, directory: str, *, source_dir: s
   layout = _export_layout(values, model.cfg, cast, max_shard_bytes)
   stored = np.dtype(next(iter(values.values())).dtype) if cast is None else cast
   config = hf_config_dict(model.cfg, stored.name, source_dir)
-  make_dir(directory, "directory")
+  make_dir(directory, "the export directory")
   for name in weight_files(directory):  # overwrite: no stale shard may stay next to the new ones
     os.remove(os.path.join(directory, name))
   total = sum(nbytes for _, shard in layout for *_, nbytes in shard)
