@@ -19,7 +19,9 @@ entry says how to use it; in PyTorch:
     scores = head['gleam_c.logit_scale'].exp() * query_embedding @ reference_embedding.T
 
 `pixel_values` are RGB images (N, 3, H, W) read as [0, 1] and normalised by config.json's
-`gleam_c.pixel_mean` / `pixel_std`, at the sizes of `gleam_c.inputs` (the job's; any size works).
+`gleam_c.pixel_mean` / `pixel_std`, at the sizes of `gleam_c.inputs` (the job's; any size works);
+ground photos and UAV views of a job with `gleam_c.query_frames` are first warped into that frame as
+`gleam_jax/data/augment.py`'s `query_frame` does.
 A directory that already holds weights is refused.
 """
 import os
@@ -119,13 +121,21 @@ def _modalities(config) -> tuple[str, ...]:
 
 
 def _job_info(config, towers, step) -> dict:
-  """What a PyTorch user needs of the job to feed a network: its inputs' sizes and normalisation."""
+  """What a PyTorch user needs of the job to feed a network: its inputs' sizes and normalisation, and
+  the frames its ground photos / UAV views were warped into ('panorama', 'satellite'), which a
+  PyTorch pipeline has to reproduce before the network sees them."""
   data, model = config.data, config.model
   prefix = lambda t: gleam_c.tower_prefix(t, model.separate_towers, tuple(model.get("modality_towers") or ()))
   inputs = {m: list(query_shape(data, m)) for m in _modalities(config) if prefix(m) == prefix(towers[0])}
   if "reference" in towers:
     inputs["satellite"] = list(data.satellite_size)
-  return {"inputs": inputs, "pixel_mean": list(data.mean), "pixel_std": list(data.std), "step": step}
+  info = {"inputs": inputs, "pixel_mean": list(data.mean), "pixel_std": list(data.std), "step": step}
+  # queries the job warped into another frame before encoding (gleam_jax/data/augment.py `query_frame`)
+  frames = {m: data.get(f"{m}_frame") for m in ("ground", "uav") if m in inputs}
+  frames = {m: f for m, f in frames.items() if f and f != "photo"}
+  if frames:
+    info["query_frames"] = frames
+  return info
 
 
 def _size(n: int) -> str:

@@ -143,6 +143,16 @@ def test_tower_selection():
     select("streetmap")
 
 
+def test_job_info_names_the_frames_queries_were_warped_into():
+  """A phase-2 job read ground photos in the panorama frame and UAV views in the satellite frame: a
+  PyTorch user has to warp them the same way, so config.json says so; a phase-1 job has no such queries."""
+  phase2 = tiny_config("c_phase2", "/unused")
+  info = export_c._job_info(phase2, ["query", "reference"], 3)
+  assert info["query_frames"] == {"ground": "panorama", "uav": "satellite"}
+  assert info["inputs"]["ground"] == list(phase2.data.panorama_size) and info["step"] == 3
+  assert "query_frames" not in export_c._job_info(tiny_config("c_phase1", "/unused"), ["query", "reference"], 3)
+
+
 @pytest.fixture(scope="module")
 def c_job(tiny_cfg, tmp_path_factory):
   """A finished one-step phase-1 job with separate query and reference towers."""
