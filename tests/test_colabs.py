@@ -32,6 +32,7 @@ def test_quickstart_trains_evaluates_and_retrieves(tiny_cfg, monkeypatch):  # no
   assert "step 6/6 loss" in text and "step 6: eval R@1: test/panorama" in text
   assert "eval/test/panorama/R@1" in text  # the metrics read back
   assert "_top3.png" in text and "  1. " in text  # the retrieval printed its ranking and wrote the PNG
+  assert "exported step 6 of " in text and "PyTorch top 3: [" in text  # the export ranks as retrieve did
 
 
 @pytest.mark.slow
