@@ -22,6 +22,7 @@ from gleam_jax import errors
 from gleam_jax.models.qwen2_5_vl import params
 from gleam_jax.train import checkpoint, sft
 from gleam_jax.utils import model_dirs
+from gleam_jax.utils.progress import format_size
 
 FLAGS = flags.FLAGS
 
@@ -47,10 +48,9 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
   source = sft.model_directory(sft.job_config(workdir), workdir)
   total, files = params.save_pretrained(model, out, source_dir=source, dtype=dtype,
                                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-  size = f"{total / 1e9:.2f} GB" if total >= 1e9 else f"{total / 1e6:.1f} MB"
   stored = dtype or model.cfg.param_dtype
-  return (f"exported step {checkpoint.step_of(where)} of {workdir} to {out}: {size} of {stored} weights in "
-          f"{files} file{'s' * (files > 1)}, {time.perf_counter() - start:.1f} s")
+  return (f"exported step {checkpoint.step_of(where)} of {workdir} to {out}: {format_size(total)} of {stored} "
+          f"weights in {files} file{'s' * (files > 1)}, {time.perf_counter() - start:.1f} s")
 
 
 def main(argv):

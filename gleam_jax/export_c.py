@@ -34,12 +34,14 @@ import numpy as np
 
 from gleam_jax import errors
 from gleam_jax import retrieve
+from gleam_jax.data.augment import warps_query
 from gleam_jax.data.config import query_shape
 from gleam_jax.errors import GleamError
 from gleam_jax.models import convnext_params
 from gleam_jax.models import gleam_c
 from gleam_jax.train import checkpoint
 from gleam_jax.utils import model_dirs
+from gleam_jax.utils.progress import format_size
 
 SHARED = "shared"  # the folder of the one encoder of queries and references, beside modality towers
 L2_EPS = 1e-6  # GleamC.encode divides by max(|x|, 1e-6), as torch's F.normalize(eps=1e-6)
@@ -131,15 +133,10 @@ def _job_info(config, towers, step) -> dict:
     inputs["satellite"] = list(data.satellite_size)
   info = {"inputs": inputs, "pixel_mean": list(data.mean), "pixel_std": list(data.std), "step": step}
   # queries the job warped into another frame before encoding (gleam_jax/data/augment.py `query_frame`)
-  frames = {m: data.get(f"{m}_frame") for m in ("ground", "uav") if m in inputs}
-  frames = {m: f for m, f in frames.items() if f and f != "photo"}
+  frames = {m: data[f"{m}_frame"] for m in inputs if warps_query(data, m)}
   if frames:
     info["query_frames"] = frames
   return info
-
-
-def _size(n: int) -> str:
-  return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def export(workdir, out, tower=None) -> str:
@@ -163,7 +160,7 @@ def export(workdir, out, tower=None) -> str:
   total = sum(save_tower(model, towers[0], dirs[name], _job_info(config, towers, step))
               for name, towers in folders.items())
   names = ", ".join(name if towers == [name] else f"{name} ({'/'.join(towers)})" for name, towers in folders.items())
-  return (f"exported step {step} of {workdir} to {out}: towers {names}, {_size(total)}, "
+  return (f"exported step {step} of {workdir} to {out}: towers {names}, {format_size(total)}, "
           f"{time.perf_counter() - start:.1f} s")
 
 

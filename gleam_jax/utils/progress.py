@@ -1,4 +1,4 @@
-"""Rate and ETA for long loops (data building, training, embedding)."""
+"""Rate and ETA for long loops (data building, training, embedding), and sizes in words."""
 import time
 
 
@@ -27,3 +27,8 @@ def format_eta(seconds):
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def format_size(n_bytes):
+  """'7.51 GB' from a billion bytes up, else '18.7 MB'."""
+  return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
