@@ -63,29 +63,16 @@ def write_checkpoint(directory, tensors, max_shard_bytes, seed=0):
   """Sharded bfloat16 safetensors + index, streamed tensor by tensor from a 64 MB random pool."""
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from gleam_jax.models.qwen2_5_vl import params  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   pool = (rng.standard_normal(32 * 2**20, np.float32) * 0.02).astype(ml_dtypes.bfloat16).view(np.uint8)
-  shards, current, size = [], [], 0
-  for name, shape in tensors:
-    nbytes = int(np.prod(shape)) * DTYPE_BYTES
-    if current and size + nbytes > max_shard_bytes:
-      shards.append(current)
-      current, size = [], 0
-    current.append((name, shape, nbytes))
-    size += nbytes
-  shards.append(current)
+  entries = [(name, shape, int(np.prod(shape)) * DTYPE_BYTES) for name, shape in tensors]
+  shards = [[entries[i] for i in shard] for shard in params.shard_by_size([e[2] for e in entries], max_shard_bytes)]
   weight_map, total = {}, 0
-  for i, shard in enumerate(shards):
-    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape, nbytes in shard:
-      header[name] = dict(dtype="BF16", shape=list(shape), data_offsets=[offset, offset + nbytes])
-      offset += nbytes
-      weight_map[name] = file
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+  for file, shard in zip(params.shard_names(len(shards)), shards):
+    weight_map.update((name, file) for name, _, _ in shard)
     with open(os.path.join(directory, file), "wb") as f:
-      f.write(len(blob).to_bytes(8, "little") + blob)
+      f.write(params.safetensors_header([(name, "BF16", shape, nbytes) for name, shape, nbytes in shard]))
       for _, _, nbytes in shard:
         while nbytes:
           start = int(rng.integers(0, pool.size // 2)) & ~1
@@ -94,9 +81,8 @@ def write_checkpoint(directory, tensors, max_shard_bytes, seed=0):
           nbytes -= n
       f.flush()
       os.fsync(f.fileno())
-    total += offset
-  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-    json.dump(dict(metadata=dict(total_size=total), weight_map=weight_map), f, indent=2)
+    total += sum(nbytes for _, _, nbytes in shard)
+  params.write_index(directory, weight_map, total)
   return total, len(shards)
 
 

@@ -261,6 +261,20 @@ def _some(items, n=8):
   return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def _progress_log(total: int, message: str):
+  """`advance(nbytes)`: logs `message` % (GB done, GB in all, MB/s, ETA) every 10 s and at the end."""
+  progress, done, last_log = RateEta(total), 0, time.perf_counter()
+
+  def advance(nbytes):
+    nonlocal done, last_log
+    done += nbytes
+    if done == total or time.perf_counter() - last_log > 10:
+      last_log = time.perf_counter()
+      rate, eta = progress.update(done)
+      logging.info(message, done / 1e9, total / 1e9, rate / 1e6, format_eta(eta))
+  return advance
+
+
 def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
               mesh=None, rules=config_lib.QWEN_SHARDING_RULES, threads: int = 4) -> modeling.Qwen2_5_VL:
   """Fills an abstract model (`modeling.abstract_model`) with the checkpoint's tensors.
@@ -283,7 +297,7 @@ def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
   plan = _plan(index, targets, abstract.cfg)
 
   total = sum(index[k].end - index[k].begin for k in plan.values())
-  progress, done, last_log = RateEta(total), 0, time.perf_counter()
+  read = _progress_log(total, "Qwen2.5-VL weights: %.2f / %.2f GB read (%.0f MB/s, ETA %s)")
   order = sorted(plan.items(), key=lambda kv: (index[kv[1]].file, index[kv[1]].begin))
 
   def place(i):
@@ -300,12 +314,7 @@ def load_into(abstract: modeling.Qwen2_5_VL, directory: str, shardings=None,
   with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
     for (path, key), array in zip(order, pool.map(place, range(len(order)))):
       flat[path].set_value(array)
-      done += index[key].end - index[key].begin
-      if done == total or time.perf_counter() - last_log > 10:
-        last_log = time.perf_counter()
-        rate, eta = progress.update(done)
-        logging.info("Qwen2.5-VL weights: %.2f / %.2f GB read (%.0f MB/s, ETA %s)", done / 1e9, total / 1e9,
-                     rate / 1e6, format_eta(eta))
+      read(index[key].end - index[key].begin)
   return nnx.merge(graphdef, state)
 
 
@@ -363,21 +372,50 @@ def shard_names(n: int) -> list[str]:
   return ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
+def shard_by_size(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
+  """The indices of tensors of `sizes` bytes, in order, grouped into shards of at most `max_shard_bytes`
+  (a larger tensor gets a shard of its own)."""
+  shards, total = [[]], 0
+  for i, nbytes in enumerate(sizes):
+    if shards[-1] and total + nbytes > max_shard_bytes:
+      shards.append([])
+      total = 0
+    shards[-1].append(i)
+    total += nbytes
+  return shards
+
+
+def safetensors_header(entries) -> bytes:
+  """The start of a safetensors file holding tensors (key, dtype code, shape, bytes) in this order: the
+  8-byte little-endian header length and the JSON header, padded so that the data starts 8-byte
+  aligned (as the safetensors library writes). The tensors' bytes follow, in the same order."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for key, code, shape, nbytes in entries:
+    header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  return len(blob).to_bytes(8, "little") + blob
+
+
+def write_index(directory: str, weight_map: dict, total: int, parameters: int | None = None) -> None:
+  """model.safetensors.index.json: which file holds each tensor, as transformers writes it."""
+  metadata = {"total_size": total} if parameters is None else {"total_parameters": parameters, "total_size": total}
+  with open(os.path.join(directory, INDEX_FILE), "w") as f:
+    json.dump({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+
+
 def _export_layout(values: dict, cfg: config_lib.Qwen2_5_VLConfig, dtype, max_shard_bytes: int) -> list:
   """[(file name, [(NNX path, key, torch-layout shape, safetensors dtype, bytes), ...])]: the shards of at
   most `max_shard_bytes` (a larger tensor gets one of its own), checked as `load_pretrained` checks a
   checkpoint's headers (every parameter once, the shapes, the dtypes)."""
-  shards, size = [[]], 0
+  entries = []
   for path, value in values.items():
     out = np.dtype(value.dtype) if dtype is None else dtype
     ndim = 5 if path == PATCH_EMBED_KERNEL else len(value.shape)
     shape = _hf_shape(path[-1], tuple(value.shape), ndim, cfg.vision)
-    nbytes = math.prod(shape) * out.itemsize
-    if shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append([])
-      size = 0
-    shards[-1].append((path, hf_key(path), shape, _DTYPE_CODES[out], nbytes))
-    size += nbytes
+    entries.append((path, hf_key(path), shape, _DTYPE_CODES[out], math.prod(shape) * out.itemsize))
+  shards = [[entries[i] for i in shard] for shard in shard_by_size([e[-1] for e in entries], max_shard_bytes)]
   layout = list(zip(shard_names(len(shards)), shards))
   _plan({key: TensorInfo(file, code, shape, 0, nbytes) for file, shard in layout
          for _, key, shape, code, nbytes in shard}, values, cfg)
@@ -387,14 +425,8 @@ def _export_layout(values: dict, cfg: config_lib.Qwen2_5_VLConfig, dtype, max_sh
 def _write_shard(file: str, entries: list, values: dict, dtype, written) -> None:
   """One safetensors file (8-byte little-endian header length, JSON header, the tensors' bytes), the
   tensors gathered to the host and written one at a time; `written(nbytes)` after each."""
-  header, offset = {"__metadata__": {"format": "pt"}}, 0
-  for _, key, shape, code, nbytes in entries:
-    header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-    offset += nbytes
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # the tensor data starts 8-byte aligned, as the safetensors library writes
   with open(file, "wb") as f:
-    f.write(len(blob).to_bytes(8, "little") + blob)
+    f.write(safetensors_header([(key, code, shape, nbytes) for _, key, shape, code, nbytes in entries]))
     for path, _, shape, _, nbytes in entries:
       host = np.asarray(jax.device_get(values[path]))
       array = _to_hf(host if dtype is None else host.astype(dtype), path[-1], shape)
@@ -403,27 +435,6 @@ def _write_shard(file: str, entries: list, values: dict, dtype, written) -> None
       written(nbytes)
 
 
-def _progress_log(total: int):
-  """`written(nbytes)`: logs the bytes written so far, the rate and the ETA every 10 s and at the end."""
-  progress, done, last_log = RateEta(total), 0, time.perf_counter()
-
-  def written(nbytes):
-    nonlocal done, last_log
-    done += nbytes
-    if done == total or time.perf_counter() - last_log > 10:
-      last_log = time.perf_counter()
-      rate, eta = progress.update(done)
-      logging.info("Qwen2.5-VL export: %.2f / %.2f GB written (%.0f MB/s, ETA %s)", done / 1e9, total / 1e9,
-                   rate / 1e6, format_eta(eta))
-  return written
-
-
-def _write_index(directory: str, layout: list, parameters: int, total: int) -> None:
-  """model.safetensors.index.json: which file holds each tensor, as transformers writes it."""
-  index = {"metadata": {"total_parameters": parameters, "total_size": total},
-           "weight_map": dict(sorted((entry[1], file) for file, shard in layout for entry in shard))}
-  with open(os.path.join(directory, INDEX_FILE), "w") as f:
-    json.dump(index, f, indent=2)
 
 
 def _copy_model_files(source_dir: str, directory: str) -> list[str]:
@@ -466,11 +477,12 @@ def save_pretrained(model: modeling.Qwen2_5_VL, directory: str, *, source_dir: s
   for name in weight_files(directory):  # overwrite: no stale shard may stay next to the new ones
     os.remove(os.path.join(directory, name))
   total = sum(nbytes for _, shard in layout for *_, nbytes in shard)
-  written = _progress_log(total)
+  written = _progress_log(total, "Qwen2.5-VL export: %.2f / %.2f GB written (%.0f MB/s, ETA %s)")
   for file, entries in layout:
     _write_shard(os.path.join(directory, file), entries, values, cast, written)
   if len(layout) > 1:
-    _write_index(directory, layout, sum(math.prod(v.shape) for v in values.values()), total)
+    write_index(directory, {entry[1]: file for file, shard in layout for entry in shard}, total,
+                sum(math.prod(v.shape) for v in values.values()))
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f, indent=2, ensure_ascii=False)
   if source_dir is not None:
