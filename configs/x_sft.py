@@ -7,7 +7,9 @@
 `arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
 `key=value` knobs: steps, batch, lr, data (a synthetic world preset), hf_dir (a local Hugging Face
 Qwen2.5-VL directory: its weights, tokenizer and processor, bfloat16, the vision tower frozen),
-langs (en+zh), lora (a LoRA rank: adapters on the decoder's projections, the model frozen). Without hf_dir the model is a small random Qwen2.5-VL (`model.tiny`) with a
+langs (en+zh), lora (a LoRA rank: adapters on the decoder's projections, the model frozen),
+train_file / eval_file (your own pairs, JSON Lines: gleam_jax/data/pair_files.py; every line is used,
+images read from the file's folder or examples.image_root, resized to examples.image_size if set). Without hf_dir the model is a small random Qwen2.5-VL (`model.tiny`) with a
 tokenizer trained on the GLEAM-X answers: what trains on a CPU. Any field can be overridden on the
 command line (`--config.optim.lr=1e-4`); the config is locked, so a typo is an error.
 """
@@ -24,7 +26,7 @@ from gleam_jax.data.config import MODALITIES, data_config  # noqa: E402
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES  # noqa: E402
 from gleam_jax.train import lora  # noqa: E402
 
-KNOBS = ("steps", "batch", "lr", "data", "hf_dir", "langs", "lora")
+KNOBS = ("steps", "batch", "lr", "data", "hf_dir", "langs", "lora", "train_file", "eval_file")
 
 
 def get_config(arg=None):
@@ -38,7 +40,12 @@ def get_config(arg=None):
   c.examples = ml_collections.ConfigDict(dict(
       train=64 if tiny else 2048, eval=8 if tiny else 128, eval_split="test",
       hard_negatives=0.5,  # share of non-matching satellites from the query's own city
-      langs=tuple(knobs.get("langs", "en+zh").split("+"))))
+      langs=tuple(knobs.get("langs", "en+zh").split("+")),
+      # your own pairs instead of the synthetic draw (data/pair_files.py); every line of the file is used
+      train_file=knobs.get("train_file") or config_dict.placeholder(str),
+      eval_file=knobs.get("eval_file") or config_dict.placeholder(str),
+      image_root=config_dict.placeholder(str),  # default: each pairs file's folder
+      image_size=config_dict.placeholder(tuple)))  # (height, width) for every image: one layout, one compiled step
 
   hf_dir = knobs.get("hf_dir")
   c.model = ml_collections.ConfigDict(dict(

@@ -3,6 +3,7 @@
     python -m gleam_jax.explain --model_dir=/path/to/Qwen2.5-VL-3B-Instruct \
         --image=uav.jpg --image=satellite.png [--lang=zh] [--prompt="..."] [--max_new_tokens=256]
     python -m gleam_jax.explain --workdir=~/gleam_runs/x_sft --image=uav.jpg --image=satellite.png
+    python -m gleam_jax.explain --workdir=~/gleam_runs/x_sft --pairs=test.jsonl --out=answers.jsonl
 
 Loads the weights and processor of a local Hugging Face directory (`params.load_pretrained`,
 `processor.load_processor`; nothing is downloaded), or the model a GLEAM-X fine-tuning job wrote
@@ -11,7 +12,15 @@ order given, and generates under jit with the KV cache (`generation.generate`), 
 to stdout as each chunk of tokens is decoded. Greedy unless `--temperature` > 0 (then top-p
 sampling, seeded). Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
 any number of images may go with a prompt of your own. Prefill and decode rates go to stderr.
+
+`--pairs` answers every pair of a JSON Lines file (`data/pair_files.py`: the layout GLEAM-X jobs
+train on) in batches, greedily, and writes one line per pair to `--out` (the pair's line, images,
+the answer and its verdict, the reference where the file has one); when every pair has a reference
+answer it prints verdict accuracy and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
+and writes them beside `--out` (`<out>_metrics.json`).
 """
+import json
+import os
 import sys
 import time
 
@@ -19,9 +28,13 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from gleam_jax.data import pair_files
+from gleam_jax.data.augment import resize
 from gleam_jax.data.gleam_x import QUESTIONS
 from gleam_jax.data.sources import read_image
-from gleam_jax.errors import GleamError, stop_on_bad_input
+from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
+from gleam_jax.eval import explain as explain_eval
+from gleam_jax.utils.progress import RateEta, format_eta
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +57,12 @@ def define_flags():
   flags.DEFINE_integer("min_pixels", None, "Override preprocessor_config.json's min_pixels.")
   flags.DEFINE_integer("max_pixels", None, "Override preprocessor_config.json's max_pixels (fewer image "
                        "tokens for large photos).")
+  flags.DEFINE_string("pairs", None, "Instead of --image: a JSON Lines file of pairs to answer in batches "
+                      "(gleam_jax/data/pair_files.py).")
+  flags.DEFINE_string("out", None, "With --pairs: the JSON Lines file of answers to write.")
+  flags.DEFINE_string("image_root", None, "With --pairs: the folder image paths are relative to (default: the "
+                      "pairs file's).")
+  flags.DEFINE_integer("batch_size", 8, "With --pairs: pairs generated together.")
 
 
 def read_images(paths):
@@ -77,12 +96,11 @@ class TextStream:
 
 def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, temperature=0.0, top_p=1.0,
             seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
-            model=None, proc=None, workdir=None):
+            workdir=None):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
-  it as it streams; returns the text. The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`,
-  or `model`/`proc` already loaded."""
-  from gleam_jax.models.qwen2_5_vl import config as config_lib
-  from gleam_jax.models.qwen2_5_vl import generation, params, processor
+  it as it streams; returns the text. The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
+  (whose images are resized as its examples were)."""
+  from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   if prompt is None:
     if lang not in QUESTIONS:
       raise GleamError(f"--lang={lang}: the question is written in {', '.join(sorted(QUESTIONS))}; "
@@ -92,14 +110,9 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
                        "give two (the query, then the satellite image), or a --prompt of your own.")
     prompt = QUESTIONS[lang]
   images = read_images(image_paths)  # a bad file stops before the model is loaded
-  if workdir:
-    from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
-    model, proc, where = sft.load_trained(workdir)
-    print(f"[model from {where}]", file=sys.stderr)
-  proc = proc or processor.load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
-  if model is None:
-    cfg = config_lib.from_pretrained_dir(model_dir).replace(dtype=dtype, param_dtype=dtype)
-    model = params.load_pretrained(model_dir, cfg)
+  model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels)
+  if image_size:
+    images = [resize(image, image_size) for image in images]
   inputs = proc.encode_prompt(images, prompt)
   stream = TextStream(proc, write)
   times = []
@@ -116,14 +129,76 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   return text
 
 
+def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, max_pixels=None):
+  """(model, processor, image size) of a Hugging Face directory or of a GLEAM-X job's workdir (its
+  latest checkpoint; the image size its examples were resized to, if any)."""
+  from gleam_jax.models.qwen2_5_vl import config as config_lib  # pylint: disable=g-import-not-at-top
+  from gleam_jax.models.qwen2_5_vl import params, processor  # pylint: disable=g-import-not-at-top
+  if workdir:
+    from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
+    model, proc, where = sft.load_trained(workdir)
+    print(f"[model from {where}]", file=sys.stderr)
+    return model, proc, sft.job_config(workdir).examples.get("image_size")
+  proc = processor.load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+  cfg = config_lib.from_pretrained_dir(model_dir).replace(dtype=dtype, param_dtype=dtype)
+  return params.load_pretrained(model_dir, cfg), proc, None
+
+
+def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=8, max_new_tokens=256,
+                 image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None):
+  """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` and, when every
+  pair has a reference answer, `<out_path>_metrics.json`; returns (answer rows, metrics or None)."""
+  log = log or (lambda line: print(line, file=sys.stderr))
+  if batch_size < 1:
+    raise GleamError(f"--batch_size={batch_size} must be positive.")
+  pairs = pair_files.read_pairs(pairs_path, image_root, need_answers=False)  # bad lines stop before loading
+  out_path = os.path.abspath(os.path.expanduser(out_path))
+  if os.path.isdir(out_path):
+    raise GleamError(f"--out={out_path} is a folder; give the JSON Lines file to write.")
+  make_dir(os.path.dirname(out_path), "--out")
+  model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels)
+  progress = RateEta(len(pairs))
+
+  def show_progress(answered):
+    rate, eta = progress.update(answered)
+    log(f"{answered}/{len(pairs)} pairs answered, {rate:.2f} pairs/s, ETA {format_eta(eta)}")
+  answers = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, image_size=image_size,
+                                          on_batch=show_progress)
+  rows = []
+  for pair, text in zip(pairs, answers):
+    row = dict(line=pair["line"], images=[pair["query"], pair["satellite"]], lang=pair["lang"],
+               modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text))
+    if pair["answer"] is not None:
+      row.update(reference=pair["answer"], match=pair["match"])
+    rows.append(row)
+  with open(out_path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+  metrics = None
+  if all(pair["answer"] is not None for pair in pairs):
+    metrics = explain_eval.explain_metrics(answers, pairs)
+    with open(os.path.splitext(out_path)[0] + "_metrics.json", "w") as f:
+      json.dump(metrics, f, indent=1)
+    log(f"verdict acc {metrics['verdict_acc']:.1%} (answered {metrics['answered']:.0%}), ROUGE-L "
+        f"{metrics['rouge_l']:.3f} on {len(pairs)} pairs")
+  log(f"{len(rows)} answers written to {out_path}")
+  return rows, metrics
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if bool(FLAGS.model_dir) == bool(FLAGS.workdir) or not FLAGS.image:
+  if bool(FLAGS.model_dir) == bool(FLAGS.workdir) or bool(FLAGS.image) == bool(FLAGS.pairs):
     print("error: give --model_dir (a Hugging Face directory) or --workdir (a GLEAM-X job), not both, and "
-          "at least one --image.", file=sys.stderr)
+          "--image (at least one) or --pairs (with --out), not both.", file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.pairs and not FLAGS.out:
+    print("error: --pairs needs --out, the JSON Lines file of answers to write.", file=sys.stderr)
     sys.exit(2)
   with stop_on_bad_input():
+    if FLAGS.pairs:
+      answer_pairs(FLAGS.pairs, FLAGS.out, FLAGS.model_dir or None, FLAGS.workdir, FLAGS.batch_size,
+                   FLAGS.max_new_tokens, FLAGS.image_root, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels)
+      return
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens, FLAGS.temperature,
             FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels, workdir=FLAGS.workdir)
 

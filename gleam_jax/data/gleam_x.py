@@ -170,6 +170,16 @@ def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negati
   return out
 
 
+def job_examples(config, which):
+  """A GLEAM-X job's synthetic draw: `which` 'train' (`examples.train` pairs of the training split,
+  seeded with the job's seed) or 'eval' (`examples.eval` held-out pairs of `examples.eval_split`)."""
+  ex = config.examples
+  split, n, seed = ((config.data.train_split, ex.train, config.seed) if which == "train"
+                    else (ex.eval_split, ex.eval, int(config.seed) + 1))
+  return examples(config.data, split, int(n), int(seed), langs=tuple(ex.langs),
+                  hard_negatives=float(ex.hard_negatives))
+
+
 def corpus(langs=LANGS):
   """Sentences of every kind of answer and the questions: what a tokenizer trained for a tiny
   GLEAM-X model must encode compactly."""

@@ -4,6 +4,7 @@
 quotes), None for any other start (counted as wrong, and reported as `answered` < 1). The text
 similarity is ROUGE-L F1 (longest common subsequence) over lower-cased words in English and over
 characters in Chinese, where words are not separated; punctuation is dropped in both.
+`generate_answers` is how the trainer's evaluation and `python -m gleam_jax.explain --pairs` answer.
 """
 import re
 
@@ -70,3 +71,35 @@ def explain_metrics(predictions, examples):
     if lang is None:
       out["answered"] = float(np.mean([r[1] for r in chosen]))
   return out
+
+
+def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None):
+  """Greedy answers (decoded text) of `model` to the examples' questions about their two images, in the
+  examples' order. Batched by language and modality (prompts of about one length; rows left-padded as
+  generation needs); `on_batch(answered)` after each batch."""
+  from gleam_jax.data import pair_files  # pylint: disable=g-import-not-at-top
+  from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
+  cfg = model.cfg
+  groups = {}
+  for i, ex in enumerate(examples):
+    groups.setdefault((ex["lang"], ex["modality"]), []).append(i)
+  answers, answered = [None] * len(examples), 0
+  for members in groups.values():
+    for start in range(0, len(members), batch_size):
+      chunk = members[start:start + batch_size]
+      prompts = [proc.encode_prompt(pair_files.images_of(examples[i], image_size), examples[i]["question"])
+                 for i in chunk]
+      length = max(len(p["input_ids"]) for p in prompts)
+      input_ids = np.full((len(chunk), length), cfg.pad_token_id, np.int32)
+      mask = np.zeros((len(chunk), length), np.int32)
+      for r, p in enumerate(prompts):
+        input_ids[r, length - len(p["input_ids"]):], mask[r, length - len(p["input_ids"]):] = p["input_ids"], 1
+      tokens = generation.generate(model, input_ids, mask, np.concatenate([p["pixel_values"] for p in prompts]),
+                                   np.concatenate([p["image_grid_thw"] for p in prompts]),
+                                   max_new_tokens=max_new_tokens, mesh=mesh)
+      for r, i in enumerate(chunk):
+        answers[i] = proc.decode(tokens[r])
+      answered += len(chunk)
+      if on_batch:
+        on_batch(answered)
+  return answers

@@ -36,10 +36,11 @@ from absl import logging
 from flax import nnx
 
 from gleam_jax.data import gleam_x
+from gleam_jax.data import pair_files
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.eval import explain as explain_metrics
 from gleam_jax.models.qwen2_5_vl import config as config_lib
-from gleam_jax.models.qwen2_5_vl import generation, modeling, params, processor, rope, tiny_dir
+from gleam_jax.models.qwen2_5_vl import modeling, params, processor, rope, tiny_dir
 from gleam_jax.models.qwen2_5_vl.processor import IGNORE_INDEX
 from gleam_jax.train import checkpoint
 from gleam_jax.train import lora
@@ -118,9 +119,52 @@ def load_trained(workdir):
   return nnx.merge(graphdef, model_params, rest), _processor(config, directory), where
 
 
-def encode(proc, example):
+def encode(proc, example, image_size=None):
   """One example as model inputs: input_ids, labels (the answer only), pixel_values, image_grid_thw."""
-  return proc.build_sft_example([example["query"], example["satellite"]], example["question"], example["answer"])
+  return proc.build_sft_example(pair_files.images_of(example, image_size), example["question"], example["answer"])
+
+
+def load_examples(config, which):
+  """The job's 'train' or 'eval' examples: every pair of `examples.<which>_file` when the config names
+  one (images read when encoded), else the synthetic world's draw."""
+  ex = config.examples
+  path = ex.get(f"{which}_file")
+  if path:
+    return pair_files.read_pairs(path, ex.get("image_root"))
+  return gleam_x.job_examples(config, which)
+
+
+class EncodedRows:
+  """The training examples as model inputs. One pass encodes every example for its token count and
+  image layout (what batching needs); the encoded rows are kept (`keep`: examples held in memory) or
+  encoded again when a batch reads them (examples read from files: the pixels of a whole dataset
+  would not fit)."""
+
+  def __init__(self, proc, examples, image_size=None, keep=True):
+    self.proc, self.examples, self.image_size = proc, examples, image_size
+    self.kept, self.lengths, self.layouts = [], [], []
+    for ex in examples:
+      row = encode(proc, ex, image_size)
+      self.lengths.append(len(row["input_ids"]))
+      self.layouts.append(tuple(map(tuple, np.asarray(row["image_grid_thw"]).tolist())))
+      if keep:
+        self.kept.append(row)
+
+  def __len__(self):
+    return len(self.examples)
+
+  def __getitem__(self, i):
+    return self.kept[i] if self.kept else encode(self.proc, self.examples[i], self.image_size)
+
+  def group_names(self):
+    """Each example's batch group: its modality, with its images' grids where the modality's
+    examples have several layouts (a batch holds one layout: one compiled step each)."""
+    modalities = [ex["modality"] for ex in self.examples]
+    layouts_of = {}
+    for m, layout in zip(modalities, self.layouts):
+      layouts_of.setdefault(m, set()).add(layout)
+    name = lambda m, layout: m if len(layouts_of[m]) == 1 else m + " " + "+".join(f"{h}x{w}" for _, h, w in layout)
+    return [name(m, layout) for m, layout in zip(modalities, self.layouts)]
 
 
 def collate(rows, length, cfg):
@@ -281,8 +325,9 @@ class Batches:
     self.by_modality = {m: np.flatnonzero(np.asarray(modalities_of_rows) == m) for m in self.modalities}
     small = {m: len(r) for m, r in self.by_modality.items() if len(r) < batch_size}
     if small:
-      raise GleamError(f"config.batch_size={batch_size} is larger than the training examples of {small}: "
-                       "raise config.examples.train or lower the batch size.")
+      raise GleamError(f"config.batch_size={batch_size} is larger than the training examples of {small} (a batch "
+                       "holds one modality and one image layout): raise config.examples.train (or add pairs), "
+                       "lower the batch size, or give every image one size (config.examples.image_size).")
 
   def indices(self, step):
     m = self.modalities[step % len(self.modalities)]
@@ -304,41 +349,24 @@ class Batches:
     return collate([self.rows[i] for i in self.indices(step)], self.length, self.cfg)
 
 
-def padded_length(rows, multiple=16):
-  return int(math.ceil(max(len(r["input_ids"]) for r in rows) / multiple) * multiple)
+def padded_length(lengths, multiple=16):
+  return int(math.ceil(max(lengths) / multiple) * multiple)
 
 
 def evaluate(config, setup, state, proc, examples, workdir, step, writer):
   """Greedy answers to the held-out examples (batched by language and modality: prompts of one
   length); returns and writes the metrics, with sample answers in eval/explain_step<N>.md."""
-  model = model_of(setup, state["params"])
-  cfg = model.cfg
-  groups = {}
-  for i, ex in enumerate(examples):
-    groups.setdefault((ex["lang"], ex["modality"]), []).append(i)
-  answers = [None] * len(examples)
-  eval_batch = int(config.eval.batch_size)
-  progress, answered, last_line = RateEta(len(examples)), 0, time.perf_counter()
-  for members in groups.values():
-    for start in range(0, len(members), eval_batch):
-      chunk = members[start:start + eval_batch]
-      prompts = [proc.encode_prompt([examples[i]["query"], examples[i]["satellite"]], examples[i]["question"])
-                 for i in chunk]
-      length = max(len(p["input_ids"]) for p in prompts)
-      input_ids = np.full((len(chunk), length), cfg.pad_token_id, np.int32)
-      mask = np.zeros((len(chunk), length), np.int32)
-      for r, p in enumerate(prompts):  # left padding, as generation needs
-        input_ids[r, length - len(p["input_ids"]):], mask[r, length - len(p["input_ids"]):] = p["input_ids"], 1
-      tokens = generation.generate(model, input_ids, mask, np.concatenate([p["pixel_values"] for p in prompts]),
-                                   np.concatenate([p["image_grid_thw"] for p in prompts]),
-                                   max_new_tokens=int(config.eval.max_new_tokens), mesh=setup.mesh)
-      for r, i in enumerate(chunk):
-        answers[i] = proc.decode(tokens[r])
-      answered += len(chunk)
-      if time.perf_counter() - last_line > EVAL_PROGRESS_SECONDS and answered < len(examples):
-        last_line = time.perf_counter()
-        rate, eta = progress.update(answered)
-        log(f"step {step}: eval {answered}/{len(examples)} pairs answered, {rate:.1f} pairs/s, ETA {format_eta(eta)}")
+  progress, last_line = RateEta(len(examples)), time.perf_counter()
+
+  def show_progress(answered):
+    nonlocal last_line
+    if time.perf_counter() - last_line > EVAL_PROGRESS_SECONDS and answered < len(examples):
+      last_line = time.perf_counter()
+      rate, eta = progress.update(answered)
+      log(f"step {step}: eval {answered}/{len(examples)} pairs answered, {rate:.1f} pairs/s, ETA {format_eta(eta)}")
+  answers = explain_metrics.generate_answers(
+      model_of(setup, state["params"]), proc, examples, int(config.eval.batch_size), int(config.eval.max_new_tokens),
+      mesh=setup.mesh, image_size=config.examples.get("image_size"), on_batch=show_progress)
   metrics = explain_metrics.explain_metrics(answers, examples)
   writer.write(step, {f"eval/explain/{k}": v for k, v in metrics.items()})
   if jax.process_index() == 0:
@@ -358,6 +386,11 @@ def evaluate(config, setup, state, proc, examples, workdir, step, writer):
   return metrics
 
 
+def evaluates(config):
+  """Whether the job evaluates at all (eval.every_steps or eval.at_end)."""
+  return bool(int(config.eval.every_steps) or config.eval.at_end)
+
+
 def check_config(config):
   if int(config.batch_size) <= 0:
     raise GleamError(f"config.batch_size={config.batch_size} must be positive.")
@@ -365,6 +398,9 @@ def check_config(config):
   for key in ("train", "eval"):
     if int(config.examples[key]) < 2:
       raise GleamError(f"config.examples.{key}={config.examples[key]}: give at least 2 (a match and a non-match).")
+  if config.examples.get("train_file") and not config.examples.get("eval_file") and evaluates(config):
+    raise GleamError("config.examples.train_file is set but examples.eval_file is not: name your held-out pairs, "
+                     "or turn the evaluation off (eval.at_end=False, eval.every_steps=0).")
   for lang in config.examples.langs:
     if lang not in gleam_x.LANGS:
       raise GleamError(f"config.examples.langs has {lang!r}; GLEAM-X answers are written in {gleam_x.LANGS}.")
@@ -381,13 +417,11 @@ def run(config, workdir):
   with contextlib.ExitStack() as cleanup:
     model, proc, directory = load_model_and_processor(config, workdir, mesh)
     cfg = model.cfg
-    langs = tuple(config.examples.langs)
-    draw = lambda split, n, seed: gleam_x.examples(config.data, split, int(n), seed, langs=langs,
-                                                   hard_negatives=float(config.examples.hard_negatives))
-    train = draw(config.data.train_split, config.examples.train, seed)
-    held_out = draw(config.examples.eval_split, config.examples.eval, seed + 1)
-    rows = [encode(proc, ex) for ex in train]
-    batches = Batches(rows, [ex["modality"] for ex in train], batch_size, seed, padded_length(rows), cfg)
+    train = load_examples(config, "train")
+    held_out = load_examples(config, "eval") if evaluates(config) else []
+    image_size = config.examples.get("image_size")
+    rows = EncodedRows(proc, train, image_size, keep=not config.examples.get("train_file"))
+    batches = Batches(rows, rows.group_names(), batch_size, seed, padded_length(rows.lengths), cfg)
     setup, state = create_train_state(model, config.optim, total_steps, mesh, config.sharding_rules,
                                       lora_cfg=config.get("lora"), seed=seed, loss_chunk=config.get("loss_chunk", 0))
     del model
@@ -407,7 +441,8 @@ def run(config, workdir):
       log(f"resumed from {last_good[1]}")
     step = int(step)
     log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; Qwen2.5-VL {n_params / 1e6:.2f}M params{adapters} from "
-        f"{directory}; {len(train)} training pairs ({', '.join(batches.modalities)}; {', '.join(langs)}), "
+        f"{directory}; {len(train)} training pairs ({', '.join(batches.modalities)}; "
+        f"{', '.join(sorted({ex['lang'] for ex in train}))}), "
         f"{batches.length} tokens per row; training to step {total_steps}")
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     cleanup.callback(writer.close)
