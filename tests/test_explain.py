@@ -1,4 +1,5 @@
 """`python -m gleam_jax.explain`: a local Hugging Face directory, two images, the answer streamed."""
+import json
 import subprocess
 import sys
 
@@ -79,3 +80,26 @@ def test_bad_requests_stop_before_loading(model_dir, views, tmp_path):
                           text=True, timeout=120)
   assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
   assert result.stderr.startswith("error: ") and "no_model" in result.stderr, result.stderr
+
+
+def test_pairs_file_answers_as_one_pair_at_a_time(model_dir, views, tmp_path):
+  """`--pairs` (batched, left-padded rows) writes for each pair the answer `explain` streams for it alone;
+  without reference answers it scores nothing."""
+  pairs = tmp_path / "ask.jsonl"
+  lines = [dict(images=views, lang="en"), dict(images=views[::-1], lang="zh"), dict(images=views, lang="zh")]
+  pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  out = tmp_path / "answers" / "ask_answers.jsonl"
+  result = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={model_dir}", f"--pairs={pairs}",
+                           f"--out={out}", "--max_new_tokens=10", "--batch_size=2"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "3/3 pairs answered" in result.stderr and "3 answers written to" in result.stderr
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  alone = [explain.explain(model_dir, line["images"], lang=line["lang"], max_new_tokens=10, write=lambda _: None)
+           for line in lines]
+  assert [r["answer"] for r in rows] == alone
+  assert [r["lang"] for r in rows] == ["en", "zh", "zh"] and "reference" not in rows[0]
+  assert not (tmp_path / "answers" / "ask_answers_metrics.json").exists()
+  both = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={model_dir}", f"--pairs={pairs}",
+                         f"--image={views[0]}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert both.returncode == 2 and "not both" in both.stderr, both.stderr

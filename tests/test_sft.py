@@ -45,7 +45,7 @@ def test_answer_loss_matches_transformers(tmp_path):
   rows = [proc.build_sft_example(images[:2], gleam_x.QUESTIONS["en"], "Yes. Both views show a suburb."),
           proc.build_sft_example(images[2:], gleam_x.QUESTIONS["zh"], "否。无人机视角显示老城区，有一条河流；而卫星图像显示郊区住宅区。")]
   assert len(rows[0]["input_ids"]) != len(rows[1]["input_ids"])
-  batch = sft.collate(rows, sft.padded_length(rows), model.cfg)
+  batch = sft.collate(rows, sft.padded_length([len(r["input_ids"]) for r in rows]), model.cfg)
   logits = model(jnp.asarray(batch["input_ids"]), jnp.transpose(jnp.asarray(batch["position_ids"]), (1, 0, 2)),
                  jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["pixel_values"]), batch["layout"])
   ours, accuracy = sft.answer_loss(logits, jnp.asarray(batch["labels"]))

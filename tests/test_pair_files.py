@@ -1,0 +1,145 @@
+"""GLEAM-X on your own pairs: JSON Lines pairs files (data/pair_files.py), a job trained on them and
+`python -m gleam_jax.explain --pairs` answering them."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config_files import REPO, tiny_config
+from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
+from gleam_jax import explain, main
+from gleam_jax.data import gleam_x, pair_files
+from gleam_jax.errors import GleamError
+from gleam_jax.models.qwen2_5_vl import processor, tiny_dir
+from gleam_jax.train import sft
+from gleam_jax.utils.writer import read_metrics
+
+QUESTION_EN, QUESTION_ZH = gleam_x.QUESTIONS["en"], gleam_x.QUESTIONS["zh"]
+
+
+def _image(path, size, seed):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), np.uint8)).save(path)
+
+
+def _write_lines(path, lines):
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n" for line in lines)
+  return str(path)
+
+
+def test_the_three_layouts_read_as_the_same_pairs(tmp_path):
+  """Ours, Qwen's fine-tuning layout and LLaMA-Factory's give the same pair; what a line leaves out is
+  derived (match from the verdict, lang from the characters, GLEAM-X's question, modality 'pair')."""
+  for name in ("q.jpg", "s.png"):
+    _image(tmp_path / "img" / name, (40, 30), seed=len(name))
+  images = ["img/q.jpg", "img/s.png"]
+  answer = "No. The drone view shows a suburb, while the satellite image shows an old town."
+  lines = [
+    dict(images=images, answer=answer),
+    dict(image=images, conversations=[dict(**{"from": "human"}, value="<image>\n<image>\n" + QUESTION_EN),
+                                      dict(**{"from": "gpt"}, value=answer)]),
+    dict(images=images, messages=[dict(role="user", content="<image><image>" + QUESTION_EN),
+                                  dict(role="assistant", content=answer)]),
+    "",  # blank lines are skipped
+    dict(images=images, messages=[dict(role="user", content="<image><image>" + QUESTION_ZH),
+                                  dict(role="assistant", content="是。两个视角都显示广场周围的老城区。")], modality="uav"),
+    dict(images=images, answer="Looks alike.", match=True, lang="en", question="Same place?"),
+  ]
+  pairs = pair_files.read_pairs(_write_lines(tmp_path / "pairs.jsonl", lines))
+  assert len(pairs) == 5
+  paths = [str(tmp_path / p) for p in images]
+  for i, pair in enumerate(pairs[:3]):
+    assert pair == dict(query=paths[0], satellite=paths[1], match=False, lang="en", modality="pair",
+                        question=QUESTION_EN, answer=answer, line=f"{tmp_path}/pairs.jsonl:{i + 1}")
+  assert (pairs[3]["match"], pairs[3]["lang"], pairs[3]["question"], pairs[3]["modality"]) == (True, "zh", QUESTION_ZH, "uav")
+  assert pairs[3]["line"].endswith(":5")
+  assert (pairs[4]["match"], pairs[4]["question"]) == (True, "Same place?")
+  query, satellite = pair_files.images_of(pairs[0])
+  assert query.shape == satellite.shape == (40, 30, 3) and query.dtype == np.uint8
+  assert [im.shape for im in pair_files.images_of(pairs[0], size=(28, 56))] == [(28, 56, 3)] * 2
+  # another image root; questions without answers read when answers are not needed
+  moved = tmp_path / "elsewhere"
+  os.rename(tmp_path / "img", moved)
+  asked = pair_files.read_pairs(_write_lines(tmp_path / "ask.jsonl", [dict(images=["q.jpg", "s.png"], lang="zh")]),
+                                image_root=str(moved), need_answers=False)
+  assert asked[0]["query"] == str(moved / "q.jpg") and asked[0]["answer"] is None and asked[0]["match"] is None
+  assert asked[0]["question"] == QUESTION_ZH
+
+
+def test_bad_pairs_files_are_named(tmp_path):
+  _image(tmp_path / "q.png", (8, 8), 0)
+  bad = {
+    "not JSON": (["{\"images\": [\"q.png\""], r"pairs.jsonl:1: not JSON"),
+    "a list": ([[1, 2]], r"pairs.jsonl:1: each line holds one pair as a JSON object, not list"),
+    "one image": ([dict(images=["q.png"], answer="Yes.")], r"pairs.jsonl:1: a GLEAM-X pair has two images"),
+    "missing image": ([dict(images=["q.png", "q.png"], answer="Yes."), dict(images=["q.png", "nope.png"], answer="No.")],
+                      r"pairs.jsonl:2: image .*nope.png not found"),
+    "no verdict": ([dict(images=["q.png", "q.png"], answer="Perhaps.")], r"pairs.jsonl:1: the answer does not start"),
+    "no answer": ([dict(images=["q.png", "q.png"])], r"pairs.jsonl:1: no answer"),
+    "empty": ([""], r"holds no pairs"),
+  }
+  for what, (lines, message) in bad.items():
+    with pytest.raises(GleamError, match=message):
+      pair_files.read_pairs(_write_lines(tmp_path / "pairs.jsonl", lines))
+  with pytest.raises(GleamError, match=r"pairs file .*absent.jsonl not found"):
+    pair_files.read_pairs(str(tmp_path / "absent.jsonl"))
+
+
+def test_batches_group_examples_by_image_layout(tmp_path):
+  """Examples of one modality with images of two sizes go to two batch groups (one compiled step each);
+  `examples.image_size` resizes them into one."""
+  proc = processor.load_processor(tiny_dir.write_tiny_qwen_dir(str(tmp_path / "qwen"), min_pixels=56 * 56,
+                                                               max_pixels=112 * 112))
+  rng = np.random.default_rng(0)
+  views = lambda h, w: rng.integers(0, 256, (h, w, 3), np.uint8)
+  examples = [dict(query=views(*size), satellite=views(56, 56), question="Same?", answer="Yes.", modality=m)
+              for size, m in (((56, 56), "uav"), ((56, 112), "uav"), ((56, 56), "uav"), ((112, 56), "ground"))]
+  rows = sft.EncodedRows(proc, examples, keep=False)
+  assert rows.group_names() == ["uav 4x4+4x4", "uav 4x8+4x4", "uav 4x4+4x4", "ground"]
+  again = rows[1]  # re-encoded: as the first pass saw it
+  assert len(again["input_ids"]) == rows.lengths[1] and again["image_grid_thw"].tolist() == [[1, 4, 8], [1, 4, 4]]
+  same = sft.EncodedRows(proc, examples, image_size=(56, 56))
+  assert same.group_names() == ["uav", "uav", "uav", "ground"] and len(set(same.lengths)) == 1
+  with pytest.raises(GleamError, match=r"config.batch_size=2 is larger than .*'uav 4x8\+4x4': 1.*examples.image_size"):
+    sft.Batches(rows, rows.group_names(), 2, 0, 64, None)
+
+
+def test_a_job_on_pairs_files_trains_and_answers_as_on_the_synthetic_draw(tiny_cfg, tmp_path):
+  """The tiny job's own pairs written as files (`python -m gleam_jax.data.pair_files`) train the same
+  losses, step for step, and evaluate to the same metrics as the synthetic draw; `explain --pairs` on
+  the held-out file gives the job's evaluation again."""
+  pairs_dir = tmp_path / "pairs"
+  for draw in ("train", "eval"):
+    out = subprocess.run([sys.executable, "-m", "gleam_jax.data.pair_files", "--config=configs/x_sft.py:tiny",
+                          f"--config.data.data_dir={tiny_cfg.data_dir}", f"--draw={draw}", f"--out={pairs_dir}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{pairs_dir}/{draw}.jsonl" in out.stdout
+  files = {"examples.train_file": str(pairs_dir / "train.jsonl"), "examples.eval_file": str(pairs_dir / "eval.jsonl")}
+  fields = {"total_steps": 4, "checkpoint.every_steps": 4}
+  synthetic = main.run(tiny_config("x_sft", tiny_cfg.data_dir, **fields), str(tmp_path / "synthetic"))
+  from_files = main.run(tiny_config("x_sft", "/no/data/needed", **fields, **files), str(tmp_path / "files"))
+  losses = lambda w: [r["loss"] for r in read_metrics(str(tmp_path / w)) if "loss" in r]
+  assert len(losses("files")) == 4
+  np.testing.assert_allclose(losses("files"), losses("synthetic"), rtol=1e-6)
+  assert from_files == pytest.approx(synthetic)
+  lines = []
+  rows, metrics = explain.answer_pairs(files["examples.eval_file"], str(tmp_path / "out" / "answers.jsonl"),
+                                       workdir=str(tmp_path / "files"), batch_size=3, max_new_tokens=16,
+                                       log=lines.append)
+  assert metrics == pytest.approx(from_files)
+  with open(tmp_path / "out" / "answers_metrics.json") as f:
+    assert json.load(f) == pytest.approx(from_files)
+  with open(tmp_path / "out" / "answers.jsonl", encoding="utf-8") as f:
+    written = [json.loads(line) for line in f]
+  assert written == rows and len(rows) == 8 and [r["line"].rsplit(":", 1)[1] for r in rows] == [str(i) for i in range(1, 9)]
+  assert all(r["verdict"] == sft.explain_metrics.verdict(r["answer"]) and "reference" in r for r in rows)
+  assert any("pairs answered" in line for line in lines) and lines[-1].endswith("answers.jsonl")
+  with pytest.raises(GleamError, match="examples.train_file is set but examples.eval_file is not"):
+    main.run(tiny_config("x_sft", "/no/data/needed", **{"examples.train_file": files["examples.train_file"]}),
+             str(tmp_path / "no_eval"))
