@@ -17,6 +17,7 @@ entry says how to use it; in PyTorch:
     x = F.linear(x, head['gleam_c.projection.weight'], head['gleam_c.projection.bias'])
     embedding = F.normalize(x, dim=-1, eps=1e-6)
     scores = head['gleam_c.logit_scale'].exp() * query_embedding @ reference_embedding.T
+    # a job trained with the sigmoid loss: + head['gleam_c.logit_bias']; sigmoid(scores) = P(same place)
 
 `pixel_values` are RGB images (N, 3, H, W) read as [0, 1] and normalised by config.json's
 `gleam_c.pixel_mean` / `pixel_std`, at the sizes of `gleam_c.inputs` (the job's; any size works);
@@ -79,21 +80,25 @@ def select_folders(folders, tower, modalities, separate_towers, modality_towers)
   return {name: folders[name]}
 
 
-def head_tensors(model, tower) -> dict[str, np.ndarray]:
+def head_tensors(model, tower, loss_bias=None) -> dict[str, np.ndarray]:
   """The GLEAM-C head of `tower`'s network in torch layouts: `gleam_c.projection.weight` (embed_dim,
-  width) and `.bias` when the model projects, and `gleam_c.logit_scale` (log of the score scale)."""
+  width) and `.bias` when the model projects, `gleam_c.logit_scale` (log of the score scale), and
+  `gleam_c.logit_bias` (the sigmoid loss's learned bias) when given."""
   projection = getattr(model, f"{model.tower_key(tower)}projection")
   out = {"gleam_c.logit_scale": np.asarray(model.logit_scale[...], np.float32)}
+  if loss_bias is not None:
+    out["gleam_c.logit_bias"] = np.asarray(loss_bias, np.float32)
   if projection is not None:
     out["gleam_c.projection.weight"] = np.asarray(projection.kernel[...], np.float32).T
     out["gleam_c.projection.bias"] = np.asarray(projection.bias[...], np.float32)
   return out
 
 
-def head_config(model, tower) -> dict:
+def head_config(model, tower, loss_bias=None) -> dict:
   """config.json's `gleam_c` entry: the towers the network encodes, how their embedding is made from
   transformers' outputs (`pooler_output` is the LayerNorm of the global average pool: what our
-  encoder gives the projection)."""
+  encoder gives the projection) and how two embeddings score (with the sigmoid loss's bias, whose
+  sigmoid is the probability of the same place, where the job learned one)."""
   key = model.tower_key(tower)
   projected = getattr(model, f"{key}projection") is not None
   features = ("F.linear(pooler_output, gleam_c.projection.weight, gleam_c.projection.bias)" if projected
@@ -105,17 +110,20 @@ def head_config(model, tower) -> dict:
       "projection": projected,
       "normalize": "l2",
       "embedding": f"F.normalize({features}, dim=-1, eps={L2_EPS})",
-      "similarity": "exp(gleam_c.logit_scale) * query_embedding @ reference_embedding.T",
+      "similarity": "exp(gleam_c.logit_scale) * query_embedding @ reference_embedding.T"
+                    + (" + gleam_c.logit_bias" if loss_bias is not None else ""),
+      **({"match_probability": "sigmoid(similarity)"} if loss_bias is not None else {}),
       "compute_dtype": getattr(model, f"{key}encoder").config.dtype.__name__,
   }
 
 
-def save_tower(model, tower, directory, info=None) -> int:
+def save_tower(model, tower, directory, info=None, loss_bias=None) -> int:
   """Writes the network that encodes `tower` into `directory` (`convnext_params.save_hf_convnext`)
   with its head; `info`: more entries of config.json's `gleam_c`. Returns the bytes written."""
   encoder = getattr(model, f"{model.tower_key(tower)}encoder")
-  return convnext_params.save_hf_convnext(encoder, directory, extra=head_tensors(model, tower),
-                                          extra_config={"gleam_c": head_config(model, tower) | (info or {})})
+  return convnext_params.save_hf_convnext(
+      encoder, directory, extra=head_tensors(model, tower, loss_bias),
+      extra_config={"gleam_c": head_config(model, tower, loss_bias) | (info or {})})
 
 
 def _modalities(config) -> tuple[str, ...]:
@@ -155,9 +163,9 @@ def export(workdir, out, tower=None) -> str:
   for directory in dict.fromkeys([out, *dirs.values()]):  # before the model is loaded
     model_dirs.check_export_dir(directory)
   with checkpoint.at_most_verbose(logging.WARNING):  # Orbax logs every read at INFO
-    model, config, where = retrieve.load_trained(workdir)
+    model, config, where, loss_bias = retrieve.load_trained(workdir)
   step = checkpoint.step_of(where)
-  total = sum(save_tower(model, towers[0], dirs[name], _job_info(config, towers, step))
+  total = sum(save_tower(model, towers[0], dirs[name], _job_info(config, towers, step), loss_bias)
               for name, towers in folders.items())
   names = ", ".join(name if towers == [name] else f"{name} ({'/'.join(towers)})" for name, towers in folders.items())
   return (f"exported step {step} of {workdir} to {out}: towers {names}, {format_size(total)}, "

@@ -79,12 +79,13 @@ def load_config(workdir):
 
 def load_model(workdir):
   """(model in eval mode, config) with the parameters of the workdir's latest checkpoint."""
-  model, config, _ = load_trained(workdir)
+  model, config, _, _ = load_trained(workdir)
   return model, config
 
 
 def load_trained(workdir):
-  """(model in eval mode, config, the step folder of the checkpoint read)."""
+  """(model in eval mode, config, the step folder of the checkpoint read, the sigmoid loss's learned
+  bias or None for a job of another loss)."""
   config = load_config(workdir)
   if config.get("trainer") != "contrastive":
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; retrieval needs a GLEAM-C "
@@ -99,7 +100,8 @@ def load_trained(workdir):
   model = nnx.merge(graphdef, restored["model"], rng_state, rest)
   model.eval()
   print(f"model from {where}")
-  return model, config, where
+  loss_bias = float(restored["loss_bias"]) if "loss_bias" in restored else None
+  return model, config, where, loss_bias
 
 
 def image_files(folder, flag):
@@ -191,7 +193,7 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   `altitude_m`, `fov_deg`) and the satellites' `footprint_m` when the job read UAV views in the
   satellite frame. Camera values given apply to every query."""
   _check_output(k, out, single=len(query_paths) == 1)
-  model, config, source = load_trained(workdir)
+  model, config, source, _ = load_trained(workdir)
   data_cfg = config.data
   modality = _query_modality(workdir, config, modality)
   queries = {path: _query_input(workdir, path, modality, camera, data_cfg) for path in query_paths}

@@ -21,6 +21,7 @@ from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import export_c, main, retrieve
 from gleam_jax.errors import GleamError
 from gleam_jax.models import convnext, convnext_params, gleam_c
+from gleam_jax.train import contrastive
 
 TOL = 1e-5  # float32 on both sides; the largest difference seen is ~1e-7 (unit-norm embeddings)
 
@@ -72,12 +73,12 @@ def forward(model, x, tower):
   return model.encode(x, tower=tower), encoder(x), encoder.stage_features(x)[-1]
 
 
-def check_tower(model, tower, directory, x):
+def check_tower(model, tower, directory, x, loss_bias=None):
   """transformers reads the backbone (the head keys reported unexpected), its features and our recipe's
   embedding are ours; our loader reads the backbone back bit for bit. Returns the largest difference."""
   want, features, last = map(np.asarray, forward(model, jnp.asarray(x), tower))
   got, out, info, config = torch_embed(directory, x)
-  head = export_c.head_tensors(model, tower)
+  head = export_c.head_tensors(model, tower, loss_bias)
   assert not info["missing_keys"] and not info["mismatched_keys"]
   assert info["unexpected_keys"] == set(head) and "gleam_c.logit_scale" in head
   assert tower in config.gleam_c["towers"] and config.layer_norm_eps == convnext.LN_EPS
@@ -155,9 +156,10 @@ def test_job_info_names_the_frames_queries_were_warped_into():
 
 @pytest.fixture(scope="module")
 def c_job(tiny_cfg, tmp_path_factory):
-  """A finished one-step phase-1 job with separate query and reference towers."""
+  """A finished one-step phase-1 job with separate query and reference towers, trained with the sigmoid
+  loss (whose learned bias the export carries)."""
   workdir = str(tmp_path_factory.mktemp("c_job"))
-  config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=1, **{
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, "tiny,loss=sigmoid", total_steps=1, **{
       "model.separate_towers": True, "optim.warmup_steps": 0, "eval.at_end": False})
   main.run(config, workdir)
   return workdir
@@ -169,15 +171,25 @@ def test_export_command_on_a_gleam_c_job(c_job, tmp_path):
   assert re.fullmatch(rf"exported step 1 of {re.escape(c_job)} to {re.escape(out)}: towers query, reference, "
                       r"[0-9.]+ MB, [0-9.]+ s", line), line
   assert sorted(os.listdir(out)) == ["query", "reference"]
-  model, config = retrieve.load_model(c_job)
+  model, config, _, loss_bias = retrieve.load_trained(c_job)
   data = config.data
+  assert config.loss.name == "sigmoid" and loss_bias != contrastive.SIGMOID_BIAS_INIT  # learned in its step
   for tower, size, name in [("query", data.panorama_size, "panorama"), ("reference", data.satellite_size, "satellite")]:
     x = images((2, *size, 3), seed=5)
-    assert check_tower(model, tower, os.path.join(out, tower), x) < TOL
+    assert check_tower(model, tower, os.path.join(out, tower), x, loss_bias) < TOL
     with open(os.path.join(out, tower, "config.json")) as f:
       info = json.load(f)["gleam_c"]
     assert info["inputs"] == {name: list(size)} and info["step"] == 1
     assert info["pixel_mean"] == list(data.mean) and info["pixel_std"] == list(data.std)
+    assert info["similarity"].endswith(" + gleam_c.logit_bias") and info["match_probability"] == "sigmoid(similarity)"
+  # the PyTorch recipe's scores are the sigmoid loss's logits of the job (scale and bias as trained)
+  q, r = (torch_embed(os.path.join(out, t), images((3, *s, 3), seed=6 + i))[0]
+          for i, (t, s) in enumerate([("query", data.panorama_size), ("reference", data.satellite_size)]))
+  head = safetensors.torch.load_file(os.path.join(out, "query", "model.safetensors"))
+  theirs = head["gleam_c.logit_scale"].exp().numpy() * q @ r.T + head["gleam_c.logit_bias"].numpy()
+  ours = (np.exp(float(model.logit_scale[...])) * np.asarray(model.encode(jnp.asarray(images((3, *data.panorama_size, 3), 6)), tower="query"))
+          @ np.asarray(model.encode(jnp.asarray(images((3, *data.satellite_size, 3), 7)), tower="reference")).T + loss_bias)
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-5)
   # --tower: one network, into --out itself
   single = str(tmp_path / "panorama")
   assert "towers query, " in export_c.export(c_job, single, tower="panorama")
