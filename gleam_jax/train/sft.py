@@ -4,11 +4,13 @@ with a verdict and an explanation (English or Chinese). `config.trainer = 'sft'`
 The model is a local Hugging Face directory's (`config.model.hf_dir`: weights, tokenizer and
 processor; nothing is downloaded) or, without one, a tiny random Qwen2.5-VL whose tokenizer is
 trained on the GLEAM-X answers and written into `<workdir>/tiny_qwen` (the CPU default and the
-tests). Examples come from the synthetic world (`data/gleam_x.py`): query and satellite images,
-the question, the answer. Each is tokenized with the chat template (`Processor.build_sft_example`:
-the loss covers only the answer and its closing `<|im_end|>`), right-padded to the longest example.
-A batch holds one query modality (one image shape, so one compiled step per shape), modalities in
-turn; the order is a function of (seed, step), so a resumed job reads the batches it would have.
+tests). Examples come from the synthetic world (`data/gleam_x.py`), or from JSON Lines files of
+your own pairs (`examples.train_file` / `eval_file`, `data/pair_files.py`): query and satellite
+images, the question, the answer. Each is tokenized with the chat template
+(`Processor.build_sft_example`: the loss covers only the answer and its closing `<|im_end|>`),
+right-padded to the longest example. A batch holds one query modality and image layout (one
+compiled step each), groups in turn; the order is a function of (seed, step), so a resumed job reads
+the batches it would have.
 
 Full fine-tuning with AdamW (`train/optim.py`: warmup + cosine, clipping, regex rules for frozen
 parameters, e.g. `optim.frozen=('^model/visual/',)` to keep the vision tower, and learning-rate
@@ -316,34 +318,35 @@ def make_train_step(setup):
 
 
 class Batches:
-  """The training batches: step s reads `batch_size` examples of modality `modalities[s % M]`, the
-  (s // M)-th batch of that modality's endless stream of seeded epoch permutations."""
+  """The training batches: step s reads `batch_size` examples of group `groups[s % G]` (a modality and
+  image layout: `EncodedRows.group_names`), the (s // G)-th batch of that group's endless stream of
+  seeded epoch permutations."""
 
-  def __init__(self, rows, modalities_of_rows, batch_size, seed, length, cfg):
+  def __init__(self, rows, groups_of_rows, batch_size, seed, length, cfg):
     self.rows, self.batch_size, self.seed, self.length, self.cfg = rows, batch_size, seed, length, cfg
-    self.modalities = sorted(set(modalities_of_rows))
-    self.by_modality = {m: np.flatnonzero(np.asarray(modalities_of_rows) == m) for m in self.modalities}
-    small = {m: len(r) for m, r in self.by_modality.items() if len(r) < batch_size}
+    self.groups = sorted(set(groups_of_rows))
+    self.by_group = {g: np.flatnonzero(np.asarray(groups_of_rows) == g) for g in self.groups}
+    small = {g: len(r) for g, r in self.by_group.items() if len(r) < batch_size}
     if small:
       raise GleamError(f"config.batch_size={batch_size} is larger than the training examples of {small} (a batch "
                        "holds one modality and one image layout): raise config.examples.train (or add pairs), "
                        "lower the batch size, or give every image one size (config.examples.image_size).")
 
   def indices(self, step):
-    m = self.modalities[step % len(self.modalities)]
-    members = self.by_modality[m]
-    start = (step // len(self.modalities)) * self.batch_size
+    g = self.groups[step % len(self.groups)]
+    members = self.by_group[g]
+    start = (step // len(self.groups)) * self.batch_size
     out = []
     for p in range(start, start + self.batch_size):
       epoch, k = divmod(p, len(members))
-      out.append(int(members[self._order(m, epoch)[k]]))
+      out.append(int(members[self._order(g, epoch)[k]]))
     return out
 
   @functools.lru_cache(maxsize=8)
-  def _order(self, modality, epoch):
-    """The seeded permutation of `modality`'s examples in `epoch` (a batch spans at most two)."""
-    return np.random.default_rng([self.seed, 5, epoch, self.modalities.index(modality)]).permutation(
-        len(self.by_modality[modality]))
+  def _order(self, group, epoch):
+    """The seeded permutation of `group`'s examples in `epoch` (a batch spans at most two)."""
+    return np.random.default_rng([self.seed, 5, epoch, self.groups.index(group)]).permutation(
+        len(self.by_group[group]))
 
   def batch(self, step):
     return collate([self.rows[i] for i in self.indices(step)], self.length, self.cfg)
@@ -441,7 +444,7 @@ def run(config, workdir):
       log(f"resumed from {last_good[1]}")
     step = int(step)
     log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; Qwen2.5-VL {n_params / 1e6:.2f}M params{adapters} from "
-        f"{directory}; {len(train)} training pairs ({', '.join(batches.modalities)}; "
+        f"{directory}; {len(train)} training pairs ({', '.join(batches.groups)}; "
         f"{', '.join(sorted({ex['lang'] for ex in train}))}), "
         f"{batches.length} tokens per row; training to step {total_steps}")
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
