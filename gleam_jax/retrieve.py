@@ -1,6 +1,8 @@
 """Retrieve the satellite images that match query images with a trained GLEAM-C model.
 
     python -m gleam_jax.retrieve --workdir=W --query=img.jpg --gallery=DIR [--k=5] [--modality=panorama]
+    python -m gleam_jax.retrieve --workdir=W --query=QUERIES --gallery=DIR --results=top5.jsonl --nopngs \
+        [--match_by_name]
 
 Loads the model described by `W/config.json` with the parameters of W's latest checkpoint, embeds
 every image in DIR (png, jpg, jpeg, bmp, tif, tiff, webp; other files are skipped and counted) as
@@ -8,7 +10,10 @@ satellite references, batch by batch, and keeps those embeddings in W/retrieve/ 
 (reused while the checkpoint and DIR's files stay the same). It embeds the query (one file, or every
 image of a folder) with the query tower, searches as the evaluation does (`eval.search`: exact, or
 ScaNN for large galleries), prints each query's top-k gallery files with their cosine scores and
-writes a PNG of the query and its top-k (default `W/retrieve/<query>_top<k>.png`).
+writes a PNG of the query and its top-k (default `W/retrieve/<query>_top<k>.png`; `--nopngs` for
+large query folders), and with `--results` a JSON Lines file of every query's top-k. With
+`--match_by_name` the gallery image named as a query (extensions aside) is its true satellite, and
+R@K over the queries is printed: a quick score of your own paired folders.
 Images are read upright (their EXIF orientation applied) and resized to the sizes the model was
 trained on (`config.data`). A phase-2 job places a ground photo by its camera (`--heading_deg`,
 `--fov_deg`) and a UAV view by its pose (`--heading_deg --pitch_deg --altitude_m --fov_deg`) and the
@@ -33,6 +38,7 @@ from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.data.photo_camera import recorded_camera
 from gleam_jax.data.sources import CAMERA_KEYS, read_image
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
+from gleam_jax.eval import metrics
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
 from gleam_jax.train import checkpoint
@@ -64,6 +70,10 @@ def define_flags():
   flags.DEFINE_float("pitch_deg", None, "A UAV camera's pitch below the horizon (data.uav_frame).")
   flags.DEFINE_float("altitude_m", None, "A UAV camera's height above the ground, metres (data.uav_frame).")
   flags.DEFINE_float("footprint_m", None, "The gallery satellites' ground width, metres (data.uav_frame).")
+  flags.DEFINE_bool("pngs", True, "Write a PNG of each query and its top-k (--nopngs for large query folders).")
+  flags.DEFINE_string("results", None, "A JSON Lines file to write: each query's top-k files and scores.")
+  flags.DEFINE_bool("match_by_name", False, "Each query's true satellite is the gallery image of the same name: "
+                    "print R@K over the queries.")
 
 
 def load_config(workdir):
@@ -176,48 +186,100 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
            pitch_deg=None, altitude_m=None, footprint_m=None):
   """Prints and returns the top-k [(file, score)] of one query file; writes the PNG (`out`). See
   `search_all`, which this calls, for the camera values."""
-  found = search_all(workdir, [query_path], gallery_dir, k, modality, out, heading_deg=heading_deg,
-                     fov_deg=fov_deg, pitch_deg=pitch_deg, altitude_m=altitude_m, footprint_m=footprint_m)
+  found, _ = search_all(workdir, [query_path], gallery_dir, k, modality, out, heading_deg=heading_deg,
+                        fov_deg=fov_deg, pitch_deg=pitch_deg, altitude_m=altitude_m, footprint_m=footprint_m)
   return found[query_path]
 
 
-def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, **camera):
-  """{query file: its top-k [(gallery file, score)]} for every query, printed, with a PNG each
-  (`out`: the PNG of a single query, else the folder of the PNGs; default W/retrieve/). The
-  gallery's embeddings are kept in W/retrieve/ and reused while the checkpoint, the input settings
-  and the gallery's files (names, sizes, modification times) stay the same; the search is the
-  evaluation's (`eval.search`: exact, or ScaNN for large galleries). A ground photo needs
-  `heading_deg` and `fov_deg` when the job read ground photos in the panorama frame: when not
-  given, they are read from the photo's EXIF (compass heading, 35 mm-equivalent focal length; the
-  field of view defaults to 90 deg); a UAV view needs its camera (`heading_deg`, `pitch_deg`,
-  `altitude_m`, `fov_deg`) and the satellites' `footprint_m` when the job read UAV views in the
-  satellite frame. Camera values given apply to every query."""
-  _check_output(k, out, single=len(query_paths) == 1)
+def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, pngs=True, results=None,
+               match_by_name=False, **camera):
+  """({query file: its top-k [(gallery file, score)]} for every query, {R@K: fraction} or None),
+  printed, with a PNG each
+  (`pngs`; `out`: the PNG of a single query, else the folder of the PNGs; default W/retrieve/) and,
+  with `results`, a JSON Lines file of them (a line per query). Queries are read and embedded in
+  batches; only their embeddings are held. The gallery's embeddings are kept in W/retrieve/ and
+  reused while the checkpoint, the input settings and the gallery's files (names, sizes,
+  modification times) stay the same; the search is the evaluation's (`eval.search`: exact, or ScaNN
+  for large galleries). With `match_by_name` each query's true satellite is the gallery file of the
+  same name (its extension aside): R@1, R@5, R@10 (those up to k) and R@k are printed and returned. A ground photo needs `heading_deg` and `fov_deg` when the job read ground
+  photos in the panorama frame: when not given, they are read from the photo's EXIF (compass
+  heading, 35 mm-equivalent focal length; the field of view defaults to 90 deg); a UAV view needs
+  its camera (`heading_deg`, `pitch_deg`, `altitude_m`, `fov_deg`) and the satellites' `footprint_m`
+  when the job read UAV views in the satellite frame. Camera values given apply to every query."""
+  _check_output(k, out if pngs else None, single=len(query_paths) == 1)
+  if results:
+    _check_results_file(results)
+  files, skipped = image_files(gallery_dir, "--gallery")
+  truth = _true_matches(query_paths, files) if match_by_name else None  # before anything is embedded
   model, config, source, _ = load_trained(workdir)
   data_cfg = config.data
   modality = _query_modality(workdir, config, modality)
-  queries = {path: _query_input(workdir, path, modality, camera, data_cfg) for path in query_paths}
-  files, skipped = image_files(gallery_dir, "--gallery")
+  embedded = query_embeddings(model, workdir, query_paths, modality, camera, data_cfg)
   gallery = gallery_embeddings(model, config, source, files, workdir)
-  encode = jax.jit(lambda x: model.encode(x, tower=modality))
-  shape = query_shape(data_cfg, modality)
-  embedded = np.concatenate([np.asarray(encode(prepare(framed, shape, data_cfg)[None]))
-                             for _, framed in queries.values()])
   search_cfg = config.eval.get("search") or retrieval.search_config()
   index = retrieval.build_index(gallery, search_cfg, workdir=os.path.join(workdir, "retrieve"))
   scores, top = index.search(embedded, k)
   print(f"gallery {len(files)} images in {gallery_dir}"
         + (f" ({skipped} non-image files skipped)" if skipped else ""))
   found = {}
-  for (path, (raw, _)), row_scores, row_top in zip(queries.items(), scores, top):
+  for path, row_scores, row_top in zip(query_paths, scores, top):
     print(f"query {path} ({modality})")
     for rank, (score, i) in enumerate(zip(row_scores, row_top), 1):
       print(f"{rank:3d}. {score:.4f}  {files[i]}")
-    png = _png_path(workdir, path, len(row_top), out, single=len(queries) == 1)
-    report.save_topk_png(raw, [read_image(files[i]) for i in row_top], row_scores, png)
-    print(f"wrote {png}")
+    if pngs:
+      png = _png_path(workdir, path, len(row_top), out, single=len(query_paths) == 1)
+      report.save_topk_png(read_image(path), [read_image(files[i]) for i in row_top], row_scores, png)
+      print(f"wrote {png}")
     found[path] = [(files[i], float(score)) for score, i in zip(row_scores, row_top)]
-  return found
+  if results:
+    with open(results, "w", encoding="utf-8") as f:
+      for path, top_k in found.items():
+        line = {"query": path, "modality": modality, "top": [{"file": g, "score": s} for g, s in top_k]}
+        if truth:
+          line["true"] = files[truth[path]]
+        f.write(json.dumps(line) + "\n")
+    print(f"wrote {results} ({len(found)} queries)")
+  recall = None
+  if truth:
+    ranks = [next((r for r, i in enumerate(row) if i == truth[path]), k) for path, row in zip(query_paths, top)]
+    recall = metrics.recall_at_k(ranks, sorted({K for K in (1, 5, 10) if K <= k} | {k}))
+    print(f"{len(ranks)} queries matched by name: " + ", ".join(f"{name} {v:.1%}" for name, v in recall.items()))
+  return found, recall
+
+
+def query_embeddings(model, workdir, paths, modality, camera, data_cfg):
+  """The query tower's embeddings of the query files (each in its modality's frame), read and
+  embedded batch by batch."""
+  shape = query_shape(data_cfg, modality)
+  batches = ({"image": np.stack([prepare(_query_input(workdir, p, modality, camera, data_cfg)[1], shape, data_cfg)
+                                 for p in paths[i:i + GALLERY_BATCH]]),
+              "index": np.arange(i, min(i + GALLERY_BATCH, len(paths)))}
+             for i in range(0, len(paths), GALLERY_BATCH))
+  embedded, _ = retrieval.embed(lambda x: model.encode(x, tower=modality), batches, what="the queries")
+  return embedded
+
+
+def _stem(path):
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _true_matches(query_paths, files):
+  """{query file: the index of the gallery file of the same name}; every query needs one."""
+  by_stem = {}
+  for i, f in enumerate(files):
+    by_stem.setdefault(_stem(f), []).append(i)
+  missing = [p for p in query_paths if len(by_stem.get(_stem(p), [])) != 1]
+  if missing:
+    raise GleamError(f"--match_by_name: {len(missing)} of {len(query_paths)} queries have no gallery image of "
+                     f"the same name, or several (first: {missing[0]}); name each query as its satellite "
+                     "(extensions may differ), or leave --match_by_name off.")
+  return {p: by_stem[_stem(p)][0] for p in query_paths}
+
+
+def _check_results_file(results):
+  if os.path.isdir(results):
+    raise GleamError(f"--results={results} is a folder; give the JSON Lines file to write.")
+  make_dir(os.path.dirname(os.path.abspath(results)), "--results")
 
 
 def _query_input(workdir, path, modality, given, data_cfg):
@@ -286,7 +348,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
   with stop_on_bad_input():
     search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query), FLAGS.gallery, FLAGS.k,
-               FLAGS.modality, FLAGS.out, **{name: FLAGS[name].value for name in CAMERA_KEYS})
+               FLAGS.modality, FLAGS.out, FLAGS.pngs, FLAGS.results, FLAGS.match_by_name,
+               **{name: FLAGS[name].value for name in CAMERA_KEYS})
 
 
 if __name__ == "__main__":

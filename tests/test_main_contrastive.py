@@ -470,14 +470,37 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
   for r in rows[:3]:
     Image.fromarray(source[int(r)]["query"]).save(queries / f"q{index['location_id'][r]}.png")
   paths = retrieve.query_files(str(queries))
-  found = retrieve.search_all(phase1_workdir, paths, str(gallery), k=2, out=str(tmp_path / "pngs"))
-  assert list(found) == paths
+  found, recall = retrieve.search_all(phase1_workdir, paths, str(gallery), k=2, out=str(tmp_path / "pngs"))
+  assert list(found) == paths and recall is None
   for path in paths:
     alone = retrieve.search(phase1_workdir, path, str(gallery), k=2)
     assert [f for f, _ in found[path]] == [f for f, _ in alone]
     np.testing.assert_allclose([s for _, s in found[path]], [s for _, s in alone], rtol=1e-5, atol=1e-6)
   assert sorted(os.listdir(tmp_path / "pngs")) == sorted(
       f"{os.path.splitext(os.path.basename(p))[0]}_top2.png" for p in paths)
+  # queries named as their satellites: a results file without PNGs, and R@K over the folder
+  named = tmp_path / "named"
+  named.mkdir()
+  for r in rows[:3]:
+    Image.fromarray(source[int(r)]["query"]).save(named / f"loc{index['location_id'][r]}.jpg")
+  pngs_before = sorted(os.listdir(os.path.join(phase1_workdir, "retrieve")))
+  results = tmp_path / "results" / "top2.jsonl"
+  found, recall = retrieve.search_all(phase1_workdir, retrieve.query_files(str(named)), str(gallery), k=2,
+                                      pngs=False, results=str(results), match_by_name=True)
+  assert sorted(os.listdir(os.path.join(phase1_workdir, "retrieve"))) == pngs_before
+  lines = [json.loads(line) for line in results.read_text().splitlines()]
+  assert [line["query"] for line in lines] == list(found) and len(lines) == 3
+  hits = {1: [], 2: []}
+  for line in lines:
+    assert [(t["file"], t["score"]) for t in line["top"]] == found[line["query"]] and line["modality"] == "panorama"
+    assert line["true"] == str(gallery / (os.path.splitext(os.path.basename(line["query"]))[0] + ".png"))
+    for K in hits:
+      hits[K].append(line["true"] in [t["file"] for t in line["top"][:K]])
+  assert recall == {"R@1": np.mean(hits[1]), "R@2": np.mean(hits[2])}
+  assert f"3 queries matched by name: R@1 {np.mean(hits[1]):.1%}" in capsys.readouterr().out
+  (named / "stray.jpg").write_bytes((named / os.listdir(named)[0]).read_bytes())
+  with pytest.raises(GleamError, match=r"--match_by_name: 1 of 4 queries have no gallery image of the same name"):
+    retrieve.search_all(phase1_workdir, retrieve.query_files(str(named)), str(gallery), match_by_name=True)
   with pytest.raises(GleamError, match="--query=.*missing.png"):
     retrieve.query_files(str(tmp_path / "missing.png"))
   (tmp_path / "a_file").write_text("")
