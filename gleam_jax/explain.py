@@ -178,8 +178,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
     metrics = explain_eval.explain_metrics(answers, pairs)
     with open(os.path.splitext(out_path)[0] + "_metrics.json", "w") as f:
       json.dump(metrics, f, indent=1)
-    log(f"verdict acc {metrics['verdict_acc']:.1%} (answered {metrics['answered']:.0%}), ROUGE-L "
-        f"{metrics['rouge_l']:.3f} on {len(pairs)} pairs")
+    log(f"{explain_eval.summary(metrics)} on {len(pairs)} pairs")
   log(f"{len(rows)} answers written to {out_path}")
   return rows, metrics
 

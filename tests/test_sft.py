@@ -131,12 +131,18 @@ def test_verdicts_and_rouge_l_on_hand_checked_texts():
   # 6 and 5 words, common subsequence "the cat on mat": P 4/6, R 4/5
   assert metrics.rouge_l("The cat sat on the mat.", "the cat on a mat", "en") == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
   assert metrics.rouge_l("两个视角都显示", "两个视角显示", "zh") == pytest.approx(12 / 13)  # P 6/7, R 1
-  examples = [dict(lang="en", match=True, answer="Yes. A river."), dict(lang="en", match=False, answer="No. A park."),
-              dict(lang="zh", match=False, answer="否。河流。")]
+  examples = [dict(lang="en", match=True, answer="Yes. A river.", modality="uav"),
+              dict(lang="en", match=False, answer="No. A park.", modality="uav"),
+              dict(lang="zh", match=False, answer="否。河流。", modality="ground")]
   out = metrics.explain_metrics(["Yes. A river.", "Maybe", "是。河流。"], examples)
   assert out["verdict_acc"] == pytest.approx(1 / 3) and out["answered"] == pytest.approx(2 / 3)
+  assert out["said_yes"] == pytest.approx(2 / 3)
   assert out["en/verdict_acc"] == 0.5 and out["zh/verdict_acc"] == 0.0
   assert out["en/rouge_l"] == 0.5 and out["zh/rouge_l"] == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+  zh_rouge = out["zh/rouge_l"]
+  assert (out["uav/verdict_acc"], out["uav/rouge_l"], out["ground/verdict_acc"], out["ground/rouge_l"]) == (0.5, 0.5, 0.0, zh_rouge)
+  one_modality = metrics.explain_metrics(["Yes."], examples[:1])
+  assert sorted(one_modality) == ["answered", "en/rouge_l", "en/verdict_acc", "rouge_l", "said_yes", "verdict_acc"]
 
 
 def sft_config(data_dir, **fields):

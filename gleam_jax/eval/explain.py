@@ -56,21 +56,36 @@ def rouge_l(prediction, reference, lang):
 
 
 def explain_metrics(predictions, examples):
-  """{'verdict_acc', 'answered', 'rouge_l', and per language '<lang>/verdict_acc', '<lang>/rouge_l'}
-  of generated answers against the examples' `match` and `answer`."""
+  """{'verdict_acc', 'answered', 'said_yes' (the share of answers that say "the same place": 0.5 for
+  a model that sees, with half the pairs matching), 'rouge_l', per language '<lang>/verdict_acc',
+  '<lang>/rouge_l', and per query modality '<modality>/verdict_acc', '<modality>/rouge_l' where the
+  examples have several} of generated answers against the examples' `match` and `answer`."""
   rows = []
   for text, ex in zip(predictions, examples, strict=True):
     v = verdict(text)
-    rows.append((ex["lang"], v is not None, v == ex["match"], rouge_l(text, ex["answer"], ex["lang"])))
+    rows.append((ex["lang"], ex.get("modality"), v, v == ex["match"], rouge_l(text, ex["answer"], ex["lang"])))
+  groups = {None: rows}
+  for r in rows:
+    groups.setdefault(f"{r[0]}/", []).append(r)
+  modalities = {r[1] for r in rows}
+  if len(modalities) > 1:
+    for r in rows:
+      groups.setdefault(f"{r[1]}/", []).append(r)
   out = {}
-  for lang in sorted({r[0] for r in rows}) + [None]:
-    chosen = [r for r in rows if lang is None or r[0] == lang]
-    prefix = "" if lang is None else f"{lang}/"
-    out[f"{prefix}verdict_acc"] = float(np.mean([r[2] for r in chosen]))
-    out[f"{prefix}rouge_l"] = float(np.mean([r[3] for r in chosen]))
-    if lang is None:
-      out["answered"] = float(np.mean([r[1] for r in chosen]))
+  for prefix in [None] + sorted(k for k in groups if k is not None):
+    chosen = groups[prefix]
+    out[f"{prefix or ''}verdict_acc"] = float(np.mean([r[3] for r in chosen]))
+    out[f"{prefix or ''}rouge_l"] = float(np.mean([r[4] for r in chosen]))
+    if prefix is None:
+      out["answered"] = float(np.mean([r[2] is not None for r in chosen]))
+      out["said_yes"] = float(np.mean([r[2] is True for r in chosen]))
   return out
+
+
+def summary(metrics):
+  """The metrics as the one line the trainer's evaluation and `explain --pairs` print."""
+  return (f"verdict acc {metrics['verdict_acc']:.1%} (answered {metrics['answered']:.0%}, said yes "
+          f"{metrics['said_yes']:.0%}), ROUGE-L {metrics['rouge_l']:.3f}")
 
 
 def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None):

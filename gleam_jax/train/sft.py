@@ -384,8 +384,7 @@ def evaluate(config, setup, state, proc, examples, workdir, step, writer):
     make_dir(os.path.dirname(path), "--workdir")
     with open(path, "w", encoding="utf-8") as f:
       f.write("\n".join(lines) + "\n")
-  log(f"step {step}: eval verdict acc {metrics['verdict_acc']:.1%} (answered {metrics['answered']:.0%}), "
-      f"ROUGE-L {metrics['rouge_l']:.3f} on {len(examples)} held-out pairs")
+  log(f"step {step}: eval {explain_metrics.summary(metrics)} on {len(examples)} held-out pairs")
   return metrics
 
 
