@@ -17,7 +17,8 @@ any number of images may go with a prompt of your own. Prefill and decode rates 
 train on) in batches, greedily, and writes one line per pair to `--out` (the pair's line, images,
 the answer and its verdict, the reference where the file has one); when every pair has a reference
 answer it prints verdict accuracy and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
-and writes them beside `--out` (`<out>_metrics.json`).
+and writes them beside `--out` (`<out>_metrics.json`). Answers are kept batch by batch in
+`<out>.partial`; a run stopped part way, started again, answers only the pairs not yet answered.
 """
 import json
 import os
@@ -146,8 +147,10 @@ def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, m
 
 def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=8, max_new_tokens=256,
                  image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None):
-  """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` and, when every
-  pair has a reference answer, `<out_path>_metrics.json`; returns (answer rows, metrics or None)."""
+  """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` (a line per
+  pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;
+  returns (answer rows, metrics or None). Each batch's answers are appended to `<out_path>.partial` as
+  they come: a run stopped part way resumes with the pairs not yet answered."""
   log = log or (lambda line: print(line, file=sys.stderr))
   if batch_size < 1:
     raise GleamError(f"--batch_size={batch_size} must be positive.")
@@ -156,31 +159,50 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   if os.path.isdir(out_path):
     raise GleamError(f"--out={out_path} is a folder; give the JSON Lines file to write.")
   make_dir(os.path.dirname(out_path), "--out")
-  model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels)
-  progress = RateEta(len(pairs))
+  partial = out_path + ".partial"
+  key = lambda line, images: (line.rsplit(":", 1)[-1], tuple(images))  # the line number and its images
+  done = {}
+  if os.path.exists(partial):
+    with open(partial, encoding="utf-8") as f:
+      done = {key(row["line"], row["images"]): row for row in map(json.loads, f)}
+  rows = [done.get(key(p["line"], [p["query"], p["satellite"]])) for p in pairs]
+  todo = [i for i, row in enumerate(rows) if row is None]
+  if len(todo) < len(pairs):
+    log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
+  if todo:
+    model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels)
+    progress = RateEta(len(todo))
+    with open(partial, "a", encoding="utf-8") as f:
 
-  def show_progress(answered):
-    rate, eta = progress.update(answered)
-    log(f"{answered}/{len(pairs)} pairs answered, {rate:.2f} pairs/s, ETA {format_eta(eta)}")
-  answers = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, image_size=image_size,
-                                          on_batch=show_progress)
-  rows = []
-  for pair, text in zip(pairs, answers):
-    row = dict(line=pair["line"], images=[pair["query"], pair["satellite"]], lang=pair["lang"],
-               modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text))
-    if pair["answer"] is not None:
-      row.update(reference=pair["answer"], match=pair["match"])
-    rows.append(row)
+      def keep(answered, batch):
+        for j, text in batch:
+          rows[todo[j]] = _answer_row(pairs[todo[j]], text)
+          f.write(json.dumps(rows[todo[j]], ensure_ascii=False) + "\n")
+        f.flush()
+        rate, eta = progress.update(answered)
+        log(f"{answered}/{len(todo)} pairs answered, {rate:.2f} pairs/s, ETA {format_eta(eta)}")
+      explain_eval.generate_answers(model, proc, [pairs[i] for i in todo], batch_size, max_new_tokens,
+                                    image_size=image_size, on_batch=keep)
   with open(out_path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+  if os.path.exists(partial):
+    os.remove(partial)
   metrics = None
   if all(pair["answer"] is not None for pair in pairs):
-    metrics = explain_eval.explain_metrics(answers, pairs)
+    metrics = explain_eval.explain_metrics([row["answer"] for row in rows], pairs)
     with open(os.path.splitext(out_path)[0] + "_metrics.json", "w") as f:
       json.dump(metrics, f, indent=1)
     log(f"{explain_eval.summary(metrics)} on {len(pairs)} pairs")
   log(f"{len(rows)} answers written to {out_path}")
   return rows, metrics
+
+
+def _answer_row(pair, text):
+  row = dict(line=pair["line"], images=[pair["query"], pair["satellite"]], lang=pair["lang"],
+             modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text))
+  if pair["answer"] is not None:
+    row.update(reference=pair["answer"], match=pair["match"])
+  return row
 
 
 def main(argv):

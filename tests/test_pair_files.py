@@ -140,6 +140,16 @@ def test_a_job_on_pairs_files_trains_and_answers_as_on_the_synthetic_draw(tiny_c
   assert written == rows and len(rows) == 8 and [r["line"].rsplit(":", 1)[1] for r in rows] == [str(i) for i in range(1, 9)]
   assert all(r["verdict"] == sft.explain_metrics.verdict(r["answer"]) and "reference" in r for r in rows)
   assert any("pairs answered" in line for line in lines) and lines[-1].endswith("answers.jsonl")
+  assert not (tmp_path / "out" / "answers.jsonl.partial").exists()
+  # a run stopped after three answers resumes with the other five (what the partial file holds is kept)
+  before = [dict(rows[0], answer="Yes. Answered before the stop."), *rows[1:3]]
+  (tmp_path / "again").mkdir()
+  (tmp_path / "again" / "answers.jsonl.partial").write_text("".join(json.dumps(r) + "\n" for r in before))
+  lines = []
+  again, _ = explain.answer_pairs(files["examples.eval_file"], str(tmp_path / "again" / "answers.jsonl"),
+                                  workdir=str(tmp_path / "files"), batch_size=3, max_new_tokens=16, log=lines.append)
+  assert again == [before[0], *rows[1:]] and not (tmp_path / "again" / "answers.jsonl.partial").exists()
+  assert lines[0].startswith("resuming: 3 of 8 pairs answered before") and any(l.startswith("5/5 pairs answered") for l in lines)
   with pytest.raises(GleamError, match="examples.train_file is set but examples.eval_file is not"):
     main.run(tiny_config("x_sft", "/no/data/needed", **{"examples.train_file": files["examples.train_file"]}),
              str(tmp_path / "no_eval"))

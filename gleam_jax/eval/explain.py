@@ -91,7 +91,7 @@ def summary(metrics):
 def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None):
   """Greedy answers (decoded text) of `model` to the examples' questions about their two images, in the
   examples' order. Batched by language and modality (prompts of about one length; rows left-padded as
-  generation needs); `on_batch(answered)` after each batch."""
+  generation needs); `on_batch(answered, [(example index, answer), ...])` after each batch."""
   from gleam_jax.data import pair_files  # pylint: disable=g-import-not-at-top
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   cfg = model.cfg
@@ -116,5 +116,5 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
         answers[i] = proc.decode(tokens[r])
       answered += len(chunk)
       if on_batch:
-        on_batch(answered)
+        on_batch(answered, [(i, answers[i]) for i in chunk])
   return answers

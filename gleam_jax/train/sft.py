@@ -361,7 +361,7 @@ def evaluate(config, setup, state, proc, examples, workdir, step, writer):
   length); returns and writes the metrics, with sample answers in eval/explain_step<N>.md."""
   progress, last_line = RateEta(len(examples)), time.perf_counter()
 
-  def show_progress(answered):
+  def show_progress(answered, _):
     nonlocal last_line
     if time.perf_counter() - last_line > EVAL_PROGRESS_SECONDS and answered < len(examples):
       last_line = time.perf_counter()
