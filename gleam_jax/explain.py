@@ -15,8 +15,9 @@ any number of images may go with a prompt of your own. Prefill and decode rates 
 
 `--pairs` answers every pair of a JSON Lines file (`data/pair_files.py`: the layout GLEAM-X jobs
 train on) in batches, greedily, and writes one line per pair to `--out` (the pair's line, images,
-the answer and its verdict, the reference where the file has one); when every pair has a reference
-answer it prints verdict accuracy and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
+the answer, its verdict and the model's yes-probability `p_yes`, the reference where the file has
+one); when every pair has a reference answer it prints verdict accuracy, the yes-probabilities' ROC
+AUC and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
 and writes them beside `--out` (`<out>_metrics.json`). Answers are kept batch by batch in
 `<out>.partial`; a run stopped part way, started again, answers only the pairs not yet answered.
 """
@@ -175,8 +176,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
     with open(partial, "a", encoding="utf-8") as f:
 
       def keep(answered, batch):
-        for j, text in batch:
-          rows[todo[j]] = _answer_row(pairs[todo[j]], text)
+        for j, text, p_yes in batch:
+          rows[todo[j]] = _answer_row(pairs[todo[j]], text, p_yes)
           f.write(json.dumps(rows[todo[j]], ensure_ascii=False) + "\n")
         f.flush()
         rate, eta = progress.update(answered)
@@ -189,7 +190,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
     os.remove(partial)
   metrics = None
   if all(pair["answer"] is not None for pair in pairs):
-    metrics = explain_eval.explain_metrics([row["answer"] for row in rows], pairs)
+    metrics = explain_eval.explain_metrics([row["answer"] for row in rows], pairs,
+                                           [row.get("p_yes") for row in rows])
     with open(os.path.splitext(out_path)[0] + "_metrics.json", "w") as f:
       json.dump(metrics, f, indent=1)
     log(f"{explain_eval.summary(metrics)} on {len(pairs)} pairs")
@@ -197,9 +199,9 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   return rows, metrics
 
 
-def _answer_row(pair, text):
+def _answer_row(pair, text, p_yes):
   row = dict(line=pair["line"], images=[pair["query"], pair["satellite"]], lang=pair["lang"],
-             modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text))
+             modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text), p_yes=p_yes)
   if pair["answer"] is not None:
     row.update(reference=pair["answer"], match=pair["match"])
   return row

@@ -12,6 +12,7 @@ from PIL import Image
 from config_files import REPO
 from gleam_jax import explain
 from gleam_jax.errors import GleamError
+from gleam_jax.eval import explain as explain_eval
 from gleam_jax.models.qwen2_5_vl import generation, params, processor, tiny_dir
 
 
@@ -103,3 +104,32 @@ def test_pairs_file_answers_as_one_pair_at_a_time(model_dir, views, tmp_path):
   both = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={model_dir}", f"--pairs={pairs}",
                          f"--image={views[0]}"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert both.returncode == 2 and "not both" in both.stderr, both.stderr
+
+
+def test_yes_probability_is_transformers_next_token_odds(model_dir, views, tmp_path):
+  """Each answered pair's `p_yes` is P("Yes") / (P("Yes") + P("No")) of the first answer token (in the
+  pair's language) as transformers computes it from the same prompt; the AUC of hand-set scores."""
+  proc = processor.load_processor(model_dir)
+  lines = [dict(images=views, lang="en"), dict(images=views[::-1], lang="zh")]
+  pairs = tmp_path / "ask.jsonl"
+  pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  rows, metrics = explain.answer_pairs(str(pairs), str(tmp_path / "answers.jsonl"), model_dir=model_dir,
+                                       max_new_tokens=2, log=lambda _: None)
+  assert metrics is None  # no references
+  reference = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+  # this tokenizer has no token for 否 (byte-level BPE: its first byte starts other characters too)
+  assert proc.decode(proc.tokenizer.encode("否", add_special_tokens=False)[:1]) == "\ufffd"
+  assert explain_eval.verdict_token_ids(proc, "zh") is None and rows[1]["p_yes"] is None
+  for line, row in zip(lines[:1], rows[:1]):
+    inputs = proc.encode_prompt(explain.read_images(line["images"]), explain.QUESTIONS[line["lang"]])
+    with torch.no_grad():
+      logits = reference(input_ids=torch.tensor(inputs["input_ids"][None]), pixel_values=torch.tensor(inputs["pixel_values"]),
+                         image_grid_thw=torch.tensor(inputs["image_grid_thw"])).logits[0, -1].numpy()
+    yes, no = explain_eval.verdict_token_ids(proc, line["lang"])
+    assert proc.decode([yes]).startswith("Yes") and proc.decode([no]).startswith("No")
+    assert row["p_yes"] == pytest.approx(1 / (1 + np.exp(logits[no] - logits[yes])), abs=1e-4)  # logits to ~1e-4
+  # ROC AUC by hand: of the 2 x 2 (match, non-match) score pairs, 3 ordered right, one tied
+  assert explain_eval.verdict_auc([0.9, 0.4, 0.4, 0.1], [True, True, False, False]) == pytest.approx(3.5 / 4)
+  assert explain_eval.verdict_auc([0.9, 0.4], [True, True]) is None
+  assert explain_eval.yes_probability(np.asarray([[0.0, 2.0, 0.0]]), (1, 2)) == [pytest.approx(1 / (1 + np.exp(-2.0)))]
+  assert explain_eval.yes_probability(np.zeros((2, 3)), None) == [None, None]

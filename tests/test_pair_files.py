@@ -133,6 +133,9 @@ def test_a_job_on_pairs_files_trains_and_answers_as_on_the_synthetic_draw(tiny_c
                                        workdir=str(tmp_path / "files"), batch_size=3, max_new_tokens=16,
                                        log=lines.append)
   assert metrics == pytest.approx(from_files)
+  assert all(0 < r["p_yes"] < 1 for r in rows)  # the job's tokenizer has whole tokens for Yes / No / 是 / 否
+  assert from_files["verdict_auc"] == pytest.approx(
+      explain.explain_eval.verdict_auc([r["p_yes"] for r in rows], [r["match"] for r in rows]))
   with open(tmp_path / "out" / "answers_metrics.json") as f:
     assert json.load(f) == pytest.approx(from_files)
   with open(tmp_path / "out" / "answers.jsonl", encoding="utf-8") as f:
@@ -148,7 +151,10 @@ def test_a_job_on_pairs_files_trains_and_answers_as_on_the_synthetic_draw(tiny_c
   lines = []
   again, _ = explain.answer_pairs(files["examples.eval_file"], str(tmp_path / "again" / "answers.jsonl"),
                                   workdir=str(tmp_path / "files"), batch_size=3, max_new_tokens=16, log=lines.append)
-  assert again == [before[0], *rows[1:]] and not (tmp_path / "again" / "answers.jsonl.partial").exists()
+  without_p = lambda rows: [{k: v for k, v in r.items() if k != "p_yes"} for r in rows]
+  assert without_p(again) == without_p([before[0], *rows[1:]])  # the yes-probabilities of other batches: to float
+  assert [r["p_yes"] for r in again] == pytest.approx([r["p_yes"] for r in [before[0], *rows[1:]]], abs=1e-5)
+  assert not (tmp_path / "again" / "answers.jsonl.partial").exists()
   assert lines[0].startswith("resuming: 3 of 8 pairs answered before") and any(l.startswith("5/5 pairs answered") for l in lines)
   with pytest.raises(GleamError, match="examples.train_file is set but examples.eval_file is not"):
     main.run(tiny_config("x_sft", "/no/data/needed", **{"examples.train_file": files["examples.train_file"]}),

@@ -4,6 +4,8 @@
 quotes), None for any other start (counted as wrong, and reported as `answered` < 1). The text
 similarity is ROUGE-L F1 (longest common subsequence) over lower-cased words in English and over
 characters in Chinese, where words are not separated; punctuation is dropped in both.
+The model's yes-probability (`yes_probability`: of "Yes" against "No" as the first answer token)
+ranks pairs; its ROC AUC against the truth (`verdict_auc`) scores the verdict without a threshold.
 `generate_answers` is how the trainer's evaluation and `python -m gleam_jax.explain --pairs` answer.
 """
 import re
@@ -55,11 +57,12 @@ def rouge_l(prediction, reference, lang):
   return 2 * precision * recall / (precision + recall)
 
 
-def explain_metrics(predictions, examples):
+def explain_metrics(predictions, examples, yes_probabilities=None):
   """{'verdict_acc', 'answered', 'said_yes' (the share of answers that say "the same place": 0.5 for
   a model that sees, with half the pairs matching), 'rouge_l', per language '<lang>/verdict_acc',
   '<lang>/rouge_l', and per query modality '<modality>/verdict_acc', '<modality>/rouge_l' where the
-  examples have several} of generated answers against the examples' `match` and `answer`."""
+  examples have several, and 'verdict_auc' (`verdict_auc`) with the answers' yes-probabilities} of
+  generated answers against the examples' `match` and `answer`."""
   rows = []
   for text, ex in zip(predictions, examples, strict=True):
     v = verdict(text)
@@ -79,27 +82,67 @@ def explain_metrics(predictions, examples):
     if prefix is None:
       out["answered"] = float(np.mean([r[2] is not None for r in chosen]))
       out["said_yes"] = float(np.mean([r[2] is True for r in chosen]))
+  if yes_probabilities is not None and None not in yes_probabilities:
+    auc = verdict_auc(yes_probabilities, [ex["match"] for ex in examples])
+    if auc is not None:
+      out["verdict_auc"] = auc
   return out
 
 
 def summary(metrics):
   """The metrics as the one line the trainer's evaluation and `explain --pairs` print."""
+  auc = f", AUC {metrics['verdict_auc']:.3f}" if "verdict_auc" in metrics else ""
   return (f"verdict acc {metrics['verdict_acc']:.1%} (answered {metrics['answered']:.0%}, said yes "
-          f"{metrics['said_yes']:.0%}), ROUGE-L {metrics['rouge_l']:.3f}")
+          f"{metrics['said_yes']:.0%}{auc}), ROUGE-L {metrics['rouge_l']:.3f}")
+
+
+def verdict_token_ids(proc, lang):
+  """(the first token of a "yes" answer, of a "no" answer) in `lang` (`gleam_x.VERDICTS`: "Yes." /
+  "No.", "是。" / "否。"), or None for a language without them, or where the tokenizer starts either
+  with a piece of a character (byte-level BPE without that character: its first byte is shared with
+  other characters) or both with the same token."""
+  from gleam_jax.data.gleam_x import VERDICTS  # pylint: disable=g-import-not-at-top
+  if lang not in VERDICTS:
+    return None
+  yes, no = (proc.tokenizer.encode(text, add_special_tokens=False)[0] for text in VERDICTS[lang])
+  whole = all(proc.decode([t]) and "\ufffd" not in proc.decode([t]) for t in (yes, no))
+  return (yes, no) if whole and yes != no else None
+
+
+def yes_probability(logits, token_ids):
+  """P(yes | yes or no) of each row's next-token logits (B, V): the model's confidence that the two
+  views show the same place, a score to rank pairs by (None without verdict tokens)."""
+  if token_ids is None:
+    return [None] * len(logits)
+  margin = logits[:, token_ids[0]].astype(np.float64) - logits[:, token_ids[1]]
+  return [float(p) for p in 1.0 / (1.0 + np.exp(-margin))]
+
+
+def verdict_auc(yes_probabilities, matches):
+  """ROC AUC of the yes-probabilities against the truth (ties count half); None without both kinds."""
+  scores = np.asarray(yes_probabilities, np.float64)
+  truth = np.asarray(matches, bool)
+  positive, negative = scores[truth], scores[~truth]
+  if not len(positive) or not len(negative):
+    return None
+  above = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
+  return float(above / (len(positive) * len(negative)))
 
 
 def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None):
-  """Greedy answers (decoded text) of `model` to the examples' questions about their two images, in the
-  examples' order. Batched by language and modality (prompts of about one length; rows left-padded as
-  generation needs); `on_batch(answered, [(example index, answer), ...])` after each batch."""
+  """(greedy answers (decoded text), yes-probabilities (`yes_probability` of the first answer token))
+  of `model` to the examples' questions about their two images, in the examples' order. Batched by
+  language and modality (prompts of about one length; rows left-padded as generation needs);
+  `on_batch(answered, [(example index, answer, yes-probability), ...])` after each batch."""
   from gleam_jax.data import pair_files  # pylint: disable=g-import-not-at-top
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   cfg = model.cfg
   groups = {}
   for i, ex in enumerate(examples):
     groups.setdefault((ex["lang"], ex["modality"]), []).append(i)
-  answers, answered = [None] * len(examples), 0
-  for members in groups.values():
+  answers, yes, answered = [None] * len(examples), [None] * len(examples), 0
+  for (lang, _), members in groups.items():
+    token_ids = verdict_token_ids(proc, lang)
     for start in range(0, len(members), batch_size):
       chunk = members[start:start + batch_size]
       prompts = [proc.encode_prompt(pair_files.images_of(examples[i], image_size), examples[i]["question"])
@@ -109,12 +152,13 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
       mask = np.zeros((len(chunk), length), np.int32)
       for r, p in enumerate(prompts):
         input_ids[r, length - len(p["input_ids"]):], mask[r, length - len(p["input_ids"]):] = p["input_ids"], 1
+      first = []
       tokens = generation.generate(model, input_ids, mask, np.concatenate([p["pixel_values"] for p in prompts]),
                                    np.concatenate([p["image_grid_thw"] for p in prompts]),
-                                   max_new_tokens=max_new_tokens, mesh=mesh)
-      for r, i in enumerate(chunk):
-        answers[i] = proc.decode(tokens[r])
+                                   max_new_tokens=max_new_tokens, mesh=mesh, on_prefill=first.append)
+      for r, (i, p_yes) in enumerate(zip(chunk, yes_probability(first[0], token_ids))):
+        answers[i], yes[i] = proc.decode(tokens[r]), p_yes
       answered += len(chunk)
       if on_batch:
-        on_batch(answered, [(i, answers[i]) for i in chunk])
-  return answers
+        on_batch(answered, [(i, answers[i], yes[i]) for i in chunk])
+  return answers, yes

@@ -367,10 +367,10 @@ def evaluate(config, setup, state, proc, examples, workdir, step, writer):
       last_line = time.perf_counter()
       rate, eta = progress.update(answered)
       log(f"step {step}: eval {answered}/{len(examples)} pairs answered, {rate:.1f} pairs/s, ETA {format_eta(eta)}")
-  answers = explain_metrics.generate_answers(
+  answers, yes = explain_metrics.generate_answers(
       model_of(setup, state["params"]), proc, examples, int(config.eval.batch_size), int(config.eval.max_new_tokens),
       mesh=setup.mesh, image_size=config.examples.get("image_size"), on_batch=show_progress)
-  metrics = explain_metrics.explain_metrics(answers, examples)
+  metrics = explain_metrics.explain_metrics(answers, examples, yes)
   writer.write(step, {f"eval/explain/{k}": v for k, v in metrics.items()})
   if jax.process_index() == 0:
     lines = [f"# GLEAM-X evaluation, step {step}", "",

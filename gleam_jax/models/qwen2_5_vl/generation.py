@@ -213,7 +213,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
              pad_token_id: int | None = None, seed: int = 0,
              callback: Callable[[int, np.ndarray], None] | None = None, chunk: int = 32,
              cache_len: int | None = None, mesh=None, rules=QWEN_SHARDING_RULES,
-             fuse_projections: bool = True) -> np.ndarray:
+             fuse_projections: bool = True,
+             on_prefill: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
   """Generates up to `max_new_tokens` per row; returns them (B, n) as int32 NumPy (n <= max_new_tokens).
 
   `input_ids`/`attention_mask` (B, L) are left padded; `pixel_values`/`image_grid_thw` as for the model.
@@ -226,6 +227,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   `fuse_projections`: decode with q/k/v and gate/up as one matmul each (`decode_kernels`), faster at
   the cost of a copy of those weights while the parameters live; False where memory is short (a 3B
   model in bfloat16: ~3.6 GB), the same tokens.
+  `on_prefill(logits)` receives the prompt's next-token logits (B, V) float32 on the host (what the
+  first new token is drawn from: e.g. the probability of a "Yes" answer).
   """
   cfg = model.cfg
   input_ids = np.asarray(input_ids)
@@ -263,10 +266,12 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   cache = init_cache(cfg, b, cache_len, mesh, rules)
   sampling = Sampling(float(temperature), float(top_p))
   stop_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-  _, carry, cache = prefill(
+  first_logits, carry, cache = prefill(
       graphdef, state, cache, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask),
       jnp.asarray(position_ids), None if pixel_values is None else jnp.asarray(pixel_values), layout,
       jax.random.key(seed), sampling=sampling, stop_ids=stop_ids)
+  if on_prefill is not None:
+    on_prefill(np.asarray(first_logits, np.float32))
   out = [np.asarray(carry["tokens"])]
   if callback is not None:
     callback(0, out[-1])
