@@ -62,6 +62,15 @@ def define_flags():
                       "job was trained for several.")
   flags.DEFINE_string("out", None, "PNG to write for one query, folder of the PNGs for several (default "
                       "W/retrieve/<query>_top<k>.png).")
+  define_camera_flags()
+  flags.DEFINE_bool("pngs", True, "Write a PNG of each query and its top-k (--nopngs for large query folders).")
+  flags.DEFINE_string("results", None, "A JSON Lines file to write: each query's top-k files and scores.")
+  flags.DEFINE_bool("match_by_name", False, "Each query's true satellite is the gallery image of the same name: "
+                    "print R@K over the queries.")
+
+
+def define_camera_flags():
+  """The query camera's flags (`CAMERA_KEYS`), for retrieval and `gleam_jax.localize`."""
   flags.DEFINE_float("heading_deg", None, "The camera's compass heading (clockwise from north), for jobs "
                      "that read ground photos in the panorama frame (data.ground_frame; default: the "
                      "photo's EXIF GPSImgDirection) or UAV views in the satellite frame (data.uav_frame).")
@@ -70,10 +79,6 @@ def define_flags():
   flags.DEFINE_float("pitch_deg", None, "A UAV camera's pitch below the horizon (data.uav_frame).")
   flags.DEFINE_float("altitude_m", None, "A UAV camera's height above the ground, metres (data.uav_frame).")
   flags.DEFINE_float("footprint_m", None, "The gallery satellites' ground width, metres (data.uav_frame).")
-  flags.DEFINE_bool("pngs", True, "Write a PNG of each query and its top-k (--nopngs for large query folders).")
-  flags.DEFINE_string("results", None, "A JSON Lines file to write: each query's top-k files and scores.")
-  flags.DEFINE_bool("match_by_name", False, "Each query's true satellite is the gallery image of the same name: "
-                    "print R@K over the queries.")
 
 
 def load_config(workdir):
@@ -210,7 +215,7 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   if results:
     _check_results_file(results)
   files, skipped = image_files(gallery_dir, "--gallery")
-  truth = _true_matches(query_paths, files) if match_by_name else None  # before anything is embedded
+  truth = true_matches(query_paths, files) if match_by_name else None  # before anything is embedded
   model, config, source, _ = load_trained(workdir)
   data_cfg = config.data
   modality = _query_modality(workdir, config, modality)
@@ -236,15 +241,25 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
       for path, top_k in found.items():
         line = {"query": path, "modality": modality, "top": [{"file": g, "score": s} for g, s in top_k]}
         if truth:
-          line["true"] = files[truth[path]]
+          line["true"] = truth[path]
         f.write(json.dumps(line) + "\n")
     print(f"wrote {results} ({len(found)} queries)")
   recall = None
   if truth:
-    ranks = [next((r for r, i in enumerate(row) if i == truth[path]), k) for path, row in zip(query_paths, top)]
-    recall = metrics.recall_at_k(ranks, sorted({K for K in (1, 5, 10) if K <= k} | {k}))
-    print(f"{len(ranks)} queries matched by name: " + ", ".join(f"{name} {v:.1%}" for name, v in recall.items()))
+    recall = recall_by_name({p: [g for g, _ in found[p]] for p in query_paths}, truth, k)
+    print(f"{len(query_paths)} queries matched by name: {format_recall(recall)}")
   return found, recall
+
+
+def recall_by_name(ranked, truth, k):
+  """R@1, R@5, R@10 (those up to k) and R@k of {query: its ranked gallery files} against {query: its
+  true gallery file}."""
+  ranks = [next((r for r, f in enumerate(files) if f == truth[q]), k) for q, files in ranked.items()]
+  return metrics.recall_at_k(ranks, sorted({K for K in (1, 5, 10) if K <= k} | {k}))
+
+
+def format_recall(recall):
+  return ", ".join(f"{name} {value:.1%}" for name, value in recall.items())
 
 
 def query_embeddings(model, workdir, paths, modality, camera, data_cfg):
@@ -263,8 +278,8 @@ def _stem(path):
   return os.path.splitext(os.path.basename(path))[0]
 
 
-def _true_matches(query_paths, files):
-  """{query file: the index of the gallery file of the same name}; every query needs one."""
+def true_matches(query_paths, files):
+  """{query file: the gallery file of the same name (its extension aside)}; every query needs one."""
   by_stem = {}
   for i, f in enumerate(files):
     by_stem.setdefault(_stem(f), []).append(i)
@@ -273,7 +288,7 @@ def _true_matches(query_paths, files):
     raise GleamError(f"--match_by_name: {len(missing)} of {len(query_paths)} queries have no gallery image of "
                      f"the same name, or several (first: {missing[0]}); name each query as its satellite "
                      "(extensions may differ), or leave --match_by_name off.")
-  return {p: by_stem[_stem(p)][0] for p in query_paths}
+  return {p: files[by_stem[_stem(p)][0]] for p in query_paths}
 
 
 def _check_results_file(results):

@@ -1,0 +1,126 @@
+"""GLEAM-C finds the candidates, GLEAM-X checks and explains them: the two models as one pipeline.
+
+    python -m gleam_jax.localize --c_workdir=W_C --x_workdir=W_X --query=uav.jpg --gallery=DIR [--k=5]
+    python -m gleam_jax.localize --c_workdir=W_C --x_model_dir=/models/Qwen2.5-VL-3B-Instruct \
+        --query=QUERIES --gallery=DIR --match_by_name --out=localized.jsonl
+
+For each query image (or each image of a folder) the GLEAM-C job's model retrieves the top-k
+satellite images of the gallery (`retrieve.search_all`: the gallery's embeddings kept for the next
+call, the query's camera read from the file or the flags as `retrieve` does), then the GLEAM-X model
+(a fine-tuning job's latest checkpoint, or a Hugging Face directory) answers, for each candidate,
+whether it shows the query's place and why (`eval.explain.generate_answers`, in batches), with its
+yes-probability. The candidates are re-ranked by that probability (GLEAM-C's cosine breaks ties;
+`--norerank` keeps GLEAM-C's order), printed with both scores, the verdict and the explanation, and
+written to `--out` (a JSON line per query). With `--match_by_name` (the gallery image named as a query
+is its satellite) R@K is printed before and after the re-ranking.
+"""
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from gleam_jax import errors
+from gleam_jax import explain
+from gleam_jax import retrieve
+from gleam_jax.data.gleam_x import QUESTIONS
+from gleam_jax.data.sources import CAMERA_KEYS
+from gleam_jax.errors import GleamError, make_dir
+from gleam_jax.eval import explain as explain_eval
+from gleam_jax.train import sft
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string("c_workdir", None, "A GLEAM-C job's workdir: the retrieval model.")
+  flags.DEFINE_string("x_workdir", None, "A GLEAM-X job's workdir: the model that checks and explains.")
+  flags.DEFINE_string("x_model_dir", None, "Instead of --x_workdir: a Hugging Face Qwen2.5-VL directory.")
+  flags.DEFINE_string("query", None, "The query image, or a folder of query images (one modality).")
+  flags.DEFINE_string("gallery", None, "Folder of satellite images to search.")
+  flags.DEFINE_integer("k", 5, "Candidates per query that GLEAM-X checks.")
+  flags.DEFINE_string("modality", None, "Query modality, for a GLEAM-C job trained for several.")
+  flags.DEFINE_enum("lang", "en", sorted(QUESTIONS), "Language of GLEAM-X's question and answers.")
+  flags.DEFINE_bool("rerank", True, "Order the candidates by GLEAM-X's yes-probability (else GLEAM-C's order).")
+  flags.DEFINE_bool("match_by_name", False, "Each query's satellite is the gallery image of the same name: "
+                    "print R@K before and after the re-ranking.")
+  flags.DEFINE_string("out", None, "A JSON Lines file to write: a line per query with its candidates.")
+  flags.DEFINE_integer("batch_size", 8, "Pairs GLEAM-X answers together.")
+  flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per explanation.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "GLEAM-X's dtype with --x_model_dir.")
+  retrieve.define_camera_flags()
+
+
+def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=None, k=5, modality=None, lang="en",
+             rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype="float32",
+             log=print, **camera):
+  """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
+  answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None)."""
+  if bool(x_workdir) == bool(x_model_dir):
+    raise GleamError("give the GLEAM-X model as --x_workdir (a fine-tuning job) or --x_model_dir (a Hugging "
+                     "Face directory), one of them.")
+  if lang not in QUESTIONS:
+    raise GleamError(f"--lang={lang}: GLEAM-X's question is written in {', '.join(sorted(QUESTIONS))}.")
+  if batch_size < 1:
+    raise GleamError(f"--batch_size={batch_size} must be positive.")
+  if out:
+    make_dir(os.path.dirname(os.path.abspath(out)), "--out")
+  if x_workdir:
+    sft.job_config(x_workdir)  # a wrong GLEAM-X workdir stops before anything is retrieved
+  elif not os.path.isfile(os.path.join(os.path.expanduser(x_model_dir), "config.json")):
+    raise GleamError(f"--x_model_dir={x_model_dir} holds no config.json: give a Hugging Face Qwen2.5-VL directory.")
+  found, retrieval_recall = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
+                                                match_by_name=match_by_name, **camera)
+  pairs = [dict(query=q, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair")
+           for q in query_paths for g, _ in found[q]]
+  model, proc, image_size = explain.load_model(x_model_dir, x_workdir, dtype)
+  log(f"GLEAM-X checks {len(pairs)} candidates ({k} per query)")
+  answers, yes = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, image_size=image_size)
+  checked, start = {}, 0
+  for q in query_paths:
+    rows = [dict(file=g, cosine=cosine, retrieval_rank=r + 1, p_yes=yes[start + r], answer=answers[start + r],
+                 verdict=explain_eval.verdict(answers[start + r])) for r, (g, cosine) in enumerate(found[q])]
+    start += len(rows)
+    if rerank:
+      rows.sort(key=lambda row: (-(row["p_yes"] if row["p_yes"] is not None else -1.0), row["retrieval_rank"]))
+    checked[q] = rows
+    log(f"query {q}")
+    for rank, row in enumerate(rows, 1):
+      p_yes = "   -" if row["p_yes"] is None else f"{row['p_yes']:.2f}"
+      log(f"{rank:3d}. p_yes {p_yes}  cosine {row['cosine']:.4f} (#{row['retrieval_rank']})  {row['file']}")
+      log(f"     {row['answer']}")
+  recall = None
+  if match_by_name:
+    truth = retrieve.true_matches(query_paths, retrieve.image_files(gallery_dir, "--gallery")[0])
+    recall = {"retrieval": retrieval_recall,
+              "reranked": retrieve.recall_by_name({q: [row["file"] for row in checked[q]] for q in query_paths}, truth, k)}
+    log(f"R@K over {len(query_paths)} queries: GLEAM-C {retrieve.format_recall(recall['retrieval'])}; re-ranked by "
+        f"GLEAM-X {retrieve.format_recall(recall['reranked'])}")
+  if out:
+    with open(out, "w", encoding="utf-8") as f:
+      for q in query_paths:
+        f.write(json.dumps({"query": q, "candidates": checked[q]}, ensure_ascii=False) + "\n")
+    log(f"wrote {out} ({len(query_paths)} queries)")
+  return checked, recall
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  missing = [f"--{n}" for n in ("c_workdir", "query", "gallery") if not FLAGS[n].value]
+  if missing:
+    print(f"error: {', '.join(missing)} required.", file=sys.stderr)
+    sys.exit(2)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
+  with errors.stop_on_bad_input():
+    localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query), FLAGS.gallery, FLAGS.x_workdir,
+             FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank, FLAGS.match_by_name, FLAGS.out,
+             FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, **{name: FLAGS[name].value for name in CAMERA_KEYS})
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
