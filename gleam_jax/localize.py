@@ -16,7 +16,6 @@ is its satellite) R@K is printed before and after the re-ranking.
 """
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -110,10 +109,6 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  missing = [f"--{n}" for n in ("c_workdir", "query", "gallery") if not FLAGS[n].value]
-  if missing:
-    print(f"error: {', '.join(missing)} required.", file=sys.stderr)
-    sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
   with errors.stop_on_bad_input():
     localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query), FLAGS.gallery, FLAGS.x_workdir,
@@ -123,4 +118,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  flags.mark_flags_as_required(list(("c_workdir", "query", "gallery")))
+  app.run(main, flags_parser=errors.parse_flags)

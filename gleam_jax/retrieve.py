@@ -23,7 +23,6 @@ gallery's `--footprint_m`; camera values not given are read from the file where 
 import hashlib
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -37,6 +36,7 @@ from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame,
 from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.data.photo_camera import recorded_camera
 from gleam_jax.data.sources import CAMERA_KEYS, read_image
+from gleam_jax import errors
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
 from gleam_jax.eval import metrics
 from gleam_jax.eval import report
@@ -356,10 +356,6 @@ def gallery_embeddings(model, config, source, files, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  missing = [f"--{n}" for n in ("workdir", "query", "gallery") if not FLAGS[n].value]
-  if missing:
-    print(f"error: {', '.join(missing)} required.", file=sys.stderr)
-    sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
   with stop_on_bad_input():
     search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query), FLAGS.gallery, FLAGS.k,
@@ -369,4 +365,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  flags.mark_flags_as_required(list(("workdir", "query", "gallery")))
+  app.run(main, flags_parser=errors.parse_flags)

@@ -1,7 +1,6 @@
 """`python -m gleam_jax.localize`: GLEAM-C's top-k candidates, checked and explained by GLEAM-X, re-ranked
 by its yes-probability."""
 import json
-import os
 import subprocess
 import sys
 
@@ -83,3 +82,7 @@ def test_bad_requests_stop_before_retrieving(jobs, tmp_path):
   run = subprocess.run([sys.executable, "-m", "gleam_jax.localize", f"--c_workdir={c_job}", f"--query={queries[0]}",
                         f"--gallery={gallery}", "--lang=fr"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert run.returncode != 0 and "--lang" in run.stderr, run.stderr[-2000:]
+  missing = subprocess.run([sys.executable, "-m", "gleam_jax.localize", f"--c_workdir={c_job}", f"--query={queries[0]}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+      "error: --gallery is required (Folder of satellite images to search.)"], missing.stderr
