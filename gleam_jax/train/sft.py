@@ -375,11 +375,13 @@ def evaluate(config, setup, state, proc, examples, workdir, step, writer):
   if jax.process_index() == 0:
     lines = [f"# GLEAM-X evaluation, step {step}", "",
              " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()), "",
-             "| # | modality | lang | truth | reference | generated |", "| --- | --- | --- | --- | --- | --- |"]
+             "| # | modality | lang | truth | reference | generated | p_yes |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for i in range(min(int(config.eval.num_samples), len(examples))):
       ex = examples[i]
+      p_yes = "-" if yes[i] is None else f"{yes[i]:.2f}"
       lines.append(f"| {i} | {ex['modality']} | {ex['lang']} | {'match' if ex['match'] else 'no match'} | "
-                   f"{ex['answer']} | {answers[i].replace('|', '/').replace(chr(10), ' ')} |")
+                   f"{ex['answer']} | {answers[i].replace('|', '/').replace(chr(10), ' ')} | {p_yes} |")
     path = os.path.join(workdir, "eval", f"explain_step{step}.md")
     make_dir(os.path.dirname(path), "--workdir")
     with open(path, "w", encoding="utf-8") as f:
