@@ -41,16 +41,18 @@ _CJK = re.compile(r"[\u3400-\u9fff]")
 _PLACEHOLDER = re.compile(r"<image>\s*")
 
 
-def _turns(line):
+def _turns(line, where):
   """(question, answer) of a conversation in the Qwen or ShareGPT layout, or (None, None)."""
   if "conversations" in line:
-    turns = [(t.get("from"), t.get("value")) for t in line["conversations"]]
-    user, assistant = ("human", "user"), ("gpt", "assistant")
+    key, who, text, user, assistant = "conversations", "from", "value", ("human", "user"), ("gpt", "assistant")
   elif "messages" in line:
-    turns = [(t.get("role"), t.get("content")) for t in line["messages"]]
-    user, assistant = ("user",), ("assistant",)
+    key, who, text, user, assistant = "messages", "role", "content", ("user",), ("assistant",)
   else:
     return None, None
+  turns = line[key]
+  if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get(text), str) for t in turns):
+    raise GleamError(f"{where}: '{key}' must be a list of {{\"{who}\": ..., \"{text}\": \"text\"}} turns.")
+  turns = [(t.get(who), t[text]) for t in turns]
   question = next((text for who, text in turns if who in user), None)
   answer = next((text for who, text in turns if who in assistant), None)
   return question, answer
@@ -60,7 +62,7 @@ def _pair(line, where, root):
   images = line.get("images", line.get("image"))
   if isinstance(images, str):
     images = [images]
-  if not isinstance(images, list) or len(images) != 2:
+  if not isinstance(images, list) or len(images) != 2 or not all(isinstance(i, str) for i in images):
     raise GleamError(f"{where}: a GLEAM-X pair has two images (the query view, then the satellite image) in "
                      f"'images'; this line has {images!r}.")
   paths = []
@@ -70,7 +72,7 @@ def _pair(line, where, root):
       raise GleamError(f"{where}: image {path} not found; paths are relative to the pairs file's folder "
                        "(or to config.examples.image_root).")
     paths.append(path)
-  question, answer = _turns(line)
+  question, answer = _turns(line, where)
   question = line.get("question", question)
   answer = line.get("answer", answer)
   question = _PLACEHOLDER.sub("", question).strip() if question else None
