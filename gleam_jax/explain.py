@@ -151,7 +151,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` (a line per
   pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;
   returns (answer rows, metrics or None). Each batch's answers are appended to `<out_path>.partial` as
-  they come: a run stopped part way resumes with the pairs not yet answered."""
+  they come: a run of the same model stopped part way resumes with the pairs not yet answered."""
   log = log or (lambda line: print(line, file=sys.stderr))
   if batch_size < 1:
     raise GleamError(f"--batch_size={batch_size} must be positive.")
@@ -161,12 +161,19 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
     raise GleamError(f"--out={out_path} is a folder; give the JSON Lines file to write.")
   make_dir(os.path.dirname(out_path), "--out")
   partial = out_path + ".partial"
-  key = lambda line, images: (line.rsplit(":", 1)[-1], tuple(images))  # the line number and its images
+  model_name = os.path.abspath(os.path.expanduser(workdir or model_dir))
+  # an answer is reused for the same line number, images and model
+  key = lambda line, images, model: (line.rsplit(":", 1)[-1], tuple(images), model)
   done = {}
   if os.path.exists(partial):
     with open(partial, encoding="utf-8") as f:
-      done = {key(row["line"], row["images"]): row for row in map(json.loads, f)}
-  rows = [done.get(key(p["line"], [p["query"], p["satellite"]])) for p in pairs]
+      for text in f:
+        try:
+          row = json.loads(text)
+        except json.JSONDecodeError:  # the line being written when the run stopped
+          continue
+        done[key(row["line"], row["images"], row.get("model"))] = row
+  rows = [done.get(key(p["line"], [p["query"], p["satellite"]], model_name)) for p in pairs]
   todo = [i for i, row in enumerate(rows) if row is None]
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
@@ -177,7 +184,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
 
       def keep(answered, batch):
         for j, text, p_yes in batch:
-          rows[todo[j]] = _answer_row(pairs[todo[j]], text, p_yes)
+          rows[todo[j]] = _answer_row(pairs[todo[j]], text, p_yes, model_name)
           f.write(json.dumps(rows[todo[j]], ensure_ascii=False) + "\n")
         f.flush()
         rate, eta = progress.update(answered)
@@ -199,9 +206,9 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   return rows, metrics
 
 
-def _answer_row(pair, text, p_yes):
+def _answer_row(pair, text, p_yes, model):
   row = dict(line=pair["line"], images=[pair["query"], pair["satellite"]], lang=pair["lang"],
-             modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text), p_yes=p_yes)
+             modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text), p_yes=p_yes, model=model)
   if pair["answer"] is not None:
     row.update(reference=pair["answer"], match=pair["match"])
   return row

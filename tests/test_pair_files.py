@@ -150,7 +150,9 @@ def test_a_job_on_pairs_files_trains_and_answers_as_on_the_synthetic_draw(tiny_c
   # a run stopped after three answers resumes with the other five (what the partial file holds is kept)
   before = [dict(rows[0], answer="Yes. Answered before the stop."), *rows[1:3]]
   (tmp_path / "again").mkdir()
-  (tmp_path / "again" / "answers.jsonl.partial").write_text("".join(json.dumps(r) + "\n" for r in before))
+  other_model = dict(rows[3], answer="Yes. Another model's answer.", model=str(tmp_path / "other"))
+  (tmp_path / "again" / "answers.jsonl.partial").write_text(
+      "".join(json.dumps(r) + "\n" for r in [*before, other_model]) + '{"line": "cut off by the st')
   lines = []
   again, _ = explain.answer_pairs(files["examples.eval_file"], str(tmp_path / "again" / "answers.jsonl"),
                                   workdir=str(tmp_path / "files"), batch_size=3, max_new_tokens=16, log=lines.append)
