@@ -65,6 +65,30 @@ def define_flags():
   flags.DEFINE_string("image_root", None, "With --pairs: the folder image paths are relative to (default: the "
                       "pairs file's).")
   flags.DEFINE_integer("batch_size", 8, "With --pairs: pairs generated together.")
+  define_mesh_flags()
+
+
+def define_mesh_flags():
+  """--fsdp / --tensor: the model split over that many local devices (a 7B model over GPUs), for
+  `explain` and `gleam_jax.localize`."""
+  flags.DEFINE_integer("fsdp", 1, "Devices the parameters are sharded over (FSDP axis).")
+  flags.DEFINE_integer("tensor", 1, "Devices each matmul is split over (tensor-parallel axis).")
+
+
+def inference_mesh(fsdp=1, tensor=1):
+  """A mesh of fsdp x tensor local devices (data axis 1: generation's rows stay whole), or None for one
+  device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from gleam_jax.train import sharding as shd  # pylint: disable=g-import-not-at-top
+  if fsdp < 1 or tensor < 1:
+    raise GleamError(f"--fsdp={fsdp} --tensor={tensor}: give at least 1 device for each.")
+  if fsdp * tensor == 1:
+    return None
+  devices = jax.local_devices()
+  if fsdp * tensor > len(devices):
+    raise GleamError(f"--fsdp={fsdp} x --tensor={tensor} needs {fsdp * tensor} devices; this process has "
+                     f"{len(devices)}.")
+  return shd.make_mesh({"data": 1, "fsdp": fsdp, "tensor": tensor}, devices[:fsdp * tensor])
 
 
 def read_images(paths):
@@ -98,10 +122,11 @@ class TextStream:
 
 def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, temperature=0.0, top_p=1.0,
             seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
-            workdir=None):
+            workdir=None, fsdp=1, tensor=1):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
   it as it streams; returns the text. The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
-  (whose images are resized as its examples were)."""
+  (whose images are resized as its examples were); split over `fsdp` x `tensor` devices when more
+  than one."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   if prompt is None:
     if lang not in QUESTIONS:
@@ -112,7 +137,8 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
                        "give two (the query, then the satellite image), or a --prompt of your own.")
     prompt = QUESTIONS[lang]
   images = read_images(image_paths)  # a bad file stops before the model is loaded
-  model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels)
+  mesh = inference_mesh(fsdp, tensor)
+  model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
   if image_size:
     images = [resize(image, image_size) for image in images]
   inputs = proc.encode_prompt(images, prompt)
@@ -121,7 +147,7 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   start = time.perf_counter()
   generation.generate(model, inputs["input_ids"][None], pixel_values=inputs["pixel_values"],
                       image_grid_thw=inputs["image_grid_thw"], max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_p=top_p, seed=seed, chunk=chunk,
+                      temperature=temperature, top_p=top_p, seed=seed, chunk=chunk, mesh=mesh,
                       callback=lambda step, tokens: (times.append(time.perf_counter()), stream(step, tokens)))
   text = stream.close()
   prompt_len, new = len(inputs["input_ids"]), len(times)
@@ -131,23 +157,24 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   return text
 
 
-def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, max_pixels=None):
+def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, max_pixels=None, mesh=None):
   """(model, processor, image size) of a Hugging Face directory or of a GLEAM-X job's workdir (its
-  latest checkpoint; the image size its examples were resized to, if any)."""
+  latest checkpoint; the image size its examples were resized to, if any), placed on `mesh` under
+  Qwen2.5-VL's sharding rules when given."""
   from gleam_jax.models.qwen2_5_vl import config as config_lib  # pylint: disable=g-import-not-at-top
   from gleam_jax.models.qwen2_5_vl import params, processor  # pylint: disable=g-import-not-at-top
   if workdir:
     from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
-    model, proc, where = sft.load_trained(workdir)
+    model, proc, where = sft.load_trained(workdir, mesh)
     print(f"[model from {where}]", file=sys.stderr)
     return model, proc, sft.job_config(workdir).examples.get("image_size")
   proc = processor.load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
   cfg = config_lib.from_pretrained_dir(model_dir).replace(dtype=dtype, param_dtype=dtype)
-  return params.load_pretrained(model_dir, cfg), proc, None
+  return params.load_pretrained(model_dir, cfg, mesh=mesh), proc, None
 
 
 def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=8, max_new_tokens=256,
-                 image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None):
+                 image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None, fsdp=1, tensor=1):
   """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` (a line per
   pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;
   returns (answer rows, metrics or None). Each batch's answers are appended to `<out_path>.partial` as
@@ -156,6 +183,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   if batch_size < 1:
     raise GleamError(f"--batch_size={batch_size} must be positive.")
   pairs = pair_files.read_pairs(pairs_path, image_root, need_answers=False)  # bad lines stop before loading
+  mesh = inference_mesh(fsdp, tensor)
   out_path = os.path.abspath(os.path.expanduser(out_path))
   if os.path.isdir(out_path):
     raise GleamError(f"--out={out_path} is a folder; give the JSON Lines file to write.")
@@ -178,7 +206,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
   if todo:
-    model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels)
+    model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
     progress = RateEta(len(todo))
     with open(partial, "a", encoding="utf-8") as f:
 
@@ -190,7 +218,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
         rate, eta = progress.update(answered)
         log(f"{answered}/{len(todo)} pairs answered, {rate:.2f} pairs/s, ETA {format_eta(eta)}")
       explain_eval.generate_answers(model, proc, [pairs[i] for i in todo], batch_size, max_new_tokens,
-                                    image_size=image_size, on_batch=keep)
+                                    mesh=mesh, image_size=image_size, on_batch=keep)
   with open(out_path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
   if os.path.exists(partial):
@@ -227,10 +255,12 @@ def main(argv):
   with stop_on_bad_input():
     if FLAGS.pairs:
       answer_pairs(FLAGS.pairs, FLAGS.out, FLAGS.model_dir or None, FLAGS.workdir, FLAGS.batch_size,
-                   FLAGS.max_new_tokens, FLAGS.image_root, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels)
+                   FLAGS.max_new_tokens, FLAGS.image_root, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels,
+                   fsdp=FLAGS.fsdp, tensor=FLAGS.tensor)
       return
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens, FLAGS.temperature,
-            FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels, workdir=FLAGS.workdir)
+            FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels, workdir=FLAGS.workdir,
+            fsdp=FLAGS.fsdp, tensor=FLAGS.tensor)
 
 
 if __name__ == "__main__":

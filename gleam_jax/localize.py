@@ -51,11 +51,12 @@ def define_flags():
   flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per explanation.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "GLEAM-X's dtype with --x_model_dir.")
   retrieve.define_camera_flags()
+  explain.define_mesh_flags()
 
 
 def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=None, k=5, modality=None, lang="en",
              rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype="float32",
-             log=print, **camera):
+             log=print, fsdp=1, tensor=1, **camera):
   """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
   answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None)."""
   if bool(x_workdir) == bool(x_model_dir):
@@ -67,6 +68,7 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     raise GleamError(f"--batch_size={batch_size} must be positive.")
   if out:
     make_dir(os.path.dirname(os.path.abspath(out)), "--out")
+  mesh = explain.inference_mesh(fsdp, tensor)
   if x_workdir:
     sft.job_config(x_workdir)  # a wrong GLEAM-X workdir stops before anything is retrieved
   elif not os.path.isfile(os.path.join(os.path.expanduser(x_model_dir), "config.json")):
@@ -75,9 +77,10 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
                                                 match_by_name=match_by_name, **camera)
   pairs = [dict(query=q, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair")
            for q in query_paths for g, _ in found[q]]
-  model, proc, image_size = explain.load_model(x_model_dir, x_workdir, dtype)
+  model, proc, image_size = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh)
   log(f"GLEAM-X checks {len(pairs)} candidates ({k} per query)")
-  answers, yes = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, image_size=image_size)
+  answers, yes = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, mesh=mesh,
+                                               image_size=image_size)
   checked, start = {}, 0
   for q in query_paths:
     rows = [dict(file=g, cosine=cosine, retrieval_rank=r + 1, p_yes=yes[start + r], answer=answers[start + r],
@@ -113,7 +116,8 @@ def main(argv):
   with errors.stop_on_bad_input():
     localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query), FLAGS.gallery, FLAGS.x_workdir,
              FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank, FLAGS.match_by_name, FLAGS.out,
-             FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, **{name: FLAGS[name].value for name in CAMERA_KEYS})
+             FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
+             **{name: FLAGS[name].value for name in CAMERA_KEYS})
 
 
 if __name__ == "__main__":

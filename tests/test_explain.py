@@ -133,3 +133,20 @@ def test_yes_probability_is_transformers_next_token_odds(model_dir, views, tmp_p
   assert explain_eval.verdict_auc([0.9, 0.4], [True, True]) is None
   assert explain_eval.yes_probability(np.asarray([[0.0, 2.0, 0.0]]), (1, 2)) == [pytest.approx(1 / (1 + np.exp(-2.0)))]
   assert explain_eval.yes_probability(np.zeros((2, 3)), None) == [None, None]
+
+
+def test_a_model_split_over_devices_answers_the_same(model_dir, views, tmp_path):
+  """--fsdp / --tensor: the model loaded straight into Qwen2.5-VL's sharding rules on 2 x 2 (and 1 x 4)
+  of the 8 test devices gives the single device's answers and yes-probabilities."""
+  one = explain.explain(model_dir, views, lang="en", max_new_tokens=10, write=lambda _: None)
+  assert explain.explain(model_dir, views, lang="en", max_new_tokens=10, write=lambda _: None, fsdp=2, tensor=2) == one
+  pairs = tmp_path / "ask.jsonl"
+  pairs.write_text("".join(json.dumps(dict(images=v, lang="en")) + "\n" for v in (views, views[::-1])))
+  rows, _ = explain.answer_pairs(str(pairs), str(tmp_path / "one.jsonl"), model_dir=model_dir, max_new_tokens=10,
+                                 log=lambda _: None)
+  split, _ = explain.answer_pairs(str(pairs), str(tmp_path / "split.jsonl"), model_dir=model_dir, max_new_tokens=10,
+                                  log=lambda _: None, tensor=4)
+  assert [r["answer"] for r in split] == [r["answer"] for r in rows] and rows[0]["answer"] == one
+  assert [r["p_yes"] for r in split] == pytest.approx([r["p_yes"] for r in rows], abs=1e-5)
+  with pytest.raises(GleamError, match=r"--fsdp=4 x --tensor=4 needs 16 devices; this process has 8"):
+    explain.explain(model_dir, views, fsdp=4, tensor=4)

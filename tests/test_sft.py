@@ -172,6 +172,8 @@ def test_tiny_job_learns_evaluates_and_resumes_onto_the_same_batches(tiny_cfg, t
   Image.fromarray(first["query"]).save(paths[0])
   Image.fromarray(first["satellite"]).save(paths[1])
   text = explain.explain(None, paths, lang=first["lang"], max_new_tokens=16, workdir=workdir, write=lambda _: None)
+  assert explain.explain(None, paths, lang=first["lang"], max_new_tokens=16, workdir=workdir, write=lambda _: None,
+                         fsdp=2, tensor=2) == text  # the checkpoint read into the job's sharding rules on 4 devices
   sample = table.split("\n| 0 | ")[1].split("\n")[0]
   assert re.search(rf"\| {re.escape(text.replace('|', '/').replace(chr(10), ' '))} \| 0\.\d\d \|$", sample), (sample, text)
   # a job stopped after step 4's checkpoint resumes onto the batches it would have read
@@ -282,6 +284,8 @@ def test_lora_job_trains_only_the_adapters(tiny_cfg, tmp_path):
   Image.fromarray(first["query"]).save(paths[0])
   Image.fromarray(first["satellite"]).save(paths[1])
   text = explain.explain(None, paths, lang=first["lang"], max_new_tokens=16, workdir=workdir, write=lambda _: None)
+  assert explain.explain(None, paths, lang=first["lang"], max_new_tokens=16, workdir=workdir, write=lambda _: None,
+                         tensor=2) == text  # the adapters read replicated beside the split model
   with open(os.path.join(workdir, "eval", "explain_step8.md"), encoding="utf-8") as f:
     sample = f.read().split("\n| 0 | ")[1].split("\n")[0]
   assert re.search(rf"\| {re.escape(text.replace('|', '/').replace(chr(10), ' '))} \| 0\.\d\d \|$", sample), (sample, text)

@@ -103,19 +103,22 @@ def job_config(workdir):
   return config
 
 
-def load_trained(workdir):
+def load_trained(workdir, mesh=None):
   """(model with the parameters of the workdir's latest checkpoint, processor, its step folder) of a
-  GLEAM-X job, for `python -m gleam_jax.explain --workdir=W`."""
+  GLEAM-X job, for `python -m gleam_jax.explain --workdir=W`; read straight into the job's sharding
+  rules on `mesh` when given (else onto one device)."""
   config = job_config(workdir)
   directory = model_directory(config, workdir)
   model = modeling.abstract_model(_model_config(config, directory))  # shapes only: the checkpoint fills it
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
-  whole = shd.replicated(shd.single_device_mesh())
+  mesh = mesh or shd.single_device_mesh()
   pure = nnx.to_pure_dict(model_params)
   target = {"model": pure}
+  shardings = {"model": shd.state_shardings(model_params, mesh, config.sharding_rules)}
   if lora_on(config.get("lora")):
     target["lora"] = lora.init(pure, config.lora, int(config.seed))
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), target)
+    shardings["lora"] = jax.tree.map(lambda _: shd.replicated(mesh), target["lora"])
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
   restored, where, _ = checkpoint.restore_params(workdir, target)
   nnx.replace_by_pure_dict(model_params, merged_params(restored, config.get("lora")))
   return nnx.merge(graphdef, model_params, rest), _processor(config, directory), where
