@@ -59,6 +59,9 @@ def test_the_three_layouts_read_as_the_same_pairs(tmp_path):
   assert (pairs[3]["match"], pairs[3]["lang"], pairs[3]["question"], pairs[3]["modality"]) == (True, "zh", QUESTION_ZH, "uav")
   assert pairs[3]["line"].endswith(":5")
   assert (pairs[4]["match"], pairs[4]["question"]) == (True, "Same place?")
+  assert pair_files.summary(pairs) == [
+      "5 pairs, 5 with an answer", "match: False 3, True 2", "lang: en 4, zh 1", "modality: pair 4, uav 1",
+      "query sizes (w x h): 30x40 5", "satellite sizes (w x h): 30x40 5"]
   query, satellite = pair_files.images_of(pairs[0])
   assert query.shape == satellite.shape == (40, 30, 3) and query.dtype == np.uint8
   assert [im.shape for im in pair_files.images_of(pairs[0], size=(28, 56))] == [(28, 56, 3)] * 2
@@ -123,6 +126,13 @@ def test_a_job_on_pairs_files_trains_and_answers_as_on_the_synthetic_draw(tiny_c
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{pairs_dir}/{draw}.jsonl" in out.stdout
+  check = subprocess.run([sys.executable, "-m", "gleam_jax.data.pair_files", f"--check={pairs_dir}/eval.jsonl"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert check.returncode == 0 and check.stdout.splitlines()[:2] == ["8 pairs, 8 with an answer", "match: False 4, True 4"]
+  both = subprocess.run([sys.executable, "-m", "gleam_jax.data.pair_files", f"--check={pairs_dir}/eval.jsonl",
+                         f"--out={pairs_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert both.returncode == 2 and both.stderr.strip().splitlines() == [
+      "error: give --out (write a job's synthetic pairs there) or --check (describe a pairs file), one of them."]
   files = {"examples.train_file": str(pairs_dir / "train.jsonl"), "examples.eval_file": str(pairs_dir / "eval.jsonl")}
   fields = {"total_steps": 4, "checkpoint.every_steps": 4}
   synthetic = main.run(tiny_config("x_sft", tiny_cfg.data_dir, **fields), str(tmp_path / "synthetic"))

@@ -21,7 +21,8 @@ images), `modality` 'pair'.
 
     python -m gleam_jax.data.pair_files --config=configs/x_sft.py:tiny --draw=eval --out=DIR
 
-writes the synthetic world's GLEAM-X pairs that way: the layout to fill with your own.
+writes the synthetic world's GLEAM-X pairs that way: the layout to fill with your own;
+`--check=FILE` reads a pairs file (every line and image checked) and describes it.
 """
 import json
 import os
@@ -145,14 +146,41 @@ def write_pairs(examples, out_dir, name="pairs.jsonl"):
   return path
 
 
+def summary(pairs):
+  """Lines describing a pairs file: how many pairs, matching or not, per language and modality, and
+  the image sizes (read from the files' headers), so a file can be checked before a job reads it."""
+  from collections import Counter  # pylint: disable=g-import-not-at-top
+  from gleam_jax.data.photo_camera import open_image  # pylint: disable=g-import-not-at-top
+  count = lambda key: ", ".join(f"{k} {n}" for k, n in sorted(Counter(str(p[key]) for p in pairs).items()))
+  sizes = Counter()
+  for p in pairs:
+    for role in ("query", "satellite"):
+      with open_image(p[role]) as image:
+        sizes[(role, image.size)] += 1
+  size_text = lambda role: ", ".join(f"{w}x{h} {n}" for (r, (w, h)), n in sorted(sizes.items()) if r == role)
+  answered = [p for p in pairs if p["answer"] is not None]
+  lines = [f"{len(pairs)} pairs, {len(answered)} with an answer"]
+  if answered:
+    lines.append(f"match: {count('match')}")
+  lines += [f"lang: {count('lang')}", f"modality: {count('modality')}",
+            f"query sizes (w x h): {size_text('query')}", f"satellite sizes (w x h): {size_text('satellite')}"]
+  return lines
+
+
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise GleamError(f"unexpected arguments: {argv[1:]}")
-  config = flags.FLAGS.config
-  examples = gleam_x.job_examples(config, flags.FLAGS.draw)
-  path = write_pairs(examples, os.path.expanduser(flags.FLAGS.out), f"{flags.FLAGS.draw}.jsonl")
-  print(f"{len(examples)} {flags.FLAGS.draw} pairs written to {path}")
+  args = flags.FLAGS
+  if bool(args.out) == bool(args.check):
+    raise GleamError("give --out (write a job's synthetic pairs there) or --check (describe a pairs file), "
+                     "one of them.")
+  if args.check:
+    print("\n".join(summary(read_pairs(args.check, args.image_root, need_answers=False))))
+    return
+  examples = gleam_x.job_examples(args.config, args.draw)
+  path = write_pairs(examples, os.path.expanduser(args.out), f"{args.draw}.jsonl")
+  print(f"{len(examples)} {args.draw} pairs written to {path}")
 
 
 if __name__ == "__main__":
@@ -160,8 +188,12 @@ if __name__ == "__main__":
   from ml_collections import config_flags
   from gleam_jax.errors import parse_flags, stop_on_bad_input
   config_flags.DEFINE_config_file("config", "configs/x_sft.py", "A GLEAM-X config: its world and example draw.")
-  flags.DEFINE_string("out", None, "Folder to write <draw>.jsonl and images/ into.", required=True)
-  flags.DEFINE_enum("draw", "eval", ["train", "eval"], "The job's training pairs (examples.train of them) or its held-out pairs (examples.eval).")
+  flags.DEFINE_string("out", None, "Folder to write <draw>.jsonl and images/ into.")
+  flags.DEFINE_enum("draw", "eval", ["train", "eval"], "The job's training pairs (examples.train of them) or its "
+                    "held-out pairs (examples.eval).")
+  flags.DEFINE_string("check", None, "Instead of --out: a pairs file to read and describe (every line and image "
+                      "checked).")
+  flags.DEFINE_string("image_root", None, "With --check: the folder image paths are relative to.")
 
   def _main(argv):
     with stop_on_bad_input():
