@@ -293,3 +293,39 @@ def test_lora_job_trains_only_the_adapters(tiny_cfg, tmp_path):
 
 def nnx_params(model):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_a_job_from_a_hugging_face_directory(tiny_cfg, tmp_path):
+  """hf_dir=: the real-weights recipe (bfloat16 parameters and compute, rematerialised layers, the loss over
+  chunks of positions, the vision tower frozen) on a tiny directory laid out as a released one: the job
+  starts from the weights read, the vision tower stays as read, the decoder moves, the loss falls, and
+  `explain --workdir` answers with the trained model as the evaluation did."""
+  hf = tiny_dir.write_tiny_qwen_dir(str(tmp_path / "hf"), corpus=gleam_x.corpus(), max_pixels=448 * 448)
+  torch.manual_seed(0)
+  transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig.from_pretrained(hf)).save_pretrained(hf)
+  config = tiny_config("x_sft", tiny_cfg.data_dir, arg=f"tiny,hf_dir={hf},lr=3e-3", **{"eval.max_new_tokens": 8})
+  assert (config.model.dtype, config.model.param_dtype, config.model.remat, config.loss_chunk) == (
+      "bfloat16", "bfloat16", True, 128) and config.optim.frozen == (r"^model/visual/",)
+  workdir = str(tmp_path / "job")
+  result = main.run(config, workdir)
+  losses = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
+  assert np.isfinite(losses).all() and np.mean(losses[-2:]) < losses[0] - 0.5, losses
+  assert not os.path.exists(os.path.join(workdir, "tiny_qwen"))  # the directory's tokenizer and processor
+  read = nnx_params(params.load_pretrained(hf, param_dtype="bfloat16"))
+  model, _, _ = sft.load_trained(workdir)
+  trained = nnx_params(model)
+  flat = lambda tree: {"/".join(map(str, k)): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  read, trained = flat(read), flat(trained)
+  assert read.keys() == trained.keys() and all(v.dtype == jnp.bfloat16 for v in trained.values())
+  for name in read:
+    if "visual" in name:
+      np.testing.assert_array_equal(np.asarray(trained[name]), np.asarray(read[name]), err_msg=name)
+  assert any(not np.array_equal(np.asarray(trained[n]), np.asarray(read[n])) for n in read if "language_model" in n)
+  first = gleam_x.examples(config.data, "test", 1, int(config.seed) + 1, langs=tuple(config.examples.langs))[0]
+  paths = [str(tmp_path / "query.png"), str(tmp_path / "satellite.png")]
+  Image.fromarray(first["query"]).save(paths[0])
+  Image.fromarray(first["satellite"]).save(paths[1])
+  text = explain.explain(None, paths, lang=first["lang"], max_new_tokens=8, workdir=workdir, write=lambda _: None)
+  with open(os.path.join(workdir, "eval", "explain_step8.md"), encoding="utf-8") as f:
+    sample = f.read().split("\n| 0 | ")[1].split("\n")[0]
+  assert f"| {text.replace('|', '/').replace(chr(10), ' ')} |" in sample and "verdict_acc" in result
