@@ -20,6 +20,7 @@ one); when every pair has a reference answer it prints verdict accuracy, the yes
 AUC and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
 and writes them beside `--out` (`<out>_metrics.json`). Answers are kept batch by batch in
 `<out>.partial`; a run stopped part way, started again, answers only the pairs not yet answered.
+`--fsdp` / `--tensor` split the model over that many local devices (Qwen2.5-VL's sharding rules).
 """
 import json
 import os
