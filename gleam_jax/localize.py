@@ -74,7 +74,7 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
   elif not os.path.isfile(os.path.join(os.path.expanduser(x_model_dir), "config.json")):
     raise GleamError(f"--x_model_dir={x_model_dir} holds no config.json: give a Hugging Face Qwen2.5-VL directory.")
   found, retrieval_recall = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
-                                                match_by_name=match_by_name, **camera)
+                                                match_by_name=match_by_name, show=False, **camera)
   pairs = [dict(query=q, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair")
            for q in query_paths for g, _ in found[q]]
   model, proc, image_size = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh)

@@ -197,7 +197,7 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
 
 
 def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, pngs=True, results=None,
-               match_by_name=False, **camera):
+               match_by_name=False, show=True, **camera):
   """({query file: its top-k [(gallery file, score)]} for every query, {R@K: fraction} or None),
   printed, with a PNG each
   (`pngs`; `out`: the PNG of a single query, else the folder of the PNGs; default W/retrieve/) and,
@@ -210,7 +210,8 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   photos in the panorama frame: when not given, they are read from the photo's EXIF (compass
   heading, 35 mm-equivalent focal length; the field of view defaults to 90 deg); a UAV view needs
   its camera (`heading_deg`, `pitch_deg`, `altitude_m`, `fov_deg`) and the satellites' `footprint_m`
-  when the job read UAV views in the satellite frame. Camera values given apply to every query."""
+  when the job read UAV views in the satellite frame. Camera values given apply to every query.
+  `show=False` leaves out the printed top-k lists (a caller that prints its own)."""
   _check_output(k, out if pngs else None, single=len(query_paths) == 1)
   if results:
     _check_results_file(results)
@@ -228,9 +229,10 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
         + (f" ({skipped} non-image files skipped)" if skipped else ""))
   found = {}
   for path, row_scores, row_top in zip(query_paths, scores, top):
-    print(f"query {path} ({modality})")
-    for rank, (score, i) in enumerate(zip(row_scores, row_top), 1):
-      print(f"{rank:3d}. {score:.4f}  {files[i]}")
+    if show:
+      print(f"query {path} ({modality})")
+      for rank, (score, i) in enumerate(zip(row_scores, row_top), 1):
+        print(f"{rank:3d}. {score:.4f}  {files[i]}")
     if pngs:
       png = _png_path(workdir, path, len(row_top), out, single=len(query_paths) == 1)
       report.save_topk_png(read_image(path), [read_image(files[i]) for i in row_top], row_scores, png)
