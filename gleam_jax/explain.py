@@ -166,9 +166,10 @@ def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, m
   from gleam_jax.models.qwen2_5_vl import params, processor  # pylint: disable=g-import-not-at-top
   if workdir:
     from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
-    model, proc, where = sft.load_trained(workdir, mesh)
+    config = sft.job_config(workdir)
+    model, proc, where = sft.load_trained(workdir, mesh, config)
     print(f"[model from {where}]", file=sys.stderr)
-    return model, proc, sft.job_config(workdir).examples.get("image_size")
+    return model, proc, config.examples.get("image_size")
   proc = processor.load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
   cfg = config_lib.from_pretrained_dir(model_dir).replace(dtype=dtype, param_dtype=dtype)
   return params.load_pretrained(model_dir, cfg, mesh=mesh), proc, None

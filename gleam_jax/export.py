@@ -43,9 +43,10 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
   start = time.perf_counter()
   workdir, out = os.path.expanduser(workdir), os.path.expanduser(out)
   model_dirs.check_export_dir(out, overwrite=bool(overwrite))  # before the model is loaded
+  config = sft.job_config(workdir)
   with checkpoint.at_most_verbose(logging.WARNING):  # Orbax logs every read at INFO; ours after at INFO
-    model, _, where = sft.load_trained(workdir)
-  source = sft.model_directory(sft.job_config(workdir), workdir)
+    model, _, where = sft.load_trained(workdir, config=config)
+  source = sft.model_directory(config, workdir)
   total, files = params.save_pretrained(model, out, source_dir=source, dtype=dtype,
                                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)
   stored = dtype or model.cfg.param_dtype

@@ -163,7 +163,7 @@ def export(workdir, out, tower=None) -> str:
   for directory in dict.fromkeys([out, *dirs.values()]):  # before the model is loaded
     model_dirs.check_export_dir(directory)
   with checkpoint.at_most_verbose(logging.WARNING):  # Orbax logs every read at INFO
-    model, config, where, loss_bias = retrieve.load_trained(workdir)
+    model, config, where, loss_bias = retrieve.load_trained(workdir, config)
   step = checkpoint.step_of(where)
   total = sum(save_tower(model, towers[0], dirs[name], _job_info(config, towers, step), loss_bias)
               for name, towers in folders.items())

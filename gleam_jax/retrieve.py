@@ -98,10 +98,11 @@ def load_model(workdir):
   return model, config
 
 
-def load_trained(workdir):
+def load_trained(workdir, config=None):
   """(model in eval mode, config, the step folder of the checkpoint read, the sigmoid loss's learned
-  bias or None for a job of another loss)."""
-  config = load_config(workdir)
+  bias or None for a job of another loss). `config`: the job's (`load_config`), when the caller has
+  read it already."""
+  config = config or load_config(workdir)
   if config.get("trainer") != "contrastive":
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; retrieval needs a GLEAM-C "
                      "('contrastive') job.")

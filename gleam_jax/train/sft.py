@@ -103,11 +103,12 @@ def job_config(workdir):
   return config
 
 
-def load_trained(workdir, mesh=None):
+def load_trained(workdir, mesh=None, config=None):
   """(model with the parameters of the workdir's latest checkpoint, processor, its step folder) of a
   GLEAM-X job, for `python -m gleam_jax.explain --workdir=W`; read straight into the job's sharding
-  rules on `mesh` when given (else onto one device)."""
-  config = job_config(workdir)
+  rules on `mesh` when given (else onto one device). `config`: the job's (`job_config`), when the
+  caller has read it already."""
+  config = config or job_config(workdir)
   directory = model_directory(config, workdir)
   model = modeling.abstract_model(_model_config(config, directory))  # shapes only: the checkpoint fills it
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
