@@ -122,5 +122,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(list(("c_workdir", "query", "gallery")))
+  flags.mark_flags_as_required(["c_workdir", "query", "gallery"])
   app.run(main, flags_parser=errors.parse_flags)

@@ -32,11 +32,11 @@ import ml_collections
 from flax import nnx
 import numpy as np
 
+from gleam_jax import errors
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import data_config, query_shape
 from gleam_jax.data.photo_camera import recorded_camera
 from gleam_jax.data.sources import CAMERA_KEYS, read_image
-from gleam_jax import errors
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
 from gleam_jax.eval import metrics
 from gleam_jax.eval import report
@@ -200,15 +200,15 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
 def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, pngs=True, results=None,
                match_by_name=False, show=True, **camera):
   """({query file: its top-k [(gallery file, score)]} for every query, {R@K: fraction} or None),
-  printed, with a PNG each
-  (`pngs`; `out`: the PNG of a single query, else the folder of the PNGs; default W/retrieve/) and,
-  with `results`, a JSON Lines file of them (a line per query). Queries are read and embedded in
-  batches; only their embeddings are held. The gallery's embeddings are kept in W/retrieve/ and
-  reused while the checkpoint, the input settings and the gallery's files (names, sizes,
-  modification times) stay the same; the search is the evaluation's (`eval.search`: exact, or ScaNN
-  for large galleries). With `match_by_name` each query's true satellite is the gallery file of the
-  same name (its extension aside): R@1, R@5, R@10 (those up to k) and R@k are printed and returned. A ground photo needs `heading_deg` and `fov_deg` when the job read ground
-  photos in the panorama frame: when not given, they are read from the photo's EXIF (compass
+  printed, with a PNG each (`pngs`; `out`: the PNG of a single query, else the folder of the PNGs;
+  default W/retrieve/) and, with `results`, a JSON Lines file of them (a line per query). Queries are
+  read and embedded in batches; only their embeddings are held. The gallery's embeddings are kept in
+  W/retrieve/ and reused while the checkpoint, the input settings and the gallery's files (names,
+  sizes, modification times) stay the same; the search is the evaluation's (`eval.search`: exact, or
+  ScaNN for large galleries). With `match_by_name` each query's true satellite is the gallery file of
+  the same name (its extension aside): R@1, R@5, R@10 (those up to k) and R@k are printed and
+  returned. A ground photo needs `heading_deg` and `fov_deg` when the job read ground photos in the
+  panorama frame: when not given, they are read from the photo's EXIF (compass
   heading, 35 mm-equivalent focal length; the field of view defaults to 90 deg); a UAV view needs
   its camera (`heading_deg`, `pitch_deg`, `altitude_m`, `fov_deg`) and the satellites' `footprint_m`
   when the job read UAV views in the satellite frame. Camera values given apply to every query.
@@ -368,5 +368,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(list(("workdir", "query", "gallery")))
+  flags.mark_flags_as_required(["workdir", "query", "gallery"])
   app.run(main, flags_parser=errors.parse_flags)

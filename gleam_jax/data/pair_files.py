@@ -35,10 +35,9 @@ from gleam_jax.data import gleam_x
 from gleam_jax.data.gleam_x import QUESTIONS
 from gleam_jax.data.sources import read_image
 from gleam_jax.errors import GleamError, make_dir
-from gleam_jax.eval.explain import verdict
+from gleam_jax.eval.explain import has_chinese, verdict
 
 DEFAULT_MODALITY = "pair"
-_CJK = re.compile(r"[\u3400-\u9fff]")
 _PLACEHOLDER = re.compile(r"<image>\s*")
 
 
@@ -78,7 +77,7 @@ def _pair(line, where, root):
   answer = line.get("answer", answer)
   question = _PLACEHOLDER.sub("", question).strip() if question else None
   text = (answer or "") + (question or "")
-  lang = line.get("lang", "zh" if _CJK.search(text) else "en")
+  lang = line.get("lang", "zh" if has_chinese(text) else "en")
   if lang not in QUESTIONS and not question:
     raise GleamError(f"{where}: lang {lang!r} has no default question ({', '.join(QUESTIONS)}); give 'question'.")
   match = line.get("match", verdict(answer) if answer else None)

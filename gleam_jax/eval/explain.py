@@ -13,6 +13,7 @@ import re
 import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+")
+_CJK = r"[\u3400-\u9fff]"  # a Chinese character (CJK Unified Ideographs and Extension A)
 _QUOTES = "\"'“”‘’「」 *"
 
 
@@ -30,7 +31,7 @@ def units(text, lang):
   """The units ROUGE-L compares: Chinese characters (and Latin words among them), or English words."""
   text = text.lower()
   if lang == "zh":
-    return re.findall(r"[\u3400-\u9fff]|[a-z0-9]+", text)
+    return re.findall(_CJK + r"|[a-z0-9]+", text)
   return _WORD.findall(text)
 
 
@@ -45,6 +46,11 @@ def lcs_length(a, b):
       current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
     previous = current
   return previous[-1]
+
+
+def has_chinese(text):
+  """Whether `text` holds a Chinese character (what `units` splits Chinese text into)."""
+  return re.search(_CJK, text) is not None
 
 
 def rouge_l(prediction, reference, lang):
