@@ -52,6 +52,8 @@ def define_flags():
                             "the satellite image).")
   flags.DEFINE_string("prompt", None, "The question (default: GLEAM-X's, in --lang).")
   flags.DEFINE_enum("lang", "en", sorted(QUESTIONS), "Language of the default question.")
+  flags.DEFINE_string("system", None, "The system prompt (default: Qwen2.5-VL's); ask with the one the model "
+                      "was fine-tuned with. With --pairs, each pair's own (pairs files) is used.")
   flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate.")
   flags.DEFINE_float("temperature", 0.0, "0: greedy; above 0: sampling at this temperature.")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
@@ -123,9 +125,9 @@ class TextStream:
 
 def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, temperature=0.0, top_p=1.0,
             seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
-            workdir=None, fsdp=1, tensor=1):
+            workdir=None, fsdp=1, tensor=1, system=None):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
-  it as it streams; returns the text. The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
+  it as it streams; returns the text. `system`: the system prompt (default Qwen2.5-VL's). The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
   (whose images are resized as its examples were); split over `fsdp` x `tensor` devices when more
   than one."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
@@ -142,7 +144,7 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
   if image_size:
     images = [resize(image, image_size) for image in images]
-  inputs = proc.encode_prompt(images, prompt)
+  inputs = proc.encode_prompt(images, prompt, system)
   stream = TextStream(proc, write)
   times = []
   start = time.perf_counter()
@@ -262,7 +264,7 @@ def main(argv):
       return
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens, FLAGS.temperature,
             FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels, workdir=FLAGS.workdir,
-            fsdp=FLAGS.fsdp, tensor=FLAGS.tensor)
+            fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system)
 
 
 if __name__ == "__main__":

@@ -84,22 +84,23 @@ def test_bad_requests_stop_before_loading(model_dir, views, tmp_path):
 
 
 def test_pairs_file_answers_as_one_pair_at_a_time(model_dir, views, tmp_path):
-  """`--pairs` (batched, left-padded rows) writes for each pair the answer `explain` streams for it alone;
-  without reference answers it scores nothing."""
+  """`--pairs` (batched, left-padded rows) writes for each pair the answer `explain` streams for it alone
+  (with the pair's own system prompt where it has one); without reference answers it scores nothing."""
   pairs = tmp_path / "ask.jsonl"
-  lines = [dict(images=views, lang="en"), dict(images=views[::-1], lang="zh"), dict(images=views, lang="zh")]
+  lines = [dict(images=views, lang="en"), dict(images=views[::-1], lang="zh"), dict(images=views, lang="zh"),
+           dict(images=views, lang="en", system="You compare a drone photo with a satellite image.")]
   pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
   out = tmp_path / "answers" / "ask_answers.jsonl"
   result = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={model_dir}", f"--pairs={pairs}",
                            f"--out={out}", "--max_new_tokens=10", "--batch_size=2"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "3/3 pairs answered" in result.stderr and "3 answers written to" in result.stderr
+  assert "4/4 pairs answered" in result.stderr and "4 answers written to" in result.stderr
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  alone = [explain.explain(model_dir, line["images"], lang=line["lang"], max_new_tokens=10, write=lambda _: None)
-           for line in lines]
+  alone = [explain.explain(model_dir, line["images"], lang=line["lang"], max_new_tokens=10, write=lambda _: None,
+                           system=line.get("system")) for line in lines]
   assert [r["answer"] for r in rows] == alone
-  assert [r["lang"] for r in rows] == ["en", "zh", "zh"] and "reference" not in rows[0]
+  assert [r["lang"] for r in rows] == ["en", "zh", "zh", "en"] and "reference" not in rows[0]
   assert not (tmp_path / "answers" / "ask_answers_metrics.json").exists()
   both = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={model_dir}", f"--pairs={pairs}",
                          f"--image={views[0]}"], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -108,9 +109,11 @@ def test_pairs_file_answers_as_one_pair_at_a_time(model_dir, views, tmp_path):
 
 def test_yes_probability_is_transformers_next_token_odds(model_dir, views, tmp_path):
   """Each answered pair's `p_yes` is P("Yes") / (P("Yes") + P("No")) of the first answer token (in the
-  pair's language) as transformers computes it from the same prompt; the AUC of hand-set scores."""
+  pair's language) as transformers computes it from the same prompt (the pair's own system prompt
+  included); the AUC of hand-set scores."""
   proc = processor.load_processor(model_dir)
-  lines = [dict(images=views, lang="en"), dict(images=views[::-1], lang="zh")]
+  lines = [dict(images=views, lang="en"), dict(images=views[::-1], lang="zh"),
+           dict(images=views, lang="en", system="You compare a drone photo with a satellite image.")]
   pairs = tmp_path / "ask.jsonl"
   pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
   rows, metrics = explain.answer_pairs(str(pairs), str(tmp_path / "answers.jsonl"), model_dir=model_dir,
@@ -120,8 +123,9 @@ def test_yes_probability_is_transformers_next_token_odds(model_dir, views, tmp_p
   # this tokenizer has no token for 否 (byte-level BPE: its first byte starts other characters too)
   assert proc.decode(proc.tokenizer.encode("否", add_special_tokens=False)[:1]) == "\ufffd"
   assert explain_eval.verdict_token_ids(proc, "zh") is None and rows[1]["p_yes"] is None
-  for line, row in zip(lines[:1], rows[:1]):
-    inputs = proc.encode_prompt(explain.read_images(line["images"]), explain.QUESTIONS[line["lang"]])
+  assert rows[2]["p_yes"] != pytest.approx(rows[0]["p_yes"], abs=1e-4)  # the system prompt is in the prompt
+  for line, row in zip(lines[::2], rows[::2]):
+    inputs = proc.encode_prompt(explain.read_images(line["images"]), explain.QUESTIONS[line["lang"]], line.get("system"))
     with torch.no_grad():
       logits = reference(input_ids=torch.tensor(inputs["input_ids"][None]), pixel_values=torch.tensor(inputs["pixel_values"]),
                          image_grid_thw=torch.tensor(inputs["image_grid_thw"])).logits[0, -1].numpy()

@@ -55,7 +55,8 @@ def test_the_three_layouts_read_as_the_same_pairs(tmp_path):
   paths = [str(tmp_path / p) for p in images]
   for i, pair in enumerate(pairs[:3]):
     assert pair == dict(query=paths[0], satellite=paths[1], match=False, lang="en", modality="pair",
-                        question=QUESTION_EN, answer=answer, line=f"{tmp_path}/pairs.jsonl:{i + 1}")
+                        question=QUESTION_EN, answer=answer, system=None, follow_ups=[],
+                        line=f"{tmp_path}/pairs.jsonl:{i + 1}")
   assert (pairs[3]["match"], pairs[3]["lang"], pairs[3]["question"], pairs[3]["modality"]) == (True, "zh", QUESTION_ZH, "uav")
   assert pairs[3]["line"].endswith(":5")
   assert (pairs[4]["match"], pairs[4]["question"]) == (True, "Same place?")
@@ -72,6 +73,64 @@ def test_the_three_layouts_read_as_the_same_pairs(tmp_path):
                                 image_root=str(moved), need_answers=False)
   assert asked[0]["query"] == str(moved / "q.jpg") and asked[0]["answer"] is None and asked[0]["match"] is None
   assert asked[0]["question"] == QUESTION_ZH
+
+
+def test_conversations_with_a_system_prompt_and_follow_up_turns(tmp_path):
+  """A leading system turn (or 'system') and later question/answer turns are read in all three layouts,
+  written back by `write_pairs`, trained on (labels on every answer) and counted by `summary`."""
+  for name in ("q.png", "s.png"):
+    _image(tmp_path / name, (56, 56), seed=len(name))
+  images, system = ["q.png", "s.png"], "You compare a drone photo with a satellite image."
+  first, why, because = "Yes. The same crossroads.", "Which road?", "The one north of the roundabout."
+  lines = [
+    dict(image=images, conversations=[{"from": "system", "value": system},
+                                      {"from": "human", "value": "<image>\n<image>\n" + QUESTION_EN},
+                                      {"from": "gpt", "value": first}, {"from": "human", "value": why},
+                                      {"from": "gpt", "value": because}]),
+    dict(images=images, system=system, messages=[dict(role="user", content="<image><image>" + QUESTION_EN),
+                                                 dict(role="assistant", content=first), dict(role="user", content=why),
+                                                 dict(role="assistant", content=because)]),
+    dict(images=images, answer=first, system=system, follow_ups=[dict(question=why, answer=because)]),
+  ]
+  pairs = pair_files.read_pairs(_write_lines(tmp_path / "talk.jsonl", lines))
+  for pair in pairs:
+    assert (pair["question"], pair["answer"], pair["match"]) == (QUESTION_EN, first, True)
+    assert (pair["system"], pair["follow_ups"]) == (system, [(why, because)])
+  assert pair_files.summary(pairs)[1:3] == ["match: True 3", "3 with follow-up turns, 3 with a system prompt (1 distinct)"]
+  proc = processor.load_processor(tiny_dir.write_tiny_qwen_dir(str(tmp_path / "qwen"), min_pixels=56 * 56,
+                                                               max_pixels=56 * 56))
+  example = sft.encode(proc, pairs[0])
+  want = proc.build_sft_example(pair_files.images_of(pairs[0]), QUESTION_EN, first, system=system,
+                                follow_ups=[(why, because)])
+  np.testing.assert_array_equal(example["labels"], want["labels"])
+  text = proc.decode(example["input_ids"], skip_special_tokens=False)
+  assert text.startswith(f"<|im_start|>system\n{system}<|im_end|>") and text.count("<|im_start|>assistant") == 2
+  assert proc.decode(example["labels"][example["labels"] >= 0]) == first + because  # both answers, no question
+  # written in our layout and read back: the same pairs
+  synthetic = [dict(pairs[0], query=pair_files.images_of(pairs[0])[0], satellite=pair_files.images_of(pairs[0])[1])]
+  again = pair_files.read_pairs(pair_files.write_pairs(synthetic, str(tmp_path / "written")))
+  assert {k: again[0][k] for k in ("question", "answer", "system", "follow_ups", "match")} == {
+      k: pairs[0][k] for k in ("question", "answer", "system", "follow_ups", "match")}
+  bad = {
+    "role": ([dict(role="user", content="Same?"), dict(role="tool", content="...")], r"'messages' has turns from tool; .*user, assistant, system only"),
+    "order": ([dict(role="user", content="Same?"), dict(role="user", content="Really?")],
+              r"'messages' must hold a user turn .*; this one has user -> user"),
+    "system later": ([dict(role="user", content="Same?"), dict(role="system", content=system)],
+                     r"'messages' must hold .* this one has user -> system"),
+    "unanswered": ([dict(role="user", content="Same?"), dict(role="assistant", content=first),
+                    dict(role="user", content=why)], r"'messages' ends with a question after the first answer"),
+    "images later": ([dict(role="user", content="Same?"), dict(role="assistant", content=first),
+                      dict(role="user", content="<image>" + why), dict(role="assistant", content=because)],
+                     r"an <image> placeholder in a later question"),
+    "only a system turn": ([dict(role="system", content=system)], r"'messages' must hold .* this one has no turns"),
+  }
+  for what, (turns, message) in bad.items():
+    with pytest.raises(GleamError, match=r"talk.jsonl:1: " + message):
+      pair_files.read_pairs(_write_lines(tmp_path / "talk.jsonl", [dict(images=images, messages=turns)]))
+  for line, message in ((dict(images=images, answer=first, follow_ups=[why]), r"'follow_ups' must be a list"),
+                        (dict(images=images, answer=first, system=["x"]), r"'system' must be text")):
+    with pytest.raises(GleamError, match=r"talk.jsonl:1: " + message):
+      pair_files.read_pairs(_write_lines(tmp_path / "talk.jsonl", [line]))
 
 
 def test_bad_pairs_files_are_named(tmp_path):

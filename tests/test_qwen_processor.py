@@ -128,6 +128,32 @@ def test_sft_example_matches_chat_template_and_masks_answer(ours, hf):
   assert n_image_tokens == int(np.prod(ex["image_grid_thw"], axis=-1).sum()) // 4
 
 
+def test_multi_turn_sft_example_matches_chat_template(ours, hf):
+  """A system prompt and follow-up turns: the ids of HF's chat template for the whole conversation,
+  loss on every answer and its <|im_end|>, nothing else."""
+  images = [random_image(120, 90, seed=7), random_image(90, 120, seed=8)]
+  system = "You compare a drone photo with a satellite image. 你比较无人机照片和卫星图像。"
+  turns = [("Why?", "The river bends the same way."), ("哪条路？", "环岛北边的那条路。")]
+  ex = ours.build_sft_example(images, PROMPT, ANSWER, system=system, follow_ups=turns)
+  content = [{"type": "image"} for _ in images] + [{"type": "text", "text": PROMPT}]
+  messages = [{"role": "system", "content": [{"type": "text", "text": system}]},
+              {"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": ANSWER}]}]
+  for question, answer in turns:
+    messages += [{"role": "user", "content": [{"type": "text", "text": question}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+  text = hf.apply_chat_template(messages, tokenize=False)
+  assert text.startswith(f"<|im_start|>system\n{system}<|im_end|>") and text.endswith("环岛北边的那条路。<|im_end|>\n")
+  want = hf(text=[text], images=images, return_tensors="np")
+  np.testing.assert_array_equal(ex["input_ids"], want["input_ids"][0])
+  labelled = ex["labels"] != proc_lib.IGNORE_INDEX
+  np.testing.assert_array_equal(ex["labels"][labelled], ex["input_ids"][labelled])
+  spans = np.split(np.flatnonzero(labelled), np.flatnonzero(np.diff(np.flatnonzero(labelled)) > 1) + 1)
+  assert [ours.decode(ex["labels"][span]) for span in spans] == [ANSWER] + [a for _, a in turns]
+  assert all(ex["labels"][span[-1]] == ours.im_end_id for span in spans)
+  single = ours.build_sft_example(images, PROMPT, ANSWER, system=system)
+  np.testing.assert_array_equal(ex["input_ids"][:len(single["input_ids"])], single["input_ids"])
+
+
 def test_text_only_prompt(ours, hf):
   got = ours.encode_prompt([], PROMPT)
   want, _ = hf_inputs(hf, [], PROMPT)

@@ -12,7 +12,10 @@ Each line is read in any of three layouts (mixed freely):
 
 The images are the query view, then the satellite image; relative paths are read from the file's
 folder, or from `image_root`. Only the images are required to ask; training and scoring need the
-answer. What a line leaves out is derived: `match` from the answer's verdict (`eval.explain.verdict`:
+answer. A conversation may go on: later user / assistant turns (ours: `"follow_ups": [{"question":
+..., "answer": ...}]`) are trained on too (the loss covers every answer), while asking and scoring
+use the first question and answer. A system prompt (a leading system turn, or `"system"`) replaces
+Qwen2.5-VL's default one wherever the pair is asked. What a line leaves out is derived: `match` from the answer's verdict (`eval.explain.verdict`:
 "Yes"/"No", "是"/"否"), `lang` 'zh' when the answer or question holds Chinese characters, else 'en',
 `question` GLEAM-X's in that language (`<image>` placeholders dropped: the processor places the
 images), `modality` 'pair'.
@@ -41,21 +44,49 @@ DEFAULT_MODALITY = "pair"
 _PLACEHOLDER = re.compile(r"<image>\s*")
 
 
-def _turns(line, where):
-  """(question, answer) of a conversation in the Qwen or ShareGPT layout, or (None, None)."""
-  if "conversations" in line:
-    key, who, text, user, assistant = "conversations", "from", "value", ("human", "user"), ("gpt", "assistant")
-  elif "messages" in line:
-    key, who, text, user, assistant = "messages", "role", "content", ("user",), ("assistant",)
-  else:
-    return None, None
+_ROLES = {"conversations": ("from", "value", {"human": "user", "user": "user", "gpt": "assistant",
+                                                "assistant": "assistant", "system": "system"}),
+          "messages": ("role", "content", {"user": "user", "assistant": "assistant", "system": "system"})}
+
+
+def _our_follow_ups(line, where):
+  follow_ups = line.get("follow_ups", [])
+  if not isinstance(follow_ups, list) or not all(
+      isinstance(t, dict) and isinstance(t.get("question"), str) and isinstance(t.get("answer"), str)
+      for t in follow_ups):
+    raise GleamError(f"{where}: 'follow_ups' must be a list of {{\"question\": \"text\", \"answer\": \"text\"}} turns.")
+  return [(t["question"], t["answer"]) for t in follow_ups]
+
+
+def _conversation(line, where):
+  """(system prompt or None, [(question, answer or None), ...]) of a line: its conversation in the Qwen
+  or ShareGPT layout (an optional system turn, then user and assistant turns in turn), or our layout's
+  `follow_ups` after a first round left to 'question' / 'answer'."""
+  key = next((k for k in _ROLES if k in line), None)
+  if key is None:
+    return None, [(None, None)] + _our_follow_ups(line, where)
+  who, text, roles = _ROLES[key]
   turns = line[key]
   if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get(text), str) for t in turns):
     raise GleamError(f"{where}: '{key}' must be a list of {{\"{who}\": ..., \"{text}\": \"text\"}} turns.")
-  turns = [(t.get(who), t[text]) for t in turns]
-  question = next((text for who, text in turns if who in user), None)
-  answer = next((text for who, text in turns if who in assistant), None)
-  return question, answer
+  unknown = sorted({str(t.get(who)) for t in turns} - set(roles))
+  if unknown:
+    raise GleamError(f"{where}: '{key}' has turns from {', '.join(unknown)}; a GLEAM-X conversation holds "
+                     f"turns from {', '.join(roles)} only.")
+  turns = [(roles[t[who]], t[text]) for t in turns]
+  system = turns.pop(0)[1] if turns and turns[0][0] == "system" else None
+  if not turns or [role for role, _ in turns] != ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2):
+    raise GleamError(f"{where}: '{key}' must hold a user turn (the question about the images), then the "
+                     "assistant's answer, then any further question and answer in turn (after an optional "
+                     "system turn); this one has " + (" -> ".join(role for role, _ in turns) or "no turns") + ".")
+  rounds = [(turns[i][1], turns[i + 1][1] if i + 1 < len(turns) else None) for i in range(0, len(turns), 2)]
+  if len(rounds) > 1 and rounds[-1][1] is None:
+    raise GleamError(f"{where}: '{key}' ends with a question after the first answer; every follow-up "
+                     "question needs its answer (only a lone question may be asked without one).")
+  if any(_PLACEHOLDER.search(question) for question, _ in rounds[1:]):
+    raise GleamError(f"{where}: an <image> placeholder in a later question; the two images belong to the "
+                     "first question.")
+  return system, rounds
 
 
 def _pair(line, where, root):
@@ -72,9 +103,12 @@ def _pair(line, where, root):
       raise GleamError(f"{where}: image {path} not found; paths are relative to the pairs file's folder "
                        "(or to config.examples.image_root).")
     paths.append(path)
-  question, answer = _turns(line, where)
-  question = line.get("question", question)
-  answer = line.get("answer", answer)
+  system, rounds = _conversation(line, where)
+  question = line.get("question", rounds[0][0])
+  answer = line.get("answer", rounds[0][1])
+  system = line.get("system", system)
+  if not (system is None or isinstance(system, str)):
+    raise GleamError(f"{where}: 'system' must be text (the system prompt), not {type(system).__name__}.")
   question = _PLACEHOLDER.sub("", question).strip() if question else None
   text = (answer or "") + (question or "")
   lang = line.get("lang", "zh" if has_chinese(text) else "en")
@@ -86,7 +120,7 @@ def _pair(line, where, root):
                      "true or false.")
   return dict(query=paths[0], satellite=paths[1], match=None if match is None else bool(match), lang=lang,
               modality=str(line.get("modality", DEFAULT_MODALITY)), question=question or QUESTIONS[lang],
-              answer=answer, line=where)
+              answer=answer, system=system, follow_ups=rounds[1:], line=where)
 
 
 def read_pairs(path, image_root=None, need_answers=True):
@@ -141,6 +175,10 @@ def write_pairs(examples, out_dir, name="pairs.jsonl"):
         images.append(relative)
       line = dict(images=images, question=ex["question"], answer=ex["answer"], match=bool(ex["match"]),
                   lang=ex["lang"], modality=ex["modality"])
+      if ex.get("system") is not None:
+        line["system"] = ex["system"]
+      if ex.get("follow_ups"):
+        line["follow_ups"] = [dict(question=q, answer=a) for q, a in ex["follow_ups"]]
       f.write(json.dumps(line, ensure_ascii=False) + "\n")
   return path
 
@@ -161,6 +199,11 @@ def summary(pairs):
   lines = [f"{len(pairs)} pairs, {len(answered)} with an answer"]
   if answered:
     lines.append(f"match: {count('match')}")
+  conversations = sum(bool(p.get("follow_ups")) for p in pairs)
+  systems = Counter(p["system"] for p in pairs if p.get("system") is not None)
+  if conversations or systems:
+    lines.append(f"{conversations} with follow-up turns, {sum(systems.values())} with a system prompt "
+                 f"({len(systems)} distinct)")
   lines += [f"lang: {count('lang')}", f"modality: {count('modality')}",
             f"query sizes (w x h): {size_text('query')}", f"satellite sizes (w x h): {size_text('satellite')}"]
   return lines

@@ -151,8 +151,8 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
     token_ids = verdict_token_ids(proc, lang)
     for start in range(0, len(members), batch_size):
       chunk = members[start:start + batch_size]
-      prompts = [proc.encode_prompt(pair_files.images_of(examples[i], image_size), examples[i]["question"])
-                 for i in chunk]
+      prompts = [proc.encode_prompt(pair_files.images_of(examples[i], image_size), examples[i]["question"],
+                                    examples[i].get("system")) for i in chunk]
       length = max(len(p["input_ids"]) for p in prompts)
       input_ids = np.full((len(chunk), length), cfg.pad_token_id, np.int32)
       mask = np.zeros((len(chunk), length), np.int32)

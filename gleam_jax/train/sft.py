@@ -126,8 +126,9 @@ def load_trained(workdir, mesh=None, config=None):
 
 
 def encode(proc, example, image_size=None):
-  """One example as model inputs: input_ids, labels (the answer only), pixel_values, image_grid_thw."""
-  return proc.build_sft_example(pair_files.images_of(example, image_size), example["question"], example["answer"])
+  """One example as model inputs: input_ids, labels (the answers only), pixel_values, image_grid_thw."""
+  return proc.build_sft_example(pair_files.images_of(example, image_size), example["question"], example["answer"],
+                                system=example.get("system"), follow_ups=example.get("follow_ups", ()))
 
 
 def load_examples(config, which):
@@ -356,6 +357,12 @@ class Batches:
     return collate([self.rows[i] for i in self.indices(step)], self.length, self.cfg)
 
 
+def _conversations(examples):
+  """', N with follow-up turns' for the job's first line, where examples go on after the first answer."""
+  n = sum(bool(ex.get("follow_ups")) for ex in examples)
+  return f"; {n} with follow-up turns" if n else ""
+
+
 def padded_length(lengths, multiple=16):
   return int(math.ceil(max(lengths) / multiple) * multiple)
 
@@ -450,7 +457,7 @@ def run(config, workdir):
     step = int(step)
     log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; Qwen2.5-VL {n_params / 1e6:.2f}M params{adapters} from "
         f"{directory}; {len(train)} training pairs ({', '.join(batches.groups)}; "
-        f"{', '.join(sorted({ex['lang'] for ex in train}))}), "
+        f"{', '.join(sorted({ex['lang'] for ex in train}))}{_conversations(train)}), "
         f"{batches.length} tokens per row; training to step {total_steps}")
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     cleanup.callback(writer.close)

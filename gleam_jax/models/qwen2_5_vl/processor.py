@@ -111,11 +111,17 @@ def preprocess_images(images, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]
   return np.concatenate(patches), np.stack(grids)
 
 
-def chat_prompt(num_images: int, prompt: str, system: str = DEFAULT_SYSTEM) -> str:
-  """The Qwen2.5-VL chat template for one user turn (images first, then text), ready for the answer."""
+def user_turn(content: str) -> str:
+  """A user turn of the Qwen2.5-VL chat template, ready for the assistant's answer."""
+  return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat_prompt(num_images: int, prompt: str, system: str | None = None) -> str:
+  """The Qwen2.5-VL chat template for one user turn (images first, then text), ready for the answer;
+  `system` None: the template's default system prompt."""
   vision = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
-  return (f"<|im_start|>system\n{system}<|im_end|>\n"
-          f"<|im_start|>user\n{vision}{prompt}<|im_end|>\n<|im_start|>assistant\n")
+  system = DEFAULT_SYSTEM if system is None else system
+  return f"<|im_start|>system\n{system}<|im_end|>\n" + user_turn(vision + prompt)
 
 
 def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
@@ -173,30 +179,36 @@ class Processor:
     counts[pads] = np.prod(image_grid_thw, axis=-1) // self.image_config.merge_size**2
     return np.repeat(np.asarray(ids, np.int64), counts)
 
-  def encode_prompt(self, images, prompt: str, system: str = DEFAULT_SYSTEM) -> dict:
+  def encode_prompt(self, images, prompt: str, system: str | None = None) -> dict:
     """Model inputs up to `<|im_start|>assistant\\n`: input_ids [L], pixel_values, image_grid_thw."""
     pixel_values, grid_thw = preprocess_images(images, self.image_config)
     ids = self._tokens(chat_prompt(len(images), prompt, system))
     return dict(input_ids=self.expand_image_pads(ids, grid_thw), pixel_values=pixel_values,
                 image_grid_thw=grid_thw)
 
-  def build_sft_example(self, images, prompt: str, answer: str, system: str = DEFAULT_SYSTEM) -> dict:
-    """One fine-tuning example: the prompt turn, then `answer<|im_end|>\\n`.
+  def build_sft_example(self, images, prompt: str, answer: str, system: str | None = None,
+                        follow_ups=()) -> dict:
+    """One fine-tuning example: the prompt turn, then `answer<|im_end|>\\n`, then each later
+    (question, answer) turn of `follow_ups` the same way (a multi-turn conversation about the images).
 
-    labels equal input_ids on the answer tokens and its closing `<|im_end|>` (so the model learns to
-    stop) and are IGNORE_INDEX (-100) elsewhere; they are *not* shifted (the loss predicts
-    labels[i+1] from position i, as Hugging Face causal LMs). The answer is tokenized on its own, so
-    the ids equal those of the whole conversation text (HF's chat template) unless the answer starts
+    labels equal input_ids on every answer's tokens and its closing `<|im_end|>` (so the model learns
+    to stop) and are IGNORE_INDEX (-100) elsewhere; they are *not* shifted (the loss predicts
+    labels[i+1] from position i, as Hugging Face causal LMs). Each answer is tokenized on its own, so
+    the ids equal those of the whole conversation text (HF's chat template) unless an answer starts
     with whitespace, which the template's "\\n" would otherwise absorb.
     """
     example = self.encode_prompt(images, prompt, system)
-    prompt_ids = example["input_ids"]
-    answer_ids = np.asarray(self._tokens(answer) + [self.im_end_id], np.int64)
-    newline = np.asarray(self._tokens("\n"), np.int64)
-    input_ids = np.concatenate([prompt_ids, answer_ids, newline])
-    labels = np.full_like(input_ids, IGNORE_INDEX)
-    labels[len(prompt_ids):len(prompt_ids) + len(answer_ids)] = answer_ids
-    return dict(example, input_ids=input_ids, labels=labels)
+    newline = self._tokens("\n")
+    pieces, answers = [example["input_ids"]], [answer]
+    for question, later_answer in follow_ups:
+      pieces.append(self._tokens(user_turn(question)))
+      answers.append(later_answer)
+    input_ids, labels = [], []
+    for asked, answered in zip(pieces, answers):
+      answer_ids = self._tokens(answered) + [self.im_end_id]
+      input_ids += [*asked, *answer_ids, *newline]
+      labels += [IGNORE_INDEX] * len(asked) + answer_ids + [IGNORE_INDEX] * len(newline)
+    return dict(example, input_ids=np.asarray(input_ids, np.int64), labels=np.asarray(labels, np.int64))
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)
