@@ -43,6 +43,8 @@ def define_flags():
   flags.DEFINE_integer("k", 5, "Candidates per query that GLEAM-X checks.")
   flags.DEFINE_string("modality", None, "Query modality, for a GLEAM-C job trained for several.")
   flags.DEFINE_enum("lang", "en", sorted(QUESTIONS), "Language of GLEAM-X's question and answers.")
+  flags.DEFINE_string("system", None, "The system prompt GLEAM-X is asked with (default: Qwen2.5-VL's); the one "
+                      "it was fine-tuned with.")
   flags.DEFINE_bool("rerank", True, "Order the candidates by GLEAM-X's yes-probability (else GLEAM-C's order).")
   flags.DEFINE_bool("match_by_name", False, "Each query's satellite is the gallery image of the same name: "
                     "print R@K before and after the re-ranking.")
@@ -56,9 +58,10 @@ def define_flags():
 
 def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=None, k=5, modality=None, lang="en",
              rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype="float32",
-             log=print, fsdp=1, tensor=1, **camera):
+             log=print, fsdp=1, tensor=1, system=None, **camera):
   """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
-  answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None)."""
+  answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None). `system`: the system
+  prompt GLEAM-X is asked with (default Qwen2.5-VL's)."""
   if bool(x_workdir) == bool(x_model_dir):
     raise GleamError("give the GLEAM-X model as --x_workdir (a fine-tuning job) or --x_model_dir (a Hugging "
                      "Face directory), one of them.")
@@ -75,7 +78,7 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     raise GleamError(f"--x_model_dir={x_model_dir} holds no config.json: give a Hugging Face Qwen2.5-VL directory.")
   found, retrieval_recall = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
                                                 match_by_name=match_by_name, show=False, **camera)
-  pairs = [dict(query=q, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair")
+  pairs = [dict(query=q, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair", system=system)
            for q in query_paths for g, _ in found[q]]
   model, proc, image_size = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh)
   log(f"GLEAM-X checks {len(pairs)} candidates ({k} per query)")
@@ -117,6 +120,7 @@ def main(argv):
     localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query), FLAGS.gallery, FLAGS.x_workdir,
              FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank, FLAGS.match_by_name, FLAGS.out,
              FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
+             system=FLAGS.system,
              **{name: FLAGS[name].value for name in CAMERA_KEYS})
 
 

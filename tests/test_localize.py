@@ -66,10 +66,16 @@ def test_candidates_are_retrieved_checked_and_reranked(jobs, capsys):
   with open(out, encoding="utf-8") as f:
     written = [json.loads(line) for line in f]
   assert [w["query"] for w in written] == queries and written[0]["candidates"] == checked[queries[0]]
-  # --norerank keeps GLEAM-C's order
+  # --norerank keeps GLEAM-C's order; --system asks with that system prompt
+  system = "You compare a drone photo with a satellite image."
   kept, _ = localize.localize(c_job, queries[:1], gallery, x_workdir=x_job, k=3, rerank=False, max_new_tokens=12,
-                              log=lambda _: None)
+                              log=lambda _: None, system=system)
   assert [r["file"] for r in kept[queries[0]]] == [f for f, _ in found[queries[0]]]
+  top = kept[queries[0]][0]
+  assert top["answer"] == explain.explain(None, [queries[0], top["file"]], lang="en", max_new_tokens=12,
+                                          workdir=x_job, write=lambda _: None, system=system)
+  assert top["p_yes"] != pytest.approx(next(r["p_yes"] for r in checked[queries[0]] if r["file"] == top["file"]),
+                                       abs=1e-6)
 
 
 def test_bad_requests_stop_before_retrieving(jobs, tmp_path):
