@@ -52,8 +52,8 @@ def define_flags():
                             "the satellite image).")
   flags.DEFINE_string("prompt", None, "The question (default: GLEAM-X's, in --lang).")
   flags.DEFINE_enum("lang", "en", sorted(QUESTIONS), "Language of the default question.")
-  flags.DEFINE_string("system", None, "The system prompt (default: Qwen2.5-VL's); ask with the one the model "
-                      "was fine-tuned with. With --pairs, each pair's own (pairs files) is used.")
+  flags.DEFINE_string("system", None, "The system prompt (default: the one the --workdir job trained with, else "
+                      "Qwen2.5-VL's). With --pairs, a pair's own (pairs files) comes first.")
   flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate.")
   flags.DEFINE_float("temperature", 0.0, "0: greedy; above 0: sampling at this temperature.")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
@@ -127,7 +127,8 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
             seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
             workdir=None, fsdp=1, tensor=1, system=None):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
-  it as it streams; returns the text. `system`: the system prompt (default Qwen2.5-VL's). The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
+  it as it streams; returns the text. `system`: the system prompt (default: the one the `workdir` job
+  trained with, else Qwen2.5-VL's). The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
   (whose images are resized as its examples were); split over `fsdp` x `tensor` devices when more
   than one."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
@@ -141,7 +142,8 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
     prompt = QUESTIONS[lang]
   images = read_images(image_paths)  # a bad file stops before the model is loaded
   mesh = inference_mesh(fsdp, tensor)
-  model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
+  model, proc, image_size, trained_system = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
+  system = trained_system if system is None else system
   if image_size:
     images = [resize(image, image_size) for image in images]
   inputs = proc.encode_prompt(images, prompt, system)
@@ -161,28 +163,36 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
 
 
 def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, max_pixels=None, mesh=None):
-  """(model, processor, image size) of a Hugging Face directory or of a GLEAM-X job's workdir (its
-  latest checkpoint; the image size its examples were resized to, if any), placed on `mesh` under
+  """(model, processor, image size, system prompt) of a Hugging Face directory or of a GLEAM-X job's
+  workdir (its latest checkpoint; the image size its examples were resized to), with the system prompt
+  the job trained with (also in a directory it was exported to; else None), placed on `mesh` under
   Qwen2.5-VL's sharding rules when given."""
   from gleam_jax.models.qwen2_5_vl import config as config_lib  # pylint: disable=g-import-not-at-top
   from gleam_jax.models.qwen2_5_vl import params, processor  # pylint: disable=g-import-not-at-top
+  from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
   if workdir:
-    from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
     config = sft.job_config(workdir)
     model, proc, where = sft.load_trained(workdir, mesh, config)
     print(f"[model from {where}]", file=sys.stderr)
-    return model, proc, config.examples.get("image_size")
+    system, distinct = sft.trained_system_prompt(workdir)
+    if distinct > 1:
+      print(f"[the job trained with {distinct} system prompts ({sft.SYSTEM_PROMPT_FILE}); asked with Qwen2.5-VL's "
+            "default unless --system or the pair gives one]", file=sys.stderr)
+    return model, proc, config.examples.get("image_size"), system
   proc = processor.load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
   cfg = config_lib.from_pretrained_dir(model_dir).replace(dtype=dtype, param_dtype=dtype)
-  return params.load_pretrained(model_dir, cfg, mesh=mesh), proc, None
+  system, _ = sft.trained_system_prompt(model_dir)  # an exported GLEAM-X job's, where it had one
+  return params.load_pretrained(model_dir, cfg, mesh=mesh), proc, None, system
 
 
 def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=8, max_new_tokens=256,
-                 image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None, fsdp=1, tensor=1):
+                 image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None, fsdp=1, tensor=1,
+                 system=None):
   """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` (a line per
   pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;
   returns (answer rows, metrics or None). Each batch's answers are appended to `<out_path>.partial` as
-  they come: a run of the same model stopped part way resumes with the pairs not yet answered."""
+  they come: a run of the same model stopped part way resumes with the pairs not yet answered. A pair
+  without its own system prompt is asked with `system`, else with the one the `workdir` job trained with."""
   log = log or (lambda line: print(line, file=sys.stderr))
   if batch_size < 1:
     raise GleamError(f"--batch_size={batch_size} must be positive.")
@@ -210,7 +220,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
   if todo:
-    model, proc, image_size = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
+    model, proc, image_size, trained_system = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
+    asked = [with_system(pairs[i], trained_system if system is None else system) for i in todo]
     progress = RateEta(len(todo))
     with open(partial, "a", encoding="utf-8") as f:
 
@@ -221,7 +232,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
         f.flush()
         rate, eta = progress.update(answered)
         log(f"{answered}/{len(todo)} pairs answered, {rate:.2f} pairs/s, ETA {format_eta(eta)}")
-      explain_eval.generate_answers(model, proc, [pairs[i] for i in todo], batch_size, max_new_tokens,
+      explain_eval.generate_answers(model, proc, asked, batch_size, max_new_tokens,
                                     mesh=mesh, image_size=image_size, on_batch=keep)
   with open(out_path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
@@ -236,6 +247,11 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
     log(f"{explain_eval.summary(metrics)} on {len(pairs)} pairs")
   log(f"{len(rows)} answers written to {out_path}")
   return rows, metrics
+
+
+def with_system(pair, system):
+  """The pair, asked with its own system prompt, else with `system`."""
+  return pair if pair.get("system") is not None else dict(pair, system=system)
 
 
 def _answer_row(pair, text, p_yes, model):
@@ -260,7 +276,7 @@ def main(argv):
     if FLAGS.pairs:
       answer_pairs(FLAGS.pairs, FLAGS.out, FLAGS.model_dir or None, FLAGS.workdir, FLAGS.batch_size,
                    FLAGS.max_new_tokens, FLAGS.image_root, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels,
-                   fsdp=FLAGS.fsdp, tensor=FLAGS.tensor)
+                   fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system)
       return
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens, FLAGS.temperature,
             FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels, workdir=FLAGS.workdir,

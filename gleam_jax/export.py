@@ -6,11 +6,15 @@ Loads the job's latest checkpoint (`sft.load_trained`: LoRA adapters folded in) 
 `params.save_pretrained`: safetensors weights with the released checkpoints' key names (in the
 trained dtype unless --dtype; files of at most --max_shard_gb, with model.safetensors.index.json
 when there are several), config.json, and the tokenizer, processor and chat-template files of the
-job's model directory (`model.hf_dir`, or the tiny one in the workdir). The result loads with
+job's model directory (`model.hf_dir`, or the tiny one in the workdir). A job that trained with a
+system prompt of its own (`<workdir>/system_prompt.json`) has it made the chat template's default
+system turn and its record copied, so transformers' `apply_chat_template` and `explain --model_dir`
+ask as the job trained. The result loads with
 transformers' `from_pretrained`, `params.load_pretrained` and `python -m gleam_jax.explain
 --model_dir=`. A directory that already holds weights is refused unless --overwrite.
 """
 import os
+import shutil
 import sys
 import time
 
@@ -19,7 +23,7 @@ from absl import flags
 from absl import logging
 
 from gleam_jax import errors
-from gleam_jax.models.qwen2_5_vl import params
+from gleam_jax.models.qwen2_5_vl import params, processor
 from gleam_jax.train import checkpoint, sft
 from gleam_jax.utils import model_dirs
 from gleam_jax.utils.progress import format_size
@@ -51,7 +55,20 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
                                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)
   stored = dtype or model.cfg.param_dtype
   return (f"exported step {checkpoint.step_of(where)} of {workdir} to {out}: {format_size(total)} of {stored} "
-          f"weights in {files} file{'s' * (files > 1)}, {time.perf_counter() - start:.1f} s")
+          f"weights in {files} file{'s' * (files > 1)}, {time.perf_counter() - start:.1f} s{_system_prompt(workdir, out)}")
+
+
+def _system_prompt(workdir, out):
+  """Carries the system prompt the job trained with into `out` (its record, and the chat templates'
+  default system turn); returns what the report line says of it."""
+  system, distinct = sft.trained_system_prompt(workdir)
+  if distinct:
+    shutil.copyfile(os.path.join(workdir, sft.SYSTEM_PROMPT_FILE), os.path.join(out, sft.SYSTEM_PROMPT_FILE))
+  if system is None:
+    return f"; trained with {distinct} system prompts: give --system when asking" if distinct > 1 else ""
+  changed = processor.set_default_system_prompt(out, system)
+  where = ", ".join(changed) or f"no chat template here has Qwen2.5-VL's default system turn; {sft.SYSTEM_PROMPT_FILE} only"
+  return f"; its system prompt is the default ({where})"
 
 
 def main(argv):

@@ -43,8 +43,8 @@ def define_flags():
   flags.DEFINE_integer("k", 5, "Candidates per query that GLEAM-X checks.")
   flags.DEFINE_string("modality", None, "Query modality, for a GLEAM-C job trained for several.")
   flags.DEFINE_enum("lang", "en", sorted(QUESTIONS), "Language of GLEAM-X's question and answers.")
-  flags.DEFINE_string("system", None, "The system prompt GLEAM-X is asked with (default: Qwen2.5-VL's); the one "
-                      "it was fine-tuned with.")
+  flags.DEFINE_string("system", None, "The system prompt GLEAM-X is asked with (default: the one the "
+                      "--x_workdir job trained with, else Qwen2.5-VL's).")
   flags.DEFINE_bool("rerank", True, "Order the candidates by GLEAM-X's yes-probability (else GLEAM-C's order).")
   flags.DEFINE_bool("match_by_name", False, "Each query's satellite is the gallery image of the same name: "
                     "print R@K before and after the re-ranking.")
@@ -78,9 +78,10 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     raise GleamError(f"--x_model_dir={x_model_dir} holds no config.json: give a Hugging Face Qwen2.5-VL directory.")
   found, retrieval_recall = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
                                                 match_by_name=match_by_name, show=False, **camera)
+  model, proc, image_size, trained_system = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh)
+  system = trained_system if system is None else system
   pairs = [dict(query=q, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair", system=system)
            for q in query_paths for g, _ in found[q]]
-  model, proc, image_size = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh)
   log(f"GLEAM-X checks {len(pairs)} candidates ({k} per query)")
   answers, yes = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, mesh=mesh,
                                                image_size=image_size)

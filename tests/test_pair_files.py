@@ -7,11 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+import transformers
 from PIL import Image
 
 from config_files import REPO, tiny_config
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
-from gleam_jax import explain, main
+from gleam_jax import explain, export, main
 from gleam_jax.data import gleam_x, pair_files
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import processor, tiny_dir
@@ -131,6 +132,49 @@ def test_conversations_with_a_system_prompt_and_follow_up_turns(tmp_path):
                         (dict(images=images, answer=first, system=["x"]), r"'system' must be text")):
     with pytest.raises(GleamError, match=r"talk.jsonl:1: " + message):
       pair_files.read_pairs(_write_lines(tmp_path / "talk.jsonl", [line]))
+
+
+def test_a_job_records_its_system_prompt_and_is_asked_with_it(tmp_path):
+  """A job trained on pairs with a system prompt writes it to system_prompt.json; `explain --workdir`,
+  `explain --pairs` and (through the same `load_model`) `localize` ask with it unless told otherwise."""
+  system = "You compare a drone photo with a satellite image."
+  lines = []
+  for i in range(8):
+    for role in ("q", "s"):
+      _image(tmp_path / f"{role}{i}.png", (56, 56), seed=10 * i + len(role))
+    lines.append(dict(images=[f"q{i}.png", f"s{i}.png"], answer=("Yes. The same river." if i % 2 else "No. A park."),
+                      system=system))
+  train = _write_lines(tmp_path / "train.jsonl", lines)
+  workdir = str(tmp_path / "job")
+  main.run(tiny_config("x_sft", "/no/data/needed", **{"total_steps": 3, "checkpoint.every_steps": 3,
+                                                     "eval.at_end": False, "examples.train_file": train}), workdir)
+  with open(os.path.join(workdir, "system_prompt.json"), encoding="utf-8") as f:
+    assert json.load(f) == dict(system=system, distinct=1)
+  assert sft.trained_system_prompt(workdir) == (system, 1)
+  views = [str(tmp_path / "q1.png"), str(tmp_path / "s1.png")]
+  ask = _write_lines(tmp_path / "ask.jsonl", [dict(images=[f"q{i}.png", f"s{i}.png"]) for i in range(2)])
+  answer = lambda **kw: explain.answer_pairs(ask, str(tmp_path / f"a{len(kw)}{kw.get('system', '')[:3]}.jsonl"),
+                                             workdir=workdir, max_new_tokens=4, log=lambda _: None, **kw)[0]
+  as_trained, told, other = answer(), answer(system=system), answer(system="You are a helpful assistant.")
+  assert [r["p_yes"] for r in as_trained] == pytest.approx([r["p_yes"] for r in told], abs=1e-6)
+  assert [r["p_yes"] for r in as_trained] != pytest.approx([r["p_yes"] for r in other], abs=1e-6)
+  alone = explain.explain(None, views, max_new_tokens=4, workdir=workdir, write=lambda _: None)
+  assert alone == explain.explain(None, views, max_new_tokens=4, workdir=workdir, write=lambda _: None, system=system)
+  # exported, the prompt is the chat template's default system turn (transformers) and explain's default
+  out = str(tmp_path / "exported")
+  assert "its system prompt is the default (chat_template.json)" in export.export(workdir, out)
+  with open(os.path.join(out, "chat_template.json"), encoding="utf-8") as f:
+    template = json.load(f)["chat_template"]
+  hf_text = transformers.AutoTokenizer.from_pretrained(out).apply_chat_template(
+      [dict(role="user", content="Same place?")], chat_template=template, tokenize=False, add_generation_prompt=True)
+  assert hf_text == processor.chat_prompt(0, "Same place?", system)
+  assert explain.explain(out, views, max_new_tokens=4, write=lambda _: None) == alone
+  # several prompts: none is assumed; a job from before the record: Qwen2.5-VL's default
+  sft.write_system_prompt(workdir, [dict(system=system), dict(system=None), dict()])
+  assert sft.trained_system_prompt(workdir) == (None, 2)
+  with open(os.path.join(workdir, "system_prompt.json"), encoding="utf-8") as f:
+    assert json.load(f)["prompts"] == [None, system]
+  assert sft.trained_system_prompt(str(tmp_path)) == (None, 0)
 
 
 def test_bad_pairs_files_are_named(tmp_path):

@@ -154,6 +154,24 @@ def test_multi_turn_sft_example_matches_chat_template(ours, hf):
   np.testing.assert_array_equal(ex["input_ids"][:len(single["input_ids"])], single["input_ids"])
 
 
+def test_default_system_prompt_set_in_every_template_form(tmp_path, hf):
+  """`set_default_system_prompt` rewrites the default system turn of the template in chat_template.jinja,
+  tokenizer_config.json (named templates) and chat_template.json; a template without one is left."""
+  system = "You compare views {{ not a tag }}."
+  (tmp_path / "chat_template.jinja").write_text(tiny_dir.CHAT_TEMPLATE)
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(chat_template=[
+      dict(name="default", template=tiny_dir.CHAT_TEMPLATE), dict(name="other", template="{{ messages }}")])))
+  (tmp_path / "chat_template.json").write_text(json.dumps(dict(chat_template="{{ messages }}")))
+  assert proc_lib.set_default_system_prompt(str(tmp_path), system) == ["tokenizer_config.json", "chat_template.jinja"]
+  named = json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]
+  assert named[1] == dict(name="other", template="{{ messages }}")
+  messages = [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+  for template in (named[0]["template"], (tmp_path / "chat_template.jinja").read_text()):
+    text = hf.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert text == proc_lib.chat_prompt(0, PROMPT, system)
+  assert json.loads((tmp_path / "chat_template.json").read_text()) == dict(chat_template="{{ messages }}")
+
+
 def test_text_only_prompt(ours, hf):
   got = ours.encode_prompt([], PROMPT)
   want, _ = hf_inputs(hf, [], PROMPT)

@@ -10,7 +10,8 @@ images, the question, the answer. Each is tokenized with the chat template
 (`Processor.build_sft_example`: the loss covers only the answer and its closing `<|im_end|>`),
 right-padded to the longest example. A batch holds one query modality and image layout (one
 compiled step each), groups in turn; the order is a function of (seed, step), so a resumed job reads
-the batches it would have.
+the batches it would have. The system prompt the examples carry (Qwen2.5-VL's default unless a pairs
+file gives one) is recorded in `<workdir>/system_prompt.json`, for `explain` to ask the same way.
 
 Full fine-tuning with AdamW (`train/optim.py`: warmup + cosine, clipping, regex rules for frozen
 parameters, e.g. `optim.frozen=('^model/visual/',)` to keep the vision tower, and learning-rate
@@ -54,6 +55,7 @@ from gleam_jax.utils.writer import MetricWriter
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 EVAL_PROGRESS_SECONDS = 10  # between the evaluation's progress lines
+SYSTEM_PROMPT_FILE = "system_prompt.json"
 
 
 def model_directory(config, workdir):
@@ -129,6 +131,29 @@ def encode(proc, example, image_size=None):
   """One example as model inputs: input_ids, labels (the answers only), pixel_values, image_grid_thw."""
   return proc.build_sft_example(pair_files.images_of(example, image_size), example["question"], example["answer"],
                                 system=example.get("system"), follow_ups=example.get("follow_ups", ()))
+
+
+def write_system_prompt(workdir, examples):
+  """Records the system prompt the job trains with in `<workdir>/system_prompt.json`, so that `explain`
+  and `localize` ask its model as it was trained: {"system": the examples' one prompt (null: Qwen2.5-VL's
+  default), "distinct": how many the examples hold (over 1: "system" is null and they are listed)}."""
+  prompts = sorted({ex.get("system") for ex in examples}, key=lambda p: (p is not None, p or ""))
+  record = dict(system=prompts[0] if len(prompts) == 1 else None, distinct=len(prompts))
+  if len(prompts) > 1:
+    record["prompts"] = prompts
+  with open(os.path.join(workdir, SYSTEM_PROMPT_FILE), "w", encoding="utf-8") as f:
+    json.dump(record, f, ensure_ascii=False, indent=1)
+
+
+def trained_system_prompt(workdir):
+  """(the system prompt a GLEAM-X job trained with, or None for Qwen2.5-VL's default; how many distinct
+  prompts it trained with: 0 where the job recorded none)."""
+  path = os.path.join(os.path.expanduser(workdir), SYSTEM_PROMPT_FILE)
+  if not os.path.exists(path):
+    return None, 0
+  with open(path, encoding="utf-8") as f:
+    record = json.load(f)
+  return record["system"], int(record["distinct"])
 
 
 def load_examples(config, which):
@@ -433,6 +458,8 @@ def run(config, workdir):
     model, proc, directory = load_model_and_processor(config, workdir, mesh)
     cfg = model.cfg
     train = load_examples(config, "train")
+    if jax.process_index() == 0:
+      write_system_prompt(workdir, train)
     held_out = load_examples(config, "eval") if evaluates(config) else []
     image_size = config.examples.get("image_size")
     rows = EncodedRows(proc, train, image_size, keep=not config.examples.get("train_file"))

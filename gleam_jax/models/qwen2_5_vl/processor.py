@@ -124,6 +124,42 @@ def chat_prompt(num_images: int, prompt: str, system: str | None = None) -> str:
   return f"<|im_start|>system\n{system}<|im_end|>\n" + user_turn(vision + prompt)
 
 
+def set_default_system_prompt(directory: str, system: str) -> list[str]:
+  """Makes `system` the default system prompt of the chat templates in `directory` (chat_template.json,
+  chat_template.jinja, tokenizer_config.json), so that transformers' `apply_chat_template` without a
+  system message asks as a model fine-tuned with it expects; returns the files changed (none where the
+  template has no default system turn of Qwen2.5-VL's form)."""
+  default = f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>"
+  replace = lambda t: t.replace(default, f"<|im_start|>system\n{{% raw %}}{system}{{% endraw %}}<|im_end|>")
+  changed = []
+  for name in ("chat_template.json", "tokenizer_config.json", "chat_template.jinja"):
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      continue
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    if name.endswith(".jinja"):
+      if default not in text:
+        continue
+      text = replace(text)
+    else:
+      data = json.loads(text)
+      template = data.get("chat_template")
+      if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        if not any(default in t.get("template", "") for t in template):
+          continue
+        data["chat_template"] = [dict(t, template=replace(t["template"])) for t in template]
+      elif isinstance(template, str) and default in template:
+        data["chat_template"] = replace(template)
+      else:
+        continue
+      text = json.dumps(data, ensure_ascii=False, indent=2)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+    changed.append(name)
+  return changed
+
+
 def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
   """`ImageConfig` from `<directory>/preprocessor_config.json`: the pixel bounds from min_pixels/max_pixels,
   or from size (shortest_edge/longest_edge, or min_pixels/max_pixels inside it, as some exports write)."""
