@@ -8,7 +8,7 @@
 `key=value` knobs: steps, batch, lr, data (a synthetic world preset), hf_dir (a local Hugging Face
 Qwen2.5-VL directory: its weights, tokenizer and processor, bfloat16, the vision tower frozen),
 langs (en+zh), lora (a LoRA rank: adapters on the decoder's projections, the model frozen),
-train_file / eval_file (your own pairs, JSON Lines: gleam_jax/data/pair_files.py; every line is used,
+train_file / eval_file (your own pairs, JSON Lines or a JSON array: gleam_jax/data/pair_files.py; every pair is used,
 images read from the file's folder or examples.image_root, resized to examples.image_size if set). Without hf_dir the model is a small random Qwen2.5-VL (`model.tiny`) with a
 tokenizer trained on the GLEAM-X answers: what trains on a CPU. Any field can be overridden on the
 command line (`--config.optim.lr=1e-4`); the config is locked, so a typo is an error.

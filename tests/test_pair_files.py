@@ -64,6 +64,13 @@ def test_the_three_layouts_read_as_the_same_pairs(tmp_path):
   assert pair_files.summary(pairs) == [
       "5 pairs, 5 with an answer", "match: False 3, True 2", "lang: en 4, zh 1", "modality: pair 4, uav 1",
       "query sizes (w x h): 30x40 5", "satellite sizes (w x h): 30x40 5"]
+  # the same pairs as one JSON array (the .json datasets of Qwen's scripts and LLaMA-Factory), entries named
+  with open(tmp_path / "pairs.json", "w", encoding="utf-8") as f:
+    json.dump([line for line in lines if line], f, ensure_ascii=False, indent=2)
+  from_array = pair_files.read_pairs(str(tmp_path / "pairs.json"))
+  assert [p["line"] for p in from_array] == [f"{tmp_path}/pairs.json:entry {i}" for i in range(1, 6)]
+  assert [{k: v for k, v in p.items() if k != "line"} for p in from_array] == [
+      {k: v for k, v in p.items() if k != "line"} for p in pairs]
   query, satellite = pair_files.images_of(pairs[0])
   assert query.shape == satellite.shape == (40, 30, 3) and query.dtype == np.uint8
   assert [im.shape for im in pair_files.images_of(pairs[0], size=(28, 56))] == [(28, 56, 3)] * 2
@@ -181,7 +188,10 @@ def test_bad_pairs_files_are_named(tmp_path):
   _image(tmp_path / "q.png", (8, 8), 0)
   bad = {
     "not JSON": (["{\"images\": [\"q.png\""], r"pairs.jsonl:1: not JSON"),
-    "a list": ([[1, 2]], r"pairs.jsonl:1: each line holds one pair as a JSON object, not list"),
+    "text": (['"q.png"'], r"pairs.jsonl:1: each pair is a JSON object, not str"),
+    "an array of lists": (["[[1, 2]]"], r"pairs.jsonl:entry 1: each pair is a JSON object, not list"),
+    "a broken array": (["[", '{"images": ["q.png", "q.png"], "answer": "Yes."},', "]"],
+                       r"pairs.jsonl:3: not JSON .*read as one JSON array of pairs"),
     "one image": ([dict(images=["q.png"], answer="Yes.")], r"pairs.jsonl:1: a GLEAM-X pair has two images"),
     "missing image": ([dict(images=["q.png", "q.png"], answer="Yes."), dict(images=["q.png", "nope.png"], answer="No.")],
                       r"pairs.jsonl:2: image .*nope.png not found"),

@@ -1,6 +1,8 @@
-"""GLEAM-X pairs from your own files: JSON Lines, one pair per line, the two images by path.
+"""GLEAM-X pairs from your own files: JSON Lines, one pair per line, the two images by path (or a JSON
+array of the same objects, as the `.json` datasets of Qwen2.5-VL's fine-tuning scripts and
+LLaMA-Factory are written).
 
-Each line is read in any of three layouts (mixed freely):
+Each pair is read in any of three layouts (mixed freely):
 
     {"images": ["uav/0001.jpg", "sat/0001.png"], "answer": "Yes. Both views show ...",
      "match": true, "lang": "en", "modality": "uav", "question": "..."}            # ours
@@ -123,32 +125,47 @@ def _pair(line, where, root):
               answer=answer, system=system, follow_ups=rounds[1:], line=where)
 
 
-def read_pairs(path, image_root=None, need_answers=True):
-  """The pairs of a JSONL file (see the module docstring) as GLEAM-X examples whose 'query' and
-  'satellite' are image paths (read by `images_of`); every image is checked to exist. With
-  `need_answers`, a line without an answer is an error (training and scoring need one)."""
-  path = os.path.expanduser(path)
-  if not os.path.isfile(path):
-    raise GleamError(f"pairs file {path} not found: give a JSON Lines file, one pair per line "
-                     "(gleam_jax/data/pair_files.py).")
-  root = os.path.expanduser(image_root) if image_root else os.path.dirname(os.path.abspath(path))
-  pairs = []
+def _entries(path):
+  """(where, parsed entry) of a JSON Lines file, line by line, or of a JSON array file (the `.json`
+  datasets of Qwen2.5-VL's fine-tuning scripts and LLaMA-Factory: `[{...}, {...}]`), entry by entry."""
   with open(path, encoding="utf-8") as f:
+    head = f.read(4096).lstrip("\ufeff \t\r\n")[:1]
+    f.seek(0)
+    if head == "[":
+      try:
+        entries = json.load(f)
+      except json.JSONDecodeError as e:
+        raise GleamError(f"{path}:{e.lineno}: not JSON ({e.msg} at column {e.colno}); the file starts with '[', "
+                         "so it is read as one JSON array of pairs.") from None
+      yield from ((f"{path}:entry {i}", entry) for i, entry in enumerate(entries, 1))
+      return
     for number, text in enumerate(f, 1):
       if not text.strip():
         continue
-      where = f"{path}:{number}"
       try:
-        line = json.loads(text)
+        yield f"{path}:{number}", json.loads(text)
       except json.JSONDecodeError as e:
-        raise GleamError(f"{where}: not JSON ({e.msg} at column {e.colno}); each line holds one pair as a "
+        raise GleamError(f"{path}:{number}: not JSON ({e.msg} at column {e.colno}); each line holds one pair as a "
                          "JSON object.") from None
-      if not isinstance(line, dict):
-        raise GleamError(f"{where}: each line holds one pair as a JSON object, not {type(line).__name__}.")
-      pair = _pair(line, where, root)
-      if need_answers and pair["answer"] is None:
-        raise GleamError(f"{where}: no answer ('answer', or the assistant's turn); training and scoring need one.")
-      pairs.append(pair)
+
+
+def read_pairs(path, image_root=None, need_answers=True):
+  """The pairs of a JSON Lines file, or of a JSON array file, (see the module docstring) as GLEAM-X
+  examples whose 'query' and 'satellite' are image paths (read by `images_of`); every image is checked
+  to exist. With `need_answers`, a pair without an answer is an error (training and scoring need one)."""
+  path = os.path.expanduser(path)
+  if not os.path.isfile(path):
+    raise GleamError(f"pairs file {path} not found: give a JSON Lines file, one pair per line, or a JSON array "
+                     "of pairs (gleam_jax/data/pair_files.py).")
+  root = os.path.expanduser(image_root) if image_root else os.path.dirname(os.path.abspath(path))
+  pairs = []
+  for where, line in _entries(path):
+    if not isinstance(line, dict):
+      raise GleamError(f"{where}: each pair is a JSON object, not {type(line).__name__}.")
+    pair = _pair(line, where, root)
+    if need_answers and pair["answer"] is None:
+      raise GleamError(f"{where}: no answer ('answer', or the assistant's turn); training and scoring need one.")
+    pairs.append(pair)
   if not pairs:
     raise GleamError(f"pairs file {path} holds no pairs.")
   return pairs
