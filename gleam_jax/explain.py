@@ -192,7 +192,9 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;
   returns (answer rows, metrics or None). Each batch's answers are appended to `<out_path>.partial` as
   they come: a run of the same model stopped part way resumes with the pairs not yet answered. A pair
-  without its own system prompt is asked with `system`, else with the one the `workdir` job trained with."""
+  without its own system prompt is asked with `system`, else with the one the `workdir` job trained with.
+  A conversation that goes on has each later question asked after the reference turns before it; the
+  answers go into the row's `follow_ups`, and their ROUGE-L into the metrics."""
   log = log or (lambda line: print(line, file=sys.stderr))
   if batch_size < 1:
     raise GleamError(f"--batch_size={batch_size} must be positive.")
@@ -219,9 +221,13 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   todo = [i for i, row in enumerate(rows) if row is None]
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
-  if todo:
+  # follow-up questions (conversations that go on) not yet answered, asked after the reference turns
+  later = [(i, ex) for i, ex in explain_eval.follow_up_questions(pairs) if rows[i] is None or "follow_ups" not in rows[i]]
+  if todo or later:
     model, proc, image_size, trained_system = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
-    asked = [with_system(pairs[i], trained_system if system is None else system) for i in todo]
+    ask = lambda examples, **kw: explain_eval.generate_answers(
+        model, proc, [with_system(ex, trained_system if system is None else system) for ex in examples], batch_size,
+        max_new_tokens, mesh=mesh, image_size=image_size, **kw)
     progress = RateEta(len(todo))
     with open(partial, "a", encoding="utf-8") as f:
 
@@ -232,8 +238,13 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
         f.flush()
         rate, eta = progress.update(answered)
         log(f"{answered}/{len(todo)} pairs answered, {rate:.2f} pairs/s, ETA {format_eta(eta)}")
-      explain_eval.generate_answers(model, proc, asked, batch_size, max_new_tokens,
-                                    mesh=mesh, image_size=image_size, on_batch=keep)
+      if todo:
+        ask([pairs[i] for i in todo], on_batch=keep)
+      if later:
+        log(f"answering {len(later)} follow-up questions")
+        for (i, ex), text in zip(later, ask([ex for _, ex in later])[0]):
+          rows[i].setdefault("follow_ups", []).append(dict(question=ex["question"], answer=text, reference=ex["answer"]))
+        f.writelines(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in sorted({i for i, _ in later}))
   with open(out_path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
   if os.path.exists(partial):
@@ -242,6 +253,10 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   if all(pair["answer"] is not None for pair in pairs):
     metrics = explain_eval.explain_metrics([row["answer"] for row in rows], pairs,
                                            [row.get("p_yes") for row in rows])
+    asked = explain_eval.follow_up_questions(pairs)
+    if asked:
+      metrics["follow_up_rouge_l"] = explain_eval.follow_up_rouge_l(
+          [turn["answer"] for row in rows for turn in row.get("follow_ups", [])], asked)
     with open(os.path.splitext(out_path)[0] + "_metrics.json", "w") as f:
       json.dump(metrics, f, indent=1)
     log(f"{explain_eval.summary(metrics)} on {len(pairs)} pairs")

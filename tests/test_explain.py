@@ -107,6 +107,38 @@ def test_pairs_file_answers_as_one_pair_at_a_time(model_dir, views, tmp_path):
   assert both.returncode == 2 and "not both" in both.stderr, both.stderr
 
 
+def test_follow_up_questions_are_asked_after_the_reference_turns(model_dir, views, tmp_path):
+  """A conversation that goes on: each later question is asked after the reference turns before it
+  (the answer is the greedy generation from that prompt) and scored by ROUGE-L; a resumed run whose
+  partial rows lack the follow-ups answers only those."""
+  first, why, because = "Yes. The same crossroads.", "Which road?", "The one north of the roundabout."
+  line = dict(images=views, messages=[dict(role="user", content="<image><image>" + explain.QUESTIONS["en"]),
+                                      dict(role="assistant", content=first), dict(role="user", content=why),
+                                      dict(role="assistant", content=because)])
+  pairs = tmp_path / "talk.jsonl"
+  pairs.write_text(json.dumps(line) + "\n" + json.dumps(dict(images=views[::-1], answer="No. A park.")) + "\n")
+  rows, metrics = explain.answer_pairs(str(pairs), str(tmp_path / "answers.jsonl"), model_dir=model_dir,
+                                       max_new_tokens=6, log=lambda _: None)
+  proc = processor.load_processor(model_dir)
+  inputs = proc.encode_prompt(explain.read_images(views), why, history=[(explain.QUESTIONS["en"], first)])
+  tokens = generation.generate(params.load_pretrained(model_dir), inputs["input_ids"][None],
+                               pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                               max_new_tokens=6)
+  assert rows[0]["follow_ups"] == [dict(question=why, answer=proc.decode(tokens[0]), reference=because)]
+  assert "follow_ups" not in rows[1]
+  assert metrics["follow_up_rouge_l"] == pytest.approx(explain_eval.rouge_l(proc.decode(tokens[0]), because, "en"))
+  assert "(follow-up answers" in explain_eval.summary(metrics)
+  # stopped after the first answers: the follow-ups are answered on the next run, the first answers kept
+  (tmp_path / "again.jsonl.partial").write_text("".join(
+      json.dumps(dict({k: v for k, v in r.items() if k != "follow_ups"}, answer=f"Kept {i}.")) + "\n"
+      for i, r in enumerate(rows)))
+  lines = []
+  again, _ = explain.answer_pairs(str(pairs), str(tmp_path / "again.jsonl"), model_dir=model_dir, max_new_tokens=6,
+                                  log=lines.append)
+  assert [r["answer"] for r in again] == ["Kept 0.", "Kept 1."] and again[0]["follow_ups"] == rows[0]["follow_ups"]
+  assert "answering 1 follow-up questions" in lines
+
+
 def test_yes_probability_is_transformers_next_token_odds(model_dir, views, tmp_path):
   """Each answered pair's `p_yes` is P("Yes") / (P("Yes") + P("No")) of the first answer token (in the
   pair's language) as transformers computes it from the same prompt (the pair's own system prompt

@@ -150,11 +150,17 @@ def test_a_job_records_its_system_prompt_and_is_asked_with_it(tmp_path):
     for role in ("q", "s"):
       _image(tmp_path / f"{role}{i}.png", (56, 56), seed=10 * i + len(role))
     lines.append(dict(images=[f"q{i}.png", f"s{i}.png"], answer=("Yes. The same river." if i % 2 else "No. A park."),
-                      system=system))
+                      system=system, follow_ups=[dict(question="Why?", answer="The river bends alike.")] * (i < 3)))
   train = _write_lines(tmp_path / "train.jsonl", lines)
   workdir = str(tmp_path / "job")
-  main.run(tiny_config("x_sft", "/no/data/needed", **{"total_steps": 3, "checkpoint.every_steps": 3,
-                                                     "eval.at_end": False, "examples.train_file": train}), workdir)
+  evaluated = main.run(tiny_config("x_sft", "/no/data/needed", **{
+      "total_steps": 3, "checkpoint.every_steps": 3, "eval.max_new_tokens": 4, "examples.train_file": train,
+      "examples.eval_file": train}), workdir)
+  # the evaluation asks the follow-ups too, as `explain --pairs` does with the job's system prompt
+  rows, answered = explain.answer_pairs(train, str(tmp_path / "eval.jsonl"), workdir=workdir, max_new_tokens=4,
+                                        log=lambda _: None)
+  assert "follow_up_rouge_l" in evaluated and answered == pytest.approx(evaluated)
+  assert [len(r.get("follow_ups", [])) for r in rows] == [1, 1, 1, 0, 0, 0, 0, 0]
   with open(os.path.join(workdir, "system_prompt.json"), encoding="utf-8") as f:
     assert json.load(f) == dict(system=system, distinct=1)
   assert sft.trained_system_prompt(workdir) == (system, 1)

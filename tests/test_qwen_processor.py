@@ -152,6 +152,11 @@ def test_multi_turn_sft_example_matches_chat_template(ours, hf):
   assert all(ex["labels"][span[-1]] == ours.im_end_id for span in spans)
   single = ours.build_sft_example(images, PROMPT, ANSWER, system=system)
   np.testing.assert_array_equal(ex["input_ids"][:len(single["input_ids"])], single["input_ids"])
+  # asking the last question after the turns before it: the template's generation prompt
+  asked = ours.encode_prompt(images, turns[-1][0], system, history=[(PROMPT, ANSWER), turns[0]])
+  text = hf.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+  np.testing.assert_array_equal(asked["input_ids"], hf(text=[text], images=images, return_tensors="np")["input_ids"][0])
+  np.testing.assert_array_equal(asked["pixel_values"], ex["pixel_values"])
 
 
 def test_default_system_prompt_set_in_every_template_form(tmp_path, hf):

@@ -15,8 +15,8 @@ Each pair is read in any of three layouts (mixed freely):
 The images are the query view, then the satellite image; relative paths are read from the file's
 folder, or from `image_root`. Only the images are required to ask; training and scoring need the
 answer. A conversation may go on: later user / assistant turns (ours: `"follow_ups": [{"question":
-..., "answer": ...}]`) are trained on too (the loss covers every answer), while asking and scoring
-use the first question and answer. A system prompt (a leading system turn, or `"system"`) replaces
+..., "answer": ...}]`) are trained on too (the loss covers every answer); the verdict is the first
+answer's, and each later question is asked after the reference turns before it. A system prompt (a leading system turn, or `"system"`) replaces
 Qwen2.5-VL's default one wherever the pair is asked. What a line leaves out is derived: `match` from the answer's verdict (`eval.explain.verdict`:
 "Yes"/"No", "是"/"否"), `lang` 'zh' when the answer or question holds Chinese characters, else 'en',
 `question` GLEAM-X's in that language (`<image>` placeholders dropped: the processor places the
@@ -116,6 +116,9 @@ def _pair(line, where, root):
   lang = line.get("lang", "zh" if has_chinese(text) else "en")
   if lang not in QUESTIONS and not question:
     raise GleamError(f"{where}: lang {lang!r} has no default question ({', '.join(QUESTIONS)}); give 'question'.")
+  if rounds[1:] and answer is None:
+    raise GleamError(f"{where}: follow-up turns need the first question's answer ('answer', or the assistant's "
+                     "turn).")
   match = line.get("match", verdict(answer) if answer else None)
   if answer is not None and match is None:
     raise GleamError(f"{where}: the answer does not start with a verdict (Yes/No, 是/否); give 'match': "

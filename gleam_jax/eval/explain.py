@@ -98,8 +98,9 @@ def explain_metrics(predictions, examples, yes_probabilities=None):
 def summary(metrics):
   """The metrics as the one line the trainer's evaluation and `explain --pairs` print."""
   auc = f", AUC {metrics['verdict_auc']:.3f}" if "verdict_auc" in metrics else ""
+  later = (f" (follow-up answers {metrics['follow_up_rouge_l']:.3f})" if "follow_up_rouge_l" in metrics else "")
   return (f"verdict acc {metrics['verdict_acc']:.1%} (answered {metrics['answered']:.0%}, said yes "
-          f"{metrics['said_yes']:.0%}{auc}), ROUGE-L {metrics['rouge_l']:.3f}")
+          f"{metrics['said_yes']:.0%}{auc}), ROUGE-L {metrics['rouge_l']:.3f}{later}")
 
 
 def verdict_token_ids(proc, lang):
@@ -135,9 +136,28 @@ def verdict_auc(yes_probabilities, matches):
   return float(above / (len(positive) * len(negative)))
 
 
+def follow_up_questions(examples):
+  """[(example index, the example asked its follow-up question)] of every later turn of the examples'
+  conversations: asked after the conversation before it (`history`), with the reference answers as
+  what was said (teacher-forced, as multi-turn evaluations go); 'answer' is the turn's reference."""
+  asked = []
+  for i, ex in enumerate(examples):
+    history = [(ex["question"], ex["answer"])]
+    for question, answer in ex.get("follow_ups") or ():
+      asked.append((i, dict(ex, question=question, answer=answer, history=list(history))))
+      history.append((question, answer))
+  return asked
+
+
+def follow_up_rouge_l(answers, asked):
+  """Mean ROUGE-L of the answers to `follow_up_questions` against their references."""
+  return float(np.mean([rouge_l(text, ex["answer"], ex["lang"]) for text, (_, ex) in zip(answers, asked, strict=True)]))
+
+
 def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None):
   """(greedy answers (decoded text), yes-probabilities (`yes_probability` of the first answer token))
-  of `model` to the examples' questions about their two images, in the examples' order. Batched by
+  of `model` to the examples' questions about their two images (after the example's `history` of
+  earlier turns, where it has one), in the examples' order. Batched by
   language and modality (prompts of about one length; rows left-padded as generation needs);
   `on_batch(answered, [(example index, answer, yes-probability), ...])` after each batch."""
   from gleam_jax.data import pair_files  # pylint: disable=g-import-not-at-top
@@ -152,7 +172,7 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
     for start in range(0, len(members), batch_size):
       chunk = members[start:start + batch_size]
       prompts = [proc.encode_prompt(pair_files.images_of(examples[i], image_size), examples[i]["question"],
-                                    examples[i].get("system")) for i in chunk]
+                                    examples[i].get("system"), examples[i].get("history", ())) for i in chunk]
       length = max(len(p["input_ids"]) for p in prompts)
       input_ids = np.full((len(chunk), length), cfg.pad_token_id, np.int32)
       mask = np.zeros((len(chunk), length), np.int32)

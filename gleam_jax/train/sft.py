@@ -394,7 +394,8 @@ def padded_length(lengths, multiple=16):
 
 def evaluate(config, setup, state, proc, examples, workdir, step, writer):
   """Greedy answers to the held-out examples (batched by language and modality: prompts of one
-  length); returns and writes the metrics, with sample answers in eval/explain_step<N>.md."""
+  length), and to their follow-up questions where they have any; returns and writes the metrics, with
+  sample answers in eval/explain_step<N>.md."""
   progress, last_line = RateEta(len(examples)), time.perf_counter()
 
   def show_progress(answered, _):
@@ -403,10 +404,15 @@ def evaluate(config, setup, state, proc, examples, workdir, step, writer):
       last_line = time.perf_counter()
       rate, eta = progress.update(answered)
       log(f"step {step}: eval {answered}/{len(examples)} pairs answered, {rate:.1f} pairs/s, ETA {format_eta(eta)}")
-  answers, yes = explain_metrics.generate_answers(
-      model_of(setup, state["params"]), proc, examples, int(config.eval.batch_size), int(config.eval.max_new_tokens),
-      mesh=setup.mesh, image_size=config.examples.get("image_size"), on_batch=show_progress)
+  model = model_of(setup, state["params"])
+  ask = functools.partial(explain_metrics.generate_answers, model, proc, batch_size=int(config.eval.batch_size),
+                          max_new_tokens=int(config.eval.max_new_tokens), mesh=setup.mesh,
+                          image_size=config.examples.get("image_size"))
+  answers, yes = ask(examples, on_batch=show_progress)
   metrics = explain_metrics.explain_metrics(answers, examples, yes)
+  asked = explain_metrics.follow_up_questions(examples)
+  if asked:  # conversations that go on: each later question after the reference turns before it
+    metrics["follow_up_rouge_l"] = explain_metrics.follow_up_rouge_l(ask([ex for _, ex in asked])[0], asked)
   writer.write(step, {f"eval/explain/{k}": v for k, v in metrics.items()})
   if jax.process_index() == 0:
     lines = [f"# GLEAM-X evaluation, step {step}", "",

@@ -215,8 +215,14 @@ class Processor:
     counts[pads] = np.prod(image_grid_thw, axis=-1) // self.image_config.merge_size**2
     return np.repeat(np.asarray(ids, np.int64), counts)
 
-  def encode_prompt(self, images, prompt: str, system: str | None = None) -> dict:
-    """Model inputs up to `<|im_start|>assistant\\n`: input_ids [L], pixel_values, image_grid_thw."""
+  def encode_prompt(self, images, prompt: str, system: str | None = None, history=()) -> dict:
+    """Model inputs up to `<|im_start|>assistant\\n`: input_ids [L], pixel_values, image_grid_thw.
+    `history`: the (question, answer) turns before `prompt`, the images with the first question."""
+    if history:
+      (question, answer), *later = history
+      asked = self.build_sft_example(images, question, answer, system, follow_ups=later)
+      input_ids = np.concatenate([asked["input_ids"], np.asarray(self._tokens(user_turn(prompt)), np.int64)])
+      return dict(input_ids=input_ids, pixel_values=asked["pixel_values"], image_grid_thw=asked["image_grid_thw"])
     pixel_values, grid_thw = preprocess_images(images, self.image_config)
     ids = self._tokens(chat_prompt(len(images), prompt, system))
     return dict(input_ids=self.expand_image_pads(ids, grid_thw), pixel_values=pixel_values,
