@@ -69,6 +69,9 @@ def get_config(arg=None):
   # (a real model's 151k vocabulary); 0: in one piece
   c.loss_chunk = 128 if hf_dir else 0
   c.batch_size = c_phase1.knob(knobs, "batch", 8 if tiny else 16)  # tiny: a row per device of the tests' 8
+  # > 1: each step's batch in this many micro-batches, one after another, their gradients summed (the
+  # same update as the whole batch at once, with a micro-batch's activations in memory)
+  c.grad_accum_steps = 1
   c.total_steps = c_phase1.knob(knobs, "steps", 8 if tiny else 600)
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=c_phase1.knob(knobs, "lr", 2e-5 if hf_dir else 1e-3, float), b1=0.9, b2=0.999, eps=1e-8,

@@ -185,6 +185,16 @@ def test_tiny_job_learns_evaluates_and_resumes_onto_the_same_batches(tiny_cfg, t
   np.testing.assert_allclose([again[s] for s in range(1, 9)], [losses[s] for s in range(1, 9)], rtol=1e-5)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["trainer"] == "sft"
+  # each batch as two micro-batches of 4 rows (on a 4 x 2 data x tensor mesh), gradients accumulated: the
+  # same losses, token accuracies and gradient norms step for step
+  accumulated = str(tmp_path / "accumulated")
+  main.run(sft_config(tiny_cfg.data_dir, grad_accum_steps=2, **{"eval.at_end": False, "mesh.data": 4,
+                                                                "mesh.tensor": 2}), accumulated)
+  assert "(batch in 2 micro-batches)" in capsys.readouterr().out
+  for key in ("loss", "token_acc", "grad_norm"):
+    want = {r["step"]: r[key] for r in rows if key in r}
+    got = {r["step"]: r[key] for r in read_metrics(accumulated) if key in r}
+    np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=2e-5, err_msg=key)
 
 
 def test_bad_sft_settings_are_named(tiny_cfg, tmp_path):
@@ -194,6 +204,10 @@ def test_bad_sft_settings_are_named(tiny_cfg, tmp_path):
     main.run(sft_config(tiny_cfg.data_dir, **{"examples.langs": ("en", "fr")}), str(tmp_path / "b"))
   with pytest.raises(GleamError, match=r"config.batch_size=64 is larger than the training examples of"):
     main.run(sft_config(tiny_cfg.data_dir, batch_size=64), str(tmp_path / "c"))
+  with pytest.raises(GleamError, match=r"config.grad_accum_steps=3 must be a positive divisor of config.batch_size=8"):
+    main.run(sft_config(tiny_cfg.data_dir, grad_accum_steps=3), str(tmp_path / "d"))
+  with pytest.raises(GleamError, match=r"a micro-batch of 8 // 2\)=4 does not divide over the mesh's data axes"):
+    main.run(sft_config(tiny_cfg.data_dir, grad_accum_steps=2), str(tmp_path / "e"))
 
 
 def test_lora_merge_adds_the_scaled_product_and_starts_at_the_model():
@@ -267,6 +281,11 @@ def test_lora_job_trains_only_the_adapters(tiny_cfg, tmp_path):
   main.run(config, workdir)
   losses = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
   assert np.mean(losses[-2:]) < losses[0] - 0.1, losses
+  # in two micro-batches (the frozen model's gradients not summed): the same losses
+  accumulated = str(tmp_path / "accumulated")
+  main.run(sft_config(tiny_cfg.data_dir, grad_accum_steps=2, **{"lora.rank": 4, "optim.lr": 1e-2, "eval.at_end": False,
+                                                                "mesh.data": 4, "mesh.tensor": 2}), accumulated)
+  np.testing.assert_allclose([r["loss"] for r in read_metrics(accumulated) if "loss" in r], losses, rtol=2e-5)
   mesh = shd.make_mesh(config.mesh)
   model, _, _ = sft.load_model_and_processor(config, workdir, mesh)  # the job's initial model
   initial = nnx_params(model)

@@ -218,12 +218,13 @@ def collate(rows, length, cfg):
           "layout": modeling.vision_inputs(grid, cfg)}
 
 
-def answer_loss(logits, labels):
+def answer_loss(logits, labels, count=None):
   """Mean next-token cross-entropy over the answer tokens (labels != IGNORE_INDEX, not shifted: the
   logits at position i predict labels[i + 1], as Hugging Face's causal-LM loss); and the share of
-  those tokens predicted right."""
-  nll, correct, count = _token_sums(logits[:, :-1], labels[:, 1:])
-  count = jnp.maximum(count, 1)
+  those tokens predicted right. `count`: the answer tokens to divide by (a micro-batch's part of the
+  whole batch's mean), else those of `labels`."""
+  nll, correct, n = _token_sums(logits[:, :-1], labels[:, 1:])
+  count = jnp.maximum(n if count is None else count, 1)
   return nll / count, correct / count
 
 
@@ -235,7 +236,7 @@ def _token_sums(logits, targets):
   return (nll * valid).sum(), ((jnp.argmax(logits, -1) == targets) & valid).sum(), valid.sum()
 
 
-def answer_loss_chunked(logits_fn, hidden, labels, chunk):
+def answer_loss_chunked(logits_fn, hidden, labels, chunk, count=None):
   """`answer_loss` of `logits_fn(hidden)` without the (batch, length, vocabulary) logits: the positions
   go through in chunks of `chunk` (a scan), each chunk's logits recomputed in the backward pass, so at
   most (batch, chunk, vocabulary) exist at a time (a 3B model's 151k vocabulary)."""
@@ -252,8 +253,8 @@ def answer_loss_chunked(logits_fn, hidden, labels, chunk):
   def body(total, xs):
     return jax.tree.map(jnp.add, total, piece(*xs)), None
   zero = (jnp.float32(0), jnp.int32(0), jnp.int32(0))
-  (nll, correct, count), _ = jax.lax.scan(body, zero, (h, targets))
-  count = jnp.maximum(count, 1)
+  (nll, correct, n), _ = jax.lax.scan(body, zero, (h, targets))
+  count = jnp.maximum(n if count is None else count, 1)
   return nll / count, correct / count
 
 
@@ -268,6 +269,7 @@ class SftSetup:
   trainable: Any
   lora_cfg: Any = None  # config.lora when the job trains LoRA adapters
   loss_chunk: int = 0  # > 0: the loss over chunks of this many positions (`answer_loss_chunked`)
+  accum_steps: int = 1  # > 1: each batch in this many micro-batches, gradients summed (`_accumulated`)
 
 
 def lora_on(lora_cfg):
@@ -282,7 +284,8 @@ def merged_params(params, lora_cfg):
   return lora.merge(params["model"], params["lora"], lora.scale(lora_cfg))
 
 
-def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None, seed=0, loss_chunk=0):
+def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None, seed=0, loss_chunk=0,
+                       accum_steps=1):
   """(SftSetup, state). With `lora_cfg.rank` > 0 the state also holds LoRA adapters and the whole
   model is frozen: AdamW keeps state for the adapters only."""
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
@@ -305,7 +308,7 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None
   state = shd.place(state, shardings)
   setup = SftSetup(graphdef=graphdef, rest=nnx.to_pure_dict(rest), tx=tx, schedule=schedule, mesh=mesh,
                    shardings=shardings, trainable=optim.trainable_mask(params, optim_cfg), lora_cfg=lora_cfg,
-                   loss_chunk=int(loss_chunk))
+                   loss_chunk=int(loss_chunk), accum_steps=int(accum_steps))
   return setup, state
 
 
@@ -314,7 +317,7 @@ def model_of(setup, params):
   return nnx.merge(setup.graphdef, merged_params(params, setup.lora_cfg), setup.rest)
 
 
-def _loss_fn(setup, params, batch):
+def _loss_fn(setup, params, batch, count=None):
   params = jax.tree.map(lambda t, x: x if t else jax.lax.stop_gradient(x), setup.trainable, params)
   model = nnx.merge(setup.graphdef, params["model"], setup.rest)
   if "lora" in params:  # beside their layers: no merged kernel, no kernel-sized gradient
@@ -322,12 +325,36 @@ def _loss_fn(setup, params, batch):
   hidden = model.hidden_states(batch["input_ids"], jnp.transpose(batch["position_ids"], (1, 0, 2)),
                                batch["attention_mask"], batch["pixel_values"], batch["layout"])
   if setup.loss_chunk:
-    return answer_loss_chunked(model.logits, hidden, batch["labels"], setup.loss_chunk)
-  return answer_loss(model.logits(hidden), batch["labels"])
+    return answer_loss_chunked(model.logits, hidden, batch["labels"], setup.loss_chunk, count)
+  return answer_loss(model.logits(hidden), batch["labels"], count)
+
+
+def _accumulated(setup, params, batch):
+  """((loss, token accuracy), gradients) of a batch held as micro-batches (a leading axis on every array
+  but the vision layout, which they share), one at a time: each micro-batch's loss is divided by the
+  answer tokens of the whole batch, so the sums are the whole batch's mean and its gradient (summed
+  in float32)."""
+  count = jnp.maximum((batch["labels"][..., 1:] != IGNORE_INDEX).sum(), 1)
+  micro = {k: v for k, v in batch.items() if k != "layout"}
+  grad_fn = jax.value_and_grad(lambda p, mb: _loss_fn(setup, p, {**mb, "layout": batch["layout"]}, count), has_aux=True)
+
+  trainable = setup.trainable  # frozen parameters carry a scalar, not a gradient-sized sum of zeros
+
+  def body(total, mb):
+    (loss, accuracy), grads = grad_fn(params, mb)
+    grads = jax.tree.map(lambda t, g: g.astype(jnp.float32) if t else jnp.float32(0), trainable, grads)
+    return jax.tree.map(jnp.add, total, ((loss, accuracy), grads)), None
+  zero = ((jnp.float32(0), jnp.float32(0)),
+          jax.tree.map(lambda t, p: jnp.zeros(p.shape if t else (), jnp.float32), trainable, params))
+  (metrics, grads), _ = jax.lax.scan(body, zero, micro)
+  return metrics, jax.tree.map(lambda t, g, p: g.astype(p.dtype) if t else jnp.zeros_like(p), trainable, grads, params)
 
 
 def _train_step(setup, state, batch):
-  (loss, accuracy), grads = jax.value_and_grad(lambda p: _loss_fn(setup, p, batch), has_aux=True)(state["params"])
+  if setup.accum_steps > 1:
+    (loss, accuracy), grads = _accumulated(setup, state["params"], batch)
+  else:
+    (loss, accuracy), grads = jax.value_and_grad(lambda p: _loss_fn(setup, p, batch), has_aux=True)(state["params"])
   grad_norm = optax.tree.norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, setup.trainable))
   updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
   new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
@@ -337,9 +364,9 @@ def _train_step(setup, state, batch):
 
 
 def make_train_step(setup):
-  """Jitted `(state, batch) -> (state, metrics)`: token arrays split over the data axes, the images'
-  patches and layout replicated, the state donated."""
-  tokens = shd.batch_sharding(setup.mesh)
+  """Jitted `(state, batch) -> (state, metrics)`: token arrays split over the data axes (behind the
+  micro-batch axis with `accum_steps` > 1), the images' patches and layout replicated, the state donated."""
+  tokens = shd.batch_sharding(setup.mesh, axis=int(setup.accum_steps > 1))
   whole = shd.replicated(setup.mesh)
   batch_shardings = {**{k: tokens for k in TOKEN_KEYS}, "pixel_values": whole, "layout": whole}
   return jax.jit(lambda state, batch: _train_step(setup, state, batch),
@@ -352,8 +379,9 @@ class Batches:
   image layout: `EncodedRows.group_names`), the (s // G)-th batch of that group's endless stream of
   seeded epoch permutations."""
 
-  def __init__(self, rows, groups_of_rows, batch_size, seed, length, cfg):
+  def __init__(self, rows, groups_of_rows, batch_size, seed, length, cfg, accum_steps=1):
     self.rows, self.batch_size, self.seed, self.length, self.cfg = rows, batch_size, seed, length, cfg
+    self.accum_steps = accum_steps
     self.groups = sorted(set(groups_of_rows))
     self.by_group = {g: np.flatnonzero(np.asarray(groups_of_rows) == g) for g in self.groups}
     small = {g: len(r) for g, r in self.by_group.items() if len(r) < batch_size}
@@ -379,7 +407,14 @@ class Batches:
         len(self.by_group[group]))
 
   def batch(self, step):
-    return collate([self.rows[i] for i in self.indices(step)], self.length, self.cfg)
+    """The step's batch (`collate`); with `accum_steps` > 1, its micro-batches stacked on a leading
+    axis (one vision layout: the rows of a batch share their images' layout)."""
+    rows = [self.rows[i] for i in self.indices(step)]
+    if self.accum_steps == 1:
+      return collate(rows, self.length, self.cfg)
+    size = len(rows) // self.accum_steps
+    micro = [collate(rows[k * size:(k + 1) * size], self.length, self.cfg) for k in range(self.accum_steps)]
+    return {**{k: np.stack([m[k] for m in micro]) for k in micro[0] if k != "layout"}, "layout": micro[0]["layout"]}
 
 
 def _conversations(examples):
@@ -459,7 +494,12 @@ def run(config, workdir):
   workdir = os.path.abspath(os.path.expanduser(workdir))
   mesh = shd.make_mesh(config.mesh)
   batch_size, seed, total_steps = int(config.batch_size), int(config.seed), int(config.total_steps)
-  shd.check_batch_divides(batch_size, mesh)
+  accum_steps = int(config.get("grad_accum_steps", 1))
+  if accum_steps < 1 or batch_size % accum_steps:
+    raise GleamError(f"config.grad_accum_steps={accum_steps} must be a positive divisor of config.batch_size="
+                     f"{batch_size} (each step's batch is split into that many micro-batches).")
+  shd.check_batch_divides(batch_size // accum_steps, mesh, f"config.batch_size / config.grad_accum_steps (a "
+                          f"micro-batch of {batch_size} // {accum_steps})" if accum_steps > 1 else "config.batch_size")
   with contextlib.ExitStack() as cleanup:
     model, proc, directory = load_model_and_processor(config, workdir, mesh)
     cfg = model.cfg
@@ -469,9 +509,10 @@ def run(config, workdir):
     held_out = load_examples(config, "eval") if evaluates(config) else []
     image_size = config.examples.get("image_size")
     rows = EncodedRows(proc, train, image_size, keep=not config.examples.get("train_file"))
-    batches = Batches(rows, rows.group_names(), batch_size, seed, padded_length(rows.lengths), cfg)
+    batches = Batches(rows, rows.group_names(), batch_size, seed, padded_length(rows.lengths), cfg, accum_steps)
     setup, state = create_train_state(model, config.optim, total_steps, mesh, config.sharding_rules,
-                                      lora_cfg=config.get("lora"), seed=seed, loss_chunk=config.get("loss_chunk", 0))
+                                      lora_cfg=config.get("lora"), seed=seed, loss_chunk=config.get("loss_chunk", 0),
+                                      accum_steps=accum_steps)
     del model
     size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     n_params = size(state["params"]["model"])
@@ -491,7 +532,8 @@ def run(config, workdir):
     log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; Qwen2.5-VL {n_params / 1e6:.2f}M params{adapters} from "
         f"{directory}; {len(train)} training pairs ({', '.join(batches.groups)}; "
         f"{', '.join(sorted({ex['lang'] for ex in train}))}{_conversations(train)}), "
-        f"{batches.length} tokens per row; training to step {total_steps}")
+        f"{batches.length} tokens per row{f' (batch in {accum_steps} micro-batches)' if accum_steps > 1 else ''}; "
+        f"training to step {total_steps}")
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     cleanup.callback(writer.close)
     train_step = make_train_step(setup)
@@ -499,7 +541,8 @@ def run(config, workdir):
     pending, results, first_step = [], {}, step
     while step < total_steps:
       batch = batches.batch(step)
-      batch = {**shd.shard_batch({k: batch[k] for k in TOKEN_KEYS}, mesh), "pixel_values": batch["pixel_values"],
+      batch = {**shd.shard_batch({k: batch[k] for k in TOKEN_KEYS}, mesh, axis=int(accum_steps > 1)),
+               "pixel_values": batch["pixel_values"],
                "layout": batch["layout"]}
       state, metrics = train_step(state, batch)
       step += 1

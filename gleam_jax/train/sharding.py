@@ -137,10 +137,10 @@ def on_mesh(sharding, mesh):
   return replicated(mesh)
 
 
-def batch_sharding(mesh, ndim=1):
-  """Leading dimension over ('data', 'fsdp'), the rest replicated."""
-  del ndim
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh, axis=0):
+  """Dimension `axis` (the batch: 0, or 1 behind a leading micro-batch axis) over ('data', 'fsdp'), the
+  rest replicated."""
+  return NamedSharding(mesh, P(*[None] * axis, BATCH_AXES))
 
 
 def batch_shards(mesh):
@@ -169,9 +169,9 @@ def process_rows(mesh, global_batch_size):
   return np.asarray(sorted(held), np.int64)
 
 
-def shard_batch(batch, mesh):
-  """Per-process NumPy batch -> global jax.Arrays sharded over ('data', 'fsdp')."""
-  sharding = batch_sharding(mesh)
+def shard_batch(batch, mesh, axis=0):
+  """Per-process NumPy batch -> global jax.Arrays, dimension `axis` sharded over ('data', 'fsdp')."""
+  sharding = batch_sharding(mesh, axis)
   if jax.process_count() == 1:
     return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
   return jax.tree.map(
