@@ -62,7 +62,7 @@ def _system_prompt(workdir, out):
   """Carries the system prompt the job trained with into `out` (its record, and the chat templates'
   default system turn); returns what the report line says of it."""
   system, distinct = sft.trained_system_prompt(workdir)
-  if distinct:
+  if system is not None or distinct > 1:  # Qwen2.5-VL's default alone needs no record
     shutil.copyfile(os.path.join(workdir, sft.SYSTEM_PROMPT_FILE), os.path.join(out, sft.SYSTEM_PROMPT_FILE))
   if system is None:
     return f"; trained with {distinct} system prompts: give --system when asking" if distinct > 1 else ""
