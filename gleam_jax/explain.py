@@ -206,8 +206,12 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   make_dir(os.path.dirname(out_path), "--out")
   partial = out_path + ".partial"
   model_name = os.path.abspath(os.path.expanduser(workdir or model_dir))
-  # an answer is reused for the same line number, images and model
-  key = lambda line, images, model: (line.rsplit(":", 1)[-1], tuple(images), model)
+  if system is None:  # the one the model trained with (as `load_model` reads it), else Qwen2.5-VL's default
+    from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
+    system, _ = sft.trained_system_prompt(model_name)
+  pairs = [with_system(p, system) for p in pairs]
+  # an answer is reused for the same line number, images, model and system prompt
+  key = lambda line, images, model, asked_with: (line.rsplit(":", 1)[-1], tuple(images), model, asked_with)
   done = {}
   if os.path.exists(partial):
     with open(partial, encoding="utf-8") as f:
@@ -216,18 +220,17 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
           row = json.loads(text)
         except json.JSONDecodeError:  # the line being written when the run stopped
           continue
-        done[key(row["line"], row["images"], row.get("model"))] = row
-  rows = [done.get(key(p["line"], [p["query"], p["satellite"]], model_name)) for p in pairs]
+        done[key(row["line"], row["images"], row.get("model"), row.get("system"))] = row
+  rows = [done.get(key(p["line"], [p["query"], p["satellite"]], model_name, p["system"])) for p in pairs]
   todo = [i for i, row in enumerate(rows) if row is None]
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
   # follow-up questions (conversations that go on) not yet answered, asked after the reference turns
   later = [(i, ex) for i, ex in explain_eval.follow_up_questions(pairs) if rows[i] is None or "follow_ups" not in rows[i]]
   if todo or later:
-    model, proc, image_size, trained_system = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
-    ask = lambda examples, **kw: explain_eval.generate_answers(
-        model, proc, [with_system(ex, trained_system if system is None else system) for ex in examples], batch_size,
-        max_new_tokens, mesh=mesh, image_size=image_size, **kw)
+    model, proc, image_size, _ = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
+    ask = lambda examples, **kw: explain_eval.generate_answers(model, proc, examples, batch_size, max_new_tokens,
+                                                               mesh=mesh, image_size=image_size, **kw)
     progress = RateEta(len(todo))
     with open(partial, "a", encoding="utf-8") as f:
 
@@ -272,6 +275,8 @@ def with_system(pair, system):
 def _answer_row(pair, text, p_yes, model):
   row = dict(line=pair["line"], images=[pair["query"], pair["satellite"]], lang=pair["lang"],
              modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text), p_yes=p_yes, model=model)
+  if pair["system"] is not None:
+    row["system"] = pair["system"]
   if pair["answer"] is not None:
     row.update(reference=pair["answer"], match=pair["match"])
   return row

@@ -171,6 +171,13 @@ def test_a_job_records_its_system_prompt_and_is_asked_with_it(tmp_path):
   as_trained, told, other = answer(), answer(system=system), answer(system="You are a helpful assistant.")
   assert [r["p_yes"] for r in as_trained] == pytest.approx([r["p_yes"] for r in told], abs=1e-6)
   assert [r["p_yes"] for r in as_trained] != pytest.approx([r["p_yes"] for r in other], abs=1e-6)
+  assert all(r["system"] == system for r in as_trained) and all("system" in r for r in other)
+  # what a stopped run answered with one system prompt is not reused when asking with another
+  (tmp_path / "resumed.jsonl.partial").write_text("".join(json.dumps(r) + "\n" for r in as_trained))
+  logged = []
+  explain.answer_pairs(ask, str(tmp_path / "resumed.jsonl"), workdir=workdir, max_new_tokens=4, log=logged.append,
+                       system="Another prompt.")
+  assert not any(line.startswith("resuming") for line in logged) and "2/2 pairs answered" in logged[-2]
   alone = explain.explain(None, views, max_new_tokens=4, workdir=workdir, write=lambda _: None)
   assert alone == explain.explain(None, views, max_new_tokens=4, workdir=workdir, write=lambda _: None, system=system)
   # exported, the prompt is the chat template's default system turn (transformers) and explain's default
