@@ -99,12 +99,15 @@ def test_conversations_with_a_system_prompt_and_follow_up_turns(tmp_path):
                                                  dict(role="assistant", content=first), dict(role="user", content=why),
                                                  dict(role="assistant", content=because)]),
     dict(images=images, answer=first, system=system, follow_ups=[dict(question=why, answer=because)]),
+    dict(images=images, system=system, history=[["<image><image>", first]], instruction=why.split()[0],
+         input=" ".join(why.split()[1:]), output=because),  # LLaMA-Factory's Alpaca layout
   ]
   pairs = pair_files.read_pairs(_write_lines(tmp_path / "talk.jsonl", lines))
   for pair in pairs:
     assert (pair["question"], pair["answer"], pair["match"]) == (QUESTION_EN, first, True)
-    assert (pair["system"], pair["follow_ups"]) == (system, [(why, because)])
-  assert pair_files.summary(pairs)[1:3] == ["match: True 3", "3 with follow-up turns, 3 with a system prompt (1 distinct)"]
+    assert (pair["system"], pair["follow_ups"]) == (system, [(why.replace(" ", "\n"), because)] if "history" in
+                                                    lines[pairs.index(pair)] else [(why, because)])
+  assert pair_files.summary(pairs)[1:3] == ["match: True 4", "4 with follow-up turns, 4 with a system prompt (1 distinct)"]
   proc = processor.load_processor(tiny_dir.write_tiny_qwen_dir(str(tmp_path / "qwen"), min_pixels=56 * 56,
                                                                max_pixels=56 * 56))
   example = sft.encode(proc, pairs[0])
@@ -135,7 +138,15 @@ def test_conversations_with_a_system_prompt_and_follow_up_turns(tmp_path):
   for what, (turns, message) in bad.items():
     with pytest.raises(GleamError, match=r"talk.jsonl:1: " + message):
       pair_files.read_pairs(_write_lines(tmp_path / "talk.jsonl", [dict(images=images, messages=turns)]))
+  alpaca = pair_files.read_pairs(_write_lines(tmp_path / "talk.jsonl", [
+      dict(images=images, instruction="<image>\n<image>\n" + QUESTION_ZH, input="", output="是。同一个路口。")]))
+  assert (alpaca[0]["question"], alpaca[0]["answer"], alpaca[0]["lang"], alpaca[0]["follow_ups"]) == (
+      QUESTION_ZH, "是。同一个路口。", "zh", [])
   for line, message in ((dict(images=images, answer=first, follow_ups=[why]), r"'follow_ups' must be a list"),
+                        (dict(images=images, instruction="Same?", output=first, history=["Why?"]),
+                         r"the Alpaca layout holds text 'instruction'"),
+                        (dict(images=images, instruction="<image>Why?", output=because, history=[["<image><image>Same?", first]]),
+                         r"an <image> placeholder in a later question"),
                         (dict(images=images, answer=first, system=["x"]), r"'system' must be text")):
     with pytest.raises(GleamError, match=r"talk.jsonl:1: " + message):
       pair_files.read_pairs(_write_lines(tmp_path / "talk.jsonl", [line]))

@@ -2,7 +2,7 @@
 array of the same objects, as the `.json` datasets of Qwen2.5-VL's fine-tuning scripts and
 LLaMA-Factory are written).
 
-Each pair is read in any of three layouts (mixed freely):
+Each pair is read in any of these layouts (mixed freely):
 
     {"images": ["uav/0001.jpg", "sat/0001.png"], "answer": "Yes. Both views show ...",
      "match": true, "lang": "en", "modality": "uav", "question": "..."}            # ours
@@ -11,6 +11,8 @@ Each pair is read in any of three layouts (mixed freely):
                                                                                   # Qwen2.5-VL's fine-tuning scripts
     {"images": [...], "messages": [{"role": "user", "content": "<image><image>Do these ...?"},
                                    {"role": "assistant", "content": "Yes. ..."}]}  # LLaMA-Factory (ShareGPT)
+    {"images": [...], "instruction": "<image><image>Do these ...?", "output": "Yes. ..."}
+                                                                  # LLaMA-Factory (Alpaca; input, history)
 
 The images are the query view, then the satellite image; relative paths are read from the file's
 folder, or from `image_root`. Only the images are required to ask; training and scoring need the
@@ -60,13 +62,27 @@ def _our_follow_ups(line, where):
   return [(t["question"], t["answer"]) for t in follow_ups]
 
 
+def _alpaca_rounds(line, where):
+  """[(question, answer)] of a line in LLaMA-Factory's Alpaca layout: `history` ([question, answer]
+  pairs said before), then `instruction` (+ a non-empty `input` on the next line) and `output`."""
+  history, fields = line.get("history") or [], [line.get(k, "") for k in ("instruction", "input", "output")]
+  if not all(isinstance(f, str) for f in fields) or not isinstance(history, list) or not all(
+      isinstance(h, list) and len(h) == 2 and all(isinstance(t, str) for t in h) for h in history):
+    raise GleamError(f"{where}: the Alpaca layout holds text 'instruction', 'input' and 'output', and 'history' "
+                     "as a list of [question, answer] pairs.")
+  instruction, extra, output = fields
+  question = instruction + ("\n" + extra if extra else "")
+  return [tuple(h) for h in history] + [(question, output or None)]
+
+
 def _conversation(line, where):
   """(system prompt or None, [(question, answer or None), ...]) of a line: its conversation in the Qwen
   or ShareGPT layout (an optional system turn, then user and assistant turns in turn), or our layout's
   `follow_ups` after a first round left to 'question' / 'answer'."""
   key = next((k for k in _ROLES if k in line), None)
   if key is None:
-    return None, [(None, None)] + _our_follow_ups(line, where)
+    rounds = _alpaca_rounds(line, where) if "instruction" in line else [(None, None)] + _our_follow_ups(line, where)
+    return None, _images_first(rounds, where)
   who, text, roles = _ROLES[key]
   turns = line[key]
   if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get(text), str) for t in turns):
@@ -85,10 +101,14 @@ def _conversation(line, where):
   if len(rounds) > 1 and rounds[-1][1] is None:
     raise GleamError(f"{where}: '{key}' ends with a question after the first answer; every follow-up "
                      "question needs its answer (only a lone question may be asked without one).")
+  return system, _images_first(rounds, where)
+
+
+def _images_first(rounds, where):
   if any(_PLACEHOLDER.search(question) for question, _ in rounds[1:]):
     raise GleamError(f"{where}: an <image> placeholder in a later question; the two images belong to the "
                      "first question.")
-  return system, rounds
+  return rounds
 
 
 def _pair(line, where, root):
