@@ -18,8 +18,9 @@ The images are the query view, then the satellite image; relative paths are read
 folder, or from `image_root`. Only the images are required to ask; training and scoring need the
 answer. A conversation may go on: later user / assistant turns (ours: `"follow_ups": [{"question":
 ..., "answer": ...}]`) are trained on too (the loss covers every answer); the verdict is the first
-answer's, and each later question is asked after the reference turns before it. A system prompt (a leading system turn, or `"system"`) replaces
-Qwen2.5-VL's default one wherever the pair is asked. What a line leaves out is derived: `match` from the answer's verdict (`eval.explain.verdict`:
+answer's, and each later question is asked after the reference turns before it. A system prompt (a
+leading system turn, or `"system"`) replaces Qwen2.5-VL's default one wherever the pair is asked.
+What a line leaves out is derived: `match` from the answer's verdict (`eval.explain.verdict`:
 "Yes"/"No", "是"/"否"), `lang` 'zh' when the answer or question holds Chinese characters, else 'en',
 `question` GLEAM-X's in that language (`<image>` placeholders dropped: the processor places the
 images), `modality` 'pair'.
