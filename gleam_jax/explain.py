@@ -226,7 +226,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
   # follow-up questions (conversations that go on) not yet answered, asked after the reference turns
-  later = [(i, ex) for i, ex in explain_eval.follow_up_questions(pairs) if rows[i] is None or "follow_ups" not in rows[i]]
+  later = [(i, ex) for i, ex in explain_eval.follow_up_questions(pairs)
+           if rows[i] is None or "follow_ups" not in rows[i]]
   if todo or later:
     model, proc, image_size, _ = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
     ask = lambda examples, **kw: explain_eval.generate_answers(model, proc, examples, batch_size, max_new_tokens,
@@ -246,7 +247,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
       if later:
         log(f"answering {len(later)} follow-up questions")
         for (i, ex), text in zip(later, ask([ex for _, ex in later])[0]):
-          rows[i].setdefault("follow_ups", []).append(dict(question=ex["question"], answer=text, reference=ex["answer"]))
+          turn = dict(question=ex["question"], answer=text, reference=ex["answer"])
+          rows[i].setdefault("follow_ups", []).append(turn)
         f.writelines(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in sorted({i for i, _ in later}))
   with open(out_path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

@@ -55,7 +55,8 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
                                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)
   stored = dtype or model.cfg.param_dtype
   return (f"exported step {checkpoint.step_of(where)} of {workdir} to {out}: {format_size(total)} of {stored} "
-          f"weights in {files} file{'s' * (files > 1)}, {time.perf_counter() - start:.1f} s{_system_prompt(workdir, out)}")
+          f"weights in {files} file{'s' * (files > 1)}, {time.perf_counter() - start:.1f} s"
+          f"{_system_prompt(workdir, out)}")
 
 
 def _system_prompt(workdir, out):
@@ -67,7 +68,8 @@ def _system_prompt(workdir, out):
   if system is None:
     return f"; trained with {distinct} system prompts: give --system when asking" if distinct > 1 else ""
   changed = processor.set_default_system_prompt(out, system)
-  where = ", ".join(changed) or f"no chat template here has Qwen2.5-VL's default system turn; {sft.SYSTEM_PROMPT_FILE} only"
+  where = ", ".join(changed) or (f"no chat template here has Qwen2.5-VL's default system turn; "
+                                 f"{sft.SYSTEM_PROMPT_FILE} only")
   return f"; its system prompt is the default ({where})"
 
 
