@@ -61,7 +61,7 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
              log=print, fsdp=1, tensor=1, system=None, **camera):
   """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
   answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None). `system`: the system
-  prompt GLEAM-X is asked with (default Qwen2.5-VL's)."""
+  prompt GLEAM-X is asked with (default: the one the `x_workdir` job trained with, else Qwen2.5-VL's)."""
   if bool(x_workdir) == bool(x_model_dir):
     raise GleamError("give the GLEAM-X model as --x_workdir (a fine-tuning job) or --x_model_dir (a Hugging "
                      "Face directory), one of them.")

@@ -94,7 +94,8 @@ def _conversation(line, where):
                      f"turns from {', '.join(roles)} only.")
   turns = [(roles[t[who]], t[text]) for t in turns]
   system = turns.pop(0)[1] if turns and turns[0][0] == "system" else None
-  if not turns or [role for role, _ in turns] != ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2):
+  in_turn = ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2)
+  if not turns or [role for role, _ in turns] != in_turn:
     raise GleamError(f"{where}: '{key}' must hold a user turn (the question about the images), then the "
                      "assistant's answer, then any further question and answer in turn (after an optional "
                      "system turn); this one has " + (" -> ".join(role for role, _ in turns) or "no turns") + ".")

@@ -336,8 +336,8 @@ def _accumulated(setup, params, batch):
   in float32)."""
   count = jnp.maximum((batch["labels"][..., 1:] != IGNORE_INDEX).sum(), 1)
   micro = {k: v for k, v in batch.items() if k != "layout"}
-  grad_fn = jax.value_and_grad(lambda p, mb: _loss_fn(setup, p, {**mb, "layout": batch["layout"]}, count), has_aux=True)
-
+  grad_fn = jax.value_and_grad(lambda p, mb: _loss_fn(setup, p, {**mb, "layout": batch["layout"]}, count),
+                               has_aux=True)
   trainable = setup.trainable  # frozen parameters carry a scalar, not a gradient-sized sum of zeros
 
   def body(total, mb):
@@ -498,8 +498,9 @@ def run(config, workdir):
   if accum_steps < 1 or batch_size % accum_steps:
     raise GleamError(f"config.grad_accum_steps={accum_steps} must be a positive divisor of config.batch_size="
                      f"{batch_size} (each step's batch is split into that many micro-batches).")
-  shd.check_batch_divides(batch_size // accum_steps, mesh, f"config.batch_size / config.grad_accum_steps (a "
-                          f"micro-batch of {batch_size} // {accum_steps})" if accum_steps > 1 else "config.batch_size")
+  micro_batch = ("config.batch_size" if accum_steps == 1 else
+                 f"config.batch_size / config.grad_accum_steps (a micro-batch of {batch_size} // {accum_steps})")
+  shd.check_batch_divides(batch_size // accum_steps, mesh, micro_batch)
   with contextlib.ExitStack() as cleanup:
     model, proc, directory = load_model_and_processor(config, workdir, mesh)
     cfg = model.cfg
