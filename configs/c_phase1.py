@@ -102,6 +102,9 @@ def base_config(arg, modalities, known=KNOBS):
 
   batch_size = config_dict.FieldReference(knob(knobs, "batch", 16 if tiny else 64))
   c.batch_size = batch_size  # global batch (pairs per step), split over the mesh's data axes
+  # > 1: each step encodes its batch in this many micro-batches (gradient cache): the loss and the
+  # gradients stay the whole batch's, the activations in memory one micro-batch's.
+  c.grad_accum_steps = 1
   # 1000 steps (16 epochs) gave test R@1 50.4% (module docstring), still rising, hence 2000.
   c.total_steps = knob(knobs, "steps", 12 if tiny else 2000)
   c.total_epochs = config_dict.placeholder(float)  # when set, replaces total_steps

@@ -306,6 +306,22 @@ def test_batch_that_does_not_divide_fails_with_the_numbers(tiny_cfg, tmp_path):
     main.run(config, str(tmp_path))
 
 
+def test_gradient_accumulation_trains_as_the_whole_batch(phase1_workdir, tiny_cfg, tmp_path, capsys):
+  """Each batch in 2 micro-batches of 8 (one row per device): the same batches, losses and updates as
+  the phase-1 job (no drop path in the tiny model), and the first log line says so."""
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=3, grad_accum_steps=2, **{"eval.at_end": False})
+  main.run(config, str(tmp_path))
+  assert "16 pairs (panorama 16; in 2 micro-batches)" in capsys.readouterr().out
+  want = train_losses(phase1_workdir)
+  for step, loss in train_losses(str(tmp_path)).items():
+    assert loss == pytest.approx(want[step], rel=2e-5), step
+  with pytest.raises(GleamError, match=r"config.batch_size=16 does not split into config.grad_accum_steps=4 "
+                                       r"micro-batches over the mesh's 8 data shards: use a multiple of 32"):
+    main.run(tiny_config("c_phase1", tiny_cfg.data_dir, grad_accum_steps=4), str(tmp_path / "four"))
+  with pytest.raises(GleamError, match=r"config.grad_accum_steps=0 must be positive"):
+    main.run(tiny_config("c_phase1", tiny_cfg.data_dir, grad_accum_steps=0), str(tmp_path / "zero"))
+
+
 def test_nan_loss_stops_naming_step_and_checkpoint(tiny_cfg, tmp_path, monkeypatch):
   original_next = pipeline.ModalityStreams.__next__
   count = [0]

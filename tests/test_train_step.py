@@ -246,3 +246,85 @@ def test_modality_towers_with_a_frozen_shared_tower():
   setup_all, state_all = contrastive.create_train_state(
       gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1)), _optim(), 20, mesh, RULES)
   assert flops(setup, state) < 0.85 * flops(setup_all, state_all)
+
+
+def _accumulating_setup(mesh, steps, loss="infonce", drop_path=0.0, **optim_kw):
+  return contrastive.create_train_state(_model(drop_path), _optim(**optim_kw), 20, mesh, RULES, loss_name=loss,
+                                        accum_steps=steps)
+
+
+@pytest.mark.parametrize("grouped,loss,frozen,mesh_cfg,steps", [
+    (True, "infonce", (), dict(data=4, fsdp=1, tensor=2), 2),
+    (False, "sigmoid", (r"^model/encoder/stem/",), None, 4)])
+def test_gradient_cache_gives_the_whole_batchs_loss_and_gradients(grouped, loss, frozen, mesh_cfg, steps):
+  """In micro-batches: the loss and gradients of the whole batch on one device (every query against
+  every satellite), frozen parameters at zero, no image crosses devices, and the compiled step's scratch
+  memory (XLA's own accounting) shrinks with the micro-batch."""
+  batch = _grouped_batch() if grouped else _batch()
+  setup1, state1 = _setup(shd.single_device_mesh(), loss=loss, frozen=frozen)
+  whole = contrastive.make_grad_fn(setup1).jitted.lower(state1, contrastive.step_inputs(batch)).compile()
+  loss1, grads1 = whole(state1, contrastive.step_inputs(batch))
+  mesh = shd.make_mesh(mesh_cfg) if mesh_cfg else shd.single_device_mesh()
+  setup, state = _accumulating_setup(mesh, steps, loss=loss, frozen=frozen)
+  inputs = contrastive.step_inputs(shd.shard_batch(batch, mesh))
+  compiled = contrastive.make_grad_fn(setup).jitted.lower(state, inputs).compile()
+  assert not re.search(IMAGE_COLLECTIVE, compiled.as_text())
+  got_loss, grads = compiled(state, inputs)
+  np.testing.assert_allclose(float(got_loss), float(loss1), rtol=1e-5)
+  for (path, g1), g in zip(jax.tree_util.tree_leaves_with_path(grads1), jax.tree.leaves(grads), strict=True):
+    g1 = np.asarray(g1)
+    np.testing.assert_allclose(np.asarray(g), g1, rtol=2e-4, atol=1e-4 * np.abs(g1).max() + 1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  if frozen:
+    np.testing.assert_array_equal(np.asarray(grads["model"]["encoder"]["stem"]["conv"]["kernel"]), 0.0)
+    assert float(grads["loss_bias"]) != 0.0
+  if mesh.size == 1:
+    scratch = lambda c: c.memory_analysis().temp_size_in_bytes
+    assert scratch(compiled) < 0.4 * scratch(whole), (scratch(compiled), scratch(whole))
+
+
+def _live_branches(state):
+  """Layer scales of 1 (ConvNeXt starts them at 1e-6): a dropped residual branch then changes the output."""
+  for stage in state["params"]["model"]["encoder"]["stages"].values():
+    for block in stage["blocks"].values():
+      block["gamma"] = jax.numpy.ones_like(block["gamma"])
+
+
+def test_gradient_cache_draws_the_same_drop_path_in_both_passes():
+  """With drop path, micro-batch k is encoded with the noise of fold_in(step key, k) in the pass
+  without gradients and in the pass that pulls gradients back: the gradients equal plain autodiff
+  through that micro-batched encoding (other noise in either pass would not)."""
+  batch, steps = _batch(), 2
+  setup, state = _accumulating_setup(shd.single_device_mesh(), steps, drop_path=0.5)
+  _live_branches(state)
+  loss, grads = contrastive.make_grad_fn(setup)(state, batch)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+  micro = contrastive.split_micro_batches({k: {"": batch[k]} for k in contrastive.STEP_INPUTS}, steps, 1)
+
+  def reference_loss(params, key_offset):
+    embeddings = []
+    for k in range(steps):
+      model = contrastive.merge_model(setup, params["model"], state["model_state"])
+      model.train()
+      nnx.reseed(model, dropout=jax.random.fold_in(step_key, k + key_offset))
+      embeddings.append(contrastive.encode_pairs(model, *(jax.tree.map(lambda x: x[k], micro[i])
+                                                           for i in contrastive.STEP_INPUTS)))
+    q, r = (contrastive.join_micro_batches(jax.numpy.stack([e[i] for e in embeddings]), [BATCH], 1) for i in (0, 1))
+    return losses.infonce(q, r, params["model"]["logit_scale"], 0.1)
+  reference = jax.jit(jax.value_and_grad(reference_loss))
+  want_loss, want = reference(state["params"], 0)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * np.abs(w).max() + 1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  # the noise is live: other keys give another loss
+  assert abs(float(reference(state["params"], steps)[0]) - float(loss)) > 1e-3
+
+
+def test_micro_batches_that_do_not_divide_fail_before_compiling():
+  setup, state = _accumulating_setup(shd.make_mesh(dict(data=8, fsdp=1, tensor=1)), 4)
+  step = contrastive.make_train_step(setup)
+  with pytest.raises(GleamError, match=r"micro-batch size of the batch \(16 // 4\)=4 does not divide .*8 shards"):
+    step(state, _batch())
+  with pytest.raises(GleamError, match=r"batch size=18 does not split into config.grad_accum_steps=4"):
+    step(state, _batch(n=18))

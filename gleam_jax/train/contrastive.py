@@ -75,6 +75,7 @@ class TrainSetup:
   mesh: jax.sharding.Mesh
   shardings: Any  # tree matching the train state
   trainable: Any  # tree of bools matching state['params']
+  accum_steps: int = 1  # > 1: the batch is encoded in this many micro-batches (`_cached_grads`)
 
 
 def normalise_images(images):
@@ -96,8 +97,9 @@ def merge_model(setup, params, model_state):
 
 
 def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="infonce",
-                       label_smoothing=0.1, seed=0, with_optimizer=True):
+                       label_smoothing=0.1, seed=0, with_optimizer=True, accum_steps=1):
   """(TrainSetup, state placed on `mesh`) for `model`; the model object is not used afterwards.
+  `accum_steps` > 1: the step's gradients are gradient-cached over that many micro-batches.
 
   `with_optimizer=False` (evaluation only): the state has no `opt_state`, which is never built, so
   the job's peak memory is the parameters', not a training job's."""
@@ -133,7 +135,7 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="in
   setup = TrainSetup(
       graphdef=graphdef, rng_state=nnx.to_pure_dict(rng_state), tx=tx, schedule=schedule,
       loss_name=loss_name, label_smoothing=float(label_smoothing), mesh=mesh, shardings=shardings,
-      trainable=optim.trainable_mask(params, optim_cfg))
+      trainable=optim.trainable_mask(params, optim_cfg), accum_steps=int(accum_steps))
   return setup, state
 
 
@@ -142,16 +144,22 @@ def _loss_fn(setup, params, model_state, rng, step, batch):
   model.train()
   nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(rng), step))
   query, reference = encode_pairs(model, batch["query"], batch["satellite"], shd.batch_shards(setup.mesh))
+  loss, aux = _batch_loss(setup, params, query, reference, batch)
+  _, _, _, new_model_state = split_model(model)
+  return loss, (nnx.to_pure_dict(new_model_state), aux)
+
+
+def _batch_loss(setup, params, query, reference, batch):
+  """(loss, metrics) of the global batch's embeddings, in `encode_pairs`' order."""
   exclude = None
   if "location_id" in batch:
     location_ids = jnp.concatenate(jax.tree.leaves(batch["location_id"]))
     exclude = losses.same_location_pairs(location_ids, location_ids)
+  log_scale = params["model"]["logit_scale"]
   loss = losses.contrastive_loss(
-      setup.loss_name, query, reference, model.logit_scale[...], params.get("loss_bias"),
-      setup.label_smoothing, exclude)
-  _, _, _, new_model_state = split_model(model)
+      setup.loss_name, query, reference, log_scale, params.get("loss_bias"), setup.label_smoothing, exclude)
   aux = {
-      "logit_scale": losses.logit_scale_value(model.logit_scale[...]),
+      "logit_scale": losses.logit_scale_value(log_scale),
       "batch_acc": losses.retrieval_accuracy(query, reference),
   }
   if isinstance(batch["query"], dict):
@@ -160,7 +168,7 @@ def _loss_fn(setup, params, model_state, rng, step, batch):
     for name, images in sorted(batch["query"].items()):
       aux[f"batch_acc/{name}"] = jnp.mean(hits[start:start + images.shape[0]])
       start += images.shape[0]
-  return loss, (nnx.to_pure_dict(new_model_state), aux)
+  return loss, aux
 
 
 def encode_pairs(model, query, satellite, shards=1):
@@ -208,14 +216,94 @@ def split_by_shard(joined, sizes, shards):
   return [b.reshape(-1, *b.shape[2:]) for b in jnp.split(blocks, bounds, axis=1)]
 
 
+def _frozen_out(setup, params):
+  """Frozen parameters behind stop_gradient: they get no backward pass (their gradient is zero)."""
+  return jax.tree.map(lambda t, x: x if t else jax.lax.stop_gradient(x), setup.trainable, params)
+
+
 def _grads(setup, state, batch):
-  def loss_fn(params, *args):  # frozen parameters get no backward pass (their gradient is zero)
-    params = jax.tree.map(lambda t, x: x if t else jax.lax.stop_gradient(x), setup.trainable, params)
-    return _loss_fn(setup, params, *args)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if setup.accum_steps > 1:
+    return _cached_grads(setup, state, batch)
+  grad_fn = jax.value_and_grad(lambda params, *args: _loss_fn(setup, _frozen_out(setup, params), *args),
+                               has_aux=True)
   (loss, (model_state, aux)), grads = grad_fn(
       state["params"], state["model_state"], state["rng"], state["step"], batch)
   return loss, grads, model_state, aux
+
+
+def _cached_grads(setup, state, batch):
+  """The global batch's loss and gradients with one micro-batch's activations in memory at a time
+  (gradient cache, Gao et al. 2021): the contrastive loss needs every embedding of the batch, so
+
+  1. every micro-batch is encoded without gradients, giving the batch's embeddings;
+  2. the loss and its gradients with respect to those embeddings (and the logit scale, the bias);
+  3. every micro-batch is encoded again and its embeddings' gradients pulled back to the parameters,
+     summed over the micro-batches (`lax.scan`, so memory does not grow with their number).
+
+  The gradients are the full batch's (every query against every satellite), at the cost of a second
+  forward pass. Micro-batch k holds block k of every shard's rows (`split_micro_batches`), so no image
+  moves between devices; it draws drop path from fold_in(step key, k) in both of its passes."""
+  shards, steps = shd.batch_shards(setup.mesh), setup.accum_steps
+  params = state["params"]
+  images = {k: batch[k] if isinstance(batch[k], dict) else {"": batch[k]} for k in STEP_INPUTS}
+  micro = jax.lax.with_sharding_constraint(split_micro_batches(images, steps, shards),
+                                           shd.batch_sharding(setup.mesh, axis=1))
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+  def embed(params, k, images):
+    model = merge_model(setup, params["model"], state["model_state"])
+    model.train()
+    nnx.reseed(model, dropout=jax.random.fold_in(step_key, k))
+    return encode_pairs(model, images["query"], images["satellite"], shards)
+
+  def embed_without_grads(_, xs):
+    return None, embed(jax.lax.stop_gradient(params), *xs)
+  index = jnp.arange(steps)
+  _, (query, reference) = jax.lax.scan(embed_without_grads, None, (index, micro))
+  sizes = {k: [x.shape[0] for _, x in sorted(images[k].items())] for k in STEP_INPUTS}
+  query = join_micro_batches(query, sizes["query"], shards)
+  reference = join_micro_batches(reference, sizes["satellite"], shards)
+
+  loss_grad = jax.value_and_grad(
+      lambda p, q, r: _batch_loss(setup, _frozen_out(setup, p), q, r, batch), argnums=(0, 1, 2), has_aux=True)
+  (loss, aux), (grads, d_query, d_reference) = loss_grad(params, query, reference)
+  d_query = split_micro_embeddings(d_query, sizes["query"], steps, shards)
+  d_reference = split_micro_embeddings(d_reference, sizes["satellite"], steps, shards)
+
+  def pull_back(grads, xs):
+    k, images, cotangents = xs
+    _, vjp = jax.vjp(lambda p: embed(_frozen_out(setup, p), k, images), params)
+    return jax.tree.map(jnp.add, grads, vjp(cotangents)[0]), None
+  grads, _ = jax.lax.scan(pull_back, grads, (index, micro, (d_query, d_reference)))
+  return loss, grads, state["model_state"], aux
+
+
+def split_micro_batches(tree, steps, shards):
+  """Every leaf (B, ...) -> (steps, B / steps, ...). Micro-batch k holds block k of every shard's rows,
+  so shard s of each micro-batch lies on shard s's devices: no data moves."""
+  def split(x):
+    blocks = x.reshape(shards, steps, x.shape[0] // (shards * steps), *x.shape[1:])
+    return jnp.swapaxes(blocks, 0, 1).reshape(steps, -1, *x.shape[1:])
+  return jax.tree.map(split, tree)
+
+
+def _unsplit(x, shards):
+  """The inverse of `split_micro_batches` for one leaf: (steps, B / steps, ...) -> (B, ...)."""
+  blocks = x.reshape(x.shape[0], shards, -1, *x.shape[2:])
+  return jnp.swapaxes(blocks, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def join_micro_batches(embeddings, sizes, shards):
+  """(steps, B / steps, D) embeddings of the micro-batches' `encode_pairs` (groups of `sizes` / steps
+  rows in key order in each) -> (B, D) in the global batch's `encode_pairs` order."""
+  bounds = np.cumsum([n // embeddings.shape[0] for n in sizes])[:-1]
+  return jnp.concatenate([_unsplit(g, shards) for g in jnp.split(embeddings, bounds, axis=1)])
+
+
+def split_micro_embeddings(embeddings, sizes, steps, shards):
+  """The inverse of `join_micro_batches`."""
+  groups = jnp.split(embeddings, np.cumsum(sizes)[:-1])
+  return jnp.concatenate([split_micro_batches(g, steps, shards) for g in groups], axis=1)
 
 
 def _train_step(setup, state, batch):
@@ -255,9 +343,9 @@ def step_model_flops(model_cfg, batch):
   return gleam_c.contrastive_step_flops(model_cfg, shapes["query"], shapes["satellite"])
 
 
-def check_batch_groups(batch, mesh):
+def check_batch_groups(batch, mesh, accum_steps=1):
   """Every group of the batch has as many satellites as queries, and splits over the mesh's data axes
-  (fails before compiling, with the numbers)."""
+  (in `accum_steps` micro-batches; fails before compiling, with the numbers)."""
   queries = batch["query"] if isinstance(batch["query"], dict) else {"": batch["query"]}
   satellites = batch["satellite"] if isinstance(batch["satellite"], dict) else {"": batch["satellite"]}
   if set(satellites) != set(queries):
@@ -266,7 +354,12 @@ def check_batch_groups(batch, mesh):
     if satellites[name].shape[0] != images.shape[0]:
       raise GleamError(f"the batch{' group ' + name if name else ''} holds {images.shape[0]} queries but "
                        f"{satellites[name].shape[0]} satellites; each query needs its own satellite.")
-    shd.check_batch_divides(images.shape[0], mesh, what=f"batch size of {name}" if name else "batch size")
+    what = f"batch size of {name}" if name else "batch size"
+    if images.shape[0] % accum_steps:
+      raise GleamError(f"the {what}={images.shape[0]} does not split into config.grad_accum_steps={accum_steps} "
+                       f"micro-batches: use a multiple of {accum_steps} x the mesh's data shards.")
+    what = what if accum_steps == 1 else f"micro-batch size of {name or 'the batch'} ({images.shape[0]} // {accum_steps})"
+    shd.check_batch_divides(images.shape[0] // accum_steps, mesh, what=what)
 
 
 def make_train_step(setup):
@@ -279,7 +372,7 @@ def make_train_step(setup):
 
   def train_step(state, batch):
     batch = step_inputs(batch)
-    check_batch_groups(batch, setup.mesh)
+    check_batch_groups(batch, setup.mesh, setup.accum_steps)
     return jitted(state, batch)
   train_step.jitted = jitted
   return train_step
@@ -290,7 +383,12 @@ def make_grad_fn(setup):
   jitted = jax.jit(
       lambda state, batch: _grads(setup, state, batch)[:2],
       in_shardings=(setup.shardings, batch_shardings(setup)))
-  return lambda state, batch: jitted(state, step_inputs(batch))
+  def grad_fn(state, batch):
+    batch = step_inputs(batch)
+    check_batch_groups(batch, setup.mesh, setup.accum_steps)
+    return jitted(state, batch)
+  grad_fn.jitted = jitted
+  return grad_fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +412,7 @@ def check_config(config):
   if int(config.batch_size) <= 0:
     raise GleamError(f"config.batch_size={config.batch_size} must be positive.")
   optim.check_values(config.optim)
-  for key in ("log_every_steps",):
+  for key in ("log_every_steps", "grad_accum_steps"):
     if int(config[key]) <= 0:
       raise GleamError(f"config.{key}={config[key]} must be positive.")
   if config.eval.protocol != "cvusa" and config.eval.protocol not in ("vigor", "university"):
@@ -421,14 +519,19 @@ def run(config, workdir):
   workdir = os.path.abspath(os.path.expanduser(workdir))
   mesh = shd.make_mesh(config.mesh)
   batch_size = int(config.batch_size)
+  accum_steps = int(config.grad_accum_steps)
   shd.check_batch_divides(batch_size, mesh)
+  if batch_size % (accum_steps * shd.batch_shards(mesh)):
+    raise GleamError(f"config.batch_size={batch_size} does not split into config.grad_accum_steps={accum_steps} "
+                     f"micro-batches over the mesh's {shd.batch_shards(mesh)} data shards: use a multiple of "
+                     f"{accum_steps * shd.batch_shards(mesh)}.")
   eval_process_rows(mesh, int(config.eval.batch_size))  # an eval batch that does not divide fails now
   seed = int(config.seed)
 
   with contextlib.ExitStack() as cleanup:  # closes the stream, manager and writer on any exit
     index = sources.get_index(config.data, config.data.train_split)
     stream = pipeline.ModalityStreams(config.data, batch_size, seed, index,
-                                      multiple=math.lcm(shd.batch_shards(mesh), jax.process_count()))
+                                      multiple=math.lcm(accum_steps * shd.batch_shards(mesh), jax.process_count()))
     cleanup.callback(stream.close)
     steps_per_epoch = stream.steps_per_epoch
     total_steps = int(config.total_steps)
@@ -437,7 +540,7 @@ def run(config, workdir):
 
     setup, state = create_train_state(
         build_model(config.model, seed), config.optim, total_steps, mesh, config.sharding_rules,
-        loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed)
+        loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed, accum_steps=accum_steps)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
     cleanup.callback(manager.close)
@@ -456,7 +559,8 @@ def run(config, workdir):
 
     groups = ", ".join(f"{m} {b}" for m, b in stream.batch_sizes.items())
     log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {n_params / 1e6:.2f}M params; "
-         f"{steps_per_epoch} steps/epoch of {batch_size} pairs ({groups}); training to step {total_steps}")
+         f"{steps_per_epoch} steps/epoch of {batch_size} pairs ({groups}"
+         f"{f'; in {accum_steps} micro-batches' if accum_steps > 1 else ''}); training to step {total_steps}")
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     cleanup.callback(writer.close)
     train_step = make_train_step(setup)
