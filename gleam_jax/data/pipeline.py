@@ -285,16 +285,16 @@ def make_train_stream(data_cfg, global_batch_size, sampler, seed, **kwargs):
 
 def modality_batch_sizes(data_cfg, global_batch_size, multiple=1):
   """{modality: pairs per global batch}: shares of `global_batch_size` by data.modality_weights,
-  each a positive multiple of `multiple` (the mesh's data shards x processes), summing to it. The
-  `global_batch_size / multiple` units go by weight (largest remainders), then a group left with none
-  takes one from the largest group."""
+  each a positive multiple of `multiple` (the mesh's data shards x micro-batches, and the processes),
+  summing to it. The `global_batch_size / multiple` units go by weight (largest remainders), then a
+  group left with none takes one from the largest group."""
   mods = tuple(data_cfg.modalities)
   units, rest = divmod(int(global_batch_size), int(multiple))
   if rest or units < len(mods):
     raise GleamError(
         f"config.batch_size={global_batch_size} cannot hold {len(mods)} modalities {mods} in groups that "
-        f"split over the mesh and processes ({multiple}): use a multiple of {multiple} that is at least "
-        f"{len(mods) * multiple}.")
+        f"split over the mesh's data shards, micro-batches and processes ({multiple}): use a multiple of "
+        f"{multiple} that is at least {len(mods) * multiple}.")
   w = np.asarray([float(data_cfg.modality_weights[m]) for m in mods])
   share = units * w / w.sum()
   counts = np.floor(share).astype(int)
