@@ -14,6 +14,14 @@ writes a PNG of the query and its top-k (default `W/retrieve/<query>_top<k>.png`
 large query folders), and with `--results` a JSON Lines file of every query's top-k. With
 `--match_by_name` the gallery image named as a query (extensions aside) is its true satellite, and
 R@K over the queries is printed: a quick score of your own paired folders.
+
+    python -m gleam_jax.retrieve --workdir=W --pairs=pairs.jsonl [--results=scores.jsonl] [--modality=uav]
+
+scores a GLEAM-X pairs file (`data/pair_files.py`: any of its layouts) with GLEAM-C, the baseline
+for GLEAM-X's verdicts on the same pairs: each pair's cosine similarity (query tower of the pair's
+`modality`, or `--modality` for pairs that name none; satellite by the reference tower) and, where the
+pairs say whether they match, the ROC AUC of those scores (`explain --pairs` reports the verdict's as
+`verdict_auc`) and the accuracy at the best threshold (chosen on these pairs: an upper bound).
 Images are read upright (their EXIF orientation applied) and resized to the sizes the model was
 trained on (`config.data`). A phase-2 job places a ground photo by its camera (`--heading_deg`,
 `--fov_deg`) and a UAV view by its pose (`--heading_deg --pitch_deg --altitude_m --fov_deg`) and the
@@ -33,11 +41,13 @@ from flax import nnx
 import numpy as np
 
 from gleam_jax import errors
+from gleam_jax.data import pair_files
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
-from gleam_jax.data.config import data_config, query_shape
+from gleam_jax.data.config import MODALITIES, data_config, query_shape
 from gleam_jax.data.photo_camera import recorded_camera
 from gleam_jax.data.sources import CAMERA_KEYS, read_image
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
+from gleam_jax.eval import explain
 from gleam_jax.eval import metrics
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -64,9 +74,14 @@ def define_flags():
                       "W/retrieve/<query>_top<k>.png).")
   define_camera_flags()
   flags.DEFINE_bool("pngs", True, "Write a PNG of each query and its top-k (--nopngs for large query folders).")
-  flags.DEFINE_string("results", None, "A JSON Lines file to write: each query's top-k files and scores.")
+  flags.DEFINE_string("results", None, "A JSON Lines file to write: each query's top-k files and scores "
+                      "(with --pairs: each pair's score).")
   flags.DEFINE_bool("match_by_name", False, "Each query's true satellite is the gallery image of the same name: "
                     "print R@K over the queries.")
+  flags.DEFINE_string("pairs", None, "A GLEAM-X pairs file to score with GLEAM-C (each pair's cosine similarity, "
+                      "and their ROC AUC where the pairs say whether they match) instead of searching a gallery.")
+  flags.DEFINE_string("image_root", None, "--pairs: the folder relative image paths are read from (default: "
+                      "the pairs file's).")
 
 
 def define_camera_flags():
@@ -344,11 +359,7 @@ def gallery_embeddings(model, config, source, files, workdir):
       if str(cached["fingerprint"]) == fingerprint:
         print(f"gallery embeddings from {path}")
         return cached["embeddings"]
-  batches = ({"image": np.stack([prepare(read_image(f), data_cfg.satellite_size, data_cfg)
-                                 for f in files[i:i + GALLERY_BATCH]]),
-              "index": np.arange(i, min(i + GALLERY_BATCH, len(files)))}
-             for i in range(0, len(files), GALLERY_BATCH))
-  gallery, _ = retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)
+  gallery = reference_embeddings(model, data_cfg, files)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   partial = path[:-len(".npz")] + ".partial.npz"
   np.savez(partial, fingerprint=fingerprint, embeddings=gallery)
@@ -356,17 +367,82 @@ def gallery_embeddings(model, config, source, files, workdir):
   return gallery
 
 
+def reference_embeddings(model, data_cfg, files):
+  """The reference tower's embeddings of satellite image files, read and embedded batch by batch."""
+  batches = ({"image": np.stack([prepare(read_image(f), data_cfg.satellite_size, data_cfg)
+                                 for f in files[i:i + GALLERY_BATCH]]),
+              "index": np.arange(i, min(i + GALLERY_BATCH, len(files)))}
+             for i in range(0, len(files), GALLERY_BATCH))
+  return retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)[0]
+
+
+def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=None, **camera):
+  """(each pair's cosine similarity, in the file's order; {pairs, matches, cosine_auc,
+  best_threshold_accuracy, best_threshold} or None where not every pair says whether it matches),
+  printed, and with `results` a JSON Lines file of the scores (a line per pair). A pair's query is read
+  by the tower of its `modality`; pairs that name none ('pair') by `modality`'s, or the job's one query
+  modality. Camera values apply as in `search_all`."""
+  if results:
+    _check_results_file(results)
+  pairs = pair_files.read_pairs(pairs_path, image_root, need_answers=False)  # bad lines stop before loading
+  model, config, _, _ = load_trained(workdir)
+  known = tuple(dict.fromkeys(tuple(config.data.modalities) + tuple(config.eval.get("modalities") or ())))
+  for p in pairs:
+    if p["modality"] in MODALITIES and p["modality"] not in known:
+      raise GleamError(f"{p['line']}: a {p['modality']} pair, but {workdir} was trained for the query modalities "
+                       f"{', '.join(known)}; score these pairs with a job trained for {p['modality']} views.")
+  unnamed = [p for p in pairs if p["modality"] not in MODALITIES]
+  fallback = _query_modality(workdir, config, modality) if unnamed else None
+  modalities = [fallback if p["modality"] not in MODALITIES else p["modality"] for p in pairs]
+  satellites = list(dict.fromkeys(p["satellite"] for p in pairs))
+  reference = dict(zip(satellites, reference_embeddings(model, config.data, satellites)))
+  scores = np.zeros(len(pairs), np.float32)
+  for m in dict.fromkeys(modalities):
+    rows = [i for i, pm in enumerate(modalities) if pm == m]
+    paths = list(dict.fromkeys(pairs[i]["query"] for i in rows))
+    query = dict(zip(paths, query_embeddings(model, workdir, paths, m, camera, config.data)))
+    for i in rows:
+      scores[i] = float(np.dot(query[pairs[i]["query"]], reference[pairs[i]["satellite"]]))
+  if results:
+    with open(results, "w", encoding="utf-8") as f:
+      for p, m, score in zip(pairs, modalities, scores):
+        f.write(json.dumps({"line": p["line"], "query": p["query"], "satellite": p["satellite"], "modality": m,
+                            "score": float(score), "match": p["match"]}) + "\n")
+    print(f"wrote {results} ({len(pairs)} pairs)")
+  summary = None
+  matches = [p["match"] for p in pairs]
+  if None not in matches:
+    accuracy, threshold = metrics.best_threshold_accuracy(scores, matches)
+    summary = dict(pairs=len(pairs), matches=int(sum(matches)), cosine_auc=explain.verdict_auc(scores, matches),
+                   best_threshold_accuracy=accuracy, best_threshold=threshold)
+  auc = summary and summary["cosine_auc"]
+  print(f"{len(pairs)} pairs scored by GLEAM-C ({', '.join(f'{m} {modalities.count(m)}' for m in dict.fromkeys(modalities))})"
+        + ("" if summary is None else f", {summary['matches']} matching: cosine AUC "
+           + ("n/a (one kind only)" if auc is None else f"{auc:.3f}")
+           + f", accuracy {accuracy:.1%} at the best threshold {threshold:.3f} (chosen on these pairs)"))
+  return scores, summary
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
+  camera = {name: FLAGS[name].value for name in CAMERA_KEYS}
   with stop_on_bad_input():
+    if FLAGS.pairs:
+      if FLAGS.query or FLAGS.gallery:
+        raise GleamError("--pairs scores the pairs of a file against their own satellites: leave out --query and "
+                         "--gallery.")
+      score_pairs(os.path.expanduser(FLAGS.workdir), FLAGS.pairs, FLAGS.image_root, FLAGS.modality, FLAGS.results,
+                  **camera)
+      return
+    if not (FLAGS.query and FLAGS.gallery):
+      raise GleamError("give --query (an image or a folder) and --gallery (a folder of satellites), or --pairs.")
     search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query), FLAGS.gallery, FLAGS.k,
-               FLAGS.modality, FLAGS.out, FLAGS.pngs, FLAGS.results, FLAGS.match_by_name,
-               **{name: FLAGS[name].value for name in CAMERA_KEYS})
+               FLAGS.modality, FLAGS.out, FLAGS.pngs, FLAGS.results, FLAGS.match_by_name, **camera)
 
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["workdir", "query", "gallery"])
+  flags.mark_flags_as_required(["workdir"])
   app.run(main, flags_parser=errors.parse_flags)

@@ -171,3 +171,12 @@ def test_bad_labels_raise_clear_errors():
     metrics.protocol_stats("cvusa", sim, {"location_id": np.array([1])}, np.array([1, 1, 3]))
   with pytest.raises(GleamError, match="unknown evaluation protocol"):
     metrics.protocol_stats("cvact", sim, {"location_id": np.array([1])}, np.array([1, 2, 3]))
+
+
+def test_best_threshold_accuracy_on_hand_checked_scores():
+  # called matches from the top: none 2/4, 0.9 -> 3/4, 0.8 -> 2/4, 0.7 -> 3/4, all 2/4; the first best wins
+  assert metrics.best_threshold_accuracy([0.7, 0.9, 0.2, 0.8], [True, True, False, False]) == (0.75, 0.9)
+  # a cut never splits equal scores: 0.5 and 0.5 are both matches or neither
+  assert metrics.best_threshold_accuracy([0.5, 0.5, 0.1], [True, False, False]) == (2 / 3, float("inf"))
+  assert metrics.best_threshold_accuracy([0.5, 0.5, 0.1], [True, True, False]) == (1.0, 0.5)
+  assert metrics.best_threshold_accuracy([0.3, 0.2], [False, False]) == (1.0, float("inf"))

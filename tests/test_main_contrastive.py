@@ -538,6 +538,56 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
     retrieve.search(phase1_workdir, str(query), str(gallery), k=3)
 
 
+def test_retrieve_scores_a_pairs_file_as_the_gleam_x_baseline(phase1_workdir, tiny_cfg, tmp_path, capsys):
+  """`retrieve --pairs`: each pair's cosine similarity (the model's own, by the tower its modality names
+  or the job's one), their ROC AUC against the pairs' match and the best threshold's accuracy, a results
+  line per pair; pairs of a modality the job never saw stop with the line named."""
+  from PIL import Image
+
+  from gleam_jax.data import sources
+  from gleam_jax.eval import explain
+  from gleam_jax.eval import metrics
+
+  source = sources.get_source(tiny_cfg, "test")
+  index = sources.get_index(tiny_cfg, "test", source)
+  rows = np.flatnonzero(index["modality"] == 2)[:4]  # panoramas of four locations
+  for i, r in enumerate(rows):
+    Image.fromarray(source[int(r)]["query"]).save(tmp_path / f"q{i}.png")
+    Image.fromarray(source[int(r)]["satellite"]).save(tmp_path / f"s{i}.png")
+  lines = []
+  for i in range(4):  # its own satellite, then the next location's; half the lines name their modality
+    named = {"modality": "panorama"} if i % 2 else {}
+    lines.append({"images": [f"q{i}.png", f"s{i}.png"], "match": True, **named})
+    lines.append({"images": [f"q{i}.png", f"s{(i + 1) % 4}.png"], "match": False, **named})
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  results = tmp_path / "out" / "scores.jsonl"
+  scores, summary = retrieve.score_pairs(phase1_workdir, str(pairs), results=str(results))
+  model, config = retrieve.load_model(phase1_workdir)
+  embed = lambda name, size, tower: np.asarray(model.encode(
+      retrieve.prepare(retrieve.read_image(str(tmp_path / name)), size, config.data)[None], tower=tower))[0]
+  want = [float(embed(line["images"][0], config.data.panorama_size, "panorama")
+                @ embed(line["images"][1], config.data.satellite_size, "reference")) for line in lines]
+  np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-5)
+  matches = [line["match"] for line in lines]
+  accuracy, threshold = metrics.best_threshold_accuracy(scores, matches)
+  assert summary == dict(pairs=8, matches=4, cosine_auc=explain.verdict_auc(scores, matches),
+                         best_threshold_accuracy=accuracy, best_threshold=threshold)
+  assert f"8 pairs scored by GLEAM-C (panorama 8), 4 matching: cosine AUC {summary['cosine_auc']:.3f}" in (
+      capsys.readouterr().out)
+  written = [json.loads(line) for line in results.read_text().splitlines()]
+  assert [(w["score"], w["match"], w["modality"]) for w in written] == [
+      (float(x), m, "panorama") for x, m in zip(scores, matches)]
+  assert written[1]["line"].endswith("pairs.jsonl:2") and written[1]["satellite"] == str(tmp_path / "s1.png")
+  # without answers or match: scores only
+  pairs.write_text(json.dumps({"images": ["q0.png", "s0.png"]}) + "\n")
+  again, summary = retrieve.score_pairs(phase1_workdir, str(pairs))
+  assert summary is None and again[0] == pytest.approx(scores[0], abs=1e-6)
+  pairs.write_text(json.dumps({"images": ["q0.png", "s0.png"], "modality": "uav"}) + "\n")
+  with pytest.raises(GleamError, match=r"pairs.jsonl:1: a uav pair, but .* trained for the query modalities panorama"):
+    retrieve.score_pairs(phase1_workdir, str(pairs))
+
+
 def test_a_job_written_before_newer_data_fields_still_loads(phase1_workdir, tmp_path):
   """retrieve reads a workdir whose config.json predates data fields added since (their defaults)."""
   with open(os.path.join(phase1_workdir, "config.json")) as f:

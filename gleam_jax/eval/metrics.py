@@ -177,3 +177,18 @@ def university_metrics(similarity, query_labels, gallery_labels, ks=RANKS):
 def check_protocol(protocol):
   if protocol not in PROTOCOLS:
     raise GleamError(f"unknown evaluation protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.")
+
+
+def best_threshold_accuracy(scores, matches):
+  """(the highest accuracy of the verdict `score >= t` over every threshold t, that t; inf when
+  calling nothing a match is best). Chosen on the pairs it scores, it is an upper bound for a
+  threshold set on other pairs."""
+  scores, matches = np.asarray(scores, np.float64), np.asarray(matches, bool)
+  order = np.argsort(-scores, kind="stable")
+  ranked, truth = scores[order], matches[order]
+  k = np.arange(len(scores) + 1)  # the first k pairs called matches
+  true_pos = np.concatenate([[0], np.cumsum(truth)])
+  correct = true_pos + (np.sum(~truth) - (k - true_pos))
+  cut = np.concatenate([[True], ranked[:-1] > ranked[1:], [True]])  # k between distinct scores
+  best = int(np.argmax(np.where(cut, correct, -1)))
+  return float(correct[best] / len(scores)), float(ranked[best - 1]) if best else float("inf")
