@@ -364,31 +364,27 @@ def check_batch_groups(batch, mesh, accum_steps=1):
 
 def make_train_step(setup):
   """Jitted `(state, batch) -> (state, metrics)`, explicit shardings, state donated."""
-  jitted = jax.jit(
+  return _checked(setup, jax.jit(
       lambda state, batch: _train_step(setup, state, batch),
       in_shardings=(setup.shardings, batch_shardings(setup)),
       out_shardings=(setup.shardings, shd.replicated(setup.mesh)),
-      donate_argnums=(0,))
-
-  def train_step(state, batch):
-    batch = step_inputs(batch)
-    check_batch_groups(batch, setup.mesh, setup.accum_steps)
-    return jitted(state, batch)
-  train_step.jitted = jitted
-  return train_step
+      donate_argnums=(0,)))
 
 
 def make_grad_fn(setup):
   """Jitted `(state, batch) -> (loss, grads)` (for tests and diagnostics; state not donated)."""
-  jitted = jax.jit(
-      lambda state, batch: _grads(setup, state, batch)[:2],
-      in_shardings=(setup.shardings, batch_shardings(setup)))
-  def grad_fn(state, batch):
+  return _checked(setup, jax.jit(lambda state, batch: _grads(setup, state, batch)[:2],
+                                 in_shardings=(setup.shardings, batch_shardings(setup))))
+
+
+def _checked(setup, jitted):
+  """`jitted` called on the step's inputs of a batch whose groups were checked first (`.jitted`: it alone)."""
+  def call(state, batch):
     batch = step_inputs(batch)
     check_batch_groups(batch, setup.mesh, setup.accum_steps)
     return jitted(state, batch)
-  grad_fn.jitted = jitted
-  return grad_fn
+  call.jitted = jitted
+  return call
 
 
 # ----------------------------------------------------------------------------------------------
