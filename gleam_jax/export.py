@@ -36,7 +36,7 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "A GLEAM-X fine-tuning ('sft') job's workdir; its latest checkpoint is "
                       "exported.")
   flags.DEFINE_string("out", None, "The Hugging Face model directory to write.")
-  flags.DEFINE_enum("dtype", None, list(params.EXPORT_DTYPES), "Cast the weights (default: as trained).")
+  flags.DEFINE_enum("dtype", None, list(model_dirs.EXPORT_DTYPES), "Cast the weights (default: as trained).")
   flags.DEFINE_float("max_shard_gb", params.MAX_SHARD_BYTES / 1e9, "Largest safetensors file, in GB.")
   flags.DEFINE_bool("overwrite", False, "Replace the weights of an --out directory that already holds some.")
 

@@ -1,13 +1,14 @@
 """Export a GLEAM-C job's encoders as Hugging Face ConvNeXt directories, for PyTorch users.
 
-    python -m gleam_jax.export_c --workdir=~/gleam_runs/c_phase1 --out=~/models/gleam-c [--tower=reference]
+    python -m gleam_jax.export_c --workdir=~/gleam_runs/c_phase1 --out=~/models/gleam-c [--tower=reference] \
+        [--dtype=bfloat16]
 
 Loads the job's latest checkpoint (`retrieve.load_trained`) and writes each distinct network as a
 transformers `ConvNextModel` directory (`convnext_params.save_hf_convnext`): a job with one encoder
 into --out, one with several into a folder each, named by its tower ('query', 'reference', a
 modality tower such as 'uav'; 'shared' for the encoder of queries and references when modality
 towers are added to it); --tower writes only the network of that tower (or query modality) into
---out. The GLEAM-C head rides along in model.safetensors under `gleam_c.*` keys (transformers'
+--out; --dtype casts the ConvNeXt weights (float32 unless given; the head stays float32). The GLEAM-C head rides along in model.safetensors under `gleam_c.*` keys (transformers'
 `from_pretrained` reports them as unexpected and leaves them out) and config.json's `gleam_c`
 entry says how to use it; in PyTorch:
 
@@ -56,6 +57,8 @@ def define_flags():
   flags.DEFINE_string("out", None, "The directory to write (a folder per tower inside when the job has several).")
   flags.DEFINE_string("tower", None, "Export only this tower's network, into --out: 'query', 'reference', a "
                       "modality tower or a query modality of the job.")
+  flags.DEFINE_enum("dtype", None, list(model_dirs.EXPORT_DTYPES), "Cast the ConvNeXt weights (default: float32, "
+                    "as trained).")
 
 
 def tower_folders(separate_towers, modality_towers) -> dict[str, list[str]]:
@@ -117,13 +120,14 @@ def head_config(model, tower, loss_bias=None) -> dict:
   }
 
 
-def save_tower(model, tower, directory, info=None, loss_bias=None) -> int:
-  """Writes the network that encodes `tower` into `directory` (`convnext_params.save_hf_convnext`)
-  with its head; `info`: more entries of config.json's `gleam_c`. Returns the bytes written."""
+def save_tower(model, tower, directory, info=None, loss_bias=None, dtype=None) -> int:
+  """Writes the network that encodes `tower` into `directory` (`convnext_params.save_hf_convnext`,
+  its weights cast to `dtype` when given) with its head; `info`: more entries of config.json's
+  `gleam_c`. Returns the bytes written."""
   encoder = getattr(model, f"{model.tower_key(tower)}encoder")
   return convnext_params.save_hf_convnext(
       encoder, directory, extra=head_tensors(model, tower, loss_bias),
-      extra_config={"gleam_c": head_config(model, tower, loss_bias) | (info or {})})
+      extra_config={"gleam_c": head_config(model, tower, loss_bias) | (info or {})}, dtype=dtype)
 
 
 def _modalities(config) -> tuple[str, ...]:
@@ -147,10 +151,12 @@ def _job_info(config, towers, step) -> dict:
   return info
 
 
-def export(workdir, out, tower=None) -> str:
+def export(workdir, out, tower=None, dtype=None) -> str:
   """Writes the latest checkpoint of the GLEAM-C job in `workdir` as Hugging Face ConvNeXt directories
-  (`out`, or a folder per network in it); returns the line that reports it."""
+  (`out`, or a folder per network in it; the weights cast to `dtype` when given); returns the line
+  that reports it."""
   start = time.perf_counter()
+  model_dirs.export_dtype(dtype)  # a bad dtype stops before anything is read
   workdir, out = os.path.expanduser(workdir), os.path.expanduser(out)
   config = retrieve.load_config(workdir)
   if config.get("trainer") != "contrastive":
@@ -165,10 +171,10 @@ def export(workdir, out, tower=None) -> str:
   with checkpoint.at_most_verbose(logging.WARNING):  # Orbax logs every read at INFO
     model, config, where, loss_bias = retrieve.load_trained(workdir, config)
   step = checkpoint.step_of(where)
-  total = sum(save_tower(model, towers[0], dirs[name], _job_info(config, towers, step), loss_bias)
+  total = sum(save_tower(model, towers[0], dirs[name], _job_info(config, towers, step), loss_bias, dtype)
               for name, towers in folders.items())
   names = ", ".join(name if towers == [name] else f"{name} ({'/'.join(towers)})" for name, towers in folders.items())
-  return (f"exported step {step} of {workdir} to {out}: towers {names}, {format_size(total)}, "
+  return (f"exported step {step} of {workdir} to {out}: towers {names}, {format_size(total)} of {dtype or 'float32'}, "
           f"{time.perf_counter() - start:.1f} s")
 
 
@@ -176,7 +182,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with errors.stop_on_bad_input():
-    print(export(FLAGS.workdir, FLAGS.out, FLAGS.tower))
+    print(export(FLAGS.workdir, FLAGS.out, FLAGS.tower, FLAGS.dtype))
 
 
 if __name__ == "__main__":

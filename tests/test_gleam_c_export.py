@@ -49,14 +49,14 @@ def images(shape, seed):
 
 
 def torch_embed(directory, x):
-  """The embedding by config.json's recipe in PyTorch (float32): transformers' ConvNextModel
-  pooler_output, the gleam_c.* projection, L2 norm. Returns (embedding, ConvNextModel output, loading
+  """The embedding by config.json's recipe in PyTorch (in the dtype transformers loads the weights
+  as: config.json's): transformers' ConvNextModel pooler_output, the gleam_c.* projection, L2 norm. Returns (embedding, ConvNextModel output, loading
   info, config)."""
   hf, info = transformers.ConvNextModel.from_pretrained(directory, output_loading_info=True)
   head = safetensors.torch.load_file(os.path.join(directory, "model.safetensors"))
   with torch.no_grad():
-    out = hf.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2)))  # NHWC -> NCHW
-    features = out.pooler_output
+    out = hf.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2)).to(hf.dtype))  # NHWC -> NCHW, the model's dtype
+    features = out.pooler_output.float()
     if hf.config.gleam_c["projection"]:
       features = F.linear(features, head["gleam_c.projection.weight"], head["gleam_c.projection.bias"])
     return F.normalize(features, dim=-1, eps=1e-6).numpy(), out, info, hf.config
@@ -169,7 +169,7 @@ def test_export_command_on_a_gleam_c_job(c_job, tmp_path):
   out = str(tmp_path / "hf")
   line = export_c.export(c_job, out)  # what `python -m gleam_jax.export_c --workdir --out` runs and prints
   assert re.fullmatch(rf"exported step 1 of {re.escape(c_job)} to {re.escape(out)}: towers query, reference, "
-                      r"[0-9.]+ MB, [0-9.]+ s", line), line
+                      r"[0-9.]+ MB of float32, [0-9.]+ s", line), line
   assert sorted(os.listdir(out)) == ["query", "reference"]
   model, config, _, loss_bias = retrieve.load_trained(c_job)
   data = config.data
@@ -199,6 +199,21 @@ def test_export_command_on_a_gleam_c_job(c_job, tmp_path):
   with pytest.raises(GleamError, match=r"--tower=uav: the job's towers and query modalities are query, reference, "
                                        r"panorama; give one"):
     export_c.export(c_job, str(tmp_path / "uav"), tower="uav")
+  # --dtype=bfloat16: the ConvNeXt weights stored as bfloat16 (the head in float32), config.json says so,
+  # and transformers' model (loaded as bfloat16) gives the float32 export's embeddings to bfloat16's precision
+  half = str(tmp_path / "bf16")
+  assert " of bfloat16, " in export_c.export(c_job, half, tower="panorama", dtype="bfloat16")
+  stored = safetensors.torch.load_file(os.path.join(half, "model.safetensors"))
+  full = safetensors.torch.load_file(os.path.join(single, "model.safetensors"))
+  for key, value in stored.items():
+    assert value.dtype == (torch.float32 if key.startswith("gleam_c.") else torch.bfloat16), key
+    np.testing.assert_array_equal(value.float().numpy(), full[key].to(value.dtype).float().numpy(), err_msg=key)
+  with open(os.path.join(half, "config.json")) as f:
+    assert json.load(f)["dtype"] == "bfloat16"
+  x = images((2, *data.panorama_size, 3), seed=8)
+  np.testing.assert_allclose(torch_embed(half, x)[0], torch_embed(single, x)[0], atol=2e-2)
+  with pytest.raises(GleamError, match=r"dtype='int8': export as one of float32, bfloat16, float16"):
+    export_c.export(c_job, str(tmp_path / "int8"), dtype="int8")
   (tmp_path / "file").write_text("")
   with pytest.raises(GleamError, match="is a file; give a directory"):
     export_c.export(c_job, str(tmp_path / "file"), tower="query")

@@ -27,7 +27,7 @@ from flax import nnx
 
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.models import convnext
-from gleam_jax.utils.model_dirs import check_export_dir
+from gleam_jax.utils.model_dirs import check_export_dir, export_dtype
 
 _WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'open_clip_model.safetensors',
                  'open_clip_pytorch_model.bin')
@@ -217,33 +217,37 @@ def hf_state_dict(model: convnext.ConvNeXt) -> dict[str, np.ndarray]:
   return out
 
 
-def hf_config(cfg: convnext.ConvNeXtConfig) -> dict:
+def hf_config(cfg: convnext.ConvNeXtConfig, dtype: str = 'float32') -> dict:
   """config.json of a transformers `ConvNextModel` with our architecture. Its stem, downsampling and
   block norms have eps 1e-6 as ours; the final norm reads `layer_norm_eps` (transformers' default is
   1e-12). transformers makes no layer scale parameter for `layer_scale_init_value` <= 0, and ours
   always has one, so that value (only an initialisation) is kept positive. `drop_path_rate` acts only
-  in training, as ours."""
+  in training, as ours. `dtype`: the weights' (what `from_pretrained(..., dtype='auto')` loads as)."""
   from transformers import ConvNextConfig
   return ConvNextConfig(
       num_channels=cfg.in_channels, patch_size=4, num_stages=len(cfg.depths),
       depths=list(cfg.depths), hidden_sizes=list(cfg.dims), hidden_act='gelu',
       layer_norm_eps=convnext.LN_EPS, drop_path_rate=cfg.drop_path_rate,
       layer_scale_init_value=cfg.layer_scale_init if cfg.layer_scale_init > 0 else 1e-6,
-      architectures=['ConvNextModel'], dtype='float32').to_diff_dict()
+      architectures=['ConvNextModel'], dtype=dtype).to_diff_dict()
 
 
 def save_hf_convnext(model: convnext.ConvNeXt, directory: str, extra: dict | None = None,
-                     extra_config: dict | None = None) -> int:
+                     extra_config: dict | None = None, dtype: str | None = None) -> int:
   """Writes `model` as a transformers `ConvNextModel` directory: config.json (+ `extra_config`'s
-  entries) and model.safetensors (+ the `extra` tensors, keys that are no ConvNeXt parameter).
+  entries) and model.safetensors (+ the `extra` tensors, keys that are no ConvNeXt parameter, in
+  float32). `dtype` ('float32', 'bfloat16', 'float16'; default float32) casts the ConvNeXt weights.
   Refuses a directory that holds weights. Returns the bytes written."""
+  cast = export_dtype(dtype)
   check_export_dir(directory)
   from safetensors.numpy import save_file
   tensors = hf_state_dict(model)
+  if cast is not None:
+    tensors = {k: v.astype(cast) for k, v in tensors.items()}
   extra = {k: np.array(v, np.float32, order='C') for k, v in (extra or {}).items()}  # 0-d stays 0-d
   if set(extra) & set(tensors):
     raise ValueError(f'extra tensors overwrite ConvNeXt keys: {sorted(set(extra) & set(tensors))}')
-  config = hf_config(model.config) | (extra_config or {})
+  config = hf_config(model.config, dtype or 'float32') | (extra_config or {})
   make_dir(directory, 'the export directory')
   weights = os.path.join(directory, 'model.safetensors')
   save_file(tensors | extra, weights, metadata={'format': 'pt'})

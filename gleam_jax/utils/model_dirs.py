@@ -3,10 +3,25 @@ which files hold weights, and whether a directory may receive an export."""
 import os
 import re
 
+import ml_dtypes
+import numpy as np
+
 from gleam_jax.errors import GleamError
 
 # Files of a model directory that hold weights (any framework) or their shard index.
 WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|h5|msgpack|ckpt)$|\.index\.json$")
+
+
+# The dtypes an export may cast its weights to (`--dtype`).
+EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                 "float16": np.dtype(np.float16)}
+
+
+def export_dtype(dtype: str | None):
+  """The numpy dtype of an export's `dtype` name (None: as the parameters are)."""
+  if dtype is not None and dtype not in EXPORT_DTYPES:
+    raise GleamError(f"dtype={dtype!r}: export as one of {', '.join(EXPORT_DTYPES)}.")
+  return EXPORT_DTYPES[dtype] if dtype else None
 
 
 def weight_files(directory: str) -> list[str]:

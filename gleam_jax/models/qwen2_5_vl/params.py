@@ -47,7 +47,7 @@ from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.models.qwen2_5_vl import config as config_lib
 from gleam_jax.models.qwen2_5_vl import modeling
 from gleam_jax.train import sharding as sharding_lib
-from gleam_jax.utils.model_dirs import WEIGHT_FILE, check_export_dir, weight_files
+from gleam_jax.utils.model_dirs import WEIGHT_FILE, check_export_dir, export_dtype, weight_files
 from gleam_jax.utils.progress import RateEta, format_eta
 
 SAFETENSORS_DTYPES = {
@@ -59,8 +59,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # Non-persistent buffers that some older exports wrote; they hold no weights.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _DTYPE_CODES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
-EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                 "float16": np.dtype(np.float16)}
 # As transformers 4 sharded (transformers 5: 50 GB); the released Qwen2.5-VL checkpoints have 2-5 GB files.
 MAX_SHARD_BYTES = 5 * 10**9
 PATCH_EMBED_KERNEL = ("visual", "patch_embed", "proj", "kernel")  # a Conv3d weight in the checkpoint
@@ -459,8 +457,7 @@ def save_pretrained(model: modeling.Qwen2_5_VL, directory: str, *, source_dir: s
   (the model's Hugging Face directory), its config.json's other fields and its tokenizer and processor
   files. A directory holding weights is refused unless `overwrite` (its weight files are replaced).
   Every parameter must be addressable from this process. Returns (bytes of weights, files written)."""
-  if dtype is not None and dtype not in EXPORT_DTYPES:
-    raise GleamError(f"dtype={dtype!r}: export as one of {', '.join(EXPORT_DTYPES)}.")
+  cast = export_dtype(dtype)
   if max_shard_bytes <= 0:
     raise GleamError(f"max_shard_bytes={max_shard_bytes} must be positive.")
   check_export_dir(directory, source_dir, bool(overwrite))
@@ -469,7 +466,6 @@ def save_pretrained(model: modeling.Qwen2_5_VL, directory: str, *, source_dir: s
   if not_params:
     raise ValueError(f"save_pretrained writes nnx.Param leaves only; the model also has {_some(not_params)}.")
   values = {p: v.get_value() for p, v in flat.items()}
-  cast = EXPORT_DTYPES[dtype] if dtype else None
   layout = _export_layout(values, model.cfg, cast, max_shard_bytes)
   stored = np.dtype(next(iter(values.values())).dtype) if cast is None else cast
   config = hf_config_dict(model.cfg, stored.name, source_dir)
