@@ -22,8 +22,9 @@ def _run(module, *args):
 
 def test_train_step_alone_reports_mfu_of_its_own_rate():
   stdout = _run("gleam_jax.bench.train_step", "--config=configs/c_phase1.py:tiny", "--steps=2",
-                "--repeats=1", "--peak_tflops=1")
-  assert "torch" not in stdout.split("Setting:")[1].split("\n")[0]  # ours alone
+                "--repeats=1", "--peak_tflops=1", "--config.grad_accum_steps=2")
+  setting = stdout.split("Setting:")[1].split("\n")[0]
+  assert "torch" not in setting and "ours in 2 micro-batches (gradient cache)" in setting  # ours alone
   steps_per_s = float(re.search(r"\| ours \(jax.jit\) \| ([\d.]+) \|", stdout).group(1))
   config = load_config("c_phase1", "tiny")
   b, query, sat = config.batch_size, tuple(config.data.panorama_size), tuple(config.data.satellite_size)

@@ -4,7 +4,9 @@
   python -m gleam_jax.bench.train_step --config=configs/c_phase1.py:variant=tiny --config.batch_size=32 \
       --config.data.panorama_size='(128, 256)' --config.model.dtype=bfloat16 --repeats=5
 
-Model, optimizer, batch size and image sizes (panorama -> query, satellite) come from `--config`.
+Model, optimizer, batch size and image sizes (panorama -> query, satellite) come from `--config`;
+`--config.grad_accum_steps=N` times our step in N micro-batches (gradient cache; PyTorch's step stays
+whole).
 
 The PyTorch step is Sample4Geo's: transformers' `ConvNextModel` of the same depths and widths
 (+ the same Linear projection when the config has `embed_dim`), L2-normalised features, symmetric
@@ -81,7 +83,8 @@ class Ours:
     mesh = shd.single_device_mesh()
     self.setup, self.state = contrastive.create_train_state(
         model, config.optim, config.total_steps, mesh, config.sharding_rules,
-        loss_name="infonce", label_smoothing=config.loss.label_smoothing, seed=config.seed)
+        loss_name="infonce", label_smoothing=config.loss.label_smoothing, seed=config.seed,
+        accum_steps=config.grad_accum_steps)
     self.batch = shd.shard_batch(batch, mesh)
     step = contrastive.make_train_step(self.setup)
     start = time.perf_counter()
@@ -198,6 +201,8 @@ def main(argv):
           f"satellite {sat[0]}x{sat[1]}, our dtype {config.model.dtype}, "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores, "
           f"load avg {os.getloadavg()[0]:.1f}")
+  if config.grad_accum_steps > 1:  # the memory-for-time trade of `contrastive._cached_grads`
+    desc += f", ours in {config.grad_accum_steps} micro-batches (gradient cache)"
   eager = None
   if _TORCH.value:
     import torch
