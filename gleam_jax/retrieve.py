@@ -378,7 +378,8 @@ def reference_embeddings(model, data_cfg, files):
 
 def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=None, **camera):
   """(each pair's cosine similarity, in the file's order; {pairs, matches, cosine_auc,
-  best_threshold_accuracy, best_threshold} or None where not every pair says whether it matches),
+  best_threshold_accuracy, best_threshold, and cosine_auc/<modality> for pairs of several modalities}
+  or None where not every pair says whether it matches),
   printed, and with `results` a JSON Lines file of the scores (a line per pair). A pair's query is read
   by the tower of its `modality`; pairs that name none ('pair') by `modality`'s, or the job's one query
   modality. Camera values apply as in `search_all`."""
@@ -415,11 +416,19 @@ def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=Non
     accuracy, threshold = metrics.best_threshold_accuracy(scores, matches)
     summary = dict(pairs=len(pairs), matches=int(sum(matches)), cosine_auc=explain.verdict_auc(scores, matches),
                    best_threshold_accuracy=accuracy, best_threshold=threshold)
-  auc = summary and summary["cosine_auc"]
-  print(f"{len(pairs)} pairs scored by GLEAM-C ({', '.join(f'{m} {modalities.count(m)}' for m in dict.fromkeys(modalities))})"
-        + ("" if summary is None else f", {summary['matches']} matching: cosine AUC "
-           + ("n/a (one kind only)" if auc is None else f"{auc:.3f}")
-           + f", accuracy {accuracy:.1%} at the best threshold {threshold:.3f} (chosen on these pairs)"))
+    if len(set(modalities)) > 1:
+      for m in dict.fromkeys(modalities):
+        rows = [i for i, pm in enumerate(modalities) if pm == m]
+        summary[f"cosine_auc/{m}"] = explain.verdict_auc(scores[rows], [matches[i] for i in rows])
+  auc_text = lambda auc: "n/a (one kind only)" if auc is None else f"{auc:.3f}"
+  line = f"{len(pairs)} pairs scored by GLEAM-C ({', '.join(f'{m} {modalities.count(m)}' for m in dict.fromkeys(modalities))})"
+  if summary:
+    line += (f", {summary['matches']} matching: cosine AUC {auc_text(summary['cosine_auc'])}, accuracy "
+             f"{accuracy:.1%} at the best threshold {threshold:.3f} (chosen on these pairs)")
+    per_modality = [f"{k.split('/')[1]} {auc_text(v)}" for k, v in summary.items() if k.startswith("cosine_auc/")]
+    if per_modality:
+      line += f"; AUC by modality: {', '.join(per_modality)}"
+  print(line)
   return scores, summary
 
 

@@ -296,6 +296,31 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
   with pytest.raises(GleamError, match="does not record all of it.*--footprint_m"):
     retrieve.search(str(tmp_path), str(tmp_path / "dji.jpg"), str(gallery), modality="uav")
 
+  # a pairs file of two modalities: each pair's query read by its modality's tower, an AUC per modality
+  streetmap = np.flatnonzero(index["modality"] == 1)[:2]
+  for i, r in enumerate(streetmap):
+    Image.fromarray(source[int(r)]["query"]).save(tmp_path / f"map{i}.png")
+    Image.fromarray(source[int(r)]["satellite"]).save(tmp_path / f"map_sat{i}.png")
+  lines = [{"images": ["map0.png", "map_sat0.png"], "match": True, "modality": "streetmap"},
+           {"images": ["map0.png", "map_sat1.png"], "match": False, "modality": "streetmap"},
+           {"images": ["photo.png", "map_sat0.png"], "match": False, "modality": "ground"}]
+  (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  with pytest.raises(GleamError, match="--heading_deg"):  # ground photos need their camera here too
+    retrieve.score_pairs(str(tmp_path), str(tmp_path / "pairs.jsonl"))
+  scores, summary = retrieve.score_pairs(str(tmp_path), str(tmp_path / "pairs.jsonl"),
+                                         heading_deg=record["heading_deg"], fov_deg=record["fov_deg"])
+  read = lambda name, size: retrieve.prepare(retrieve.read_image(str(tmp_path / name)), size, job.data)[None]
+  street = lambda name: read(name, retrieve.query_shape(job.data, "streetmap"))
+  sat = lambda name: read(name, job.data.satellite_size)
+  want = [float(np.asarray(model.encode(street("map0.png"), tower="streetmap"))[0]
+                @ np.asarray(model.encode(sat(f"map_sat{i}.png"), tower="reference"))[0]) for i in (0, 1)]
+  framed = query_in_frame(record["query"], "ground", record, job.data)
+  ground = np.asarray(model.encode(retrieve.prepare(framed, job.data.panorama_size, job.data)[None], tower="ground"))
+  want.append(float(ground[0] @ np.asarray(model.encode(sat("map_sat0.png"), tower="reference"))[0]))
+  np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-5)
+  assert summary["cosine_auc/streetmap"] == (1.0 if scores[0] > scores[1] else 0.0)
+  assert summary["cosine_auc/ground"] is None and summary["pairs"] == 3  # no matching ground pair
+
 
 def test_phase2_without_phase1_says_what_to_do(tiny_cfg, tmp_path):
   config = tiny_config("c_phase2", tiny_cfg.data_dir, init_from=str(tmp_path / "missing"))
