@@ -7,7 +7,7 @@
 # Each process calls jax.distributed.initialize with the loopback coordinator (CPU collectives:
 # gloo, jax's default) and reads only its slice of every global batch, exactly as on a TPU pod
 # slice; process 0 writes config.json, metrics and reports, all processes write the checkpoint.
-# DEVICES_PER_PROCESS (default 4) CPU devices per process; PORT (default: a free one) for the
+# DEVICES_PER_PROCESS (default 4) CPU devices per process (the caller's other XLA_FLAGS are kept); PORT (default: a free one) for the
 # coordinator; PYTHON (default: python) the interpreter with gleam_jax installed. If one process fails, the others are stopped and the script exits with its status.
 set -euo pipefail
 if (($# < 3)); then
@@ -20,7 +20,7 @@ PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.
 DEVICES=${DEVICES_PER_PROCESS:-4}
 pids=()
 for ((i = 0; i < N; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$DEVICES" \
     "$PYTHON" -m gleam_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
     --coordinator_address="127.0.0.1:$PORT" --num_processes="$N" --process_id="$i" "$@" &
   pids+=($!)
