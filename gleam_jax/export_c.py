@@ -8,9 +8,10 @@ transformers `ConvNextModel` directory (`convnext_params.save_hf_convnext`): a j
 into --out, one with several into a folder each, named by its tower ('query', 'reference', a
 modality tower such as 'uav'; 'shared' for the encoder of queries and references when modality
 towers are added to it); --tower writes only the network of that tower (or query modality) into
---out; --dtype casts the ConvNeXt weights (float32 unless given; the head stays float32). The GLEAM-C head rides along in model.safetensors under `gleam_c.*` keys (transformers'
-`from_pretrained` reports them as unexpected and leaves them out) and config.json's `gleam_c`
-entry says how to use it; in PyTorch:
+--out; --dtype casts the ConvNeXt weights (float32 unless given; the head stays float32). The GLEAM-C
+head rides along in model.safetensors under `gleam_c.*` keys (transformers' `from_pretrained` reports
+them as unexpected and leaves them out) and config.json's `gleam_c` entry says how to use it; in
+PyTorch:
 
     hf = transformers.ConvNextModel.from_pretrained(out).eval()
     head = safetensors.torch.load_file(f'{out}/model.safetensors')
@@ -130,17 +131,14 @@ def save_tower(model, tower, directory, info=None, loss_bias=None, dtype=None) -
       extra_config={"gleam_c": head_config(model, tower, loss_bias) | (info or {})}, dtype=dtype)
 
 
-def _modalities(config) -> tuple[str, ...]:
-  return tuple(dict.fromkeys(tuple(config.data.modalities) + tuple(config.eval.get("modalities") or ())))
-
-
 def _job_info(config, towers, step) -> dict:
   """What a PyTorch user needs of the job to feed a network: its inputs' sizes and normalisation, and
   the frames its ground photos / UAV views were warped into ('panorama', 'satellite'), which a
   PyTorch pipeline has to reproduce before the network sees them."""
   data, model = config.data, config.model
   prefix = lambda t: gleam_c.tower_prefix(t, model.separate_towers, tuple(model.get("modality_towers") or ()))
-  inputs = {m: list(query_shape(data, m)) for m in _modalities(config) if prefix(m) == prefix(towers[0])}
+  inputs = {m: list(query_shape(data, m)) for m in retrieve.job_modalities(config)
+            if prefix(m) == prefix(towers[0])}
   if "reference" in towers:
     inputs["satellite"] = list(data.satellite_size)
   info = {"inputs": inputs, "pixel_mean": list(data.mean), "pixel_std": list(data.std), "step": step}
@@ -163,8 +161,8 @@ def export(workdir, out, tower=None, dtype=None) -> str:
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; give the workdir of a GLEAM-C "
                      "('contrastive') training job (GLEAM-X jobs: python -m gleam_jax.export).")
   separate, modality_towers = bool(config.model.separate_towers), tuple(config.model.get("modality_towers") or ())
-  folders = select_folders(tower_folders(separate, modality_towers), tower, _modalities(config), separate,
-                           modality_towers)
+  folders = select_folders(tower_folders(separate, modality_towers), tower, retrieve.job_modalities(config),
+                           separate, modality_towers)
   dirs = {name: out if len(folders) == 1 else os.path.join(out, name) for name in folders}
   for directory in dict.fromkeys([out, *dirs.values()]):  # before the model is loaded
     model_dirs.check_export_dir(directory)

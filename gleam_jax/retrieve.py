@@ -160,10 +160,15 @@ def prepare(image, size, data_cfg):
   return normalise(resize(image, tuple(size)), tuple(data_cfg.mean), tuple(data_cfg.std))
 
 
+def job_modalities(config) -> tuple[str, ...]:
+  """The query modalities a GLEAM-C job knows: those it trained on, then those it evaluated."""
+  return tuple(dict.fromkeys(tuple(config.data.modalities) + tuple(config.eval.get("modalities") or ())))
+
+
 def _query_modality(workdir, config, modality):
   """`modality` when the job knows it; else the job's one query modality (a job of several needs
   `--modality`)."""
-  known = tuple(dict.fromkeys(tuple(config.data.modalities) + tuple(config.eval.get("modalities") or ())))
+  known = job_modalities(config)
   if modality is None and len(known) > 1:
     raise GleamError(f"{workdir} was trained for the query modalities {', '.join(known)}: say which one the "
                      "query is with --modality.")
@@ -378,16 +383,16 @@ def reference_embeddings(model, data_cfg, files):
 
 def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=None, **camera):
   """(each pair's cosine similarity, in the file's order; {pairs, matches, cosine_auc,
-  best_threshold_accuracy, best_threshold, and cosine_auc/<modality> for pairs of several modalities}
-  or None where not every pair says whether it matches),
-  printed, and with `results` a JSON Lines file of the scores (a line per pair). A pair's query is read
-  by the tower of its `modality`; pairs that name none ('pair') by `modality`'s, or the job's one query
-  modality. Camera values apply as in `search_all`."""
+  best_threshold_accuracy, best_threshold, and cosine_auc/<modality> for pairs of several modalities},
+  or None where not every pair says whether it matches), printed, and with `results` a JSON Lines file
+  of the scores (a line per pair). A pair's query is read by the tower of its `modality`; pairs that
+  name none ('pair') by `modality`'s, or the job's one query modality. Camera values apply as in
+  `search_all`."""
   if results:
     _check_results_file(results)
   pairs = pair_files.read_pairs(pairs_path, image_root, need_answers=False)  # bad lines stop before loading
   model, config, _, _ = load_trained(workdir)
-  known = tuple(dict.fromkeys(tuple(config.data.modalities) + tuple(config.eval.get("modalities") or ())))
+  known = job_modalities(config)
   for p in pairs:
     if p["modality"] in MODALITIES and p["modality"] not in known:
       raise GleamError(f"{p['line']}: a {p['modality']} pair, but {workdir} was trained for the query modalities "
@@ -395,11 +400,11 @@ def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=Non
   unnamed = [p for p in pairs if p["modality"] not in MODALITIES]
   fallback = _query_modality(workdir, config, modality) if unnamed else None
   modalities = [fallback if p["modality"] not in MODALITIES else p["modality"] for p in pairs]
+  rows_of = {m: [i for i, pm in enumerate(modalities) if pm == m] for m in dict.fromkeys(modalities)}
   satellites = list(dict.fromkeys(p["satellite"] for p in pairs))
   reference = dict(zip(satellites, reference_embeddings(model, config.data, satellites)))
   scores = np.zeros(len(pairs), np.float32)
-  for m in dict.fromkeys(modalities):
-    rows = [i for i, pm in enumerate(modalities) if pm == m]
+  for m, rows in rows_of.items():
     paths = list(dict.fromkeys(pairs[i]["query"] for i in rows))
     query = dict(zip(paths, query_embeddings(model, workdir, paths, m, camera, config.data)))
     for i in rows:
@@ -416,18 +421,16 @@ def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=Non
     accuracy, threshold = metrics.best_threshold_accuracy(scores, matches)
     summary = dict(pairs=len(pairs), matches=int(sum(matches)), cosine_auc=explain.verdict_auc(scores, matches),
                    best_threshold_accuracy=accuracy, best_threshold=threshold)
-    if len(set(modalities)) > 1:
-      for m in dict.fromkeys(modalities):
-        rows = [i for i, pm in enumerate(modalities) if pm == m]
+    if len(rows_of) > 1:
+      for m, rows in rows_of.items():
         summary[f"cosine_auc/{m}"] = explain.verdict_auc(scores[rows], [matches[i] for i in rows])
   auc_text = lambda auc: "n/a (one kind only)" if auc is None else f"{auc:.3f}"
-  line = f"{len(pairs)} pairs scored by GLEAM-C ({', '.join(f'{m} {modalities.count(m)}' for m in dict.fromkeys(modalities))})"
+  line = f"{len(pairs)} pairs scored by GLEAM-C ({', '.join(f'{m} {len(rows)}' for m, rows in rows_of.items())})"
   if summary:
     line += (f", {summary['matches']} matching: cosine AUC {auc_text(summary['cosine_auc'])}, accuracy "
              f"{accuracy:.1%} at the best threshold {threshold:.3f} (chosen on these pairs)")
-    per_modality = [f"{k.split('/')[1]} {auc_text(v)}" for k, v in summary.items() if k.startswith("cosine_auc/")]
-    if per_modality:
-      line += f"; AUC by modality: {', '.join(per_modality)}"
+    if len(rows_of) > 1:
+      line += "; AUC by modality: " + ", ".join(f"{m} {auc_text(summary[f'cosine_auc/{m}'])}" for m in rows_of)
   print(line)
   return scores, summary
 

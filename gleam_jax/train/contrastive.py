@@ -517,17 +517,18 @@ def run(config, workdir):
   batch_size = int(config.batch_size)
   accum_steps = int(config.grad_accum_steps)
   shd.check_batch_divides(batch_size, mesh)
-  if batch_size % (accum_steps * shd.batch_shards(mesh)):
+  micro_shards = accum_steps * shd.batch_shards(mesh)  # a batch splits into this many equal blocks
+  if batch_size % micro_shards:
     raise GleamError(f"config.batch_size={batch_size} does not split into config.grad_accum_steps={accum_steps} "
                      f"micro-batches over the mesh's {shd.batch_shards(mesh)} data shards: use a multiple of "
-                     f"{accum_steps * shd.batch_shards(mesh)}.")
+                     f"{micro_shards}.")
   eval_process_rows(mesh, int(config.eval.batch_size))  # an eval batch that does not divide fails now
   seed = int(config.seed)
 
   with contextlib.ExitStack() as cleanup:  # closes the stream, manager and writer on any exit
     index = sources.get_index(config.data, config.data.train_split)
     stream = pipeline.ModalityStreams(config.data, batch_size, seed, index,
-                                      multiple=math.lcm(accum_steps * shd.batch_shards(mesh), jax.process_count()))
+                                      multiple=math.lcm(micro_shards, jax.process_count()))
     cleanup.callback(stream.close)
     steps_per_epoch = stream.steps_per_epoch
     total_steps = int(config.total_steps)
