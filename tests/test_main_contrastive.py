@@ -425,6 +425,18 @@ def test_bad_config_arguments_stop_on_one_line(args, line, tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("args,line", [
+    (["--pairs=p.jsonl", "--query=q.png"], "error: --pairs scores the pairs of a file against their own satellites: "
+     "leave out --query and --gallery."),
+    (["--query=q.png"], "error: give --query (an image or a folder) and --gallery (a folder of satellites), or "
+     "--pairs."),
+])
+def test_retrieve_command_needs_a_query_and_gallery_or_pairs(args, line, tmp_path):
+  result = subprocess.run([sys.executable, "-m", "gleam_jax.retrieve", f"--workdir={tmp_path}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert (result.returncode, result.stderr.strip().splitlines()) == (2, [line])
+
+
 def test_benchmark_config_typo_is_rejected_on_one_line():
   """bench.train_step reads the same configs: a typo in its overrides stops the same way, also when
   it runs on its default config (configs/c_phase1.py, added to the arguments when none is named)."""
