@@ -11,8 +11,9 @@ The layout and parameter names follow timm / Hugging Face so checkpoints map one
 A block is 7x7 depthwise conv -> LayerNorm -> Linear 4x -> GELU (exact erf, as timm/HF) -> Linear
 -> layer scale -> drop path + residual. The depthwise conv runs as fused shifted multiply-adds, and
 its kernel gradient in one of three forms by image size (`depthwise_conv_general_dilated`;
-XLA:CPU's grouped convolution is slow). Parameters are float32 and carry logical axis names (see
-`gleam_jax.models`); `dtype` sets the compute dtype. Drop path is active in `model.train()`
+XLA:CPU's grouped convolution is slow); the GELU and the two Linears' kernel gradients take the
+forms of `gleam_jax.models.ops`, also for XLA:CPU's sake. Parameters are float32 and carry logical
+axis names (see `gleam_jax.models`); `dtype` sets the compute dtype. Drop path is active in `model.train()`
 mode (NNX default after construction) and draws from the 'dropout' rng stream; `model.eval()`
 turns it off.
 """
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gleam_jax.errors import GleamError
+from gleam_jax.models import ops
 
 # name -> (depths, dims), as timm's convnext_<name>.
 VARIANTS = {
@@ -103,6 +105,7 @@ def _conv(cin, cout, kernel, stride, padding, dtype, rngs, groups=1):
 
 def _dense(cin, cout, axes, dtype, rngs):
   return nnx.Linear(cin, cout, dtype=dtype, param_dtype=jnp.float32,
+                    dot_general=ops.pointwise_dot_general,
                     kernel_init=nnx.with_partitioning(_KERNEL_INIT, axes),
                     bias_init=nnx.with_partitioning(_ZEROS, axes[1:]), rngs=rngs)
 
@@ -235,7 +238,7 @@ class Block(nnx.Module):
     y = self.dwconv(x)
     y = self.norm(y)
     y = self.pwconv1(y)
-    y = jax.nn.gelu(y, approximate=False)
+    y = ops.gelu_exact(y)
     y = self.pwconv2(y)
     y = y * self.gamma[...].astype(y.dtype)
     if self.drop_path is not None:

@@ -45,6 +45,7 @@ from jax._src.interpreters import partial_eval  # pylint: disable=g-direct-jax-i
 
 import gleam_jax.models  # noqa: F401  (logical sharding metadata only, no eager placement)
 from gleam_jax.errors import GleamError
+from gleam_jax.models import ops
 from gleam_jax.models.qwen2_5_vl import rope
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES, Qwen2_5_VLConfig
 from gleam_jax.train import sharding
@@ -178,7 +179,7 @@ class PatchMerger(nnx.Module):
 
   def __call__(self, x):
     x = self.ln_q(x).reshape(-1, self.merged_dim)
-    return self.mlp[2](jax.nn.gelu(self.mlp[0](x), approximate=False))
+    return self.mlp[2](ops.gelu_exact(self.mlp[0](x)))
 
 
 class VisionTransformer(nnx.Module):
