@@ -14,7 +14,6 @@ the kernel gradient as a slow plain dot instead of a YNNPACK matmul: 5 ms instea
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 _SQRT_HALF = np.float32(np.sqrt(0.5))
