@@ -154,8 +154,10 @@ def _depthwise_kernel_grad(padded, grad, padding):
            (`padding`: the ((top, bottom), (left, right)) that `padded` added), zero for the others;
     <= 128 (early stages at small sizes): the correlation as H * W shifted multiply-adds of
            (n, kh, kw, c) windows, which XLA fuses into one loop, then a sum over n;
-    larger: one batched matmul per kernel column (contracting n and w, batched over channels),
-           whose diagonals are the kernel rows.
+    larger: one matmul per channel (contracting n and w, channels major) of the padded input's
+           rows with the output gradient's rows shifted by each kernel column; the kernel rows are
+           diagonals of the result. Shifting the gradient (not the input) lets the input enter
+           the matmul as one transposed copy.
   docs/bench_train_step.md has the timings."""
   height, width = grad.shape[1:3]
   kh, kw = padded.shape[1] - height + 1, padded.shape[2] - width + 1  # same-size output
@@ -173,9 +175,13 @@ def _depthwise_kernel_grad(padded, grad, padding):
         term = padded[:, h:h + kh, w:w + kw] * grad[:, h:h + 1, w:w + 1]
         out = term if out is None else out + term
     return jnp.sum(out, axis=0)
-  columns = jnp.stack([padded[:, :, j:j + width] for j in range(kw)])  # (kw, n, H+kh-1, w, c)
-  m = jnp.einsum('jnpwc,nhwc->jcph', columns, grad)
-  return jnp.stack([jnp.trace(m[:, :, i:i + height], axis1=2, axis2=3) for i in range(kh)])
+  channels = grad.shape[-1]
+  rows = padded.transpose(3, 1, 0, 2).reshape(channels, height + kh - 1, -1)  # (c, H+kh-1, n*Wp)
+  grad = grad.astype(jnp.float32).transpose(3, 1, 0, 2)  # (c, H, n, W)
+  shifted = jnp.stack([jnp.pad(grad, ((0, 0),) * 3 + ((j, kw - 1 - j),)) for j in range(kw)], axis=1)
+  m = jnp.einsum('cpk,cqk->cpq', rows, shifted.reshape(channels, kw * height, -1))
+  m = m.reshape(channels, height + kh - 1, kw, height)  # m[c, h + i, j, h] sums to kernel[i, j, c]
+  return jnp.stack([jnp.einsum('chjh->jc', m[:, i:i + height]) for i in range(kh)])
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
