@@ -57,6 +57,7 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 def _linear(din, dout, names, *, bias, cfg, rngs):
   return nnx.Linear(
       din, dout, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+      dot_general=ops.pointwise_dot_general,
       kernel_init=nnx.with_partitioning(_INIT, names),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (names[1],)), rngs=rngs)
 
