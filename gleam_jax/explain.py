@@ -20,6 +20,8 @@ one); when every pair has a reference answer it prints verdict accuracy, the yes
 AUC and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
 and writes them beside `--out` (`<out>_metrics.json`). Answers are kept batch by batch in
 `<out>.partial`; a run stopped part way, started again, answers only the pairs not yet answered.
+A conversation's later questions are asked after its reference turns, or after the model's own
+earlier answers with `--follow_ups_after=own`.
 `--fsdp` / `--tensor` split the model over that many local devices (Qwen2.5-VL's sharding rules).
 """
 import json
@@ -40,6 +42,8 @@ from gleam_jax.eval import explain as explain_eval
 from gleam_jax.utils.progress import RateEta, format_eta
 
 FLAGS = flags.FLAGS
+# what a conversation's later questions are asked after: its reference answers, or the model's own
+FOLLOW_UPS_AFTER = ("reference", "own")
 
 
 def define_flags():
@@ -68,6 +72,9 @@ def define_flags():
   flags.DEFINE_string("image_root", None, "With --pairs: the folder image paths are relative to (default: the "
                       "pairs file's).")
   flags.DEFINE_integer("batch_size", 8, "With --pairs: pairs generated together.")
+  flags.DEFINE_enum("follow_ups_after", "reference", FOLLOW_UPS_AFTER, "With --pairs: a conversation's later "
+                    "questions are asked after its reference answers (teacher-forced, as multi-turn evaluations "
+                    "go) or after the model's own earlier answers (own).")
   define_mesh_flags()
 
 
@@ -187,14 +194,15 @@ def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, m
 
 def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=8, max_new_tokens=256,
                  image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None, fsdp=1, tensor=1,
-                 system=None):
+                 system=None, follow_ups_after="reference"):
   """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` (a line per
   pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;
   returns (answer rows, metrics or None). Each batch's answers are appended to `<out_path>.partial` as
   they come: a run of the same model stopped part way resumes with the pairs not yet answered. A pair
   without its own system prompt is asked with `system`, else with the one the `workdir` job trained with.
-  A conversation that goes on has each later question asked after the reference turns before it; the
-  answers go into the row's `follow_ups`, and their ROUGE-L into the metrics."""
+  A conversation that goes on has each later question asked after the turns before it: the reference
+  answers (`follow_ups_after='reference'`, teacher-forced) or the model's own ('own'); the answers go
+  into the row's `follow_ups` (`follow_ups_after` says which), and their ROUGE-L into the metrics."""
   log = log or (lambda line: print(line, file=sys.stderr))
   if batch_size < 1:
     raise GleamError(f"--batch_size={batch_size} must be positive.")
@@ -225,9 +233,12 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   todo = [i for i, row in enumerate(rows) if row is None]
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
-  # follow-up questions (conversations that go on) not yet answered, asked after the reference turns
-  later = [(i, ex) for i, ex in explain_eval.follow_up_questions(pairs)
-           if rows[i] is None or "follow_ups" not in rows[i]]
+  # follow-up questions (conversations that go on) not yet answered after `follow_ups_after`'s turns
+  if follow_ups_after not in FOLLOW_UPS_AFTER:
+    raise GleamError(f"follow_ups_after={follow_ups_after!r}: give one of {', '.join(FOLLOW_UPS_AFTER)}.")
+  later = sorted({i for i, _ in explain_eval.follow_up_questions(pairs)
+                  if rows[i] is None or "follow_ups" not in rows[i]
+                  or rows[i].get("follow_ups_after") != follow_ups_after})
   if todo or later:
     model, proc, image_size, _ = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
     ask = lambda examples, **kw: explain_eval.generate_answers(model, proc, examples, batch_size, max_new_tokens,
@@ -245,11 +256,16 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
       if todo:
         ask([pairs[i] for i in todo], on_batch=keep)
       if later:
-        log(f"answering {len(later)} follow-up questions")
-        for (i, ex), text in zip(later, ask([ex for _, ex in later])[0]):
-          turn = dict(question=ex["question"], answer=text, reference=ex["answer"])
-          rows[i].setdefault("follow_ups", []).append(turn)
-        f.writelines(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in sorted({i for i, _ in later}))
+        talks = [pairs[i] for i in later]
+        asked = explain_eval.follow_up_questions(talks)
+        log(f"answering {len(asked)} follow-up questions after the {follow_ups_after} turns")
+        own = [rows[i]["answer"] for i in later] if follow_ups_after == "own" else None
+        texts = explain_eval.answer_follow_ups(talks, lambda examples: ask(examples)[0], own)
+        for i in later:
+          rows[i] = dict(rows[i], follow_ups=[], follow_ups_after=follow_ups_after)
+        for (j, ex), text in zip(asked, texts, strict=True):
+          rows[later[j]]["follow_ups"].append(dict(question=ex["question"], answer=text, reference=ex["answer"]))
+        f.writelines(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in later)
   with open(out_path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
   if os.path.exists(partial):
@@ -298,7 +314,8 @@ def main(argv):
     if FLAGS.pairs:
       answer_pairs(FLAGS.pairs, FLAGS.out, FLAGS.model_dir or None, FLAGS.workdir, FLAGS.batch_size,
                    FLAGS.max_new_tokens, FLAGS.image_root, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels,
-                   fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system)
+                   fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
+                   follow_ups_after=FLAGS.follow_ups_after)
       return
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens, FLAGS.temperature,
             FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels, workdir=FLAGS.workdir,

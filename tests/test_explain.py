@@ -136,7 +136,46 @@ def test_follow_up_questions_are_asked_after_the_reference_turns(model_dir, view
   again, _ = explain.answer_pairs(str(pairs), str(tmp_path / "again.jsonl"), model_dir=model_dir, max_new_tokens=6,
                                   log=lines.append)
   assert [r["answer"] for r in again] == ["Kept 0.", "Kept 1."] and again[0]["follow_ups"] == rows[0]["follow_ups"]
-  assert "answering 1 follow-up questions" in lines
+  assert "answering 1 follow-up questions after the reference turns" in lines
+
+
+def test_follow_up_questions_after_the_models_own_answers(model_dir, views, tmp_path):
+  """--follow_ups_after=own: each later question is asked after the model's own earlier answers (the
+  first answer, then its answer to each question before), round by round; rows say which turns; a
+  run of the other kind answers the follow-ups again and keeps the first answers."""
+  first, why, because, where, there = "Yes.", "Which road?", "The north one.", "And the river?", "East."
+  talk = dict(images=views, answer=first, follow_ups=[dict(question=why, answer=because),
+                                                        dict(question=where, answer=there)])
+  pairs = tmp_path / "talk.jsonl"
+  pairs.write_text(json.dumps(talk) + "\n" + json.dumps(dict(images=views[::-1], answer="No.")) + "\n")
+  rows, metrics = explain.answer_pairs(str(pairs), str(tmp_path / "own.jsonl"), model_dir=model_dir,
+                                       max_new_tokens=5, log=lambda _: None, follow_ups_after="own")
+  proc, model = processor.load_processor(model_dir), params.load_pretrained(model_dir)
+
+  def greedy(question, history):
+    inputs = proc.encode_prompt(explain.read_images(views), question, history=history)
+    return proc.decode(generation.generate(model, inputs["input_ids"][None], pixel_values=inputs["pixel_values"],
+                                           image_grid_thw=inputs["image_grid_thw"], max_new_tokens=5)[0])
+  said = rows[0]["answer"]
+  own_why = greedy(why, [(explain.QUESTIONS["en"], said)])
+  own_where = greedy(where, [(explain.QUESTIONS["en"], said), (why, own_why)])
+  assert rows[0]["follow_ups"] == [dict(question=why, answer=own_why, reference=because),
+                                   dict(question=where, answer=own_where, reference=there)]
+  assert rows[0]["follow_ups_after"] == "own" and "follow_ups" not in rows[1]
+  forced_where = greedy(where, [(explain.QUESTIONS["en"], first), (why, because)])
+  assert own_why != greedy(why, [(explain.QUESTIONS["en"], first)])  # so the turns asked after tell apart
+  assert metrics["follow_up_rouge_l"] == pytest.approx(np.mean(
+      [explain_eval.rouge_l(own_why, because, "en"), explain_eval.rouge_l(own_where, there, "en")]))
+  # the same answers, then asked after the reference turns instead: only the follow-ups are asked again
+  (tmp_path / "forced.jsonl.partial").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  lines = []
+  forced, _ = explain.answer_pairs(str(pairs), str(tmp_path / "forced.jsonl"), model_dir=model_dir,
+                                   max_new_tokens=5, log=lines.append)
+  assert [r["answer"] for r in forced] == [r["answer"] for r in rows]
+  assert forced[0]["follow_ups_after"] == "reference" and forced[0]["follow_ups"][1]["answer"] == forced_where
+  assert "answering 2 follow-up questions after the reference turns" in lines
+  with pytest.raises(GleamError, match="follow_ups_after='theirs'.*reference, own"):
+    explain.answer_pairs(str(pairs), str(tmp_path / "x.jsonl"), model_dir=model_dir, follow_ups_after="theirs")
 
 
 def test_yes_probability_is_transformers_next_token_odds(model_dir, views, tmp_path):

@@ -149,6 +149,26 @@ def follow_up_questions(examples):
   return asked
 
 
+def answer_follow_ups(examples, ask, first_answers=None):
+  """`ask`'s answers (a function of a list of examples to their answers) to every entry of
+  `follow_up_questions(examples)`, in that order. Without `first_answers` each later question is
+  asked after the reference turns (teacher-forced), all at once. With the model's answers to each
+  example's first question, it is asked after the model's own earlier answers (how a conversation
+  with the model goes on), one round of turns at a time, since each round needs the one before."""
+  asked = follow_up_questions(examples)
+  if first_answers is None:
+    return list(ask([ex for _, ex in asked]))
+  answers, said = [None] * len(asked), {i: [first_answers[i]] for i, _ in asked}
+  for turn in range(1, 1 + max((len(ex["history"]) for _, ex in asked), default=0)):
+    now = [k for k, (_, ex) in enumerate(asked) if len(ex["history"]) == turn]
+    own = [dict(ex, history=[(question, said[i][j]) for j, (question, _) in enumerate(ex["history"])])
+           for i, ex in (asked[k] for k in now)]
+    for k, text in zip(now, ask(own), strict=True):
+      answers[k] = text
+      said[asked[k][0]].append(text)
+  return answers
+
+
 def follow_up_rouge_l(answers, asked):
   """Mean ROUGE-L of the answers to `follow_up_questions` against their references."""
   return float(np.mean([rouge_l(text, ex["answer"], ex["lang"]) for text, (_, ex) in zip(answers, asked, strict=True)]))
