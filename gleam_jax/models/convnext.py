@@ -19,10 +19,12 @@ turns it off.
 """
 import dataclasses
 import functools
+import itertools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gleam_jax.errors import GleamError
@@ -145,13 +147,25 @@ def _depthwise_bwd(padding, residuals, grad):
   return dx, dkernel[:, :, None, :].astype(kernel.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _tap_matrix(height, width, kh, kw, top, left):
+  """(H W, H W, kh kw) 0/1: [p, q, tap] = 1 where kernel tap (i, j) at output position q = (h, w)
+  reads input position p = (h + i - top, w + j - left)."""
+  taps = np.zeros((height * width, height * width, kh * kw), np.float32)
+  for h, w, i, j in itertools.product(range(height), range(width), range(kh), range(kw)):
+    if 0 <= h + i - top < height and 0 <= w + j - left < width:
+      taps[(h + i - top) * width + w + j - left, h * width + w, i * kw + j] = 1
+  return taps
+
+
 def _depthwise_kernel_grad(padded, grad, padding):
   """d/dkernel[i, j, c] = sum_nhw padded[n, h+i, w+j, c] * grad[n, h, w, c] (float32).
 
   XLA:CPU turns the grouped convolution's kernel gradient into a dense C x C convolution and keeps
   its diagonal: C times the work. Here, by the number of image positions H * W:
-    <= 16  (late stages, most taps read only padding): a sum per tap that reads any of the image
-           (`padding`: the ((top, bottom), (left, right)) that `padded` added), zero for the others;
+    <= 64  (late stages): the products of every input position with every output position, summed
+           over n ((H W)^2 per channel), then added up per kernel tap by a constant 0/1 matrix
+           (`padding`: the ((top, bottom), (left, right)) that `padded` added);
     <= 128 (early stages at small sizes): the correlation as H * W shifted multiply-adds of
            (n, kh, kw, c) windows, which XLA fuses into one loop, then a sum over n;
     larger: one matmul per channel (contracting n and w, channels major) of the padded input's
@@ -162,12 +176,12 @@ def _depthwise_kernel_grad(padded, grad, padding):
   height, width = grad.shape[1:3]
   kh, kw = padded.shape[1] - height + 1, padded.shape[2] - width + 1  # same-size output
   padded = padded.astype(jnp.float32)
-  if height * width <= 16:
+  if height * width <= 64:
     (top, _), (left, _) = padding
-    zero = jnp.zeros(grad.shape[-1:], jnp.float32)
-    tap = lambda i, j: (jnp.sum(padded[:, i:i + height, j:j + width] * grad, axis=(0, 1, 2))
-                        if top - height < i < top + height and left - width < j < left + width else zero)
-    return jnp.stack([jnp.stack([tap(i, j) for j in range(kw)]) for i in range(kh)])
+    image = padded[:, top:top + height, left:left + width].reshape(grad.shape[0], height * width, -1)
+    pairs = jnp.einsum('npc,nqc->pqc', image, grad.reshape(image.shape).astype(jnp.float32))
+    taps = _tap_matrix(height, width, kh, kw, top, left)
+    return jnp.einsum('pqc,pqk->kc', pairs, taps).reshape(kh, kw, -1)
   if height * width <= 128:
     out = None
     for h in range(height):
