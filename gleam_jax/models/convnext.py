@@ -98,7 +98,8 @@ def _layer_norm(dim, dtype, rngs):
 
 
 def _conv(cin, cout, kernel, stride, padding, dtype, rngs, groups=1):
-  extra = {'conv_general_dilated': depthwise_conv_general_dilated} if groups == cin > 1 else {}
+  extra = ({'conv_general_dilated': depthwise_conv_general_dilated} if groups == cin > 1 else
+           {'conv_general_dilated': ops.patch_conv_general_dilated} if (stride, stride) == kernel else {})
   return nnx.Conv(cin, cout, kernel, strides=stride, padding=padding, feature_group_count=groups,
                   dtype=dtype, param_dtype=jnp.float32, **extra,
                   kernel_init=nnx.with_partitioning(_KERNEL_INIT, _CONV_AXES),
