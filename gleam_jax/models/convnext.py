@@ -11,8 +11,9 @@ The layout and parameter names follow timm / Hugging Face so checkpoints map one
 A block is 7x7 depthwise conv -> LayerNorm -> Linear 4x -> GELU (exact erf, as timm/HF) -> Linear
 -> layer scale -> drop path + residual. The depthwise conv runs as fused shifted multiply-adds, and
 its kernel gradient in one of three forms by image size (`depthwise_conv_general_dilated`;
-XLA:CPU's grouped convolution is slow); the GELU and the two Linears' kernel gradients take the
-forms of `gleam_jax.models.ops`, also for XLA:CPU's sake. Parameters are float32 and carry logical
+XLA:CPU's grouped convolution is slow); the GELU, the two Linears' kernel gradients and the
+stride = kernel convolutions (stem, downsampling) take the forms of `gleam_jax.models.ops`, also
+for XLA:CPU's sake. Parameters are float32 and carry logical
 axis names (see `gleam_jax.models`); `dtype` sets the compute dtype. Drop path is active in `model.train()`
 mode (NNX default after construction) and draws from the 'dropout' rng stream; `model.eval()`
 turns it off.

@@ -10,6 +10,10 @@ From JAX's own transpose rule XLA:CPU lays the output gradient out transposed (a
 the kernel gradient as a slow plain dot instead of a YNNPACK matmul: 5 ms instead of ~1 ms for the
 (8192, 32) x (8192, 128) case of a stage-0 ConvNeXt block. The c_phase1 train step went from
 ~128 to ~109 ms on a 2-core AMD EPYC box (`docs/bench_train_step.md`).
+
+`patch_conv_general_dilated` runs a convolution whose stride equals its kernel as patches times the
+flattened kernel, so that its kernel gradient is a matmul also inside loops (the gradient cache's
+scans), where XLA:CPU runs a convolution's as a slow generic one.
 """
 import functools
 
