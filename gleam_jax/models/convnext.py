@@ -13,10 +13,9 @@ A block is 7x7 depthwise conv -> LayerNorm -> Linear 4x -> GELU (exact erf, as t
 its kernel gradient in one of three forms by image size (`depthwise_conv_general_dilated`;
 XLA:CPU's grouped convolution is slow); the GELU, the two Linears' kernel gradients and the
 stride = kernel convolutions (stem, downsampling) take the forms of `gleam_jax.models.ops`, also
-for XLA:CPU's sake. Parameters are float32 and carry logical
-axis names (see `gleam_jax.models`); `dtype` sets the compute dtype. Drop path is active in `model.train()`
-mode (NNX default after construction) and draws from the 'dropout' rng stream; `model.eval()`
-turns it off.
+for XLA:CPU's sake. Parameters are float32 and carry logical axis names (see `gleam_jax.models`);
+`dtype` sets the compute dtype. Drop path is active in `model.train()` mode (NNX default after
+construction) and draws from the 'dropout' rng stream; `model.eval()` turns it off.
 """
 import dataclasses
 import functools
@@ -99,8 +98,11 @@ def _layer_norm(dim, dtype, rngs):
 
 
 def _conv(cin, cout, kernel, stride, padding, dtype, rngs, groups=1):
-  extra = ({'conv_general_dilated': depthwise_conv_general_dilated} if groups == cin > 1 else
-           {'conv_general_dilated': ops.patch_conv_general_dilated} if (stride, stride) == kernel else {})
+  extra = {}
+  if groups == cin > 1:
+    extra['conv_general_dilated'] = depthwise_conv_general_dilated
+  elif (stride, stride) == kernel:
+    extra['conv_general_dilated'] = ops.patch_conv_general_dilated
   return nnx.Conv(cin, cout, kernel, strides=stride, padding=padding, feature_group_count=groups,
                   dtype=dtype, param_dtype=jnp.float32, **extra,
                   kernel_init=nnx.with_partitioning(_KERNEL_INIT, _CONV_AXES),
@@ -216,10 +218,7 @@ def depthwise_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilati
   if (tuple(window_strides) != (1, 1) or feature_group_count != lhs.shape[-1] or
       rhs.shape[2] != 1 or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))):
     raise ValueError('depthwise_conv_general_dilated handles stride-1 undilated depthwise convs')
-  if dimension_numbers is not None and (
-      tuple(dimension_numbers.lhs_spec) != (0, 3, 1, 2) or
-      tuple(dimension_numbers.rhs_spec) != (3, 2, 0, 1)):
-    raise ValueError(f'depthwise_conv_general_dilated expects NHWC/HWIO, got {dimension_numbers}')
+  ops.check_nhwc_hwio('depthwise_conv_general_dilated', dimension_numbers)
   padding = tuple(tuple(int(p) for p in pad) for pad in padding)
   return _depthwise(lhs, rhs, padding)
 

@@ -61,6 +61,13 @@ def pointwise_dot_general(lhs, rhs, dimension_numbers, precision=None, out_shard
   return _pointwise(lhs, rhs, precision)
 
 
+def check_nhwc_hwio(name, dimension_numbers):
+  """Stops a `conv_general_dilated` drop-in given other than NHWC inputs and HWIO kernels."""
+  if dimension_numbers is not None and (tuple(dimension_numbers.lhs_spec) != (0, 3, 1, 2) or
+                                        tuple(dimension_numbers.rhs_spec) != (3, 2, 0, 1)):
+    raise ValueError(f'{name} expects NHWC/HWIO, got {dimension_numbers}')
+
+
 def patch_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                                dimension_numbers=None, feature_group_count=1, precision=None, **unused):
   """Drop-in for `lax.conv_general_dilated` in `nnx.Conv` for NHWC/HWIO convs whose stride equals
@@ -74,9 +81,7 @@ def patch_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=N
   if (tuple(window_strides) != (kh, kw) or not valid or feature_group_count != 1 or lhs.shape[-1] != cin or
       any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))):
     raise ValueError('patch_conv_general_dilated handles undilated VALID convs with stride == kernel')
-  if dimension_numbers is not None and (tuple(dimension_numbers.lhs_spec) != (0, 3, 1, 2) or
-                                        tuple(dimension_numbers.rhs_spec) != (3, 2, 0, 1)):
-    raise ValueError(f'patch_conv_general_dilated expects NHWC/HWIO, got {dimension_numbers}')
+  check_nhwc_hwio('patch_conv_general_dilated', dimension_numbers)
   n, h, w, _ = lhs.shape
   patches = lhs[:, :h - h % kh, :w - w % kw].reshape(n, h // kh, kh, w // kw, kw, cin)
   patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, h // kh, w // kw, kh * kw * cin)
