@@ -236,9 +236,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   # follow-up questions (conversations that go on) not yet answered after `follow_ups_after`'s turns
   if follow_ups_after not in FOLLOW_UPS_AFTER:
     raise GleamError(f"follow_ups_after={follow_ups_after!r}: give one of {', '.join(FOLLOW_UPS_AFTER)}.")
-  later = sorted({i for i, _ in explain_eval.follow_up_questions(pairs)
-                  if rows[i] is None or "follow_ups" not in rows[i]
-                  or rows[i].get("follow_ups_after") != follow_ups_after})
+  later = [i for i, p in enumerate(pairs) if p.get("follow_ups") and (
+      rows[i] is None or "follow_ups" not in rows[i] or rows[i].get("follow_ups_after") != follow_ups_after)]
   if todo or later:
     model, proc, image_size, _ = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
     ask = lambda examples, **kw: explain_eval.generate_answers(model, proc, examples, batch_size, max_new_tokens,
@@ -256,11 +255,10 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
       if todo:
         ask([pairs[i] for i in todo], on_batch=keep)
       if later:
-        talks = [pairs[i] for i in later]
-        asked = explain_eval.follow_up_questions(talks)
+        asked = explain_eval.follow_up_questions([pairs[i] for i in later])
         log(f"answering {len(asked)} follow-up questions after the {follow_ups_after} turns")
         own = [rows[i]["answer"] for i in later] if follow_ups_after == "own" else None
-        texts = explain_eval.answer_follow_ups(talks, lambda examples: ask(examples)[0], own)
+        texts = explain_eval.answer_follow_ups(asked, lambda examples: ask(examples)[0], own)
         for i in later:
           rows[i] = dict(rows[i], follow_ups=[], follow_ups_after=follow_ups_after)
         for (j, ex), text in zip(asked, texts, strict=True):

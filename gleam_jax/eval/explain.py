@@ -149,13 +149,13 @@ def follow_up_questions(examples):
   return asked
 
 
-def answer_follow_ups(examples, ask, first_answers=None):
-  """`ask`'s answers (a function of a list of examples to their answers) to every entry of
-  `follow_up_questions(examples)`, in that order. Without `first_answers` each later question is
+def answer_follow_ups(asked, ask, first_answers=None):
+  """`ask`'s answers (a function of a list of examples to their answers) to every entry of `asked`
+  (`follow_up_questions(examples)`), in that order. Without `first_answers` each later question is
   asked after the reference turns (teacher-forced), all at once. With the model's answers to each
-  example's first question, it is asked after the model's own earlier answers (how a conversation
-  with the model goes on), one round of turns at a time, since each round needs the one before."""
-  asked = follow_up_questions(examples)
+  example's first question (by example index), it is asked after the model's own earlier answers
+  (how a conversation with the model goes on), one round of turns at a time, since each round needs
+  the one before."""
   if first_answers is None:
     return list(ask([ex for _, ex in asked]))
   answers, said = [None] * len(asked), {i: [first_answers[i]] for i, _ in asked}
