@@ -8,7 +8,9 @@
 # gloo, jax's default) and reads only its slice of every global batch, exactly as on a TPU pod
 # slice; process 0 writes config.json, metrics and reports, all processes write the checkpoint.
 # DEVICES_PER_PROCESS (default 4) CPU devices per process (the caller's other XLA_FLAGS are kept);
-# PORT (default: a free one) for the coordinator; PYTHON (default: python) the interpreter with gleam_jax installed. If one process fails, the others are stopped and the script exits with its status.
+# PORT (default: a free one) for the coordinator; PYTHON (default: python) the interpreter with
+# gleam_jax installed. If one process fails, the others are stopped and the script exits with its
+# status.
 set -euo pipefail
 if (($# < 3)); then
   echo "usage: $0 N CONFIG WORKDIR [--config.x=y ...]" >&2
