@@ -68,3 +68,6 @@ def test_patch_conv_matches_strided_convolution_with_gradients(x_shape, k_hw, dt
     ops.patch_conv_general_dilated(x, k, (1, 1), 'VALID')
   with pytest.raises(ValueError, match='stride == kernel'):
     ops.patch_conv_general_dilated(x, k, k_hw, ((1, 1), (1, 1)))
+  nchw = jax.lax.conv_dimension_numbers(x.shape, k.shape, ('NCHW', 'HWIO', 'NCHW'))
+  with pytest.raises(ValueError, match='patch_conv_general_dilated expects NHWC/HWIO'):
+    ops.patch_conv_general_dilated(x, k, k_hw, 'VALID', dimension_numbers=nchw)
