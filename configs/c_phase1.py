@@ -5,7 +5,9 @@
     python -m gleam_jax.main --config=configs/c_phase1.py:sampler=gps,loss=sigmoid --workdir=...
 
 `arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
-`key=value` for the common knobs (variant, data, res, steps, batch, sampler, loss, lr, modalities). Any field can
+`key=value` for the common knobs (variant, data, res, steps, batch, sampler, loss, lr, modalities).
+`variant=` names a ConvNeXt (atto ... base) or, with a patch size, a ViT as big_vision names it
+(`variant=S/16`; `variant=Ti/4` for the 32-px synthetic world), its position grid at the satellite size. Any field can
 be overridden on the command line (`--config.optim.lr=1e-3`); the config is locked, so a typo is
 an error. `data=` names a synthetic world preset (tiny, s64, s128) or a published dataset built from
 its local copy (vigor, cvusa, cvact, university1652, sues200; its builder config, eval splits and
@@ -89,7 +91,10 @@ def base_config(arg, modalities, known=KNOBS):
   c.data.seed = seed
   c.data.sampler.name = knobs.get("sampler", "shuffle")
 
-  if "variant" in knobs:  # also with tiny: a real variant on the tiny world
+  if "variant" in knobs and "/" in knobs["variant"]:  # a ViT, e.g. S/16; its position grid at the res
+    c.model = model_config(variant=knobs["variant"], embed_dim=16 if tiny else 128, backbone="vit",
+                           vit=dict(image_size=c.data.satellite_size[0]))
+  elif "variant" in knobs:  # also with tiny: a real variant on the tiny world
     c.model = model_config(variant=knobs["variant"], embed_dim=16 if tiny else 128)
   elif tiny:
     c.model = model_config(depths=(1, 1), dims=(8, 16), embed_dim=16)

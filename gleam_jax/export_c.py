@@ -1,14 +1,15 @@
-"""Export a GLEAM-C job's encoders as Hugging Face ConvNeXt directories, for PyTorch users.
+"""Export a GLEAM-C job's encoders as Hugging Face ConvNeXt (or ViT) directories, for PyTorch users.
 
     python -m gleam_jax.export_c --workdir=~/gleam_runs/c_phase1 --out=~/models/gleam-c [--tower=reference] \
         [--dtype=bfloat16]
 
 Loads the job's latest checkpoint (`retrieve.load_trained`) and writes each distinct network as a
-transformers `ConvNextModel` directory (`convnext_params.save_hf_convnext`): a job with one encoder
+transformers `ConvNextModel` directory (`convnext_params.save_hf_convnext`; a ViT backbone as a
+`ViTModel`, `vit_params.save_hf_vit`): a job with one encoder
 into --out, one with several into a folder each, named by its tower ('query', 'reference', a
 modality tower such as 'uav'; 'shared' for the encoder of queries and references when modality
 towers are added to it); --tower writes only the network of that tower (or query modality) into
---out; --dtype casts the ConvNeXt weights (float32 unless given; the head stays float32). The GLEAM-C
+--out; --dtype casts the backbone's weights (float32 unless given; the head stays float32). The GLEAM-C
 head rides along in model.safetensors under `gleam_c.*` keys (transformers' `from_pretrained` reports
 them as unexpected and leaves them out) and config.json's `gleam_c` entry says how to use it; in
 PyTorch:
@@ -20,6 +21,11 @@ PyTorch:
     embedding = F.normalize(x, dim=-1, eps=1e-6)
     scores = head['gleam_c.logit_scale'].exp() * query_embedding @ reference_embedding.T
     # a job trained with the sigmoid loss: + head['gleam_c.logit_bias']; sigmoid(scores) = P(same place)
+
+A ViT backbone: `hf = transformers.ViTModel.from_pretrained(out, add_pooling_layer=False)`, called with
+`interpolate_pos_encoding=True` (inputs of other shapes than its position grid), and its features are
+`last_hidden_state[:, 0]` (`pool='cls'`) or `last_hidden_state[:, 1:].mean(1)` (`'gap'`), as
+config.json's `gleam_c.features` says.
 
 `pixel_values` are RGB images (N, 3, H, W) read as [0, 1] and normalised by config.json's
 `gleam_c.pixel_mean` / `pixel_std`, at the sizes of `gleam_c.inputs` (the job's; any size works);
@@ -41,6 +47,8 @@ from gleam_jax.data.augment import warps_query
 from gleam_jax.data.config import query_shape
 from gleam_jax.errors import GleamError
 from gleam_jax.models import convnext_params
+from gleam_jax.models import vit
+from gleam_jax.models import vit_params
 from gleam_jax.models import gleam_c
 from gleam_jax.train import checkpoint
 from gleam_jax.utils import model_dirs
@@ -58,7 +66,7 @@ def define_flags():
   flags.DEFINE_string("out", None, "The directory to write (a folder per tower inside when the job has several).")
   flags.DEFINE_string("tower", None, "Export only this tower's network, into --out: 'query', 'reference', a "
                       "modality tower or a query modality of the job.")
-  flags.DEFINE_enum("dtype", None, list(model_dirs.EXPORT_DTYPES), "Cast the ConvNeXt weights (default: float32, "
+  flags.DEFINE_enum("dtype", None, list(model_dirs.EXPORT_DTYPES), "Cast the backbone's weights (default: float32, "
                     "as trained).")
 
 
@@ -100,17 +108,17 @@ def head_tensors(model, tower, loss_bias=None) -> dict[str, np.ndarray]:
 
 def head_config(model, tower, loss_bias=None) -> dict:
   """config.json's `gleam_c` entry: the towers the network encodes, how their embedding is made from
-  transformers' outputs (`pooler_output` is the LayerNorm of the global average pool: what our
-  encoder gives the projection) and how two embeddings score (with the sigmoid loss's bias, whose
+  transformers' outputs (`backbone_features`: what our encoder gives the projection) and how two embeddings score (with the sigmoid loss's bias, whose
   sigmoid is the probability of the same place, where the job learned one)."""
   key = model.tower_key(tower)
   projected = getattr(model, f"{key}projection") is not None
-  features = ("F.linear(pooler_output, gleam_c.projection.weight, gleam_c.projection.bias)" if projected
-              else "pooler_output")
+  pooled = backbone_features(getattr(model, f"{key}encoder"))
+  features = (f"F.linear({pooled}, gleam_c.projection.weight, gleam_c.projection.bias)" if projected
+              else pooled)
   return {
       "towers": [t for t in (*gleam_c.TOWERS, *model.modality_towers) if model.tower_key(t) == key],
       "embed_dim": int(model.embed_dim),
-      "features": "pooler_output",
+      "features": pooled,
       "projection": projected,
       "normalize": "l2",
       "embedding": f"F.normalize({features}, dim=-1, eps={L2_EPS})",
@@ -121,12 +129,20 @@ def head_config(model, tower, loss_bias=None) -> dict:
   }
 
 
+def backbone_features(encoder) -> str:
+  """Which output of the exported transformers model our encoder's pooled features are."""
+  if isinstance(encoder, vit.ViT):
+    return "last_hidden_state[:, 0]" if encoder.config.pool == "cls" else "last_hidden_state[:, 1:].mean(1)"
+  return "pooler_output"  # ConvNextModel's: the LayerNorm of the global average pool, as ours
+
+
 def save_tower(model, tower, directory, info=None, loss_bias=None, dtype=None) -> int:
-  """Writes the network that encodes `tower` into `directory` (`convnext_params.save_hf_convnext`,
-  its weights cast to `dtype` when given) with its head; `info`: more entries of config.json's
-  `gleam_c`. Returns the bytes written."""
+  """Writes the network that encodes `tower` into `directory` (`convnext_params.save_hf_convnext` or
+  `vit_params.save_hf_vit`, its weights cast to `dtype` when given) with its head; `info`: more
+  entries of config.json's `gleam_c`. Returns the bytes written."""
   encoder = getattr(model, f"{model.tower_key(tower)}encoder")
-  return convnext_params.save_hf_convnext(
+  save = vit_params.save_hf_vit if isinstance(encoder, vit.ViT) else convnext_params.save_hf_convnext
+  return save(
       encoder, directory, extra=head_tensors(model, tower, loss_bias),
       extra_config={"gleam_c": head_config(model, tower, loss_bias) | (info or {})}, dtype=dtype)
 

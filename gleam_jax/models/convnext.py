@@ -61,6 +61,11 @@ class ConvNeXtConfig:
   remat: bool = False
   in_channels: int = 3
 
+  @property
+  def width(self) -> int:
+    """The width of the pooled features."""
+    return self.dims[-1]
+
 
 def convnext_config(variant: str = 'atto', depths: Sequence[int] | None = None,
                     dims: Sequence[int] | None = None, **kw) -> ConvNeXtConfig:
@@ -308,7 +313,7 @@ class ConvNeXt(nnx.Module):
 
   @property
   def width(self) -> int:
-    return self.config.dims[-1]
+    return self.config.width
 
   def stage_features(self, x) -> list[jax.Array]:
     """The output of every stage, NHWC, in the compute dtype."""

@@ -17,7 +17,6 @@ and the fix.
 The other way, `save_hf_convnext(model, directory)` writes our ConvNeXt as a transformers
 `ConvNextModel` directory (config.json, model.safetensors; `hf_state_dict` gives the tensors).
 """
-import json
 import os
 import re
 
@@ -25,12 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gleam_jax.errors import GleamError, make_dir
-from gleam_jax.models import convnext
-from gleam_jax.utils.model_dirs import check_export_dir, export_dtype
+from gleam_jax.errors import GleamError
+from gleam_jax.models import convnext, torch_checkpoints
 
-_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'open_clip_model.safetensors',
-                 'open_clip_pytorch_model.bin')
 _WRAPPER_PREFIXES = ('module.', 'model.', 'convnext.', 'backbone.')
 # Keys that are no ConvNeXt parameter: a classifier, a CLIP-style logit scale, a GLEAM-C head.
 _NOT_BACKBONE = re.compile(r'^((classifier|head\.fc|gleam_c)\..*|logit_scale)$')
@@ -71,70 +67,13 @@ _LAYOUTS = {'huggingface': _HF_RULES, 'timm': _TIMM_RULES}
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Tensors of a local checkpoint: a directory (HF `save_pretrained` or timm/hub layout, also
-  sharded safetensors) or one .safetensors / .bin / .pth / .pt file."""
-  if not os.path.exists(path):
-    raise GleamError(f'ConvNeXt weights not found at {path!r}; give a local directory or file '
-                     f'with the checkpoint (nothing is downloaded).')
-  if os.path.isdir(path):
-    index = os.path.join(path, 'model.safetensors.index.json')
-    if os.path.exists(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)['weight_map'].values()))
-      out = {}
-      for name in files:
-        out.update(read_state_dict(os.path.join(path, name)))
-      return out
-    for name in _WEIGHT_FILES:
-      if os.path.exists(os.path.join(path, name)):
-        return read_state_dict(os.path.join(path, name))
-    raise GleamError(f'No weight file in {path!r} (looked for {", ".join(_WEIGHT_FILES)} and '
-                     f'model.safetensors.index.json); point to the checkpoint file instead.')
-  try:
-    if path.endswith('.safetensors'):
-      from safetensors.numpy import load_file
-      try:
-        return dict(load_file(path))
-      except TypeError:  # bfloat16 tensors: numpy cannot hold them, go through torch.
-        from safetensors.torch import load_file as load_torch
-        return {k: _to_numpy(v) for k, v in load_torch(path).items()}
-    import torch
-    sd = torch.load(path, map_location='cpu', weights_only=True)
-  except GleamError:
-    raise
-  except Exception as e:  # unreadable file: say which and why
-    raise GleamError(f'Cannot read ConvNeXt checkpoint {path!r} ({type(e).__name__}: {e}); give '
-                     f'a .safetensors or torch state-dict file.') from e
-  for wrapper in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
-    if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
-      sd = sd[wrapper]
-      break
-  if not isinstance(sd, dict):
-    raise GleamError(f'{path!r} holds a {type(sd).__name__}, not a state dict; save the model\'s '
-                     f'state_dict() instead.')
-  return {k: _to_numpy(v) for k, v in sd.items()}
-
-
-def _to_numpy(v) -> np.ndarray:
-  if hasattr(v, 'detach'):  # torch tensor
-    v = v.detach().cpu()
-    if str(v.dtype) == 'torch.bfloat16':
-      v = v.float()
-    return v.numpy()
-  return np.asarray(v)
+  """Tensors of a local ConvNeXt checkpoint (`torch_checkpoints.read_state_dict`)."""
+  return torch_checkpoints.read_state_dict(path, 'ConvNeXt')
 
 
 def _strip_wrappers(sd: dict) -> dict:
   """Drops wrapper prefixes shared by all ConvNeXt keys ('module.', 'model.', 'convnext.' ...)."""
-  changed = True
-  while changed:
-    changed = False
-    for p in _WRAPPER_PREFIXES:
-      keys = [k for k in sd if not _NOT_BACKBONE.match(k)]
-      if keys and all(k.startswith(p) for k in keys):
-        sd = {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
-        changed = True
-  return sd
+  return torch_checkpoints.strip_wrappers(sd, _WRAPPER_PREFIXES, _NOT_BACKBONE)
 
 
 def detect_layout(keys) -> str:
@@ -197,14 +136,10 @@ def _hf_key(name: str) -> tuple[str, str, str]:
   rules of `_HF_RULES` read backwards."""
   *parent, leaf = name.split('.')
   param = 'weight' if leaf in ('kernel', 'scale') else leaf
-  torch_name = '.'.join([*parent, param])
-  for pattern, template, kind in _HF_RULES:
-    ours = r'(\w+)'.join(re.escape(part) for part in re.split(r'\{\d\}', template))
-    m = re.fullmatch(ours, torch_name)
-    if m:
-      key = re.sub(r'\([^()]*\)', '{}', pattern).replace('\\.', '.').format(*m.groups())
-      return key, kind, param
-  raise ValueError(f'no Hugging Face key for ConvNeXt parameter {name}')
+  found = torch_checkpoints.source_key('.'.join([*parent, param]), _HF_RULES)
+  if found is None:
+    raise ValueError(f'no Hugging Face key for ConvNeXt parameter {name}')
+  return found[0], found[1], param
 
 
 def hf_state_dict(model: convnext.ConvNeXt) -> dict[str, np.ndarray]:
@@ -238,23 +173,8 @@ def save_hf_convnext(model: convnext.ConvNeXt, directory: str, extra: dict | Non
   entries) and model.safetensors (+ the `extra` tensors, keys that are no ConvNeXt parameter, in
   float32). `dtype` ('float32', 'bfloat16', 'float16'; default float32) casts the ConvNeXt weights.
   Refuses a directory that holds weights. Returns the bytes written."""
-  cast = export_dtype(dtype)
-  check_export_dir(directory)
-  from safetensors.numpy import save_file
-  tensors = hf_state_dict(model)
-  if cast is not None:
-    tensors = {k: v.astype(cast) for k, v in tensors.items()}
-  extra = {k: np.array(v, np.float32, order='C') for k, v in (extra or {}).items()}  # 0-d stays 0-d
-  if set(extra) & set(tensors):
-    raise ValueError(f'extra tensors overwrite ConvNeXt keys: {sorted(set(extra) & set(tensors))}')
   config = hf_config(model.config, dtype or 'float32') | (extra_config or {})
-  make_dir(directory, 'the export directory')
-  weights = os.path.join(directory, 'model.safetensors')
-  save_file(tensors | extra, weights, metadata={'format': 'pt'})
-  with open(os.path.join(directory, 'config.json'), 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-    f.write('\n')
-  return os.path.getsize(weights) + os.path.getsize(os.path.join(directory, 'config.json'))
+  return torch_checkpoints.save_hf_directory(directory, hf_state_dict(model), config, extra, dtype)
 
 
 def map_state_dict(sd: dict) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -285,7 +205,7 @@ def load_convnext_weights(model: convnext.ConvNeXt, source) -> None:
   """Copies a HF or timm ConvNeXt checkpoint (path or {name: array}) into `model`, in place."""
   sd = read_state_dict(source) if isinstance(source, (str, os.PathLike)) else dict(source)
   where = source if isinstance(source, (str, os.PathLike)) else '(a state dict)'
-  sd = {k: _to_numpy(v) for k, v in sd.items()}
+  sd = {k: torch_checkpoints.to_numpy(v) for k, v in sd.items()}
   mapped, unexpected = map_state_dict(sd)
   params = {'.'.join(str(p) for p in path): var
             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}

@@ -1,4 +1,4 @@
-"""GLEAM-C: one ConvNeXt encoder mapping query views and satellite images to a shared embedding.
+"""GLEAM-C: one encoder mapping query views and satellite images to a shared embedding.
 
     cfg = gleam_c.model_config(variant='atto')
     model = GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
@@ -7,8 +7,11 @@
     q, s = model(panoramas, satellites)
     scale = jnp.exp(model.logit_scale[...])
 
-The encoder is global-average-pooled and LayerNormed (+ a Linear projection when `embed_dim` is
-set), so any input size works and panoramas and satellite tiles go through the same weights.
+The encoder is a ConvNeXt (`model.backbone='convnext'`, the default: global-average-pooled and
+LayerNormed) or a ViT (`'vit'`, `model.variant` as big_vision names it, e.g. 'S/16'; its class token
+or the mean of its patch tokens, with position embeddings resized to each input's grid), + a Linear
+projection when `embed_dim` is set, so any input size works and panoramas and satellite tiles go
+through the same weights.
 Modules: shared towers -> `encoder` (+ `projection`); `separate_towers=True` ->
 `query_encoder`/`reference_encoder` (+ `query_projection`/`reference_projection`).
 
@@ -26,21 +29,44 @@ from flax import nnx
 from ml_collections import config_dict
 
 from gleam_jax.errors import GleamError
-from gleam_jax.models import convnext, convnext_params
+from gleam_jax.models import convnext, convnext_params, vit, vit_params
 
 TOWERS = ('query', 'reference')
-CUSTOM = 'custom'  # model.variant when model.depths and model.dims give the architecture
+CUSTOM = 'custom'  # model.variant when model.depths and model.dims (or model.vit's sizes) give the architecture
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+BACKBONES = ('convnext', 'vit')
+VIT_SIZES = ('width', 'depth', 'mlp_dim', 'heads', 'patch_size')
+
+
+def vit_settings(image_size=224, pool='cls', ln_eps=1e-6, **sizes) -> ml_collections.ConfigDict:
+  """`model.vit`: the ViT backbone's position-embedding grid (`image_size`), pooling ('cls' or 'gap')
+  and LayerNorm epsilon, and the sizes of a custom ViT (`VIT_SIZES`, with `model.variant='custom'`)."""
+  unknown = set(sizes) - set(VIT_SIZES)
+  if unknown:
+    raise GleamError(f'model.vit has no field {sorted(unknown)}; its fields are image_size, pool, ln_eps, '
+                     f'{", ".join(VIT_SIZES)}.')
+  ph = config_dict.placeholder
+  return ml_collections.ConfigDict(dict(
+      image_size=int(image_size), pool=pool, ln_eps=float(ln_eps),
+      **{k: ph(int) if sizes.get(k) is None else int(sizes[k]) for k in VIT_SIZES}))
 
 
 def model_config(variant='atto', embed_dim=None, separate_towers=False, drop_path_rate=0.0,
                  dtype='float32', remat=False, logit_scale_init=math.log(1 / 0.07),
-                 pretrained=None, depths=None, dims=None, modality_towers=()) -> ml_collections.ConfigDict:
-  """GLEAM-C model settings. `depths`/`dims` (both) give a custom ConvNeXt instead of `variant`;
-  `pretrained` is a local HF/timm ConvNeXt checkpoint (directory or file) loaded at construction."""
+                 pretrained=None, depths=None, dims=None, modality_towers=(), backbone='convnext',
+                 vit=None) -> ml_collections.ConfigDict:
+  """GLEAM-C model settings. `backbone` 'convnext': `depths`/`dims` (both) give a custom ConvNeXt
+  instead of `variant`; 'vit': `variant` such as 'S/16', or `vit=dict(width=, depth=, mlp_dim=,
+  heads=, patch_size=)` for a custom one, and `vit` also sets `vit_settings`' image_size, pool and
+  ln_eps. `pretrained` is a local HF/timm checkpoint of the backbone (directory or file) loaded at
+  construction."""
   ph = config_dict.placeholder
+  vit = vit_settings(**(vit or {}))
+  custom = depths is not None or dims is not None or any(vit.get(k) is not None for k in VIT_SIZES)
   return ml_collections.ConfigDict(dict(
-      variant=CUSTOM if depths is not None or dims is not None else variant,
+      backbone=backbone,
+      variant=CUSTOM if custom else variant,
+      vit=vit,
       depths=ph(tuple) if depths is None else tuple(depths),
       dims=ph(tuple) if dims is None else tuple(dims),
       embed_dim=ph(int) if embed_dim is None else embed_dim,
@@ -54,7 +80,21 @@ def model_config(variant='atto', embed_dim=None, separate_towers=False, drop_pat
   ))
 
 
-def backbone_config(cfg) -> convnext.ConvNeXtConfig:
+def backbone_config(cfg) -> convnext.ConvNeXtConfig | vit.ViTConfig:
+  """The backbone of `model` settings; configs written before `model.backbone` are ConvNeXts."""
+  backbone = cfg.get('backbone', 'convnext')
+  if backbone not in BACKBONES:
+    raise GleamError(f'model.backbone={backbone!r}; choose one of {BACKBONES}.')
+  if cfg.dtype not in DTYPES:
+    raise GleamError(f'model.dtype={cfg.dtype!r} is not supported; use one of {sorted(DTYPES)}.')
+  if not 0.0 <= cfg.drop_path_rate < 1.0:
+    raise GleamError(f'model.drop_path_rate={cfg.drop_path_rate} must be in [0, 1).')
+  common = dict(drop_path_rate=cfg.drop_path_rate, dtype=DTYPES[cfg.dtype], remat=cfg.remat)
+  if backbone == 'vit':
+    return _vit_config(cfg, common)
+  if '/' in str(cfg.variant):
+    raise GleamError(f'model.variant={cfg.variant!r} names a ViT but model.backbone is convnext; set '
+                     f"model.backbone='vit' (configs/c_phase1.py:variant={cfg.variant} does).")
   custom = cfg.get('depths') is not None or cfg.get('dims') is not None
   # 'atto' with depths/dims: how configs saved before 'custom' existed name a custom net.
   if custom and cfg.variant not in (CUSTOM, 'atto'):
@@ -62,13 +102,23 @@ def backbone_config(cfg) -> convnext.ConvNeXtConfig:
                      f'dims={cfg.get("dims")} are both set, and the custom net would be built; for '
                      f'the named variant give it to the config file (configs/c_phase1.py:'
                      f'variant={cfg.variant}), which sets no depths or dims.')
-  if cfg.dtype not in DTYPES:
-    raise GleamError(f'model.dtype={cfg.dtype!r} is not supported; use one of {sorted(DTYPES)}.')
-  if not 0.0 <= cfg.drop_path_rate < 1.0:
-    raise GleamError(f'model.drop_path_rate={cfg.drop_path_rate} must be in [0, 1).')
-  return convnext.convnext_config(cfg.variant, depths=cfg.get('depths'), dims=cfg.get('dims'),
-                                  drop_path_rate=cfg.drop_path_rate, dtype=DTYPES[cfg.dtype],
-                                  remat=cfg.remat)
+  return convnext.convnext_config(cfg.variant, depths=cfg.get('depths'), dims=cfg.get('dims'), **common)
+
+
+def _vit_config(cfg, common) -> vit.ViTConfig:
+  settings = cfg.get('vit') or vit_settings()
+  sizes = {k: settings.get(k) for k in VIT_SIZES}
+  options = dict(image_size=settings.image_size, pool=settings.pool, ln_eps=settings.ln_eps, **common)
+  if cfg.variant == CUSTOM:
+    return vit.vit_config(None, **sizes, **options)
+  if any(v is not None for v in sizes.values()):
+    raise GleamError(f'model.variant={cfg.variant!r} and custom ViT sizes {sizes} are both set; set '
+                     f"model.variant='custom' for the custom ViT, or clear model.vit's sizes.")
+  return vit.vit_config(cfg.variant, **options)
+
+
+def build_backbone(bcfg, rngs):
+  return vit.ViT(bcfg, rngs=rngs) if isinstance(bcfg, vit.ViTConfig) else convnext.ConvNeXt(bcfg, rngs=rngs)
 
 
 class GleamC(nnx.Module):
@@ -87,7 +137,7 @@ class GleamC(nnx.Module):
     names = ('query_', 'reference_') if self.separate_towers else ('',)
     names += tuple(f'{m}_' for m in self.modality_towers)
     for prefix in names:
-      encoder = convnext.ConvNeXt(bcfg, rngs=rngs)
+      encoder = build_backbone(bcfg, rngs)
       setattr(self, prefix + 'encoder', encoder)
       projection = None
       if embed_dim is not None:
@@ -97,15 +147,21 @@ class GleamC(nnx.Module):
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)), rngs=rngs)
       setattr(self, prefix + 'projection', projection)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), out_sharding=())
-    self.embed_dim = embed_dim or bcfg.dims[-1]
+    self.embed_dim = embed_dim or bcfg.width
     if cfg.get('pretrained'):
       self.load_pretrained(cfg.pretrained)
 
   def load_pretrained(self, path: str) -> None:
-    """Loads a HF/timm ConvNeXt checkpoint into every tower (projections stay as initialised)."""
-    sd = convnext_params.read_state_dict(path)
-    for encoder in self._encoders():
-      convnext_params.load_convnext_weights(encoder, sd)
+    """Loads a HF/timm checkpoint of the backbone into every tower (projections stay as initialised)."""
+    encoders = self._encoders()
+    if isinstance(encoders[0], vit.ViT):
+      sd = vit_params.read_checkpoint(path, encoders[0].config)
+      load = vit_params.load_vit_weights
+    else:
+      sd = convnext_params.read_state_dict(path)
+      load = convnext_params.load_convnext_weights
+    for encoder in encoders:
+      load(encoder, sd)
 
   def _encoders(self):
     names = ['query_encoder', 'reference_encoder'] if self.separate_towers else ['encoder']
@@ -136,12 +192,13 @@ class GleamC(nnx.Module):
 
 
 def encode_flops(cfg, height: int, width: int) -> int:
-  """Model FLOPs of embedding one (height, width) image: the backbone's convs and linears
-  (`convnext.forward_flops`) and the projection, 2 per multiply-add."""
+  """Model FLOPs of embedding one (height, width) image: the backbone's (`convnext.forward_flops`,
+  `vit.forward_flops`) and the projection's, 2 per multiply-add."""
   bcfg = backbone_config(cfg)
   embed_dim = cfg.get('embed_dim')
-  projection = 2 * bcfg.dims[-1] * embed_dim if embed_dim else 0
-  return convnext.forward_flops(bcfg, height, width) + projection
+  projection = 2 * bcfg.width * embed_dim if embed_dim else 0
+  backbone = vit if isinstance(bcfg, vit.ViTConfig) else convnext
+  return backbone.forward_flops(bcfg, height, width) + projection
 
 
 def contrastive_step_flops(cfg, query_shapes, reference_shapes) -> int:
@@ -149,7 +206,7 @@ def contrastive_step_flops(cfg, query_shapes, reference_shapes) -> int:
   and reference embedding and of the similarity matrix of the global batch. Shapes are
   (count, height, width), one per group of images (a modality's queries, their satellites). Towers
   frozen by the optimizer are counted as trained: a fixed model cost per step, whatever is frozen."""
-  embed = cfg.get('embed_dim') or backbone_config(cfg).dims[-1]
+  embed = cfg.get('embed_dim') or backbone_config(cfg).width
   encode = sum(n * encode_flops(cfg, h, w) for n, h, w in [*query_shapes, *reference_shapes])
   n_query = sum(n for n, _, _ in query_shapes)
   n_reference = sum(n for n, _, _ in reference_shapes)

@@ -1,0 +1,249 @@
+"""Vision Transformer (Dosovitskiy et al., 2021) in Flax NNX, as Hugging Face's `ViTModel` computes it.
+
+    cfg = vit.vit_config('S/16', image_size=224)      # big_vision's variant names: mu, Ti, S, M, B, L, H
+    model = vit.ViT(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+    features = model(images)                          # (B, H, W, 3) -> (B, width) float32
+
+A pre-norm Transformer over non-overlapping patches with a class token and learned position
+embeddings (`vit_params` maps Hugging Face and timm checkpoints onto it):
+
+  patch_embed                 patch x patch convolution, stride patch
+  cls_token, pos_embed        (1, 1, width) and (1, 1 + grid^2, width): the class token's position first
+  blocks[i].norm1, .attn.{query, key, value, out}, .norm2, .fc1, .fc2
+  norm                        LayerNorm of every token; `pool` reads the class token ('cls', as
+                              ViTModel's last_hidden_state[:, 0]) or the mean of the patch tokens ('gap')
+
+The position embeddings are learned on a square grid of `image_size / patch_size`; other input
+shapes (a 1:2 panorama, another resolution) get them resized by bicubic interpolation exactly as
+transformers' `interpolate_pos_encoding=True` does (PyTorch's bicubic, align_corners=False), so one
+encoder reads satellites and panoramas. Linears, GELU and the patch convolution take the forms of
+`gleam_jax.models.ops`; attention softmax is in float32; drop path acts in `model.train()` mode.
+"""
+import dataclasses
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gleam_jax.errors import GleamError
+from gleam_jax.models import ops
+
+# big_vision's `decode_variant` table: name -> (width, depth, mlp_dim, heads).
+VARIANTS = {
+    'mu': (32, 1, 128, 2),
+    'Ti': (192, 12, 768, 3),
+    'S': (384, 12, 1536, 6),
+    'M': (512, 12, 2048, 8),
+    'B': (768, 12, 3072, 12),
+    'L': (1024, 24, 4096, 16),
+    'H': (1280, 32, 5120, 16),
+}
+POOLS = ('cls', 'gap')
+_KERNEL_INIT = nnx.initializers.normal(0.02)
+_ZEROS = nnx.initializers.zeros_init()
+_ONES = nnx.initializers.ones_init()
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  width: int
+  depth: int
+  mlp_dim: int
+  heads: int
+  patch_size: int
+  image_size: int = 224  # the position embeddings' square grid is image_size // patch_size
+  pool: str = 'cls'
+  ln_eps: float = 1e-6  # timm's and big_vision's; Hugging Face's google/vit-* use 1e-12
+  drop_path_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+  remat: bool = False
+  in_channels: int = 3
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+  """'S/16' -> ('S', 16)."""
+  m = re.fullmatch(r'(\w+)/(\d+)', str(variant))
+  if not m or m.group(1) not in VARIANTS:
+    raise GleamError(f'ViT variant {variant!r}: give <name>/<patch size> with a name of '
+                     f'{", ".join(VARIANTS)} (e.g. S/16, B/16, Ti/4), or a custom ViT.')
+  return m.group(1), int(m.group(2))
+
+
+def vit_config(variant: str | None = 'B/16', *, width=None, depth=None, mlp_dim=None, heads=None,
+               patch_size=None, **kw) -> ViTConfig:
+  """A named variant ('B/16'), or a custom one when `variant` is None and width, depth, mlp_dim,
+  heads and patch_size are all given."""
+  custom = dict(width=width, depth=depth, mlp_dim=mlp_dim, heads=heads, patch_size=patch_size)
+  if variant is not None:
+    if any(v is not None for v in custom.values()):
+      raise GleamError(f'ViT variant {variant!r} and custom sizes {custom} are both given; give one.')
+    name, patch = parse_variant(variant)
+    width, depth, mlp_dim, heads = VARIANTS[name]
+    custom = dict(width=width, depth=depth, mlp_dim=mlp_dim, heads=heads, patch_size=patch)
+  missing = [k for k, v in custom.items() if v is None or int(v) <= 0]
+  if missing:
+    raise GleamError(f'A custom ViT needs positive {", ".join(missing)} (got {custom}); set them or '
+                     f'name a variant such as S/16.')
+  cfg = ViTConfig(**{k: int(v) for k, v in custom.items()}, **kw)
+  if cfg.width % cfg.heads:
+    raise GleamError(f'ViT width {cfg.width} does not split into {cfg.heads} heads; give a width '
+                     f'divisible by the number of heads.')
+  if cfg.pool not in POOLS:
+    raise GleamError(f'ViT pool={cfg.pool!r}; choose one of {POOLS}.')
+  if cfg.grid < 1:
+    raise GleamError(f'ViT image_size {cfg.image_size} is smaller than its patch {cfg.patch_size}; the '
+                     f'position embeddings need image_size >= patch_size.')
+  return cfg
+
+
+def forward_flops(cfg: ViTConfig, height: int, width: int) -> int:
+  """FLOPs (2 per multiply-add) of one image's forward pass: patch embedding, the projections, the
+  MLP and the two attention products (norms, softmax and GELU left out, as for ConvNeXt)."""
+  patches = (height // cfg.patch_size) * (width // cfg.patch_size)
+  tokens, d = patches + 1, cfg.width
+  macs = patches * cfg.patch_size ** 2 * cfg.in_channels * d
+  macs += cfg.depth * (tokens * (4 * d * d + 2 * d * cfg.mlp_dim) + 2 * tokens * tokens * d)
+  return 2 * macs
+
+
+@functools.lru_cache(maxsize=None)
+def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """(size_out, size_in) weights of PyTorch's 1-D bicubic resize (align_corners=False, A = -0.75,
+  indices clamped at the borders): `interpolate(mode='bicubic')` is this along each axis."""
+  a = -0.75
+  def near(t):  # |t| <= 1
+    return ((a + 2) * t - (a + 3)) * t * t + 1
+  def far(t):  # 1 < |t| < 2
+    return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+  out = np.zeros((size_out, size_in), np.float64)
+  scale = size_in / size_out
+  for i in range(size_out):
+    real = scale * (i + 0.5) - 0.5
+    base = math.floor(real)
+    t = real - base
+    for offset, weight in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+      out[i, min(max(base + offset, 0), size_in - 1)] += weight
+  return out.astype(np.float32)
+
+
+def resize_grid(grid: jax.Array, height: int, width: int) -> jax.Array:
+  """(h, w, C) -> (height, width, C) by PyTorch's bicubic resize; the same array when sizes agree."""
+  h, w = grid.shape[:2]
+  if (h, w) == (height, width):
+    return grid
+  rows, cols = bicubic_matrix(h, height), bicubic_matrix(w, width)
+  return jnp.einsum('ph,hwc,qw->pqc', rows, grid.astype(jnp.float32), cols,
+                    precision=jax.lax.Precision.HIGHEST).astype(grid.dtype)
+
+
+def _dense(cin, cout, axes, dtype, rngs):
+  return nnx.Linear(cin, cout, dtype=dtype, param_dtype=jnp.float32,
+                    dot_general=ops.pointwise_dot_general,
+                    kernel_init=nnx.with_partitioning(_KERNEL_INIT, axes),
+                    bias_init=nnx.with_partitioning(_ZEROS, axes[1:]), rngs=rngs)
+
+
+def _layer_norm(cfg, rngs):
+  return nnx.LayerNorm(cfg.width, epsilon=cfg.ln_eps, dtype=cfg.dtype, param_dtype=jnp.float32,
+                       scale_init=nnx.with_partitioning(_ONES, ('embed',)),
+                       bias_init=nnx.with_partitioning(_ZEROS, ('embed',)), rngs=rngs)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ViTConfig, rngs):
+    self.heads = cfg.heads
+    self.query, self.key, self.value = (_dense(cfg.width, cfg.width, ('embed', 'heads'), cfg.dtype, rngs)
+                                        for _ in range(3))
+    self.out = _dense(cfg.width, cfg.width, ('heads', 'embed'), cfg.dtype, rngs)
+
+  def __call__(self, x):
+    b, n, d = x.shape
+    split = lambda t: t.reshape(b, n, self.heads, d // self.heads)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits / np.float32(math.sqrt(d // self.heads)), axis=-1)
+    y = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+    return self.out(y.reshape(b, n, d))
+
+
+class Block(nnx.Module):
+  """Pre-norm Transformer block; `drop_path` is the stochastic depth rate of this block."""
+
+  def __init__(self, cfg: ViTConfig, drop_path: float, rngs):
+    self.norm1 = _layer_norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.norm2 = _layer_norm(cfg, rngs)
+    self.fc1 = _dense(cfg.width, cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, rngs)
+    self.fc2 = _dense(cfg.mlp_dim, cfg.width, ('mlp', 'embed'), cfg.dtype, rngs)
+    # Per-sample mask (broadcast over tokens and channels) scaled by 1/keep: stochastic depth.
+    self.drop_path = (nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+                      if drop_path > 0 else None)
+
+  def _residual(self, x, y):
+    return x + (self.drop_path(y) if self.drop_path is not None else y)
+
+  def __call__(self, x):
+    x = self._residual(x, self.attn(self.norm1(x)))
+    return self._residual(x, self.fc2(ops.gelu_exact(self.fc1(self.norm2(x)))))
+
+
+def _block_forward(block, x):
+  return block(x)
+
+
+class ViT(nnx.Module):
+  """`model(x)` maps NHWC images to pooled features (B, width) in float32."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    p = cfg.patch_size
+    self.patch_embed = nnx.Conv(cfg.in_channels, cfg.width, (p, p), strides=p, padding='VALID',
+                                dtype=cfg.dtype, param_dtype=jnp.float32,
+                                conv_general_dilated=ops.patch_conv_general_dilated,
+                                kernel_init=nnx.with_partitioning(_KERNEL_INIT, (None, None, None, 'embed')),
+                                bias_init=nnx.with_partitioning(_ZEROS, ('embed',)), rngs=rngs)
+    self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.width), jnp.float32),
+                               out_sharding=(None, None, 'embed'))
+    self.pos_embed = nnx.Param(_KERNEL_INIT(rngs.params(), (1, 1 + cfg.grid ** 2, cfg.width), jnp.float32),
+                               out_sharding=(None, None, 'embed'))
+    rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth
+    self.blocks = nnx.List([Block(cfg, rate, rngs) for rate in rates])
+    self.norm = _layer_norm(cfg, rngs)
+
+  @property
+  def width(self) -> int:
+    return self.config.width
+
+  def position_embeddings(self, height: int, width: int) -> jax.Array:
+    """(1, 1 + height * width, C): the class token's and a (height, width) grid's embeddings."""
+    pos = self.pos_embed[...]
+    grid = pos[0, 1:].reshape(self.config.grid, self.config.grid, -1)
+    return jnp.concatenate([pos[:, :1], resize_grid(grid, height, width).reshape(1, height * width, -1)], 1)
+
+  def tokens(self, x) -> jax.Array:
+    """(B, 1 + patches, width): every token after the final norm, in the compute dtype."""
+    cfg = self.config
+    if x.shape[1] < cfg.patch_size or x.shape[2] < cfg.patch_size:
+      raise GleamError(f'ViT input {x.shape[1]}x{x.shape[2]} is smaller than one {cfg.patch_size}-px patch; '
+                       f'give larger images or a ViT with smaller patches.')
+    patches = self.patch_embed(x.astype(cfg.dtype))
+    b, h, w, d = patches.shape
+    cls = jnp.broadcast_to(self.cls_token[...].astype(cfg.dtype), (b, 1, d))
+    x = jnp.concatenate([cls, patches.reshape(b, h * w, d)], axis=1)
+    x = x + self.position_embeddings(h, w).astype(cfg.dtype)
+    forward = nnx.remat(_block_forward) if cfg.remat else _block_forward
+    for block in self.blocks:
+      x = forward(block, x)
+    return self.norm(x)
+
+  def __call__(self, x) -> jax.Array:
+    tokens = self.tokens(x).astype(jnp.float32)
+    return tokens[:, 0] if self.config.pool == 'cls' else jnp.mean(tokens[:, 1:], axis=1)

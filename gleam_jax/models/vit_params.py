@@ -1,0 +1,255 @@
+"""Import ViT weights from Hugging Face or timm checkpoints into `vit.ViT`, and export ours as a
+transformers `ViTModel` directory.
+
+    load_vit_weights(model, 'path/to/dir_or_file')   # or a {name: array} state dict
+
+Both layouts are detected from the key names:
+  Hugging Face  embeddings.{cls_token, position_embeddings, patch_embeddings.projection},
+                encoder.layer.i.{layernorm_before, attention.attention.{query, key, value},
+                attention.output.dense, layernorm_after, intermediate.dense, output.dense}, layernorm
+                (`ViTForImageClassification` adds the prefix `vit.` and `classifier`): the names
+                of the files; transformers >= 5 names its modules layers.i.{layernorm_before,
+                attention.{q,k,v,o}_proj, layernorm_after, mlp.fc1, mlp.fc2}, which a state dict
+                taken from the model in memory has
+  timm          cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv (q, k and v
+                stacked), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm (and the classifier head)
+A wrapper prefix (`module.`, `model.`, `vit.`, `backbone.`) is stripped; a pooler, a classifier, a
+mask token and the `gleam_c.*` head of an exported GLEAM-C tower are ignored. A checkpoint whose
+position embeddings were learned on another grid (a 224-px checkpoint for a 384-px model) has them
+resized to the model's grid by the bicubic resize the model itself uses for other input sizes.
+Every other key must map onto a parameter and every parameter must be given, or a GleamError
+lists the keys and the fix.
+"""
+import json
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gleam_jax.errors import GleamError
+from gleam_jax.models import torch_checkpoints, vit
+
+_WRAPPER_PREFIXES = ('module.', 'model.', 'vit.', 'backbone.')
+_NOT_BACKBONE = re.compile(r'^((classifier|head|head_drop|pooler|gleam_c)\..*|logit_scale|'
+                           r'embeddings\.mask_token)$')
+
+# (source regex, our dotted path template, kind)
+_HF_RULES = [
+    (r'embeddings\.cls_token', 'cls_token', 'copy'),
+    (r'embeddings\.position_embeddings', 'pos_embed', 'copy'),
+    (r'embeddings\.patch_embeddings\.projection\.(weight|bias)', 'patch_embed.{0}', 'conv'),
+    (r'encoder\.layer\.(\d+)\.layernorm_before\.(weight|bias)', 'blocks.{0}.norm1.{1}', 'norm'),
+    (r'encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)',
+     'blocks.{0}.attn.{1}.{2}', 'dense'),
+    (r'encoder\.layer\.(\d+)\.attention\.output\.dense\.(weight|bias)', 'blocks.{0}.attn.out.{1}', 'dense'),
+    (r'encoder\.layer\.(\d+)\.layernorm_after\.(weight|bias)', 'blocks.{0}.norm2.{1}', 'norm'),
+    (r'encoder\.layer\.(\d+)\.intermediate\.dense\.(weight|bias)', 'blocks.{0}.fc1.{1}', 'dense'),
+    (r'encoder\.layer\.(\d+)\.output\.dense\.(weight|bias)', 'blocks.{0}.fc2.{1}', 'dense'),
+    (r'layernorm\.(weight|bias)', 'norm.{0}', 'norm'),
+]
+# transformers >= 5 names its modules so in memory (`model.state_dict()`); its files keep the names above.
+_HF_MODULE_RULES = [
+    *_HF_RULES[:3],
+    (r'layers\.(\d+)\.layernorm_before\.(weight|bias)', 'blocks.{0}.norm1.{1}', 'norm'),
+    (r'layers\.(\d+)\.attention\.(q|k|v|o)_proj\.(weight|bias)', 'blocks.{0}.attn.{1}.{2}', 'dense'),
+    (r'layers\.(\d+)\.layernorm_after\.(weight|bias)', 'blocks.{0}.norm2.{1}', 'norm'),
+    (r'layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)', 'blocks.{0}.fc{1}.{2}', 'dense'),
+    _HF_RULES[-1],
+]
+_PROJECTIONS = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
+_TIMM_RULES = [
+    (r'cls_token', 'cls_token', 'copy'),
+    (r'pos_embed', 'pos_embed', 'copy'),
+    (r'patch_embed\.proj\.(weight|bias)', 'patch_embed.{0}', 'conv'),
+    (r'blocks\.(\d+)\.norm1\.(weight|bias)', 'blocks.{0}.norm1.{1}', 'norm'),
+    (r'blocks\.(\d+)\.attn\.qkv\.(weight|bias)', 'blocks.{0}.attn.{{}}.{1}', 'qkv'),
+    (r'blocks\.(\d+)\.attn\.proj\.(weight|bias)', 'blocks.{0}.attn.out.{1}', 'dense'),
+    (r'blocks\.(\d+)\.norm2\.(weight|bias)', 'blocks.{0}.norm2.{1}', 'norm'),
+    (r'blocks\.(\d+)\.mlp\.fc([12])\.(weight|bias)', 'blocks.{0}.fc{1}.{2}', 'dense'),
+    (r'norm\.(weight|bias)', 'norm.{0}', 'norm'),
+]
+_LAYOUTS = {'huggingface': _HF_RULES, 'huggingface_modules': _HF_MODULE_RULES, 'timm': _TIMM_RULES}
+
+
+def _strip_wrappers(sd: dict) -> dict:
+  return torch_checkpoints.strip_wrappers(sd, _WRAPPER_PREFIXES, _NOT_BACKBONE)
+
+
+def detect_layout(keys) -> str:
+  keys = list(keys)
+  if any(k.startswith('embeddings.patch_embeddings') for k in keys):
+    return 'huggingface_modules' if any(k.startswith('layers.') for k in keys) else 'huggingface'
+  if any(k.startswith('patch_embed.proj') for k in keys):
+    return 'timm'
+  raise GleamError(f'Checkpoint is neither a Hugging Face nor a timm ViT (first keys: {keys[:5]}); '
+                   f'expected "embeddings.patch_embeddings.*" or "patch_embed.proj.*".')
+
+
+def infer_architecture(sd: dict) -> str:
+  """A description of a checkpoint's ViT (width, depth, patch size, grid) from its keys and shapes."""
+  sd = _strip_wrappers(sd)
+  layout = detect_layout(sd)
+  hf = layout.startswith('huggingface')
+  patch_key = 'embeddings.patch_embeddings.projection.weight' if hf else 'patch_embed.proj.weight'
+  block = {'huggingface': r'encoder\.layer\.(\d+)\.', 'huggingface_modules': r'layers\.(\d+)\.',
+           'timm': r'blocks\.(\d+)\.'}[layout]
+  depth = 1 + max((int(m.group(1)) for k in sd for m in [re.match(block, k)] if m), default=-1)
+  width, _, patch, _ = np.shape(sd[patch_key])
+  pos = sd.get('embeddings.position_embeddings' if hf else 'pos_embed')
+  grid = int(round(np.sqrt(np.shape(pos)[1] - 1))) if pos is not None else '?'
+  fc1 = [np.shape(v)[0] for k, v in sd.items() if re.search(r'(intermediate\.dense|fc1)\.weight$', k)]
+  return f'width {width}, depth {depth}, MLP {fc1[0] if fc1 else "?"}, patch {patch}, position grid {grid}x{grid}'
+
+
+def describe(cfg: vit.ViTConfig) -> str:
+  return (f'width {cfg.width}, depth {cfg.depth}, MLP {cfg.mlp_dim}, patch {cfg.patch_size}, '
+          f'position grid {cfg.grid}x{cfg.grid}')
+
+
+def _convert(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
+  if param != 'weight' or kind == 'norm':
+    return value
+  if kind == 'conv':  # torch (out, in, kh, kw) -> (kh, kw, in, out)
+    return value.transpose(2, 3, 1, 0)
+  return value.T  # dense: torch (out, in) -> (in, out)
+
+
+def map_state_dict(sd: dict) -> tuple[dict[str, tuple[str, np.ndarray]], list[str]]:
+  """Checkpoint tensors -> {our dotted parameter path: (source key, value in our layout)}, and the
+  keys that map onto nothing."""
+  sd = _strip_wrappers(sd)
+  rules = _LAYOUTS[detect_layout(sd)]
+  mapped, unexpected = {}, []
+  for key, value in sd.items():
+    if _NOT_BACKBONE.match(key):
+      continue
+    for pattern, template, kind in rules:
+      m = re.fullmatch(pattern, key)
+      if not m:
+        continue
+      groups = m.groups()
+      param = groups[-1] if groups and groups[-1] in ('weight', 'bias') else None
+      leaf = {'weight': 'scale' if kind == 'norm' else 'kernel', 'bias': 'bias', None: None}[param]
+      target = template.format(*(_PROJECTIONS.get(g, g) for g in groups))
+      if leaf is not None:
+        target = target[:-len(param)] + leaf
+      value = np.asarray(value)
+      if kind == 'qkv':  # timm's (3 width, width) stack of query, key, value
+        for name, part in zip(('query', 'key', 'value'), np.split(value, 3, axis=0)):
+          mapped[target.format(name)] = (key, _convert(part, 'dense', param))
+      else:
+        mapped[target] = (key, _convert(value, kind, param))
+      break
+    else:
+      unexpected.append(key)
+  return mapped, unexpected
+
+
+def _fit_pos_embed(value: np.ndarray, cfg: vit.ViTConfig) -> np.ndarray:
+  """A checkpoint's (1, 1 + g^2, C) position embeddings on the model's grid (bicubic resize)."""
+  n = value.shape[1] - 1
+  g = int(round(np.sqrt(n)))
+  if value.ndim != 3 or g * g != n or g == cfg.grid:
+    return value
+  grid = vit.resize_grid(jnp.asarray(value[0, 1:].reshape(g, g, -1), jnp.float32), cfg.grid, cfg.grid)
+  return np.concatenate([value[:, :1], np.asarray(grid).reshape(1, cfg.grid ** 2, -1)], axis=1)
+
+
+def _check_hf_config(path, cfg: vit.ViTConfig):
+  """A Hugging Face directory's config.json must agree with the model on what no weight shows."""
+  config_file = os.path.join(path, 'config.json') if os.path.isdir(path) else None
+  if not config_file or not os.path.exists(config_file):
+    return
+  with open(config_file) as f:
+    hf = json.load(f)
+  if hf.get('model_type') not in ('vit', None):
+    return
+  eps = hf.get('layer_norm_eps')
+  if eps is not None and not np.isclose(eps, cfg.ln_eps, rtol=1e-3, atol=0):
+    raise GleamError(f'ViT checkpoint {path}: its config.json has layer_norm_eps={eps} but the model '
+                     f'uses {cfg.ln_eps}; set model.vit.ln_eps={eps}.')
+  if hf.get('hidden_act', 'gelu') != 'gelu':
+    raise GleamError(f'ViT checkpoint {path}: hidden_act={hf["hidden_act"]!r}; our ViT computes the exact '
+                     f'(erf) GELU, which Hugging Face calls "gelu".')
+
+
+def read_checkpoint(path, cfg: vit.ViTConfig) -> dict[str, np.ndarray]:
+  """The tensors of a local ViT checkpoint (directory or file), after checking a Hugging Face
+  directory's config.json against `cfg` on what the weights do not show (LayerNorm epsilon, GELU)."""
+  _check_hf_config(path, cfg)
+  return torch_checkpoints.read_state_dict(path, 'ViT')
+
+
+def load_vit_weights(model: vit.ViT, source) -> None:
+  """Copies a HF or timm ViT checkpoint (path or {name: array}) into `model`, in place."""
+  is_path = isinstance(source, (str, os.PathLike))
+  where = source if is_path else '(a state dict)'
+  sd = read_checkpoint(source, model.config) if is_path else dict(source)
+  sd = {k: torch_checkpoints.to_numpy(v) for k, v in sd.items()}
+  mapped, unexpected = map_state_dict(sd)
+  if 'pos_embed' in mapped:
+    key, value = mapped['pos_embed']
+    mapped['pos_embed'] = (key, _fit_pos_embed(value, model.config))
+  params = {'.'.join(str(p) for p in path): var
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  missing = sorted(set(params) - set(mapped))
+  unexpected += sorted(mapped[k][0] for k in set(mapped) - set(params))
+  ours = describe(model.config)
+  if missing or unexpected:
+    raise GleamError(
+        f'ViT checkpoint {where} does not fit the model ({ours}); the checkpoint has '
+        f'{infer_architecture(sd)}. Missing parameters: {missing[:20]}{" ..." if len(missing) > 20 else ""}; '
+        f'unexpected keys: {unexpected[:20]}{" ..." if len(unexpected) > 20 else ""}. Set the model '
+        f'variant (or the custom ViT sizes) to the checkpoint\'s architecture.')
+  for name, var in params.items():
+    key, value = mapped[name]
+    if tuple(value.shape) != tuple(var.shape):
+      raise GleamError(
+          f'ViT checkpoint {where}: {key!r} has shape {tuple(value.shape)} (as {name}) but the model '
+          f'expects {tuple(var.shape)}; the checkpoint has {infer_architecture(sd)} while the model '
+          f'has {ours}. Set the model variant to match the checkpoint.')
+  for name, var in params.items():
+    var.set_value(jnp.asarray(mapped[name][1], dtype=var.dtype))
+
+
+def hf_state_dict(model: vit.ViT) -> dict[str, np.ndarray]:
+  """Our ViT's parameters under transformers' `ViTModel` keys, in torch layouts, float32."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = '.'.join(str(p) for p in path)
+    *parent, leaf = name.split('.')
+    param = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}.get(leaf)
+    found = torch_checkpoints.source_key('.'.join([*parent, param]) if param else name, _HF_RULES)
+    if found is None:
+      raise ValueError(f'no Hugging Face key for ViT parameter {name}')
+    key, kind = found
+    value = np.asarray(var.get_value(), np.float32)
+    if param == 'weight' and kind == 'conv':  # (kh, kw, in, out) -> torch (out, in, kh, kw)
+      value = value.transpose(3, 2, 0, 1)
+    elif param == 'weight' and kind == 'dense':
+      value = value.T
+    out[key] = np.ascontiguousarray(value)
+  return out
+
+
+def hf_config(cfg: vit.ViTConfig, dtype: str = 'float32') -> dict:
+  """config.json of a transformers `ViTModel` with our architecture (`dtype`: the weights')."""
+  from transformers import ViTConfig as HFViTConfig
+  return HFViTConfig(
+      hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+      intermediate_size=cfg.mlp_dim, hidden_act='gelu', layer_norm_eps=cfg.ln_eps,
+      image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=cfg.in_channels,
+      qkv_bias=True, drop_path_rate=cfg.drop_path_rate, architectures=['ViTModel'],
+      dtype=dtype).to_diff_dict()
+
+
+def save_hf_vit(model: vit.ViT, directory: str, extra: dict | None = None,
+                extra_config: dict | None = None, dtype: str | None = None) -> int:
+  """Writes `model` as a transformers `ViTModel` directory (config.json + model.safetensors, with
+  the `extra` tensors in float32 and `extra_config`'s entries), as `convnext_params.save_hf_convnext`
+  does for ConvNeXt. It has no pooler: load it with `ViTModel.from_pretrained(d, add_pooling_layer=False)`.
+  Returns the bytes written."""
+  config = hf_config(model.config, dtype or 'float32') | (extra_config or {})
+  return torch_checkpoints.save_hf_directory(directory, hf_state_dict(model), config, extra, dtype)

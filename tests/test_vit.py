@@ -1,0 +1,243 @@
+"""ViT backbone (`gleam_jax.models.vit`, `vit_params`): tokens and gradients against transformers'
+`ViTModel` (float32) at its own grid and resized to other input shapes; the bicubic resize against
+PyTorch's; Hugging Face (file and module names) and timm checkpoints read to the same model;
+position grids resampled on load; the export read back by transformers; GLEAM-C on a ViT."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from flax import nnx
+
+from gleam_jax.errors import GleamError
+from gleam_jax.models import gleam_c, vit, vit_params
+
+TOL = 1e-5
+SIZES = dict(width=32, depth=2, mlp_dim=48, heads=4, patch_size=4)
+
+
+def hf_vit(image_size=16, eps=1e-6, seed=0):
+  """A transformers ViTModel (no pooler) with every parameter random, so a swapped or mistransposed
+  tensor cannot go unseen."""
+  torch.manual_seed(seed)
+  config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                                  image_size=image_size, patch_size=4, layer_norm_eps=eps, hidden_act="gelu")
+  model = transformers.ViTModel(config, add_pooling_layer=False).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0))
+  return model
+
+
+def our_vit(image_size=16, pool="cls", eps=1e-6):
+  return vit.ViT(vit.vit_config(None, **SIZES, image_size=image_size, pool=pool, ln_eps=eps), rngs=nnx.Rngs(3))
+
+
+def hf_tokens(model, x):
+  with torch.no_grad():
+    return model(torch.from_numpy(x.transpose(0, 3, 1, 2)), interpolate_pos_encoding=True).last_hidden_state.numpy()
+
+
+def images(shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def timm_state_dict(hf_sd):
+  """The same weights under timm's VisionTransformer keys (q, k and v stacked into attn.qkv)."""
+  out = {"cls_token": hf_sd["embeddings.cls_token"], "pos_embed": hf_sd["embeddings.position_embeddings"],
+         "patch_embed.proj.weight": hf_sd["embeddings.patch_embeddings.projection.weight"],
+         "patch_embed.proj.bias": hf_sd["embeddings.patch_embeddings.projection.bias"],
+         "norm.weight": hf_sd["layernorm.weight"], "norm.bias": hf_sd["layernorm.bias"],
+         "head.weight": np.zeros((10, 32), np.float32), "head.bias": np.zeros(10, np.float32)}
+  for i in range(2):
+    hf = lambda name: hf_sd[f"encoder.layer.{i}.{name}"]
+    for p in ("weight", "bias"):
+      out[f"blocks.{i}.norm1.{p}"] = hf(f"layernorm_before.{p}")
+      out[f"blocks.{i}.attn.qkv.{p}"] = np.concatenate([hf(f"attention.attention.{n}.{p}") for n in ("query", "key", "value")])
+      out[f"blocks.{i}.attn.proj.{p}"] = hf(f"attention.output.dense.{p}")
+      out[f"blocks.{i}.norm2.{p}"] = hf(f"layernorm_after.{p}")
+      out[f"blocks.{i}.mlp.fc1.{p}"] = hf(f"intermediate.dense.{p}")
+      out[f"blocks.{i}.mlp.fc2.{p}"] = hf(f"output.dense.{p}")
+  return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  """transformers' own files of the random ViT (`save_pretrained`: the names real checkpoints have)."""
+  directory = str(tmp_path_factory.mktemp("hf_vit"))
+  hf_vit().save_pretrained(directory)
+  return directory
+
+
+@pytest.mark.parametrize("size_in,size_out", [(4, 4), (4, 8), (4, 7), (5, 3), (14, 24), (2, 1)])
+def test_bicubic_matrix_is_torch_bicubic(size_in, size_out):
+  grid = np.random.default_rng(0).standard_normal((size_in, size_in + 1)).astype(np.float32)
+  want = F.interpolate(torch.from_numpy(grid)[None, None], size=(size_out, size_out + 2), mode="bicubic",
+                       align_corners=False)[0, 0].numpy()
+  got = np.asarray(vit.resize_grid(jnp.asarray(grid)[..., None], size_out, size_out + 2))[..., 0]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (16, 32), (20, 28), (8, 8), (18, 17)])
+def test_tokens_match_transformers_vit(hf_dir, shape):
+  """The grid of the checkpoint (16 px), a 1:2 panorama, sizes needing resized position embeddings
+  (odd grids, a smaller one) and sizes that are no multiple of the patch (the border dropped, as
+  torch's strided convolution drops it)."""
+  model = our_vit()
+  vit_params.load_vit_weights(model, hf_dir)
+  x = images((2, *shape, 3))
+  want = hf_tokens(transformers.ViTModel.from_pretrained(hf_dir, add_pooling_layer=False).eval(), x)
+  got = np.asarray(model.tokens(jnp.asarray(x)))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=TOL)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), want[:, 0], atol=TOL)
+  gap = our_vit(pool="gap")
+  vit_params.load_vit_weights(gap, hf_dir)
+  np.testing.assert_allclose(np.asarray(gap(jnp.asarray(x))), want[:, 1:].mean(1), atol=TOL)
+
+
+def test_gradients_match_transformers_vit():
+  """Gradients of every parameter (the resized position embeddings included) and of the input."""
+  hf = hf_vit()
+  model = our_vit()
+  vit_params.load_vit_weights(model, hf.state_dict())
+  x = images((2, 16, 24, 3), seed=1)
+  weights = images((2, 1 + 4 * 6, 32), seed=2)
+  x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+  loss = (hf(x_torch, interpolate_pos_encoding=True).last_hidden_state * torch.from_numpy(weights)).sum()
+  loss.backward()
+  want = {k: p.grad.numpy() for k, p in hf.named_parameters()}
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def ours(params, x):
+    return jnp.sum(nnx.merge(graphdef, params, rest).tokens(x) * weights)
+
+  grads, dx = jax.grad(ours, argnums=(0, 1))(params, jnp.asarray(x))
+  got_model, want_model = our_vit(), our_vit()  # gradients in parameters' places, read out by file names
+  nnx.update(got_model, grads)
+  vit_params.load_vit_weights(want_model, want)
+  got, want = vit_params.hf_state_dict(got_model), vit_params.hf_state_dict(want_model)
+  assert len(got) == 38
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], atol=1e-4, rtol=1e-4, err_msg=key)
+  np.testing.assert_allclose(np.asarray(dx), x_torch.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4)
+
+
+def test_every_checkpoint_layout_reads_to_the_same_model(hf_dir):
+  """transformers' files, its in-memory module names (`state_dict()` of transformers >= 5), a
+  `ViTForImageClassification` state dict (prefix `vit.`, classifier ignored), timm's layout (q, k, v
+  stacked) and a wrapper prefix all give the same parameters."""
+  from safetensors.numpy import load_file
+  files = load_file(os.path.join(hf_dir, "model.safetensors"))
+  reference = our_vit()
+  vit_params.load_vit_weights(reference, hf_dir)
+  want = vit_params.hf_state_dict(reference)
+  np.testing.assert_equal(want, files)  # and our export names are transformers' file names
+  classifier = {f"vit.{k}": v for k, v in files.items()} | {"classifier.weight": np.zeros((3, 32), np.float32)}
+  sources = {"modules": {k: v.numpy() for k, v in hf_vit().state_dict().items()},
+             "classifier": classifier, "timm": timm_state_dict(files),
+             "wrapped timm": {f"module.{k}": v for k, v in timm_state_dict(files).items()}}
+  assert vit_params.detect_layout(sources["modules"]) == "huggingface_modules"
+  for name, sd in sources.items():
+    model = our_vit()
+    vit_params.load_vit_weights(model, sd)
+    got = vit_params.hf_state_dict(model)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}: {key}")
+
+
+def test_position_grid_resampled_on_load(tmp_path):
+  """A checkpoint learned at 8 px (2 x 2 grid) in a 16-px model (4 x 4): the model then computes
+  what the checkpoint computes at 16 px with its embeddings interpolated."""
+  small = hf_vit(image_size=8)
+  model = our_vit(image_size=16)
+  vit_params.load_vit_weights(model, small.state_dict())
+  assert model.pos_embed.shape == (1, 17, 32)
+  x = images((1, 16, 16, 3))
+  np.testing.assert_allclose(np.asarray(model.tokens(jnp.asarray(x))), hf_tokens(small, x), atol=TOL)
+
+
+def test_bad_checkpoints_stop_with_the_fix(hf_dir, tmp_path):
+  deeper = vit.ViT(vit.vit_config(None, **(SIZES | dict(depth=3)), image_size=16), rngs=nnx.Rngs(0))
+  with pytest.raises(GleamError, match=r"depth 3.*checkpoint has width 32, depth 2, MLP 48.*Missing parameters: \['blocks\.2"):
+    vit_params.load_vit_weights(deeper, hf_dir)
+  wider = vit.ViT(vit.vit_config(None, **(SIZES | dict(mlp_dim=64)), image_size=16), rngs=nnx.Rngs(0))
+  with pytest.raises(GleamError, match=r"fc1.*has shape \(48,\).*expects \(64,\).*MLP 48.*model has width 32, depth 2, MLP 64"):
+    vit_params.load_vit_weights(wider, hf_dir)
+  with pytest.raises(GleamError, match="layer_norm_eps=1e-06 but the model uses 1e-12; set model.vit.ln_eps=1e-06"):
+    vit_params.load_vit_weights(our_vit(eps=1e-12), hf_dir)
+  with pytest.raises(GleamError, match="neither a Hugging Face nor a timm ViT"):
+    vit_params.load_vit_weights(our_vit(), {"stem.0.weight": np.zeros((8, 3, 4, 4), np.float32)})
+  with pytest.raises(GleamError, match="ViT weights not found"):
+    vit_params.load_vit_weights(our_vit(), str(tmp_path / "missing"))
+
+
+def test_export_reads_back_in_transformers(tmp_path):
+  model = our_vit(image_size=16)
+  vit_params.load_vit_weights(model, hf_vit(seed=5).state_dict())
+  vit_params.save_hf_vit(model, str(tmp_path / "out"), extra={"gleam_c.logit_scale": np.float32(2.0)})
+  hf = transformers.ViTModel.from_pretrained(str(tmp_path / "out"), add_pooling_layer=False).eval()
+  x = images((2, 16, 32, 3))
+  np.testing.assert_allclose(hf_tokens(hf, x), np.asarray(model.tokens(jnp.asarray(x))), atol=TOL)
+  with pytest.raises(GleamError, match="already holds model weights"):
+    vit_params.save_hf_vit(model, str(tmp_path / "out"))
+
+
+def test_variants_and_config_errors():
+  s16 = vit.vit_config("S/16")
+  assert (s16.width, s16.depth, s16.mlp_dim, s16.heads, s16.patch_size, s16.grid) == (384, 12, 1536, 6, 16, 14)
+  # ViT-B/16 at 224 px: 17.6 G multiply-adds (fvcore's 'GFLOPs'): 12 layers of 197 tokens + the patch embedding
+  assert vit.forward_flops(vit.vit_config("B/16"), 224, 224) / 1e9 == pytest.approx(35.1, abs=0.1)
+  for bad, match in [("S16", "give <name>/<patch size>"), ("X/16", "give <name>/<patch size>")]:
+    with pytest.raises(GleamError, match=match):
+      vit.vit_config(bad)
+  with pytest.raises(GleamError, match="custom ViT needs positive heads"):
+    vit.vit_config(None, width=32, depth=1, mlp_dim=8, patch_size=4)
+  with pytest.raises(GleamError, match="does not split into 5 heads"):
+    vit.vit_config(None, **(SIZES | dict(heads=5)))
+  with pytest.raises(GleamError, match="pool='max'"):
+    vit.vit_config("S/16", pool="max")
+  with pytest.raises(GleamError, match="smaller than one 4-px patch"):
+    our_vit()(jnp.zeros((1, 3, 16, 3)))
+
+
+def test_gleam_c_config_selects_the_vit():
+  named = gleam_c.model_config(variant="Ti/4", backbone="vit", vit=dict(image_size=32))
+  assert gleam_c.backbone_config(named) == vit.vit_config("Ti/4", image_size=32)
+  custom = gleam_c.model_config(backbone="vit", vit=dict(SIZES, pool="gap"), dtype="bfloat16", remat=True)
+  assert custom.variant == gleam_c.CUSTOM
+  assert gleam_c.backbone_config(custom) == vit.vit_config(None, **SIZES, pool="gap", dtype=jnp.bfloat16, remat=True)
+  named.vit.width = 64  # --config.model.vit.width=64 on a named variant: not silently ignored
+  with pytest.raises(GleamError, match="model.variant='Ti/4' and custom ViT sizes"):
+    gleam_c.backbone_config(named)
+  with pytest.raises(GleamError, match="names a ViT but model.backbone is convnext"):
+    gleam_c.backbone_config(gleam_c.model_config(variant="S/16"))
+  with pytest.raises(GleamError, match="model.backbone='resnet'"):
+    gleam_c.backbone_config(gleam_c.model_config(backbone="resnet"))
+  with pytest.raises(GleamError, match="model.vit has no field"):
+    gleam_c.model_config(backbone="vit", vit=dict(hidden=3))
+
+
+def test_gleam_c_on_a_vit_encodes_and_loads_every_tower(hf_dir):
+  cfg = gleam_c.model_config(backbone="vit", vit=dict(SIZES, image_size=16), embed_dim=8, separate_towers=True,
+                             pretrained=hf_dir)
+  model = gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+  model.eval()
+  x = images((2, 16, 32, 3))
+  want = hf_tokens(transformers.ViTModel.from_pretrained(hf_dir, add_pooling_layer=False).eval(), x)[:, 0]
+  for tower in gleam_c.TOWERS:
+    encoder = getattr(model, f"{tower}_encoder")
+    np.testing.assert_allclose(np.asarray(encoder(jnp.asarray(x))), want, atol=TOL)
+    emb = np.asarray(model.encode(jnp.asarray(x), tower))
+    assert emb.shape == (2, 8)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
+  flops = gleam_c.encode_flops(cfg, 16, 32)
+  assert flops == vit.forward_flops(gleam_c.backbone_config(cfg), 16, 32) + 2 * 32 * 8
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    assert json.load(f)["layer_norm_eps"] == 1e-6
