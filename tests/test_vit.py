@@ -168,7 +168,7 @@ def test_bad_checkpoints_stop_with_the_fix(hf_dir, tmp_path):
   with pytest.raises(GleamError, match=r"depth 3.*checkpoint has width 32, depth 2, MLP 48.*Missing parameters: \['blocks\.2"):
     vit_params.load_vit_weights(deeper, hf_dir)
   wider = vit.ViT(vit.vit_config(None, **(SIZES | dict(mlp_dim=64)), image_size=16), rngs=nnx.Rngs(0))
-  with pytest.raises(GleamError, match=r"fc1.*has shape \(48,\).*expects \(64,\).*MLP 48.*model has width 32, depth 2, MLP 64"):
+  with pytest.raises(GleamError, match=r"intermediate\.dense\.bias' has shape \(48,\) \(as blocks\.0\.fc1\.bias\).*expects \(64,\).*MLP 48.*model has width 32, depth 2, MLP 64"):
     vit_params.load_vit_weights(wider, hf_dir)
   with pytest.raises(GleamError, match="layer_norm_eps=1e-06 but the model uses 1e-12; set model.vit.ln_eps=1e-06"):
     vit_params.load_vit_weights(our_vit(eps=1e-12), hf_dir)
@@ -241,3 +241,73 @@ def test_gleam_c_on_a_vit_encodes_and_loads_every_tower(hf_dir):
   assert flops == vit.forward_flops(gleam_c.backbone_config(cfg), 16, 32) + 2 * 32 * 8
   with open(os.path.join(hf_dir, "config.json")) as f:
     assert json.load(f)["layer_norm_eps"] == 1e-6
+
+
+def _vit_gleam_c(drop_path=0.0):
+  cfg = gleam_c.model_config(backbone="vit", vit=dict(SIZES, image_size=16), embed_dim=16, drop_path_rate=drop_path)
+  return gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+
+
+def _pairs(n=16):
+  """Panoramas (16 x 32) made of their satellite (16 x 16) and its mirror, with noise."""
+  rng = np.random.default_rng(0)
+  sat = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
+  query = np.concatenate([sat, sat[:, :, ::-1]], axis=2) + 0.3 * rng.normal(size=(n, 16, 32, 3))
+  return {"query": query.astype(np.float32), "satellite": sat}
+
+
+def test_vit_step_on_a_data_fsdp_tensor_mesh_matches_one_device():
+  """The default rules shard the ViT's heads and MLP over 'tensor' and its width over 'fsdp': the
+  same loss and gradients as one device (drop path on), and the loss falls."""
+  import ml_collections
+  from gleam_jax.train import contrastive
+  from gleam_jax.train import sharding as shd
+  optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-3, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.05, clip_norm=1.0, b1=0.9,
+      b2=0.999, eps=1e-8, frozen=(), lr_mults=(), no_decay=(r"logit_scale",)))
+  batch = _pairs()
+  results = {}
+  for name, mesh in [("one", shd.single_device_mesh()), ("mesh", shd.make_mesh(dict(data=2, fsdp=2, tensor=2)))]:
+    setup, state = contrastive.create_train_state(_vit_gleam_c(0.1), optim, 20, mesh, shd.DEFAULT_RULES)
+    results[name] = contrastive.make_grad_fn(setup)(state, shd.shard_batch(batch, mesh))
+  (loss1, grads1), (loss8, grads8) = results["one"], results["mesh"]
+  np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
+  flat8 = dict(jax.tree_util.tree_leaves_with_path(grads8))
+  for path, g1 in jax.tree_util.tree_leaves_with_path(grads1):
+    g1 = np.asarray(g1)
+    np.testing.assert_allclose(np.asarray(flat8[path]), g1, rtol=2e-4, atol=1e-4 * np.abs(g1).max() + 1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+  specs = {jax.tree_util.keystr(p): tuple(v.sharding.spec) for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+  query_kernels = [spec for name, spec in specs.items() if "'query'" in name and "'kernel'" in name]
+  fc2_kernels = [spec for name, spec in specs.items() if "'fc2'" in name and "'kernel'" in name]
+  assert query_kernels and all(spec == ("fsdp", "tensor") for spec in query_kernels), specs
+  assert fc2_kernels and all(spec == ("tensor", "fsdp") for spec in fc2_kernels), specs
+  step = contrastive.make_train_step(setup)
+  history = []
+  sharded_batch = shd.shard_batch(batch, setup.mesh)
+  for _ in range(10):
+    state, metrics = step(state, sharded_batch)
+    history.append(float(metrics["loss"]))
+  assert history[-1] < history[0] - 0.3, history
+
+
+def test_exported_vit_tower_gives_our_embeddings_in_pytorch(tmp_path):
+  """config.json's recipe (ViTModel without pooler, interpolate_pos_encoding, the class token, the
+  gleam_c projection, L2 norm) gives `GleamC.encode`'s embedding of a 1:2 panorama."""
+  import safetensors.torch
+  from gleam_jax import export_c
+  model = _vit_gleam_c()
+  vit_params.load_vit_weights(model.encoder, hf_vit(seed=7).state_dict())
+  model.eval()
+  export_c.save_tower(model, "query", str(tmp_path / "out"))
+  with open(tmp_path / "out" / "config.json") as f:
+    head = json.load(f)["gleam_c"]
+  assert head["features"] == "last_hidden_state[:, 0]"
+  hf = transformers.ViTModel.from_pretrained(str(tmp_path / "out"), add_pooling_layer=False).eval()
+  weights = safetensors.torch.load_file(str(tmp_path / "out" / "model.safetensors"))
+  x = images((2, 16, 32, 3))
+  with torch.no_grad():
+    features = hf(torch.from_numpy(x.transpose(0, 3, 1, 2)), interpolate_pos_encoding=True).last_hidden_state[:, 0]
+    got = F.normalize(F.linear(features, weights["gleam_c.projection.weight"], weights["gleam_c.projection.bias"]),
+                      dim=-1, eps=1e-6).numpy()
+  np.testing.assert_allclose(got, np.asarray(model.encode(jnp.asarray(x), "query")), atol=TOL)
