@@ -9,6 +9,8 @@ Model, optimizer, batch size and image sizes (panorama -> query, satellite) come
 whole).
 
 The PyTorch step is Sample4Geo's: transformers' `ConvNextModel` of the same depths and widths
+(a ViT backbone, `variant=S/16` etc.: transformers' `ViTModel` of the same sizes, no pooler, its
+class token or mean patch token as ours, position embeddings interpolated to each input)
 (+ the same Linear projection when the config has `embed_dim`), L2-normalised features, symmetric
 InfoNCE (`nn.CrossEntropyLoss(label_smoothing=0.1)` both ways) with a learnable log logit scale,
 AdamW, gradient clipping by global norm, one scheduler step. It runs eagerly and under
@@ -62,8 +64,9 @@ def make_batch(batch, query, sat, seed=0):
 
 def load_torch_weights(model, torch_encoder):
   import jax.numpy as jnp
-  from gleam_jax.models import convnext_params
-  convnext_params.load_convnext_weights(model.encoder, torch_encoder.backbone.state_dict())
+  from gleam_jax.models import convnext_params, vit, vit_params
+  load = vit_params.load_vit_weights if isinstance(model.encoder, vit.ViT) else convnext_params.load_convnext_weights
+  load(model.encoder, torch_encoder.backbone.state_dict())
   if model.projection is not None:
     model.projection.kernel[...] = jnp.asarray(torch_encoder.projection.weight.detach().numpy().T)
     model.projection.bias[...] = jnp.asarray(torch_encoder.projection.bias.detach().numpy())
@@ -105,30 +108,41 @@ class Ours:
 
 
 def torch_model(config):
-  """Sample4Geo's encoder on transformers' ConvNeXt: pooled+normed features (+ projection)."""
+  """Sample4Geo's encoder on transformers' ConvNeXt (or ViT): pooled features (+ projection)."""
   import math
   import torch
-  from transformers import ConvNextConfig, ConvNextModel
-  from gleam_jax.models import convnext
+  from gleam_jax.models import gleam_c, vit
 
-  ccfg = convnext.convnext_config(config.model.variant, depths=config.model.get("depths"),
-                                  dims=config.model.get("dims"))
+  arch = gleam_c.backbone_config(config.model)
   embed_dim = config.model.get("embed_dim")
+  if isinstance(arch, vit.ViTConfig):
+    from transformers import ViTConfig, ViTModel
+    backbone = ViTModel(ViTConfig(hidden_size=arch.width, num_hidden_layers=arch.depth,
+                                  num_attention_heads=arch.heads, intermediate_size=arch.mlp_dim,
+                                  image_size=arch.image_size, patch_size=arch.patch_size,
+                                  layer_norm_eps=arch.ln_eps, hidden_act="gelu"), add_pooling_layer=False)
+
+    def pooled(x):
+      tokens = backbone(x, interpolate_pos_encoding=True).last_hidden_state
+      return tokens[:, 0] if arch.pool == "cls" else tokens[:, 1:].mean(1)
+  else:
+    from transformers import ConvNextConfig, ConvNextModel
+    backbone = ConvNextModel(ConvNextConfig(num_stages=len(arch.depths), depths=list(arch.depths),
+                                            hidden_sizes=list(arch.dims), layer_norm_eps=1e-6))
+
+    def pooled(x):
+      return backbone(x).pooler_output
 
   class Encoder(torch.nn.Module):
     def __init__(self):
       super().__init__()
-      self.backbone = ConvNextModel(ConvNextConfig(depths=list(ccfg.depths),
-                                                   hidden_sizes=list(ccfg.dims),
-                                                   layer_norm_eps=1e-6))
-      self.projection = (torch.nn.Linear(ccfg.dims[-1], embed_dim) if embed_dim
+      self.backbone = backbone
+      self.projection = (torch.nn.Linear(arch.width, embed_dim) if embed_dim
                          else torch.nn.Identity())
       self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, query, satellite):
-      q = self.projection(self.backbone(query).pooler_output)
-      s = self.projection(self.backbone(satellite).pooler_output)
-      return q, s
+      return self.projection(pooled(query)), self.projection(pooled(satellite))
 
   return Encoder()
 
@@ -196,8 +210,12 @@ def main(argv):
   from gleam_jax.models import gleam_c
   from gleam_jax.utils import mfu
   arch = gleam_c.backbone_config(config.model)
-  desc = (f"ConvNeXt {config.model.variant} "
-          f"depths={arch.depths} dims={arch.dims} embed_dim={config.model.get('embed_dim')}, batch {b}, query {query[0]}x{query[1]}, "
+  if config.model.get("backbone", "convnext") == "vit":
+    shape = (f"ViT {config.model.variant} width={arch.width} depth={arch.depth} heads={arch.heads} "
+             f"mlp={arch.mlp_dim} patch={arch.patch_size} pool={arch.pool}")
+  else:
+    shape = f"ConvNeXt {config.model.variant} depths={arch.depths} dims={arch.dims}"
+  desc = (f"{shape} embed_dim={config.model.get('embed_dim')}, batch {b}, query {query[0]}x{query[1]}, "
           f"satellite {sat[0]}x{sat[1]}, our dtype {config.model.dtype}, "
           f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores, "
           f"load avg {os.getloadavg()[0]:.1f}")
@@ -245,7 +263,7 @@ def main(argv):
     lines[-1] += (f" Ours vs the faster PyTorch variant ({best_torch[1]}): "
                   f"{ours / best_torch[0]:.2f}x.")
   step_flops = gleam_c.contrastive_step_flops(config.model, [(b, *query)], [(b, *sat)])
-  lines += ["", "Ours, in model FLOPs (convs and linears; backward = 2x forward): "
+  lines += ["", "Ours, in model FLOPs (convs, linears and attention products; backward = 2x forward): "
             + mfu.describe(step_flops, ours, jax.devices()[0], config.model.dtype, _PEAK.value,
                            runners["ours (jax.jit)"].xla_flops)]
   text = "\n".join(lines)

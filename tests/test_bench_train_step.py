@@ -1,0 +1,18 @@
+"""bench.train_step's two sides compute the same step: our model starts from the PyTorch
+reference's weights (transformers' ConvNeXt or ViT) and the first losses agree."""
+import pytest
+
+from config_files import load_config
+from gleam_jax.bench import train_step
+
+
+@pytest.mark.parametrize("arg", ["tiny", "tiny,variant=mu/4", "tiny,variant=mu/8"])
+def test_ours_and_the_pytorch_step_start_from_the_same_loss(arg):
+  """mu/8 reads 32 x 64 panoramas as 4 x 8 patches against a 4 x 4 position grid: both sides
+  interpolate the embeddings."""
+  config = load_config("c_phase1", arg)
+  batch = train_step.make_batch(config.batch_size, tuple(config.data.panorama_size), tuple(config.data.satellite_size))
+  torch_step = train_step.Torch(config, batch, compile_=False)
+  ours = train_step.Ours(config, batch, torch_step.model)
+  torch_step.warm_up()
+  assert ours.loss0 == pytest.approx(torch_step.loss0, abs=1e-5)
