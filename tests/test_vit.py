@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import transformers
 from flax import nnx
 
+from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax.errors import GleamError
 from gleam_jax.models import gleam_c, vit, vit_params
 
@@ -311,3 +312,26 @@ def test_exported_vit_tower_gives_our_embeddings_in_pytorch(tmp_path):
     got = F.normalize(F.linear(features, weights["gleam_c.projection.weight"], weights["gleam_c.projection.bias"]),
                       dim=-1, eps=1e-6).numpy()
   np.testing.assert_allclose(got, np.asarray(model.encode(jnp.asarray(x), "query")), atol=TOL)
+
+
+def test_vit_main_job_trains_evaluates_and_exports(tiny_cfg, tmp_path):
+  """`configs/c_phase1.py:tiny,variant=mu/4`: a ViT on the satellite size's grid; the job's
+  config.json builds the same ViT again (retrieve, export), and the export gives its embeddings."""
+  from config_files import tiny_config
+  from gleam_jax import export_c, main, retrieve
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, "tiny,variant=mu/4", total_steps=6, **{"optim.warmup_steps": 1})
+  assert config.model.backbone == "vit" and config.model.vit.image_size == config.data.satellite_size[0] == 32
+  workdir = str(tmp_path / "job")
+  main.run(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 6 and all(np.isfinite(losses))
+  assert any("eval/test/panorama/R@1" in r for r in rows)
+  model, saved, _, _ = retrieve.load_trained(workdir)
+  assert isinstance(model.encoder, vit.ViT) and model.encoder.config == vit.vit_config("mu/4", image_size=32)
+  out = str(tmp_path / "hf")
+  assert export_c.export(workdir, out).startswith(f"exported step 6 of {workdir}")
+  hf = transformers.ViTModel.from_pretrained(out, add_pooling_layer=False).eval()
+  x = images((2, *saved.data.panorama_size, 3))
+  np.testing.assert_allclose(hf_tokens(hf, x)[:, 0], np.asarray(model.encoder(jnp.asarray(x))), atol=TOL)
