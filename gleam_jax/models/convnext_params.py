@@ -20,9 +20,7 @@ The other way, `save_hf_convnext(model, directory)` writes our ConvNeXt as a tra
 import os
 import re
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models import convnext, torch_checkpoints
@@ -110,46 +108,9 @@ def variant_name(depths, dims) -> str:
   return f'custom depths={tuple(depths)} dims={tuple(dims)}'
 
 
-def _convert(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
-  if param != 'weight' or kind == 'norm':
-    return value
-  if kind == 'conv':  # torch (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
-    return value.transpose(2, 3, 1, 0)
-  if kind == 'dense':  # torch (out, in) -> (in, out)
-    return value.T
-  raise ValueError(kind)
-
-
-def _unconvert(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
-  """The inverse of `_convert`: our layout -> torch's."""
-  if param != 'weight' or kind == 'norm':
-    return value
-  if kind == 'conv':  # (kh, kw, in/groups, out) -> torch (out, in/groups, kh, kw)
-    return value.transpose(3, 2, 0, 1)
-  if kind == 'dense':  # (in, out) -> torch (out, in)
-    return value.T
-  raise ValueError(kind)
-
-
-def _hf_key(name: str) -> tuple[str, str, str]:
-  """Our dotted parameter path -> (its `ConvNextModel` key, kind, torch parameter name), by the
-  rules of `_HF_RULES` read backwards."""
-  *parent, leaf = name.split('.')
-  param = 'weight' if leaf in ('kernel', 'scale') else leaf
-  found = torch_checkpoints.source_key('.'.join([*parent, param]), _HF_RULES)
-  if found is None:
-    raise ValueError(f'no Hugging Face key for ConvNeXt parameter {name}')
-  return found[0], found[1], param
-
-
 def hf_state_dict(model: convnext.ConvNeXt) -> dict[str, np.ndarray]:
   """Our ConvNeXt's parameters under transformers' `ConvNextModel` keys, in torch layouts, float32."""
-  out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    key, kind, param = _hf_key('.'.join(str(p) for p in path))
-    value = np.asarray(var.get_value(), np.float32)
-    out[key] = np.ascontiguousarray(_unconvert(value, kind, param))
-  return out
+  return torch_checkpoints.torch_state_dict(model, _HF_RULES, 'ConvNeXt')
 
 
 def hf_config(cfg: convnext.ConvNeXtConfig, dtype: str = 'float32') -> dict:
@@ -177,28 +138,10 @@ def save_hf_convnext(model: convnext.ConvNeXt, directory: str, extra: dict | Non
   return torch_checkpoints.save_hf_directory(directory, hf_state_dict(model), config, extra, dtype)
 
 
-def map_state_dict(sd: dict) -> tuple[dict[str, np.ndarray], list[str]]:
+def map_state_dict(sd: dict) -> tuple[dict[str, tuple[str, np.ndarray]], list[str]]:
   """Maps checkpoint tensors to our dotted parameter paths. Returns (mapped, unexpected keys)."""
   sd = _strip_wrappers(sd)
-  rules = _LAYOUTS[detect_layout(sd)]
-  mapped, unexpected = {}, []
-  for key, value in sd.items():
-    if _NOT_BACKBONE.match(key):
-      continue
-    for pattern, template, kind in rules:
-      m = re.fullmatch(pattern, key)
-      if m:
-        groups = m.groups()
-        target = template.format(*groups)
-        param = groups[-1] if groups and groups[-1] in ('weight', 'bias') else None
-        value = _convert(np.asarray(value), kind, param)
-        if param == 'weight':  # torch 'weight' is a norm's 'scale', a conv/dense's 'kernel'
-          target = target[:-len('weight')] + ('scale' if kind == 'norm' else 'kernel')
-        mapped[target] = (key, value)
-        break
-    else:
-      unexpected.append(key)
-  return mapped, unexpected
+  return torch_checkpoints.map_state_dict(sd, _LAYOUTS[detect_layout(sd)], _NOT_BACKBONE)
 
 
 def load_convnext_weights(model: convnext.ConvNeXt, source) -> None:
@@ -207,28 +150,16 @@ def load_convnext_weights(model: convnext.ConvNeXt, source) -> None:
   where = source if isinstance(source, (str, os.PathLike)) else '(a state dict)'
   sd = {k: torch_checkpoints.to_numpy(v) for k, v in sd.items()}
   mapped, unexpected = map_state_dict(sd)
-  params = {'.'.join(str(p) for p in path): var
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  missing = sorted(set(params) - set(mapped))
-  unexpected += sorted(mapped[k][0] for k in set(mapped) - set(params))
-  cfg = model.config
-  ours = variant_name(cfg.depths, cfg.dims)
-  if missing or unexpected:
-    depths, dims = infer_architecture(sd)
-    raise GleamError(
-        f'ConvNeXt checkpoint {where} does not fit the model ({ours}): checkpoint looks like '
-        f'{variant_name(depths, dims)}; missing parameters: {missing[:20]}'
-        f'{" ..." if len(missing) > 20 else ""}; unexpected keys: {unexpected[:20]}'
-        f'{" ..." if len(unexpected) > 20 else ""}. Set the model variant (or depths/dims) to '
-        f'the checkpoint\'s architecture.')
-  for name, var in params.items():
-    key, value = mapped[name]
-    if tuple(value.shape) != tuple(var.shape):
-      depths, dims = infer_architecture(sd)
-      raise GleamError(
-          f'ConvNeXt checkpoint {where}: {key!r} has shape {tuple(value.shape)} (as {name}) but '
-          f'the model expects {tuple(var.shape)}; the checkpoint looks like '
-          f'{variant_name(depths, dims)} while the model is {ours}. Set the model variant to '
-          f'match the checkpoint.')
-  for name, var in params.items():
-    var.set_value(jnp.asarray(mapped[name][1], dtype=var.dtype))
+  ours = variant_name(model.config.depths, model.config.dims)
+  theirs = lambda: variant_name(*infer_architecture(sd))
+  torch_checkpoints.copy_into(
+      model, mapped, unexpected,
+      misfit=lambda missing, unexpected: (
+          f'ConvNeXt checkpoint {where} does not fit the model ({ours}): checkpoint looks like '
+          f'{theirs()}; missing parameters: {torch_checkpoints.listed(missing)}; unexpected keys: '
+          f'{torch_checkpoints.listed(unexpected)}. Set the model variant (or depths/dims) to the '
+          f'checkpoint\'s architecture.'),
+      bad_shape=lambda key, name, shape, expected: (
+          f'ConvNeXt checkpoint {where}: {key!r} has shape {shape} (as {name}) but the model expects '
+          f'{expected}; the checkpoint looks like {theirs()} while the model is {ours}. Set the model '
+          f'variant to match the checkpoint.'))

@@ -1,11 +1,19 @@
 """Reading and writing PyTorch-side checkpoints (Hugging Face / timm state dicts) for the vision
-backbones' `*_params.py` modules: the files, the wrapper prefixes, the key rules read backwards, and a
-transformers model directory written out."""
+backbones' `*_params.py` modules: the files, the wrapper prefixes, key rules applied both ways
+(`(source regex, our dotted path template, kind)`), the copy into a model with every key accounted
+for, and a transformers model directory written out.
+
+Kinds say how a torch tensor becomes ours: 'conv' (out, in, kh, kw) -> (kh, kw, in, out), 'dense'
+(out, in) -> (in, out), 'norm' and 'copy' as they are, and 'qkv' a dense weight of query, key and
+value stacked (timm's attn.qkv), whose template has a '{}' for the part's name.
+"""
 import json
 import os
 import re
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.utils.model_dirs import check_export_dir, export_dtype
@@ -80,6 +88,98 @@ def strip_wrappers(sd: dict, prefixes, ignored: re.Pattern) -> dict:
         sd = {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
         changed = True
   return sd
+
+
+STACKED = ('query', 'key', 'value')
+
+
+def to_ours(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
+  if param != 'weight' or kind in ('norm', 'copy'):
+    return value
+  if kind == 'conv':  # torch (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
+    return value.transpose(2, 3, 1, 0)
+  if kind in ('dense', 'qkv'):  # torch (out, in) -> (in, out)
+    return value.T
+  raise ValueError(kind)
+
+
+def to_torch(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
+  """The inverse of `to_ours`."""
+  if param != 'weight' or kind in ('norm', 'copy'):
+    return value
+  if kind == 'conv':
+    return value.transpose(3, 2, 0, 1)
+  if kind in ('dense', 'qkv'):
+    return value.T
+  raise ValueError(kind)
+
+
+def map_state_dict(sd: dict, rules, ignored: re.Pattern, rename=None):
+  """{our dotted parameter path: (checkpoint key, value in our layout)} of the keys `rules` map, and
+  the keys that map onto nothing (`ignored` keys are neither). `rename` maps a matched group to the
+  name our template wants (e.g. 'q' -> 'query')."""
+  mapped, unexpected = {}, []
+  for key, value in sd.items():
+    if ignored.match(key):
+      continue
+    for pattern, template, kind in rules:
+      m = re.fullmatch(pattern, key)
+      if not m:
+        continue
+      groups = m.groups()
+      param = groups[-1] if groups and groups[-1] in ('weight', 'bias') else None
+      target = template.format(*((rename or {}).get(g, g) for g in groups))
+      if param == 'weight':  # torch 'weight' is a norm's 'scale', a conv/dense's 'kernel'
+        target = target[:-len('weight')] + ('scale' if kind == 'norm' else 'kernel')
+      value = to_ours(np.asarray(value), kind, param)
+      if kind == 'qkv':
+        for name, part in zip(STACKED, np.split(value, len(STACKED), axis=-1)):
+          mapped[target.format(name)] = (key, part)
+      else:
+        mapped[target] = (key, value)
+      break
+    else:
+      unexpected.append(key)
+  return mapped, unexpected
+
+
+def copy_into(model, mapped: dict, unexpected: list, misfit, bad_shape) -> None:
+  """Sets every parameter of `model` from `mapped` (`map_state_dict`), in place, after checking that
+  every parameter is given, no key is left over and every shape fits; else a GleamError with
+  `misfit(missing, unexpected)` or `bad_shape(key, name, shape, expected)`."""
+  params = {'.'.join(str(p) for p in path): var
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  missing = sorted(set(params) - set(mapped))
+  unexpected = unexpected + sorted(mapped[k][0] for k in set(mapped) - set(params))
+  if missing or unexpected:
+    raise GleamError(misfit(missing, unexpected))
+  for name, var in params.items():
+    key, value = mapped[name]
+    if tuple(value.shape) != tuple(var.shape):
+      raise GleamError(bad_shape(key, name, tuple(value.shape), tuple(var.shape)))
+  for name, var in params.items():
+    var.set_value(jnp.asarray(mapped[name][1], dtype=var.dtype))
+
+
+def listed(names, limit=20) -> str:
+  """The first `limit` names, and ' ...' when there are more."""
+  return f'{names[:limit]}{" ..." if len(names) > limit else ""}'
+
+
+def torch_state_dict(model, rules, what: str) -> dict[str, np.ndarray]:
+  """`model`'s parameters under the checkpoint keys of `rules` (read backwards), in torch layouts,
+  float32."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = '.'.join(str(p) for p in path)
+    *parent, leaf = name.split('.')
+    param = {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)
+    found = source_key('.'.join([*parent, param]), rules)
+    if found is None:
+      raise ValueError(f'no checkpoint key for {what} parameter {name}')
+    key, kind = found
+    out[key] = np.ascontiguousarray(to_torch(np.asarray(var.get_value(), np.float32), kind, param))
+  return out
 
 
 def source_key(torch_name: str, rules) -> tuple[str, str] | None:

@@ -26,7 +26,6 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models import torch_checkpoints, vit
@@ -108,43 +107,11 @@ def describe(cfg: vit.ViTConfig) -> str:
           f'position grid {cfg.grid}x{cfg.grid}')
 
 
-def _convert(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
-  if param != 'weight' or kind == 'norm':
-    return value
-  if kind == 'conv':  # torch (out, in, kh, kw) -> (kh, kw, in, out)
-    return value.transpose(2, 3, 1, 0)
-  return value.T  # dense: torch (out, in) -> (in, out)
-
-
 def map_state_dict(sd: dict) -> tuple[dict[str, tuple[str, np.ndarray]], list[str]]:
   """Checkpoint tensors -> {our dotted parameter path: (source key, value in our layout)}, and the
   keys that map onto nothing."""
   sd = _strip_wrappers(sd)
-  rules = _LAYOUTS[detect_layout(sd)]
-  mapped, unexpected = {}, []
-  for key, value in sd.items():
-    if _NOT_BACKBONE.match(key):
-      continue
-    for pattern, template, kind in rules:
-      m = re.fullmatch(pattern, key)
-      if not m:
-        continue
-      groups = m.groups()
-      param = groups[-1] if groups and groups[-1] in ('weight', 'bias') else None
-      leaf = {'weight': 'scale' if kind == 'norm' else 'kernel', 'bias': 'bias', None: None}[param]
-      target = template.format(*(_PROJECTIONS.get(g, g) for g in groups))
-      if leaf is not None:
-        target = target[:-len(param)] + leaf
-      value = np.asarray(value)
-      if kind == 'qkv':  # timm's (3 width, width) stack of query, key, value
-        for name, part in zip(('query', 'key', 'value'), np.split(value, 3, axis=0)):
-          mapped[target.format(name)] = (key, _convert(part, 'dense', param))
-      else:
-        mapped[target] = (key, _convert(value, kind, param))
-      break
-    else:
-      unexpected.append(key)
-  return mapped, unexpected
+  return torch_checkpoints.map_state_dict(sd, _LAYOUTS[detect_layout(sd)], _NOT_BACKBONE, rename=_PROJECTIONS)
 
 
 def _fit_pos_embed(value: np.ndarray, cfg: vit.ViTConfig) -> np.ndarray:
@@ -192,46 +159,23 @@ def load_vit_weights(model: vit.ViT, source) -> None:
   if 'pos_embed' in mapped:
     key, value = mapped['pos_embed']
     mapped['pos_embed'] = (key, _fit_pos_embed(value, model.config))
-  params = {'.'.join(str(p) for p in path): var
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  missing = sorted(set(params) - set(mapped))
-  unexpected += sorted(mapped[k][0] for k in set(mapped) - set(params))
   ours = describe(model.config)
-  if missing or unexpected:
-    raise GleamError(
-        f'ViT checkpoint {where} does not fit the model ({ours}); the checkpoint has '
-        f'{infer_architecture(sd)}. Missing parameters: {missing[:20]}{" ..." if len(missing) > 20 else ""}; '
-        f'unexpected keys: {unexpected[:20]}{" ..." if len(unexpected) > 20 else ""}. Set the model '
-        f'variant (or the custom ViT sizes) to the checkpoint\'s architecture.')
-  for name, var in params.items():
-    key, value = mapped[name]
-    if tuple(value.shape) != tuple(var.shape):
-      raise GleamError(
-          f'ViT checkpoint {where}: {key!r} has shape {tuple(value.shape)} (as {name}) but the model '
-          f'expects {tuple(var.shape)}; the checkpoint has {infer_architecture(sd)} while the model '
-          f'has {ours}. Set the model variant to match the checkpoint.')
-  for name, var in params.items():
-    var.set_value(jnp.asarray(mapped[name][1], dtype=var.dtype))
+  torch_checkpoints.copy_into(
+      model, mapped, unexpected,
+      misfit=lambda missing, unexpected: (
+          f'ViT checkpoint {where} does not fit the model ({ours}); the checkpoint has '
+          f'{infer_architecture(sd)}. Missing parameters: {torch_checkpoints.listed(missing)}; unexpected '
+          f'keys: {torch_checkpoints.listed(unexpected)}. Set the model variant (or the custom ViT sizes) '
+          f'to the checkpoint\'s architecture.'),
+      bad_shape=lambda key, name, shape, expected: (
+          f'ViT checkpoint {where}: {key!r} has shape {shape} (as {name}) but the model expects '
+          f'{expected}; the checkpoint has {infer_architecture(sd)} while the model has {ours}. Set '
+          f'the model variant to match the checkpoint.'))
 
 
 def hf_state_dict(model: vit.ViT) -> dict[str, np.ndarray]:
-  """Our ViT's parameters under transformers' `ViTModel` keys, in torch layouts, float32."""
-  out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name = '.'.join(str(p) for p in path)
-    *parent, leaf = name.split('.')
-    param = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}.get(leaf)
-    found = torch_checkpoints.source_key('.'.join([*parent, param]) if param else name, _HF_RULES)
-    if found is None:
-      raise ValueError(f'no Hugging Face key for ViT parameter {name}')
-    key, kind = found
-    value = np.asarray(var.get_value(), np.float32)
-    if param == 'weight' and kind == 'conv':  # (kh, kw, in, out) -> torch (out, in, kh, kw)
-      value = value.transpose(3, 2, 0, 1)
-    elif param == 'weight' and kind == 'dense':
-      value = value.T
-    out[key] = np.ascontiguousarray(value)
-  return out
+  """Our ViT's parameters under transformers' `ViTModel` file keys, in torch layouts, float32."""
+  return torch_checkpoints.torch_state_dict(model, _HF_RULES, 'ViT')
 
 
 def hf_config(cfg: vit.ViTConfig, dtype: str = 'float32') -> dict:
