@@ -447,7 +447,8 @@ def evaluate(config, setup, state, proc, examples, workdir, step, writer):
   metrics = explain_metrics.explain_metrics(answers, examples, yes)
   asked = explain_metrics.follow_up_questions(examples)
   if asked:  # conversations that go on: each later question after the reference turns before it
-    metrics["follow_up_rouge_l"] = explain_metrics.follow_up_rouge_l(ask([ex for _, ex in asked])[0], asked)
+    later = explain_metrics.answer_follow_ups(asked, lambda batch: ask(batch)[0])
+    metrics["follow_up_rouge_l"] = explain_metrics.follow_up_rouge_l(later, asked)
   writer.write(step, {f"eval/explain/{k}": v for k, v in metrics.items()})
   if jax.process_index() == 0:
     lines = [f"# GLEAM-X evaluation, step {step}", "",
