@@ -35,23 +35,29 @@ from absl import flags
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "c_phase1.py")
-# No default here: ml_collections would load it, and apply any `--config.x` override, while defining
-# the flag, before `errors.parse_flags` could stop a typo on one line (`with_default_config` adds it).
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config whose model, optimizer, batch and image sizes are benchmarked "
-    "(default: configs/c_phase1.py).")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per repeat.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved repeats.")
-_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
-_COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time the torch.compile variant.")
-_OUT = flags.DEFINE_string("out", None, "Append the result table to this Markdown file.")
-_TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch steps too (false: ours alone, e.g. on "
-                           "an accelerator where the PyTorch build is CPU-only).")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "The device's peak dense TFLOP/s in the model's "
-                           "dtype, for MFU (default: utils.mfu.PEAK_BF16_TFLOPS by device kind).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program (tests import the step classes)."""
+  # No default here: ml_collections would load it, and apply any `--config.x` override, while defining
+  # the flag, before `errors.parse_flags` could stop a typo on one line (`with_default_config` adds it).
+  config_flags.DEFINE_config_file(
+      "config", None, "Experiment config whose model, optimizer, batch and image sizes are benchmarked "
+      "(default: configs/c_phase1.py).")
+  flags.DEFINE_integer("steps", 5, "Timed steps per repeat.")
+  flags.DEFINE_integer("repeats", 3, "Interleaved repeats.")
+  flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
+  flags.DEFINE_bool("torch_compile", True, "Also time the torch.compile variant.")
+  flags.DEFINE_string("out", None, "Append the result table to this Markdown file.")
+  flags.DEFINE_bool("torch", True, "Time the PyTorch steps too (false: ours alone, e.g. on "
+                    "an accelerator where the PyTorch build is CPU-only).")
+  flags.DEFINE_float("peak_tflops", None, "The device's peak dense TFLOP/s in the model's "
+                     "dtype, for MFU (default: utils.mfu.PEAK_BF16_TFLOPS by device kind).")
+
 
 def bench_config():
-  config = _CONFIG.value
+  config = FLAGS.config
   return config, tuple(config.data.panorama_size), tuple(config.data.satellite_size)
 
 
@@ -222,9 +228,9 @@ def main(argv):
   if config.grad_accum_steps > 1:  # the memory-for-time trade of `contrastive._cached_grads`
     desc += f", ours in {config.grad_accum_steps} micro-batches (gradient cache)"
   eager = None
-  if _TORCH.value:
+  if FLAGS.torch:
     import torch
-    torch.set_num_threads(_THREADS.value)
+    torch.set_num_threads(FLAGS.torch_threads)
     desc += f", torch {torch.__version__} with {torch.get_num_threads()} threads"
     eager = Torch(config, batch, compile_=False)  # same seed: same initial weights for all
   print(desc, flush=True)
@@ -234,7 +240,7 @@ def main(argv):
   if eager is not None:
     runners["torch eager"] = eager
     eager.warm_up()
-  if _TORCH.value and _COMPILE.value:
+  if FLAGS.torch and FLAGS.torch_compile:
     runners["torch.compile"] = Torch(config, batch, compile_=True)
     runners["torch.compile"].warm_up()
     print(f"torch.compile: first two steps (compile) {runners['torch.compile'].compile_s:.1f} s",
@@ -243,11 +249,11 @@ def main(argv):
     print(f"{name}: first loss {r.loss0:.4f}", flush=True)
 
   rates = {name: [] for name in runners}
-  for rep in range(_REPEATS.value):
+  for rep in range(FLAGS.repeats):
     for name, runner in runners.items():
       start = time.perf_counter()
-      runner.run(_STEPS.value)
-      rates[name].append(_STEPS.value / (time.perf_counter() - start))
+      runner.run(FLAGS.steps)
+      rates[name].append(FLAGS.steps / (time.perf_counter() - start))
     print(f"repeat {rep + 1}: " + ", ".join(f"{n} {v[-1]:.3f} steps/s" for n, v in rates.items()),
           flush=True)
 
@@ -258,18 +264,18 @@ def main(argv):
   for name, v in median.items():
     lines.append(f"| {name} | {v:.3f} | {v * b:.1f} | {ours / v:.2f}x |")
   lines += ["", f"Our compile time: {runners['ours (jax.jit)'].compile_s:.1f} s."]
-  if _TORCH.value:
+  if FLAGS.torch:
     best_torch = max((v, n) for n, v in median.items() if n != "ours (jax.jit)")
     lines[-1] += (f" Ours vs the faster PyTorch variant ({best_torch[1]}): "
                   f"{ours / best_torch[0]:.2f}x.")
   step_flops = gleam_c.contrastive_step_flops(config.model, [(b, *query)], [(b, *sat)])
   lines += ["", "Ours, in model FLOPs (convs, linears and attention products; backward = 2x forward): "
-            + mfu.describe(step_flops, ours, jax.devices()[0], config.model.dtype, _PEAK.value,
+            + mfu.describe(step_flops, ours, jax.devices()[0], config.model.dtype, FLAGS.peak_tflops,
                            runners["ours (jax.jit)"].xla_flops)]
   text = "\n".join(lines)
   print(text)
-  if _OUT.value:
-    with open(_OUT.value, "a") as f:
+  if FLAGS.out:
+    with open(FLAGS.out, "a") as f:
       f.write(text + "\n\n")
 
 
@@ -281,4 +287,5 @@ def with_default_config(argv):
 
 if __name__ == "__main__":
   from gleam_jax import errors
+  define_flags()
   app.run(main, flags_parser=lambda argv: errors.parse_flags(with_default_config(argv)))
