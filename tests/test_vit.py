@@ -335,3 +335,63 @@ def test_vit_main_job_trains_evaluates_and_exports(tiny_cfg, tmp_path):
   hf = transformers.ViTModel.from_pretrained(out, add_pooling_layer=False).eval()
   x = images((2, *saved.data.panorama_size, 3))
   np.testing.assert_allclose(hf_tokens(hf, x)[:, 0], np.asarray(model.encoder(jnp.asarray(x))), atol=TOL)
+
+
+def _features_and_grads(model, x):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params):
+    features = nnx.merge(graphdef, params, rest)(x)
+    return jnp.sum(features * jnp.arange(features.shape[-1], dtype=jnp.float32)), features
+
+  grads, features = jax.grad(loss, has_aux=True)(params)
+  return features, grads
+
+
+def test_remat_and_bfloat16_match_float32(hf_dir):
+  """Parameters and gradients stay float32; remat changes no number; bfloat16 compute is close."""
+  x = jnp.asarray(images((2, 16, 32, 3)))
+  results = {}
+  for name, kw in (("float32", {}), ("remat", {"remat": True}), ("bfloat16", {"dtype": jnp.bfloat16})):
+    model = vit.ViT(vit.vit_config(None, **SIZES, image_size=16, **kw), rngs=nnx.Rngs(0))
+    vit_params.load_vit_weights(model, hf_dir)
+    results[name] = _features_and_grads(model, x)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(results[name][1]))
+  features, grads = results["float32"]
+  # against the largest gradient: the key bias's is zero in exact arithmetic (softmax ignores a shift
+  # shared by all keys), so in bfloat16 it is all rounding
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+  for name, tol in (("remat", 1e-6), ("bfloat16", 5e-2)):
+    np.testing.assert_allclose(np.asarray(results[name][0]), np.asarray(features), atol=tol * 4, rtol=tol)
+    for a, b in zip(jax.tree.leaves(results[name][1]), jax.tree.leaves(grads)):
+      assert float(jnp.abs(a - b).max()) <= tol * (float(jnp.abs(b).max()) + scale), name
+
+
+def test_drop_path_keeps_or_drops_whole_samples_in_training_only():
+  """Rates rise linearly in depth to drop_path_rate; in train mode each residual branch is dropped or
+  kept (scaled by 1 / keep) per sample; eval mode adds it as it is."""
+  model = vit.ViT(vit.vit_config(None, **(SIZES | dict(depth=3)), image_size=16, drop_path_rate=0.5),
+                  rngs=nnx.Rngs(params=0, dropout=1))
+  assert model.blocks[0].drop_path is None and model.blocks[1].drop_path.rate == pytest.approx(0.25)
+  block = model.blocks[2]
+  assert block.drop_path.rate == pytest.approx(0.5)
+  x, y = (jax.random.normal(jax.random.key(k), (64, 5, 32)) for k in (0, 1))
+  residual = nnx.jit(lambda b, x, y: b._residual(x, y))
+  block.train()
+  got = np.asarray(residual(block, x, y))
+  dropped = [i for i in range(64) if np.allclose(got[i], x[i])]
+  kept = [i for i in range(64) if i not in dropped]
+  assert 10 < len(dropped) < 54
+  np.testing.assert_allclose(got[kept], np.asarray(x + 2 * y)[kept], rtol=1e-5, atol=1e-5)
+  block.eval()
+  np.testing.assert_allclose(np.asarray(residual(block, x, y)), np.asarray(x + y), rtol=1e-6)
+
+
+def test_variants_have_the_reference_parameter_counts():
+  """timm lists vit_tiny_patch16_224 at 5.72M and vit_base_patch16_224 at 86.57M parameters, with
+  the 1000-class head."""
+  for variant, timm_count in (("Ti/16", 5.72e6), ("B/16", 86.57e6)):
+    model = nnx.eval_shape(lambda: vit.ViT(vit.vit_config(variant), rngs=nnx.Rngs(0)))
+    count = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    width = vit.VARIANTS[variant.split("/")[0]][0]
+    assert count + width * 1000 + 1000 == pytest.approx(timm_count, rel=2e-3), variant
