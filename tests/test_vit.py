@@ -173,7 +173,7 @@ def test_bad_checkpoints_stop_with_the_fix(hf_dir, tmp_path):
     vit_params.load_vit_weights(wider, hf_dir)
   with pytest.raises(GleamError, match="layer_norm_eps=1e-06 but the model uses 1e-12; set model.vit.ln_eps=1e-06"):
     vit_params.load_vit_weights(our_vit(eps=1e-12), hf_dir)
-  with pytest.raises(GleamError, match="neither a Hugging Face nor a timm ViT"):
+  with pytest.raises(GleamError, match="neither a Hugging Face ViT or SigLIP vision tower nor a timm ViT"):
     vit_params.load_vit_weights(our_vit(), {"stem.0.weight": np.zeros((8, 3, 4, 4), np.float32)})
   with pytest.raises(GleamError, match="ViT weights not found"):
     vit_params.load_vit_weights(our_vit(), str(tmp_path / "missing"))
@@ -395,3 +395,81 @@ def test_variants_have_the_reference_parameter_counts():
     count = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     width = vit.VARIANTS[variant.split("/")[0]][0]
     assert count + width * 1000 + 1000 == pytest.approx(timm_count, rel=2e-3), variant
+
+
+SIGLIP = dict(class_token=False, pool="map", gelu="tanh")
+
+
+def hf_siglip(image_size=16, seed=0):
+  """A transformers SiglipVisionModel (MAP head, tanh GELU, no class token), every parameter random."""
+  torch.manual_seed(seed)
+  config = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=48, image_size=image_size, patch_size=4)
+  model = transformers.SiglipVisionModel(config).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.2)
+  return model
+
+
+def our_siglip(image_size=16):
+  return vit.ViT(vit.vit_config(None, **SIZES, image_size=image_size, **SIGLIP), rngs=nnx.Rngs(4))
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("hf_siglip"))
+  hf_siglip().save_pretrained(directory)
+  return directory
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (16, 32), (20, 28)])
+def test_siglip_vision_tower_matches_transformers(siglip_dir, shape):
+  """SigLIP's tower: no class token, position embeddings resized as SigLIP's `interpolate_pos_encoding`,
+  the tanh GELU, and the attention-pooling head (`pooler_output`)."""
+  model = our_siglip()
+  vit_params.load_vit_weights(model, siglip_dir)
+  hf = transformers.SiglipVisionModel.from_pretrained(siglip_dir).eval()
+  x = images((2, *shape, 3))
+  with torch.no_grad():
+    out = hf(torch.from_numpy(x.transpose(0, 3, 1, 2)), interpolate_pos_encoding=True)
+  np.testing.assert_allclose(np.asarray(model.tokens(jnp.asarray(x))), out.last_hidden_state.numpy(), atol=TOL)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), out.pooler_output.numpy(), atol=TOL)
+
+
+def test_siglip_model_checkpoint_and_grid_resampling(siglip_dir):
+  """A whole `SiglipModel` state dict (its tower under `vision_model.`, the text tower and the logit
+  scale and bias ignored) reads to the same parameters; a 2 x 2 grid is resized to the model's 4 x 4."""
+  want = our_siglip()
+  vit_params.load_vit_weights(want, siglip_dir)
+  tower = {f"vision_model.{k}": v.numpy() for k, v in hf_siglip().state_dict().items()}
+  whole = tower | {"text_model.embeddings.token_embedding.weight": np.zeros((10, 32), np.float32),
+                   "logit_scale": np.zeros(1, np.float32), "logit_bias": np.zeros(1, np.float32)}
+  got = our_siglip()
+  vit_params.load_vit_weights(got, whole)
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(got, nnx.Param)), nnx.to_flat_state(nnx.state(want, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+  small = hf_siglip(image_size=8)
+  model = our_siglip(image_size=16)
+  vit_params.load_vit_weights(model, small.state_dict())
+  x = images((1, 16, 16, 3))
+  with torch.no_grad():
+    out = small(torch.from_numpy(x.transpose(0, 3, 1, 2)), interpolate_pos_encoding=True)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), out.pooler_output.numpy(), atol=TOL)
+
+
+def test_siglip_settings_are_checked_against_its_config(siglip_dir, tmp_path):
+  with pytest.raises(GleamError, match=r"SigLIP vision tower .* set model.vit.class_token=False and model.vit.pool=map"):
+    vit_params.load_vit_weights(vit.ViT(vit.vit_config(None, **SIZES, image_size=16, gelu="tanh"), rngs=nnx.Rngs(0)),
+                                siglip_dir)
+  with pytest.raises(GleamError, match=r"hidden_act='gelu_pytorch_tanh' but the model computes gelu='exact'; set model.vit.gelu=tanh"):
+    vit_params.load_vit_weights(vit.ViT(vit.vit_config(None, **SIZES, image_size=16, class_token=False, pool="map"),
+                                        rngs=nnx.Rngs(0)), siglip_dir)
+  with pytest.raises(GleamError, match="pool='cls' needs a class token"):
+    vit.vit_config(None, **SIZES, class_token=False)
+  cfg = gleam_c.model_config(backbone="vit", vit=dict(SIZES, image_size=16, **SIGLIP), embed_dim=8, pretrained=siglip_dir)
+  model = gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+  assert model.encoder.head is not None and model.encoder.cls_token is None
+  with pytest.raises(GleamError, match="cannot be written as a transformers ViTModel"):
+    vit_params.save_hf_vit(model.encoder, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()

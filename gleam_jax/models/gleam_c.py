@@ -38,16 +38,19 @@ BACKBONES = ('convnext', 'vit')
 VIT_SIZES = ('width', 'depth', 'mlp_dim', 'heads', 'patch_size')
 
 
-def vit_settings(image_size=224, pool='cls', ln_eps=1e-6, **sizes) -> ml_collections.ConfigDict:
-  """`model.vit`: the ViT backbone's position-embedding grid (`image_size`), pooling ('cls' or 'gap')
-  and LayerNorm epsilon, and the sizes of a custom ViT (`VIT_SIZES`, with `model.variant='custom'`)."""
+def vit_settings(image_size=224, pool='cls', ln_eps=1e-6, class_token=True, gelu='exact',
+                 **sizes) -> ml_collections.ConfigDict:
+  """`model.vit`: the ViT backbone's position-embedding grid (`image_size`), pooling ('cls', 'gap' or
+  'map'), LayerNorm epsilon, class token and GELU ('exact' or 'tanh'; SigLIP's towers:
+  class_token=False, pool='map', gelu='tanh'), and the sizes of a custom ViT (`VIT_SIZES`, with
+  `model.variant='custom'`)."""
   unknown = set(sizes) - set(VIT_SIZES)
   if unknown:
     raise GleamError(f'model.vit has no field {sorted(unknown)}; its fields are image_size, pool, ln_eps, '
-                     f'{", ".join(VIT_SIZES)}.')
+                     f'class_token, gelu, {", ".join(VIT_SIZES)}.')
   ph = config_dict.placeholder
   return ml_collections.ConfigDict(dict(
-      image_size=int(image_size), pool=pool, ln_eps=float(ln_eps),
+      image_size=int(image_size), pool=pool, ln_eps=float(ln_eps), class_token=bool(class_token), gelu=gelu,
       **{k: ph(int) if sizes.get(k) is None else int(sizes[k]) for k in VIT_SIZES}))
 
 
@@ -108,7 +111,8 @@ def backbone_config(cfg) -> convnext.ConvNeXtConfig | vit.ViTConfig:
 def _vit_config(cfg, common) -> vit.ViTConfig:
   settings = cfg.get('vit') or vit_settings()
   sizes = {k: settings.get(k) for k in VIT_SIZES}
-  options = dict(image_size=settings.image_size, pool=settings.pool, ln_eps=settings.ln_eps, **common)
+  options = dict(image_size=settings.image_size, pool=settings.pool, ln_eps=settings.ln_eps,
+                 class_token=settings.get('class_token', True), gelu=settings.get('gelu', 'exact'), **common)
   if cfg.variant == CUSTOM:
     return vit.vit_config(None, **sizes, **options)
   if any(v is not None for v in sizes.values()):

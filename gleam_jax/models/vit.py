@@ -11,7 +11,11 @@ embeddings (`vit_params` maps Hugging Face and timm checkpoints onto it):
   cls_token, pos_embed        (1, 1, width) and (1, 1 + grid^2, width): the class token's position first
   blocks[i].norm1, .attn.{query, key, value, out}, .norm2, .fc1, .fc2
   norm                        LayerNorm of every token; `pool` reads the class token ('cls', as
-                              ViTModel's last_hidden_state[:, 0]) or the mean of the patch tokens ('gap')
+                              ViTModel's last_hidden_state[:, 0]), the mean of the patch tokens ('gap')
+                              or a learned probe's attention over them ('map': `head`, SigLIP's
+                              pooling head: head.probe, head.attn, head.norm, head.fc1, head.fc2)
+
+`class_token=False` and `gelu='tanh'` give SigLIP's vision tower (`SiglipVisionModel`).
 
 The position embeddings are learned on a square grid of `image_size / patch_size`; other input
 shapes (a 1:2 panorama, another resolution) get them resized by bicubic interpolation exactly as
@@ -41,8 +45,10 @@ VARIANTS = {
     'B': (768, 12, 3072, 12),
     'L': (1024, 24, 4096, 16),
     'H': (1280, 32, 5120, 16),
+    'So400m': (1152, 27, 4304, 16),  # SigLIP's shape-optimised ViT
 }
-POOLS = ('cls', 'gap')
+POOLS = ('cls', 'gap', 'map')
+GELUS = ('exact', 'tanh')
 _KERNEL_INIT = nnx.initializers.normal(0.02)
 _ZEROS = nnx.initializers.zeros_init()
 _ONES = nnx.initializers.ones_init()
@@ -58,6 +64,8 @@ class ViTConfig:
   image_size: int = 224  # the position embeddings' square grid is image_size // patch_size
   pool: str = 'cls'
   ln_eps: float = 1e-6  # timm's and big_vision's; Hugging Face's google/vit-* use 1e-12
+  class_token: bool = True  # SigLIP's towers have none
+  gelu: str = 'exact'  # 'tanh': the tanh approximation (SigLIP's gelu_pytorch_tanh)
   drop_path_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
@@ -98,6 +106,10 @@ def vit_config(variant: str | None = 'B/16', *, width=None, depth=None, mlp_dim=
                      f'divisible by the number of heads.')
   if cfg.pool not in POOLS:
     raise GleamError(f'ViT pool={cfg.pool!r}; choose one of {POOLS}.')
+  if cfg.pool == 'cls' and not cfg.class_token:
+    raise GleamError("ViT pool='cls' needs a class token; set class_token=True or pool='gap' or 'map'.")
+  if cfg.gelu not in GELUS:
+    raise GleamError(f'ViT gelu={cfg.gelu!r}; choose one of {GELUS}.')
   if cfg.grid < 1:
     raise GleamError(f'ViT image_size {cfg.image_size} is smaller than its patch {cfg.patch_size}; the '
                      f'position embeddings need image_size >= patch_size.')
@@ -164,14 +176,20 @@ class Attention(nnx.Module):
                                         for _ in range(3))
     self.out = _dense(cfg.width, cfg.width, ('heads', 'embed'), cfg.dtype, rngs)
 
-  def __call__(self, x):
-    b, n, d = x.shape
-    split = lambda t: t.reshape(b, n, self.heads, d // self.heads)
-    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+  def __call__(self, x, context=None):
+    """Self-attention of `x`, or `x` attending to `context` (the MAP head's probe to the tokens)."""
+    context = x if context is None else context
+    d = x.shape[-1]
+    split = lambda t: t.reshape(*t.shape[:2], self.heads, d // self.heads)
+    q, k, v = split(self.query(x)), split(self.key(context)), split(self.value(context))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits / np.float32(math.sqrt(d // self.heads)), axis=-1)
     y = jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
-    return self.out(y.reshape(b, n, d))
+    return self.out(y.reshape(x.shape))
+
+
+def _gelu(kind: str, x):
+  return ops.gelu_exact(x) if kind == 'exact' else jax.nn.gelu(x, approximate=True)
 
 
 class Block(nnx.Module):
@@ -183,6 +201,7 @@ class Block(nnx.Module):
     self.norm2 = _layer_norm(cfg, rngs)
     self.fc1 = _dense(cfg.width, cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, rngs)
     self.fc2 = _dense(cfg.mlp_dim, cfg.width, ('mlp', 'embed'), cfg.dtype, rngs)
+    self.gelu = cfg.gelu
     # Per-sample mask (broadcast over tokens and channels) scaled by 1/keep: stochastic depth.
     self.drop_path = (nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
                       if drop_path > 0 else None)
@@ -192,7 +211,26 @@ class Block(nnx.Module):
 
   def __call__(self, x):
     x = self._residual(x, self.attn(self.norm1(x)))
-    return self._residual(x, self.fc2(ops.gelu_exact(self.fc1(self.norm2(x)))))
+    return self._residual(x, self.fc2(_gelu(self.gelu, self.fc1(self.norm2(x)))))
+
+
+class MAPHead(nnx.Module):
+  """Multihead attention pooling (big_vision's 'map', SigLIP's head): a learned probe attends to the
+  tokens, then a residual MLP after a LayerNorm; the probe's output is the pooled feature."""
+
+  def __init__(self, cfg: ViTConfig, rngs):
+    self.probe = nnx.Param(_KERNEL_INIT(rngs.params(), (1, 1, cfg.width), jnp.float32),
+                           out_sharding=(None, None, 'embed'))
+    self.attn = Attention(cfg, rngs)
+    self.norm = _layer_norm(cfg, rngs)
+    self.fc1 = _dense(cfg.width, cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, rngs)
+    self.fc2 = _dense(cfg.mlp_dim, cfg.width, ('mlp', 'embed'), cfg.dtype, rngs)
+    self.gelu = cfg.gelu
+
+  def __call__(self, tokens):
+    probe = jnp.broadcast_to(self.probe[...].astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[-1]))
+    x = self.attn(probe, tokens)
+    return (x + self.fc2(_gelu(self.gelu, self.fc1(self.norm(x)))))[:, 0]
 
 
 def _block_forward(block, x):
@@ -210,34 +248,37 @@ class ViT(nnx.Module):
                                 conv_general_dilated=ops.patch_conv_general_dilated,
                                 kernel_init=nnx.with_partitioning(_KERNEL_INIT, (None, None, None, 'embed')),
                                 bias_init=nnx.with_partitioning(_ZEROS, ('embed',)), rngs=rngs)
-    self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.width), jnp.float32),
-                               out_sharding=(None, None, 'embed'))
-    self.pos_embed = nnx.Param(_KERNEL_INIT(rngs.params(), (1, 1 + cfg.grid ** 2, cfg.width), jnp.float32),
-                               out_sharding=(None, None, 'embed'))
+    self.cls_token = (nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.width), jnp.float32),
+                                out_sharding=(None, None, 'embed')) if cfg.class_token else None)
+    self.pos_embed = nnx.Param(_KERNEL_INIT(rngs.params(), (1, cfg.class_token + cfg.grid ** 2, cfg.width),
+                                            jnp.float32), out_sharding=(None, None, 'embed'))
     rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth
     self.blocks = nnx.List([Block(cfg, rate, rngs) for rate in rates])
     self.norm = _layer_norm(cfg, rngs)
+    self.head = MAPHead(cfg, rngs) if cfg.pool == 'map' else None
 
   @property
   def width(self) -> int:
     return self.config.width
 
   def position_embeddings(self, height: int, width: int) -> jax.Array:
-    """(1, 1 + height * width, C): the class token's and a (height, width) grid's embeddings."""
-    pos = self.pos_embed[...]
-    grid = pos[0, 1:].reshape(self.config.grid, self.config.grid, -1)
-    return jnp.concatenate([pos[:, :1], resize_grid(grid, height, width).reshape(1, height * width, -1)], 1)
+    """(1, [1 +] height * width, C): the class token's (where there is one) and a (height, width)
+    grid's embeddings."""
+    pos, extra = self.pos_embed[...], int(self.config.class_token)
+    grid = pos[0, extra:].reshape(self.config.grid, self.config.grid, -1)
+    return jnp.concatenate([pos[:, :extra], resize_grid(grid, height, width).reshape(1, height * width, -1)], 1)
 
   def tokens(self, x) -> jax.Array:
-    """(B, 1 + patches, width): every token after the final norm, in the compute dtype."""
+    """(B, [1 +] patches, width): every token after the final norm, in the compute dtype."""
     cfg = self.config
     if x.shape[1] < cfg.patch_size or x.shape[2] < cfg.patch_size:
       raise GleamError(f'ViT input {x.shape[1]}x{x.shape[2]} is smaller than one {cfg.patch_size}-px patch; '
                        f'give larger images or a ViT with smaller patches.')
     patches = self.patch_embed(x.astype(cfg.dtype))
     b, h, w, d = patches.shape
-    cls = jnp.broadcast_to(self.cls_token[...].astype(cfg.dtype), (b, 1, d))
-    x = jnp.concatenate([cls, patches.reshape(b, h * w, d)], axis=1)
+    x = patches.reshape(b, h * w, d)
+    if self.cls_token is not None:
+      x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(cfg.dtype), (b, 1, d)), x], axis=1)
     x = x + self.position_embeddings(h, w).astype(cfg.dtype)
     forward = nnx.remat(_block_forward) if cfg.remat else _block_forward
     for block in self.blocks:
@@ -245,5 +286,10 @@ class ViT(nnx.Module):
     return self.norm(x)
 
   def __call__(self, x) -> jax.Array:
-    tokens = self.tokens(x).astype(jnp.float32)
-    return tokens[:, 0] if self.config.pool == 'cls' else jnp.mean(tokens[:, 1:], axis=1)
+    tokens = self.tokens(x)
+    if self.head is not None:
+      return self.head(tokens).astype(jnp.float32)
+    tokens = tokens.astype(jnp.float32)
+    if self.config.pool == 'cls':
+      return tokens[:, 0]
+    return jnp.mean(tokens[:, int(self.config.class_token):], axis=1)

@@ -30,9 +30,9 @@ import numpy as np
 from gleam_jax.errors import GleamError
 from gleam_jax.models import torch_checkpoints, vit
 
-_WRAPPER_PREFIXES = ('module.', 'model.', 'vit.', 'backbone.')
-_NOT_BACKBONE = re.compile(r'^((classifier|head|head_drop|pooler|gleam_c)\..*|logit_scale|'
-                           r'embeddings\.mask_token)$')
+_WRAPPER_PREFIXES = ('module.', 'model.', 'vit.', 'backbone.', 'vision_model.')
+_NOT_BACKBONE = re.compile(r'^((classifier|head_drop|pooler|gleam_c|text_model)\..*|'
+                           r'head\.(weight|bias)|logit_scale|logit_bias|embeddings\.mask_token)$')
 
 # (source regex, our dotted path template, kind)
 _HF_RULES = [
@@ -58,6 +58,22 @@ _HF_MODULE_RULES = [
     _HF_RULES[-1],
 ]
 _PROJECTIONS = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
+# SigLIP's vision tower (`SiglipVisionModel`; in a `SiglipModel` file under `vision_model.`): no class
+# token, position embeddings as an (N, width) table, the tanh GELU and a MAP pooling head.
+_SIGLIP_RULES = [
+    (r'embeddings\.position_embedding\.weight', 'pos_embed', 'copy'),
+    (r'embeddings\.patch_embedding\.(weight|bias)', 'patch_embed.{0}', 'conv'),
+    (r'encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)', 'blocks.{0}.norm1.{1}', 'norm'),
+    (r'encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)', 'blocks.{0}.attn.{1}.{2}', 'dense'),
+    (r'encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)', 'blocks.{0}.norm2.{1}', 'norm'),
+    (r'encoder\.layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)', 'blocks.{0}.fc{1}.{2}', 'dense'),
+    (r'post_layernorm\.(weight|bias)', 'norm.{0}', 'norm'),
+    (r'head\.probe', 'head.probe', 'copy'),
+    (r'head\.attention\.in_proj_(weight|bias)', 'head.attn.{{}}.{0}', 'qkv'),
+    (r'head\.attention\.out_proj\.(weight|bias)', 'head.attn.out.{0}', 'dense'),
+    (r'head\.layernorm\.(weight|bias)', 'head.norm.{0}', 'norm'),
+    (r'head\.mlp\.fc([12])\.(weight|bias)', 'head.fc{0}.{1}', 'dense'),
+]
 _TIMM_RULES = [
     (r'cls_token', 'cls_token', 'copy'),
     (r'pos_embed', 'pos_embed', 'copy'),
@@ -69,7 +85,8 @@ _TIMM_RULES = [
     (r'blocks\.(\d+)\.mlp\.fc([12])\.(weight|bias)', 'blocks.{0}.fc{1}.{2}', 'dense'),
     (r'norm\.(weight|bias)', 'norm.{0}', 'norm'),
 ]
-_LAYOUTS = {'huggingface': _HF_RULES, 'huggingface_modules': _HF_MODULE_RULES, 'timm': _TIMM_RULES}
+_LAYOUTS = {'huggingface': _HF_RULES, 'huggingface_modules': _HF_MODULE_RULES, 'timm': _TIMM_RULES,
+            'siglip': _SIGLIP_RULES}
 
 
 def _strip_wrappers(sd: dict) -> dict:
@@ -82,22 +99,27 @@ def detect_layout(keys) -> str:
     return 'huggingface_modules' if any(k.startswith('layers.') for k in keys) else 'huggingface'
   if any(k.startswith('patch_embed.proj') for k in keys):
     return 'timm'
-  raise GleamError(f'Checkpoint is neither a Hugging Face nor a timm ViT (first keys: {keys[:5]}); '
-                   f'expected "embeddings.patch_embeddings.*" or "patch_embed.proj.*".')
+  if any(k.startswith('embeddings.patch_embedding.') for k in keys):
+    return 'siglip'
+  raise GleamError(f'Checkpoint is neither a Hugging Face ViT or SigLIP vision tower nor a timm ViT (first '
+                   f'keys: {keys[:5]}); expected "embeddings.patch_embeddings.*", '
+                   f'"vision_model.embeddings.patch_embedding.*" or "patch_embed.proj.*".')
 
 
 def infer_architecture(sd: dict) -> str:
   """A description of a checkpoint's ViT (width, depth, patch size, grid) from its keys and shapes."""
   sd = _strip_wrappers(sd)
   layout = detect_layout(sd)
-  hf = layout.startswith('huggingface')
-  patch_key = 'embeddings.patch_embeddings.projection.weight' if hf else 'patch_embed.proj.weight'
+  patch_key = {'timm': 'patch_embed.proj.weight', 'siglip': 'embeddings.patch_embedding.weight'}.get(
+      layout, 'embeddings.patch_embeddings.projection.weight')
   block = {'huggingface': r'encoder\.layer\.(\d+)\.', 'huggingface_modules': r'layers\.(\d+)\.',
-           'timm': r'blocks\.(\d+)\.'}[layout]
+           'timm': r'blocks\.(\d+)\.', 'siglip': r'encoder\.layers\.(\d+)\.'}[layout]
   depth = 1 + max((int(m.group(1)) for k in sd for m in [re.match(block, k)] if m), default=-1)
   width, _, patch, _ = np.shape(sd[patch_key])
-  pos = sd.get('embeddings.position_embeddings' if hf else 'pos_embed')
-  grid = int(round(np.sqrt(np.shape(pos)[1] - 1))) if pos is not None else '?'
+  pos = sd.get({'timm': 'pos_embed', 'siglip': 'embeddings.position_embedding.weight'}.get(
+      layout, 'embeddings.position_embeddings'))
+  positions = np.shape(pos)[-2] - (layout != 'siglip') if pos is not None else None
+  grid = int(round(np.sqrt(positions))) if positions else '?'
   fc1 = [np.shape(v)[0] for k, v in sd.items() if re.search(r'(intermediate\.dense|fc1)\.weight$', k)]
   return f'width {width}, depth {depth}, MLP {fc1[0] if fc1 else "?"}, patch {patch}, position grid {grid}x{grid}'
 
@@ -115,13 +137,16 @@ def map_state_dict(sd: dict) -> tuple[dict[str, tuple[str, np.ndarray]], list[st
 
 
 def _fit_pos_embed(value: np.ndarray, cfg: vit.ViTConfig) -> np.ndarray:
-  """A checkpoint's (1, 1 + g^2, C) position embeddings on the model's grid (bicubic resize)."""
-  n = value.shape[1] - 1
-  g = int(round(np.sqrt(n)))
+  """A checkpoint's ([1,] [1 +] g^2, C) position embeddings (SigLIP's table has no batch axis) as
+  the model's (1, [1 +] grid^2, C), resized to its grid (bicubic) where g differs."""
+  value = value[None] if value.ndim == 2 else value
+  extra = int(cfg.class_token)
+  n = value.shape[1] - extra
+  g = int(round(np.sqrt(max(n, 0))))
   if value.ndim != 3 or g * g != n or g == cfg.grid:
     return value
-  grid = vit.resize_grid(jnp.asarray(value[0, 1:].reshape(g, g, -1), jnp.float32), cfg.grid, cfg.grid)
-  return np.concatenate([value[:, :1], np.asarray(grid).reshape(1, cfg.grid ** 2, -1)], axis=1)
+  grid = vit.resize_grid(jnp.asarray(value[0, extra:].reshape(g, g, -1), jnp.float32), cfg.grid, cfg.grid)
+  return np.concatenate([value[:, :extra], np.asarray(grid).reshape(1, cfg.grid ** 2, -1)], axis=1)
 
 
 def _check_hf_config(path, cfg: vit.ViTConfig):
@@ -131,15 +156,28 @@ def _check_hf_config(path, cfg: vit.ViTConfig):
     return
   with open(config_file) as f:
     hf = json.load(f)
-  if hf.get('model_type') not in ('vit', None):
+  if hf.get('model_type') == 'siglip':  # a SiglipModel: its vision tower's settings
+    hf = dict(hf.get('vision_config') or {}, model_type='siglip_vision_model')
+  siglip = hf.get('model_type') == 'siglip_vision_model'
+  if hf.get('model_type') not in ('vit', 'siglip_vision_model', None):
     return
-  eps = hf.get('layer_norm_eps')
+  eps = hf.get('layer_norm_eps', 1e-6 if siglip else None)
   if eps is not None and not np.isclose(eps, cfg.ln_eps, rtol=1e-3, atol=0):
     raise GleamError(f'ViT checkpoint {path}: its config.json has layer_norm_eps={eps} but the model '
                      f'uses {cfg.ln_eps}; set model.vit.ln_eps={eps}.')
-  if hf.get('hidden_act', 'gelu') != 'gelu':
-    raise GleamError(f'ViT checkpoint {path}: hidden_act={hf["hidden_act"]!r}; our ViT computes the exact '
-                     f'(erf) GELU, which Hugging Face calls "gelu".')
+  act = hf.get('hidden_act', 'gelu_pytorch_tanh' if siglip else 'gelu')
+  gelu = {'gelu': 'exact', 'gelu_pytorch_tanh': 'tanh'}.get(act)
+  if gelu is None:
+    raise GleamError(f'ViT checkpoint {path}: hidden_act={act!r}; our ViT computes "gelu" (exact) or '
+                     f'"gelu_pytorch_tanh" (model.vit.gelu=tanh).')
+  if gelu != cfg.gelu:
+    raise GleamError(f'ViT checkpoint {path}: hidden_act={act!r} but the model computes gelu={cfg.gelu!r}; '
+                     f'set model.vit.gelu={gelu}.')
+  if siglip and (cfg.class_token or cfg.pool != ('map' if hf.get('vision_use_head', True) else cfg.pool)):
+    pool = 'map' if hf.get('vision_use_head', True) else 'gap'
+    raise GleamError(f'ViT checkpoint {path} is a SigLIP vision tower (no class token, pooled by its '
+                     f"{'attention head' if pool == 'map' else 'patch tokens'}); set "
+                     f'model.vit.class_token=False and model.vit.pool={pool}.')
 
 
 def read_checkpoint(path, cfg: vit.ViTConfig) -> dict[str, np.ndarray]:
@@ -194,6 +232,12 @@ def save_hf_vit(model: vit.ViT, directory: str, extra: dict | None = None,
   """Writes `model` as a transformers `ViTModel` directory (config.json + model.safetensors, with
   the `extra` tensors in float32 and `extra_config`'s entries), as `convnext_params.save_hf_convnext`
   does for ConvNeXt. It has no pooler: load it with `ViTModel.from_pretrained(d, add_pooling_layer=False)`.
-  Returns the bytes written."""
-  config = hf_config(model.config, dtype or 'float32') | (extra_config or {})
+  Returns the bytes written. A ViT without class token, with the MAP head or the tanh GELU (a SigLIP
+  tower) is no `ViTModel` and is refused."""
+  cfg = model.config
+  if not cfg.class_token or cfg.pool == 'map' or cfg.gelu != 'exact':
+    raise GleamError(f'A ViT with class_token={cfg.class_token}, pool={cfg.pool!r}, gelu={cfg.gelu!r} (a SigLIP '
+                     f'tower) cannot be written as a transformers ViTModel; export supports ViTs with a class '
+                     f"token, pool 'cls' or 'gap' and the exact GELU. Its parameters are in the job's checkpoints.")
+  config = hf_config(cfg, dtype or 'float32') | (extra_config or {})
   return torch_checkpoints.save_hf_directory(directory, hf_state_dict(model), config, extra, dtype)
