@@ -13,7 +13,13 @@ Both layouts are detected from the key names:
                 taken from the model in memory has
   timm          cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv (q, k and v
                 stacked), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm (and the classifier head)
-A wrapper prefix (`module.`, `model.`, `vit.`, `backbone.`) is stripped; a pooler, a classifier, a
+  SigLIP        (`SiglipVisionModel`, or a `SiglipModel` under `vision_model.`, its text tower ignored)
+                embeddings.{patch_embedding, position_embedding (no class token)},
+                encoder.layers.i.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1,
+                mlp.fc2}, post_layernorm, head.{probe, attention.in_proj (q, k, v stacked),
+                attention.out_proj, layernorm, mlp.fc1, mlp.fc2}: a model with class_token=False,
+                pool='map' and gelu='tanh'; a directory's config.json is checked against those
+A wrapper prefix (`module.`, `model.`, `vit.`, `backbone.`, `vision_model.`) is stripped; a pooler, a classifier, a
 mask token and the `gleam_c.*` head of an exported GLEAM-C tower are ignored. A checkpoint whose
 position embeddings were learned on another grid (a 224-px checkpoint for a 384-px model) has them
 resized to the model's grid by the bicubic resize the model itself uses for other input sizes.
