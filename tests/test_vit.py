@@ -244,8 +244,9 @@ def test_gleam_c_on_a_vit_encodes_and_loads_every_tower(hf_dir):
     assert json.load(f)["layer_norm_eps"] == 1e-6
 
 
-def _vit_gleam_c(drop_path=0.0):
-  cfg = gleam_c.model_config(backbone="vit", vit=dict(SIZES, image_size=16), embed_dim=16, drop_path_rate=drop_path)
+def _vit_gleam_c(drop_path=0.0, **vit_kw):
+  cfg = gleam_c.model_config(backbone="vit", vit=dict(SIZES, image_size=16, **vit_kw), embed_dim=16,
+                             drop_path_rate=drop_path)
   return gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
 
 
@@ -257,7 +258,8 @@ def _pairs(n=16):
   return {"query": query.astype(np.float32), "satellite": sat}
 
 
-def test_vit_step_on_a_data_fsdp_tensor_mesh_matches_one_device():
+@pytest.mark.parametrize("vit_kw", [{}, dict(class_token=False, pool="map", gelu="tanh")], ids=["cls", "siglip"])
+def test_vit_step_on_a_data_fsdp_tensor_mesh_matches_one_device(vit_kw):
   """The default rules shard the ViT's heads and MLP over 'tensor' and its width over 'fsdp': the
   same loss and gradients as one device (drop path on), and the loss falls."""
   import ml_collections
@@ -269,7 +271,7 @@ def test_vit_step_on_a_data_fsdp_tensor_mesh_matches_one_device():
   batch = _pairs()
   results = {}
   for name, mesh in [("one", shd.single_device_mesh()), ("mesh", shd.make_mesh(dict(data=2, fsdp=2, tensor=2)))]:
-    setup, state = contrastive.create_train_state(_vit_gleam_c(0.1), optim, 20, mesh, shd.DEFAULT_RULES)
+    setup, state = contrastive.create_train_state(_vit_gleam_c(0.1, **vit_kw), optim, 20, mesh, shd.DEFAULT_RULES)
     results[name] = contrastive.make_grad_fn(setup)(state, shd.shard_batch(batch, mesh))
   (loss1, grads1), (loss8, grads8) = results["one"], results["mesh"]
   np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
