@@ -6,11 +6,17 @@ from config_files import load_config
 from gleam_jax.bench import train_step
 
 
-@pytest.mark.parametrize("arg", ["tiny", "tiny,variant=mu/4", "tiny,variant=mu/8"])
-def test_ours_and_the_pytorch_step_start_from_the_same_loss(arg):
+SIGLIP = {"class_token": False, "pool": "map", "gelu": "tanh"}
+
+
+@pytest.mark.parametrize("arg,vit", [("tiny", {}), ("tiny,variant=mu/4", {}), ("tiny,variant=mu/8", {}),
+                                     ("tiny,variant=mu/8", SIGLIP)])
+def test_ours_and_the_pytorch_step_start_from_the_same_loss(arg, vit):
   """mu/8 reads 32 x 64 panoramas as 4 x 8 patches against a 4 x 4 position grid: both sides
-  interpolate the embeddings."""
+  interpolate the embeddings; the last is a SigLIP tower against transformers' SiglipVisionModel."""
   config = load_config("c_phase1", arg)
+  for key, value in vit.items():
+    config.model.vit[key] = value
   batch = train_step.make_batch(config.batch_size, tuple(config.data.panorama_size), tuple(config.data.satellite_size))
   torch_step = train_step.Torch(config, batch, compile_=False)
   ours = train_step.Ours(config, batch, torch_step.model)

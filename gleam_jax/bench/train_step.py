@@ -10,7 +10,8 @@ whole).
 
 The PyTorch step is Sample4Geo's: transformers' `ConvNextModel` of the same depths and widths
 (a ViT backbone, `variant=S/16` etc.: transformers' `ViTModel` of the same sizes, no pooler, its
-class token or mean patch token as ours, position embeddings interpolated to each input)
+class token or mean patch token as ours, position embeddings interpolated to each input; a SigLIP
+tower, `model.vit.class_token=False`: `SiglipVisionModel`)
 (+ the same Linear projection when the config has `embed_dim`), L2-normalised features, symmetric
 InfoNCE (`nn.CrossEntropyLoss(label_smoothing=0.1)` both ways) with a learnable log logit scale,
 AdamW, gradient clipping by global norm, one scheduler step. It runs eagerly and under
@@ -33,6 +34,8 @@ import time
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from gleam_jax.errors import GleamError
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "c_phase1.py")
 FLAGS = flags.FLAGS
@@ -121,7 +124,22 @@ def torch_model(config):
 
   arch = gleam_c.backbone_config(config.model)
   embed_dim = config.model.get("embed_dim")
-  if isinstance(arch, vit.ViTConfig):
+  if isinstance(arch, vit.ViTConfig) and not arch.class_token:  # SigLIP's tower
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    backbone = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=arch.width, num_hidden_layers=arch.depth, num_attention_heads=arch.heads,
+        intermediate_size=arch.mlp_dim, image_size=arch.image_size, patch_size=arch.patch_size,
+        layer_norm_eps=arch.ln_eps, hidden_act={"exact": "gelu", "tanh": "gelu_pytorch_tanh"}[arch.gelu],
+        vision_use_head=arch.pool == "map"))
+
+    def pooled(x):
+      out = backbone(x, interpolate_pos_encoding=True)
+      return out.pooler_output if arch.pool == "map" else out.last_hidden_state.mean(1)
+  elif isinstance(arch, vit.ViTConfig):
+    if arch.pool == "map" or arch.gelu != "exact":
+      raise GleamError(f"bench.train_step: transformers has no ViT with a class token and pool={arch.pool!r}, "
+                       f"gelu={arch.gelu!r}; benchmark a ViT with pool 'cls' or 'gap' and the exact GELU, or "
+                       "a SigLIP tower (model.vit.class_token=False).")
     from transformers import ViTConfig, ViTModel
     backbone = ViTModel(ViTConfig(hidden_size=arch.width, num_hidden_layers=arch.depth,
                                   num_attention_heads=arch.heads, intermediate_size=arch.mlp_dim,
