@@ -475,3 +475,20 @@ def test_siglip_settings_are_checked_against_its_config(siglip_dir, tmp_path):
   with pytest.raises(GleamError, match="cannot be written as a transformers ViTModel"):
     vit_params.save_hf_vit(model.encoder, str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+
+
+def test_so400m_tower_has_siglip_so400m_parameters():
+  """big_vision's So400m/14 at 384 px with SigLIP's settings has the parameters of transformers'
+  SiglipVisionModel of google/siglip-so400m-patch14-384's vision config (built on the meta device)."""
+  cfg = vit.vit_config("So400m/14", image_size=384, **SIGLIP)
+  model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+  ours = {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  with torch.device("meta"):
+    hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304, image_size=384,
+        patch_size=14))
+  theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+  assert sum(map(np.prod, ours.values())) == sum(map(np.prod, theirs.values())) > 4.0e8
+  stand_ins = {k: np.empty((0,) * len(s), np.float32) for k, s in theirs.items()}  # the key names, not 1.7 GB
+  mapped, unexpected = vit_params.map_state_dict(stand_ins)
+  assert not unexpected and set(mapped) == set(ours)
