@@ -22,10 +22,11 @@ PyTorch:
     scores = head['gleam_c.logit_scale'].exp() * query_embedding @ reference_embedding.T
     # a job trained with the sigmoid loss: + head['gleam_c.logit_bias']; sigmoid(scores) = P(same place)
 
-A ViT backbone: `hf = transformers.ViTModel.from_pretrained(out, add_pooling_layer=False)`, called with
-`interpolate_pos_encoding=True` (inputs of other shapes than its position grid), and its features are
-`last_hidden_state[:, 0]` (`pool='cls'`) or `last_hidden_state[:, 1:].mean(1)` (`'gap'`), as
-config.json's `gleam_c.features` says.
+A ViT backbone: `hf = transformers.ViTModel.from_pretrained(out, add_pooling_layer=False)` (a SigLIP-style
+tower without class token: `transformers.SiglipVisionModel.from_pretrained(out)`), called with
+`interpolate_pos_encoding=True` (inputs of other shapes than its position grid); its features are
+`last_hidden_state[:, 0]` (`pool='cls'`), the mean of the patch tokens (`'gap'`) or `pooler_output`
+(`'map'`), as config.json's `gleam_c.features` says.
 
 `pixel_values` are RGB images (N, 3, H, W) read as [0, 1] and normalised by config.json's
 `gleam_c.pixel_mean` / `pixel_std`, at the sizes of `gleam_c.inputs` (the job's; any size works);
@@ -131,8 +132,9 @@ def head_config(model, tower, loss_bias=None) -> dict:
 
 def backbone_features(encoder) -> str:
   """Which output of the exported transformers model our encoder's pooled features are."""
-  if isinstance(encoder, vit.ViT):
-    return "last_hidden_state[:, 0]" if encoder.config.pool == "cls" else "last_hidden_state[:, 1:].mean(1)"
+  if isinstance(encoder, vit.ViT):  # a ViTModel, or a SiglipVisionModel without class token
+    return {"cls": "last_hidden_state[:, 0]", "map": "pooler_output",
+            "gap": f"last_hidden_state[:, {int(encoder.config.class_token)}:].mean(1)"}[encoder.config.pool]
   return "pooler_output"  # ConvNextModel's: the LayerNorm of the global average pool, as ours
 
 

@@ -469,12 +469,36 @@ def test_siglip_settings_are_checked_against_its_config(siglip_dir, tmp_path):
                                         rngs=nnx.Rngs(0)), siglip_dir)
   with pytest.raises(GleamError, match="pool='cls' needs a class token"):
     vit.vit_config(None, **SIZES, class_token=False)
-  cfg = gleam_c.model_config(backbone="vit", vit=dict(SIZES, image_size=16, **SIGLIP), embed_dim=8, pretrained=siglip_dir)
-  model = gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
-  assert model.encoder.head is not None and model.encoder.cls_token is None
-  with pytest.raises(GleamError, match="cannot be written as a transformers ViTModel"):
-    vit_params.save_hf_vit(model.encoder, str(tmp_path / "out"))
+  with pytest.raises(GleamError, match="neither a transformers ViTModel .* nor a SiglipVisionModel"):
+    vit_params.save_hf_vit(vit.ViT(vit.vit_config(None, **SIZES, pool="map"), rngs=nnx.Rngs(0)), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pool", ["map", "gap"])
+def test_exported_siglip_tower_gives_our_embeddings_in_pytorch(siglip_dir, tmp_path, pool):
+  """A GLEAM-C tower on a SigLIP backbone exports as a SiglipVisionModel directory (the head's query,
+  key and value stacked back into in_proj) whose config.json recipe gives `GleamC.encode`'s embedding."""
+  import safetensors.torch
+  from gleam_jax import export_c
+  cfg = gleam_c.model_config(backbone="vit", vit=dict(SIZES, image_size=16, **(SIGLIP | dict(pool=pool))),
+                             embed_dim=8, pretrained=siglip_dir if pool == "map" else None)  # its head is a MAP head
+  model = gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+  model.eval()
+  assert model.encoder.cls_token is None and (model.encoder.head is not None) == (pool == "map")
+  export_c.save_tower(model, "query", str(tmp_path / "out"))
+  with open(tmp_path / "out" / "config.json") as f:
+    features = json.load(f)["gleam_c"]["features"]
+  hf, info = transformers.SiglipVisionModel.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+  assert not info["missing_keys"] and set(info["unexpected_keys"]) == {"gleam_c.logit_scale", "gleam_c.projection.weight",
+                                                                       "gleam_c.projection.bias"}
+  weights = safetensors.torch.load_file(str(tmp_path / "out" / "model.safetensors"))
+  x = images((2, 16, 32, 3))
+  with torch.no_grad():
+    out = hf.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2)), interpolate_pos_encoding=True)
+    pooled = eval(features, {}, {"pooler_output": out.pooler_output, "last_hidden_state": out.last_hidden_state})
+    got = F.normalize(F.linear(pooled, weights["gleam_c.projection.weight"], weights["gleam_c.projection.bias"]),
+                      dim=-1, eps=1e-6).numpy()
+  np.testing.assert_allclose(got, np.asarray(model.encode(jnp.asarray(x), "query")), atol=TOL)
 
 
 def test_so400m_tower_has_siglip_so400m_parameters():

@@ -182,14 +182,16 @@ def torch_state_dict(model, rules, what: str) -> dict[str, np.ndarray]:
   return out
 
 
-def source_key(torch_name: str, rules) -> tuple[str, str] | None:
+def source_key(torch_name: str, rules, rename=None) -> tuple[str, str] | None:
   """Our parameter path in torch naming ('stem.conv.weight') -> (the checkpoint key, kind) by a
-  (source regex, target template, kind) rule read backwards; None when no rule makes it."""
+  (source regex, target template, kind) rule read backwards; None when no rule makes it. `rename`
+  maps our names back to the checkpoint's (e.g. 'query' -> 'q')."""
   for pattern, template, kind in rules:
     ours = r'(\w+)'.join(re.escape(part) for part in re.split(r'\{\d\}', template))
     m = re.fullmatch(ours, torch_name)
     if m:
-      key = re.sub(r'\([^()]*\)', '{}', pattern).replace('\\.', '.').format(*m.groups())
+      groups = ((rename or {}).get(g, g) for g in m.groups())
+      key = re.sub(r'\([^()]*\)', '{}', pattern).replace('\\.', '.').format(*groups)
       if re.fullmatch(pattern, key):  # the rule's own groups accept these values
         return key, kind
   return None
@@ -203,8 +205,8 @@ def save_hf_directory(directory: str, tensors: dict, config: dict, extra: dict |
   cast = export_dtype(dtype)
   check_export_dir(directory)
   from safetensors.numpy import save_file
-  if cast is not None:
-    tensors = {k: v.astype(cast) for k, v in tensors.items()}
+  # C order: safetensors writes an array's buffer as it lies in memory
+  tensors = {k: np.ascontiguousarray(v if cast is None else v.astype(cast)) for k, v in tensors.items()}
   extra = {k: np.array(v, np.float32, order='C') for k, v in (extra or {}).items()}  # 0-d stays 0-d
   if set(extra) & set(tensors):
     raise ValueError(f'extra tensors overwrite model keys: {sorted(set(extra) & set(tensors))}')

@@ -32,6 +32,7 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models import torch_checkpoints, vit
@@ -223,14 +224,54 @@ def hf_state_dict(model: vit.ViT) -> dict[str, np.ndarray]:
 
 
 def hf_config(cfg: vit.ViTConfig, dtype: str = 'float32') -> dict:
-  """config.json of a transformers `ViTModel` with our architecture (`dtype`: the weights')."""
+  """config.json of the transformers model our ViT is (`hf_architecture`; `dtype`: the weights')."""
+  common = dict(hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+                intermediate_size=cfg.mlp_dim, layer_norm_eps=cfg.ln_eps, image_size=cfg.image_size,
+                patch_size=cfg.patch_size, num_channels=cfg.in_channels, dtype=dtype)
+  if hf_architecture(cfg) == 'SiglipVisionModel':
+    from transformers import SiglipVisionConfig
+    return SiglipVisionConfig(**common, hidden_act=_HF_ACTS[cfg.gelu], vision_use_head=cfg.pool == 'map',
+                              architectures=['SiglipVisionModel']).to_diff_dict()
   from transformers import ViTConfig as HFViTConfig
-  return HFViTConfig(
-      hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
-      intermediate_size=cfg.mlp_dim, hidden_act='gelu', layer_norm_eps=cfg.ln_eps,
-      image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=cfg.in_channels,
-      qkv_bias=True, drop_path_rate=cfg.drop_path_rate, architectures=['ViTModel'],
-      dtype=dtype).to_diff_dict()
+  return HFViTConfig(**common, hidden_act='gelu', qkv_bias=True, drop_path_rate=cfg.drop_path_rate,
+                     architectures=['ViTModel']).to_diff_dict()
+
+
+_HF_ACTS = {'exact': 'gelu', 'tanh': 'gelu_pytorch_tanh'}
+
+
+def hf_architecture(cfg: vit.ViTConfig) -> str:
+  """'ViTModel' (a class token, pooled by it or the mean patch token, the exact GELU) or
+  'SiglipVisionModel' (no class token: the mean patch token or the MAP head); a GleamError for a ViT
+  that is neither."""
+  if cfg.class_token and cfg.pool != 'map' and cfg.gelu == 'exact':
+    return 'ViTModel'
+  if not cfg.class_token:
+    return 'SiglipVisionModel'
+  raise GleamError(f'A ViT with a class token and pool={cfg.pool!r}, gelu={cfg.gelu!r} is neither a transformers '
+                   f"ViTModel (pool 'cls' or 'gap', exact GELU) nor a SiglipVisionModel (no class token), so it "
+                   f"cannot be exported; its parameters are in the job's checkpoints.")
+
+
+def siglip_state_dict(model: vit.ViT) -> dict[str, np.ndarray]:
+  """Our class-token-free ViT under `SiglipVisionModel`'s keys, in torch layouts, float32: the
+  position table without its batch axis, the head's query, key and value stacked into in_proj."""
+  flat = {'.'.join(str(p) for p in path): np.asarray(var.get_value(), np.float32)
+          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  out = {}
+  for leaf, param in (('kernel', 'weight'), ('bias', 'bias')):
+    parts = [torch_checkpoints.to_torch(flat.pop(f'head.attn.{n}.{leaf}'), 'dense', param)
+             for n in torch_checkpoints.STACKED if f'head.attn.{n}.{leaf}' in flat]
+    if parts:
+      out[f'head.attention.in_proj_{param}'] = np.ascontiguousarray(np.concatenate(parts, axis=0))
+  for name, value in flat.items():
+    *parent, leaf = name.split('.')
+    param = {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)
+    key, kind = torch_checkpoints.source_key('.'.join([*parent, param]), _SIGLIP_RULES,
+                                             rename={'query': 'q', 'key': 'k', 'value': 'v'})
+    value = value[0] if name == 'pos_embed' else value
+    out[key] = np.ascontiguousarray(torch_checkpoints.to_torch(value, kind, param))
+  return out
 
 
 def save_hf_vit(model: vit.ViT, directory: str, extra: dict | None = None,
@@ -238,12 +279,9 @@ def save_hf_vit(model: vit.ViT, directory: str, extra: dict | None = None,
   """Writes `model` as a transformers `ViTModel` directory (config.json + model.safetensors, with
   the `extra` tensors in float32 and `extra_config`'s entries), as `convnext_params.save_hf_convnext`
   does for ConvNeXt. It has no pooler: load it with `ViTModel.from_pretrained(d, add_pooling_layer=False)`.
-  Returns the bytes written. A ViT without class token, with the MAP head or the tanh GELU (a SigLIP
-  tower) is no `ViTModel` and is refused."""
+  A ViT without class token (a SigLIP tower) is written as a `SiglipVisionModel` directory instead
+  (`hf_architecture`). Returns the bytes written."""
   cfg = model.config
-  if not cfg.class_token or cfg.pool == 'map' or cfg.gelu != 'exact':
-    raise GleamError(f'A ViT with class_token={cfg.class_token}, pool={cfg.pool!r}, gelu={cfg.gelu!r} (a SigLIP '
-                     f'tower) cannot be written as a transformers ViTModel; export supports ViTs with a class '
-                     f"token, pool 'cls' or 'gap' and the exact GELU. Its parameters are in the job's checkpoints.")
+  tensors = hf_state_dict(model) if hf_architecture(cfg) == 'ViTModel' else siglip_state_dict(model)
   config = hf_config(cfg, dtype or 'float32') | (extra_config or {})
-  return torch_checkpoints.save_hf_directory(directory, hf_state_dict(model), config, extra, dtype)
+  return torch_checkpoints.save_hf_directory(directory, tensors, config, extra, dtype)
