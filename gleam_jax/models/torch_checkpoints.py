@@ -4,8 +4,9 @@ backbones' `*_params.py` modules: the files, the wrapper prefixes, key rules app
 for, and a transformers model directory written out.
 
 Kinds say how a torch tensor becomes ours: 'conv' (out, in, kh, kw) -> (kh, kw, in, out), 'dense'
-(out, in) -> (in, out), 'norm' and 'copy' as they are, and 'qkv' a dense weight of query, key and
-value stacked (timm's attn.qkv), whose template has a '{}' for the part's name.
+(out, in) -> (in, out), 'norm' and 'copy' as they are, 'unbatched' a table (N, C) -> (1, N, C)
+(SigLIP's position embeddings), and 'qkv' a dense weight of query, key and value stacked (timm's
+attn.qkv, SigLIP's head's in_proj), whose template has a '{{}}' for the part's name.
 """
 import json
 import os
@@ -94,6 +95,8 @@ STACKED = ('query', 'key', 'value')
 
 
 def to_ours(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
+  if kind == 'unbatched':
+    return value[None]
   if param != 'weight' or kind in ('norm', 'copy'):
     return value
   if kind == 'conv':  # torch (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
@@ -105,6 +108,8 @@ def to_ours(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
 
 def to_torch(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
   """The inverse of `to_ours`."""
+  if kind == 'unbatched':
+    return value[0]
   if param != 'weight' or kind in ('norm', 'copy'):
     return value
   if kind == 'conv':
@@ -147,8 +152,7 @@ def copy_into(model, mapped: dict, unexpected: list, misfit, bad_shape) -> None:
   """Sets every parameter of `model` from `mapped` (`map_state_dict`), in place, after checking that
   every parameter is given, no key is left over and every shape fits; else a GleamError with
   `misfit(missing, unexpected)` or `bad_shape(key, name, shape, expected)`."""
-  params = {'.'.join(str(p) for p in path): var
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  params = flat_params(model)
   missing = sorted(set(params) - set(mapped))
   unexpected = unexpected + sorted(mapped[k][0] for k in set(mapped) - set(params))
   if missing or unexpected:
@@ -166,19 +170,32 @@ def listed(names, limit=20) -> str:
   return f'{names[:limit]}{" ..." if len(names) > limit else ""}'
 
 
-def torch_state_dict(model, rules, what: str) -> dict[str, np.ndarray]:
-  """`model`'s parameters under the checkpoint keys of `rules` (read backwards), in torch layouts,
-  float32."""
-  out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name = '.'.join(str(p) for p in path)
+def flat_params(model) -> dict:
+  """{dotted path ('blocks.0.fc1.kernel'): the nnx.Param} of `model`."""
+  return {'.'.join(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def torch_state_dict(model, rules, what: str, rename=None) -> dict[str, np.ndarray]:
+  """`model`'s parameters under the checkpoint keys of `rules` (read backwards, `rename` as in
+  `source_key`), in torch layouts, float32; the parts of a 'qkv' rule stacked back into its tensor."""
+  out, stacks = {}, {}
+  for name, var in flat_params(model).items():
     *parent, leaf = name.split('.')
-    param = {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)
-    found = source_key('.'.join([*parent, param]), rules)
+    path = [*parent, {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)]
+    value = np.asarray(var.get_value(), np.float32)
+    found = source_key('.'.join(path), rules, rename)
+    part = next((p for p in parent if p in STACKED), None)
+    if found is None and part is not None:  # a part of a stacked tensor: its template reads '{{}}' there
+      found = source_key('.'.join('{{}}' if p == part else p for p in path), rules, rename)
+      if found is not None and found[1] == 'qkv':
+        stacks.setdefault(found[0], {})[part] = to_torch(value, 'qkv', path[-1])
+        continue
     if found is None:
       raise ValueError(f'no checkpoint key for {what} parameter {name}')
     key, kind = found
-    out[key] = np.ascontiguousarray(to_torch(np.asarray(var.get_value(), np.float32), kind, param))
+    out[key] = np.ascontiguousarray(to_torch(value, kind, path[-1]))
+  for key, parts in stacks.items():
+    out[key] = np.ascontiguousarray(np.concatenate([parts[n] for n in STACKED], axis=0))
   return out
 
 

@@ -32,7 +32,6 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models import torch_checkpoints, vit
@@ -65,10 +64,11 @@ _HF_MODULE_RULES = [
     _HF_RULES[-1],
 ]
 _PROJECTIONS = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
+_TO_SIGLIP = {'query': 'q', 'key': 'k', 'value': 'v'}  # SigLIP's out_proj keeps 'out'
 # SigLIP's vision tower (`SiglipVisionModel`; in a `SiglipModel` file under `vision_model.`): no class
 # token, position embeddings as an (N, width) table, the tanh GELU and a MAP pooling head.
 _SIGLIP_RULES = [
-    (r'embeddings\.position_embedding\.weight', 'pos_embed', 'copy'),
+    (r'embeddings\.position_embedding\.weight', 'pos_embed', 'unbatched'),
     (r'embeddings\.patch_embedding\.(weight|bias)', 'patch_embed.{0}', 'conv'),
     (r'encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)', 'blocks.{0}.norm1.{1}', 'norm'),
     (r'encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj\.(weight|bias)', 'blocks.{0}.attn.{1}.{2}', 'dense'),
@@ -144,9 +144,8 @@ def map_state_dict(sd: dict) -> tuple[dict[str, tuple[str, np.ndarray]], list[st
 
 
 def _fit_pos_embed(value: np.ndarray, cfg: vit.ViTConfig) -> np.ndarray:
-  """A checkpoint's ([1,] [1 +] g^2, C) position embeddings (SigLIP's table has no batch axis) as
-  the model's (1, [1 +] grid^2, C), resized to its grid (bicubic) where g differs."""
-  value = value[None] if value.ndim == 2 else value
+  """A checkpoint's (1, [1 +] g^2, C) position embeddings (with a class token's where the model has
+  one) on the model's grid: resized (bicubic) where g differs."""
   extra = int(cfg.class_token)
   n = value.shape[1] - extra
   g = int(round(np.sqrt(max(n, 0))))
@@ -180,8 +179,9 @@ def _check_hf_config(path, cfg: vit.ViTConfig):
   if gelu != cfg.gelu:
     raise GleamError(f'ViT checkpoint {path}: hidden_act={act!r} but the model computes gelu={cfg.gelu!r}; '
                      f'set model.vit.gelu={gelu}.')
-  if siglip and (cfg.class_token or cfg.pool != ('map' if hf.get('vision_use_head', True) else cfg.pool)):
-    pool = 'map' if hf.get('vision_use_head', True) else 'gap'
+  head = hf.get('vision_use_head', True)  # SigLIP pooled by its attention head, else by the patch tokens
+  if siglip and (cfg.class_token or (head and cfg.pool != 'map')):
+    pool = 'map' if head else 'gap'
     raise GleamError(f'ViT checkpoint {path} is a SigLIP vision tower (no class token, pooled by its '
                      f"{'attention head' if pool == 'map' else 'patch tokens'}); set "
                      f'model.vit.class_token=False and model.vit.pool={pool}.')
@@ -253,27 +253,6 @@ def hf_architecture(cfg: vit.ViTConfig) -> str:
                    f"cannot be exported; its parameters are in the job's checkpoints.")
 
 
-def siglip_state_dict(model: vit.ViT) -> dict[str, np.ndarray]:
-  """Our class-token-free ViT under `SiglipVisionModel`'s keys, in torch layouts, float32: the
-  position table without its batch axis, the head's query, key and value stacked into in_proj."""
-  flat = {'.'.join(str(p) for p in path): np.asarray(var.get_value(), np.float32)
-          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  out = {}
-  for leaf, param in (('kernel', 'weight'), ('bias', 'bias')):
-    parts = [torch_checkpoints.to_torch(flat.pop(f'head.attn.{n}.{leaf}'), 'dense', param)
-             for n in torch_checkpoints.STACKED if f'head.attn.{n}.{leaf}' in flat]
-    if parts:
-      out[f'head.attention.in_proj_{param}'] = np.ascontiguousarray(np.concatenate(parts, axis=0))
-  for name, value in flat.items():
-    *parent, leaf = name.split('.')
-    param = {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)
-    key, kind = torch_checkpoints.source_key('.'.join([*parent, param]), _SIGLIP_RULES,
-                                             rename={'query': 'q', 'key': 'k', 'value': 'v'})
-    value = value[0] if name == 'pos_embed' else value
-    out[key] = np.ascontiguousarray(torch_checkpoints.to_torch(value, kind, param))
-  return out
-
-
 def save_hf_vit(model: vit.ViT, directory: str, extra: dict | None = None,
                 extra_config: dict | None = None, dtype: str | None = None) -> int:
   """Writes `model` as a transformers `ViTModel` directory (config.json + model.safetensors, with
@@ -282,6 +261,7 @@ def save_hf_vit(model: vit.ViT, directory: str, extra: dict | None = None,
   A ViT without class token (a SigLIP tower) is written as a `SiglipVisionModel` directory instead
   (`hf_architecture`). Returns the bytes written."""
   cfg = model.config
-  tensors = hf_state_dict(model) if hf_architecture(cfg) == 'ViTModel' else siglip_state_dict(model)
+  tensors = (hf_state_dict(model) if hf_architecture(cfg) == 'ViTModel' else
+             torch_checkpoints.torch_state_dict(model, _SIGLIP_RULES, 'ViT', rename=_TO_SIGLIP))
   config = hf_config(cfg, dtype or 'float32') | (extra_config or {})
   return torch_checkpoints.save_hf_directory(directory, tensors, config, extra, dtype)
