@@ -35,8 +35,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from gleam_jax.errors import GleamError
-
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "c_phase1.py")
 FLAGS = flags.FLAGS
 
@@ -120,35 +118,23 @@ def torch_model(config):
   """Sample4Geo's encoder on transformers' ConvNeXt (or ViT): pooled features (+ projection)."""
   import math
   import torch
-  from gleam_jax.models import gleam_c, vit
+  from gleam_jax.models import gleam_c, vit, vit_params
 
   arch = gleam_c.backbone_config(config.model)
   embed_dim = config.model.get("embed_dim")
-  if isinstance(arch, vit.ViTConfig) and not arch.class_token:  # SigLIP's tower
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-    backbone = SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=arch.width, num_hidden_layers=arch.depth, num_attention_heads=arch.heads,
-        intermediate_size=arch.mlp_dim, image_size=arch.image_size, patch_size=arch.patch_size,
-        layer_norm_eps=arch.ln_eps, hidden_act={"exact": "gelu", "tanh": "gelu_pytorch_tanh"}[arch.gelu],
-        vision_use_head=arch.pool == "map"))
+  if isinstance(arch, vit.ViTConfig):  # the transformers model our ViT is (`vit_params.hf_architecture`)
+    import transformers
+    hf_config = vit_params.hf_config(arch)
+    if vit_params.hf_architecture(arch) == "SiglipVisionModel":
+      backbone = transformers.SiglipVisionModel(transformers.SiglipVisionConfig.from_dict(hf_config))
+    else:
+      backbone = transformers.ViTModel(transformers.ViTConfig.from_dict(hf_config), add_pooling_layer=False)
 
     def pooled(x):
       out = backbone(x, interpolate_pos_encoding=True)
-      return out.pooler_output if arch.pool == "map" else out.last_hidden_state.mean(1)
-  elif isinstance(arch, vit.ViTConfig):
-    if arch.pool == "map" or arch.gelu != "exact":
-      raise GleamError(f"bench.train_step: transformers has no ViT with a class token and pool={arch.pool!r}, "
-                       f"gelu={arch.gelu!r}; benchmark a ViT with pool 'cls' or 'gap' and the exact GELU, or "
-                       "a SigLIP tower (model.vit.class_token=False).")
-    from transformers import ViTConfig, ViTModel
-    backbone = ViTModel(ViTConfig(hidden_size=arch.width, num_hidden_layers=arch.depth,
-                                  num_attention_heads=arch.heads, intermediate_size=arch.mlp_dim,
-                                  image_size=arch.image_size, patch_size=arch.patch_size,
-                                  layer_norm_eps=arch.ln_eps, hidden_act="gelu"), add_pooling_layer=False)
-
-    def pooled(x):
-      tokens = backbone(x, interpolate_pos_encoding=True).last_hidden_state
-      return tokens[:, 0] if arch.pool == "cls" else tokens[:, 1:].mean(1)
+      if arch.pool == "map":
+        return out.pooler_output
+      return out.last_hidden_state[:, 0] if arch.pool == "cls" else out.last_hidden_state[:, int(arch.class_token):].mean(1)
   else:
     from transformers import ConvNextConfig, ConvNextModel
     backbone = ConvNextModel(ConvNextConfig(num_stages=len(arch.depths), depths=list(arch.depths),

@@ -250,7 +250,8 @@ def hf_architecture(cfg: vit.ViTConfig) -> str:
     return 'SiglipVisionModel'
   raise GleamError(f'A ViT with a class token and pool={cfg.pool!r}, gelu={cfg.gelu!r} is neither a transformers '
                    f"ViTModel (pool 'cls' or 'gap', exact GELU) nor a SiglipVisionModel (no class token), so it "
-                   f"cannot be exported; its parameters are in the job's checkpoints.")
+                   f"cannot be exported or benchmarked against transformers; its parameters are in the job's "
+                   f"checkpoints.")
 
 
 def save_hf_vit(model: vit.ViT, directory: str, extra: dict | None = None,
