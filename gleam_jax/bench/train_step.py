@@ -134,7 +134,8 @@ def torch_model(config):
       out = backbone(x, interpolate_pos_encoding=True)
       if arch.pool == "map":
         return out.pooler_output
-      return out.last_hidden_state[:, 0] if arch.pool == "cls" else out.last_hidden_state[:, int(arch.class_token):].mean(1)
+      tokens = out.last_hidden_state
+      return tokens[:, 0] if arch.pool == "cls" else tokens[:, int(arch.class_token):].mean(1)
   else:
     from transformers import ConvNextConfig, ConvNextModel
     backbone = ConvNextModel(ConvNextConfig(num_stages=len(arch.depths), depths=list(arch.depths),
