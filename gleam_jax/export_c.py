@@ -132,9 +132,8 @@ def head_config(model, tower, loss_bias=None) -> dict:
 
 def backbone_features(encoder) -> str:
   """Which output of the exported transformers model our encoder's pooled features are."""
-  if isinstance(encoder, vit.ViT):  # a ViTModel, or a SiglipVisionModel without class token
-    return {"cls": "last_hidden_state[:, 0]", "map": "pooler_output",
-            "gap": f"last_hidden_state[:, {int(encoder.config.class_token)}:].mean(1)"}[encoder.config.pool]
+  if isinstance(encoder, vit.ViT):  # a ViTModel, SiglipVisionModel or CLIPVisionModel[WithProjection]
+    return vit_params.hf_features(encoder.config)
   return "pooler_output"  # ConvNextModel's: the LayerNorm of the global average pool, as ours
 
 

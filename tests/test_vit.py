@@ -173,7 +173,7 @@ def test_bad_checkpoints_stop_with_the_fix(hf_dir, tmp_path):
     vit_params.load_vit_weights(wider, hf_dir)
   with pytest.raises(GleamError, match="layer_norm_eps=1e-06 but the model uses 1e-12; set model.vit.ln_eps=1e-06"):
     vit_params.load_vit_weights(our_vit(eps=1e-12), hf_dir)
-  with pytest.raises(GleamError, match="neither a Hugging Face ViT or SigLIP vision tower nor a timm ViT"):
+  with pytest.raises(GleamError, match="neither a Hugging Face ViT, SigLIP or CLIP vision tower nor a timm or open_clip ViT"):
     vit_params.load_vit_weights(our_vit(), {"stem.0.weight": np.zeros((8, 3, 4, 4), np.float32)})
   with pytest.raises(GleamError, match="ViT weights not found"):
     vit_params.load_vit_weights(our_vit(), str(tmp_path / "missing"))
@@ -258,7 +258,9 @@ def _pairs(n=16):
   return {"query": query.astype(np.float32), "satellite": sat}
 
 
-@pytest.mark.parametrize("vit_kw", [{}, dict(class_token=False, pool="map", gelu="tanh")], ids=["cls", "siglip"])
+@pytest.mark.parametrize("vit_kw", [{}, dict(class_token=False, pool="map", gelu="tanh"),
+                                    dict(pre_norm=True, patch_bias=False, gelu="quick", proj_dim=24)],
+                         ids=["cls", "siglip", "clip"])
 def test_vit_step_on_a_data_fsdp_tensor_mesh_matches_one_device(vit_kw):
   """The default rules shard the ViT's heads and MLP over 'tensor' and its width over 'fsdp': the
   same loss and gradients as one device (drop path on), and the loss falls."""
@@ -271,7 +273,13 @@ def test_vit_step_on_a_data_fsdp_tensor_mesh_matches_one_device(vit_kw):
   batch = _pairs()
   results = {}
   for name, mesh in [("one", shd.single_device_mesh()), ("mesh", shd.make_mesh(dict(data=2, fsdp=2, tensor=2)))]:
-    setup, state = contrastive.create_train_state(_vit_gleam_c(0.1, **vit_kw), optim, 20, mesh, shd.DEFAULT_RULES)
+    model = _vit_gleam_c(0.1, **vit_kw)
+    if model.encoder.norm_pre is not None:
+      # CLIP's LayerNorm before the blocks starts the residual stream at unit scale, to which random
+      # blocks add ~1%: every embedding alike, the loss at log(batch), gradients ~1e-3 and their float
+      # noise relatively large. A small scale starts the stream as small as the plain ViT's does.
+      model.encoder.norm_pre.scale.set_value(model.encoder.norm_pre.scale[...] * 0.02)
+    setup, state = contrastive.create_train_state(model, optim, 20, mesh, shd.DEFAULT_RULES)
     results[name] = contrastive.make_grad_fn(setup)(state, shd.shard_batch(batch, mesh))
   (loss1, grads1), (loss8, grads8) = results["one"], results["mesh"]
   np.testing.assert_allclose(float(loss8), float(loss1), rtol=1e-5)
@@ -469,7 +477,7 @@ def test_siglip_settings_are_checked_against_its_config(siglip_dir, tmp_path):
                                         rngs=nnx.Rngs(0)), siglip_dir)
   with pytest.raises(GleamError, match="pool='cls' needs a class token"):
     vit.vit_config(None, **SIZES, class_token=False)
-  with pytest.raises(GleamError, match="neither a transformers ViTModel .* nor a SiglipVisionModel"):
+  with pytest.raises(GleamError, match="none of transformers. ViTModel .*, SiglipVisionModel .* or CLIPVisionModel"):
     vit_params.save_hf_vit(vit.ViT(vit.vit_config(None, **SIZES, pool="map"), rngs=nnx.Rngs(0)), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
 

@@ -11,7 +11,8 @@ whole).
 The PyTorch step is Sample4Geo's: transformers' `ConvNextModel` of the same depths and widths
 (a ViT backbone, `variant=S/16` etc.: transformers' `ViTModel` of the same sizes, no pooler, its
 class token or mean patch token as ours, position embeddings interpolated to each input; a SigLIP
-tower, `model.vit.class_token=False`: `SiglipVisionModel`)
+tower, `model.vit.class_token=False`: `SiglipVisionModel`; a CLIP tower, `model.vit.pre_norm=True,
+patch_bias=False`: `CLIPVisionModel[WithProjection]`)
 (+ the same Linear projection when the config has `embed_dim`), L2-normalised features, symmetric
 InfoNCE (`nn.CrossEntropyLoss(label_smoothing=0.1)` both ways) with a learnable log logit scale,
 AdamW, gradient clipping by global norm, one scheduler step. It runs eagerly and under
@@ -123,19 +124,10 @@ def torch_model(config):
   arch = gleam_c.backbone_config(config.model)
   embed_dim = config.model.get("embed_dim")
   if isinstance(arch, vit.ViTConfig):  # the transformers model our ViT is (`vit_params.hf_architecture`)
-    import transformers
-    hf_config = vit_params.hf_config(arch)
-    if vit_params.hf_architecture(arch) == "SiglipVisionModel":
-      backbone = transformers.SiglipVisionModel(transformers.SiglipVisionConfig.from_dict(hf_config))
-    else:
-      backbone = transformers.ViTModel(transformers.ViTConfig.from_dict(hf_config), add_pooling_layer=False)
+    backbone = vit_params.build_hf_model(arch)
 
     def pooled(x):
-      out = backbone(x, interpolate_pos_encoding=True)
-      if arch.pool == "map":
-        return out.pooler_output
-      tokens = out.last_hidden_state
-      return tokens[:, 0] if arch.pool == "cls" else tokens[:, int(arch.class_token):].mean(1)
+      return vit_params.hf_pooled(arch, backbone(x, interpolate_pos_encoding=True))
   else:
     from transformers import ConvNextConfig, ConvNextModel
     backbone = ConvNextModel(ConvNextConfig(num_stages=len(arch.depths), depths=list(arch.depths),
@@ -148,7 +140,7 @@ def torch_model(config):
     def __init__(self):
       super().__init__()
       self.backbone = backbone
-      self.projection = (torch.nn.Linear(arch.width, embed_dim) if embed_dim
+      self.projection = (torch.nn.Linear(arch.feature_width, embed_dim) if embed_dim
                          else torch.nn.Identity())
       self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 

@@ -62,7 +62,7 @@ class ConvNeXtConfig:
   in_channels: int = 3
 
   @property
-  def width(self) -> int:
+  def feature_width(self) -> int:
     """The width of the pooled features."""
     return self.dims[-1]
 
@@ -312,8 +312,8 @@ class ConvNeXt(nnx.Module):
                                    rngs=rngs)
 
   @property
-  def width(self) -> int:
-    return self.config.width
+  def feature_width(self) -> int:
+    return self.config.feature_width
 
   def stage_features(self, x) -> list[jax.Array]:
     """The output of every stage, NHWC, in the compute dtype."""

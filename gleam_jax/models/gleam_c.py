@@ -38,20 +38,25 @@ BACKBONES = ('convnext', 'vit')
 VIT_SIZES = ('width', 'depth', 'mlp_dim', 'heads', 'patch_size')
 
 
-def vit_settings(image_size=224, pool='cls', ln_eps=1e-6, class_token=True, gelu='exact',
-                 **sizes) -> ml_collections.ConfigDict:
+# model.vit's settings, their defaults (also their values in configs written before them) and types
+VIT_FIELDS = dict(image_size=224, pool='cls', ln_eps=1e-6, class_token=True, gelu='exact', pre_norm=False,
+                  patch_bias=True, proj_dim=0)
+
+
+def vit_settings(**settings) -> ml_collections.ConfigDict:
   """`model.vit`: the ViT backbone's position-embedding grid (`image_size`), pooling ('cls', 'gap' or
-  'map'), LayerNorm epsilon, class token and GELU ('exact' or 'tanh'; SigLIP's towers:
-  class_token=False, pool='map', gelu='tanh'), and the sizes of a custom ViT (`VIT_SIZES`, with
-  `model.variant='custom'`)."""
-  unknown = set(sizes) - set(VIT_SIZES)
+  'map'), LayerNorm epsilon, class token, GELU ('exact', 'tanh' or 'quick'), CLIP's LayerNorm before
+  the blocks (`pre_norm`), patch bias and projection (`proj_dim`, 0: none), and the sizes of a custom
+  ViT (`VIT_SIZES`, with `model.variant='custom'`). SigLIP's towers: class_token=False, pool='map',
+  gelu='tanh'; CLIP's: pre_norm=True, patch_bias=False, ln_eps=1e-5 (OpenAI's weights: gelu='quick')."""
+  unknown = set(settings) - set(VIT_FIELDS) - set(VIT_SIZES)
   if unknown:
-    raise GleamError(f'model.vit has no field {sorted(unknown)}; its fields are image_size, pool, ln_eps, '
-                     f'class_token, gelu, {", ".join(VIT_SIZES)}.')
+    raise GleamError(f'model.vit has no field {sorted(unknown)}; its fields are {", ".join(VIT_FIELDS)}, '
+                     f'{", ".join(VIT_SIZES)}.')
   ph = config_dict.placeholder
+  fields = {k: type(default)(settings.get(k, default)) for k, default in VIT_FIELDS.items()}
   return ml_collections.ConfigDict(dict(
-      image_size=int(image_size), pool=pool, ln_eps=float(ln_eps), class_token=bool(class_token), gelu=gelu,
-      **{k: ph(int) if sizes.get(k) is None else int(sizes[k]) for k in VIT_SIZES}))
+      **fields, **{k: ph(int) if settings.get(k) is None else int(settings[k]) for k in VIT_SIZES}))
 
 
 def model_config(variant='atto', embed_dim=None, separate_towers=False, drop_path_rate=0.0,
@@ -111,8 +116,7 @@ def backbone_config(cfg) -> convnext.ConvNeXtConfig | vit.ViTConfig:
 def _vit_config(cfg, common) -> vit.ViTConfig:
   settings = cfg.get('vit') or vit_settings()
   sizes = {k: settings.get(k) for k in VIT_SIZES}
-  options = dict(image_size=settings.image_size, pool=settings.pool, ln_eps=settings.ln_eps,
-                 class_token=settings.get('class_token', True), gelu=settings.get('gelu', 'exact'), **common)
+  options = {k: settings.get(k, default) for k, default in VIT_FIELDS.items()} | common
   if cfg.variant == CUSTOM:
     return vit.vit_config(None, **sizes, **options)
   if any(v is not None for v in sizes.values()):
@@ -146,12 +150,12 @@ class GleamC(nnx.Module):
       projection = None
       if embed_dim is not None:
         projection = nnx.Linear(
-            encoder.width, embed_dim, param_dtype=jnp.float32,
+            encoder.feature_width, embed_dim, param_dtype=jnp.float32,
             kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ('embed', None)),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)), rngs=rngs)
       setattr(self, prefix + 'projection', projection)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), out_sharding=())
-    self.embed_dim = embed_dim or bcfg.width
+    self.embed_dim = embed_dim or bcfg.feature_width
     if cfg.get('pretrained'):
       self.load_pretrained(cfg.pretrained)
 
@@ -200,7 +204,7 @@ def encode_flops(cfg, height: int, width: int) -> int:
   `vit.forward_flops`) and the projection's, 2 per multiply-add."""
   bcfg = backbone_config(cfg)
   embed_dim = cfg.get('embed_dim')
-  projection = 2 * bcfg.width * embed_dim if embed_dim else 0
+  projection = 2 * bcfg.feature_width * embed_dim if embed_dim else 0
   backbone = vit if isinstance(bcfg, vit.ViTConfig) else convnext
   return backbone.forward_flops(bcfg, height, width) + projection
 
@@ -210,7 +214,7 @@ def contrastive_step_flops(cfg, query_shapes, reference_shapes) -> int:
   and reference embedding and of the similarity matrix of the global batch. Shapes are
   (count, height, width), one per group of images (a modality's queries, their satellites). Towers
   frozen by the optimizer are counted as trained: a fixed model cost per step, whatever is frozen."""
-  embed = cfg.get('embed_dim') or backbone_config(cfg).width
+  embed = cfg.get('embed_dim') or backbone_config(cfg).feature_width
   encode = sum(n * encode_flops(cfg, h, w) for n, h, w in [*query_shapes, *reference_shapes])
   n_query = sum(n for n, _, _ in query_shapes)
   n_reference = sum(n for n, _, _ in reference_shapes)

@@ -5,7 +5,8 @@ for, and a transformers model directory written out.
 
 Kinds say how a torch tensor becomes ours: 'conv' (out, in, kh, kw) -> (kh, kw, in, out), 'dense'
 (out, in) -> (in, out), 'norm' and 'copy' as they are, 'unbatched' a table (N, C) -> (1, N, C)
-(SigLIP's position embeddings), and 'qkv' a dense weight of query, key and value stacked (timm's
+(SigLIP's and CLIP's position embeddings), 'token' a vector (C,) -> (1, 1, C) (CLIP's class
+embedding), and 'qkv' a dense weight of query, key and value stacked (timm's
 attn.qkv, SigLIP's head's in_proj), whose template has a '{{}}' for the part's name.
 """
 import json
@@ -97,6 +98,8 @@ STACKED = ('query', 'key', 'value')
 def to_ours(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
   if kind == 'unbatched':
     return value[None]
+  if kind == 'token':
+    return value.reshape(1, 1, -1)
   if param != 'weight' or kind in ('norm', 'copy'):
     return value
   if kind == 'conv':  # torch (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
@@ -110,6 +113,8 @@ def to_torch(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
   """The inverse of `to_ours`."""
   if kind == 'unbatched':
     return value[0]
+  if kind == 'token':
+    return value.reshape(-1)
   if param != 'weight' or kind in ('norm', 'copy'):
     return value
   if kind == 'conv':

@@ -15,7 +15,10 @@ embeddings (`vit_params` maps Hugging Face and timm checkpoints onto it):
                               or a learned probe's attention over them ('map': `head`, SigLIP's
                               pooling head: head.probe, head.attn, head.norm, head.fc1, head.fc2)
 
-`class_token=False` and `gelu='tanh'` give SigLIP's vision tower (`SiglipVisionModel`).
+`class_token=False` and `gelu='tanh'` give SigLIP's vision tower (`SiglipVisionModel`);
+`pre_norm=True` (a LayerNorm of the embedded tokens before the blocks, `norm_pre`), `patch_bias=False`,
+`gelu='quick'` and `proj_dim` (a bias-free projection of the pooled feature, `proj`) give CLIP's
+(`CLIPVisionModelWithProjection`, OpenAI's and open_clip's `visual`).
 
 The position embeddings are learned on a square grid of `image_size / patch_size`; other input
 shapes (a 1:2 panorama, another resolution) get them resized by bicubic interpolation exactly as
@@ -48,7 +51,7 @@ VARIANTS = {
     'So400m': (1152, 27, 4304, 16),  # SigLIP's shape-optimised ViT
 }
 POOLS = ('cls', 'gap', 'map')
-GELUS = ('exact', 'tanh')
+GELUS = ('exact', 'tanh', 'quick')
 _KERNEL_INIT = nnx.initializers.normal(0.02)
 _ZEROS = nnx.initializers.zeros_init()
 _ONES = nnx.initializers.ones_init()
@@ -65,7 +68,10 @@ class ViTConfig:
   pool: str = 'cls'
   ln_eps: float = 1e-6  # timm's and big_vision's; Hugging Face's google/vit-* use 1e-12
   class_token: bool = True  # SigLIP's towers have none
-  gelu: str = 'exact'  # 'tanh': the tanh approximation (SigLIP's gelu_pytorch_tanh)
+  gelu: str = 'exact'  # 'tanh': the tanh approximation (SigLIP's gelu_pytorch_tanh); 'quick': CLIP's quick_gelu
+  pre_norm: bool = False  # CLIP's LayerNorm of the embedded tokens before the blocks (ln_pre)
+  patch_bias: bool = True  # CLIP's patch convolution has none
+  proj_dim: int = 0  # > 0: CLIP's bias-free projection of the pooled feature to this size
   drop_path_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
@@ -74,6 +80,11 @@ class ViTConfig:
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
+
+  @property
+  def feature_width(self) -> int:
+    """The size of the pooled (and projected) features."""
+    return self.proj_dim or self.width
 
 
 def parse_variant(variant: str) -> tuple[str, int]:
@@ -110,6 +121,8 @@ def vit_config(variant: str | None = 'B/16', *, width=None, depth=None, mlp_dim=
     raise GleamError("ViT pool='cls' needs a class token; set class_token=True or pool='gap' or 'map'.")
   if cfg.gelu not in GELUS:
     raise GleamError(f'ViT gelu={cfg.gelu!r}; choose one of {GELUS}.')
+  if cfg.proj_dim < 0:
+    raise GleamError(f'ViT proj_dim={cfg.proj_dim}; give a positive projection size, or 0 for none.')
   if cfg.grid < 1:
     raise GleamError(f'ViT image_size {cfg.image_size} is smaller than its patch {cfg.patch_size}; the '
                      f'position embeddings need image_size >= patch_size.')
@@ -123,7 +136,7 @@ def forward_flops(cfg: ViTConfig, height: int, width: int) -> int:
   tokens, d = patches + 1, cfg.width
   macs = patches * cfg.patch_size ** 2 * cfg.in_channels * d
   macs += cfg.depth * (tokens * (4 * d * d + 2 * d * cfg.mlp_dim) + 2 * tokens * tokens * d)
-  return 2 * macs
+  return 2 * (macs + d * cfg.proj_dim)
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,6 +202,8 @@ class Attention(nnx.Module):
 
 
 def _gelu(kind: str, x):
+  if kind == 'quick':  # CLIP's quick_gelu
+    return x * jax.nn.sigmoid(np.float32(1.702).astype(x.dtype) * x)
   return ops.gelu_exact(x) if kind == 'exact' else jax.nn.gelu(x, approximate=True)
 
 
@@ -238,28 +253,33 @@ def _block_forward(block, x):
 
 
 class ViT(nnx.Module):
-  """`model(x)` maps NHWC images to pooled features (B, width) in float32."""
+  """`model(x)` maps NHWC images to pooled features (B, feature_width) in float32."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.config = cfg
     p = cfg.patch_size
     self.patch_embed = nnx.Conv(cfg.in_channels, cfg.width, (p, p), strides=p, padding='VALID',
                                 dtype=cfg.dtype, param_dtype=jnp.float32,
-                                conv_general_dilated=ops.patch_conv_general_dilated,
+                                conv_general_dilated=ops.patch_conv_general_dilated, use_bias=cfg.patch_bias,
                                 kernel_init=nnx.with_partitioning(_KERNEL_INIT, (None, None, None, 'embed')),
                                 bias_init=nnx.with_partitioning(_ZEROS, ('embed',)), rngs=rngs)
     self.cls_token = (nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.width), jnp.float32),
                                 out_sharding=(None, None, 'embed')) if cfg.class_token else None)
     self.pos_embed = nnx.Param(_KERNEL_INIT(rngs.params(), (1, cfg.class_token + cfg.grid ** 2, cfg.width),
                                             jnp.float32), out_sharding=(None, None, 'embed'))
+    self.norm_pre = _layer_norm(cfg, rngs) if cfg.pre_norm else None
     rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth
     self.blocks = nnx.List([Block(cfg, rate, rngs) for rate in rates])
     self.norm = _layer_norm(cfg, rngs)
     self.head = MAPHead(cfg, rngs) if cfg.pool == 'map' else None
+    self.proj = (nnx.Linear(cfg.width, cfg.proj_dim, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
+                            dot_general=ops.pointwise_dot_general,
+                            kernel_init=nnx.with_partitioning(_KERNEL_INIT, ('embed', None)), rngs=rngs)
+                 if cfg.proj_dim else None)
 
   @property
-  def width(self) -> int:
-    return self.config.width
+  def feature_width(self) -> int:
+    return self.config.feature_width
 
   def position_embeddings(self, height: int, width: int) -> jax.Array:
     """(1, [1 +] height * width, C): the class token's (where there is one) and a (height, width)
@@ -280,6 +300,8 @@ class ViT(nnx.Module):
     if self.cls_token is not None:
       x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(cfg.dtype), (b, 1, d)), x], axis=1)
     x = x + self.position_embeddings(h, w).astype(cfg.dtype)
+    if self.norm_pre is not None:
+      x = self.norm_pre(x)
     forward = nnx.remat(_block_forward) if cfg.remat else _block_forward
     for block in self.blocks:
       x = forward(block, x)
@@ -288,8 +310,9 @@ class ViT(nnx.Module):
   def __call__(self, x) -> jax.Array:
     tokens = self.tokens(x)
     if self.head is not None:
-      return self.head(tokens).astype(jnp.float32)
-    tokens = tokens.astype(jnp.float32)
-    if self.config.pool == 'cls':
-      return tokens[:, 0]
-    return jnp.mean(tokens[:, int(self.config.class_token):], axis=1)
+      pooled = self.head(tokens).astype(jnp.float32)
+    elif self.config.pool == 'cls':
+      pooled = tokens[:, 0].astype(jnp.float32)
+    else:
+      pooled = jnp.mean(tokens[:, int(self.config.class_token):].astype(jnp.float32), axis=1)
+    return pooled if self.proj is None else self.proj(pooled).astype(jnp.float32)

@@ -19,6 +19,19 @@ Both layouts are detected from the key names:
                 mlp.fc2}, post_layernorm, head.{probe, attention.in_proj (q, k, v stacked),
                 attention.out_proj, layernorm, mlp.fc1, mlp.fc2}: a model with class_token=False,
                 pool='map' and gelu='tanh'; a directory's config.json is checked against those
+  CLIP          (`CLIPVisionModel`, `CLIPVisionModelWithProjection`, or a `CLIPModel` such as
+                openai/clip-vit-base-patch16, its text tower ignored) embeddings.{class_embedding,
+                patch_embedding (no bias), position_embedding}, pre_layrnorm, the blocks as SigLIP's,
+                post_layernorm, visual_projection: a model with pre_norm=True, patch_bias=False,
+                ln_eps=1e-5, gelu='quick' (OpenAI's weights; config.json's hidden_act says) and
+                proj_dim the projection's size (0: the projection is left out, as transformers'
+                CLIPVisionModel leaves it)
+  open_clip     (OpenAI's CLIP and open_clip state dicts, e.g. open_clip_model.safetensors)
+                visual.{class_embedding, positional_embedding, conv1, ln_pre, transformer.resblocks.i.
+                {ln_1, attn.in_proj (q, k, v stacked), attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj},
+                ln_post, proj}, the text tower ignored; the same model settings, with gelu='quick'
+                only for OpenAI's weights and `-quickgelu` models (a directory's
+                open_clip_config.json says)
 A wrapper prefix (`module.`, `model.`, `vit.`, `backbone.`, `vision_model.`) is stripped; a pooler, a classifier, a
 mask token and the `gleam_c.*` head of an exported GLEAM-C tower are ignored. A checkpoint whose
 position embeddings were learned on another grid (a 224-px checkpoint for a 384-px model) has them
@@ -38,7 +51,10 @@ from gleam_jax.models import torch_checkpoints, vit
 
 _WRAPPER_PREFIXES = ('module.', 'model.', 'vit.', 'backbone.', 'vision_model.')
 _NOT_BACKBONE = re.compile(r'^((classifier|head_drop|pooler|gleam_c|text_model)\..*|'
-                           r'head\.(weight|bias)|logit_scale|logit_bias|embeddings\.mask_token)$')
+                           r'head\.(weight|bias)|logit_scale|logit_bias|embeddings\.(mask_token|position_ids)|'
+                           r'text_projection(\.weight)?)$')
+# Keys of a vision tower that lie outside its wrapper (a CLIPModel's projection beside `vision_model.`).
+_OUTSIDE_WRAPPER = re.compile(rf'{_NOT_BACKBONE.pattern}|^visual_projection\.weight$')
 
 # (source regex, our dotted path template, kind)
 _HF_RULES = [
@@ -67,7 +83,7 @@ _PROJECTIONS = {'q': 'query', 'k': 'key', 'v': 'value', 'o': 'out'}
 _TO_SIGLIP = {'query': 'q', 'key': 'k', 'value': 'v'}  # SigLIP's out_proj keeps 'out'
 # SigLIP's vision tower (`SiglipVisionModel`; in a `SiglipModel` file under `vision_model.`): no class
 # token, position embeddings as an (N, width) table, the tanh GELU and a MAP pooling head.
-_SIGLIP_RULES = [
+_TOWER_RULES = [  # what SigLIP's and CLIP's vision towers name alike
     (r'embeddings\.position_embedding\.weight', 'pos_embed', 'unbatched'),
     (r'embeddings\.patch_embedding\.(weight|bias)', 'patch_embed.{0}', 'conv'),
     (r'encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)', 'blocks.{0}.norm1.{1}', 'norm'),
@@ -75,11 +91,37 @@ _SIGLIP_RULES = [
     (r'encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)', 'blocks.{0}.norm2.{1}', 'norm'),
     (r'encoder\.layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)', 'blocks.{0}.fc{1}.{2}', 'dense'),
     (r'post_layernorm\.(weight|bias)', 'norm.{0}', 'norm'),
+]
+_SIGLIP_RULES = [
+    *_TOWER_RULES,
     (r'head\.probe', 'head.probe', 'copy'),
     (r'head\.attention\.in_proj_(weight|bias)', 'head.attn.{{}}.{0}', 'qkv'),
     (r'head\.attention\.out_proj\.(weight|bias)', 'head.attn.out.{0}', 'dense'),
     (r'head\.layernorm\.(weight|bias)', 'head.norm.{0}', 'norm'),
     (r'head\.mlp\.fc([12])\.(weight|bias)', 'head.fc{0}.{1}', 'dense'),
+]
+# CLIP's (`CLIPVisionModel`; `vision_model.` in a CLIPModel, its projection beside it): a class token
+# as a (width,) vector, a LayerNorm before the blocks, no patch bias, a bias-free projection.
+_CLIP_RULES = [
+    (r'embeddings\.class_embedding', 'cls_token', 'token'),
+    (r'pre_layrnorm\.(weight|bias)', 'norm_pre.{0}', 'norm'),
+    *_TOWER_RULES,
+    (r'visual_projection\.(weight)', 'proj.{0}', 'dense'),
+]
+# OpenAI's CLIP and open_clip (`visual.` of the whole model; its projection is (width, out) already).
+_OPEN_CLIP_RULES = [
+    (r'class_embedding', 'cls_token', 'token'),
+    (r'positional_embedding', 'pos_embed', 'unbatched'),
+    (r'conv1\.(weight)', 'patch_embed.{0}', 'conv'),
+    (r'ln_pre\.(weight|bias)', 'norm_pre.{0}', 'norm'),
+    (r'transformer\.resblocks\.(\d+)\.ln_1\.(weight|bias)', 'blocks.{0}.norm1.{1}', 'norm'),
+    (r'transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)', 'blocks.{0}.attn.{{}}.{1}', 'qkv'),
+    (r'transformer\.resblocks\.(\d+)\.attn\.out_proj\.(weight|bias)', 'blocks.{0}.attn.out.{1}', 'dense'),
+    (r'transformer\.resblocks\.(\d+)\.ln_2\.(weight|bias)', 'blocks.{0}.norm2.{1}', 'norm'),
+    (r'transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(weight|bias)', 'blocks.{0}.fc1.{1}', 'dense'),
+    (r'transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(weight|bias)', 'blocks.{0}.fc2.{1}', 'dense'),
+    (r'ln_post\.(weight|bias)', 'norm.{0}', 'norm'),
+    (r'proj', 'proj.kernel', 'copy'),
 ]
 _TIMM_RULES = [
     (r'cls_token', 'cls_token', 'copy'),
@@ -93,11 +135,16 @@ _TIMM_RULES = [
     (r'norm\.(weight|bias)', 'norm.{0}', 'norm'),
 ]
 _LAYOUTS = {'huggingface': _HF_RULES, 'huggingface_modules': _HF_MODULE_RULES, 'timm': _TIMM_RULES,
-            'siglip': _SIGLIP_RULES}
+            'siglip': _SIGLIP_RULES, 'clip': _CLIP_RULES, 'open_clip': _OPEN_CLIP_RULES}
+_CLIP_LAYOUTS = ('clip', 'open_clip')
+_PROJECTION_KEYS = {'clip': 'visual_projection.weight', 'open_clip': 'proj'}
 
 
 def _strip_wrappers(sd: dict) -> dict:
-  return torch_checkpoints.strip_wrappers(sd, _WRAPPER_PREFIXES, _NOT_BACKBONE)
+  sd = torch_checkpoints.strip_wrappers(sd, _WRAPPER_PREFIXES, _OUTSIDE_WRAPPER)
+  if 'visual.conv1.weight' in sd:  # a whole OpenAI / open_clip CLIP: its image tower
+    sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
+  return sd
 
 
 def detect_layout(keys) -> str:
@@ -107,33 +154,42 @@ def detect_layout(keys) -> str:
   if any(k.startswith('patch_embed.proj') for k in keys):
     return 'timm'
   if any(k.startswith('embeddings.patch_embedding.') for k in keys):
-    return 'siglip'
-  raise GleamError(f'Checkpoint is neither a Hugging Face ViT or SigLIP vision tower nor a timm ViT (first '
-                   f'keys: {keys[:5]}); expected "embeddings.patch_embeddings.*", '
-                   f'"vision_model.embeddings.patch_embedding.*" or "patch_embed.proj.*".')
+    return 'clip' if 'embeddings.class_embedding' in keys else 'siglip'
+  if 'conv1.weight' in keys and any(k.startswith('transformer.resblocks.') for k in keys):
+    return 'open_clip'
+  raise GleamError(f'Checkpoint is neither a Hugging Face ViT, SigLIP or CLIP vision tower nor a timm or '
+                   f'open_clip ViT (first keys: {keys[:5]}); expected "embeddings.patch_embeddings.*", '
+                   f'"vision_model.embeddings.patch_embedding.*", "patch_embed.proj.*" or '
+                   f'"visual.conv1.weight".')
 
 
 def infer_architecture(sd: dict) -> str:
   """A description of a checkpoint's ViT (width, depth, patch size, grid) from its keys and shapes."""
   sd = _strip_wrappers(sd)
   layout = detect_layout(sd)
-  patch_key = {'timm': 'patch_embed.proj.weight', 'siglip': 'embeddings.patch_embedding.weight'}.get(
-      layout, 'embeddings.patch_embeddings.projection.weight')
+  tower = 'embeddings.patch_embedding.weight'
+  patch_key = {'timm': 'patch_embed.proj.weight', 'siglip': tower, 'clip': tower,
+               'open_clip': 'conv1.weight'}.get(layout, 'embeddings.patch_embeddings.projection.weight')
   block = {'huggingface': r'encoder\.layer\.(\d+)\.', 'huggingface_modules': r'layers\.(\d+)\.',
-           'timm': r'blocks\.(\d+)\.', 'siglip': r'encoder\.layers\.(\d+)\.'}[layout]
+           'timm': r'blocks\.(\d+)\.', 'siglip': r'encoder\.layers\.(\d+)\.', 'clip': r'encoder\.layers\.(\d+)\.',
+           'open_clip': r'transformer\.resblocks\.(\d+)\.'}[layout]
   depth = 1 + max((int(m.group(1)) for k in sd for m in [re.match(block, k)] if m), default=-1)
   width, _, patch, _ = np.shape(sd[patch_key])
-  pos = sd.get({'timm': 'pos_embed', 'siglip': 'embeddings.position_embedding.weight'}.get(
+  pos = sd.get({'timm': 'pos_embed', 'siglip': 'embeddings.position_embedding.weight',
+                'clip': 'embeddings.position_embedding.weight', 'open_clip': 'positional_embedding'}.get(
       layout, 'embeddings.position_embeddings'))
   positions = np.shape(pos)[-2] - (layout != 'siglip') if pos is not None else None
   grid = int(round(np.sqrt(positions))) if positions else '?'
-  fc1 = [np.shape(v)[0] for k, v in sd.items() if re.search(r'(intermediate\.dense|fc1)\.weight$', k)]
-  return f'width {width}, depth {depth}, MLP {fc1[0] if fc1 else "?"}, patch {patch}, position grid {grid}x{grid}'
+  fc1 = [np.shape(v)[0] for k, v in sd.items() if re.search(r'(intermediate\.dense|fc1|c_fc)\.weight$', k)]
+  projection = np.shape(sd[_PROJECTION_KEYS[layout]]) if _PROJECTION_KEYS.get(layout) in sd else None
+  projected = f', projection to {projection[0 if layout == "clip" else 1]}' if projection else ''
+  return (f'width {width}, depth {depth}, MLP {fc1[0] if fc1 else "?"}, patch {patch}, position grid '
+          f'{grid}x{grid}{projected}')
 
 
 def describe(cfg: vit.ViTConfig) -> str:
   return (f'width {cfg.width}, depth {cfg.depth}, MLP {cfg.mlp_dim}, patch {cfg.patch_size}, '
-          f'position grid {cfg.grid}x{cfg.grid}')
+          f'position grid {cfg.grid}x{cfg.grid}' + (f', projection to {cfg.proj_dim}' if cfg.proj_dim else ''))
 
 
 def map_state_dict(sd: dict) -> tuple[dict[str, tuple[str, np.ndarray]], list[str]]:
@@ -162,23 +218,20 @@ def _check_hf_config(path, cfg: vit.ViTConfig):
     return
   with open(config_file) as f:
     hf = json.load(f)
-  if hf.get('model_type') == 'siglip':  # a SiglipModel: its vision tower's settings
-    hf = dict(hf.get('vision_config') or {}, model_type='siglip_vision_model')
+  if hf.get('model_type') in ('siglip', 'clip'):  # a SiglipModel / CLIPModel: its vision tower's settings
+    hf = dict(hf.get('vision_config') or {}, model_type=f"{hf['model_type']}_vision_model")
   siglip = hf.get('model_type') == 'siglip_vision_model'
-  if hf.get('model_type') not in ('vit', 'siglip_vision_model', None):
+  clip = hf.get('model_type') == 'clip_vision_model'
+  if hf.get('model_type') not in ('vit', 'siglip_vision_model', 'clip_vision_model', None):
     return
-  eps = hf.get('layer_norm_eps', 1e-6 if siglip else None)
-  if eps is not None and not np.isclose(eps, cfg.ln_eps, rtol=1e-3, atol=0):
-    raise GleamError(f'ViT checkpoint {path}: its config.json has layer_norm_eps={eps} but the model '
-                     f'uses {cfg.ln_eps}; set model.vit.ln_eps={eps}.')
-  act = hf.get('hidden_act', 'gelu_pytorch_tanh' if siglip else 'gelu')
-  gelu = {'gelu': 'exact', 'gelu_pytorch_tanh': 'tanh'}.get(act)
+  _check_eps(path, 'config.json', 'layer_norm_eps', hf.get('layer_norm_eps', 1e-6 if siglip else 1e-5 if clip else None),
+             cfg)
+  act = hf.get('hidden_act', 'gelu_pytorch_tanh' if siglip else 'quick_gelu' if clip else 'gelu')
+  gelu = _GELUS.get(act)
   if gelu is None:
-    raise GleamError(f'ViT checkpoint {path}: hidden_act={act!r}; our ViT computes "gelu" (exact) or '
-                     f'"gelu_pytorch_tanh" (model.vit.gelu=tanh).')
-  if gelu != cfg.gelu:
-    raise GleamError(f'ViT checkpoint {path}: hidden_act={act!r} but the model computes gelu={cfg.gelu!r}; '
-                     f'set model.vit.gelu={gelu}.')
+    raise GleamError(f'ViT checkpoint {path}: hidden_act={act!r}; our ViT computes "gelu" (exact), '
+                     f'"gelu_pytorch_tanh" (model.vit.gelu=tanh) or "quick_gelu" (model.vit.gelu=quick).')
+  _check_gelu(path, f'hidden_act={act!r}', gelu, cfg)
   head = hf.get('vision_use_head', True)  # SigLIP pooled by its attention head, else by the patch tokens
   if siglip and (cfg.class_token or (head and cfg.pool != 'map')):
     pool = 'map' if head else 'gap'
@@ -187,11 +240,76 @@ def _check_hf_config(path, cfg: vit.ViTConfig):
                      f'model.vit.class_token=False and model.vit.pool={pool}.')
 
 
+_GELUS = {'gelu': 'exact', 'gelu_pytorch_tanh': 'tanh', 'quick_gelu': 'quick'}
+
+
+def _check_eps(path, file, field, eps, cfg: vit.ViTConfig):
+  if eps is not None and not np.isclose(eps, cfg.ln_eps, rtol=1e-3, atol=0):
+    raise GleamError(f'ViT checkpoint {path}: its {file} has {field}={eps} but the model uses '
+                     f'{cfg.ln_eps}; set model.vit.ln_eps={eps}.')
+
+
+def _check_gelu(path, setting, gelu, cfg: vit.ViTConfig):
+  if gelu != cfg.gelu:
+    raise GleamError(f'ViT checkpoint {path}: {setting} but the model computes gelu={cfg.gelu!r}; '
+                     f'set model.vit.gelu={gelu}.')
+
+
+def _check_open_clip_config(path, cfg: vit.ViTConfig):
+  """An open_clip directory's open_clip_config.json must agree with the model on the GELU (OpenAI's
+  weights and `-quickgelu` models use quick_gelu), the LayerNorm epsilon and the pooling."""
+  config_file = os.path.join(path, 'open_clip_config.json') if os.path.isdir(path) else None
+  if not config_file or not os.path.exists(config_file):
+    return
+  with open(config_file) as f:
+    model_cfg = json.load(f).get('model_cfg') or {}
+  vision = model_cfg.get('vision_cfg') or {}
+  quick = bool(model_cfg.get('quick_gelu', False))
+  _check_gelu(path, f'open_clip_config.json has quick_gelu={str(quick).lower()}', 'quick' if quick else 'exact', cfg)
+  _check_eps(path, 'open_clip_config.json', 'vision_cfg.norm_kwargs.eps',
+             (vision.get('norm_kwargs') or {}).get('eps', 1e-5), cfg)
+  unsupported = {k: vision[k] for k in ('timm_model_name', 'no_ln_pre', 'final_ln_after_pool', 'attentional_pool',
+                                        'ls_init_value') if vision.get(k)}
+  if unsupported:
+    raise GleamError(f'ViT checkpoint {path}: its open_clip_config.json sets {unsupported}, which our ViT does '
+                     f'not compute; give a plain open_clip ViT (class token, LayerNorm before the blocks).')
+  pool = {'tok': 'cls', 'avg': 'gap'}.get(vision.get('pool_type', 'tok'))
+  if pool != cfg.pool:
+    raise GleamError(f"ViT checkpoint {path}: open_clip_config.json pools by pool_type="
+                     f"{vision.get('pool_type', 'tok')!r} but the model has pool={cfg.pool!r}; set "
+                     f'model.vit.pool={pool}.')
+
+
 def read_checkpoint(path, cfg: vit.ViTConfig) -> dict[str, np.ndarray]:
   """The tensors of a local ViT checkpoint (directory or file), after checking a Hugging Face
-  directory's config.json against `cfg` on what the weights do not show (LayerNorm epsilon, GELU)."""
+  directory's config.json (or open_clip's open_clip_config.json) against `cfg` on what the weights do
+  not show (LayerNorm epsilon, GELU, pooling)."""
   _check_hf_config(path, cfg)
+  _check_open_clip_config(path, cfg)
   return torch_checkpoints.read_state_dict(path, 'ViT')
+
+
+def _fit_settings(sd: dict, cfg: vit.ViTConfig, where) -> dict:
+  """The (unwrapped) checkpoint tensors the model takes: a CLIP checkpoint's projection is left out
+  of a model without one (proj_dim=0), as transformers' CLIPVisionModel leaves it; a GleamError
+  naming the settings where the checkpoint's kind of tower needs others."""
+  layout = detect_layout(sd)
+  if layout not in _CLIP_LAYOUTS:
+    if cfg.pre_norm or not cfg.patch_bias or cfg.proj_dim:
+      raise GleamError(f'ViT checkpoint {where} ({layout} layout) has no LayerNorm before the blocks, a patch '
+                       f'bias and no projection, but the model is set as a CLIP tower; set '
+                       f'model.vit.pre_norm=False, model.vit.patch_bias=True and model.vit.proj_dim=0.')
+    return sd
+  if not cfg.pre_norm or cfg.patch_bias or not cfg.class_token:
+    raise GleamError(f'ViT checkpoint {where} is a CLIP image tower (a class token, a LayerNorm before the '
+                     f'blocks, no patch bias); set model.vit.pre_norm=True, model.vit.patch_bias=False and '
+                     f'model.vit.class_token=True (and model.vit.ln_eps=1e-5; gelu=quick for OpenAI\'s weights).')
+  key = _PROJECTION_KEYS[layout]
+  if cfg.proj_dim and key not in sd:
+    raise GleamError(f'ViT checkpoint {where} has no projection ({key!r}) but the model projects to '
+                     f'{cfg.proj_dim}; set model.vit.proj_dim=0, or give a checkpoint with the projection '
+                     f'(a CLIPModel or CLIPVisionModelWithProjection).')
+  return sd if cfg.proj_dim else {k: v for k, v in sd.items() if k != key}
 
 
 def load_vit_weights(model: vit.ViT, source) -> None:
@@ -200,7 +318,7 @@ def load_vit_weights(model: vit.ViT, source) -> None:
   where = source if is_path else '(a state dict)'
   sd = read_checkpoint(source, model.config) if is_path else dict(source)
   sd = {k: torch_checkpoints.to_numpy(v) for k, v in sd.items()}
-  mapped, unexpected = map_state_dict(sd)
+  mapped, unexpected = map_state_dict(_fit_settings(_strip_wrappers(sd), model.config, where))
   if 'pos_embed' in mapped:
     key, value = mapped['pos_embed']
     mapped['pos_embed'] = (key, _fit_pos_embed(value, model.config))
@@ -219,8 +337,16 @@ def load_vit_weights(model: vit.ViT, source) -> None:
 
 
 def hf_state_dict(model: vit.ViT) -> dict[str, np.ndarray]:
-  """Our ViT's parameters under transformers' `ViTModel` file keys, in torch layouts, float32."""
-  return torch_checkpoints.torch_state_dict(model, _HF_RULES, 'ViT')
+  """Our ViT's parameters under the file keys of its transformers model (`hf_architecture`), in torch
+  layouts, float32."""
+  arch = hf_architecture(model.config)
+  if arch == 'ViTModel':
+    return torch_checkpoints.torch_state_dict(model, _HF_RULES, 'ViT')
+  if arch == 'SiglipVisionModel':
+    return torch_checkpoints.torch_state_dict(model, _SIGLIP_RULES, 'ViT', rename=_TO_SIGLIP)
+  tensors = torch_checkpoints.torch_state_dict(model, _CLIP_RULES, 'ViT', rename=_TO_SIGLIP)
+  # the hub's layout (a CLIPModel's), which transformers 4 and 5 read alike
+  return {(k if _OUTSIDE_WRAPPER.match(k) else f'vision_model.{k}'): v for k, v in tensors.items()}
 
 
 def hf_config(cfg: vit.ViTConfig, dtype: str = 'float32') -> dict:
@@ -228,41 +354,81 @@ def hf_config(cfg: vit.ViTConfig, dtype: str = 'float32') -> dict:
   common = dict(hidden_size=cfg.width, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
                 intermediate_size=cfg.mlp_dim, layer_norm_eps=cfg.ln_eps, image_size=cfg.image_size,
                 patch_size=cfg.patch_size, num_channels=cfg.in_channels, dtype=dtype)
-  if hf_architecture(cfg) == 'SiglipVisionModel':
+  arch = hf_architecture(cfg)
+  if arch == 'SiglipVisionModel':
     from transformers import SiglipVisionConfig
     return SiglipVisionConfig(**common, hidden_act=_HF_ACTS[cfg.gelu], vision_use_head=cfg.pool == 'map',
-                              architectures=['SiglipVisionModel']).to_diff_dict()
+                              architectures=[arch]).to_diff_dict()
+  if arch.startswith('CLIP'):
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(**common, hidden_act=_HF_ACTS[cfg.gelu], architectures=[arch],
+                            **({'projection_dim': cfg.proj_dim} if cfg.proj_dim else {})).to_diff_dict()
   from transformers import ViTConfig as HFViTConfig
   return HFViTConfig(**common, hidden_act='gelu', qkv_bias=True, drop_path_rate=cfg.drop_path_rate,
-                     architectures=['ViTModel']).to_diff_dict()
+                     architectures=[arch]).to_diff_dict()
 
 
-_HF_ACTS = {'exact': 'gelu', 'tanh': 'gelu_pytorch_tanh'}
+_HF_ACTS = {v: k for k, v in _GELUS.items()}
+
+
+def _clip_like(cfg: vit.ViTConfig) -> bool:
+  return cfg.pre_norm or not cfg.patch_bias or bool(cfg.proj_dim)
 
 
 def hf_architecture(cfg: vit.ViTConfig) -> str:
-  """'ViTModel' (a class token, pooled by it or the mean patch token, the exact GELU) or
-  'SiglipVisionModel' (no class token: the mean patch token or the MAP head); a GleamError for a ViT
-  that is neither."""
-  if cfg.class_token and cfg.pool != 'map' and cfg.gelu == 'exact':
+  """'ViTModel' (a class token, pooled by it or the mean patch token, the exact GELU),
+  'SiglipVisionModel' (no class token: the mean patch token or the MAP head), 'CLIPVisionModel' (a
+  class token, a LayerNorm before the blocks, no patch bias, pooled by the class token) or
+  'CLIPVisionModelWithProjection' (that with `proj_dim`); a GleamError for a ViT that is none."""
+  if _clip_like(cfg):
+    if cfg.class_token and cfg.pre_norm and not cfg.patch_bias and cfg.pool == 'cls':
+      return 'CLIPVisionModelWithProjection' if cfg.proj_dim else 'CLIPVisionModel'
+  elif cfg.class_token and cfg.pool != 'map' and cfg.gelu == 'exact':
     return 'ViTModel'
-  if not cfg.class_token:
+  elif not cfg.class_token:
     return 'SiglipVisionModel'
-  raise GleamError(f'A ViT with a class token and pool={cfg.pool!r}, gelu={cfg.gelu!r} is neither a transformers '
-                   f"ViTModel (pool 'cls' or 'gap', exact GELU) nor a SiglipVisionModel (no class token), so it "
-                   f"cannot be exported or benchmarked against transformers; its parameters are in the job's "
-                   f"checkpoints.")
+  raise GleamError(
+      f'A ViT with class_token={cfg.class_token}, pool={cfg.pool!r}, gelu={cfg.gelu!r}, pre_norm={cfg.pre_norm}, '
+      f'patch_bias={cfg.patch_bias}, proj_dim={cfg.proj_dim} is none of transformers\' ViTModel (a class token '
+      f"pooled by 'cls' or 'gap', exact GELU), SiglipVisionModel (no class token) or CLIPVisionModel[WithProjection] "
+      f"(a class token pooled by 'cls', pre_norm=True, patch_bias=False), so it cannot be exported or benchmarked "
+      f"against transformers; its parameters are in the job's checkpoints.")
+
+
+def hf_features(cfg: vit.ViTConfig) -> str:
+  """Which output of the transformers model (`hf_architecture`) our ViT's pooled features are."""
+  arch = hf_architecture(cfg)
+  if arch == 'CLIPVisionModelWithProjection':
+    return 'image_embeds'
+  if cfg.pool == 'map' or arch == 'CLIPVisionModel':  # CLIP's last_hidden_state is not normed; its pooler is
+    return 'pooler_output'
+  return 'last_hidden_state[:, 0]' if cfg.pool == 'cls' else f'last_hidden_state[:, {int(cfg.class_token)}:].mean(1)'
+
+
+def hf_pooled(cfg: vit.ViTConfig, outputs):
+  """`hf_features` read off the transformers model's `outputs`."""
+  name = hf_features(cfg)
+  if not name.startswith('last_hidden_state'):
+    return getattr(outputs, name)
+  tokens = outputs.last_hidden_state
+  return tokens[:, 0] if cfg.pool == 'cls' else tokens[:, int(cfg.class_token):].mean(1)
+
+
+def build_hf_model(cfg: vit.ViTConfig):
+  """A randomly initialised transformers model of our ViT's architecture (`hf_architecture`)."""
+  import transformers
+  arch = hf_architecture(cfg)
+  model_class = getattr(transformers, arch)
+  config = model_class.config_class.from_dict(hf_config(cfg))
+  return model_class(config, add_pooling_layer=False) if arch == 'ViTModel' else model_class(config)
 
 
 def save_hf_vit(model: vit.ViT, directory: str, extra: dict | None = None,
                 extra_config: dict | None = None, dtype: str | None = None) -> int:
-  """Writes `model` as a transformers `ViTModel` directory (config.json + model.safetensors, with
-  the `extra` tensors in float32 and `extra_config`'s entries), as `convnext_params.save_hf_convnext`
-  does for ConvNeXt. It has no pooler: load it with `ViTModel.from_pretrained(d, add_pooling_layer=False)`.
-  A ViT without class token (a SigLIP tower) is written as a `SiglipVisionModel` directory instead
-  (`hf_architecture`). Returns the bytes written."""
-  cfg = model.config
-  tensors = (hf_state_dict(model) if hf_architecture(cfg) == 'ViTModel' else
-             torch_checkpoints.torch_state_dict(model, _SIGLIP_RULES, 'ViT', rename=_TO_SIGLIP))
-  config = hf_config(cfg, dtype or 'float32') | (extra_config or {})
-  return torch_checkpoints.save_hf_directory(directory, tensors, config, extra, dtype)
+  """Writes `model` as the transformers model directory it is (`hf_architecture`: a `ViTModel`, a
+  `SiglipVisionModel` for a ViT without class token, a `CLIPVisionModel[WithProjection]` for a CLIP
+  tower) (config.json + model.safetensors, with the `extra` tensors in float32 and `extra_config`'s
+  entries), as `convnext_params.save_hf_convnext` does for ConvNeXt. A ViTModel has no pooler: load it
+  with `ViTModel.from_pretrained(d, add_pooling_layer=False)`. Returns the bytes written."""
+  config = hf_config(model.config, dtype or 'float32') | (extra_config or {})
+  return torch_checkpoints.save_hf_directory(directory, hf_state_dict(model), config, extra, dtype)
