@@ -475,6 +475,9 @@ def test_siglip_settings_are_checked_against_its_config(siglip_dir, tmp_path):
   with pytest.raises(GleamError, match=r"hidden_act='gelu_pytorch_tanh' but the model computes gelu='exact'; set model.vit.gelu=tanh"):
     vit_params.load_vit_weights(vit.ViT(vit.vit_config(None, **SIZES, image_size=16, class_token=False, pool="map"),
                                         rngs=nnx.Rngs(0)), siglip_dir)
+  headless = {k: v.numpy() for k, v in hf_siglip().state_dict().items() if not k.startswith("head.")}
+  with pytest.raises(GleamError, match=r"SigLIP tower without attention-pooling head .* set model\.vit\.pool=gap"):
+    vit_params.load_vit_weights(our_siglip(), headless)
   with pytest.raises(GleamError, match="pool='cls' needs a class token"):
     vit.vit_config(None, **SIZES, class_token=False)
   with pytest.raises(GleamError, match="none of transformers. ViTModel .*, SiglipVisionModel .* or CLIPVisionModel"):
@@ -489,7 +492,7 @@ def test_exported_siglip_tower_gives_our_embeddings_in_pytorch(siglip_dir, tmp_p
   import safetensors.torch
   from gleam_jax import export_c
   cfg = gleam_c.model_config(backbone="vit", vit=dict(SIZES, image_size=16, **(SIGLIP | dict(pool=pool))),
-                             embed_dim=8, pretrained=siglip_dir if pool == "map" else None)  # its head is a MAP head
+                             embed_dim=8, pretrained=siglip_dir)  # 'gap': the checkpoint's MAP head left out
   model = gleam_c.GleamC(cfg, rngs=nnx.Rngs(params=0, dropout=1))
   model.eval()
   assert model.encoder.cls_token is None and (model.encoder.head is not None) == (pool == "map")
@@ -507,6 +510,10 @@ def test_exported_siglip_tower_gives_our_embeddings_in_pytorch(siglip_dir, tmp_p
     got = F.normalize(F.linear(pooled, weights["gleam_c.projection.weight"], weights["gleam_c.projection.bias"]),
                       dim=-1, eps=1e-6).numpy()
   np.testing.assert_allclose(got, np.asarray(model.encode(jnp.asarray(x), "query")), atol=TOL)
+  with torch.no_grad():  # the checkpoint's tokens, whichever head pools them
+    checkpoint = transformers.SiglipVisionModel.from_pretrained(siglip_dir).eval()
+    want = checkpoint(torch.from_numpy(x.transpose(0, 3, 1, 2)), interpolate_pos_encoding=True).last_hidden_state
+  np.testing.assert_allclose(out.last_hidden_state.numpy(), want.numpy(), atol=TOL)
 
 
 def test_so400m_tower_has_siglip_so400m_parameters():

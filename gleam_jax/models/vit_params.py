@@ -1,9 +1,9 @@
-"""Import ViT weights from Hugging Face or timm checkpoints into `vit.ViT`, and export ours as a
-transformers `ViTModel` directory.
+"""Import ViT weights from Hugging Face, timm, SigLIP and CLIP checkpoints into `vit.ViT`, and export
+ours as the transformers model directory it is (`ViTModel`, `SiglipVisionModel`, `CLIPVisionModel`).
 
     load_vit_weights(model, 'path/to/dir_or_file')   # or a {name: array} state dict
 
-Both layouts are detected from the key names:
+The layouts are detected from the key names:
   Hugging Face  embeddings.{cls_token, position_embeddings, patch_embeddings.projection},
                 encoder.layer.i.{layernorm_before, attention.attention.{query, key, value},
                 attention.output.dense, layernorm_after, intermediate.dense, output.dense}, layernorm
@@ -18,7 +18,8 @@ Both layouts are detected from the key names:
                 encoder.layers.i.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1,
                 mlp.fc2}, post_layernorm, head.{probe, attention.in_proj (q, k, v stacked),
                 attention.out_proj, layernorm, mlp.fc1, mlp.fc2}: a model with class_token=False,
-                pool='map' and gelu='tanh'; a directory's config.json is checked against those
+                pool='map' and gelu='tanh' (pool='gap' leaves the head out); a directory's config.json
+                is checked against those
   CLIP          (`CLIPVisionModel`, `CLIPVisionModelWithProjection`, or a `CLIPModel` such as
                 openai/clip-vit-base-patch16, its text tower ignored) embeddings.{class_embedding,
                 patch_embedding (no bias), position_embedding}, pre_layrnorm, the blocks as SigLIP's,
@@ -233,7 +234,7 @@ def _check_hf_config(path, cfg: vit.ViTConfig):
                      f'"gelu_pytorch_tanh" (model.vit.gelu=tanh) or "quick_gelu" (model.vit.gelu=quick).')
   _check_gelu(path, f'hidden_act={act!r}', gelu, cfg)
   head = hf.get('vision_use_head', True)  # SigLIP pooled by its attention head, else by the patch tokens
-  if siglip and (cfg.class_token or (head and cfg.pool != 'map')):
+  if siglip and cfg.class_token:
     pool = 'map' if head else 'gap'
     raise GleamError(f'ViT checkpoint {path} is a SigLIP vision tower (no class token, pooled by its '
                      f"{'attention head' if pool == 'map' else 'patch tokens'}); set "
@@ -291,9 +292,17 @@ def read_checkpoint(path, cfg: vit.ViTConfig) -> dict[str, np.ndarray]:
 
 def _fit_settings(sd: dict, cfg: vit.ViTConfig, where) -> dict:
   """The (unwrapped) checkpoint tensors the model takes: a CLIP checkpoint's projection is left out
-  of a model without one (proj_dim=0), as transformers' CLIPVisionModel leaves it; a GleamError
-  naming the settings where the checkpoint's kind of tower needs others."""
+  of a model without one (proj_dim=0), as transformers' CLIPVisionModel leaves it, and a SigLIP
+  tower's attention-pooling head out of a model pooled otherwise (pool='gap', as SigLIP's
+  vision_use_head=False); a GleamError naming the settings where the checkpoint's kind of tower
+  needs others."""
   layout = detect_layout(sd)
+  if layout == 'siglip':
+    head = [k for k in sd if k.startswith('head.')]
+    if cfg.pool == 'map' and not head:
+      raise GleamError(f"ViT checkpoint {where} is a SigLIP tower without attention-pooling head but the model "
+                       f"pools by one (pool='map'); set model.vit.pool=gap.")
+    sd = sd if cfg.pool == 'map' else {k: v for k, v in sd.items() if k not in head}
   if layout not in _CLIP_LAYOUTS:
     if cfg.pre_norm or not cfg.patch_bias or cfg.proj_dim:
       raise GleamError(f'ViT checkpoint {where} ({layout} layout) has no LayerNorm before the blocks, a patch '
