@@ -7,7 +7,10 @@
 `arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
 `key=value` for the common knobs (variant, data, res, steps, batch, sampler, loss, lr, modalities).
 `variant=` names a ConvNeXt (atto ... base) or, with a patch size, a ViT as big_vision names it
-(`variant=S/16`; `variant=Ti/4` for the 32-px synthetic world), its position grid at the satellite size. Any field can
+(`variant=S/16`; `variant=Ti/4` for the 32-px synthetic world), its position grid at the satellite size;
+`vit=` (google, siglip, clip, open_clip) sets the ViT's settings and the pixel normalisation for that
+family's checkpoints (`gleam_c.VIT_FAMILIES`; `variant=B/16,res=224,vit=clip` and
+`--config.model.pretrained=/path/clip-vit-base-patch16`). Any field can
 be overridden on the command line (`--config.optim.lr=1e-3`); the config is locked, so a typo is
 an error. `data=` names a synthetic world preset (tiny, s64, s128) or a published dataset built from
 its local copy (vigor, cvusa, cvact, university1652, sues200; its builder config, eval splits and
@@ -33,10 +36,10 @@ from gleam_jax.data import builders
 from gleam_jax.data.config import data_config
 from gleam_jax.errors import GleamError
 from gleam_jax.eval.retrieval import search_config
-from gleam_jax.models.gleam_c import model_config
+from gleam_jax.models.gleam_c import VIT_FAMILIES, model_config
 from gleam_jax.train.sharding import DEFAULT_RULES
 
-KNOBS = ("variant", "data", "res", "steps", "batch", "sampler", "loss", "lr", "modalities")
+KNOBS = ("variant", "data", "res", "steps", "batch", "sampler", "loss", "lr", "modalities", "vit")
 
 
 def parse_arg(arg, known=KNOBS):
@@ -66,6 +69,15 @@ def knob(knobs, key, default, kind=int):
     raise GleamError(f"config knob {key}={knobs[key]!r} must be a{'n integer' if kind is int else ' number'}.") from None
 
 
+def vit_family(name, data):
+  """The `model.vit` settings and (mean, std) of a checkpoint family (None: ours, the data's)."""
+  if name is None:
+    return {}, (data.mean, data.std)
+  if name not in VIT_FAMILIES:
+    raise GleamError(f"config knob vit={name!r}: choose one of {', '.join(VIT_FAMILIES)}.")
+  return VIT_FAMILIES[name]
+
+
 def base_config(arg, modalities, known=KNOBS):
   flags, knobs = parse_arg(arg, known)
   tiny = "tiny" in flags
@@ -91,9 +103,13 @@ def base_config(arg, modalities, known=KNOBS):
   c.data.seed = seed
   c.data.sampler.name = knobs.get("sampler", "shuffle")
 
+  if "vit" in knobs and "/" not in knobs.get("variant", ""):
+    raise GleamError(f"config knob vit={knobs['vit']} sets a ViT's settings; name the ViT too "
+                     f"(variant=B/16,vit={knobs['vit']}).")
   if "variant" in knobs and "/" in knobs["variant"]:  # a ViT, e.g. S/16; its position grid at the res
+    family, (c.data.mean, c.data.std) = vit_family(knobs.get("vit"), c.data)
     c.model = model_config(variant=knobs["variant"], embed_dim=16 if tiny else 128, backbone="vit",
-                           vit=dict(image_size=c.data.satellite_size[0]))
+                           vit=dict(image_size=c.data.satellite_size[0], **family))
   elif "variant" in knobs:  # also with tiny: a real variant on the tiny world
     c.model = model_config(variant=knobs["variant"], embed_dim=16 if tiny else 128)
   elif tiny:

@@ -43,6 +43,19 @@ VIT_FIELDS = dict(image_size=224, pool='cls', ln_eps=1e-6, class_token=True, gel
                   patch_bias=True, proj_dim=0)
 
 
+# Checkpoint families of the ViT backbone: the model.vit settings their weights need and the pixel
+# normalisation (data.mean, data.std) they were trained with.
+_HALF = (0.5, 0.5, 0.5)
+_CLIP_PIXELS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+_CLIP = dict(pre_norm=True, patch_bias=False, ln_eps=1e-5)
+VIT_FAMILIES = {
+    'google': (dict(ln_eps=1e-12), (_HALF, _HALF)),  # google/vit-* (transformers' ViTModel)
+    'siglip': (dict(class_token=False, pool='map', gelu='tanh'), (_HALF, _HALF)),
+    'clip': (_CLIP | dict(gelu='quick'), _CLIP_PIXELS),  # OpenAI's weights, open_clip's -quickgelu models
+    'open_clip': (_CLIP | dict(gelu='exact'), _CLIP_PIXELS),  # LAION's (open_clip's default GELU)
+}
+
+
 def vit_settings(**settings) -> ml_collections.ConfigDict:
   """`model.vit`: the ViT backbone's position-embedding grid (`image_size`), pooling ('cls', 'gap' or
   'map'), LayerNorm epsilon, class token, GELU ('exact', 'tanh' or 'quick'), CLIP's LayerNorm before
