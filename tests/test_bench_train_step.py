@@ -8,14 +8,17 @@ from gleam_jax.bench import train_step
 
 SIGLIP = {"class_token": False, "pool": "map", "gelu": "tanh"}
 CLIP = {"pre_norm": True, "patch_bias": False, "gelu": "quick", "ln_eps": 1e-5, "proj_dim": 24}
+DINOV2 = {"layer_scale": 1.0, "registers": 2, "pos_antialias": True}
 
 
 @pytest.mark.parametrize("arg,vit", [("tiny", {}), ("tiny,variant=mu/4", {}), ("tiny,variant=mu/8", {}),
-                                     ("tiny,variant=mu/8", SIGLIP), ("tiny,variant=mu/8", CLIP)])
+                                     ("tiny,variant=mu/8", SIGLIP), ("tiny,variant=mu/8", CLIP),
+                                     ("tiny,variant=mu/8", DINOV2)])
 def test_ours_and_the_pytorch_step_start_from_the_same_loss(arg, vit):
   """mu/8 reads 32 x 64 panoramas as 4 x 8 patches against a 4 x 4 position grid: both sides
   interpolate the embeddings; the last are a SigLIP tower against transformers' SiglipVisionModel and
-  a CLIP tower (its projection included) against CLIPVisionModelWithProjection."""
+  a CLIP tower (its projection included) against CLIPVisionModelWithProjection and a DINOv2 tower with
+  registers against Dinov2WithRegistersModel (both sides resize the positions antialiased)."""
   config = load_config("c_phase1", arg)
   for key, value in vit.items():
     config.model.vit[key] = value

@@ -259,8 +259,9 @@ def _pairs(n=16):
 
 
 @pytest.mark.parametrize("vit_kw", [{}, dict(class_token=False, pool="map", gelu="tanh"),
-                                    dict(pre_norm=True, patch_bias=False, gelu="quick", proj_dim=24)],
-                         ids=["cls", "siglip", "clip"])
+                                    dict(pre_norm=True, patch_bias=False, gelu="quick", proj_dim=24),
+                                    dict(layer_scale=1.0, registers=2, pos_antialias=True)],
+                         ids=["cls", "siglip", "clip", "dinov2"])
 def test_vit_step_on_a_data_fsdp_tensor_mesh_matches_one_device(vit_kw):
   """The default rules shard the ViT's heads and MLP over 'tensor' and its width over 'fsdp': the
   same loss and gradients as one device (drop path on), and the loss falls."""

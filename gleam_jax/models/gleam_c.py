@@ -28,6 +28,7 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
+from gleam_jax.data.config import IMAGENET_MEAN, IMAGENET_STD
 from gleam_jax.errors import GleamError
 from gleam_jax.models import convnext, convnext_params, vit, vit_params
 
@@ -40,7 +41,7 @@ VIT_SIZES = ('width', 'depth', 'mlp_dim', 'heads', 'patch_size')
 
 # model.vit's settings, their defaults (also their values in configs written before them) and types
 VIT_FIELDS = dict(image_size=224, pool='cls', ln_eps=1e-6, class_token=True, gelu='exact', pre_norm=False,
-                  patch_bias=True, proj_dim=0)
+                  patch_bias=True, proj_dim=0, layer_scale=0.0, registers=0, pos_antialias=False)
 
 
 # Checkpoint families of the ViT backbone: the model.vit settings their weights need and the pixel
@@ -53,15 +54,19 @@ VIT_FAMILIES = {
     'siglip': (dict(class_token=False, pool='map', gelu='tanh'), (_HALF, _HALF)),
     'clip': (_CLIP | dict(gelu='quick'), _CLIP_PIXELS),  # OpenAI's weights, open_clip's -quickgelu models
     'open_clip': (_CLIP | dict(gelu='exact'), _CLIP_PIXELS),  # LAION's (open_clip's default GELU)
+    'dinov2': (dict(layer_scale=1.0), (IMAGENET_MEAN, IMAGENET_STD)),  # facebook/dinov2-*
+    'dinov2_reg': (dict(layer_scale=1.0, registers=4, pos_antialias=True),  # facebook/dinov2-with-registers-*
+                   (IMAGENET_MEAN, IMAGENET_STD)),
 }
 
 
 def vit_settings(**settings) -> ml_collections.ConfigDict:
   """`model.vit`: the ViT backbone's position-embedding grid (`image_size`), pooling ('cls', 'gap' or
   'map'), LayerNorm epsilon, class token, GELU ('exact', 'tanh' or 'quick'), CLIP's LayerNorm before
-  the blocks (`pre_norm`), patch bias and projection (`proj_dim`, 0: none), and the sizes of a custom
-  ViT (`VIT_SIZES`, with `model.variant='custom'`). SigLIP's towers: class_token=False, pool='map',
-  gelu='tanh'; CLIP's: pre_norm=True, patch_bias=False, ln_eps=1e-5 (OpenAI's weights: gelu='quick')."""
+  the blocks (`pre_norm`), patch bias and projection (`proj_dim`, 0: none), DINOv2's layer scales
+  (`layer_scale`, their initial value; 0: none), register tokens and antialiased position resize, and
+  the sizes of a custom ViT (`VIT_SIZES`, with `model.variant='custom'`). `VIT_FAMILIES` has the
+  settings of SigLIP's, CLIP's and DINOv2's checkpoints."""
   unknown = set(settings) - set(VIT_FIELDS) - set(VIT_SIZES)
   if unknown:
     raise GleamError(f'model.vit has no field {sorted(unknown)}; its fields are {", ".join(VIT_FIELDS)}, '

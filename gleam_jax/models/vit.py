@@ -18,7 +18,10 @@ embeddings (`vit_params` maps Hugging Face and timm checkpoints onto it):
 `class_token=False` and `gelu='tanh'` give SigLIP's vision tower (`SiglipVisionModel`);
 `pre_norm=True` (a LayerNorm of the embedded tokens before the blocks, `norm_pre`), `patch_bias=False`,
 `gelu='quick'` and `proj_dim` (a bias-free projection of the pooled feature, `proj`) give CLIP's
-(`CLIPVisionModelWithProjection`, OpenAI's and open_clip's `visual`).
+(`CLIPVisionModelWithProjection`, OpenAI's and open_clip's `visual`); `layer_scale` (learned
+per-channel scales of both residual branches, `blocks[i].ls1`, `.ls2`) and `registers` (tokens after
+the class token without position, `reg_tokens`; with `pos_antialias`) give DINOv2's (`Dinov2Model`,
+`Dinov2WithRegistersModel`).
 
 The position embeddings are learned on a square grid of `image_size / patch_size`; other input
 shapes (a 1:2 panorama, another resolution) get them resized by bicubic interpolation exactly as
@@ -72,6 +75,9 @@ class ViTConfig:
   pre_norm: bool = False  # CLIP's LayerNorm of the embedded tokens before the blocks (ln_pre)
   patch_bias: bool = True  # CLIP's patch convolution has none
   proj_dim: int = 0  # > 0: CLIP's bias-free projection of the pooled feature to this size
+  layer_scale: float = 0.0  # > 0: DINOv2's per-channel scales of the residual branches, initialised so
+  registers: int = 0  # DINOv2-with-registers' extra tokens after the class token (no position embedding)
+  pos_antialias: bool = False  # resize the position grid by antialiased bicubic (DINOv2 with registers)
   drop_path_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
@@ -121,8 +127,9 @@ def vit_config(variant: str | None = 'B/16', *, width=None, depth=None, mlp_dim=
     raise GleamError("ViT pool='cls' needs a class token; set class_token=True or pool='gap' or 'map'.")
   if cfg.gelu not in GELUS:
     raise GleamError(f'ViT gelu={cfg.gelu!r}; choose one of {GELUS}.')
-  if cfg.proj_dim < 0:
-    raise GleamError(f'ViT proj_dim={cfg.proj_dim}; give a positive projection size, or 0 for none.')
+  if cfg.proj_dim < 0 or cfg.registers < 0 or cfg.layer_scale < 0:
+    raise GleamError(f'ViT proj_dim={cfg.proj_dim}, registers={cfg.registers}, layer_scale={cfg.layer_scale}: '
+                     f'give sizes and scales >= 0 (0 for none).')
   if cfg.grid < 1:
     raise GleamError(f'ViT image_size {cfg.image_size} is smaller than its patch {cfg.patch_size}; the '
                      f'position embeddings need image_size >= patch_size.')
@@ -133,16 +140,20 @@ def forward_flops(cfg: ViTConfig, height: int, width: int) -> int:
   """FLOPs (2 per multiply-add) of one image's forward pass: patch embedding, the projections, the
   MLP and the two attention products (norms, softmax and GELU left out, as for ConvNeXt)."""
   patches = (height // cfg.patch_size) * (width // cfg.patch_size)
-  tokens, d = patches + 1, cfg.width
+  tokens, d = patches + 1 + cfg.registers, cfg.width
   macs = patches * cfg.patch_size ** 2 * cfg.in_channels * d
   macs += cfg.depth * (tokens * (4 * d * d + 2 * d * cfg.mlp_dim) + 2 * tokens * tokens * d)
   return 2 * (macs + d * cfg.proj_dim)
 
 
 @functools.lru_cache(maxsize=None)
-def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.ndarray:
   """(size_out, size_in) weights of PyTorch's 1-D bicubic resize (align_corners=False, A = -0.75,
-  indices clamped at the borders): `interpolate(mode='bicubic')` is this along each axis."""
+  indices clamped at the borders): `interpolate(mode='bicubic')` is this along each axis; with
+  `antialias`, `interpolate(mode='bicubic', antialias=True)`'s (A = -0.5, the kernel stretched by the
+  downscale factor, taps outside the input dropped and the rest renormalised)."""
+  if antialias:
+    return _antialiased_bicubic_matrix(size_in, size_out)
   a = -0.75
   def near(t):  # |t| <= 1
     return ((a + 2) * t - (a + 3)) * t * t + 1
@@ -159,12 +170,32 @@ def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
   return out.astype(np.float32)
 
 
-def resize_grid(grid: jax.Array, height: int, width: int) -> jax.Array:
-  """(h, w, C) -> (height, width, C) by PyTorch's bicubic resize; the same array when sizes agree."""
+def _antialiased_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+  a = -0.5
+  def cubic(t):
+    t = abs(t)
+    if t < 1:
+      return ((a + 2) * t - (a + 3)) * t * t + 1
+    return (((t - 5) * t + 8) * t - 4) * a if t < 2 else 0.0
+  scale = size_in / size_out
+  support = 2.0 * max(scale, 1.0)
+  inverse = 1.0 / max(scale, 1.0)
+  out = np.zeros((size_out, size_in), np.float64)
+  for i in range(size_out):
+    center = scale * (i + 0.5)
+    lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), size_in)
+    weights = np.array([cubic((j - center + 0.5) * inverse) for j in range(lo, hi)])
+    out[i, lo:hi] = weights / weights.sum()
+  return out.astype(np.float32)
+
+
+def resize_grid(grid: jax.Array, height: int, width: int, antialias: bool = False) -> jax.Array:
+  """(h, w, C) -> (height, width, C) by PyTorch's bicubic resize (`antialias`: its antialiased one);
+  the same array when sizes agree."""
   h, w = grid.shape[:2]
   if (h, w) == (height, width):
     return grid
-  rows, cols = bicubic_matrix(h, height), bicubic_matrix(w, width)
+  rows, cols = bicubic_matrix(h, height, antialias), bicubic_matrix(w, width, antialias)
   return jnp.einsum('ph,hwc,qw->pqc', rows, grid.astype(jnp.float32), cols,
                     precision=jax.lax.Precision.HIGHEST).astype(grid.dtype)
 
@@ -220,13 +251,17 @@ class Block(nnx.Module):
     # Per-sample mask (broadcast over tokens and channels) scaled by 1/keep: stochastic depth.
     self.drop_path = (nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
                       if drop_path > 0 else None)
+    scale = lambda: nnx.Param(jnp.full((cfg.width,), cfg.layer_scale, jnp.float32), out_sharding=('embed',))
+    self.ls1, self.ls2 = (scale(), scale()) if cfg.layer_scale else (None, None)
 
-  def _residual(self, x, y):
+  def _residual(self, x, y, layer_scale):
+    if layer_scale is not None:
+      y = y * layer_scale[...].astype(y.dtype)
     return x + (self.drop_path(y) if self.drop_path is not None else y)
 
   def __call__(self, x):
-    x = self._residual(x, self.attn(self.norm1(x)))
-    return self._residual(x, self.fc2(_gelu(self.gelu, self.fc1(self.norm2(x)))))
+    x = self._residual(x, self.attn(self.norm1(x)), self.ls1)
+    return self._residual(x, self.fc2(_gelu(self.gelu, self.fc1(self.norm2(x)))), self.ls2)
 
 
 class MAPHead(nnx.Module):
@@ -267,6 +302,8 @@ class ViT(nnx.Module):
                                 out_sharding=(None, None, 'embed')) if cfg.class_token else None)
     self.pos_embed = nnx.Param(_KERNEL_INIT(rngs.params(), (1, cfg.class_token + cfg.grid ** 2, cfg.width),
                                             jnp.float32), out_sharding=(None, None, 'embed'))
+    self.reg_tokens = (nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, cfg.registers, cfg.width), jnp.float32),
+                                 out_sharding=(None, None, 'embed')) if cfg.registers else None)
     self.norm_pre = _layer_norm(cfg, rngs) if cfg.pre_norm else None
     rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear in depth
     self.blocks = nnx.List([Block(cfg, rate, rngs) for rate in rates])
@@ -286,10 +323,11 @@ class ViT(nnx.Module):
     grid's embeddings."""
     pos, extra = self.pos_embed[...], int(self.config.class_token)
     grid = pos[0, extra:].reshape(self.config.grid, self.config.grid, -1)
-    return jnp.concatenate([pos[:, :extra], resize_grid(grid, height, width).reshape(1, height * width, -1)], 1)
+    grid = resize_grid(grid, height, width, self.config.pos_antialias)
+    return jnp.concatenate([pos[:, :extra], grid.reshape(1, height * width, -1)], 1)
 
   def tokens(self, x) -> jax.Array:
-    """(B, [1 +] patches, width): every token after the final norm, in the compute dtype."""
+    """(B, [1 +] [registers +] patches, width): every token after the final norm, in the compute dtype."""
     cfg = self.config
     if x.shape[1] < cfg.patch_size or x.shape[2] < cfg.patch_size:
       raise GleamError(f'ViT input {x.shape[1]}x{x.shape[2]} is smaller than one {cfg.patch_size}-px patch; '
@@ -300,6 +338,10 @@ class ViT(nnx.Module):
     if self.cls_token is not None:
       x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(cfg.dtype), (b, 1, d)), x], axis=1)
     x = x + self.position_embeddings(h, w).astype(cfg.dtype)
+    if self.reg_tokens is not None:  # after the class token, without position
+      extra = int(cfg.class_token)
+      registers = jnp.broadcast_to(self.reg_tokens[...].astype(cfg.dtype), (b, cfg.registers, d))
+      x = jnp.concatenate([x[:, :extra], registers, x[:, extra:]], axis=1)
     if self.norm_pre is not None:
       x = self.norm_pre(x)
     forward = nnx.remat(_block_forward) if cfg.remat else _block_forward
@@ -314,5 +356,5 @@ class ViT(nnx.Module):
     elif self.config.pool == 'cls':
       pooled = tokens[:, 0].astype(jnp.float32)
     else:
-      pooled = jnp.mean(tokens[:, int(self.config.class_token):].astype(jnp.float32), axis=1)
+      pooled = jnp.mean(tokens[:, self.config.class_token + self.config.registers:].astype(jnp.float32), axis=1)
     return pooled if self.proj is None else self.proj(pooled).astype(jnp.float32)

@@ -12,7 +12,16 @@ The layouts are detected from the key names:
                 attention.{q,k,v,o}_proj, layernorm_after, mlp.fc1, mlp.fc2}, which a state dict
                 taken from the model in memory has
   timm          cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv (q, k and v
-                stacked), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm (and the classifier head)
+                stacked), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm (and the classifier head); DINOv2's
+                (timm's and facebookresearch/dinov2's) add blocks.i.ls1.gamma, ls2.gamma and the
+                registers (reg_token / register_tokens): a model with layer_scale and registers
+  DINOv2        (`Dinov2Model`, `Dinov2WithRegistersModel`) embeddings.{cls_token, register_tokens,
+                position_embeddings, patch_embeddings.projection}, encoder.layer.i.{norm1,
+                attention.attention.{query, key, value} (in memory: attention.{q,k,v,o}_proj),
+                attention.output.dense, layer_scale1.lambda1, norm2, mlp.fc1, mlp.fc2,
+                layer_scale2.lambda1}, layernorm: a model with layer_scale > 0, `registers` the
+                checkpoint's and pos_antialias=True with registers (their position grid is resized
+                antialiased); config.json is checked against those
   SigLIP        (`SiglipVisionModel`, or a `SiglipModel` under `vision_model.`, its text tower ignored)
                 embeddings.{patch_embedding, position_embedding (no class token)},
                 encoder.layers.i.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1,
@@ -52,7 +61,7 @@ from gleam_jax.models import torch_checkpoints, vit
 
 _WRAPPER_PREFIXES = ('module.', 'model.', 'vit.', 'backbone.', 'vision_model.')
 _NOT_BACKBONE = re.compile(r'^((classifier|head_drop|pooler|gleam_c|text_model)\..*|'
-                           r'head\.(weight|bias)|logit_scale|logit_bias|embeddings\.(mask_token|position_ids)|'
+                           r'head\.(weight|bias)|logit_scale|logit_bias|(embeddings\.)?mask_token|embeddings\.position_ids|'
                            r'text_projection(\.weight)?)$')
 # Keys of a vision tower that lie outside its wrapper (a CLIPModel's projection beside `vision_model.`).
 _OUTSIDE_WRAPPER = re.compile(rf'{_NOT_BACKBONE.pattern}|^visual_projection\.weight$')
@@ -124,9 +133,23 @@ _OPEN_CLIP_RULES = [
     (r'ln_post\.(weight|bias)', 'norm.{0}', 'norm'),
     (r'proj', 'proj.kernel', 'copy'),
 ]
+# DINOv2's (`Dinov2Model`, `Dinov2WithRegistersModel`): ViTModel's embeddings (+ registers), its own
+# block names and layer scales; the attention's file names, and transformers 5's module names.
+_DINOV2_RULES = [
+    *_HF_RULES[:3],
+    (r'embeddings\.register_tokens', 'reg_tokens', 'copy'),
+    (r'encoder\.layer\.(\d+)\.norm([12])\.(weight|bias)', 'blocks.{0}.norm{1}.{2}', 'norm'),
+    _HF_RULES[4], _HF_RULES[5],
+    (r'encoder\.layer\.(\d+)\.attention\.(q|k|v|o)_proj\.(weight|bias)', 'blocks.{0}.attn.{1}.{2}', 'dense'),
+    (r'encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1', 'blocks.{0}.ls{1}', 'copy'),
+    (r'encoder\.layer\.(\d+)\.mlp\.fc([12])\.(weight|bias)', 'blocks.{0}.fc{1}.{2}', 'dense'),
+    _HF_RULES[-1],
+]
 _TIMM_RULES = [
     (r'cls_token', 'cls_token', 'copy'),
     (r'pos_embed', 'pos_embed', 'copy'),
+    (r'reg_token|register_tokens', 'reg_tokens', 'copy'),  # DINOv2's registers (timm's, the original's)
+    (r'blocks\.(\d+)\.ls([12])\.gamma', 'blocks.{0}.ls{1}', 'copy'),  # DINOv2's layer scales
     (r'patch_embed\.proj\.(weight|bias)', 'patch_embed.{0}', 'conv'),
     (r'blocks\.(\d+)\.norm1\.(weight|bias)', 'blocks.{0}.norm1.{1}', 'norm'),
     (r'blocks\.(\d+)\.attn\.qkv\.(weight|bias)', 'blocks.{0}.attn.{{}}.{1}', 'qkv'),
@@ -136,7 +159,7 @@ _TIMM_RULES = [
     (r'norm\.(weight|bias)', 'norm.{0}', 'norm'),
 ]
 _LAYOUTS = {'huggingface': _HF_RULES, 'huggingface_modules': _HF_MODULE_RULES, 'timm': _TIMM_RULES,
-            'siglip': _SIGLIP_RULES, 'clip': _CLIP_RULES, 'open_clip': _OPEN_CLIP_RULES}
+            'siglip': _SIGLIP_RULES, 'clip': _CLIP_RULES, 'open_clip': _OPEN_CLIP_RULES, 'dinov2': _DINOV2_RULES}
 _CLIP_LAYOUTS = ('clip', 'open_clip')
 _PROJECTION_KEYS = {'clip': 'visual_projection.weight', 'open_clip': 'proj'}
 
@@ -151,6 +174,8 @@ def _strip_wrappers(sd: dict) -> dict:
 def detect_layout(keys) -> str:
   keys = list(keys)
   if any(k.startswith('embeddings.patch_embeddings') for k in keys):
+    if any('.layer_scale1.' in k for k in keys):
+      return 'dinov2'
     return 'huggingface_modules' if any(k.startswith('layers.') for k in keys) else 'huggingface'
   if any(k.startswith('patch_embed.proj') for k in keys):
     return 'timm'
@@ -171,7 +196,8 @@ def infer_architecture(sd: dict) -> str:
   tower = 'embeddings.patch_embedding.weight'
   patch_key = {'timm': 'patch_embed.proj.weight', 'siglip': tower, 'clip': tower,
                'open_clip': 'conv1.weight'}.get(layout, 'embeddings.patch_embeddings.projection.weight')
-  block = {'huggingface': r'encoder\.layer\.(\d+)\.', 'huggingface_modules': r'layers\.(\d+)\.',
+  block = {'huggingface': r'encoder\.layer\.(\d+)\.', 'dinov2': r'encoder\.layer\.(\d+)\.',
+           'huggingface_modules': r'layers\.(\d+)\.',
            'timm': r'blocks\.(\d+)\.', 'siglip': r'encoder\.layers\.(\d+)\.', 'clip': r'encoder\.layers\.(\d+)\.',
            'open_clip': r'transformer\.resblocks\.(\d+)\.'}[layout]
   depth = 1 + max((int(m.group(1)) for k in sd for m in [re.match(block, k)] if m), default=-1)
@@ -208,7 +234,8 @@ def _fit_pos_embed(value: np.ndarray, cfg: vit.ViTConfig) -> np.ndarray:
   g = int(round(np.sqrt(max(n, 0))))
   if value.ndim != 3 or g * g != n or g == cfg.grid:
     return value
-  grid = vit.resize_grid(jnp.asarray(value[0, extra:].reshape(g, g, -1), jnp.float32), cfg.grid, cfg.grid)
+  grid = vit.resize_grid(jnp.asarray(value[0, extra:].reshape(g, g, -1), jnp.float32), cfg.grid, cfg.grid,
+                         cfg.pos_antialias)
   return np.concatenate([value[:, :extra], np.asarray(grid).reshape(1, cfg.grid ** 2, -1)], axis=1)
 
 
@@ -223,8 +250,17 @@ def _check_hf_config(path, cfg: vit.ViTConfig):
     hf = dict(hf.get('vision_config') or {}, model_type=f"{hf['model_type']}_vision_model")
   siglip = hf.get('model_type') == 'siglip_vision_model'
   clip = hf.get('model_type') == 'clip_vision_model'
-  if hf.get('model_type') not in ('vit', 'siglip_vision_model', 'clip_vision_model', None):
+  if hf.get('model_type') not in ('vit', 'siglip_vision_model', 'clip_vision_model', 'dinov2',
+                                  'dinov2_with_registers', None):
     return
+  if hf.get('use_swiglu_ffn'):
+    raise GleamError(f'ViT checkpoint {path}: its config.json has use_swiglu_ffn=true (DINOv2 giant\'s SwiGLU '
+                     f'MLP), which our ViT does not compute; give a DINOv2 with the GELU MLP (S, B or L).')
+  antialias = hf.get('model_type') == 'dinov2_with_registers'  # its position grid is resized antialiased
+  if hf.get('model_type', '').startswith('dinov2') and antialias != cfg.pos_antialias:
+    raise GleamError(f"ViT checkpoint {path} is a {hf['model_type']}, which resizes its position grid "
+                     f"{'with' if antialias else 'without'} antialiasing; set "
+                     f'model.vit.pos_antialias={antialias}.')
   _check_eps(path, 'config.json', 'layer_norm_eps', hf.get('layer_norm_eps', 1e-6 if siglip else 1e-5 if clip else None),
              cfg)
   act = hf.get('hidden_act', 'gelu_pytorch_tanh' if siglip else 'quick_gelu' if clip else 'gelu')
@@ -297,6 +333,15 @@ def _fit_settings(sd: dict, cfg: vit.ViTConfig, where) -> dict:
   vision_use_head=False); a GleamError naming the settings where the checkpoint's kind of tower
   needs others."""
   layout = detect_layout(sd)
+  scaled = any(re.search(r'(layer_scale1\.lambda1|ls1\.gamma)$', k) for k in sd)
+  if scaled != bool(cfg.layer_scale):
+    raise GleamError(f'ViT checkpoint {where} has {"" if scaled else "no "}layer scales (DINOv2\'s) but the model '
+                     f'{"has none" if scaled else "does"}; set model.vit.layer_scale={1.0 if scaled else 0}.')
+  registers = next((np.shape(v)[1] for k, v in sd.items() if re.fullmatch(
+      r'(embeddings\.register_tokens|reg_token|register_tokens)', k)), 0)
+  if registers != cfg.registers:
+    raise GleamError(f'ViT checkpoint {where} has {registers} register tokens but the model has {cfg.registers}; '
+                     f'set model.vit.registers={registers}.')
   if layout == 'siglip':
     head = [k for k in sd if k.startswith('head.')]
     if cfg.pool == 'map' and not head:
@@ -351,6 +396,8 @@ def hf_state_dict(model: vit.ViT) -> dict[str, np.ndarray]:
   arch = hf_architecture(model.config)
   if arch == 'ViTModel':
     return torch_checkpoints.torch_state_dict(model, _HF_RULES, 'ViT')
+  if arch.startswith('Dinov2'):
+    return torch_checkpoints.torch_state_dict(model, _DINOV2_RULES, 'ViT')
   if arch == 'SiglipVisionModel':
     return torch_checkpoints.torch_state_dict(model, _SIGLIP_RULES, 'ViT', rename=_TO_SIGLIP)
   tensors = torch_checkpoints.torch_state_dict(model, _CLIP_RULES, 'ViT', rename=_TO_SIGLIP)
@@ -368,6 +415,13 @@ def hf_config(cfg: vit.ViTConfig, dtype: str = 'float32') -> dict:
     from transformers import SiglipVisionConfig
     return SiglipVisionConfig(**common, hidden_act=_HF_ACTS[cfg.gelu], vision_use_head=cfg.pool == 'map',
                               architectures=[arch]).to_diff_dict()
+  if arch.startswith('Dinov2'):
+    import transformers
+    config_class = transformers.Dinov2WithRegistersConfig if cfg.registers else transformers.Dinov2Config
+    common.pop('intermediate_size')
+    return config_class(**common, mlp_ratio=cfg.mlp_dim // cfg.width, layerscale_value=cfg.layer_scale,
+                        hidden_act='gelu', drop_path_rate=cfg.drop_path_rate, architectures=[arch],
+                        **({'num_register_tokens': cfg.registers} if cfg.registers else {})).to_diff_dict()
   if arch.startswith('CLIP'):
     from transformers import CLIPVisionConfig
     return CLIPVisionConfig(**common, hidden_act=_HF_ACTS[cfg.gelu], architectures=[arch],
@@ -387,9 +441,16 @@ def _clip_like(cfg: vit.ViTConfig) -> bool:
 def hf_architecture(cfg: vit.ViTConfig) -> str:
   """'ViTModel' (a class token, pooled by it or the mean patch token, the exact GELU),
   'SiglipVisionModel' (no class token: the mean patch token or the MAP head), 'CLIPVisionModel' (a
-  class token, a LayerNorm before the blocks, no patch bias, pooled by the class token) or
-  'CLIPVisionModelWithProjection' (that with `proj_dim`); a GleamError for a ViT that is none."""
-  if _clip_like(cfg):
+  class token, a LayerNorm before the blocks, no patch bias, pooled by the class token),
+  'CLIPVisionModelWithProjection' (that with `proj_dim`), 'Dinov2Model' (ViTModel's with layer scales)
+  or 'Dinov2WithRegistersModel' (with registers, its position grid resized antialiased); a GleamError
+  for a ViT that is none."""
+  dinov2 = cfg.layer_scale > 0 or cfg.registers > 0 or cfg.pos_antialias
+  if dinov2:
+    if (cfg.layer_scale > 0 and cfg.class_token and cfg.pool != 'map' and cfg.gelu == 'exact'
+        and not _clip_like(cfg) and cfg.pos_antialias == bool(cfg.registers) and cfg.mlp_dim % cfg.width == 0):
+      return 'Dinov2WithRegistersModel' if cfg.registers else 'Dinov2Model'
+  elif _clip_like(cfg):
     if cfg.class_token and cfg.pre_norm and not cfg.patch_bias and cfg.pool == 'cls':
       return 'CLIPVisionModelWithProjection' if cfg.proj_dim else 'CLIPVisionModel'
   elif cfg.class_token and cfg.pool != 'map' and cfg.gelu == 'exact':
@@ -398,10 +459,13 @@ def hf_architecture(cfg: vit.ViTConfig) -> str:
     return 'SiglipVisionModel'
   raise GleamError(
       f'A ViT with class_token={cfg.class_token}, pool={cfg.pool!r}, gelu={cfg.gelu!r}, pre_norm={cfg.pre_norm}, '
-      f'patch_bias={cfg.patch_bias}, proj_dim={cfg.proj_dim} is none of transformers\' ViTModel (a class token '
-      f"pooled by 'cls' or 'gap', exact GELU), SiglipVisionModel (no class token) or CLIPVisionModel[WithProjection] "
-      f"(a class token pooled by 'cls', pre_norm=True, patch_bias=False), so it cannot be exported or benchmarked "
-      f"against transformers; its parameters are in the job's checkpoints.")
+      f'patch_bias={cfg.patch_bias}, proj_dim={cfg.proj_dim}, layer_scale={cfg.layer_scale}, '
+      f'registers={cfg.registers}, pos_antialias={cfg.pos_antialias} is none of transformers\' ViTModel (a class '
+      f"token pooled by 'cls' or 'gap', exact GELU), SiglipVisionModel (no class token), "
+      f"CLIPVisionModel[WithProjection] (a class token pooled by 'cls', pre_norm=True, patch_bias=False) or "
+      f"Dinov2[WithRegisters]Model (ViTModel's with layer_scale > 0, an MLP a whole multiple of the width; "
+      f"pos_antialias=True exactly with registers), "
+      f"so it cannot be exported or benchmarked against transformers; its parameters are in the job's checkpoints.")
 
 
 def hf_features(cfg: vit.ViTConfig) -> str:
@@ -411,7 +475,9 @@ def hf_features(cfg: vit.ViTConfig) -> str:
     return 'image_embeds'
   if cfg.pool == 'map' or arch == 'CLIPVisionModel':  # CLIP's last_hidden_state is not normed; its pooler is
     return 'pooler_output'
-  return 'last_hidden_state[:, 0]' if cfg.pool == 'cls' else f'last_hidden_state[:, {int(cfg.class_token)}:].mean(1)'
+  if cfg.pool == 'cls':
+    return 'last_hidden_state[:, 0]'
+  return f'last_hidden_state[:, {cfg.class_token + cfg.registers}:].mean(1)'
 
 
 def hf_pooled(cfg: vit.ViTConfig, outputs):
@@ -420,7 +486,7 @@ def hf_pooled(cfg: vit.ViTConfig, outputs):
   if not name.startswith('last_hidden_state'):
     return getattr(outputs, name)
   tokens = outputs.last_hidden_state
-  return tokens[:, 0] if cfg.pool == 'cls' else tokens[:, int(cfg.class_token):].mean(1)
+  return tokens[:, 0] if cfg.pool == 'cls' else tokens[:, cfg.class_token + cfg.registers:].mean(1)
 
 
 def build_hf_model(cfg: vit.ViTConfig):
