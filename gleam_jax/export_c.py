@@ -22,11 +22,13 @@ PyTorch:
     scores = head['gleam_c.logit_scale'].exp() * query_embedding @ reference_embedding.T
     # a job trained with the sigmoid loss: + head['gleam_c.logit_bias']; sigmoid(scores) = P(same place)
 
-A ViT backbone: `hf = transformers.ViTModel.from_pretrained(out, add_pooling_layer=False)` (a SigLIP-style
-tower without class token: `transformers.SiglipVisionModel.from_pretrained(out)`), called with
-`interpolate_pos_encoding=True` (inputs of other shapes than its position grid); its features are
-`last_hidden_state[:, 0]` (`pool='cls'`), the mean of the patch tokens (`'gap'`) or `pooler_output`
-(`'map'`), as config.json's `gleam_c.features` says.
+A ViT backbone: `hf = transformers.ViTModel.from_pretrained(out, add_pooling_layer=False)`, or the
+class config.json's `architectures` names for a SigLIP, CLIP or DINOv2 tower (`SiglipVisionModel`,
+`CLIPVisionModel[WithProjection]`, `Dinov2[WithRegisters]Model`; `vit_params.hf_architecture`), called
+with `interpolate_pos_encoding=True` (inputs of other shapes than its position grid); its features are
+what config.json's `gleam_c.features` says (`vit_params.hf_features`): `last_hidden_state[:, 0]`
+(`pool='cls'`), the mean of the patch tokens (`'gap'`), `pooler_output` (`'map'`, a CLIP tower's class
+token) or `image_embeds` (a CLIP tower's projection).
 
 `pixel_values` are RGB images (N, 3, H, W) read as [0, 1] and normalised by config.json's
 `gleam_c.pixel_mean` / `pixel_std`, at the sizes of `gleam_c.inputs` (the job's; any size works);

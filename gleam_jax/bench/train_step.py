@@ -12,7 +12,8 @@ The PyTorch step is Sample4Geo's: transformers' `ConvNextModel` of the same dept
 (a ViT backbone, `variant=S/16` etc.: transformers' `ViTModel` of the same sizes, no pooler, its
 class token or mean patch token as ours, position embeddings interpolated to each input; a SigLIP
 tower, `model.vit.class_token=False`: `SiglipVisionModel`; a CLIP tower, `model.vit.pre_norm=True,
-patch_bias=False`: `CLIPVisionModel[WithProjection]`)
+patch_bias=False`: `CLIPVisionModel[WithProjection]`; a DINOv2 tower, `model.vit.layer_scale=1.0`:
+`Dinov2[WithRegisters]Model`: `vit_params.build_hf_model`)
 (+ the same Linear projection when the config has `embed_dim`), L2-normalised features, symmetric
 InfoNCE (`nn.CrossEntropyLoss(label_smoothing=0.1)` both ways) with a learnable log logit scale,
 AdamW, gradient clipping by global norm, one scheduler step. It runs eagerly and under

@@ -5,7 +5,7 @@
     features = model(images)                          # (B, H, W, 3) -> (B, width) float32
 
 A pre-norm Transformer over non-overlapping patches with a class token and learned position
-embeddings (`vit_params` maps Hugging Face and timm checkpoints onto it):
+embeddings (`vit_params` maps Hugging Face, timm, SigLIP, CLIP and DINOv2 checkpoints onto it):
 
   patch_embed                 patch x patch convolution, stride patch
   cls_token, pos_embed        (1, 1, width) and (1, 1 + grid^2, width): the class token's position first
@@ -25,7 +25,8 @@ the class token without position, `reg_tokens`; with `pos_antialias`) give DINOv
 
 The position embeddings are learned on a square grid of `image_size / patch_size`; other input
 shapes (a 1:2 panorama, another resolution) get them resized by bicubic interpolation exactly as
-transformers' `interpolate_pos_encoding=True` does (PyTorch's bicubic, align_corners=False), so one
+transformers' `interpolate_pos_encoding=True` does (PyTorch's bicubic, align_corners=False; its
+antialiased bicubic with `pos_antialias`, as DINOv2 with registers), so one
 encoder reads satellites and panoramas. Linears, GELU and the patch convolution take the forms of
 `gleam_jax.models.ops`; attention softmax is in float32; drop path acts in `model.train()` mode.
 """
