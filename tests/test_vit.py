@@ -387,7 +387,7 @@ def test_drop_path_keeps_or_drops_whole_samples_in_training_only():
   block = model.blocks[2]
   assert block.drop_path.rate == pytest.approx(0.5)
   x, y = (jax.random.normal(jax.random.key(k), (64, 5, 32)) for k in (0, 1))
-  residual = nnx.jit(lambda b, x, y: b._residual(x, y))
+  residual = nnx.jit(lambda b, x, y: b._residual(x, y, b.ls1))
   block.train()
   got = np.asarray(residual(block, x, y))
   dropped = [i for i in range(64) if np.allclose(got[i], x[i])]
@@ -481,7 +481,7 @@ def test_siglip_settings_are_checked_against_its_config(siglip_dir, tmp_path):
     vit_params.load_vit_weights(our_siglip(), headless)
   with pytest.raises(GleamError, match="pool='cls' needs a class token"):
     vit.vit_config(None, **SIZES, class_token=False)
-  with pytest.raises(GleamError, match="none of transformers. ViTModel .*, SiglipVisionModel .* or CLIPVisionModel"):
+  with pytest.raises(GleamError, match="none of transformers. ViTModel .*, SiglipVisionModel .*, CLIPVisionModel.* or Dinov2"):
     vit_params.save_hf_vit(vit.ViT(vit.vit_config(None, **SIZES, pool="map"), rngs=nnx.Rngs(0)), str(tmp_path / "out"))
   assert not (tmp_path / "out").exists()
 
