@@ -367,7 +367,7 @@ def _fit_settings(sd: dict, cfg: vit.ViTConfig, where) -> dict:
 
 
 def load_vit_weights(model: vit.ViT, source) -> None:
-  """Copies a HF or timm ViT checkpoint (path or {name: array}) into `model`, in place."""
+  """Copies a ViT checkpoint of any layout above (path or {name: array}) into `model`, in place."""
   is_path = isinstance(source, (str, os.PathLike))
   where = source if is_path else '(a state dict)'
   sd = read_checkpoint(source, model.config) if is_path else dict(source)
