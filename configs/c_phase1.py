@@ -133,7 +133,7 @@ def base_config(arg, modalities, known=KNOBS):
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=knob(knobs, "lr", 3e-3 if tiny else 2e-3, float), b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.05, warmup_steps=2 if tiny else 50, min_lr_ratio=0.01, clip_norm=1.0,
-      frozen=(), lr_mults=(), no_decay=(r"logit_scale",)))
+      frozen=(), lr_mults=(), layer_decay=1.0, no_decay=(r"logit_scale",)))
 
   c.log_every_steps = 1 if tiny else 20
   c.eval = ml_collections.ConfigDict()

@@ -103,3 +103,59 @@ def test_bad_rules_are_config_errors():
     optim.make_optimizer(_cfg(warmup_steps=10), _params(), 10)
   with pytest.raises(GleamError, match=r"lr_mults: \('\^head/', -1\.0\) has multiplier -1\.0; it must be >= 0"):
     optim.make_optimizer(_cfg(lr_mults=((r"^head/", -1.0),)), _params(), 10)  # would climb the loss
+
+
+def _gleam_c_params(backbone):
+  """The params tree of a tiny GLEAM-C (a ViT of depth 3, or a ConvNeXt of 2 stages) with a projection."""
+  from flax import nnx
+  from gleam_jax.models import gleam_c
+  if backbone == "vit":
+    cfg = gleam_c.model_config(backbone="vit", embed_dim=8, vit=dict(width=16, depth=3, mlp_dim=32, heads=2,
+                                                                      patch_size=4, image_size=8, pre_norm=True))
+  else:
+    cfg = gleam_c.model_config(depths=(1, 2), dims=(8, 16), embed_dim=8)
+  return {"model": nnx.to_pure_dict(nnx.state(gleam_c.GleamC(cfg, rngs=nnx.Rngs(0)), nnx.Param))}
+
+
+def test_layer_decay_multipliers_by_encoder_layer():
+  """A ViT of depth 3 has layers 0 (embeddings) .. 4 (final norm): d^4 .. d^0; a ConvNeXt of 2 stages
+  has its stem at d^3, stages at d^2, d^1 and its norm at 1; the GLEAM-C projection and logit scale
+  keep 1; an lr_mults rule replaces the layer's multiplier."""
+  d = 0.5
+  labels = optim.param_names(_gleam_c_params("vit"))
+  got = {name: label for name, label in zip(jax.tree.leaves(labels), jax.tree.leaves(
+      optim.partition_labels(_gleam_c_params("vit"), _cfg(layer_decay=d, lr_mults=((r"blocks/2/fc1", 3.0),)))))}
+  expect = {"model/encoder/patch_embed/kernel": d ** 4, "model/encoder/cls_token": d ** 4,
+            "model/encoder/pos_embed": d ** 4, "model/encoder/norm_pre/scale": d ** 4,
+            "model/encoder/blocks/0/attn/query/kernel": d ** 3, "model/encoder/blocks/1/norm2/bias": d ** 2,
+            "model/encoder/blocks/2/fc2/kernel": d, "model/encoder/blocks/2/fc1/kernel": 3.0,
+            "model/encoder/norm/scale": 1.0, "model/projection/kernel": 1.0, "model/logit_scale": 1.0}
+  for name, mult in expect.items():
+    assert got[name] == f"lr_x{mult:g}", name
+  assert len(set(got.values())) == 6  # d^0 .. d^4 and the rule's 3
+  convnext = _gleam_c_params("convnext")
+  got = dict(zip(jax.tree.leaves(optim.param_names(convnext)),
+                 jax.tree.leaves(optim.partition_labels(convnext, _cfg(layer_decay=d)))))
+  stems = {v for k, v in got.items() if "/encoder/stem/" in k}
+  stage0 = {v for k, v in got.items() if "/encoder/stages/0/" in k}
+  stage1 = {v for k, v in got.items() if "/encoder/stages/1/" in k}
+  last = {v for k, v in got.items() if "/encoder/" in k and "/stem/" not in k and "/stages/" not in k}
+  assert (stems, stage0, stage1, last) == ({"lr_x0.125"}, {"lr_x0.25"}, {"lr_x0.5"}, {"lr_x1"}), got
+  with pytest.raises(GleamError, match=r"layer_decay=1.5 must be in \(0, 1\]"):
+    optim.partition_labels(convnext, _cfg(layer_decay=1.5))
+
+
+def test_layer_decay_scales_the_step():
+  """Adam's first step moves each parameter by its multiplier times the learning rate."""
+  params = _gleam_c_params("vit")
+  tx, schedule = optim.make_optimizer(_cfg(layer_decay=0.5), params, total_steps=10)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(2):  # step 0 has lr 0 (warmup)
+    updates, state = tx.update(grads, state, params)
+  lr1 = float(schedule(1))
+  encoder = updates["model"]["encoder"]
+  np.testing.assert_allclose(encoder["blocks"][0]["fc1"]["kernel"], -lr1 / 8, rtol=1e-3)
+  np.testing.assert_allclose(encoder["cls_token"], -lr1 / 16, rtol=1e-3)
+  np.testing.assert_allclose(encoder["norm"]["scale"], -lr1, rtol=1e-3)
+  np.testing.assert_allclose(updates["model"]["projection"]["kernel"], -lr1, rtol=1e-3)

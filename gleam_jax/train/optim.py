@@ -7,6 +7,12 @@ Rules in `config.optim` (all regexes are matched with `re.search` against that n
   partition of `optax.multi_transform`) and do not count in the gradient norm.
 - `lr_mults`: `[(regex, multiplier), ...]`; the first match sets the parameter's learning-rate
   multiplier (default 1.0). Each distinct multiplier is one AdamW partition.
+- `layer_decay` (0 < d <= 1; 1: none): layer-wise learning-rate decay (BEiT's, timm's `--layer-decay`)
+  for fine-tuning a pretrained encoder: a parameter of an encoder's layer k of L gets the multiplier
+  d ** (L - k), where a ViT's layers are its embeddings (k = 0), its blocks (1 .. depth) and what
+  follows them (norm, head, projection: L = depth + 1), and a ConvNeXt's its stem (0), its stages
+  (1 .. stages) and its final norm (L). Parameters outside the encoders (the GLEAM-C projection, the
+  logit scale) keep 1; an `lr_mults` rule that matches a parameter replaces its layer's multiplier.
 - `no_decay`: parameters without weight decay. Parameters with fewer than two dimensions (norm scales,
   biases, the logit scale) never decay.
 """
@@ -60,10 +66,39 @@ def _lr_mult_rules(cfg):
   return rules
 
 
+# An encoder's layers for `layer_decay`: its blocks (ViT) or stages (ConvNeXt), what comes before them.
+_ENCODER_LAYER = re.compile(r"(?:^|/)(\w*encoder)/(?:blocks|stages)/(\d+)/")
+_ENCODER_PART = re.compile(r"(?:^|/)(\w*encoder)/")
+_BEFORE_LAYERS = re.compile(r"(?:^|/)\w*encoder/(patch_embed|cls_token|pos_embed|reg_tokens|norm_pre|stem)(/|$)")
+
+
+def layer_decay_mults(names, decay):
+  """{parameter name: d ** (L - layer)} of the encoders' parameters among `names` (module docstring)."""
+  layers = {}  # an encoder's number of blocks / stages
+  for name in names:
+    m = _ENCODER_LAYER.search(name)
+    if m:
+      layers[m.group(1)] = max(layers.get(m.group(1), 0), int(m.group(2)) + 1)
+  mults = {}
+  for name in names:
+    encoder = _ENCODER_PART.search(name)
+    if encoder is None or encoder.group(1) not in layers:
+      continue
+    top = layers[encoder.group(1)] + 1
+    m = _ENCODER_LAYER.search(name)
+    layer = int(m.group(2)) + 1 if m else 0 if _BEFORE_LAYERS.search(name) else top
+    mults[name] = decay ** (top - layer)
+  return mults
+
+
 def partition_labels(params, cfg):
   """Tree of labels: 'frozen' or 'lr_x<mult>' per parameter."""
   frozen = _compile(cfg.get("frozen", ()) or (), "frozen")
   mults = _lr_mult_rules(cfg)
+  decay = float(cfg.get("layer_decay", 1.0))
+  if not 0 < decay <= 1:
+    raise GleamError(f"config.optim.layer_decay={cfg.layer_decay} must be in (0, 1] (1: no layer-wise decay).")
+  layered = layer_decay_mults(jax.tree.leaves(param_names(params)), decay) if decay < 1 else {}
 
   def label(path, _):
     name = path_name(path)
@@ -72,7 +107,7 @@ def partition_labels(params, cfg):
     for pattern, mult in mults:
       if pattern.search(name):
         return f"lr_x{mult:g}"
-    return "lr_x1"
+    return f"lr_x{layered.get(name, 1.0):g}"
   return jax.tree_util.tree_map_with_path(label, params)
 
 
