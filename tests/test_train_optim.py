@@ -141,6 +141,11 @@ def test_layer_decay_multipliers_by_encoder_layer():
   stage1 = {v for k, v in got.items() if "/encoder/stages/1/" in k}
   last = {v for k, v in got.items() if "/encoder/" in k and "/stem/" not in k and "/stages/" not in k}
   assert (stems, stage0, stage1, last) == ({"lr_x0.125"}, {"lr_x0.25"}, {"lr_x0.5"}, {"lr_x1"}), got
+  count = lambda label: sum(1 for v in got.values() if v == label)
+  assert optim.describe_partitions(convnext, _cfg(layer_decay=d, frozen=(r"logit_scale",))) == (  # the main job's line
+      f"lr multipliers x1 ({count('lr_x1') - 1} tensors), x0.5 ({count('lr_x0.5')}), x0.25 ({count('lr_x0.25')}), "
+      f"x0.125 ({count('lr_x0.125')}), frozen (1)")
+  assert optim.describe_partitions(convnext, _cfg()) is None
   with pytest.raises(GleamError, match=r"layer_decay=1.5 must be in \(0, 1\]"):
     optim.partition_labels(convnext, _cfg(layer_decay=1.5))
 

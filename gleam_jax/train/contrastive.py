@@ -558,6 +558,9 @@ def run(config, workdir):
     log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {n_params / 1e6:.2f}M params; "
          f"{steps_per_epoch} steps/epoch of {batch_size} pairs ({groups}"
          f"{f'; in {accum_steps} micro-batches' if accum_steps > 1 else ''}); training to step {total_steps}")
+    partitions = optim.describe_partitions(state["params"], config.optim)
+    if partitions:
+      log(partitions)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     cleanup.callback(writer.close)
     train_step = make_train_step(setup)

@@ -111,6 +111,20 @@ def partition_labels(params, cfg):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def describe_partitions(params, cfg) -> str | None:
+  """'lr multipliers x1 (30 tensors), x0.5 (12), frozen (4)', largest multiplier first; None when every
+  parameter trains at the base rate."""
+  counts = {}
+  for label in jax.tree.leaves(partition_labels(params, cfg)):
+    counts[label] = counts.get(label, 0) + 1
+  if set(counts) == {"lr_x1"}:
+    return None
+  order = sorted(counts, key=lambda label: (label == "frozen", label != "frozen" and -float(label[len("lr_x"):])))
+  parts = [f"{'frozen' if label == 'frozen' else 'x' + label[len('lr_x'):]} ({counts[label]}"
+           f"{' tensors' if i == 0 else ''})" for i, label in enumerate(order)]
+  return "lr multipliers " + ", ".join(parts)
+
+
 def trainable_mask(params, cfg):
   return jax.tree.map(lambda label: label != "frozen", partition_labels(params, cfg))
 
