@@ -506,4 +506,7 @@ def save_hf_vit(model: vit.ViT, directory: str, extra: dict | None = None,
   entries), as `convnext_params.save_hf_convnext` does for ConvNeXt. A ViTModel has no pooler: load it
   with `ViTModel.from_pretrained(d, add_pooling_layer=False)`. Returns the bytes written."""
   config = hf_config(model.config, dtype or 'float32') | (extra_config or {})
-  return torch_checkpoints.save_hf_directory(directory, hf_state_dict(model), config, extra, dtype)
+  tensors = hf_state_dict(model)
+  if hf_architecture(model.config).startswith('Dinov2'):  # masked-image modelling's token, zeros as transformers inits it
+    tensors['embeddings.mask_token'] = np.zeros((1, model.config.width), np.float32)
+  return torch_checkpoints.save_hf_directory(directory, tensors, config, extra, dtype)
