@@ -121,7 +121,7 @@ def load_trained(workdir, config=None):
   if config.get("trainer") != "contrastive":
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; retrieval needs a GLEAM-C "
                      "('contrastive') job.")
-  model = contrastive.build_model(config.model, int(config.seed))
+  model = contrastive.build_model(config.model, int(config.seed), pretrained=False)  # the checkpoint's parameters
   graphdef, params, rng_state, rest = contrastive.split_model(model)
   mesh = shd.single_device_mesh()
   target = {"model": jax.device_put(nnx.to_pure_dict(params), shd.replicated(mesh))}

@@ -327,14 +327,23 @@ def test_exported_vit_tower_gives_our_embeddings_in_pytorch(tmp_path):
 
 
 def test_vit_main_job_trains_evaluates_and_exports(tiny_cfg, tmp_path):
-  """`configs/c_phase1.py:tiny,variant=mu/4`: a ViT on the satellite size's grid; the job's
-  config.json builds the same ViT again (retrieve, export), and the export gives its embeddings."""
+  """`configs/c_phase1.py:tiny,variant=mu/4` from a transformers checkpoint: a ViT on the satellite
+  size's grid; the job's config.json builds the same ViT again (retrieve, export) with the parameters
+  of the job's checkpoint, also once the pretrained checkpoint is gone, and the export gives its
+  embeddings."""
+  import shutil
   from config_files import tiny_config
   from gleam_jax import export_c, main, retrieve
-  config = tiny_config("c_phase1", tiny_cfg.data_dir, "tiny,variant=mu/4", total_steps=6, **{"optim.warmup_steps": 1})
+  pretrained = str(tmp_path / "pretrained")
+  transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=128, image_size=32, patch_size=4, layer_norm_eps=1e-6),
+                        add_pooling_layer=False).save_pretrained(pretrained)
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, "tiny,variant=mu/4", total_steps=6,
+                       **{"optim.warmup_steps": 1, "model.pretrained": pretrained})
   assert config.model.backbone == "vit" and config.model.vit.image_size == config.data.satellite_size[0] == 32
   workdir = str(tmp_path / "job")
   main.run(config, workdir)
+  shutil.rmtree(pretrained)  # what the job trained is in its checkpoints
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   losses = [r["loss"] for r in rows if "loss" in r]

@@ -38,6 +38,7 @@ from absl import logging
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -390,7 +391,13 @@ def _checked(setup, jitted):
 # ----------------------------------------------------------------------------------------------
 # The job: `python -m gleam_jax.main --config=configs/c_phase1.py --workdir=DIR`.
 # ----------------------------------------------------------------------------------------------
-def build_model(model_cfg, seed):
+def build_model(model_cfg, seed, pretrained=True):
+  """The GLEAM-C of `model_cfg`. `pretrained=False` leaves `model.pretrained` unread: for a model whose
+  parameters come from a checkpoint (a resumed job, a trained one), which then needs neither the time
+  to read those weights nor their file."""
+  if not pretrained and model_cfg.get("pretrained"):
+    model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    model_cfg.pretrained = None
   return gleam_c.GleamC(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
@@ -535,15 +542,19 @@ def run(config, workdir):
     if config.get("total_epochs"):
       total_steps = int(math.ceil(float(config.total_epochs) * steps_per_epoch))
 
-    setup, state = create_train_state(
-        build_model(config.model, seed), config.optim, total_steps, mesh, config.sharding_rules,
-        loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed, accum_steps=accum_steps)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
     cleanup.callback(manager.close)
     cleanup.callback(manager.wait_until_finished)  # runs first: callbacks run last-in, first-out
+    resuming = manager.latest_step() is not None
+    setup, state = create_train_state(
+        build_model(config.model, seed, pretrained=not resuming), config.optim, total_steps, mesh,
+        config.sharding_rules, loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed,
+        accum_steps=accum_steps)
+    if config.model.get("pretrained") and not resuming:
+      log(f"backbone weights from {config.model.pretrained}")
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     step, last_good = 0, None
-    if manager.latest_step() is not None:
+    if resuming:
       state, data_state, step = checkpoint.restore(manager, state)
       stream.set_state(data_state["stream"])
       last_good = (step, checkpoint.step_path(manager, step))

@@ -32,8 +32,8 @@ def run(config, workdir):
   contrastive.eval_process_rows(mesh, int(config.eval.batch_size))  # fails before building anything
   seed = int(config.seed)
   setup, state = contrastive.create_train_state(
-      contrastive.build_model(config.model, seed), config.optim, int(config.total_steps), mesh, config.sharding_rules,
-      loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed,
+      contrastive.build_model(config.model, seed, pretrained=False), config.optim, int(config.total_steps), mesh,
+      config.sharding_rules, loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed,
       with_optimizer=False)
   state, where = contrastive.init_from_checkpoint(config, state, "check the path of the trained job")
   step = checkpoint.step_of(where)
