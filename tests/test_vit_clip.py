@@ -290,3 +290,38 @@ def test_clip_b16_tower_has_clip_vit_b16_parameters():
   mapped, unexpected = vit_params.map_state_dict(stand_ins)
   assert not unexpected and set(mapped) == set(ours)
 
+
+
+class _Scripted(torch.nn.Module):
+  """A module holding a flat state dict's tensors under their dotted names, for a TorchScript archive."""
+
+  def __init__(self, state_dict):
+    super().__init__()
+    for key, value in state_dict.items():
+      *path, leaf = key.split(".")
+      module = self
+      for name in path:
+        if not hasattr(module, name):
+          module.add_module(name, torch.nn.Module())
+        module = getattr(module, name)
+      module.register_parameter(leaf, torch.nn.Parameter(torch.from_numpy(np.asarray(value)).half(),
+                                                         requires_grad=False))
+
+  def forward(self, x):
+    return x
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_openai_torchscript_archive_reads_to_the_same_model(clip_dir, tmp_path):
+  """OpenAI's CLIP downloads (`ViT-B-16.pt`) are TorchScript archives of the whole model in float16:
+  read through `torch.jit.load`, the image tower gives the model the same weights in float16."""
+  from safetensors.numpy import load_file
+  files = load_file(os.path.join(clip_dir, "model.safetensors"))
+  archive = str(tmp_path / "ViT-B-16.pt")
+  torch.jit.script(_Scripted(open_clip_state_dict(files))).save(archive)
+  got = our_clip()
+  vit_params.load_vit_weights(got, archive)
+  want = our_clip()
+  vit_params.load_vit_weights(want, clip_dir)
+  for key, value in params_of(want).items():
+    np.testing.assert_array_equal(params_of(got)[key], value.astype(np.float16).astype(np.float32), err_msg=key)

@@ -12,6 +12,8 @@ attn.qkv, SigLIP's head's in_proj), whose template has a '{{}}' for the part's n
 import json
 import os
 import re
+import warnings
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,8 @@ WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'open_clip_model.safet
 
 def read_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
   """Tensors of a local `what` (e.g. 'ConvNeXt') checkpoint: a directory (HF `save_pretrained` or
-  timm/hub layout, also sharded safetensors) or one .safetensors / .bin / .pth / .pt file."""
+  timm/hub layout, also sharded safetensors) or one .safetensors / .bin / .pth / .pt file (a state
+  dict, or a TorchScript archive's tensors)."""
   if not os.path.exists(path):
     raise GleamError(f'{what} weights not found at {path!r}; give a local directory or file '
                      f'with the checkpoint (nothing is downloaded).')
@@ -53,7 +56,12 @@ def read_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
         from safetensors.torch import load_file as load_torch
         return {k: to_numpy(v) for k, v in load_torch(path).items()}
     import torch
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    if _is_torchscript(path):  # e.g. OpenAI's CLIP downloads: its tensors (its code compiled, never called)
+      with warnings.catch_warnings():  # deprecated by torch, yet the way such files are read
+        warnings.simplefilter('ignore', DeprecationWarning)
+        sd = torch.jit.load(path, map_location='cpu').state_dict()
+    else:
+      sd = torch.load(path, map_location='cpu', weights_only=True)
   except GleamError:
     raise
   except Exception as e:  # unreadable file: say which and why
@@ -67,6 +75,14 @@ def read_state_dict(path: str, what: str) -> dict[str, np.ndarray]:
     raise GleamError(f'{path!r} holds a {type(sd).__name__}, not a state dict; save the model\'s '
                      f'state_dict() instead.')
   return {k: to_numpy(v) for k, v in sd.items()}
+
+
+def _is_torchscript(path: str) -> bool:
+  """A TorchScript archive: a zip with the module's compiled code beside its tensors."""
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as archive:
+    return any('/code/__torch__' in name for name in archive.namelist())
 
 
 def to_numpy(v) -> np.ndarray:
