@@ -325,3 +325,21 @@ def test_openai_torchscript_archive_reads_to_the_same_model(clip_dir, tmp_path):
   vit_params.load_vit_weights(want, clip_dir)
   for key, value in params_of(want).items():
     np.testing.assert_array_equal(params_of(got)[key], value.astype(np.float16).astype(np.float32), err_msg=key)
+
+
+def test_the_job_logs_its_backbone_weights_and_what_it_left_out(clip_dir, capsys):
+  """`contrastive.build_model` loads `model.pretrained` and says so, naming the keys the settings
+  leave out; with pretrained=False (a model its checkpoint fills) it reads nothing."""
+  from gleam_jax.train import contrastive
+  cfg = gleam_c.model_config(backbone="vit", vit=dict(SIZES, image_size=16, proj_dim=0, **CLIP), embed_dim=6,
+                             pretrained=clip_dir)
+  model = contrastive.build_model(cfg, seed=0)
+  assert capsys.readouterr().out == (f"backbone weights from {clip_dir}; left out by model.vit's settings: "
+                                     f"visual_projection.weight\n")
+  want = our_clip(proj_dim=0)
+  vit_params.load_vit_weights(want, clip_dir)
+  np.testing.assert_array_equal(params_of(model.encoder)["norm_pre.scale"], params_of(want)["norm_pre.scale"])
+  cfg.pretrained = "/nowhere"
+  untouched = contrastive.build_model(cfg, seed=0, pretrained=False)
+  assert capsys.readouterr().out == "" and not np.array_equal(params_of(untouched.encoder)["norm_pre.scale"],
+                                                              params_of(want)["norm_pre.scale"])

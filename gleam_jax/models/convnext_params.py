@@ -144,8 +144,9 @@ def map_state_dict(sd: dict) -> tuple[dict[str, tuple[str, np.ndarray]], list[st
   return torch_checkpoints.map_state_dict(sd, _LAYOUTS[detect_layout(sd)], _NOT_BACKBONE)
 
 
-def load_convnext_weights(model: convnext.ConvNeXt, source) -> None:
-  """Copies a HF or timm ConvNeXt checkpoint (path or {name: array}) into `model`, in place."""
+def load_convnext_weights(model: convnext.ConvNeXt, source) -> list[str]:
+  """Copies a HF or timm ConvNeXt checkpoint (path or {name: array}) into `model`, in place; returns
+  the keys its settings leave out (none: a ConvNeXt takes every backbone key)."""
   sd = read_state_dict(source) if isinstance(source, (str, os.PathLike)) else dict(source)
   where = source if isinstance(source, (str, os.PathLike)) else '(a state dict)'
   sd = {k: torch_checkpoints.to_numpy(v) for k, v in sd.items()}
@@ -163,3 +164,4 @@ def load_convnext_weights(model: convnext.ConvNeXt, source) -> None:
           f'ConvNeXt checkpoint {where}: {key!r} has shape {shape} (as {name}) but the model expects '
           f'{expected}; the checkpoint looks like {theirs()} while the model is {ours}. Set the model '
           f'variant to match the checkpoint.'))
+  return []

@@ -177,8 +177,9 @@ class GleamC(nnx.Module):
     if cfg.get('pretrained'):
       self.load_pretrained(cfg.pretrained)
 
-  def load_pretrained(self, path: str) -> None:
-    """Loads a HF/timm checkpoint of the backbone into every tower (projections stay as initialised)."""
+  def load_pretrained(self, path: str) -> list[str]:
+    """Loads a HF/timm checkpoint of the backbone into every tower (projections stay as initialised);
+    returns the checkpoint keys the backbone's settings leave out (a CLIP projection, a SigLIP head)."""
     encoders = self._encoders()
     if isinstance(encoders[0], vit.ViT):
       sd = vit_params.read_checkpoint(path, encoders[0].config)
@@ -186,8 +187,8 @@ class GleamC(nnx.Module):
     else:
       sd = convnext_params.read_state_dict(path)
       load = convnext_params.load_convnext_weights
-    for encoder in encoders:
-      load(encoder, sd)
+    left_out = [load(encoder, sd) for encoder in encoders]
+    return left_out[0]
 
   def _encoders(self):
     names = ['query_encoder', 'reference_encoder'] if self.separate_towers else ['encoder']

@@ -326,12 +326,12 @@ def read_checkpoint(path, cfg: vit.ViTConfig) -> dict[str, np.ndarray]:
   return torch_checkpoints.read_state_dict(path, 'ViT')
 
 
-def _fit_settings(sd: dict, cfg: vit.ViTConfig, where) -> dict:
-  """The (unwrapped) checkpoint tensors the model takes: a CLIP checkpoint's projection is left out
-  of a model without one (proj_dim=0), as transformers' CLIPVisionModel leaves it, and a SigLIP
-  tower's attention-pooling head out of a model pooled otherwise (pool='gap', as SigLIP's
-  vision_use_head=False); a GleamError naming the settings where the checkpoint's kind of tower
-  needs others."""
+def _fit_settings(sd: dict, cfg: vit.ViTConfig, where) -> tuple[dict, list[str]]:
+  """(the unwrapped checkpoint tensors the model takes, the keys its settings leave out): a CLIP
+  checkpoint's projection is left out of a model without one (proj_dim=0), as transformers'
+  CLIPVisionModel leaves it, and a SigLIP tower's attention-pooling head out of a model pooled
+  otherwise (pool='gap', as SigLIP's vision_use_head=False); a GleamError naming the settings where
+  the checkpoint's kind of tower needs others."""
   layout = detect_layout(sd)
   scaled = any(re.search(r'(layer_scale1\.lambda1|ls1\.gamma)$', k) for k in sd)
   if scaled != bool(cfg.layer_scale):
@@ -342,18 +342,19 @@ def _fit_settings(sd: dict, cfg: vit.ViTConfig, where) -> dict:
   if registers != cfg.registers:
     raise GleamError(f'ViT checkpoint {where} has {registers} register tokens but the model has {cfg.registers}; '
                      f'set model.vit.registers={registers}.')
+  if layout not in _CLIP_LAYOUTS and (cfg.pre_norm or not cfg.patch_bias or cfg.proj_dim):
+    raise GleamError(f'ViT checkpoint {where} ({layout} layout) has no LayerNorm before the blocks, a patch '
+                     f'bias and no projection, but the model is set as a CLIP tower; set '
+                     f'model.vit.pre_norm=False, model.vit.patch_bias=True and model.vit.proj_dim=0.')
   if layout == 'siglip':
     head = [k for k in sd if k.startswith('head.')]
     if cfg.pool == 'map' and not head:
       raise GleamError(f"ViT checkpoint {where} is a SigLIP tower without attention-pooling head but the model "
                        f"pools by one (pool='map'); set model.vit.pool=gap.")
-    sd = sd if cfg.pool == 'map' else {k: v for k, v in sd.items() if k not in head}
+    left_out = [] if cfg.pool == 'map' else head
+    return {k: v for k, v in sd.items() if k not in left_out}, left_out
   if layout not in _CLIP_LAYOUTS:
-    if cfg.pre_norm or not cfg.patch_bias or cfg.proj_dim:
-      raise GleamError(f'ViT checkpoint {where} ({layout} layout) has no LayerNorm before the blocks, a patch '
-                       f'bias and no projection, but the model is set as a CLIP tower; set '
-                       f'model.vit.pre_norm=False, model.vit.patch_bias=True and model.vit.proj_dim=0.')
-    return sd
+    return sd, []
   if not cfg.pre_norm or cfg.patch_bias or not cfg.class_token:
     raise GleamError(f'ViT checkpoint {where} is a CLIP image tower (a class token, a LayerNorm before the '
                      f'blocks, no patch bias); set model.vit.pre_norm=True, model.vit.patch_bias=False and '
@@ -363,16 +364,20 @@ def _fit_settings(sd: dict, cfg: vit.ViTConfig, where) -> dict:
     raise GleamError(f'ViT checkpoint {where} has no projection ({key!r}) but the model projects to '
                      f'{cfg.proj_dim}; set model.vit.proj_dim=0, or give a checkpoint with the projection '
                      f'(a CLIPModel or CLIPVisionModelWithProjection).')
-  return sd if cfg.proj_dim else {k: v for k, v in sd.items() if k != key}
+  if cfg.proj_dim or key not in sd:
+    return sd, []
+  return {k: v for k, v in sd.items() if k != key}, [key]
 
 
-def load_vit_weights(model: vit.ViT, source) -> None:
-  """Copies a ViT checkpoint of any layout above (path or {name: array}) into `model`, in place."""
+def load_vit_weights(model: vit.ViT, source) -> list[str]:
+  """Copies a ViT checkpoint of any layout above (path or {name: array}) into `model`, in place;
+  returns the checkpoint keys the model's settings leave out (a CLIP projection, a SigLIP head)."""
   is_path = isinstance(source, (str, os.PathLike))
   where = source if is_path else '(a state dict)'
   sd = read_checkpoint(source, model.config) if is_path else dict(source)
   sd = {k: torch_checkpoints.to_numpy(v) for k, v in sd.items()}
-  mapped, unexpected = map_state_dict(_fit_settings(_strip_wrappers(sd), model.config, where))
+  fitted, left_out = _fit_settings(_strip_wrappers(sd), model.config, where)
+  mapped, unexpected = map_state_dict(fitted)
   if 'pos_embed' in mapped:
     key, value = mapped['pos_embed']
     mapped['pos_embed'] = (key, _fit_pos_embed(value, model.config))
@@ -388,6 +393,7 @@ def load_vit_weights(model: vit.ViT, source) -> None:
           f'ViT checkpoint {where}: {key!r} has shape {shape} (as {name}) but the model expects '
           f'{expected}; the checkpoint has {infer_architecture(sd)} while the model has {ours}. Set '
           f'the model variant to match the checkpoint.'))
+  return left_out
 
 
 def hf_state_dict(model: vit.ViT) -> dict[str, np.ndarray]:

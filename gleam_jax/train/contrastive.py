@@ -392,13 +392,20 @@ def _checked(setup, jitted):
 # The job: `python -m gleam_jax.main --config=configs/c_phase1.py --workdir=DIR`.
 # ----------------------------------------------------------------------------------------------
 def build_model(model_cfg, seed, pretrained=True):
-  """The GLEAM-C of `model_cfg`. `pretrained=False` leaves `model.pretrained` unread: for a model whose
+  """The GLEAM-C of `model_cfg`, its backbone from `model.pretrained` (logged, with the checkpoint keys
+  the backbone's settings leave out). `pretrained=False` leaves that file unread: for a model whose
   parameters come from a checkpoint (a resumed job, a trained one), which then needs neither the time
   to read those weights nor their file."""
-  if not pretrained and model_cfg.get("pretrained"):
+  path = model_cfg.get("pretrained")
+  if path:
     model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
     model_cfg.pretrained = None
-  return gleam_c.GleamC(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  model = gleam_c.GleamC(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  if path and pretrained:
+    left_out = model.load_pretrained(path)
+    log(f"backbone weights from {path}" + (f"; left out by model.vit's settings: {', '.join(left_out)}"
+                                           if left_out else ""))
+  return model
 
 
 def eval_model(setup, state):
@@ -550,8 +557,6 @@ def run(config, workdir):
         build_model(config.model, seed, pretrained=not resuming), config.optim, total_steps, mesh,
         config.sharding_rules, loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed,
         accum_steps=accum_steps)
-    if config.model.get("pretrained") and not resuming:
-      log(f"backbone weights from {config.model.pretrained}")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     step, last_good = 0, None
     if resuming:
