@@ -190,28 +190,17 @@ def detect_layout(keys) -> str:
 
 
 def infer_architecture(sd: dict) -> str:
-  """A description of a checkpoint's ViT (width, depth, patch size, grid) from its keys and shapes."""
-  sd = _strip_wrappers(sd)
-  layout = detect_layout(sd)
-  tower = 'embeddings.patch_embedding.weight'
-  patch_key = {'timm': 'patch_embed.proj.weight', 'siglip': tower, 'clip': tower,
-               'open_clip': 'conv1.weight'}.get(layout, 'embeddings.patch_embeddings.projection.weight')
-  block = {'huggingface': r'encoder\.layer\.(\d+)\.', 'dinov2': r'encoder\.layer\.(\d+)\.',
-           'huggingface_modules': r'layers\.(\d+)\.',
-           'timm': r'blocks\.(\d+)\.', 'siglip': r'encoder\.layers\.(\d+)\.', 'clip': r'encoder\.layers\.(\d+)\.',
-           'open_clip': r'transformer\.resblocks\.(\d+)\.'}[layout]
-  depth = 1 + max((int(m.group(1)) for k in sd for m in [re.match(block, k)] if m), default=-1)
-  width, _, patch, _ = np.shape(sd[patch_key])
-  pos = sd.get({'timm': 'pos_embed', 'siglip': 'embeddings.position_embedding.weight',
-                'clip': 'embeddings.position_embedding.weight', 'open_clip': 'positional_embedding'}.get(
-      layout, 'embeddings.position_embeddings'))
-  positions = np.shape(pos)[-2] - (layout != 'siglip') if pos is not None else None
+  """A description of a checkpoint's ViT (width, depth, MLP, patch size, grid, projection), read off
+  the shapes of the parameters its keys map onto (`map_state_dict`, our layouts)."""
+  shapes = {name: np.shape(value) for name, (_, value) in map_state_dict(sd)[0].items()}
+  patch, _, _, width = shapes.get('patch_embed.kernel', ('?',) * 4)
+  depth = 1 + max((int(m.group(1)) for name in shapes for m in [re.match(r'blocks\.(\d+)\.', name)] if m),
+                  default=-1)
+  mlp = shapes.get('blocks.0.fc1.kernel', (None, '?'))[1]
+  positions = shapes['pos_embed'][1] - ('cls_token' in shapes) if 'pos_embed' in shapes else None
   grid = int(round(np.sqrt(positions))) if positions else '?'
-  fc1 = [np.shape(v)[0] for k, v in sd.items() if re.search(r'(intermediate\.dense|fc1|c_fc)\.weight$', k)]
-  projection = np.shape(sd[_PROJECTION_KEYS[layout]]) if _PROJECTION_KEYS.get(layout) in sd else None
-  projected = f', projection to {projection[0 if layout == "clip" else 1]}' if projection else ''
-  return (f'width {width}, depth {depth}, MLP {fc1[0] if fc1 else "?"}, patch {patch}, position grid '
-          f'{grid}x{grid}{projected}')
+  projected = f', projection to {shapes["proj.kernel"][1]}' if 'proj.kernel' in shapes else ''
+  return f'width {width}, depth {depth}, MLP {mlp}, patch {patch}, position grid {grid}x{grid}{projected}'
 
 
 def describe(cfg: vit.ViTConfig) -> str:
