@@ -149,7 +149,9 @@ def build_backbone(bcfg, rngs):
 
 class GleamC(nnx.Module):
 
-  def __init__(self, cfg, *, rngs: nnx.Rngs):
+  def __init__(self, cfg, *, rngs: nnx.Rngs, read_pretrained: bool = True):
+    """`read_pretrained=False` leaves `cfg.pretrained` unread (`load_pretrained` reads it later, or a
+    checkpoint gives the parameters)."""
     bcfg = backbone_config(cfg)
     self.separate_towers = bool(cfg.separate_towers)
     embed_dim = cfg.get('embed_dim')
@@ -174,7 +176,7 @@ class GleamC(nnx.Module):
       setattr(self, prefix + 'projection', projection)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32), out_sharding=())
     self.embed_dim = embed_dim or bcfg.feature_width
-    if cfg.get('pretrained'):
+    if read_pretrained and cfg.get('pretrained'):
       self.load_pretrained(cfg.pretrained)
 
   def load_pretrained(self, path: str) -> list[str]:
@@ -187,8 +189,7 @@ class GleamC(nnx.Module):
     else:
       sd = convnext_params.read_state_dict(path)
       load = convnext_params.load_convnext_weights
-    left_out = [load(encoder, sd) for encoder in encoders]
-    return left_out[0]
+    return [load(encoder, sd) for encoder in encoders][0]  # the same for every tower
 
   def _encoders(self):
     names = ['query_encoder', 'reference_encoder'] if self.separate_towers else ['encoder']

@@ -38,7 +38,6 @@ from absl import logging
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -396,11 +395,8 @@ def build_model(model_cfg, seed, pretrained=True):
   the backbone's settings leave out). `pretrained=False` leaves that file unread: for a model whose
   parameters come from a checkpoint (a resumed job, a trained one), which then needs neither the time
   to read those weights nor their file."""
+  model = gleam_c.GleamC(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1), read_pretrained=False)
   path = model_cfg.get("pretrained")
-  if path:
-    model_cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-    model_cfg.pretrained = None
-  model = gleam_c.GleamC(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
   if path and pretrained:
     left_out = model.load_pretrained(path)
     log(f"backbone weights from {path}" + (f"; left out by model.vit's settings: {', '.join(left_out)}"
