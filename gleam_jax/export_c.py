@@ -134,7 +134,7 @@ def head_config(model, tower, loss_bias=None) -> dict:
 
 def backbone_features(encoder) -> str:
   """Which output of the exported transformers model our encoder's pooled features are."""
-  if isinstance(encoder, vit.ViT):  # a ViTModel, SiglipVisionModel or CLIPVisionModel[WithProjection]
+  if isinstance(encoder, vit.ViT):  # a ViTModel, SiglipVisionModel, CLIPVisionModel[...] or Dinov2[...]Model
     return vit_params.hf_features(encoder.config)
   return "pooler_output"  # ConvNextModel's: the LayerNorm of the global average pool, as ours
 

@@ -119,9 +119,10 @@ def describe_partitions(params, cfg) -> str | None:
     counts[label] = counts.get(label, 0) + 1
   if set(counts) == {"lr_x1"}:
     return None
-  order = sorted(counts, key=lambda label: (label == "frozen", label != "frozen" and -float(label[len("lr_x"):])))
-  parts = [f"{'frozen' if label == 'frozen' else 'x' + label[len('lr_x'):]} ({counts[label]}"
-           f"{' tensors' if i == 0 else ''})" for i, label in enumerate(order)]
+  trained = sorted((label for label in counts if label != "frozen"), key=lambda l: float(l[len("lr_x"):]),
+                   reverse=True)
+  order = trained + ["frozen"] * ("frozen" in counts)
+  parts = [f"{label.replace('lr_', '')} ({counts[label]}{' tensors' if i == 0 else ''})" for i, label in enumerate(order)]
   return "lr multipliers " + ", ".join(parts)
 
 
