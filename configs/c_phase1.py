@@ -8,8 +8,9 @@
 `key=value` for the common knobs (variant, data, res, steps, batch, sampler, loss, lr, modalities).
 `variant=` names a ConvNeXt (atto ... base) or, with a patch size, a ViT as big_vision names it
 (`variant=S/16`; `variant=Ti/4` for the 32-px synthetic world), its position grid at the satellite size;
-`vit=` (google, siglip, clip, open_clip, dinov2, dinov2_reg) sets the ViT's settings and the pixel normalisation for that
-family's checkpoints (`gleam_c.VIT_FAMILIES`; `variant=B/16,res=224,vit=clip` and
+`vit=` (google, siglip, clip, open_clip, dinov2, dinov2_reg, dinov2_giant, dinov2_reg_giant) sets the ViT's
+settings and the pixel normalisation for that family's checkpoints (`gleam_c.VIT_FAMILIES`;
+`variant=giant2/14,res=224,vit=dinov2_giant` for facebook/dinov2-giant; `variant=B/16,res=224,vit=clip` and
 `--config.model.pretrained=/path/clip-vit-base-patch16`). Any field can
 be overridden on the command line (`--config.optim.lr=1e-3`); the config is locked, so a typo is
 an error. `data=` names a synthetic world preset (tiny, s64, s128) or a published dataset built from

@@ -260,12 +260,13 @@ def _pairs(n=16):
 
 @pytest.mark.parametrize("vit_kw", [{}, dict(class_token=False, pool="map", gelu="tanh"),
                                     dict(pre_norm=True, patch_bias=False, gelu="quick", proj_dim=24, layer_scale=1.0,
-                                         registers=2, pos_antialias=True)],
+                                         registers=2, pos_antialias=True, swiglu=True)],
                          ids=["cls", "siglip", "clip_and_dinov2_parts"])
 def test_vit_step_on_a_data_fsdp_tensor_mesh_matches_one_device(vit_kw):
   """The default rules shard the ViT's heads and MLP over 'tensor' and its width over 'fsdp': the
   same loss and gradients as one device (drop path on), and the loss falls. The last case has every
-  parameter CLIP's and DINOv2's towers add (norm_pre, proj, ls1/ls2, reg_tokens), in one compile."""
+  parameter CLIP's and DINOv2's towers add (norm_pre, proj, ls1/ls2, reg_tokens, giant's fc1.gate and
+  fc1.up), in one compile."""
   import ml_collections
   from gleam_jax.train import contrastive
   from gleam_jax.train import sharding as shd
@@ -293,7 +294,9 @@ def test_vit_step_on_a_data_fsdp_tensor_mesh_matches_one_device(vit_kw):
   specs = {jax.tree_util.keystr(p): tuple(v.sharding.spec) for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
   query_kernels = [spec for name, spec in specs.items() if "'query'" in name and "'kernel'" in name]
   fc2_kernels = [spec for name, spec in specs.items() if "'fc2'" in name and "'kernel'" in name]
+  fc1_kernels = [spec for name, spec in specs.items() if "'fc1'" in name and "'kernel'" in name]
   assert query_kernels and all(spec == ("fsdp", "tensor") for spec in query_kernels), specs
+  assert fc1_kernels and all(spec == ("fsdp", "tensor") for spec in fc1_kernels), specs
   assert fc2_kernels and all(spec == ("tensor", "fsdp") for spec in fc2_kernels), specs
   step = contrastive.make_train_step(setup)
   history = []

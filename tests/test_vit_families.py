@@ -1,5 +1,5 @@
 """The `vit=` config knob: each family of ViT checkpoints (`gleam_c.VIT_FAMILIES`: google/vit-*,
-SigLIP, CLIP, open_clip, DINOv2 with and without registers) gets the model settings and pixel
+SigLIP, CLIP, open_clip, DINOv2 with and without registers, and their giants) gets the model settings and pixel
 normalisation its weights need, and a transformers checkpoint of the family loads through
 `model.pretrained` into the GleamC the config builds."""
 import numpy as np
@@ -26,9 +26,11 @@ def test_vit_family_knob_sets_the_checkpoints_settings_and_pixels(family, tmp_pa
   if family == "google":
     hf = transformers.ViTModel(transformers.ViTConfig(**sizes), add_pooling_layer=False)
   elif family.startswith("dinov2"):
-    sizes = {k: v for k, v in sizes.items() if k != "intermediate_size"} | dict(mlp_ratio=4)
+    giant = family.endswith("giant")  # mu's MLP (128) is giant's SwiGLU at mlp_ratio 6
+    sizes = {k: v for k, v in sizes.items() if k != "intermediate_size"} | dict(mlp_ratio=6 if giant else 4,
+                                                                                 use_swiglu_ffn=giant)
     hf = (transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(**sizes, num_register_tokens=4))
-          if family == "dinov2_reg" else transformers.Dinov2Model(transformers.Dinov2Config(**sizes)))
+          if family.startswith("dinov2_reg") else transformers.Dinov2Model(transformers.Dinov2Config(**sizes)))
   elif family == "siglip":
     hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**sizes))
   else:

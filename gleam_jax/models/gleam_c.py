@@ -41,7 +41,7 @@ VIT_SIZES = ('width', 'depth', 'mlp_dim', 'heads', 'patch_size')
 
 # model.vit's settings, their defaults (also their values in configs written before them) and types
 VIT_FIELDS = dict(image_size=224, pool='cls', ln_eps=1e-6, class_token=True, gelu='exact', pre_norm=False,
-                  patch_bias=True, proj_dim=0, layer_scale=0.0, registers=0, pos_antialias=False)
+                  patch_bias=True, proj_dim=0, layer_scale=0.0, registers=0, pos_antialias=False, swiglu=False)
 
 
 # Checkpoint families of the ViT backbone: the model.vit settings their weights need and the pixel
@@ -49,14 +49,17 @@ VIT_FIELDS = dict(image_size=224, pool='cls', ln_eps=1e-6, class_token=True, gel
 _HALF = (0.5, 0.5, 0.5)
 _CLIP_PIXELS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 _CLIP = dict(pre_norm=True, patch_bias=False, ln_eps=1e-5)
+_DINOV2, _DINOV2_REG = dict(layer_scale=1.0), dict(layer_scale=1.0, registers=4, pos_antialias=True)
+_IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 VIT_FAMILIES = {
     'google': (dict(ln_eps=1e-12), (_HALF, _HALF)),  # google/vit-* (transformers' ViTModel)
     'siglip': (dict(class_token=False, pool='map', gelu='tanh'), (_HALF, _HALF)),
     'clip': (_CLIP | dict(gelu='quick'), _CLIP_PIXELS),  # OpenAI's weights, open_clip's -quickgelu models
     'open_clip': (_CLIP | dict(gelu='exact'), _CLIP_PIXELS),  # LAION's (open_clip's default GELU)
-    'dinov2': (dict(layer_scale=1.0), (IMAGENET_MEAN, IMAGENET_STD)),  # facebook/dinov2-*
-    'dinov2_reg': (dict(layer_scale=1.0, registers=4, pos_antialias=True),  # facebook/dinov2-with-registers-*
-                   (IMAGENET_MEAN, IMAGENET_STD)),
+    'dinov2': (_DINOV2, _IMAGENET),  # facebook/dinov2-{small,base,large}
+    'dinov2_reg': (_DINOV2_REG, _IMAGENET),  # facebook/dinov2-with-registers-{small,base,large}
+    'dinov2_giant': (_DINOV2 | dict(swiglu=True), _IMAGENET),  # facebook/dinov2-giant (variant giant2/14)
+    'dinov2_reg_giant': (_DINOV2_REG | dict(swiglu=True), _IMAGENET),  # facebook/dinov2-with-registers-giant
 }
 
 
@@ -64,7 +67,8 @@ def vit_settings(**settings) -> ml_collections.ConfigDict:
   """`model.vit`: the ViT backbone's position-embedding grid (`image_size`), pooling ('cls', 'gap' or
   'map'), LayerNorm epsilon, class token, GELU ('exact', 'tanh' or 'quick'), CLIP's LayerNorm before
   the blocks (`pre_norm`), patch bias and projection (`proj_dim`, 0: none), DINOv2's layer scales
-  (`layer_scale`, their initial value; 0: none), register tokens and antialiased position resize, and
+  (`layer_scale`, their initial value; 0: none), register tokens, antialiased position resize and
+  SwiGLU MLP (giant's), and
   the sizes of a custom ViT (`VIT_SIZES`, with `model.variant='custom'`). `VIT_FAMILIES` has the
   settings of SigLIP's, CLIP's and DINOv2's checkpoints."""
   unknown = set(settings) - set(VIT_FIELDS) - set(VIT_SIZES)

@@ -6,8 +6,10 @@ for, and a transformers model directory written out.
 Kinds say how a torch tensor becomes ours: 'conv' (out, in, kh, kw) -> (kh, kw, in, out), 'dense'
 (out, in) -> (in, out), 'norm' and 'copy' as they are, 'unbatched' a table (N, C) -> (1, N, C)
 (SigLIP's and CLIP's position embeddings), 'token' a vector (C,) -> (1, 1, C) (CLIP's class
-embedding), and 'qkv' a dense weight of query, key and value stacked (timm's
-attn.qkv, SigLIP's head's in_proj), whose template has a '{{}}' for the part's name.
+embedding), and the stacked kinds (`STACKS`), dense weights of several projections stacked along
+their outputs: 'qkv' query, key and value (timm's attn.qkv, SigLIP's head's in_proj), 'glu' a gated
+MLP's gate and up projections (DINOv2 giant's SwiGLU weights_in / w12); their template has a '{{}}'
+for the part's name.
 """
 import json
 import os
@@ -108,7 +110,8 @@ def strip_wrappers(sd: dict, prefixes, ignored: re.Pattern) -> dict:
   return sd
 
 
-STACKED = ('query', 'key', 'value')
+STACKS = {'qkv': ('query', 'key', 'value'), 'glu': ('gate', 'up')}  # kind -> its parts, in stacking order
+_PARTS = {part for parts in STACKS.values() for part in parts}
 
 
 def to_ours(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
@@ -120,7 +123,7 @@ def to_ours(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
     return value
   if kind == 'conv':  # torch (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
     return value.transpose(2, 3, 1, 0)
-  if kind in ('dense', 'qkv'):  # torch (out, in) -> (in, out)
+  if kind == 'dense' or kind in STACKS:  # torch (out, in) -> (in, out)
     return value.T
   raise ValueError(kind)
 
@@ -135,7 +138,7 @@ def to_torch(value: np.ndarray, kind: str, param: str | None) -> np.ndarray:
     return value
   if kind == 'conv':
     return value.transpose(3, 2, 0, 1)
-  if kind in ('dense', 'qkv'):
+  if kind == 'dense' or kind in STACKS:
     return value.T
   raise ValueError(kind)
 
@@ -158,8 +161,8 @@ def map_state_dict(sd: dict, rules, ignored: re.Pattern, rename=None):
       if param == 'weight':  # torch 'weight' is a norm's 'scale', a conv/dense's 'kernel'
         target = target[:-len('weight')] + ('scale' if kind == 'norm' else 'kernel')
       value = to_ours(np.asarray(value), kind, param)
-      if kind == 'qkv':
-        for name, part in zip(STACKED, np.split(value, len(STACKED), axis=-1)):
+      if kind in STACKS:
+        for name, part in zip(STACKS[kind], np.split(value, len(STACKS[kind]), axis=-1)):
           mapped[target.format(name)] = (key, part)
       else:
         mapped[target] = (key, value)
@@ -198,25 +201,26 @@ def flat_params(model) -> dict:
 
 def torch_state_dict(model, rules, what: str, rename=None) -> dict[str, np.ndarray]:
   """`model`'s parameters under the checkpoint keys of `rules` (read backwards, `rename` as in
-  `source_key`), in torch layouts, float32; the parts of a 'qkv' rule stacked back into its tensor."""
+  `source_key`), in torch layouts, float32. A part of a stacked rule ('qkv', 'glu') goes back into its
+  stacked tensor, the files' form, before any rule that names it alone (an in-memory name)."""
   out, stacks = {}, {}
   for name, var in flat_params(model).items():
     *parent, leaf = name.split('.')
     path = [*parent, {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf)]
     value = np.asarray(var.get_value(), np.float32)
-    found = source_key('.'.join(path), rules, rename)
-    part = next((p for p in parent if p in STACKED), None)
-    if found is None and part is not None:  # a part of a stacked tensor: its template reads '{{}}' there
-      found = source_key('.'.join('{{}}' if p == part else p for p in path), rules, rename)
-      if found is not None and found[1] == 'qkv':
-        stacks.setdefault(found[0], {})[part] = to_torch(value, 'qkv', path[-1])
+    part = next((p for p in parent if p in _PARTS), None)
+    if part is not None:  # a stacked tensor's part where a rule stacks it: its template reads '{{}}' there
+      stacked = source_key('.'.join('{{}}' if p == part else p for p in path), rules, rename)
+      if stacked is not None and stacked[1] in STACKS:
+        stacks.setdefault(stacked, {})[part] = to_torch(value, stacked[1], path[-1])
         continue
+    found = source_key('.'.join(path), rules, rename)
     if found is None:
       raise ValueError(f'no checkpoint key for {what} parameter {name}')
     key, kind = found
     out[key] = np.ascontiguousarray(to_torch(value, kind, path[-1]))
-  for key, parts in stacks.items():
-    out[key] = np.ascontiguousarray(np.concatenate([parts[n] for n in STACKED], axis=0))
+  for (key, kind), parts in stacks.items():
+    out[key] = np.ascontiguousarray(np.concatenate([parts[n] for n in STACKS[kind]], axis=0))
   return out
 
 

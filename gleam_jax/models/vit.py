@@ -21,7 +21,8 @@ embeddings (`vit_params` maps Hugging Face, timm, SigLIP, CLIP and DINOv2 checkp
 (`CLIPVisionModelWithProjection`, OpenAI's and open_clip's `visual`); `layer_scale` (learned
 per-channel scales of both residual branches, `blocks[i].ls1`, `.ls2`) and `registers` (tokens after
 the class token without position, `reg_tokens`; with `pos_antialias`) give DINOv2's (`Dinov2Model`,
-`Dinov2WithRegistersModel`).
+`Dinov2WithRegistersModel`); `swiglu` (the MLP as silu(fc1.gate(x)) * fc1.up(x) -> fc2, mlp_dim the
+gated width) gives DINOv2 giant's.
 
 The position embeddings are learned on a square grid of `image_size / patch_size`; other input
 shapes (a 1:2 panorama, another resolution) get them resized by bicubic interpolation exactly as
@@ -53,6 +54,7 @@ VARIANTS = {
     'L': (1024, 24, 4096, 16),
     'H': (1280, 32, 5120, 16),
     'So400m': (1152, 27, 4304, 16),  # SigLIP's shape-optimised ViT
+    'giant2': (1536, 40, 4096, 24),  # DINOv2's giant (vit_giant2): 4096 is its SwiGLU's width (swiglu=True)
 }
 POOLS = ('cls', 'gap', 'map')
 GELUS = ('exact', 'tanh', 'quick')
@@ -79,6 +81,7 @@ class ViTConfig:
   layer_scale: float = 0.0  # > 0: DINOv2's per-channel scales of the residual branches, initialised so
   registers: int = 0  # DINOv2-with-registers' extra tokens after the class token (no position embedding)
   pos_antialias: bool = False  # resize the position grid by antialiased bicubic (DINOv2 with registers)
+  swiglu: bool = False  # the MLP gated, silu(gate(x)) * up(x), both mlp_dim wide (DINOv2 giant's)
   drop_path_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
@@ -143,7 +146,8 @@ def forward_flops(cfg: ViTConfig, height: int, width: int) -> int:
   patches = (height // cfg.patch_size) * (width // cfg.patch_size)
   tokens, d = patches + 1 + cfg.registers, cfg.width
   macs = patches * cfg.patch_size ** 2 * cfg.in_channels * d
-  macs += cfg.depth * (tokens * (4 * d * d + 2 * d * cfg.mlp_dim) + 2 * tokens * tokens * d)
+  mlp_matrices = 3 if cfg.swiglu else 2
+  macs += cfg.depth * (tokens * (4 * d * d + mlp_matrices * d * cfg.mlp_dim) + 2 * tokens * tokens * d)
   return 2 * (macs + d * cfg.proj_dim)
 
 
@@ -239,6 +243,17 @@ def _gelu(kind: str, x):
   return ops.gelu_exact(x) if kind == 'exact' else jax.nn.gelu(x, approximate=True)
 
 
+class GatedInput(nnx.Module):
+  """A SwiGLU MLP's input, silu(gate(x)) * up(x). Checkpoints stack gate and up in one weight
+  (transformers' weights_in, timm's fc1, the original w12); apart, each shards on 'mlp' alone."""
+
+  def __init__(self, cfg: ViTConfig, rngs):
+    self.gate, self.up = (_dense(cfg.width, cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, rngs) for _ in range(2))
+
+  def __call__(self, x):
+    return jax.nn.silu(self.gate(x)) * self.up(x)
+
+
 class Block(nnx.Module):
   """Pre-norm Transformer block; `drop_path` is the stochastic depth rate of this block."""
 
@@ -246,7 +261,8 @@ class Block(nnx.Module):
     self.norm1 = _layer_norm(cfg, rngs)
     self.attn = Attention(cfg, rngs)
     self.norm2 = _layer_norm(cfg, rngs)
-    self.fc1 = _dense(cfg.width, cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, rngs)
+    self.fc1 = (GatedInput(cfg, rngs) if cfg.swiglu
+                else _dense(cfg.width, cfg.mlp_dim, ('embed', 'mlp'), cfg.dtype, rngs))
     self.fc2 = _dense(cfg.mlp_dim, cfg.width, ('mlp', 'embed'), cfg.dtype, rngs)
     self.gelu = cfg.gelu
     # Per-sample mask (broadcast over tokens and channels) scaled by 1/keep: stochastic depth.
@@ -262,7 +278,9 @@ class Block(nnx.Module):
 
   def __call__(self, x):
     x = self._residual(x, self.attn(self.norm1(x)), self.ls1)
-    return self._residual(x, self.fc2(_gelu(self.gelu, self.fc1(self.norm2(x)))), self.ls2)
+    hidden = self.fc1(self.norm2(x))
+    hidden = hidden if isinstance(self.fc1, GatedInput) else _gelu(self.gelu, hidden)
+    return self._residual(x, self.fc2(hidden), self.ls2)
 
 
 class MAPHead(nnx.Module):

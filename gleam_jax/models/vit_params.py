@@ -14,14 +14,18 @@ The layouts are detected from the key names:
   timm          cls_token, pos_embed, patch_embed.proj, blocks.i.{norm1, attn.qkv (q, k and v
                 stacked), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm (and the classifier head); DINOv2's
                 (timm's and facebookresearch/dinov2's) add blocks.i.ls1.gamma, ls2.gamma and the
-                registers (reg_token / register_tokens): a model with layer_scale and registers
+                registers (reg_token / register_tokens): a model with layer_scale and registers;
+                DINOv2 giant's SwiGLU MLP is the original's mlp.{w12 (gate and up stacked), w3} and
+                timm's mlp.{fc1 (stacked: twice fc2's input wide), fc2}: a model with swiglu=True
   DINOv2        (`Dinov2Model`, `Dinov2WithRegistersModel`) embeddings.{cls_token, register_tokens,
                 position_embeddings, patch_embeddings.projection}, encoder.layer.i.{norm1,
                 attention.attention.{query, key, value} (in memory: attention.{q,k,v,o}_proj),
-                attention.output.dense, layer_scale1.lambda1, norm2, mlp.fc1, mlp.fc2,
-                layer_scale2.lambda1}, layernorm: a model with layer_scale > 0, `registers` the
-                checkpoint's and pos_antialias=True with registers (their position grid is resized
-                antialiased); config.json is checked against those
+                attention.output.dense, layer_scale1.lambda1, norm2, mlp.fc1, mlp.fc2 (giant's
+                SwiGLU: mlp.weights_in (gate and up stacked), mlp.weights_out; in memory
+                mlp.{gate,up,down}_proj), layer_scale2.lambda1}, layernorm: a model with
+                layer_scale > 0, `registers` the checkpoint's, pos_antialias=True with registers
+                (their position grid is resized antialiased) and swiglu=True for the SwiGLU MLP;
+                config.json is checked against those
   SigLIP        (`SiglipVisionModel`, or a `SiglipModel` under `vision_model.`, its text tower ignored)
                 embeddings.{patch_embedding, position_embedding (no class token)},
                 encoder.layers.i.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1,
@@ -134,17 +138,27 @@ _OPEN_CLIP_RULES = [
     (r'proj', 'proj.kernel', 'copy'),
 ]
 # DINOv2's (`Dinov2Model`, `Dinov2WithRegistersModel`): ViTModel's embeddings (+ registers), its own
-# block names and layer scales; the attention's file names, and transformers 5's module names.
-_DINOV2_RULES = [
+# block names and layer scales; the attention's file names, and transformers 5's module names. Its
+# MLP is GELU's fc1/fc2 or giant's SwiGLU (files: gate and up stacked in weights_in; in memory apart).
+_DINOV2_COMMON_RULES = [
     *_HF_RULES[:3],
     (r'embeddings\.register_tokens', 'reg_tokens', 'copy'),
     (r'encoder\.layer\.(\d+)\.norm([12])\.(weight|bias)', 'blocks.{0}.norm{1}.{2}', 'norm'),
     _HF_RULES[4], _HF_RULES[5],
     (r'encoder\.layer\.(\d+)\.attention\.(q|k|v|o)_proj\.(weight|bias)', 'blocks.{0}.attn.{1}.{2}', 'dense'),
     (r'encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1', 'blocks.{0}.ls{1}', 'copy'),
-    (r'encoder\.layer\.(\d+)\.mlp\.fc([12])\.(weight|bias)', 'blocks.{0}.fc{1}.{2}', 'dense'),
     _HF_RULES[-1],
 ]
+_DINOV2_GELU_RULES = [
+    (r'encoder\.layer\.(\d+)\.mlp\.fc([12])\.(weight|bias)', 'blocks.{0}.fc{1}.{2}', 'dense'),
+]
+_DINOV2_SWIGLU_RULES = [
+    (r'encoder\.layer\.(\d+)\.mlp\.weights_in\.(weight|bias)', 'blocks.{0}.fc1.{{}}.{1}', 'glu'),
+    (r'encoder\.layer\.(\d+)\.mlp\.weights_out\.(weight|bias)', 'blocks.{0}.fc2.{1}', 'dense'),
+    (r'encoder\.layer\.(\d+)\.mlp\.(gate|up)_proj\.(weight|bias)', 'blocks.{0}.fc1.{1}.{2}', 'dense'),
+    (r'encoder\.layer\.(\d+)\.mlp\.down_proj\.(weight|bias)', 'blocks.{0}.fc2.{1}', 'dense'),
+]
+_DINOV2_RULES = _DINOV2_COMMON_RULES + _DINOV2_GELU_RULES + _DINOV2_SWIGLU_RULES
 _TIMM_RULES = [
     (r'cls_token', 'cls_token', 'copy'),
     (r'pos_embed', 'pos_embed', 'copy'),
@@ -156,6 +170,8 @@ _TIMM_RULES = [
     (r'blocks\.(\d+)\.attn\.proj\.(weight|bias)', 'blocks.{0}.attn.out.{1}', 'dense'),
     (r'blocks\.(\d+)\.norm2\.(weight|bias)', 'blocks.{0}.norm2.{1}', 'norm'),
     (r'blocks\.(\d+)\.mlp\.fc([12])\.(weight|bias)', 'blocks.{0}.fc{1}.{2}', 'dense'),
+    (r'blocks\.(\d+)\.mlp\.w12\.(weight|bias)', 'blocks.{0}.fc1.{{}}.{1}', 'glu'),  # DINOv2 giant's SwiGLU
+    (r'blocks\.(\d+)\.mlp\.w3\.(weight|bias)', 'blocks.{0}.fc2.{1}', 'dense'),
     (r'norm\.(weight|bias)', 'norm.{0}', 'norm'),
 ]
 _LAYOUTS = {'huggingface': _HF_RULES, 'huggingface_modules': _HF_MODULE_RULES, 'timm': _TIMM_RULES,
@@ -168,7 +184,18 @@ def _strip_wrappers(sd: dict) -> dict:
   sd = torch_checkpoints.strip_wrappers(sd, _WRAPPER_PREFIXES, _OUTSIDE_WRAPPER)
   if 'visual.conv1.weight' in sd:  # a whole OpenAI / open_clip CLIP: its image tower
     sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
-  return sd
+  return _timm_swiglu_names(sd)
+
+
+def _timm_swiglu_names(sd: dict) -> dict:
+  """timm's DINOv2 giant keeps its SwiGLU in mlp.fc1 (gate and up stacked: twice fc2's input wide)
+  and mlp.fc2; named as the original's w12 and w3, one rule reads both."""
+  fc1, fc2 = sd.get('blocks.0.mlp.fc1.weight'), sd.get('blocks.0.mlp.fc2.weight')
+  if fc1 is None or fc2 is None or np.ndim(fc1) != 2 or np.shape(fc1)[0] != 2 * np.shape(fc2)[1] or not np.size(fc1):
+    return sd
+  names = {'fc1': 'w12', 'fc2': 'w3'}
+  return {re.sub(r'^(blocks\.\d+\.mlp\.)(fc[12])\.', lambda m: m.group(1) + names[m.group(2)] + '.', k): v
+          for k, v in sd.items()}
 
 
 def detect_layout(keys) -> str:
@@ -196,15 +223,18 @@ def infer_architecture(sd: dict) -> str:
   patch, _, _, width = shapes.get('patch_embed.kernel', ('?',) * 4)
   depth = 1 + max((int(m.group(1)) for name in shapes for m in [re.match(r'blocks\.(\d+)\.', name)] if m),
                   default=-1)
-  mlp = shapes.get('blocks.0.fc1.kernel', (None, '?'))[1]
+  swiglu = 'blocks.0.fc1.gate.kernel' in shapes
+  mlp = shapes.get('blocks.0.fc1.gate.kernel' if swiglu else 'blocks.0.fc1.kernel', (None, '?'))[1]
   positions = shapes['pos_embed'][1] - ('cls_token' in shapes) if 'pos_embed' in shapes else None
   grid = int(round(np.sqrt(positions))) if positions else '?'
   projected = f', projection to {shapes["proj.kernel"][1]}' if 'proj.kernel' in shapes else ''
-  return f'width {width}, depth {depth}, MLP {mlp}, patch {patch}, position grid {grid}x{grid}{projected}'
+  return (f'width {width}, depth {depth}, {"SwiGLU " if swiglu else ""}MLP {mlp}, patch {patch}, '
+          f'position grid {grid}x{grid}{projected}')
 
 
 def describe(cfg: vit.ViTConfig) -> str:
-  return (f'width {cfg.width}, depth {cfg.depth}, MLP {cfg.mlp_dim}, patch {cfg.patch_size}, '
+  return (f'width {cfg.width}, depth {cfg.depth}, {"SwiGLU " if cfg.swiglu else ""}MLP {cfg.mlp_dim}, '
+          f'patch {cfg.patch_size}, '
           f'position grid {cfg.grid}x{cfg.grid}' + (f', projection to {cfg.proj_dim}' if cfg.proj_dim else ''))
 
 
@@ -242,9 +272,6 @@ def _check_hf_config(path, cfg: vit.ViTConfig):
   if hf.get('model_type') not in ('vit', 'siglip_vision_model', 'clip_vision_model', 'dinov2',
                                   'dinov2_with_registers', None):
     return
-  if hf.get('use_swiglu_ffn'):
-    raise GleamError(f'ViT checkpoint {path}: its config.json has use_swiglu_ffn=true (DINOv2 giant\'s SwiGLU '
-                     f'MLP), which our ViT does not compute; give a DINOv2 with the GELU MLP (S, B or L).')
   antialias = hf.get('model_type') == 'dinov2_with_registers'  # its position grid is resized antialiased
   if hf.get('model_type', '').startswith('dinov2') and antialias != cfg.pos_antialias:
     raise GleamError(f"ViT checkpoint {path} is a {hf['model_type']}, which resizes its position grid "
@@ -331,6 +358,11 @@ def _fit_settings(sd: dict, cfg: vit.ViTConfig, where) -> tuple[dict, list[str]]
   if registers != cfg.registers:
     raise GleamError(f'ViT checkpoint {where} has {registers} register tokens but the model has {cfg.registers}; '
                      f'set model.vit.registers={registers}.')
+  swiglu = any(re.search(r'mlp\.(weights_in|gate_proj|w12)\.weight$', k) for k in sd)
+  if swiglu != cfg.swiglu:
+    raise GleamError(f'ViT checkpoint {where} has {"a SwiGLU" if swiglu else "a GELU"} MLP but the model '
+                     f'{"a GELU" if swiglu else "a SwiGLU"} one; set model.vit.swiglu={swiglu}'
+                     f'{" (DINOv2 giant: variant giant2/14)" if swiglu else ""}.')
   if layout not in _CLIP_LAYOUTS and (cfg.pre_norm or not cfg.patch_bias or cfg.proj_dim):
     raise GleamError(f'ViT checkpoint {where} ({layout} layout) has no LayerNorm before the blocks, a patch '
                      f'bias and no projection, but the model is set as a CLIP tower; set '
@@ -391,8 +423,9 @@ def hf_state_dict(model: vit.ViT) -> dict[str, np.ndarray]:
   arch = hf_architecture(model.config)
   if arch == 'ViTModel':
     return torch_checkpoints.torch_state_dict(model, _HF_RULES, 'ViT')
-  if arch.startswith('Dinov2'):
-    return torch_checkpoints.torch_state_dict(model, _DINOV2_RULES, 'ViT')
+  if arch.startswith('Dinov2'):  # fc2 is GELU's mlp.fc2 or the SwiGLU's weights_out
+    mlp_rules = _DINOV2_SWIGLU_RULES if model.config.swiglu else _DINOV2_GELU_RULES
+    return torch_checkpoints.torch_state_dict(model, _DINOV2_COMMON_RULES + mlp_rules, 'ViT')
   if arch == 'SiglipVisionModel':
     return torch_checkpoints.torch_state_dict(model, _SIGLIP_RULES, 'ViT', rename=_TO_SIGLIP)
   tensors = torch_checkpoints.torch_state_dict(model, _CLIP_RULES, 'ViT', rename=_TO_SIGLIP)
@@ -414,7 +447,8 @@ def hf_config(cfg: vit.ViTConfig, dtype: str = 'float32') -> dict:
     import transformers
     config_class = transformers.Dinov2WithRegistersConfig if cfg.registers else transformers.Dinov2Config
     common.pop('intermediate_size')
-    return config_class(**common, mlp_ratio=cfg.mlp_dim // cfg.width, layerscale_value=cfg.layer_scale,
+    return config_class(**common, mlp_ratio=_dinov2_mlp_ratio(cfg), use_swiglu_ffn=cfg.swiglu,
+                        layerscale_value=cfg.layer_scale,
                         hidden_act='gelu', drop_path_rate=cfg.drop_path_rate, architectures=[arch],
                         **({'num_register_tokens': cfg.registers} if cfg.registers else {})).to_diff_dict()
   if arch.startswith('CLIP'):
@@ -429,6 +463,15 @@ def hf_config(cfg: vit.ViTConfig, dtype: str = 'float32') -> dict:
 _HF_ACTS = {v: k for k, v in _GELUS.items()}
 
 
+def _dinov2_mlp_ratio(cfg: vit.ViTConfig) -> int | None:
+  """transformers' Dinov2Config.mlp_ratio (a whole number) that gives our MLP's width: width * ratio,
+  or for the SwiGLU two thirds of it rounded up to a multiple of 8; None when no ratio does."""
+  def mlp_width(ratio):
+    hidden = int(cfg.width * ratio)
+    return (int(hidden * 2 / 3) + 7) // 8 * 8 if cfg.swiglu else hidden
+  return next((r for r in range(1, 4 * cfg.mlp_dim // cfg.width + 2) if mlp_width(r) == cfg.mlp_dim), None)
+
+
 def _clip_like(cfg: vit.ViTConfig) -> bool:
   return cfg.pre_norm or not cfg.patch_bias or bool(cfg.proj_dim)
 
@@ -440,10 +483,10 @@ def hf_architecture(cfg: vit.ViTConfig) -> str:
   'CLIPVisionModelWithProjection' (that with `proj_dim`), 'Dinov2Model' (ViTModel's with layer scales)
   or 'Dinov2WithRegistersModel' (with registers, its position grid resized antialiased); a GleamError
   for a ViT that is none."""
-  dinov2 = cfg.layer_scale > 0 or cfg.registers > 0 or cfg.pos_antialias
+  dinov2 = cfg.layer_scale > 0 or cfg.registers > 0 or cfg.pos_antialias or cfg.swiglu
   if dinov2:
     if (cfg.layer_scale > 0 and cfg.class_token and cfg.pool != 'map' and cfg.gelu == 'exact'
-        and not _clip_like(cfg) and cfg.pos_antialias == bool(cfg.registers) and cfg.mlp_dim % cfg.width == 0):
+        and not _clip_like(cfg) and cfg.pos_antialias == bool(cfg.registers) and _dinov2_mlp_ratio(cfg)):
       return 'Dinov2WithRegistersModel' if cfg.registers else 'Dinov2Model'
   elif _clip_like(cfg):
     if cfg.class_token and cfg.pre_norm and not cfg.patch_bias and cfg.pool == 'cls':
@@ -455,10 +498,10 @@ def hf_architecture(cfg: vit.ViTConfig) -> str:
   raise GleamError(
       f'A ViT with class_token={cfg.class_token}, pool={cfg.pool!r}, gelu={cfg.gelu!r}, pre_norm={cfg.pre_norm}, '
       f'patch_bias={cfg.patch_bias}, proj_dim={cfg.proj_dim}, layer_scale={cfg.layer_scale}, '
-      f'registers={cfg.registers}, pos_antialias={cfg.pos_antialias} is none of transformers\' ViTModel (a class '
+      f'registers={cfg.registers}, pos_antialias={cfg.pos_antialias}, swiglu={cfg.swiglu} is none of transformers\' ViTModel (a class '
       f"token pooled by 'cls' or 'gap', exact GELU), SiglipVisionModel (no class token), "
       f"CLIPVisionModel[WithProjection] (a class token pooled by 'cls', pre_norm=True, patch_bias=False) or "
-      f"Dinov2[WithRegisters]Model (ViTModel's with layer_scale > 0, an MLP a whole multiple of the width; "
+      f"Dinov2[WithRegisters]Model (ViTModel's with layer_scale > 0, an MLP width a whole mlp_ratio gives; "
       f"pos_antialias=True exactly with registers), "
       f"so it cannot be exported or benchmarked against transformers; its parameters are in the job's checkpoints.")
 
