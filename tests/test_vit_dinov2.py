@@ -5,7 +5,6 @@ pooled features and gradients against transformers' `Dinov2Model` and `Dinov2Wit
 files and in-memory names, and timm's / facebookresearch's state dicts, read to the same model; the
 settings checked against the weights and config.json; the export read back by transformers."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
