@@ -5,7 +5,8 @@
     python -m gleam_jax.main --config=configs/c_phase1.py:sampler=gps,loss=sigmoid --workdir=...
 
 `arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
-`key=value` for the common knobs (variant, data, res, steps, batch, sampler, loss, lr, modalities).
+`key=value` for the common knobs (variant, data, res, steps, batch, sampler, loss, lr, modalities, vit,
+lora). `lora=16` trains rank-16 LoRA adapters on the encoders' block Linears with the encoders frozen.
 `variant=` names a ConvNeXt (atto ... base) or, with a patch size, a ViT as big_vision names it
 (`variant=S/16`; `variant=Ti/4` for the 32-px synthetic world), its position grid at the satellite size;
 `vit=` (google, siglip, clip, open_clip, dinov2, dinov2_reg, dinov2_giant, dinov2_reg_giant) sets the ViT's
@@ -38,9 +39,10 @@ from gleam_jax.data.config import data_config
 from gleam_jax.errors import GleamError
 from gleam_jax.eval.retrieval import search_config
 from gleam_jax.models.gleam_c import VIT_FAMILIES, model_config
+from gleam_jax.train import lora
 from gleam_jax.train.sharding import DEFAULT_RULES
 
-KNOBS = ("variant", "data", "res", "steps", "batch", "sampler", "loss", "lr", "modalities", "vit")
+KNOBS = ("variant", "data", "res", "steps", "batch", "sampler", "loss", "lr", "modalities", "vit", "lora")
 
 
 def parse_arg(arg, known=KNOBS):
@@ -135,6 +137,11 @@ def base_config(arg, modalities, known=KNOBS):
       name="adamw", lr=knob(knobs, "lr", 3e-3 if tiny else 2e-3, float), b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.05, warmup_steps=2 if tiny else 50, min_lr_ratio=0.01, clip_norm=1.0,
       frozen=(), lr_mults=(), layer_decay=1.0, no_decay=(r"logit_scale",)))
+
+  # LoRA (rank > 0): adapters on the encoders' block Linears, the encoders frozen, the projection
+  # heads and logit scale trained (train/lora.py): fine-tuning a large pretrained backbone.
+  c.lora = ml_collections.ConfigDict(dict(rank=knob(knobs, "lora", 0), alpha=16.0,
+                                          targets=(lora.ENCODER_BLOCK_LINEARS,)))
 
   c.log_every_steps = 1 if tiny else 20
   c.eval = ml_collections.ConfigDict()

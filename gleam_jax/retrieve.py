@@ -53,6 +53,7 @@ from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
 from gleam_jax.train import checkpoint
 from gleam_jax.train import contrastive
+from gleam_jax.train import lora
 from gleam_jax.train import sharding as shd
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -127,8 +128,10 @@ def load_trained(workdir, config=None):
   target = {"model": jax.device_put(nnx.to_pure_dict(params), shd.replicated(mesh))}
   if config.loss.name == "sigmoid":
     target["loss_bias"] = jax.device_put(np.float32(0), shd.replicated(mesh))
+  if lora.enabled(config.get("lora")):  # read beside the model, then folded into its kernels
+    target["lora"] = jax.device_put(lora.init(target["model"], config.lora, 0), shd.replicated(mesh))
   restored, where, _ = checkpoint.restore_params(workdir, target)
-  model = nnx.merge(graphdef, restored["model"], rng_state, rest)
+  model = nnx.merge(graphdef, lora.merged_model(restored, config.get("lora")), rng_state, rest)
   model.eval()
   print(f"model from {where}")
   loss_bias = float(restored["loss_bias"]) if "loss_bias" in restored else None

@@ -404,7 +404,7 @@ def test_unknown_config_key_is_rejected_on_one_line(tmp_path):
 
 @pytest.mark.parametrize("args, line", [
     (["--config=configs/c_phase1.py:tny"], "error: --config=configs/c_phase1.py:tny: unknown preset 'tny' in 'tny'; "
-     "use 'tiny' or key=value with the knobs variant, data, res, steps, batch, sampler, loss, lr, modalities, vit."),
+     "use 'tiny' or key=value with the knobs variant, data, res, steps, batch, sampler, loss, lr, modalities, vit, lora."),
     (["--config=configs/c_phase1.py:steps=ten"],
      "error: --config=configs/c_phase1.py:steps=ten: config knob steps='ten' must be an integer."),
     (["--config=configs/c_phase1.py:data=s32"], "error: --config=configs/c_phase1.py:data=s32: data.config='s32' is "

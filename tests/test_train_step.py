@@ -225,7 +225,7 @@ def test_modality_towers_with_a_frozen_shared_tower():
   model.train()
 
   def reference_loss(params):
-    m = contrastive.merge_model(setup, params["model"], state["model_state"])
+    m = contrastive.merge_model(setup, params, state["model_state"])
     q = jax.numpy.concatenate([m.encode(batch["query"]["a"], tower="a"), m.encode(batch["query"]["b"], tower="b")])
     r = jax.numpy.concatenate([m.encode(batch["satellite"][k], tower="reference") for k in ("a", "b")])
     ids = np.concatenate([batch["location_id"]["a"], batch["location_id"]["b"]])
@@ -303,7 +303,7 @@ def test_gradient_cache_draws_the_same_drop_path_in_both_passes():
   def reference_loss(params, key_offset):
     embeddings = []
     for k in range(steps):
-      model = contrastive.merge_model(setup, params["model"], state["model_state"])
+      model = contrastive.merge_model(setup, params, state["model_state"])
       model.train()
       nnx.reseed(model, dropout=jax.random.fold_in(step_key, k + key_offset))
       embeddings.append(contrastive.encode_pairs(model, *(jax.tree.map(lambda x: x[k], micro[i])

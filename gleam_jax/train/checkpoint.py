@@ -15,11 +15,13 @@ one whose files are damaged, with one naming it and the step to fall back to.
 import asyncio
 import contextlib
 import functools
+import json
 import os
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -248,6 +250,21 @@ def at_most_verbose(level):
     yield
   finally:
     logging.set_verbosity(verbosity)
+
+
+def job_config(path):
+  """The config.json of the job that wrote a checkpoint path (a workdir, its checkpoints folder or one
+  step folder), as a ConfigDict; empty when there is none (a checkpoint copied without its job)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if step_of(path) is not None:
+    path = os.path.dirname(path)
+  if os.path.basename(path) == "checkpoints":
+    path = os.path.dirname(path)
+  config_file = os.path.join(path, "config.json")
+  if not os.path.exists(config_file):
+    return ml_collections.ConfigDict()
+  with open(config_file) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def _open_for_reading(path):

@@ -11,8 +11,10 @@ The train step (reused by `gleam_jax.bench.train_step`):
   `logit_scale` Param); its config decides the compute dtype (bfloat16 option, parameters stay
   float32) and remat.
 - `state` is a dict pytree of jax.Arrays placed on `mesh`: `step`, `params` (`{'model': ...}` plus
-  `loss_bias` for the sigmoid loss), `opt_state`, `model_state` (non-parameter variables) and `rng`
-  (key data; drop path draws from `fold_in(rng, step)`, so a resumed run draws the same noise).
+  `loss_bias` for the sigmoid loss, and `lora` with `lora_cfg.rank` > 0: adapters on the encoders'
+  block Linears, which are then frozen, `train/lora.py`), `opt_state`, `model_state` (non-parameter
+  variables) and `rng` (key data; drop path draws from `fold_in(rng, step)`, so a resumed run draws the
+  same noise).
 - `batch` arrays are global jax.Arrays sharded over ('data', 'fsdp') (`sharding.shard_batch`) or
   host NumPy arrays of the global batch; images are float32/bfloat16 (already normalised) or uint8
   (normalised in the step with ImageNet mean/std). `query` and `satellite` are arrays, or dicts of
@@ -49,8 +51,9 @@ from gleam_jax.eval import evaluator
 from gleam_jax.eval import retrieval
 from gleam_jax.models import gleam_c
 from gleam_jax.train import checkpoint
+from gleam_jax.train import lora
 from gleam_jax.train import losses
-from gleam_jax.train.loop import check_finite, due, log, truncate_metrics
+from gleam_jax.train.loop import check_finite, due, log, parameter_sizes, truncate_metrics
 from gleam_jax.train import optim
 from gleam_jax.train import sharding as shd
 from gleam_jax.utils import mfu
@@ -76,6 +79,7 @@ class TrainSetup:
   shardings: Any  # tree matching the train state
   trainable: Any  # tree of bools matching state['params']
   accum_steps: int = 1  # > 1: the batch is encoded in this many micro-batches (`_cached_grads`)
+  lora_cfg: Any = None  # config.lora when the job trains LoRA adapters
 
 
 def normalise_images(images):
@@ -93,13 +97,27 @@ def split_model(model):
 
 
 def merge_model(setup, params, model_state):
-  return nnx.merge(setup.graphdef, params, setup.rng_state, model_state)
+  """The model of the state's `params`; its LoRA adapters, when it has them, beside their layers (no
+  merged kernel, no kernel-sized gradient): take its state back with `model_state_of`."""
+  model = nnx.merge(setup.graphdef, params["model"], setup.rng_state, model_state)
+  if "lora" in params:
+    lora.attach(model, params["lora"], lora.scale(setup.lora_cfg))
+  return model
+
+
+def model_state_of(model, params):
+  """The non-parameter variables of a `merge_model` model (its adapters detached first)."""
+  if "lora" in params:
+    lora.detach(model, params["lora"])
+  return nnx.to_pure_dict(split_model(model)[3])
 
 
 def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="infonce",
-                       label_smoothing=0.1, seed=0, with_optimizer=True, accum_steps=1):
+                       label_smoothing=0.1, seed=0, with_optimizer=True, accum_steps=1, lora_cfg=None):
   """(TrainSetup, state placed on `mesh`) for `model`; the model object is not used afterwards.
   `accum_steps` > 1: the step's gradients are gradient-cached over that many micro-batches.
+  `lora_cfg.rank` > 0: LoRA adapters on the kernels `lora_cfg.targets` match, every encoder frozen
+  (the projection heads, the logit scale and the sigmoid loss's bias train).
 
   `with_optimizer=False` (evaluation only): the state has no `opt_state`, which is never built, so
   the job's peak memory is the parameters', not a training job's."""
@@ -113,6 +131,12 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="in
   if loss_name == "sigmoid":
     params["loss_bias"] = jnp.float32(SIGMOID_BIAS_INIT)
     param_shardings["loss_bias"] = shd.replicated(mesh)
+  if lora.enabled(lora_cfg):
+    params["lora"] = lora.init(params["model"], lora_cfg, seed)
+    param_shardings["lora"] = jax.tree.map(lambda _: shd.replicated(mesh), params["lora"])
+    optim_cfg = lora.freezing(optim_cfg, lora.ENCODERS)
+  else:
+    lora_cfg = None
   params = shd.place(params, param_shardings)
   # evaluation builds no optimizer (nor its schedule, which could not fit an evaluation's total_steps)
   tx, schedule = optim.make_optimizer(optim_cfg, params, total_steps) if with_optimizer else (None, None)
@@ -135,18 +159,17 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="in
   setup = TrainSetup(
       graphdef=graphdef, rng_state=nnx.to_pure_dict(rng_state), tx=tx, schedule=schedule,
       loss_name=loss_name, label_smoothing=float(label_smoothing), mesh=mesh, shardings=shardings,
-      trainable=optim.trainable_mask(params, optim_cfg), accum_steps=int(accum_steps))
+      trainable=optim.trainable_mask(params, optim_cfg), accum_steps=int(accum_steps), lora_cfg=lora_cfg)
   return setup, state
 
 
 def _loss_fn(setup, params, model_state, rng, step, batch):
-  model = merge_model(setup, params["model"], model_state)
+  model = merge_model(setup, params, model_state)
   model.train()
   nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(rng), step))
   query, reference = encode_pairs(model, batch["query"], batch["satellite"], shd.batch_shards(setup.mesh))
   loss, aux = _batch_loss(setup, params, query, reference, batch)
-  _, _, _, new_model_state = split_model(model)
-  return loss, (nnx.to_pure_dict(new_model_state), aux)
+  return loss, (model_state_of(model, params), aux)
 
 
 def _batch_loss(setup, params, query, reference, batch):
@@ -251,7 +274,7 @@ def _cached_grads(setup, state, batch):
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
   def embed(params, k, images):
-    model = merge_model(setup, params["model"], state["model_state"])
+    model = merge_model(setup, params, state["model_state"])
     model.train()
     nnx.reseed(model, dropout=jax.random.fold_in(step_key, k))
     return encode_pairs(model, images["query"], images["satellite"], shards)
@@ -405,8 +428,10 @@ def build_model(model_cfg, seed, pretrained=True):
 
 
 def eval_model(setup, state):
-  """The model with the state's parameters, in eval mode (no drop path)."""
-  model = merge_model(setup, state["params"]["model"], state["model_state"])
+  """The model with the state's parameters (LoRA adapters folded into their kernels), in eval mode (no
+  drop path)."""
+  params = {"model": lora.merged_model(state["params"], setup.lora_cfg)}
+  model = merge_model(setup, params, state["model_state"])
   model.eval()
   return model
 
@@ -494,26 +519,45 @@ def refresh_dss_neighbours(config, setup, state, sampler):
 
 def init_from_checkpoint(config, state, what="run phase 1 first (its --workdir is the path to give)"):
   """(state with the parameters of `config.init_from`, the step folder they came from); `what`:
-  the fix to name when the path does not exist."""
+  the fix to name when the path does not exist. A job that trained LoRA adapters gives its model with
+  them folded into its kernels (its config.json says how); this job's own adapters start afresh."""
   path = os.path.expanduser(config.init_from)
   if not os.path.exists(path):
     raise GleamError(f"config.init_from={config.init_from!r} does not exist: {what}, or set "
                      "--config.init_from to a finished job's workdir.")
   cfg = config.model
   copy_source = lambda name: _model_copy_source(name, cfg)
-  params, where, copied = checkpoint.restore_params(path, state["params"], copy_source)
+  source_lora = checkpoint.job_config(path).get("lora")
+  target = {k: v for k, v in state["params"].items() if k != "lora"}
+  if lora.enabled(source_lora):  # restored beside the model, then folded in
+    adapters = lora.init(state["params"]["model"], source_lora, 0)
+    mesh = jax.tree.leaves(state["params"])[0].sharding.mesh
+    target["lora"] = shd.place(adapters, jax.tree.map(lambda _: shd.replicated(mesh), adapters))
+  params, where, copied = checkpoint.restore_params(path, target, copy_source)
+  if "lora" in params:
+    params = {**params, "model": lora.merged_model(params, source_lora)}
+    del params["lora"]
+    log(f"folded the LoRA adapters of {where} (rank {int(source_lora.rank)}) into its kernels")
+  if "lora" in state["params"]:
+    params["lora"] = state["params"]["lora"]
   log(f"initialised parameters from {where}")
-  towers = sorted({n.split("/")[1].rsplit("_", 1)[0] for n in copied})
+  towers = sorted({n.split("/")[1].rsplit("_", 1)[0] for n in copied if n.startswith("model/")})
   if towers:
     log(f"modality towers {', '.join(towers)} start as copies of its query tower")
   return {**state, "params": params}, where
 
 
 def _model_copy_source(name, model_cfg):
-  """'model/uav_encoder/...' -> 'model/encoder/...' (the phase-1 tower a new modality tower copies)."""
-  if not name.startswith("model/"):
+  """'model/uav_encoder/...' -> 'model/encoder/...' (the phase-1 tower a new modality tower copies);
+  a LoRA adapter's 'lora/uav_encoder.blocks.0...' -> 'lora/encoder.blocks.0...' likewise."""
+  root, _, rest = name.partition("/")
+  if root not in ("model", "lora"):
     return None
-  source = gleam_c.tower_copy_source(name[len("model/"):], bool(model_cfg.separate_towers),
+  if root == "lora":  # adapters are keyed by their kernel's '.'-joined name
+    key, _, leaf = rest.partition("/")
+    source = _model_copy_source(f"model/{key.replace('.', '/')}", model_cfg)
+    return source and f"lora/{source[len('model/'):].replace('/', '.')}/{leaf}"
+  source = gleam_c.tower_copy_source(rest, bool(model_cfg.separate_towers),
                                      tuple(model_cfg.get("modality_towers", ()) or ()))
   return source and f"model/{source}"
 
@@ -552,8 +596,7 @@ def run(config, workdir):
     setup, state = create_train_state(
         build_model(config.model, seed, pretrained=not resuming), config.optim, total_steps, mesh,
         config.sharding_rules, loss_name=config.loss.name, label_smoothing=config.loss.label_smoothing, seed=seed,
-        accum_steps=accum_steps)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+        accum_steps=accum_steps, lora_cfg=config.get("lora"))
     step, last_good = 0, None
     if resuming:
       state, data_state, step = checkpoint.restore(manager, state)
@@ -567,7 +610,7 @@ def run(config, workdir):
     step = int(step)
 
     groups = ", ".join(f"{m} {b}" for m, b in stream.batch_sizes.items())
-    log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {n_params / 1e6:.2f}M params; "
+    log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; model {parameter_sizes(state['params'], config.get('lora'))}; "
          f"{steps_per_epoch} steps/epoch of {batch_size} pairs ({groups}"
          f"{f'; in {accum_steps} micro-batches' if accum_steps > 1 else ''}); training to step {total_steps}")
     partitions = optim.describe_partitions(state["params"], config.optim)

@@ -4,9 +4,20 @@ import math
 import os
 
 import jax
+import numpy as np
 
 from gleam_jax.errors import GleamError
 from gleam_jax.utils.writer import read_metrics
+
+
+def parameter_sizes(params, lora_cfg):
+  """'12.34M params' of a train state's model, with ', LoRA rank r: 0.123M trained' when the state has
+  adapters: what both trainers print at the start."""
+  size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  line = f"{size(params['model']) / 1e6:.2f}M params"
+  if "lora" in params:
+    line += f", LoRA rank {int(lora_cfg.rank)}: {size(params['lora']) / 1e6:.3f}M trained"
+  return line
 
 
 def log(message):

@@ -8,6 +8,10 @@ adapters only). The train step runs them beside their frozen layers (`attach`): 
 so it never holds a merged copy of a kernel nor a gradient of its size, only the rank-r products.
 For generation and export `merge` folds them into the kernels, which then serve as the model's own
 (the fused decode kernels included).
+
+GLEAM-X adapts the decoder's projections (`DECODER_PROJECTIONS`) with the whole model frozen; GLEAM-C
+the Linears of its encoders' blocks (`ENCODER_BLOCK_LINEARS`) with the encoders frozen and the
+projection heads and logit scale trained.
 """
 import re
 
@@ -21,6 +25,31 @@ from gleam_jax.train.optim import path_name
 
 # The decoder's attention and MLP projections (the usual LoRA targets of Qwen2.5-VL fine-tuning).
 DECODER_PROJECTIONS = r"^language_model/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$"
+# GLEAM-C's encoders (every tower): a ViT block's attention and MLP projections (a SwiGLU's gate and
+# up), a ConvNeXt block's pointwise layers; what the adapters stand in for is `ENCODERS` (frozen).
+ENCODER_BLOCK_LINEARS = (r"^(\w+_)?encoder/(stages/\d+/)?blocks/\d+/"
+                         r"(attn/(query|key|value|out)|fc1|fc1/(gate|up)|fc2|pwconv[12])/kernel$")
+ENCODERS = r"^model/(\w+_)?encoder/"
+
+
+def enabled(lora_cfg):
+  """Whether `config.lora` asks for adapters (rank > 0); configs written before LoRA have none."""
+  return lora_cfg is not None and int(lora_cfg.rank) > 0
+
+
+def freezing(optim_cfg, frozen):
+  """A copy of `optim_cfg` that also freezes the parameters `frozen` matches (what the adapters adapt)."""
+  optim_cfg = optim_cfg.copy_and_resolve_references()
+  with optim_cfg.unlocked():
+    optim_cfg.frozen = tuple(optim_cfg.get("frozen") or ()) + (frozen,)
+  return optim_cfg
+
+
+def merged_model(params, lora_cfg):
+  """A train state's `params['model']`, with its adapters (`params['lora']`) folded in when it has them."""
+  if "lora" not in params:
+    return params["model"]
+  return merge(params["model"], params["lora"], scale(lora_cfg))
 
 
 def _key(name):
@@ -80,21 +109,44 @@ class Adapted(nnx.Module):
     return y + (self.scale * low).astype(y.dtype)
 
 
+def _layer(model, key):
+  """(the module holding the layer of adapter `key`, the layer's attribute or index, the kernel's leaf
+  name)."""
+  *owner_path, attr, leaf = [int(p) if p.isdigit() else p for p in key.split(".")]
+  owner = model
+  for p in owner_path:
+    owner = owner[p] if isinstance(p, int) else getattr(owner, p)
+  return owner, attr, leaf
+
+
+def _get(owner, attr):
+  return owner[attr] if isinstance(attr, int) else getattr(owner, attr)
+
+
+def _set(owner, attr, layer):
+  if isinstance(attr, int):
+    owner[attr] = layer
+  else:
+    setattr(owner, attr, layer)
+
+
 def attach(model, adapters, scale):
   """Puts each adapter beside its layer of the merged NNX `model` (in place; the model is the step's
   own, built from the state by `nnx.merge`). Returns the model."""
   for key, adapter in adapters.items():
-    *owner_path, attr, leaf = [int(p) if p.isdigit() else p for p in key.split(".")]
-    owner = model
-    for p in owner_path:
-      owner = owner[p] if isinstance(p, int) else getattr(owner, p)
-    layer = owner[attr] if isinstance(attr, int) else getattr(owner, attr)
+    owner, attr, leaf = _layer(model, key)
+    layer = _get(owner, attr)
     if leaf != "kernel" or not isinstance(layer, nnx.Linear):
       raise GleamError(f"LoRA adapter {key}: only nnx.Linear kernels take adapters, this is a "
                        f"{type(layer).__name__}.{leaf}; narrow config.lora.targets.")
-    adapted = Adapted(layer, adapter["a"], adapter["b"], scale)
-    if isinstance(attr, int):
-      owner[attr] = adapted
-    else:
-      setattr(owner, attr, adapted)
+    _set(owner, attr, Adapted(layer, adapter["a"], adapter["b"], scale))
+  return model
+
+
+def detach(model, adapters):
+  """Undoes `attach` (in place): each adapted layer back to its own, so that the model's state holds
+  its variables only, not the adapters. Returns the model."""
+  for key in adapters:
+    owner, attr, _ = _layer(model, key)
+    _set(owner, attr, _get(owner, attr).base)
   return model

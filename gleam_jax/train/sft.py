@@ -49,7 +49,7 @@ from gleam_jax.train import checkpoint
 from gleam_jax.train import lora
 from gleam_jax.train import optim
 from gleam_jax.train import sharding as shd
-from gleam_jax.train.loop import check_finite, due, log, truncate_metrics
+from gleam_jax.train.loop import check_finite, due, log, parameter_sizes, truncate_metrics
 from gleam_jax.utils.progress import RateEta, format_eta
 from gleam_jax.utils.writer import MetricWriter
 
@@ -118,12 +118,12 @@ def load_trained(workdir, mesh=None, config=None):
   pure = nnx.to_pure_dict(model_params)
   target = {"model": pure}
   shardings = {"model": shd.state_shardings(model_params, mesh, config.sharding_rules)}
-  if lora_on(config.get("lora")):
+  if lora.enabled(config.get("lora")):
     target["lora"] = lora.init(pure, config.lora, int(config.seed))
     shardings["lora"] = jax.tree.map(lambda _: shd.replicated(mesh), target["lora"])
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
   restored, where, _ = checkpoint.restore_params(workdir, target)
-  nnx.replace_by_pure_dict(model_params, merged_params(restored, config.get("lora")))
+  nnx.replace_by_pure_dict(model_params, lora.merged_model(restored, config.get("lora")))
   return nnx.merge(graphdef, model_params, rest), _processor(config, directory), where
 
 
@@ -272,18 +272,6 @@ class SftSetup:
   accum_steps: int = 1  # > 1: each batch in this many micro-batches, gradients summed (`_accumulated`)
 
 
-def lora_on(lora_cfg):
-  """Whether `config.lora` asks for adapters (rank > 0); configs written before LoRA have none."""
-  return lora_cfg is not None and int(lora_cfg.rank) > 0
-
-
-def merged_params(params, lora_cfg):
-  """The model's parameters, with the LoRA adapters folded in when the state has them."""
-  if "lora" not in params:
-    return params["model"]
-  return lora.merge(params["model"], params["lora"], lora.scale(lora_cfg))
-
-
 def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None, seed=0, loss_chunk=0,
                        accum_steps=1):
   """(SftSetup, state). With `lora_cfg.rank` > 0 the state also holds LoRA adapters and the whole
@@ -291,12 +279,10 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
   params = {"model": nnx.to_pure_dict(model_params)}
   param_shardings = {"model": shd.state_shardings(model_params, mesh, rules)}
-  if lora_on(lora_cfg):
+  if lora.enabled(lora_cfg):
     params["lora"] = lora.init(params["model"], lora_cfg, seed)
     param_shardings["lora"] = jax.tree.map(lambda _: shd.replicated(mesh), params["lora"])
-    optim_cfg = optim_cfg.copy_and_resolve_references()
-    with optim_cfg.unlocked():
-      optim_cfg.frozen = tuple(optim_cfg.get("frozen") or ()) + (r"^model/",)
+    optim_cfg = lora.freezing(optim_cfg, r"^model/")
   else:
     lora_cfg = None
   params = shd.place(params, param_shardings)
@@ -314,7 +300,7 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None
 
 def model_of(setup, params):
   """The model with the LoRA adapters merged into its kernels (for generation)."""
-  return nnx.merge(setup.graphdef, merged_params(params, setup.lora_cfg), setup.rest)
+  return nnx.merge(setup.graphdef, lora.merged_model(params, setup.lora_cfg), setup.rest)
 
 
 def _loss_fn(setup, params, batch, count=None):
@@ -516,10 +502,7 @@ def run(config, workdir):
                                       lora_cfg=config.get("lora"), seed=seed, loss_chunk=config.get("loss_chunk", 0),
                                       accum_steps=accum_steps)
     del model
-    size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-    n_params = size(state["params"]["model"])
-    adapters = (f", LoRA rank {int(config.lora.rank)}: {size(state['params']['lora']) / 1e6:.2f}M trained"
-                if "lora" in state["params"] else "")
+    sizes = parameter_sizes(state["params"], config.get("lora"))
     manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
     cleanup.callback(manager.close)
     cleanup.callback(manager.wait_until_finished)
@@ -531,7 +514,7 @@ def run(config, workdir):
         truncate_metrics(workdir, int(step))
       log(f"resumed from {last_good[1]}")
     step = int(step)
-    log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; Qwen2.5-VL {n_params / 1e6:.2f}M params{adapters} from "
+    log(f"{len(jax.devices())} devices, mesh {dict(mesh.shape)}; Qwen2.5-VL {sizes} from "
         f"{directory}; {len(train)} training pairs ({', '.join(batches.groups)}; "
         f"{', '.join(sorted({ex['lang'] for ex in train}))}{_conversations(train)}), "
         f"{batches.length} tokens per row{f' (batch in {accum_steps} micro-batches)' if accum_steps > 1 else ''}; "
