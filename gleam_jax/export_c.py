@@ -49,9 +49,6 @@ from gleam_jax import retrieve
 from gleam_jax.data.augment import warps_query
 from gleam_jax.data.config import query_shape
 from gleam_jax.errors import GleamError
-from gleam_jax.models import convnext_params
-from gleam_jax.models import vit
-from gleam_jax.models import vit_params
 from gleam_jax.models import gleam_c
 from gleam_jax.train import checkpoint
 from gleam_jax.utils import model_dirs
@@ -133,10 +130,9 @@ def head_config(model, tower, loss_bias=None) -> dict:
 
 
 def backbone_features(encoder) -> str:
-  """Which output of the exported transformers model our encoder's pooled features are."""
-  if isinstance(encoder, vit.ViT):  # a ViTModel, SiglipVisionModel, CLIPVisionModel[...] or Dinov2[...]Model
-    return vit_params.hf_features(encoder.config)
-  return "pooler_output"  # ConvNextModel's: the LayerNorm of the global average pool, as ours
+  """Which output of the exported transformers model (ConvNextModel, ViTModel, SiglipVisionModel,
+  CLIPVisionModel[...] or Dinov2[...]Model) our encoder's pooled features are."""
+  return gleam_c.backbone_kind(encoder.config).hf_features(encoder.config)
 
 
 def save_tower(model, tower, directory, info=None, loss_bias=None, dtype=None) -> int:
@@ -144,8 +140,7 @@ def save_tower(model, tower, directory, info=None, loss_bias=None, dtype=None) -
   `vit_params.save_hf_vit`, its weights cast to `dtype` when given) with its head; `info`: more
   entries of config.json's `gleam_c`. Returns the bytes written."""
   encoder = getattr(model, f"{model.tower_key(tower)}encoder")
-  save = vit_params.save_hf_vit if isinstance(encoder, vit.ViT) else convnext_params.save_hf_convnext
-  return save(
+  return gleam_c.backbone_kind(encoder.config).save_hf(
       encoder, directory, extra=head_tensors(model, tower, loss_bias),
       extra_config={"gleam_c": head_config(model, tower, loss_bias) | (info or {})}, dtype=dtype)
 

@@ -73,9 +73,8 @@ def make_batch(batch, query, sat, seed=0):
 
 def load_torch_weights(model, torch_encoder):
   import jax.numpy as jnp
-  from gleam_jax.models import convnext_params, vit, vit_params
-  load = vit_params.load_vit_weights if isinstance(model.encoder, vit.ViT) else convnext_params.load_convnext_weights
-  load(model.encoder, torch_encoder.backbone.state_dict())
+  from gleam_jax.models import gleam_c
+  gleam_c.backbone_kind(model.encoder.config).load_weights(model.encoder, torch_encoder.backbone.state_dict())
   if model.projection is not None:
     model.projection.kernel[...] = jnp.asarray(torch_encoder.projection.weight.detach().numpy().T)
     model.projection.bias[...] = jnp.asarray(torch_encoder.projection.bias.detach().numpy())
@@ -120,22 +119,15 @@ def torch_model(config):
   """Sample4Geo's encoder on transformers' ConvNeXt (or ViT): pooled features (+ projection)."""
   import math
   import torch
-  from gleam_jax.models import gleam_c, vit, vit_params
+  from gleam_jax.models import gleam_c
 
   arch = gleam_c.backbone_config(config.model)
   embed_dim = config.model.get("embed_dim")
-  if isinstance(arch, vit.ViTConfig):  # the transformers model our ViT is (`vit_params.hf_architecture`)
-    backbone = vit_params.build_hf_model(arch)
+  kind = gleam_c.backbone_kind(arch)  # the transformers model our backbone is
+  backbone = kind.build_hf_model(arch)
 
-    def pooled(x):
-      return vit_params.hf_pooled(arch, backbone(x, interpolate_pos_encoding=True))
-  else:
-    from transformers import ConvNextConfig, ConvNextModel
-    backbone = ConvNextModel(ConvNextConfig(num_stages=len(arch.depths), depths=list(arch.depths),
-                                            hidden_sizes=list(arch.dims), layer_norm_eps=1e-6))
-
-    def pooled(x):
-      return backbone(x).pooler_output
+  def pooled(x):
+    return kind.hf_pooled(arch, backbone(x, **dict(kind.hf_call)))
 
   class Encoder(torch.nn.Module):
     def __init__(self):

@@ -15,7 +15,9 @@ key must map onto a parameter and every parameter must be given, or a GleamError
 and the fix.
 
 The other way, `save_hf_convnext(model, directory)` writes our ConvNeXt as a transformers
-`ConvNextModel` directory (config.json, model.safetensors; `hf_state_dict` gives the tensors).
+`ConvNextModel` directory (config.json, model.safetensors; `hf_state_dict` gives the tensors), whose
+`pooler_output` is our pooled features. `read_checkpoint`, `hf_features`, `hf_pooled` and
+`build_hf_model` answer as `vit_params`' do (`gleam_c.backbone_kind` picks the module).
 """
 import os
 import re
@@ -136,6 +138,29 @@ def save_hf_convnext(model: convnext.ConvNeXt, directory: str, extra: dict | Non
   Refuses a directory that holds weights. Returns the bytes written."""
   config = hf_config(model.config, dtype or 'float32') | (extra_config or {})
   return torch_checkpoints.save_hf_directory(directory, hf_state_dict(model), config, extra, dtype)
+
+
+def read_checkpoint(path, cfg: convnext.ConvNeXtConfig) -> dict[str, np.ndarray]:
+  """The tensors of a local ConvNeXt checkpoint; no setting of ours is missing from its weights."""
+  del cfg
+  return read_state_dict(path)
+
+
+def hf_features(cfg: convnext.ConvNeXtConfig) -> str:
+  """ConvNextModel's output that our pooled features are: the LayerNorm of the global average pool."""
+  del cfg
+  return 'pooler_output'
+
+
+def hf_pooled(cfg: convnext.ConvNeXtConfig, outputs):
+  """`hf_features` read off the transformers model's `outputs`."""
+  return getattr(outputs, hf_features(cfg))
+
+
+def build_hf_model(cfg: convnext.ConvNeXtConfig):
+  """A randomly initialised transformers `ConvNextModel` of our ConvNeXt's architecture."""
+  from transformers import ConvNextConfig, ConvNextModel
+  return ConvNextModel(ConvNextConfig.from_dict(hf_config(cfg)))
 
 
 def map_state_dict(sd: dict) -> tuple[dict[str, tuple[str, np.ndarray]], list[str]]:

@@ -20,7 +20,9 @@ Modules: shared towers -> `encoder` (+ `projection`); `separate_towers=True` ->
 A job's `init_from` starts these towers as copies of the checkpoint's query tower
 (`tower_copy_source`), so phase 2 can add a modality without moving what phase 1 learned.
 """
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -147,8 +149,41 @@ def _vit_config(cfg, common) -> vit.ViTConfig:
   return vit.vit_config(cfg.variant, **options)
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneKind:
+  """What GLEAM-C does with one kind of backbone: build it, count its FLOPs, read, load and export its
+  weights, and build and read the transformers model it is (the bench's reference, the export's
+  recipe)."""
+  module: type
+  forward_flops: Callable
+  read_checkpoint: Callable  # (path, config) -> state dict
+  load_weights: Callable  # (module, path or state dict) -> checkpoint keys left out
+  save_hf: Callable  # (module, directory, extra=, extra_config=, dtype=) -> bytes written
+  hf_features: Callable  # config -> the transformers output our pooled features are
+  hf_pooled: Callable  # (config, transformers outputs) -> those features
+  build_hf_model: Callable  # config -> a random transformers model of the architecture
+  hf_call: tuple = ()  # (keyword, value) pairs the transformers model takes to read any input shape
+
+
+_BACKBONE_KINDS = {
+    vit.ViTConfig: BackboneKind(
+        vit.ViT, vit.forward_flops, vit_params.read_checkpoint, vit_params.load_vit_weights,
+        vit_params.save_hf_vit, vit_params.hf_features, vit_params.hf_pooled, vit_params.build_hf_model,
+        hf_call=(('interpolate_pos_encoding', True),)),
+    convnext.ConvNeXtConfig: BackboneKind(
+        convnext.ConvNeXt, convnext.forward_flops, convnext_params.read_checkpoint,
+        convnext_params.load_convnext_weights, convnext_params.save_hf_convnext, convnext_params.hf_features,
+        convnext_params.hf_pooled, convnext_params.build_hf_model),
+}
+
+
+def backbone_kind(bcfg) -> BackboneKind:
+  """The kind of a backbone's config (`backbone_config`, or a built module's `.config`)."""
+  return _BACKBONE_KINDS[type(bcfg)]
+
+
 def build_backbone(bcfg, rngs):
-  return vit.ViT(bcfg, rngs=rngs) if isinstance(bcfg, vit.ViTConfig) else convnext.ConvNeXt(bcfg, rngs=rngs)
+  return backbone_kind(bcfg).module(bcfg, rngs=rngs)
 
 
 class GleamC(nnx.Module):
@@ -187,13 +222,9 @@ class GleamC(nnx.Module):
     """Loads a HF/timm checkpoint of the backbone into every tower (projections stay as initialised);
     returns the checkpoint keys the backbone's settings leave out (a CLIP projection, a SigLIP head)."""
     encoders = self._encoders()
-    if isinstance(encoders[0], vit.ViT):
-      sd = vit_params.read_checkpoint(path, encoders[0].config)
-      load = vit_params.load_vit_weights
-    else:
-      sd = convnext_params.read_state_dict(path)
-      load = convnext_params.load_convnext_weights
-    return [load(encoder, sd) for encoder in encoders][0]  # the same for every tower
+    kind = backbone_kind(encoders[0].config)
+    sd = kind.read_checkpoint(path, encoders[0].config)
+    return [kind.load_weights(encoder, sd) for encoder in encoders][0]  # the same for every tower
 
   def _encoders(self):
     names = ['query_encoder', 'reference_encoder'] if self.separate_towers else ['encoder']
@@ -229,8 +260,7 @@ def encode_flops(cfg, height: int, width: int) -> int:
   bcfg = backbone_config(cfg)
   embed_dim = cfg.get('embed_dim')
   projection = 2 * bcfg.feature_width * embed_dim if embed_dim else 0
-  backbone = vit if isinstance(bcfg, vit.ViTConfig) else convnext
-  return backbone.forward_flops(bcfg, height, width) + projection
+  return backbone_kind(bcfg).forward_flops(bcfg, height, width) + projection
 
 
 def contrastive_step_flops(cfg, query_shapes, reference_shapes) -> int:

@@ -48,6 +48,12 @@ def _pointwise_bwd(precision, residuals, grad):
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+def pointwise(x, kernel):
+  """x (..., C) times a (C, D) kernel, with `pointwise_dot_general`'s gradients (e.g. a LoRA adapter's
+  two products beside its layer)."""
+  return _pointwise(x, kernel, None)
+
+
 def pointwise_dot_general(lhs, rhs, dimension_numbers, precision=None, out_sharding=None,
                           preferred_element_type=None):
   """`lax.dot_general` for `nnx.Linear(dot_general=...)`: the same product, the same gradients."""

@@ -534,8 +534,10 @@ def init_from_checkpoint(config, state, what="run phase 1 first (its --workdir i
     mesh = jax.tree.leaves(state["params"])[0].sharding.mesh
     target["lora"] = shd.place(adapters, jax.tree.map(lambda _: shd.replicated(mesh), adapters))
   params, where, copied = checkpoint.restore_params(path, target, copy_source)
-  if "lora" in params:
-    params = {**params, "model": lora.merged_model(params, source_lora)}
+  if "lora" in params:  # folded, on the shardings of the parameters it replaces
+    merged = jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), lora.merged_model(params, source_lora),
+                          state["params"]["model"])
+    params = {**params, "model": merged}
     del params["lora"]
     log(f"folded the LoRA adapters of {where} (rank {int(source_lora.rank)}) into its kernels")
   if "lora" in state["params"]:

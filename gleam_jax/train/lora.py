@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gleam_jax.errors import GleamError
+from gleam_jax.models import ops
 from gleam_jax.train.optim import path_name
 
 # The decoder's attention and MLP projections (the usual LoRA targets of Qwen2.5-VL fine-tuning).
@@ -94,7 +95,9 @@ def scale(lora_cfg):
 
 
 class Adapted(nnx.Module):
-  """An `nnx.Linear` with its adapter beside it: base(x) + scale (x A) B, in the layer's compute dtype."""
+  """An `nnx.Linear` with its adapter beside it: base(x) + scale (x A) B, in the layer's compute dtype.
+  The two products take `ops.pointwise`'s 2-D kernel gradients: with jnp's matmul the c_phase2 LoRA
+  job ran at 316 pairs/s on a 2-core CPU, with these at 460 (the full fine-tuning's speed)."""
 
   def __init__(self, base: nnx.Linear, a, b, scale: float):
     self.base, self.a, self.b, self.scale = base, nnx.data(a), nnx.data(b), scale
@@ -105,7 +108,7 @@ class Adapted(nnx.Module):
 
   def __call__(self, x):
     y = self.base(x)
-    low = (x.astype(y.dtype) @ self.a.astype(y.dtype)) @ self.b.astype(y.dtype)
+    low = ops.pointwise(ops.pointwise(x.astype(y.dtype), self.a.astype(y.dtype)), self.b.astype(y.dtype))
     return y + (self.scale * low).astype(y.dtype)
 
 
