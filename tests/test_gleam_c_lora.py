@@ -60,8 +60,9 @@ def test_adapters_go_on_every_encoder_block_linear():
                   for s, blocks in enumerate((1, 2)) for b in range(blocks) for k in (1, 2)}
 
 
-def _state_with_live_adapters(mesh):
-  setup, state = contrastive.create_train_state(vit_model(), OPTIM, 20, mesh, shd.DEFAULT_RULES, lora_cfg=lora_cfg())
+def _state_with_live_adapters(mesh, accum_steps=1):
+  setup, state = contrastive.create_train_state(vit_model(), OPTIM, 20, mesh, shd.DEFAULT_RULES, lora_cfg=lora_cfg(),
+                                                accum_steps=accum_steps)
   rng = np.random.default_rng(1)  # B starts at zero; move it so that the adapters change the model
   adapters = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
                           jax.device_get(state["params"]["lora"]))
@@ -71,8 +72,9 @@ def _state_with_live_adapters(mesh):
 
 def test_lora_step_is_the_folded_models_and_trains_only_adapters_and_head():
   """The step's loss and gradients (adapters beside their layers) are those of the model with
-  W + (alpha / rank) A B as kernels, on one device and on a (data 2, fsdp 2, tensor 2) mesh; the
-  encoders get no gradient and do not move, the adapters, the projection and the logit scale do."""
+  W + (alpha / rank) A B as kernels, on one device, on a (data 2, fsdp 2, tensor 2) mesh and through
+  the gradient cache (2 micro-batches); the encoders get no gradient and do not move, the adapters,
+  the projection and the logit scale do."""
   batch = pairs()
   setup, state = _state_with_live_adapters(shd.single_device_mesh())
   assert setup.trainable["model"]["projection"]["kernel"] and not setup.trainable["model"]["encoder"]["norm"]["scale"]
@@ -103,6 +105,12 @@ def test_lora_step_is_the_folded_models_and_trains_only_adapters_and_head():
   mesh_loss, mesh_grads = contrastive.make_grad_fn(mesh_setup)(mesh_state, shd.shard_batch(batch, mesh_setup.mesh))
   np.testing.assert_allclose(float(mesh_loss), float(loss), rtol=1e-4)
   for got, want in zip(jax.tree.leaves(mesh_grads["lora"]), jax.tree.leaves(grads["lora"])):
+    close(got, want)
+
+  cached_setup, cached_state = _state_with_live_adapters(shd.single_device_mesh(), accum_steps=2)
+  cached_loss, cached_grads = contrastive.make_grad_fn(cached_setup)(cached_state, batch)
+  np.testing.assert_allclose(float(cached_loss), float(loss), rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(cached_grads), jax.tree.leaves(grads)):
     close(got, want)
 
   before = jax.device_get(state["params"])
