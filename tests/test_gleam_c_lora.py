@@ -124,6 +124,17 @@ def test_lora_step_is_the_folded_models_and_trains_only_adapters_and_head():
   assert after["model"]["logit_scale"] != before["model"]["logit_scale"]
 
 
+def test_lora_config_errors_name_the_fix(tiny_cfg, tmp_path):
+  """A rank or alpha no adapter can have, and targets that match no kernel, stop before training."""
+  from gleam_jax.errors import GleamError
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, "tiny,lora=-2")
+  with pytest.raises(GleamError, match=r"config\.lora\.rank=-2, alpha=16\.0: give rank >= 0"):
+    main.run(config, str(tmp_path / "bad_rank"))
+  config = tiny_config("c_phase1", tiny_cfg.data_dir, "tiny,lora=4", **{"lora.targets": (r"attn/query/kernel$",)})
+  with pytest.raises(GleamError, match=r"config\.lora\.targets=\('attn/query/kernel\$',\) match no Linear kernel"):
+    main.run(config, str(tmp_path / "no_match"))
+
+
 @pytest.fixture(scope="module")
 def lora_workdir(tiny_cfg, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("lora_job"))

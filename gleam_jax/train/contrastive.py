@@ -443,6 +443,7 @@ def check_config(config):
   if int(config.batch_size) <= 0:
     raise GleamError(f"config.batch_size={config.batch_size} must be positive.")
   optim.check_values(config.optim)
+  lora.check_values(config.get("lora"))
   for key in ("log_every_steps", "grad_accum_steps"):
     if int(config[key]) <= 0:
       raise GleamError(f"config.{key}={config[key]} must be positive.")

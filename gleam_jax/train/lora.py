@@ -38,6 +38,15 @@ def enabled(lora_cfg):
   return lora_cfg is not None and int(lora_cfg.rank) > 0
 
 
+def check_values(lora_cfg):
+  """Stops a `config.lora` whose rank or alpha no adapter can have (configs without one pass)."""
+  if lora_cfg is None:
+    return
+  if int(lora_cfg.rank) < 0 or float(lora_cfg.alpha) <= 0:
+    raise GleamError(f"config.lora.rank={lora_cfg.rank}, alpha={lora_cfg.alpha}: give rank >= 0 (0: no "
+                     f"adapters) and alpha > 0 (the adapters are scaled by alpha / rank).")
+
+
 def freezing(optim_cfg, frozen):
   """A copy of `optim_cfg` that also freezes the parameters `frozen` matches (what the adapters adapt)."""
   optim_cfg = optim_cfg.copy_and_resolve_references()

@@ -463,6 +463,7 @@ def check_config(config):
   if int(config.batch_size) <= 0:
     raise GleamError(f"config.batch_size={config.batch_size} must be positive.")
   optim.check_values(config.optim)
+  lora.check_values(config.get("lora"))
   for key in ("train", "eval"):
     if int(config.examples[key]) < 2:
       raise GleamError(f"config.examples.{key}={config.examples[key]}: give at least 2 (a match and a non-match).")
