@@ -36,7 +36,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import ml_collections
 from flax import nnx
 import numpy as np
 
@@ -98,11 +97,10 @@ def define_camera_flags():
 
 
 def load_config(workdir):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise GleamError(f"{path} not found: --workdir must be the folder of a GLEAM-C training job.")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = checkpoint.job_config(workdir)
+  if config is None:
+    raise GleamError(f"{os.path.join(workdir, 'config.json')} not found: --workdir must be the folder of a "
+                     "GLEAM-C training job.")
   if "data" in config:  # fields added since the job was written take their defaults
     config.data = data_config(**config.data.to_dict())
   return config

@@ -149,6 +149,8 @@ def test_lora_job_checkpoints_adapters_and_every_reader_folds_them(lora_workdir,
   tower as the folded encoder (its own adapters afresh), and a resumed job reads the adapters back."""
   config = retrieve.load_config(lora_workdir)
   assert config.lora.rank == 4
+  for path in (lora_workdir, f"{lora_workdir}/checkpoints", f"{lora_workdir}/checkpoints/8"):  # init_from's forms
+    assert checkpoint.job_config(checkpoint.job_directory(path)).lora.rank == 4
   initial = contrastive.build_model(config.model, int(config.seed), pretrained=False)
   initial = nnx.to_pure_dict(nnx.state(initial, nnx.Param))
   saved = checkpoint.host_state(checkpoint.restore_params(lora_workdir, {

@@ -252,17 +252,20 @@ def at_most_verbose(level):
     logging.set_verbosity(verbosity)
 
 
-def job_config(path):
-  """The config.json of the job that wrote a checkpoint path (a workdir, its checkpoints folder or one
-  step folder), as a ConfigDict; empty when there is none (a checkpoint copied without its job)."""
+def job_directory(path):
+  """The workdir of a checkpoint path: a workdir, its checkpoints folder or one step folder."""
   path = os.path.abspath(os.path.expanduser(path))
   if step_of(path) is not None:
     path = os.path.dirname(path)
-  if os.path.basename(path) == "checkpoints":
-    path = os.path.dirname(path)
-  config_file = os.path.join(path, "config.json")
+  return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+
+
+def job_config(workdir):
+  """The config.json a job wrote into its workdir, as a ConfigDict; None when there is none (a
+  checkpoint copied without its job)."""
+  config_file = os.path.join(os.path.expanduser(workdir), "config.json")
   if not os.path.exists(config_file):
-    return ml_collections.ConfigDict()
+    return None
   with open(config_file) as f:
     return ml_collections.ConfigDict(json.load(f))
 

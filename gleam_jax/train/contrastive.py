@@ -528,7 +528,7 @@ def init_from_checkpoint(config, state, what="run phase 1 first (its --workdir i
                      "--config.init_from to a finished job's workdir.")
   cfg = config.model
   copy_source = lambda name: _model_copy_source(name, cfg)
-  source_lora = checkpoint.job_config(path).get("lora")
+  source_lora = (checkpoint.job_config(checkpoint.job_directory(path)) or {}).get("lora")
   target = {k: v for k, v in state["params"].items() if k != "lora"}
   if lora.enabled(source_lora):  # restored beside the model, then folded in
     adapters = lora.init(state["params"]["model"], source_lora, 0)

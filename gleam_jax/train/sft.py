@@ -32,7 +32,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -95,11 +94,10 @@ def load_model_and_processor(config, workdir, mesh):
 
 def job_config(workdir):
   """The config a GLEAM-X job wrote into its workdir; GleamError if the workdir holds none."""
-  path = os.path.join(os.path.expanduser(workdir), "config.json")
-  if not os.path.exists(path):
-    raise GleamError(f"{path} not found: --workdir must be the folder of a GLEAM-X ('sft') job.")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = checkpoint.job_config(workdir)
+  if config is None:
+    raise GleamError(f"{os.path.join(os.path.expanduser(workdir), 'config.json')} not found: --workdir must be "
+                     "the folder of a GLEAM-X ('sft') job.")
   if config.get("trainer") != "sft":
     raise GleamError(f"{workdir} holds a {config.get('trainer')!r} job; --workdir needs a GLEAM-X ('sft') job.")
   return config
