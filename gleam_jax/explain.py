@@ -9,12 +9,15 @@ Loads the weights and processor of a local Hugging Face directory (`params.load_
 `processor.load_processor`; nothing is downloaded), or the model a GLEAM-X fine-tuning job wrote
 (`--workdir`: its latest checkpoint, `train/sft.py`), builds the chat prompt with the images in the
 order given, and generates under jit with the KV cache (`generation.generate`), printing the answer
-to stdout as each chunk of tokens is decoded. Greedy unless `--temperature` > 0 (then top-p
-sampling, seeded). Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
+to stdout as each chunk of tokens is decoded. Greedy unless `--temperature` > 0 (then sampling,
+seeded, with `--top_k`, `--top_p`, `--min_p`); `--repetition_penalty` as transformers'. With
+`--generation_config` tokens are chosen as the model directory's generation_config.json says, as
+transformers' `generate` chooses them (the released Instruct checkpoints: a repetition penalty of
+1.05, top_k 1); flags given on the command line override it. Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
 any number of images may go with a prompt of your own. Prefill and decode rates go to stderr.
 
 `--pairs` answers every pair of a JSON Lines file (`data/pair_files.py`: the layout GLEAM-X jobs
-train on) in batches, greedily, and writes one line per pair to `--out` (the pair's line, images,
+train on) in batches, greedily (as the trainer's evaluation), and writes one line per pair to `--out` (the pair's line, images,
 the answer, its verdict and the model's yes-probability `p_yes`, the reference where the file has
 one); when every pair has a reference answer it prints verdict accuracy, the yes-probabilities' ROC
 AUC and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
@@ -24,6 +27,7 @@ A conversation's later questions are asked after its reference turns, or after t
 earlier answers with `--follow_ups_after=own`.
 `--fsdp` / `--tensor` split the model over that many local devices (Qwen2.5-VL's sharding rules).
 """
+import dataclasses
 import json
 import os
 import sys
@@ -44,6 +48,8 @@ from gleam_jax.utils.progress import RateEta, format_eta
 FLAGS = flags.FLAGS
 # what a conversation's later questions are asked after: its reference answers, or the model's own
 FOLLOW_UPS_AFTER = ("reference", "own")
+# the flags of `generation.generate`'s sampling keywords (`generation.Sampling`)
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def define_flags():
@@ -61,6 +67,13 @@ def define_flags():
   flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate.")
   flags.DEFINE_float("temperature", 0.0, "0: greedy; above 0: sampling at this temperature.")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (with --temperature > 0).")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (with --temperature > 0; 0: all).")
+  flags.DEFINE_float("min_p", 0.0, "Drop tokens less likely than min_p times the most likely one (with "
+                     "--temperature > 0).")
+  flags.DEFINE_float("repetition_penalty", 1.0, "transformers' repetition penalty on the prompt's and the "
+                     "answer's tokens, greedy too (1: none).")
+  flags.DEFINE_bool("generation_config", False, "Choose tokens as the model directory's generation_config.json "
+                    "says (transformers' generate defaults); sampling flags given here override it.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
   flags.DEFINE_integer("min_pixels", None, "Override preprocessor_config.json's min_pixels.")
@@ -130,14 +143,16 @@ class TextStream:
     return self.shown
 
 
-def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, temperature=0.0, top_p=1.0,
+def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, sampling=None,
             seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
-            workdir=None, fsdp=1, tensor=1, system=None):
+            workdir=None, fsdp=1, tensor=1, system=None, generation_config=False):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
   it as it streams; returns the text. `system`: the system prompt (default: the one the `workdir` job
   trained with, else Qwen2.5-VL's). The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
   (whose images are resized as its examples were); split over `fsdp` x `tensor` devices when more
-  than one."""
+  than one. `sampling`: `generation.generate`'s temperature, top_p, top_k, min_p and
+  repetition_penalty (greedy when empty), over the model directory's generation_config.json with
+  `generation_config`."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   if prompt is None:
     if lang not in QUESTIONS:
@@ -148,6 +163,9 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
                        "give two (the query, then the satellite image), or a --prompt of your own.")
     prompt = QUESTIONS[lang]
   images = read_images(image_paths)  # a bad file stops before the model is loaded
+  if generation_config:
+    sampling = generation.sampling_settings(model_directory(model_dir, workdir)) | (sampling or {})
+  sampling = dataclasses.asdict(generation.check_sampling(**(sampling or {})))  # bad values stop before loading
   mesh = inference_mesh(fsdp, tensor)
   model, proc, image_size, trained_system = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
   system = trained_system if system is None else system
@@ -159,7 +177,7 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   start = time.perf_counter()
   generation.generate(model, inputs["input_ids"][None], pixel_values=inputs["pixel_values"],
                       image_grid_thw=inputs["image_grid_thw"], max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_p=top_p, seed=seed, chunk=chunk, mesh=mesh,
+                      **sampling, seed=seed, chunk=chunk, mesh=mesh,
                       callback=lambda step, tokens: (times.append(time.perf_counter()), stream(step, tokens)))
   text = stream.close()
   prompt_len, new = len(inputs["input_ids"]), len(times)
@@ -167,6 +185,14 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   print(f"[{prompt_len} prompt tokens ({len(inputs['pixel_values'])} patches), {new} new; prefill "
         f"{times[0] - start:.2f} s (compiling included){rate}]", file=sys.stderr)
   return text
+
+
+def model_directory(model_dir=None, workdir=None):
+  """The Hugging Face directory of `model_dir`, or the one a GLEAM-X job's `workdir` trained from."""
+  if model_dir:
+    return model_dir
+  from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
+  return sft.model_directory(sft.job_config(workdir), workdir)
 
 
 def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, max_pixels=None, mesh=None):
@@ -308,6 +334,11 @@ def main(argv):
   if FLAGS.pairs and not FLAGS.out:
     print("error: --pairs needs --out, the JSON Lines file of answers to write.", file=sys.stderr)
     sys.exit(2)
+  sampling_flags = [name for name in SAMPLING_FLAGS if FLAGS[name].present]
+  if FLAGS.pairs and (sampling_flags or FLAGS.generation_config):
+    print(f"error: --pairs answers greedily, as the trainer's evaluation does; "
+          f"--{', --'.join(sampling_flags or ['generation_config'])} apply to one question (--image).", file=sys.stderr)
+    sys.exit(2)
   with stop_on_bad_input():
     if FLAGS.pairs:
       answer_pairs(FLAGS.pairs, FLAGS.out, FLAGS.model_dir or None, FLAGS.workdir, FLAGS.batch_size,
@@ -315,9 +346,11 @@ def main(argv):
                    fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
                    follow_ups_after=FLAGS.follow_ups_after)
       return
-    explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens, FLAGS.temperature,
-            FLAGS.top_p, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels, workdir=FLAGS.workdir,
-            fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system)
+    given = sampling_flags if FLAGS.generation_config else SAMPLING_FLAGS  # flags over the file's settings
+    explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens,
+            {name: FLAGS[name].value for name in given}, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels,
+            FLAGS.max_pixels, workdir=FLAGS.workdir, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
+            generation_config=FLAGS.generation_config)
 
 
 if __name__ == "__main__":

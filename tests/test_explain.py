@@ -1,5 +1,6 @@
 """`python -m gleam_jax.explain`: a local Hugging Face directory, two images, the answer streamed."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -225,3 +226,34 @@ def test_a_model_split_over_devices_answers_the_same(model_dir, views, tmp_path)
   assert [r["p_yes"] for r in split] == pytest.approx([r["p_yes"] for r in rows], abs=1e-5)
   with pytest.raises(GleamError, match=r"--fsdp=4 x --tensor=4 needs 16 devices; this process has 8"):
     explain.explain(model_dir, views, fsdp=4, tensor=4)
+
+
+def test_sampling_settings_and_the_checkpoints_generation_config(model_dir, views, tmp_path):
+  """`--generation_config` chooses tokens as the directory's generation_config.json says (here Qwen's
+  released form: top_k 1 with a repetition penalty, i.e. greedy with the penalty; below 1 here, since
+  this random model's greedy answer repeats no token for a penalty above 1 to act on); a flag given on
+  the command line overrides the file; `--pairs` answers greedily and refuses sampling flags."""
+  directory = tmp_path / "model"
+  shutil.copytree(model_dir, directory)
+  file = directory / "generation_config.json"
+  settings = json.loads(file.read_text()) if file.exists() else {}
+  file.write_text(json.dumps(settings | dict(do_sample=True, top_k=1, top_p=0.001, temperature=0.1,
+                                             repetition_penalty=0.5)))
+  ask = lambda d, **kw: explain.explain(str(d), views, max_new_tokens=16, write=lambda _: None, **kw)
+  greedy = ask(directory)
+  assert ask(directory, generation_config=True) == ask(model_dir, sampling=dict(repetition_penalty=0.5)) != greedy
+  run = lambda *flags: subprocess.run(
+      [sys.executable, "-m", "gleam_jax.explain", f"--model_dir={directory}", f"--image={views[0]}",
+       f"--image={views[1]}", "--max_new_tokens=16", *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+  result = run("--generation_config", "--repetition_penalty=1.0")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout == greedy + "\n"
+  with pytest.raises(GleamError, match="top_k >= 0"):
+    ask(directory / "absent", sampling=dict(top_k=-1))  # before the model is looked for
+  pairs = tmp_path / "ask.jsonl"
+  pairs.write_text(json.dumps(dict(images=views)) + "\n")
+  refused = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={directory}", f"--pairs={pairs}",
+                            f"--out={tmp_path}/a.jsonl", "--temperature=0.7", "--top_k=5"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+  assert refused.returncode == 2 and "--pairs answers greedily" in refused.stderr, refused.stderr
+  assert "--temperature, --top_k apply to one question" in refused.stderr

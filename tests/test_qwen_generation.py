@@ -1,12 +1,17 @@
-"""KV-cache generation vs transformers `generate` (greedy, token for token), sampling, stop tokens,
+"""KV-cache generation vs transformers `generate` (greedy, token for token, also with a repetition
+penalty and a checkpoint's generation_config.json), its logits processors, sampling, stop tokens,
 streaming, a single compiled decode step, and the model on an 8-device (fsdp=2, tensor=4) mesh."""
+import json
+
 import numpy as np
 import pytest
 import torch
+import transformers
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import generation, modeling
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
 from gleam_jax.train import sharding
@@ -24,12 +29,12 @@ def pair(tmp_path_factory):
   return tm, jm, cfg
 
 
-def torch_generate(tm, ids, mask, px, grids, eos):
+def torch_generate(tm, ids, mask, px, grids, eos, **sampling):
   with torch.no_grad():
     out = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                       pixel_values=torch.tensor(px), image_grid_thw=torch.tensor(grids),
                       mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)), max_new_tokens=STEPS,
-                      do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+                      **({"do_sample": False} | sampling), eos_token_id=eos, pad_token_id=PAD)
   return out[:, ids.shape[1]:].numpy()
 
 
@@ -282,3 +287,109 @@ def test_fused_decoder_equals_unfused(pair):
   plain, _ = jm.language_model(x, jnp.asarray(pos), causal)
   fused, _ = jm.language_model(x, jnp.asarray(pos), causal, fused=generation.decode_kernels(jm)["layers"])
   np.testing.assert_allclose(np.asarray(fused), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [batch1, batch2], ids=["batch1", "left_padded_batch2"])
+def test_repetition_penalty_matches_hf_generate(pair, make):
+  """Greedy with transformers' repetition penalty over the prompt's tokens (left padding left out) and
+  the answer's: token for token, and not the unpenalised answer."""
+  tm, jm, _ = pair
+  ids, mask, px, grids = make()
+  ref = torch_generate(tm, ids, mask, px, grids, eos=[999], repetition_penalty=1.5)
+  out = generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=(), repetition_penalty=1.5,
+                            chunk=8)
+  np.testing.assert_array_equal(out, ref)
+  plain = generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=())
+  assert (out != plain).any()  # the penalty changes the answer here
+  # a penalty below 1 favours repeats, the same way
+  np.testing.assert_array_equal(
+      generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=(), repetition_penalty=0.7),
+      torch_generate(tm, ids, mask, px, grids, eos=[999], repetition_penalty=0.7))
+
+
+def test_a_checkpoints_generation_config_samples_as_hf(pair, tmp_path):
+  """Qwen2.5-VL-Instruct's generation_config.json samples with top_k 1 (so a seed cannot matter), a low
+  temperature and top_p, and a repetition penalty: transformers' generate with that file's settings and
+  ours with `sampling_settings` give the same tokens."""
+  tm, jm, _ = pair
+  file = dict(do_sample=True, repetition_penalty=1.3, temperature=0.1, top_p=0.001, top_k=1, eos_token_id=[999])
+  (tmp_path / "generation_config.json").write_text(json.dumps(file))
+  settings = generation.sampling_settings(str(tmp_path))
+  assert settings == dict(repetition_penalty=1.3, temperature=0.1, top_k=1, top_p=0.001, min_p=0.0)
+  ids, mask, px, grids = batch2(seed=4)
+  ref = torch_generate(tm, ids, mask, px, grids, eos=[999], do_sample=True, repetition_penalty=1.3,
+                       temperature=0.1, top_p=0.001, top_k=1)
+  out = generation.generate(jm, ids, mask, px, grids, max_new_tokens=STEPS, eos_token_ids=(), seed=3, **settings)
+  np.testing.assert_array_equal(out, ref)
+
+
+def test_generation_config_fields_and_defaults(tmp_path):
+  """As transformers reads the file: greedy unless do_sample (the penalty either way); its defaults
+  (temperature 1, top_k 50, top_p 1) for what a sampling file leaves out; no file: greedy."""
+  assert generation.sampling_settings(str(tmp_path)) == {}
+  write = lambda **g: (tmp_path / "generation_config.json").write_text(json.dumps(g))
+  write(repetition_penalty=1.05, temperature=0.7, top_k=20)
+  assert generation.sampling_settings(str(tmp_path)) == dict(repetition_penalty=1.05)
+  write(do_sample=True, top_p=0.8)
+  assert generation.sampling_settings(str(tmp_path)) == dict(repetition_penalty=1.0, temperature=1.0, top_k=50,
+                                                             top_p=0.8, min_p=0.0)
+  write(do_sample=True, top_p=1.5)
+  with pytest.raises(GleamError, match="0 < top_p <= 1"):
+    generation.sampling_settings(str(tmp_path))
+  (tmp_path / "generation_config.json").write_text("{broken")
+  with pytest.raises(GleamError, match="generation_config.json is not valid JSON"):
+    generation.sampling_settings(str(tmp_path))
+
+
+@pytest.mark.parametrize("sampling", [
+    dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.6), dict(temperature=1.0, min_p=0.2),
+    dict(temperature=0.8, top_k=12, top_p=0.9, min_p=0.05, repetition_penalty=1.2), dict(repetition_penalty=0.8)])
+def test_processed_logits_equal_transformers_processors(sampling):
+  """The distribution a token is drawn from equals what transformers' processors leave, in their order
+  (repetition penalty, temperature, top-k, top-p, min-p), on logits with ties at the top-k boundary."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 2, (4, 40)).astype(np.float32)
+  logits[:, 7] = logits[:, 8] = np.sort(logits, axis=1)[:, -5]  # ties around the 5th largest
+  ids = rng.integers(0, 40, (4, 9))
+  mask = np.ones_like(ids)
+  mask[1, :3] = mask[3, :5] = 0  # left padding, not penalised
+  s = generation.check_sampling(**sampling)
+  processors = transformers.LogitsProcessorList()
+  if s.penalised:
+    processors.append(transformers.RepetitionPenaltyLogitsProcessor(
+        s.repetition_penalty, prompt_ignore_length=torch.tensor((mask != 0).argmax(1))))
+  if s.temperature > 0:
+    processors.append(transformers.TemperatureLogitsWarper(s.temperature))
+    if s.top_k:
+      processors.append(transformers.TopKLogitsWarper(s.top_k))
+    if s.top_p < 1:
+      processors.append(transformers.TopPLogitsWarper(s.top_p))
+    if s.min_p:
+      processors.append(transformers.MinPLogitsWarper(s.min_p))
+  ref = processors(torch.tensor(ids), torch.tensor(logits)).numpy()
+  seen = generation.seen_tokens(jnp.asarray(ids), jnp.asarray(mask), 40) if s.penalised else None
+  ours = np.asarray(generation.processed_logits(jnp.asarray(logits), s, seen))
+  np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+  np.testing.assert_allclose(ours[np.isfinite(ours)], ref[np.isfinite(ref)], rtol=1e-6)
+  assert np.isinf(ref).any() or not s.temperature  # the filters remove tokens here
+
+
+def test_top_k_and_min_p_sample_inside_their_sets():
+  logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]], jnp.float32))
+  keys = jax.random.split(jax.random.key(0), 20000)
+  freq = lambda s: np.bincount(np.asarray(jax.vmap(lambda k: generation.sample(logits, k, s)[0])(keys)),
+                               minlength=4) / len(keys)
+  np.testing.assert_allclose(freq(generation.Sampling(1.0, top_k=2)), [4 / 7, 3 / 7, 0, 0], atol=0.015)
+  # min_p 0.4: kept where p >= 0.4 * 0.4
+  np.testing.assert_allclose(freq(generation.Sampling(1.0, min_p=0.4)), [4 / 9, 3 / 9, 2 / 9, 0], atol=0.015)
+  # top_k 1 is greedy whatever the temperature
+  np.testing.assert_allclose(freq(generation.Sampling(5.0, top_k=1)), [1, 0, 0, 0])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(top_k=-1), "top_k >= 0"), (dict(min_p=1.5), "0 <= min_p <= 1"),
+    (dict(repetition_penalty=0.0), "repetition_penalty > 0"), (dict(temperature=-1.0), "temperature >= 0")])
+def test_bad_sampling_settings_are_refused(pair, bad, message):
+  _, jm, _ = pair
+  with pytest.raises(GleamError, match=message):
+    generation.generate(jm, np.array([[5, 6, 7]]), max_new_tokens=2, **bad)

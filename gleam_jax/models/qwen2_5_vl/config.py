@@ -185,6 +185,19 @@ def from_hf(hf_config, **overrides) -> Qwen2_5_VLConfig:
   return cfg.replace(**overrides)
 
 
+def generation_config(path: str) -> dict:
+  """The fields of `<path>/generation_config.json` (what transformers' `generate` takes its defaults
+  from), or {} where there is none."""
+  file = os.path.join(path, "generation_config.json")
+  if not os.path.isfile(file):
+    return {}
+  with open(file) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise GleamError(f"{file} is not valid JSON ({e}); fix or remove it.") from e
+
+
 def from_pretrained_dir(path: str, **overrides) -> Qwen2_5_VLConfig:
   """Reads `<path>/config.json` of a local Hugging Face checkpoint (no network), and the stop and pad
   tokens of its `generation_config.json` where there is one, as transformers' `generate` does (the
@@ -200,10 +213,8 @@ def from_pretrained_dir(path: str, **overrides) -> Qwen2_5_VLConfig:
     raise GleamError(f"{file} has model_type {d.get('model_type')!r}, expected 'qwen2_5_vl'.")
   if "text_config" not in d:
     d = dict(d, text_config=d)
-  generation = os.path.join(path, "generation_config.json")
-  if os.path.isfile(generation):
-    with open(generation) as f:
-      g = json.load(f)
+  g = generation_config(path)
+  if g:
     if g.get("eos_token_id") is not None:
       overrides.setdefault("eos_token_ids", eos_tuple(g["eos_token_id"]))
     if g.get("pad_token_id") is not None:

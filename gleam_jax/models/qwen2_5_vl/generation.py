@@ -16,6 +16,7 @@ position max(prompt positions of b) + 1 + s on all three M-RoPE axes (HF's atten
     tokens = generate(model, input_ids, attention_mask, pixel_values, image_grid_thw,
                       max_new_tokens=64, temperature=0.0)          # greedy
     tokens = generate(..., temperature=0.7, top_p=0.9, seed=0, callback=lambda step, toks: ...)
+    tokens = generate(..., **sampling_settings(model_dir))         # as the checkpoint's generation_config.json
     tokens = generate(..., callback=print_token, chunk=1)          # every token the moment it exists
 
 Rows that emitted a stop token continue with `pad_token_id` (as HF `generate`); the loop ends when every
@@ -34,7 +35,7 @@ from jax.sharding import NamedSharding
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import rope
-from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES, eos_tuple
+from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES, eos_tuple, generation_config
 from gleam_jax.models.qwen2_5_vl.modeling import (Qwen2_5_VL, check_image_tokens, check_pixel_values,
                                                    fused_decoder_kernels, vision_inputs)
 from gleam_jax.train import sharding
@@ -42,9 +43,46 @@ from gleam_jax.train import sharding
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to the top-p nucleus."""
+  """How the next token is chosen, in transformers' order: the repetition penalty (also when greedy),
+  then, when sampling (temperature > 0), temperature, top-k, top-p and min-p. temperature 0 is greedy;
+  top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are off (transformers' `generate` samples with
+  top_k 50 unless told otherwise; here every filter is asked for)."""
   temperature: float = 0.0
   top_p: float = 1.0
+  top_k: int = 0
+  min_p: float = 0.0
+  repetition_penalty: float = 1.0
+
+  @property
+  def penalised(self) -> bool:
+    return self.repetition_penalty != 1.0
+
+
+def check_sampling(**settings) -> Sampling:
+  """The `Sampling` of `generate`'s keywords, or one clear error naming the bad value."""
+  s = Sampling(**{k: type(getattr(Sampling, k))(v) for k, v in settings.items()})
+  if s.temperature < 0.0 or not 0.0 < s.top_p <= 1.0 or s.top_k < 0 or not 0.0 <= s.min_p <= 1.0 \
+      or s.repetition_penalty <= 0.0:
+    raise GleamError(f"generate: {s}; need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (0: off), "
+                     "0 <= min_p <= 1 and repetition_penalty > 0 (1: off).")
+  return s
+
+
+def sampling_settings(model_dir: str) -> dict:
+  """`generate`'s sampling keywords as transformers' `generate` reads a checkpoint's
+  `generation_config.json` (no file: greedy): its repetition penalty, and, when it says `do_sample`,
+  its temperature, top_k, top_p and min_p with transformers' defaults (1.0, 50, 1.0, none) for those
+  it leaves out."""
+  g = generation_config(model_dir)
+  if not g:
+    return {}
+  value = lambda key, default: default if g.get(key) is None else g[key]
+  settings = dict(repetition_penalty=float(value("repetition_penalty", 1.0)))
+  if value("do_sample", False):
+    settings.update(temperature=float(value("temperature", 1.0)), top_k=int(value("top_k", 50)),
+                    top_p=float(value("top_p", 1.0)), min_p=float(value("min_p", 0.0)))
+  check_sampling(**settings)
+  return settings
 
 
 CACHE_AXES = ("batch", "kv_heads", "cache_len", "head_dim")  # attention reads (L, S) rows per head
@@ -66,11 +104,41 @@ def init_cache(cfg, batch: int, max_len: int, mesh=None, rules=QWEN_SHARDING_RUL
   return cache
 
 
-def sample(logits, rng, sampling: Sampling):
-  """logits (B, V) float32 -> tokens (B,) int32."""
+def seen_tokens(input_ids, attention_mask, vocab: int):
+  """(B, V) bool: the tokens each row's prompt holds (left padding left out, as transformers 5's
+  repetition penalty leaves it out)."""
+  ids = jnp.where(attention_mask.astype(bool), input_ids, vocab)  # padding goes to a column dropped after
+  rows = jnp.arange(ids.shape[0])[:, None]
+  return jnp.zeros((ids.shape[0], vocab + 1), bool).at[rows, ids].set(True)[:, :vocab]
+
+
+def penalise_repeats(logits, seen, penalty: float):
+  """transformers' repetition penalty: a seen token's logit divided by `penalty` (multiplied where
+  negative)."""
+  return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def sample(logits, rng, sampling: Sampling, seen=None):
+  """logits (B, V) float32 -> tokens (B,) int32. `seen` (B, V): the tokens of each row so far, for the
+  repetition penalty."""
+  logits = processed_logits(logits, sampling, seen)
   if sampling.temperature <= 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def processed_logits(logits, sampling: Sampling, seen=None):
+  """The logits a token is drawn from (greedy: its argmax), as transformers' logits processors leave
+  them: penalised, then (when sampling) divided by the temperature, tokens outside top-k, top-p and
+  min-p at -inf."""
+  if sampling.penalised:
+    logits = penalise_repeats(logits, seen, sampling.repetition_penalty)
+  if sampling.temperature <= 0.0:
+    return logits
   logits = logits / sampling.temperature
+  if sampling.top_k > 0:  # ties with the k-th largest stay, as in transformers
+    kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
   if sampling.top_p < 1.0:
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
@@ -78,7 +146,17 @@ def sample(logits, rng, sampling: Sampling):
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     sorted_logits = jnp.where(mass_before < sampling.top_p, sorted_logits, -jnp.inf)  # top-1 always kept
     logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  if sampling.min_p > 0.0:  # below min_p times the most likely token's probability (which always stays)
+    probs = jax.nn.softmax(logits, axis=-1)
+    logits = jnp.where(probs < sampling.min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
+  return logits
+
+
+def _with_token(carry, tokens):
+  """`carry` with `tokens` (B,) among each row's seen tokens (where the repetition penalty tracks them)."""
+  if "seen" not in carry:
+    return carry
+  return dict(carry, seen=carry["seen"].at[jnp.arange(tokens.shape[0]), tokens].set(True))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
@@ -86,8 +164,9 @@ def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pix
             sampling: Sampling, stop_ids):
   """Runs the prompt, fills cache slots [0, L) and samples the first token.
 
-  Returns (logits (B, V) at the last position, carry, cache); `carry` is what `decode_step` consumes:
-  tokens (B,), their M-RoPE positions (B,), done (B,), the cache slot they go to, and the rng.
+  Returns (logits (B, V) at the last position, before any repetition penalty; carry; cache). `carry` is
+  what `decode_step` consumes: tokens (B,), their M-RoPE positions (B,), done (B,), the cache slot they
+  go to, the rng and, with a repetition penalty, each row's seen tokens (B, V).
   """
   model = nnx.merge(graphdef, state)
   length, max_len = input_ids.shape[1], cache["mask"].shape[1]
@@ -98,9 +177,12 @@ def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pix
   x = model.embed(input_ids, pixel_values, layout)
   hidden, cache = model.language_model(x, position_ids, mask, cache, 0)
   logits = model.logits(hidden[:, -1])
-  tokens = sample(logits, jax.random.fold_in(rng, 0), sampling)
+  seen = seen_tokens(input_ids, attention_mask, logits.shape[-1]) if sampling.penalised else None
+  tokens = sample(logits, jax.random.fold_in(rng, 0), sampling, seen)
   carry = dict(tokens=tokens, positions=jnp.max(position_ids, axis=(0, 2)).astype(jnp.int32) + 1,
                done=jnp.isin(tokens, stop_ids), slot=jnp.int32(length), rng=rng)
+  if seen is not None:
+    carry = _with_token(dict(carry, seen=seen), tokens)
   return logits, carry, cache
 
 
@@ -169,11 +251,12 @@ def _decode(model, kernels, cache, carry, sampling: Sampling, stop_ids, pad_id):
   x = model.embed(tokens[:, None])
   position_ids = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
   hidden, cache = model.language_model(x, position_ids, cache["mask"][:, None, :], cache, slot, kernels["layers"])
-  next_tokens = sample(_logits(model, kernels["rows"], hidden[:, -1]), jax.random.fold_in(carry["rng"], slot), sampling)
+  next_tokens = sample(_logits(model, kernels["rows"], hidden[:, -1]), jax.random.fold_in(carry["rng"], slot), sampling,
+                       carry.get("seen"))
   next_tokens = jnp.where(carry["done"], pad_id, next_tokens)
   carry = dict(carry, tokens=next_tokens, positions=positions + 1, slot=slot + 1,
                done=carry["done"] | jnp.isin(next_tokens, stop_ids))
-  return carry, cache
+  return _with_token(carry, next_tokens), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
@@ -209,7 +292,8 @@ def decode_chunk(graphdef, state, kernels, cache, carry, steps, *, sampling: Sam
 
 
 def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
-             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, eos_token_ids=None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_ids=None,
              pad_token_id: int | None = None, seed: int = 0,
              callback: Callable[[int, np.ndarray], None] | None = None, chunk: int = 32,
              cache_len: int | None = None, mesh=None, rules=QWEN_SHARDING_RULES,
@@ -218,6 +302,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   """Generates up to `max_new_tokens` per row; returns them (B, n) as int32 NumPy (n <= max_new_tokens).
 
   `input_ids`/`attention_mask` (B, L) are left padded; `pixel_values`/`image_grid_thw` as for the model.
+  temperature, top_p, top_k, min_p and repetition_penalty choose each token as transformers' `generate`
+  does (`Sampling`; greedy by default; `sampling_settings(model_dir)` gives a checkpoint's own).
   `callback(step, tokens)` receives each step's (B,) tokens on the host, in order, as each chunk of up to
   `chunk` decode steps (one compiled loop, see `decode_chunk`) returns; `chunk=1` hands over every token
   the moment it exists, a larger chunk runs faster (no per-token dispatch and host round trip).
@@ -240,8 +326,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
                      "set the tokenizer's padding_side='left'.")
   if max_new_tokens < 1 or chunk < 1:
     raise GleamError(f"generate: max_new_tokens={max_new_tokens}, chunk={chunk}; use at least 1 for both.")
-  if not 0.0 < top_p <= 1.0 or temperature < 0.0:
-    raise GleamError(f"generate: temperature={temperature}, top_p={top_p}; need temperature >= 0, 0 < top_p <= 1.")
+  sampling = check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty)
   if (pixel_values is None) != (image_grid_thw is None):
     raise GleamError("generate: pass pixel_values and image_grid_thw together.")
   if image_grid_thw is not None and len(image_grid_thw) == 0:  # the processor's text-only prompt
@@ -264,7 +350,6 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     raise GleamError(f"generate: cache_len={cache_len} cannot hold the prompt ({length}) and "
                      f"{max_new_tokens} new tokens; raise it to at least {length + max_new_tokens - 1}.")
   cache = init_cache(cfg, b, cache_len, mesh, rules)
-  sampling = Sampling(float(temperature), float(top_p))
   stop_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
   first_logits, carry, cache = prefill(
       graphdef, state, cache, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask),
