@@ -1,5 +1,5 @@
-"""DINOv2 towers on the ViT backbone (`vit.ViTConfig` layer_scale, registers, pos_antialias, and giant's
-swiglu): tokens,
+"""DINOv2 towers on the ViT backbone (`vit.ViTConfig` layer_scale, registers, pos_antialias, giant's
+swiglu, and pos_offset for facebookresearch's own resize): tokens,
 pooled features and gradients against transformers' `Dinov2Model` and `Dinov2WithRegistersModel`
 (float32) at their grid and resized (antialiased bicubic for the registers model); transformers'
 files and in-memory names, and timm's / facebookresearch's state dicts, read to the same model; the
@@ -98,6 +98,61 @@ def test_antialiased_bicubic_matrix_is_torchs(size_in, size_out):
                        align_corners=False, antialias=True)[0, 0].numpy()
   got = np.asarray(vit.resize_grid(jnp.asarray(grid)[..., None], size_out, size_out + 2, antialias=True))[..., 0]
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("size_in,size_out", [(37, 16), (37, 37), (4, 8), (4, 7), (16, 37), (5, 3)])
+def test_offset_bicubic_matrix_is_torchs_scale_factor_resize(size_in, size_out, antialias):
+  """`offset`: PyTorch's resize asked for by scale factor (n + 0.1) / grid, as facebookresearch's
+  DINOv2 asks for it; not the resize to that size."""
+  grid = np.random.default_rng(0).standard_normal((size_in, size_in + 1)).astype(np.float32)
+  factors = ((size_out + 0.1) / size_in, (size_out + 2 + 0.1) / (size_in + 1))
+  want = F.interpolate(torch.from_numpy(grid)[None, None], scale_factor=factors, mode="bicubic",
+                       align_corners=False, antialias=antialias)[0, 0].numpy()
+  assert want.shape == (size_out, size_out + 2)
+  got = np.asarray(vit.resize_grid(jnp.asarray(grid)[..., None], size_out, size_out + 2, antialias, 0.1))[..., 0]
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  plain = np.asarray(vit.resize_grid(jnp.asarray(grid)[..., None], size_out, size_out + 2, antialias))[..., 0]
+  assert np.abs(plain - want).max() > 1e-2  # the offset is not a rounding matter
+
+
+def hub_position_embeddings(self, embeddings, height, width):
+  """facebookresearch/dinov2's resize of the position grid (interpolate_offset 0.1, no antialiasing),
+  written into transformers' Dinov2Embeddings for the test: the scale factor (n + 0.1) / grid."""
+  pos = self.position_embeddings
+  grid = int(round((pos.shape[1] - 1) ** 0.5))
+  rows, cols = height // self.patch_size, width // self.patch_size
+  if (rows, cols) == (grid, grid):
+    return pos
+  patches = pos[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+  patches = F.interpolate(patches, scale_factor=((rows + 0.1) / grid, (cols + 0.1) / grid), mode="bicubic",
+                          align_corners=False)
+  return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
+
+@pytest.mark.parametrize("shape", [(16, 32), (20, 28), (8, 8), (16, 16)])
+def test_pos_offset_computes_facebookresearch_dinov2(monkeypatch, shape):
+  """`pos_offset=0.1` (facebookresearch's torch.hub files of the models without registers): tokens as
+  that resize gives them, at other sizes and for a grid read at another size (16 px weights, a 24-px
+  job)."""
+  hf = hf_dinov2()
+  monkeypatch.setattr(transformers.models.dinov2.modeling_dinov2.Dinov2Embeddings, "interpolate_pos_encoding",
+                      hub_position_embeddings)
+  weights = {k: v.numpy() for k, v in hf.state_dict().items()}
+  x = images((2, *shape, 3))
+  want = run_hf(hf, x).last_hidden_state.numpy()
+  model = our_dinov2(pos_offset=0.1)
+  vit_params.load_vit_weights(model, weights)
+  np.testing.assert_allclose(np.asarray(model.tokens(jnp.asarray(x))), want, atol=TOL)
+  if shape != (16, 16):
+    without = our_dinov2()
+    vit_params.load_vit_weights(without, weights)
+    assert np.abs(np.asarray(without.tokens(jnp.asarray(x))) - want).max() > 10 * TOL
+  resized = our_dinov2(image_size=24, pos_offset=0.1)  # the 4 x 4 grid read onto 6 x 6 on load
+  vit_params.load_vit_weights(resized, weights)
+  x = images((2, 24, 24, 3))
+  np.testing.assert_allclose(np.asarray(resized.tokens(jnp.asarray(x))), run_hf(hf, x).last_hidden_state.numpy(),
+                             atol=TOL)
 
 
 @pytest.mark.parametrize("registers,swiglu", [(0, False), (REGISTERS, False), (0, True), (REGISTERS, True)],

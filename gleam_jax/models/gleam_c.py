@@ -43,7 +43,8 @@ VIT_SIZES = ('width', 'depth', 'mlp_dim', 'heads', 'patch_size')
 
 # model.vit's settings, their defaults (also their values in configs written before them) and types
 VIT_FIELDS = dict(image_size=224, pool='cls', ln_eps=1e-6, class_token=True, gelu='exact', pre_norm=False,
-                  patch_bias=True, proj_dim=0, layer_scale=0.0, registers=0, pos_antialias=False, swiglu=False)
+                  patch_bias=True, proj_dim=0, layer_scale=0.0, registers=0, pos_antialias=False, swiglu=False,
+                  pos_offset=0.0)
 
 
 # Checkpoint families of the ViT backbone: the model.vit settings their weights need and the pixel
@@ -69,8 +70,8 @@ def vit_settings(**settings) -> ml_collections.ConfigDict:
   """`model.vit`: the ViT backbone's position-embedding grid (`image_size`), pooling ('cls', 'gap' or
   'map'), LayerNorm epsilon, class token, GELU ('exact', 'tanh' or 'quick'), CLIP's LayerNorm before
   the blocks (`pre_norm`), patch bias and projection (`proj_dim`, 0: none), DINOv2's layer scales
-  (`layer_scale`, their initial value; 0: none), register tokens, antialiased position resize and
-  SwiGLU MLP (giant's), and
+  (`layer_scale`, their initial value; 0: none), register tokens, antialiased position resize,
+  SwiGLU MLP (giant's) and the position resize's offset (facebookresearch's DINOv2 files: 0.1), and
   the sizes of a custom ViT (`VIT_SIZES`, with `model.variant='custom'`). `VIT_FAMILIES` has the
   settings of SigLIP's, CLIP's and DINOv2's checkpoints."""
   unknown = set(settings) - set(VIT_FIELDS) - set(VIT_SIZES)

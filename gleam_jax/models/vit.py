@@ -27,7 +27,8 @@ gated width) gives DINOv2 giant's.
 The position embeddings are learned on a square grid of `image_size / patch_size`; other input
 shapes (a 1:2 panorama, another resolution) get them resized by bicubic interpolation exactly as
 transformers' `interpolate_pos_encoding=True` does (PyTorch's bicubic, align_corners=False; its
-antialiased bicubic with `pos_antialias`, as DINOv2 with registers), so one
+antialiased bicubic with `pos_antialias`, as DINOv2 with registers; with `pos_offset=0.1` as
+facebookresearch's DINOv2 files compute it, its scale factor (n + 0.1) / grid), so one
 encoder reads satellites and panoramas. Linears, GELU and the patch convolution take the forms of
 `gleam_jax.models.ops`; attention softmax is in float32; drop path acts in `model.train()` mode.
 """
@@ -81,6 +82,7 @@ class ViTConfig:
   layer_scale: float = 0.0  # > 0: DINOv2's per-channel scales of the residual branches, initialised so
   registers: int = 0  # DINOv2-with-registers' extra tokens after the class token (no position embedding)
   pos_antialias: bool = False  # resize the position grid by antialiased bicubic (DINOv2 with registers)
+  pos_offset: float = 0.0  # resize by the scale (n + offset) / grid (facebookresearch's DINOv2 files: 0.1)
   swiglu: bool = False  # the MLP gated, silu(gate(x)) * up(x), both mlp_dim wide (DINOv2 giant's)
   drop_path_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
@@ -152,20 +154,23 @@ def forward_flops(cfg: ViTConfig, height: int, width: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.ndarray:
+def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False, offset: float = 0.0) -> np.ndarray:
   """(size_out, size_in) weights of PyTorch's 1-D bicubic resize (align_corners=False, A = -0.75,
   indices clamped at the borders): `interpolate(mode='bicubic')` is this along each axis; with
   `antialias`, `interpolate(mode='bicubic', antialias=True)`'s (A = -0.5, the kernel stretched by the
-  downscale factor, taps outside the input dropped and the rest renormalised)."""
-  if antialias:
-    return _antialiased_bicubic_matrix(size_in, size_out)
+  downscale factor, taps outside the input dropped and the rest renormalised). `offset` > 0: the
+  resize asked for by `scale_factor=(size_out + offset) / size_in` instead of the size, whose sampling
+  positions follow that factor (facebookresearch's DINOv2 resizes its position grid so, with 0.1)."""
+  scale = size_in / (size_out + offset)
+  if antialias:  # PyTorch leaves an axis of unchanged size as it is there, whatever the factor
+    return np.eye(size_in, dtype=np.float32) if size_in == size_out else _antialiased_bicubic_matrix(
+        size_in, size_out, scale)
   a = -0.75
   def near(t):  # |t| <= 1
     return ((a + 2) * t - (a + 3)) * t * t + 1
   def far(t):  # 1 < |t| < 2
     return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
   out = np.zeros((size_out, size_in), np.float64)
-  scale = size_in / size_out
   for i in range(size_out):
     real = scale * (i + 0.5) - 0.5
     base = math.floor(real)
@@ -175,14 +180,13 @@ def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.n
   return out.astype(np.float32)
 
 
-def _antialiased_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+def _antialiased_bicubic_matrix(size_in: int, size_out: int, scale: float) -> np.ndarray:
   a = -0.5
   def cubic(t):
     t = abs(t)
     if t < 1:
       return ((a + 2) * t - (a + 3)) * t * t + 1
     return (((t - 5) * t + 8) * t - 4) * a if t < 2 else 0.0
-  scale = size_in / size_out
   support = 2.0 * max(scale, 1.0)
   inverse = 1.0 / max(scale, 1.0)
   out = np.zeros((size_out, size_in), np.float64)
@@ -194,13 +198,13 @@ def _antialiased_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
   return out.astype(np.float32)
 
 
-def resize_grid(grid: jax.Array, height: int, width: int, antialias: bool = False) -> jax.Array:
-  """(h, w, C) -> (height, width, C) by PyTorch's bicubic resize (`antialias`: its antialiased one);
-  the same array when sizes agree."""
+def resize_grid(grid: jax.Array, height: int, width: int, antialias: bool = False, offset: float = 0.0) -> jax.Array:
+  """(h, w, C) -> (height, width, C) by PyTorch's bicubic resize (`antialias`: its antialiased one;
+  `offset`: see `bicubic_matrix`); the same array when sizes agree."""
   h, w = grid.shape[:2]
   if (h, w) == (height, width):
     return grid
-  rows, cols = bicubic_matrix(h, height, antialias), bicubic_matrix(w, width, antialias)
+  rows, cols = bicubic_matrix(h, height, antialias, offset), bicubic_matrix(w, width, antialias, offset)
   return jnp.einsum('ph,hwc,qw->pqc', rows, grid.astype(jnp.float32), cols,
                     precision=jax.lax.Precision.HIGHEST).astype(grid.dtype)
 
@@ -342,7 +346,7 @@ class ViT(nnx.Module):
     grid's embeddings."""
     pos, extra = self.pos_embed[...], int(self.config.class_token)
     grid = pos[0, extra:].reshape(self.config.grid, self.config.grid, -1)
-    grid = resize_grid(grid, height, width, self.config.pos_antialias)
+    grid = resize_grid(grid, height, width, self.config.pos_antialias, self.config.pos_offset)
     return jnp.concatenate([pos[:, :extra], grid.reshape(1, height * width, -1)], 1)
 
   def tokens(self, x) -> jax.Array:

@@ -254,7 +254,7 @@ def _fit_pos_embed(value: np.ndarray, cfg: vit.ViTConfig) -> np.ndarray:
   if value.ndim != 3 or g * g != n or g == cfg.grid:
     return value
   grid = vit.resize_grid(jnp.asarray(value[0, extra:].reshape(g, g, -1), jnp.float32), cfg.grid, cfg.grid,
-                         cfg.pos_antialias)
+                         cfg.pos_antialias, cfg.pos_offset)
   return np.concatenate([value[:, :extra], np.asarray(grid).reshape(1, cfg.grid ** 2, -1)], axis=1)
 
 
