@@ -242,17 +242,23 @@ def _logits(model: Qwen2_5_VL, rows, hidden):
   return out.astype(jnp.float32)
 
 
-def _decode(model, kernels, cache, carry, sampling: Sampling, stop_ids, pad_id):
-  """One decode step on a merged model (traced inside `decode_step` and `decode_chunk`); `kernels` from
-  `decode_kernels`."""
-  tokens, positions, slot = carry["tokens"], carry["positions"], carry["slot"]
+def next_logits(model, kernels, cache, tokens, positions, slot):
+  """Feeds `tokens` (B,) into cache slot `slot` at M-RoPE positions `positions` (B,) on a merged model;
+  returns (the next-token logits (B, V) float32, cache). `kernels` from `decode_kernels`."""
   cache = dict(cache, mask=jax.lax.dynamic_update_slice(
       cache["mask"], jnp.ones((tokens.shape[0], 1), bool), (0, slot)))
   x = model.embed(tokens[:, None])
   position_ids = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
   hidden, cache = model.language_model(x, position_ids, cache["mask"][:, None, :], cache, slot, kernels["layers"])
-  next_tokens = sample(_logits(model, kernels["rows"], hidden[:, -1]), jax.random.fold_in(carry["rng"], slot), sampling,
-                       carry.get("seen"))
+  return _logits(model, kernels["rows"], hidden[:, -1]), cache
+
+
+def _decode(model, kernels, cache, carry, sampling: Sampling, stop_ids, pad_id):
+  """One decode step on a merged model (traced inside `decode_step` and `decode_chunk`); `kernels` from
+  `decode_kernels`."""
+  positions, slot = carry["positions"], carry["slot"]
+  logits, cache = next_logits(model, kernels, cache, carry["tokens"], positions, slot)
+  next_tokens = sample(logits, jax.random.fold_in(carry["rng"], slot), sampling, carry.get("seen"))
   next_tokens = jnp.where(carry["done"], pad_id, next_tokens)
   carry = dict(carry, tokens=next_tokens, positions=positions + 1, slot=slot + 1,
                done=carry["done"] | jnp.isin(next_tokens, stop_ids))
@@ -316,45 +322,14 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   `on_prefill(logits)` receives the prompt's next-token logits (B, V) float32 on the host (what the
   first new token is drawn from: e.g. the probability of a "Yes" answer).
   """
-  cfg = model.cfg
-  input_ids = np.asarray(input_ids)
-  if input_ids.ndim != 2:
-    raise GleamError(f"generate: input_ids must be (batch, length), got shape {input_ids.shape}.")
-  attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-  if not attention_mask[:, -1].all():
-    raise GleamError("generate: prompts must be LEFT padded (attention_mask[:, -1] == 1 for every row); "
-                     "set the tokenizer's padding_side='left'.")
-  if max_new_tokens < 1 or chunk < 1:
-    raise GleamError(f"generate: max_new_tokens={max_new_tokens}, chunk={chunk}; use at least 1 for both.")
+  if chunk < 1:
+    raise GleamError(f"generate: chunk={chunk}; use at least 1.")
   sampling = check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty)
-  if (pixel_values is None) != (image_grid_thw is None):
-    raise GleamError("generate: pass pixel_values and image_grid_thw together.")
-  if image_grid_thw is not None and len(image_grid_thw) == 0:  # the processor's text-only prompt
-    check_pixel_values(pixel_values, image_grid_thw, cfg)
-    pixel_values = image_grid_thw = None
-  check_image_tokens(input_ids, image_grid_thw, cfg)
-  if pixel_values is not None:
-    check_pixel_values(pixel_values, image_grid_thw, cfg)
-  eos = eos_tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-  pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
-  position_ids, _ = rope.get_rope_index(input_ids, image_grid_thw, attention_mask,
-                                        image_token_id=cfg.image_token_id,
-                                        spatial_merge_size=cfg.vision.spatial_merge_size)
-  layout = None if image_grid_thw is None else vision_inputs(image_grid_thw, cfg)
-  b, length = input_ids.shape
+  prompt = Prompt.of(model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, cache_len,
+                     eos_token_ids, pad_token_id, mesh, rules)
   graphdef, state = nnx.split(model)
-  if cache_len is None:
-    cache_len = -(-(length + max_new_tokens) // 64) * 64
-  if cache_len < length + max_new_tokens - 1:
-    raise GleamError(f"generate: cache_len={cache_len} cannot hold the prompt ({length}) and "
-                     f"{max_new_tokens} new tokens; raise it to at least {length + max_new_tokens - 1}.")
-  cache = init_cache(cfg, b, cache_len, mesh, rules)
-  stop_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
-  first_logits, carry, cache = prefill(
-      graphdef, state, cache, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask),
-      jnp.asarray(position_ids), None if pixel_values is None else jnp.asarray(pixel_values), layout,
-      jax.random.key(seed), sampling=sampling, stop_ids=stop_ids)
+  first_logits, carry, cache = prompt.prefill(graphdef, state, sampling, seed)
   if on_prefill is not None:
     on_prefill(np.asarray(first_logits, np.float32))
   out = [np.asarray(carry["tokens"])]
@@ -365,7 +340,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   while step < max_new_tokens:
     want = min(chunk, max_new_tokens - step)
     tokens, count, carry, cache = decode_chunk(graphdef, state, kernels, cache, carry, jnp.int32(want),
-                                               sampling=sampling, stop_ids=stop_ids, pad_id=pad, chunk=chunk)
+                                               sampling=sampling, stop_ids=prompt.stop_ids, pad_id=prompt.pad,
+                                               chunk=chunk)
     tokens, count = np.asarray(tokens), int(count)
     for j in range(count):
       out.append(tokens[:, j])
@@ -375,3 +351,62 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     if count < want:  # every row has stopped
       break
   return np.stack(out, axis=1).astype(np.int32)
+
+
+@dataclasses.dataclass
+class Prompt:
+  """A checked, left-padded prompt batch ready for `prefill`: its M-RoPE positions, vision layout, the
+  empty KV cache and the stop and pad tokens (shared by `generate` and `beam_search`)."""
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  pixel_values: np.ndarray | None
+  position_ids: np.ndarray
+  layout: object
+  cache: dict
+  stop_ids: jax.Array
+  eos: tuple
+  pad: int
+
+  @classmethod
+  def of(cls, model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, cache_len,
+         eos_token_ids, pad_token_id, mesh, rules, rows=None) -> "Prompt":
+    """`rows`: the KV cache's rows (default: the batch's)."""
+    cfg = model.cfg
+    input_ids = np.asarray(input_ids)
+    if input_ids.ndim != 2:
+      raise GleamError(f"generate: input_ids must be (batch, length), got shape {input_ids.shape}.")
+    attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
+    if not attention_mask[:, -1].all():
+      raise GleamError("generate: prompts must be LEFT padded (attention_mask[:, -1] == 1 for every row); "
+                       "set the tokenizer's padding_side='left'.")
+    if max_new_tokens < 1:
+      raise GleamError(f"generate: max_new_tokens={max_new_tokens}; use at least 1.")
+    if (pixel_values is None) != (image_grid_thw is None):
+      raise GleamError("generate: pass pixel_values and image_grid_thw together.")
+    if image_grid_thw is not None and len(image_grid_thw) == 0:  # the processor's text-only prompt
+      check_pixel_values(pixel_values, image_grid_thw, cfg)
+      pixel_values = image_grid_thw = None
+    check_image_tokens(input_ids, image_grid_thw, cfg)
+    if pixel_values is not None:
+      check_pixel_values(pixel_values, image_grid_thw, cfg)
+    eos = eos_tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    position_ids, _ = rope.get_rope_index(input_ids, image_grid_thw, attention_mask,
+                                          image_token_id=cfg.image_token_id,
+                                          spatial_merge_size=cfg.vision.spatial_merge_size)
+    layout = None if image_grid_thw is None else vision_inputs(image_grid_thw, cfg)
+    b, length = input_ids.shape
+    if cache_len is None:
+      cache_len = -(-(length + max_new_tokens) // 64) * 64
+    if cache_len < length + max_new_tokens - 1:
+      raise GleamError(f"generate: cache_len={cache_len} cannot hold the prompt ({length}) and "
+                       f"{max_new_tokens} new tokens; raise it to at least {length + max_new_tokens - 1}.")
+    return cls(input_ids, attention_mask, pixel_values, position_ids, layout,
+               init_cache(cfg, b if rows is None else rows, cache_len, mesh, rules),
+               jnp.asarray(eos if eos else (-1,), jnp.int32), eos, pad)
+
+  def prefill(self, graphdef, state, sampling: Sampling, seed: int = 0):
+    """`prefill` of this prompt: (its next-token logits, carry, cache)."""
+    return prefill(graphdef, state, self.cache, jnp.asarray(self.input_ids, jnp.int32), jnp.asarray(self.attention_mask),
+                   jnp.asarray(self.position_ids), None if self.pixel_values is None else jnp.asarray(self.pixel_values),
+                   self.layout, jax.random.key(seed), sampling=sampling, stop_ids=self.stop_ids)
