@@ -10,7 +10,8 @@ Loads the weights and processor of a local Hugging Face directory (`params.load_
 (`--workdir`: its latest checkpoint, `train/sft.py`), builds the chat prompt with the images in the
 order given, and generates under jit with the KV cache (`generation.generate`), printing the answer
 to stdout as each chunk of tokens is decoded. Greedy unless `--temperature` > 0 (then sampling,
-seeded, with `--top_k`, `--top_p`, `--min_p`); `--repetition_penalty` as transformers'. With
+seeded, with `--top_k`, `--top_p`, `--min_p`); `--repetition_penalty` and beam search (`--num_beams`,
+`--length_penalty`) as transformers'. With
 `--generation_config` tokens are chosen as the model directory's generation_config.json says, as
 transformers' `generate` chooses them (the released Instruct checkpoints: a repetition penalty of
 1.05, top_k 1); flags given on the command line override it. Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
@@ -27,7 +28,6 @@ A conversation's later questions are asked after its reference turns, or after t
 earlier answers with `--follow_ups_after=own`.
 `--fsdp` / `--tensor` split the model over that many local devices (Qwen2.5-VL's sharding rules).
 """
-import dataclasses
 import json
 import os
 import sys
@@ -48,8 +48,8 @@ from gleam_jax.utils.progress import RateEta, format_eta
 FLAGS = flags.FLAGS
 # what a conversation's later questions are asked after: its reference answers, or the model's own
 FOLLOW_UPS_AFTER = ("reference", "own")
-# the flags of `generation.generate`'s sampling keywords (`generation.Sampling`)
-SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# the flags of `generation.generate`'s token-choice keywords (`generation.check_settings`)
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "num_beams", "length_penalty")
 
 
 def define_flags():
@@ -72,6 +72,9 @@ def define_flags():
                      "--temperature > 0).")
   flags.DEFINE_float("repetition_penalty", 1.0, "transformers' repetition penalty on the prompt's and the "
                      "answer's tokens, greedy too (1: none).")
+  flags.DEFINE_integer("num_beams", 1, "Beam search over this many beams, as transformers' (greedy; 1: none).")
+  flags.DEFINE_float("length_penalty", 1.0, "With --num_beams: a hypothesis scores its log-probability / "
+                     "length ** length_penalty.")
   flags.DEFINE_bool("generation_config", False, "Choose tokens as the model directory's generation_config.json "
                     "says (transformers' generate defaults); sampling flags given here override it.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -150,9 +153,8 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   it as it streams; returns the text. `system`: the system prompt (default: the one the `workdir` job
   trained with, else Qwen2.5-VL's). The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
   (whose images are resized as its examples were); split over `fsdp` x `tensor` devices when more
-  than one. `sampling`: `generation.generate`'s temperature, top_p, top_k, min_p and
-  repetition_penalty (greedy when empty), over the model directory's generation_config.json with
-  `generation_config`."""
+  than one. `sampling`: `generation.generate`'s token-choice keywords (`generation.check_settings`;
+  greedy when empty), over the model directory's generation_config.json with `generation_config`."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   if prompt is None:
     if lang not in QUESTIONS:
@@ -165,7 +167,7 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   images = read_images(image_paths)  # a bad file stops before the model is loaded
   if generation_config:
     sampling = generation.sampling_settings(model_directory(model_dir, workdir)) | (sampling or {})
-  sampling = dataclasses.asdict(generation.check_sampling(**(sampling or {})))  # bad values stop before loading
+  sampling = generation.check_settings(**(sampling or {}))  # bad values stop before loading
   mesh = inference_mesh(fsdp, tensor)
   model, proc, image_size, trained_system = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
   system = trained_system if system is None else system

@@ -14,7 +14,7 @@ from config_files import REPO
 from gleam_jax import explain
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import explain as explain_eval
-from gleam_jax.models.qwen2_5_vl import generation, params, processor, tiny_dir
+from gleam_jax.models.qwen2_5_vl import beam_search, generation, params, processor, tiny_dir
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +250,12 @@ def test_sampling_settings_and_the_checkpoints_generation_config(model_dir, view
   assert result.stdout == greedy + "\n"
   with pytest.raises(GleamError, match="top_k >= 0"):
     ask(directory / "absent", sampling=dict(top_k=-1))  # before the model is looked for
+  # beam search (--num_beams): the best hypothesis, decoded
+  proc = processor.load_processor(model_dir)
+  inputs = proc.encode_prompt(explain.read_images(views), explain.QUESTIONS["en"])
+  best, _ = beam_search.beam_search(params.load_pretrained(model_dir), inputs["input_ids"][None], None,
+                                    inputs["pixel_values"], inputs["image_grid_thw"], num_beams=3, max_new_tokens=16)
+  assert ask(model_dir, sampling=dict(num_beams=3)) == proc.decode(best[0])
   pairs = tmp_path / "ask.jsonl"
   pairs.write_text(json.dumps(dict(images=views)) + "\n")
   refused = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={directory}", f"--pairs={pairs}",

@@ -68,11 +68,32 @@ def check_sampling(**settings) -> Sampling:
   return s
 
 
+def check_settings(**settings) -> dict:
+  """`generate`'s token-choice keywords (`Sampling`'s, and num_beams, length_penalty, early_stopping),
+  checked: one clear error naming a bad value or a mix beam search does not take."""
+  beams = {k: settings.pop(k) for k in ("num_beams", "length_penalty", "early_stopping") if k in settings}
+  sampling = check_sampling(**settings)
+  check_beam_settings(beams.get("num_beams", 1), beams.get("early_stopping", False), sampling.temperature)
+  return dataclasses.asdict(sampling) | beams
+
+
+EARLY_STOPPING = (False, True, "never")  # transformers' beam-search stopping rules
+
+
+def check_beam_settings(num_beams, early_stopping, temperature=0.0):
+  if num_beams < 1 or early_stopping not in EARLY_STOPPING:
+    raise GleamError(f"beam search: num_beams={num_beams}, early_stopping={early_stopping!r}; need num_beams >= 1 "
+                     f"and early_stopping one of {EARLY_STOPPING}.")
+  if num_beams > 1 and temperature > 0:
+    raise GleamError(f"num_beams={num_beams} searches greedily here; set temperature=0 (top_k, top_p and min_p "
+                     "then do not apply) or num_beams=1 to sample.")
+
+
 def sampling_settings(model_dir: str) -> dict:
-  """`generate`'s sampling keywords as transformers' `generate` reads a checkpoint's
-  `generation_config.json` (no file: greedy): its repetition penalty, and, when it says `do_sample`,
-  its temperature, top_k, top_p and min_p with transformers' defaults (1.0, 50, 1.0, none) for those
-  it leaves out."""
+  """`generate`'s token-choice keywords as transformers' `generate` reads a checkpoint's
+  `generation_config.json` (no file: greedy): its repetition penalty; when it says `do_sample`, its
+  temperature, top_k, top_p and min_p with transformers' defaults (1.0, 50, 1.0, none) for those it
+  leaves out; with num_beams > 1, the beam search's (length_penalty, early_stopping)."""
   g = generation_config(model_dir)
   if not g:
     return {}
@@ -81,7 +102,10 @@ def sampling_settings(model_dir: str) -> dict:
   if value("do_sample", False):
     settings.update(temperature=float(value("temperature", 1.0)), top_k=int(value("top_k", 50)),
                     top_p=float(value("top_p", 1.0)), min_p=float(value("min_p", 0.0)))
-  check_sampling(**settings)
+  if value("num_beams", 1) > 1:
+    settings.update(num_beams=int(g["num_beams"]), length_penalty=float(value("length_penalty", 1.0)),
+                    early_stopping=value("early_stopping", False))
+  check_settings(**settings)
   return settings
 
 
@@ -299,7 +323,8 @@ def decode_chunk(graphdef, state, kernels, cache, carry, steps, *, sampling: Sam
 
 def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             min_p: float = 0.0, repetition_penalty: float = 1.0, eos_token_ids=None,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping=False, eos_token_ids=None,
              pad_token_id: int | None = None, seed: int = 0,
              callback: Callable[[int, np.ndarray], None] | None = None, chunk: int = 32,
              cache_len: int | None = None, mesh=None, rules=QWEN_SHARDING_RULES,
@@ -310,6 +335,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   `input_ids`/`attention_mask` (B, L) are left padded; `pixel_values`/`image_grid_thw` as for the model.
   temperature, top_p, top_k, min_p and repetition_penalty choose each token as transformers' `generate`
   does (`Sampling`; greedy by default; `sampling_settings(model_dir)` gives a checkpoint's own).
+  `num_beams` > 1: transformers' beam search (`beam_search.beam_search`, with `length_penalty` and
+  `early_stopping`), the best hypothesis returned; `callback` then receives its tokens after the search.
   `callback(step, tokens)` receives each step's (B,) tokens on the host, in order, as each chunk of up to
   `chunk` decode steps (one compiled loop, see `decode_chunk`) returns; `chunk=1` hands over every token
   the moment it exists, a larger chunk runs faster (no per-token dispatch and host round trip).
@@ -326,6 +353,17 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
     raise GleamError(f"generate: chunk={chunk}; use at least 1.")
   sampling = check_sampling(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty)
+  if num_beams != 1:
+    from gleam_jax.models.qwen2_5_vl import beam_search  # pylint: disable=g-import-not-at-top (it builds on this module)
+    check_beam_settings(num_beams, early_stopping, temperature)
+    tokens, _ = beam_search.beam_search(
+        model, input_ids, attention_mask, pixel_values, image_grid_thw, num_beams=num_beams,
+        max_new_tokens=max_new_tokens, length_penalty=length_penalty, early_stopping=early_stopping,
+        repetition_penalty=repetition_penalty, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
+        cache_len=cache_len, mesh=mesh, rules=rules, fuse_projections=fuse_projections, on_prefill=on_prefill)
+    for step in range(tokens.shape[1] if callback is not None else 0):
+      callback(step, tokens[:, step])
+    return tokens
   prompt = Prompt.of(model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, cache_len,
                      eos_token_ids, pad_token_id, mesh, rules)
   graphdef, state = nnx.split(model)
