@@ -85,3 +85,24 @@ def test_generation_config_with_beams_and_bad_settings(pair, tmp_path):  # noqa:
   (tmp_path / "generation_config.json").write_text(json.dumps(dict(num_beams=4, do_sample=True)))
   with pytest.raises(GleamError, match="searches greedily here"):
     generation.sampling_settings(str(tmp_path))
+
+
+def test_beam_search_on_a_sharded_model_finds_the_same_hypotheses(pair):  # noqa: F811
+  """The model on (fsdp 2, tensor 4) of the 8 test devices, its cache sharded: the cache rows that
+  follow the beams give one device's hypotheses and scores."""
+  from flax import nnx
+  from gleam_jax.models.qwen2_5_vl import modeling
+  from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
+  from gleam_jax.train import sharding
+  _, jm, cfg = pair
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  sharded = modeling.create_model(cfg)
+  nnx.update(sharded, nnx.state(jm))
+  modeling.shard_model(sharded, mesh, QWEN_SHARDING_RULES)
+  ids, mask, px, grids = batch2(seed=6)
+  want, want_scores = beam_search.beam_search(jm, ids, mask, px, grids, num_beams=3, max_new_tokens=12,
+                                              eos_token_ids=(), num_return_sequences=2)
+  got, scores = beam_search.beam_search(sharded, ids, mask, px, grids, num_beams=3, max_new_tokens=12,
+                                        eos_token_ids=(), num_return_sequences=2, mesh=mesh)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
