@@ -3,6 +3,8 @@ encoders' block Linears (`lora.ENCODER_BLOCK_LINEARS`), the encoders frozen, the
 logit scale trained. The step's gradients are those of the model with the adapters folded in, on one
 device and on a mesh; a job's evaluation, its `evaluate` job, `retrieve.load_trained` and a phase-2
 job started from it all read the folded model."""
+import shutil
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,6 +13,7 @@ import pytest
 from flax import nnx
 
 from config_files import tiny_config
+from gleam_jax.errors import GleamError
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import main
 from gleam_jax import retrieve
@@ -126,7 +129,6 @@ def test_lora_step_is_the_folded_models_and_trains_only_adapters_and_head():
 
 def test_lora_config_errors_name_the_fix(tiny_cfg, tmp_path):
   """A rank or alpha no adapter can have, and targets that match no kernel, stop before training."""
-  from gleam_jax.errors import GleamError
   config = tiny_config("c_phase1", tiny_cfg.data_dir, "tiny,lora=-2")
   with pytest.raises(GleamError, match=r"config\.lora\.rank=-2, alpha=16\.0: give rank >= 0"):
     main.run(config, str(tmp_path / "bad_rank"))
@@ -179,6 +181,12 @@ def test_lora_job_checkpoints_adapters_and_every_reader_folds_them(lora_workdir,
   for tower in ("encoder", "uav_encoder", "streetmap_encoder", "ground_encoder"):
     np.testing.assert_allclose(params["model"][tower]["stages"][1]["blocks"][0]["pwconv1"]["kernel"], folded, rtol=1e-6)
   jax.tree.map(np.testing.assert_array_equal, params["lora"], fresh)
+  copied = tmp_path / "copied"  # the checkpoints alone, without the job's config.json: the fix is named
+  shutil.copytree(f"{lora_workdir}/checkpoints", copied / "checkpoints")
+  phase2.init_from = str(copied)
+  with pytest.raises(GleamError, match=r"lora/encoder\..* but not in the model.*LoRA adapters .*config\.json, which "
+                                       r".*copied lacks: copy that job's config\.json there"):
+    contrastive.init_from_checkpoint(phase2, state)
 
   setup, state = contrastive.create_train_state(
       contrastive.build_model(config.model, 0, pretrained=False), config.optim, 8, shd.single_device_mesh(),

@@ -177,13 +177,14 @@ def _damaged_files_named(path, fix):
                      f"{fix}.") from e
 
 
-def restore_params(path, target_params, copy_source=None):
+def restore_params(path, target_params, copy_source=None,
+                   fix="Set the model config to the one the checkpoint was trained with."):
   """Parameters only (`state['params']`) from a checkpoint directory: a workdir, its `checkpoints`
   folder, or one step folder; used to initialise a job from another job's result.
 
   `copy_source(name) -> name | None`: a target parameter the checkpoint lacks starts as a copy of
-  the checkpoint's parameter of that name (e.g. a new modality tower from the query tower).
-  Returns (params, the step folder read, the names filled by copies)."""
+  the checkpoint's parameter of that name (e.g. a new modality tower from the query tower). `fix`:
+  what a mismatch's error tells to do. Returns (params, the step folder read, the names filled by copies)."""
   manager, step = _open_for_reading(path)
   earlier = [s for s in manager.all_steps() if s < step]
   damaged = functools.partial(_damaged_files_named, step_path(manager, step),
@@ -203,8 +204,7 @@ def restore_params(path, target_params, copy_source=None):
   present = _prune(target_params, set(sources))
   problems = mismatches(saved["params"], present)
   if problems:
-    _raise_mismatch(step_path(manager, step), problems,
-                    "Set the model config to the one the checkpoint was trained with.")
+    _raise_mismatch(step_path(manager, step), problems, fix)
   target = {"params": present}
   with damaged():
     restored = manager.restore(step, args=ocp.args.Composite(

@@ -528,13 +528,19 @@ def init_from_checkpoint(config, state, what="run phase 1 first (its --workdir i
                      "--config.init_from to a finished job's workdir.")
   cfg = config.model
   copy_source = lambda name: _model_copy_source(name, cfg)
-  source_lora = (checkpoint.job_config(checkpoint.job_directory(path)) or {}).get("lora")
+  source_job = checkpoint.job_directory(path)
+  source_config = checkpoint.job_config(source_job)
+  source_lora = (source_config or {}).get("lora")
+  fix = "Set the model config to the one the checkpoint was trained with."
+  if source_config is None:  # LoRA adapters in it (lora/...) could not be folded: their rank and alpha are unknown
+    fix += (f" A checkpoint with LoRA adapters (lora/...) is read with its job's config.json, which {source_job} "
+            "lacks: copy that job's config.json there.")
   target = {k: v for k, v in state["params"].items() if k != "lora"}
   if lora.enabled(source_lora):  # restored beside the model, then folded in
     adapters = lora.init(state["params"]["model"], source_lora, 0)
     mesh = jax.tree.leaves(state["params"])[0].sharding.mesh
     target["lora"] = shd.place(adapters, jax.tree.map(lambda _: shd.replicated(mesh), adapters))
-  params, where, copied = checkpoint.restore_params(path, target, copy_source)
+  params, where, copied = checkpoint.restore_params(path, target, copy_source, fix)
   if "lora" in params:  # folded, on the shardings of the parameters it replaces
     merged = jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding), lora.merged_model(params, source_lora),
                           state["params"]["model"])
