@@ -49,4 +49,5 @@ def test_gleam_x_notebook_trains_explains_and_exports(tiny_cfg, monkeypatch):  #
 def test_qwen_generation_notebook_runs():
   text = _execute("qwen2_5_vl_generate.ipynb")
   assert "compiling included" in text
-  assert text.count("dtype=int32") == 2  # the greedy and the sampled tokens
+  assert text.count("dtype=int32") == 3  # the greedy, the sampled and the beam-searched tokens
+  assert "dtype=float32" in text  # the hypotheses' scores
