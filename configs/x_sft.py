@@ -76,7 +76,8 @@ def get_config(arg=None):
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=c_phase1.knob(knobs, "lr", 2e-5 if hf_dir else 1e-3, float), b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.0 if hf_dir else 0.01, warmup_steps=2 if tiny else 30, min_lr_ratio=0.1, clip_norm=1.0,
-      frozen=(r"^model/visual/",) if hf_dir else (), lr_mults=(), no_decay=(r"norm", r"bias$")))
+      frozen=(r"^model/visual/",) if hf_dir else (), lr_mults=(), no_decay=(r"norm", r"bias$"),
+      layer_decay=1.0))  # < 1: the vision tower's blocks decay layer by layer (optim.layer_decay_mults)
 
   c.log_every_steps = 1 if tiny else 20
   c.eval = ml_collections.ConfigDict(dict(every_steps=0, at_end=True, batch_size=8 if tiny else 32,

@@ -197,6 +197,15 @@ def test_tiny_job_learns_evaluates_and_resumes_onto_the_same_batches(tiny_cfg, t
     np.testing.assert_allclose([got[s] for s in range(1, 9)], [want[s] for s in range(1, 9)], rtol=2e-5, err_msg=key)
 
 
+def test_layer_decay_job_names_its_vision_towers_multipliers(tiny_cfg, tmp_path, capsys):
+  """`optim.layer_decay` in a GLEAM-X job: the vision tower's layers get d^k (`optim.layer_decay_mults`),
+  printed as the GLEAM-C job prints them; the job trains."""
+  config = sft_config(tiny_cfg.data_dir, total_steps=3, **{"eval.at_end": False, "optim.layer_decay": 0.5})
+  main.run(config, str(tmp_path / "job"))
+  assert re.search(r"lr multipliers x1 \(\d+ tensors\), x0\.5 \(\d+\), x0\.25 \(\d+\)", capsys.readouterr().out)
+  assert np.isfinite([r["loss"] for r in read_metrics(str(tmp_path / "job")) if "loss" in r]).all()
+
+
 def test_bad_sft_settings_are_named(tiny_cfg, tmp_path):
   with pytest.raises(GleamError, match="config.examples.train=1"):
     main.run(sft_config(tiny_cfg.data_dir, **{"examples.train": 1}), str(tmp_path / "a"))

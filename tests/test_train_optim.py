@@ -150,6 +150,22 @@ def test_layer_decay_multipliers_by_encoder_layer():
     optim.partition_labels(convnext, _cfg(layer_decay=1.5))
 
 
+def test_layer_decay_reaches_the_qwen_vision_tower_only():
+  """GLEAM-X: Qwen2.5-VL's vision tower (3 blocks) has its patch embedding at d^4, blocks at d^3 .. d
+  and its merger at 1; the decoder, its embeddings and the output projection keep 1."""
+  from flax import nnx
+  from gleam_jax.models.qwen2_5_vl import config as qwen_config
+  from gleam_jax.models.qwen2_5_vl import modeling
+  params = {"model": nnx.to_pure_dict(nnx.state(modeling.create_model(qwen_config.tiny(), seed=0), nnx.Param))}
+  d = 0.5
+  got = dict(zip(jax.tree.leaves(optim.param_names(params)),
+                 jax.tree.leaves(optim.partition_labels(params, _cfg(layer_decay=d)))))
+  by_part = lambda part: {v for k, v in got.items() if k.startswith(f"model/{part}/")}
+  assert by_part("visual/patch_embed") == {f"lr_x{d ** 4:g}"}
+  assert [by_part(f"visual/blocks/{i}") for i in range(3)] == [{f"lr_x{d ** 3:g}"}, {f"lr_x{d ** 2:g}"}, {f"lr_x{d:g}"}]
+  assert by_part("visual/merger") == by_part("language_model") == by_part("lm_head") == {"lr_x1"}
+
+
 def test_layer_decay_scales_the_step():
   """Adam's first step moves each parameter by its multiplier times the learning rate."""
   params = _gleam_c_params("vit")

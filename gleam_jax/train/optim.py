@@ -11,8 +11,10 @@ Rules in `config.optim` (all regexes are matched with `re.search` against that n
   for fine-tuning a pretrained encoder: a parameter of an encoder's layer k of L gets the multiplier
   d ** (L - k), where a ViT's layers are its embeddings (k = 0), its blocks (1 .. depth) and what
   follows them (norm, head, projection: L = depth + 1), and a ConvNeXt's its stem (0), its stages
-  (1 .. stages) and its final norm (L). Parameters outside the encoders (the GLEAM-C projection, the
-  logit scale) keep 1; an `lr_mults` rule that matches a parameter replaces its layer's multiplier.
+  (1 .. stages) and its final norm (L), and Qwen2.5-VL's vision tower (`visual`) its patch embedding
+  (0), its blocks and its merger (L). Parameters outside the encoders (the GLEAM-C projection, the
+  logit scale, Qwen2.5-VL's decoder) keep 1; an `lr_mults` rule that matches a parameter replaces its
+  layer's multiplier.
 - `no_decay`: parameters without weight decay. Parameters with fewer than two dimensions (norm scales,
   biases, the logit scale) never decay.
 """
@@ -66,10 +68,12 @@ def _lr_mult_rules(cfg):
   return rules
 
 
-# An encoder's layers for `layer_decay`: its blocks (ViT) or stages (ConvNeXt), what comes before them.
-_ENCODER_LAYER = re.compile(r"(?:^|/)(\w*encoder)/(?:blocks|stages)/(\d+)/")
-_ENCODER_PART = re.compile(r"(?:^|/)(\w*encoder)/")
-_BEFORE_LAYERS = re.compile(r"(?:^|/)\w*encoder/(patch_embed|cls_token|pos_embed|reg_tokens|norm_pre|stem)(/|$)")
+# An encoder's layers for `layer_decay`: its blocks (ViT, Qwen2.5-VL's vision tower) or stages
+# (ConvNeXt), what comes before them.
+_ENCODER_LAYER = re.compile(r"(?:^|/)(\w*encoder|visual)/(?:blocks|stages)/(\d+)/")
+_ENCODER_PART = re.compile(r"(?:^|/)(\w*encoder|visual)/")
+_BEFORE_LAYERS = re.compile(r"(?:^|/)(?:\w*encoder|visual)/(patch_embed|cls_token|pos_embed|reg_tokens|norm_pre|stem)"
+                            r"(/|$)")
 
 
 def layer_decay_mults(names, decay):

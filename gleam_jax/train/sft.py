@@ -518,6 +518,9 @@ def run(config, workdir):
         f"{', '.join(sorted({ex['lang'] for ex in train}))}{_conversations(train)}), "
         f"{batches.length} tokens per row{f' (batch in {accum_steps} micro-batches)' if accum_steps > 1 else ''}; "
         f"training to step {total_steps}")
+    partitions = optim.describe_partitions(state["params"], config.optim)
+    if partitions:
+      log(partitions)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     cleanup.callback(writer.close)
     train_step = make_train_step(setup)
