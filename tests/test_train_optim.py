@@ -150,6 +150,20 @@ def test_layer_decay_multipliers_by_encoder_layer():
     optim.partition_labels(convnext, _cfg(layer_decay=1.5))
 
 
+def test_layer_decay_gives_lora_adapters_their_kernels_multiplier():
+  """With LoRA the encoder is frozen and its adapters train: each at its kernel's layer's rate."""
+  from gleam_jax.train import lora
+  params = _gleam_c_params("convnext")
+  config = ml_collections.ConfigDict(dict(rank=2, alpha=4.0, targets=(lora.ENCODER_BLOCK_LINEARS,)))
+  params["lora"] = lora.init(params["model"], config, 0)
+  d = 0.5
+  got = dict(zip(jax.tree.leaves(optim.param_names(params)),
+                 jax.tree.leaves(optim.partition_labels(params, _cfg(layer_decay=d, frozen=(lora.ENCODERS,))))))
+  adapters = {k: v for k, v in got.items() if k.startswith("lora/")}
+  assert adapters and all(v == f"lr_x{d ** (2 - int(k.split('.stages.')[1][0])):g}" for k, v in adapters.items()), adapters
+  assert {v for k, v in got.items() if k.startswith("model/encoder/")} == {"frozen"}
+
+
 def test_layer_decay_reaches_the_qwen_vision_tower_only():
   """GLEAM-X: Qwen2.5-VL's vision tower (3 blocks) has its patch embedding at d^4, blocks at d^3 .. d
   and its merger at 1; the decoder, its embeddings and the output projection keep 1."""

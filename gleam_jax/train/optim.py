@@ -13,8 +13,8 @@ Rules in `config.optim` (all regexes are matched with `re.search` against that n
   follows them (norm, head, projection: L = depth + 1), and a ConvNeXt's its stem (0), its stages
   (1 .. stages) and its final norm (L), and Qwen2.5-VL's vision tower (`visual`) its patch embedding
   (0), its blocks and its merger (L). Parameters outside the encoders (the GLEAM-C projection, the
-  logit scale, Qwen2.5-VL's decoder) keep 1; an `lr_mults` rule that matches a parameter replaces its
-  layer's multiplier.
+  logit scale, Qwen2.5-VL's decoder) keep 1; a LoRA adapter (`lora/<its kernel's '.'-joined name>/a`)
+  gets its kernel's; an `lr_mults` rule that matches a parameter replaces its layer's multiplier.
 - `no_decay`: parameters without weight decay. Parameters with fewer than two dimensions (norm scales,
   biases, the logit scale) never decay.
 """
@@ -78,19 +78,20 @@ _BEFORE_LAYERS = re.compile(r"(?:^|/)(?:\w*encoder|visual)/(patch_embed|cls_toke
 
 def layer_decay_mults(names, decay):
   """{parameter name: d ** (L - layer)} of the encoders' parameters among `names` (module docstring)."""
+  paths = {name: name.replace(".", "/") for name in names}  # a LoRA adapter as its kernel's path
   layers = {}  # an encoder's number of blocks / stages
-  for name in names:
-    m = _ENCODER_LAYER.search(name)
+  for path in paths.values():
+    m = _ENCODER_LAYER.search(path)
     if m:
       layers[m.group(1)] = max(layers.get(m.group(1), 0), int(m.group(2)) + 1)
   mults = {}
-  for name in names:
-    encoder = _ENCODER_PART.search(name)
+  for name, path in paths.items():
+    encoder = _ENCODER_PART.search(path)
     if encoder is None or encoder.group(1) not in layers:
       continue
     top = layers[encoder.group(1)] + 1
-    m = _ENCODER_LAYER.search(name)
-    layer = int(m.group(2)) + 1 if m else 0 if _BEFORE_LAYERS.search(name) else top
+    m = _ENCODER_LAYER.search(path)
+    layer = int(m.group(2)) + 1 if m else 0 if _BEFORE_LAYERS.search(path) else top
     mults[name] = decay ** (top - layer)
   return mults
 
