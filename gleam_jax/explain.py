@@ -10,17 +10,17 @@ Loads the weights and processor of a local Hugging Face directory (`params.load_
 (`--workdir`: its latest checkpoint, `train/sft.py`), builds the chat prompt with the images in the
 order given, and generates under jit with the KV cache (`generation.generate`), printing the answer
 to stdout as each chunk of tokens is decoded. Greedy unless `--temperature` > 0 (then sampling,
-seeded, with `--top_k`, `--top_p`, `--min_p`); `--repetition_penalty` and beam search (`--num_beams`,
-`--length_penalty`) as transformers'. With
-`--generation_config` tokens are chosen as the model directory's generation_config.json says, as
-transformers' `generate` chooses them (the released Instruct checkpoints: a repetition penalty of
-1.05, top_k 1); flags given on the command line override it. Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
+seeded, with `--top_k`, `--top_p`, `--min_p`); `--repetition_penalty` and beam search
+(`--num_beams`, `--length_penalty`) as transformers'. With `--generation_config` tokens are chosen as
+the model directory's generation_config.json says, as transformers' `generate` chooses them (the
+released Instruct checkpoints: a repetition penalty of 1.05, top_k 1); flags given on the command
+line override it. Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
 any number of images may go with a prompt of your own. Prefill and decode rates go to stderr.
 
 `--pairs` answers every pair of a JSON Lines file (`data/pair_files.py`: the layout GLEAM-X jobs
-train on) in batches, greedily (as the trainer's evaluation), and writes one line per pair to `--out` (the pair's line, images,
-the answer, its verdict and the model's yes-probability `p_yes`, the reference where the file has
-one); when every pair has a reference answer it prints verdict accuracy, the yes-probabilities' ROC
+train on) in batches, greedily (as the trainer's evaluation), and writes one line per pair to
+`--out` (the pair's line, images, the answer, its verdict and the model's yes-probability `p_yes`,
+the reference where the file has one); when every pair has a reference answer it prints verdict accuracy, the yes-probabilities' ROC
 AUC and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
 and writes them beside `--out` (`<out>_metrics.json`). Answers are kept batch by batch in
 `<out>.partial`; a run stopped part way, started again, answers only the pairs not yet answered.
