@@ -18,9 +18,10 @@ line override it. Without `--prompt` the question is GLEAM-X's, in English or Ch
 any number of images may go with a prompt of your own. Prefill and decode rates go to stderr.
 
 `--pairs` answers every pair of a JSON Lines file (`data/pair_files.py`: the layout GLEAM-X jobs
-train on) in batches, greedily (as the trainer's evaluation), and writes one line per pair to
-`--out` (the pair's line, images, the answer, its verdict and the model's yes-probability `p_yes`,
-the reference where the file has one); when every pair has a reference answer it prints verdict accuracy, the yes-probabilities' ROC
+train on) in batches, greedily as the trainer's evaluation does unless the flags above say otherwise
+(then each row records its `decoding`), and writes one line per pair to `--out` (the pair's line,
+images, the answer, its verdict and the model's yes-probability `p_yes`, the reference where the
+file has one); when every pair has a reference answer it prints verdict accuracy, the yes-probabilities' ROC
 AUC and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
 and writes them beside `--out` (`<out>_metrics.json`). Answers are kept batch by batch in
 `<out>.partial`; a run stopped part way, started again, answers only the pairs not yet answered.
@@ -222,7 +223,7 @@ def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, m
 
 def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=8, max_new_tokens=256,
                  image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None, fsdp=1, tensor=1,
-                 system=None, follow_ups_after="reference"):
+                 system=None, follow_ups_after="reference", decoding=None):
   """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` (a line per
   pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;
   returns (answer rows, metrics or None). Each batch's answers are appended to `<out_path>.partial` as
@@ -230,10 +231,15 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   without its own system prompt is asked with `system`, else with the one the `workdir` job trained with.
   A conversation that goes on has each later question asked after the turns before it: the reference
   answers (`follow_ups_after='reference'`, teacher-forced) or the model's own ('own'); the answers go
-  into the row's `follow_ups` (`follow_ups_after` says which), and their ROUGE-L into the metrics."""
+  into the row's `follow_ups` (`follow_ups_after` says which), and their ROUGE-L into the metrics.
+  `decoding`: `generation.generate`'s token-choice keywords (greedy when empty); a row records those
+  that differ from greedy (`decoding`), and an answer is reused only for the same ones."""
+  from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   log = log or (lambda line: print(line, file=sys.stderr))
   if batch_size < 1:
     raise GleamError(f"--batch_size={batch_size} must be positive.")
+  greedy = generation.check_settings()
+  decoding = {k: v for k, v in generation.check_settings(**(decoding or {})).items() if v != greedy.get(k)}
   pairs = pair_files.read_pairs(pairs_path, image_root, need_answers=False)  # bad lines stop before loading
   mesh = inference_mesh(fsdp, tensor)
   out_path = os.path.abspath(os.path.expanduser(out_path))
@@ -246,8 +252,9 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
     from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
     system, _ = sft.trained_system_prompt(model_name)
   pairs = [with_system(p, system) for p in pairs]
-  # an answer is reused for the same line number, images, model and system prompt
-  key = lambda line, images, model, asked_with: (line.rsplit(":", 1)[-1], tuple(images), model, asked_with)
+  # an answer is reused for the same line number, images, model, system prompt and decoding
+  key = lambda line, images, model, asked_with, how: (line.rsplit(":", 1)[-1], tuple(images), model, asked_with,
+                                                      json.dumps(how, sort_keys=True))
   done = {}
   if os.path.exists(partial):
     with open(partial, encoding="utf-8") as f:
@@ -256,8 +263,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
           row = json.loads(text)
         except json.JSONDecodeError:  # the line being written when the run stopped
           continue
-        done[key(row["line"], row["images"], row.get("model"), row.get("system"))] = row
-  rows = [done.get(key(p["line"], [p["query"], p["satellite"]], model_name, p["system"])) for p in pairs]
+        done[key(row["line"], row["images"], row.get("model"), row.get("system"), row.get("decoding", {}))] = row
+  rows = [done.get(key(p["line"], [p["query"], p["satellite"]], model_name, p["system"], decoding)) for p in pairs]
   todo = [i for i, row in enumerate(rows) if row is None]
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
@@ -269,13 +276,14 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   if todo or later:
     model, proc, image_size, _ = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
     ask = lambda examples, **kw: explain_eval.generate_answers(model, proc, examples, batch_size, max_new_tokens,
-                                                               mesh=mesh, image_size=image_size, **kw)
+                                                               mesh=mesh, image_size=image_size, decoding=decoding,
+                                                               **kw)
     progress = RateEta(len(todo))
     with open(partial, "a", encoding="utf-8") as f:
 
       def keep(answered, batch):
         for j, text, p_yes in batch:
-          rows[todo[j]] = _answer_row(pairs[todo[j]], text, p_yes, model_name)
+          rows[todo[j]] = _answer_row(pairs[todo[j]], text, p_yes, model_name, decoding)
           f.write(json.dumps(rows[todo[j]], ensure_ascii=False) + "\n")
         f.flush()
         rate, eta = progress.update(answered)
@@ -316,9 +324,11 @@ def with_system(pair, system):
   return pair if pair.get("system") is not None else dict(pair, system=system)
 
 
-def _answer_row(pair, text, p_yes, model):
+def _answer_row(pair, text, p_yes, model, decoding):
   row = dict(line=pair["line"], images=[pair["query"], pair["satellite"]], lang=pair["lang"],
              modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text), p_yes=p_yes, model=model)
+  if decoding:
+    row["decoding"] = decoding
   if pair["system"] is not None:
     row["system"] = pair["system"]
   if pair["answer"] is not None:
@@ -336,21 +346,20 @@ def main(argv):
   if FLAGS.pairs and not FLAGS.out:
     print("error: --pairs needs --out, the JSON Lines file of answers to write.", file=sys.stderr)
     sys.exit(2)
-  sampling_flags = [name for name in SAMPLING_FLAGS if FLAGS[name].present]
-  if FLAGS.pairs and (sampling_flags or FLAGS.generation_config):
-    print(f"error: --pairs answers greedily, as the trainer's evaluation does; "
-          f"--{', --'.join(sampling_flags or ['generation_config'])} apply to one question (--image).", file=sys.stderr)
-    sys.exit(2)
   with stop_on_bad_input():
+    given = [name for name in SAMPLING_FLAGS if FLAGS[name].present or not FLAGS.generation_config]
+    decoding = {name: FLAGS[name].value for name in given}  # flags over the file's settings
     if FLAGS.pairs:
+      if FLAGS.generation_config:
+        from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
+        decoding = generation.sampling_settings(model_directory(FLAGS.model_dir, FLAGS.workdir)) | decoding
       answer_pairs(FLAGS.pairs, FLAGS.out, FLAGS.model_dir or None, FLAGS.workdir, FLAGS.batch_size,
                    FLAGS.max_new_tokens, FLAGS.image_root, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels,
                    fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
-                   follow_ups_after=FLAGS.follow_ups_after)
+                   follow_ups_after=FLAGS.follow_ups_after, decoding=decoding)
       return
-    given = sampling_flags if FLAGS.generation_config else SAMPLING_FLAGS  # flags over the file's settings
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens,
-            {name: FLAGS[name].value for name in given}, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels,
+            decoding, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels,
             FLAGS.max_pixels, workdir=FLAGS.workdir, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
             generation_config=FLAGS.generation_config)
 

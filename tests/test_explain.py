@@ -232,7 +232,7 @@ def test_sampling_settings_and_the_checkpoints_generation_config(model_dir, view
   """`--generation_config` chooses tokens as the directory's generation_config.json says (here Qwen's
   released form: top_k 1 with a repetition penalty, i.e. greedy with the penalty; below 1 here, since
   this random model's greedy answer repeats no token for a penalty above 1 to act on); a flag given on
-  the command line overrides the file; `--pairs` answers greedily and refuses sampling flags."""
+  the command line overrides the file; `--pairs` answers with the same settings, recorded in each row."""
   directory = tmp_path / "model"
   shutil.copytree(model_dir, directory)
   file = directory / "generation_config.json"
@@ -256,10 +256,17 @@ def test_sampling_settings_and_the_checkpoints_generation_config(model_dir, view
   best, _ = beam_search.beam_search(params.load_pretrained(model_dir), inputs["input_ids"][None], None,
                                     inputs["pixel_values"], inputs["image_grid_thw"], num_beams=3, max_new_tokens=16)
   assert ask(model_dir, sampling=dict(num_beams=3)) == proc.decode(best[0])
+  # --pairs with the same settings: each row records them and answers as one question does
   pairs = tmp_path / "ask.jsonl"
   pairs.write_text(json.dumps(dict(images=views)) + "\n")
-  refused = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={directory}", f"--pairs={pairs}",
-                            f"--out={tmp_path}/a.jsonl", "--temperature=0.7", "--top_k=5"], cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
-  assert refused.returncode == 2 and "--pairs answers greedily" in refused.stderr, refused.stderr
-  assert "--temperature, --top_k apply to one question" in refused.stderr
+  rows, _ = explain.answer_pairs(str(pairs), str(tmp_path / "beams.jsonl"), model_dir=model_dir, max_new_tokens=16,
+                                 log=lambda _: None, decoding=dict(num_beams=3, temperature=0.0))
+  assert rows[0]["answer"] == proc.decode(best[0]) and rows[0]["decoding"] == {"num_beams": 3}
+  out = tmp_path / "file_settings.jsonl"
+  result = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={directory}", f"--pairs={pairs}",
+                           f"--out={out}", "--max_new_tokens=16", "--generation_config"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = json.loads(out.read_text())
+  assert row["decoding"] == dict(temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=0.5)
+  assert row["answer"] == ask(model_dir, sampling=dict(repetition_penalty=0.5))

@@ -174,10 +174,12 @@ def follow_up_rouge_l(answers, asked):
   return float(np.mean([rouge_l(text, ex["answer"], ex["lang"]) for text, (_, ex) in zip(answers, asked, strict=True)]))
 
 
-def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None):
-  """(greedy answers (decoded text), yes-probabilities (`yes_probability` of the first answer token))
-  of `model` to the examples' questions about their two images (after the example's `history` of
-  earlier turns, where it has one), in the examples' order. Batched by
+def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None,
+                     decoding=None):
+  """(answers (decoded text; greedy unless `decoding`, `generation.generate`'s token-choice keywords,
+  says otherwise), yes-probabilities (`yes_probability` of the first answer token)) of `model` to the
+  examples' questions about their two images (after the example's `history` of earlier turns, where
+  it has one), in the examples' order. Batched by
   language and modality (prompts of about one length; rows left-padded as generation needs);
   `on_batch(answered, [(example index, answer, yes-probability), ...])` after each batch."""
   from gleam_jax.data import pair_files  # pylint: disable=g-import-not-at-top
@@ -201,7 +203,8 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
       first = []
       tokens = generation.generate(model, input_ids, mask, np.concatenate([p["pixel_values"] for p in prompts]),
                                    np.concatenate([p["image_grid_thw"] for p in prompts]),
-                                   max_new_tokens=max_new_tokens, mesh=mesh, on_prefill=first.append)
+                                   max_new_tokens=max_new_tokens, mesh=mesh, on_prefill=first.append,
+                                   **(decoding or {}))
       for r, (i, p_yes) in enumerate(zip(chunk, yes_probability(first[0], token_ids))):
         answers[i], yes[i] = proc.decode(tokens[r]), p_yes
       answered += len(chunk)
