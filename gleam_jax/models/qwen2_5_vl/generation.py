@@ -407,8 +407,7 @@ class Prompt:
 
   @classmethod
   def of(cls, model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, cache_len,
-         eos_token_ids, pad_token_id, mesh, rules, rows=None) -> "Prompt":
-    """`rows`: the KV cache's rows (default: the batch's)."""
+         eos_token_ids, pad_token_id, mesh, rules) -> "Prompt":
     cfg = model.cfg
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -440,7 +439,7 @@ class Prompt:
       raise GleamError(f"generate: cache_len={cache_len} cannot hold the prompt ({length}) and "
                        f"{max_new_tokens} new tokens; raise it to at least {length + max_new_tokens - 1}.")
     return cls(input_ids, attention_mask, pixel_values, position_ids, layout,
-               init_cache(cfg, b if rows is None else rows, cache_len, mesh, rules),
+               init_cache(cfg, b, cache_len, mesh, rules),
                jnp.asarray(eos if eos else (-1,), jnp.int32), eos, pad)
 
   def prefill(self, graphdef, state, sampling: Sampling, seed: int = 0):
