@@ -29,8 +29,8 @@ from flax import nnx
 
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
-from gleam_jax.models.qwen2_5_vl.generation import (Prompt, Sampling, check_beam_settings, decode_kernels,
-                                                    next_logits, penalise_repeats, seen_tokens)
+from gleam_jax.models.qwen2_5_vl.generation import (Prompt, Sampling, check_beam_settings, check_sampling,
+                                                    decode_kernels, next_logits, penalise_repeats, seen_tokens)
 
 _FAR = -1.0e9  # transformers' score of a hypothesis that must not be chosen
 
@@ -49,8 +49,7 @@ def beam_search(model, input_ids, attention_mask=None, pixel_values=None, image_
     raise GleamError(f"beam_search: num_beams={num_beams}, num_return_sequences={num_return_sequences}; need "
                      "1 <= num_return_sequences <= num_beams.")
   check_beam_settings(num_beams, early_stopping)
-  if repetition_penalty <= 0:
-    raise GleamError(f"beam_search: repetition_penalty={repetition_penalty}; need > 0 (1: off).")
+  penalty = check_sampling(repetition_penalty=repetition_penalty)
   prompt = Prompt.of(model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, cache_len,
                      eos_token_ids, pad_token_id, mesh, rules)
   graphdef, state = nnx.split(model)
@@ -58,12 +57,12 @@ def beam_search(model, input_ids, attention_mask=None, pixel_values=None, image_
   if on_prefill is not None:
     on_prefill(np.asarray(logits, np.float32))
   seen = (seen_tokens(jnp.asarray(prompt.input_ids), jnp.asarray(prompt.attention_mask), logits.shape[-1])
-          if repetition_penalty != 1.0 else None)
+          if penalty.penalised else None)
   kernels = decode_kernels(model, fuse_projections)
   sequences, scores, lengths = _search(
       graphdef, state, kernels, cache, logits, carry["positions"], carry["slot"], seen, prompt.stop_ids,
       beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=float(length_penalty),
-      early_stopping=early_stopping, penalty=float(repetition_penalty), stops=len(prompt.eos), pad=prompt.pad)
+      early_stopping=early_stopping, penalty=penalty.repetition_penalty, stops=len(prompt.eos), pad=prompt.pad)
   r = num_return_sequences
   lengths = np.asarray(lengths)[:, :r].reshape(-1)
   tokens = np.asarray(sequences)[:, :r].reshape(-1, max_new_tokens)[:, :lengths.max()]
