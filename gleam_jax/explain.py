@@ -19,10 +19,10 @@ any number of images may go with a prompt of your own. Prefill and decode rates 
 
 `--pairs` answers every pair of a JSON Lines file (`data/pair_files.py`: the layout GLEAM-X jobs
 train on) in batches, greedily as the trainer's evaluation does unless the flags above say otherwise
-(then each row records its `decoding`), and writes one line per pair to `--out` (the pair's line,
-images, the answer, its verdict and the model's yes-probability `p_yes`, the reference where the
-file has one); when every pair has a reference answer it prints verdict accuracy, the yes-probabilities' ROC
-AUC and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
+(then each row records its `decoding`, with `--seed` when sampling), and writes one line per pair to
+`--out` (the pair's line, images, the answer, its verdict and the model's yes-probability `p_yes`, the
+reference where the file has one); when every pair has a reference answer it prints verdict accuracy,
+the yes-probabilities' ROC AUC and ROUGE-L (`eval/explain.py`), as the trainer's evaluation does,
 and writes them beside `--out` (`<out>_metrics.json`). Answers are kept batch by batch in
 `<out>.partial`; a run stopped part way, started again, answers only the pairs not yet answered.
 A conversation's later questions are asked after its reference turns, or after the model's own
@@ -223,7 +223,7 @@ def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, m
 
 def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=8, max_new_tokens=256,
                  image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None, fsdp=1, tensor=1,
-                 system=None, follow_ups_after="reference", decoding=None):
+                 system=None, follow_ups_after="reference", decoding=None, seed=0):
   """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` (a line per
   pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;
   returns (answer rows, metrics or None). Each batch's answers are appended to `<out_path>.partial` as
@@ -233,13 +233,15 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   answers (`follow_ups_after='reference'`, teacher-forced) or the model's own ('own'); the answers go
   into the row's `follow_ups` (`follow_ups_after` says which), and their ROUGE-L into the metrics.
   `decoding`: `generation.generate`'s token-choice keywords (greedy when empty); a row records those
-  that differ from greedy (`decoding`), and an answer is reused only for the same ones."""
+  that differ from greedy (`decoding`, with the `seed` when sampling: batch n draws with seed + n), and an
+  answer is reused only for the same ones."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   log = log or (lambda line: print(line, file=sys.stderr))
   if batch_size < 1:
     raise GleamError(f"--batch_size={batch_size} must be positive.")
   greedy = generation.check_settings()
   decoding = {k: v for k, v in generation.check_settings(**(decoding or {})).items() if v != greedy.get(k)}
+  recorded = decoding | {"seed": seed} if decoding.get("temperature", 0.0) > 0 else decoding
   pairs = pair_files.read_pairs(pairs_path, image_root, need_answers=False)  # bad lines stop before loading
   mesh = inference_mesh(fsdp, tensor)
   out_path = os.path.abspath(os.path.expanduser(out_path))
@@ -264,7 +266,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
         except json.JSONDecodeError:  # the line being written when the run stopped
           continue
         done[key(row["line"], row["images"], row.get("model"), row.get("system"), row.get("decoding", {}))] = row
-  rows = [done.get(key(p["line"], [p["query"], p["satellite"]], model_name, p["system"], decoding)) for p in pairs]
+  rows = [done.get(key(p["line"], [p["query"], p["satellite"]], model_name, p["system"], recorded)) for p in pairs]
   todo = [i for i, row in enumerate(rows) if row is None]
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
@@ -277,13 +279,14 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
     model, proc, image_size, _ = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
     ask = lambda examples, **kw: explain_eval.generate_answers(model, proc, examples, batch_size, max_new_tokens,
                                                                mesh=mesh, image_size=image_size, decoding=decoding,
+                                                               seed=seed,
                                                                **kw)
     progress = RateEta(len(todo))
     with open(partial, "a", encoding="utf-8") as f:
 
       def keep(answered, batch):
         for j, text, p_yes in batch:
-          rows[todo[j]] = _answer_row(pairs[todo[j]], text, p_yes, model_name, decoding)
+          rows[todo[j]] = _answer_row(pairs[todo[j]], text, p_yes, model_name, recorded)
           f.write(json.dumps(rows[todo[j]], ensure_ascii=False) + "\n")
         f.flush()
         rate, eta = progress.update(answered)
@@ -356,7 +359,7 @@ def main(argv):
       answer_pairs(FLAGS.pairs, FLAGS.out, FLAGS.model_dir or None, FLAGS.workdir, FLAGS.batch_size,
                    FLAGS.max_new_tokens, FLAGS.image_root, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels,
                    fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
-                   follow_ups_after=FLAGS.follow_ups_after, decoding=decoding)
+                   follow_ups_after=FLAGS.follow_ups_after, decoding=decoding, seed=FLAGS.seed)
       return
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens,
             decoding, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels,

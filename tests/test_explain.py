@@ -268,5 +268,24 @@ def test_sampling_settings_and_the_checkpoints_generation_config(model_dir, view
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   row = json.loads(out.read_text())
-  assert row["decoding"] == dict(temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=0.5)
+  assert row["decoding"] == dict(temperature=0.1, top_k=1, top_p=0.001, repetition_penalty=0.5, seed=0)
   assert row["answer"] == ask(model_dir, sampling=dict(repetition_penalty=0.5))
+
+
+def test_pairs_sample_with_the_seed_given(model_dir, views, tmp_path):
+  """`--pairs` with sampling draws with `--seed` (a one-pair batch answers as `explain` with that seed);
+  each row records its seed, and an answer drawn with another seed is not reused."""
+  pairs = tmp_path / "ask.jsonl"
+  pairs.write_text(json.dumps(dict(images=views)) + "\n")
+  hot = dict(temperature=5.0)  # a random model at a high temperature: seeds give different answers
+  answer = lambda seed, out: explain.answer_pairs(str(pairs), str(tmp_path / out), model_dir=model_dir,
+                                                  max_new_tokens=12, log=lambda _: None, decoding=hot, seed=seed)[0][0]
+  one = lambda seed: explain.explain(model_dir, views, max_new_tokens=12, write=lambda _: None, sampling=hot, seed=seed)
+  first, second = answer(1, "a.jsonl"), answer(2, "b.jsonl")
+  assert first["decoding"] == dict(temperature=5.0, seed=1) and second["decoding"] == dict(temperature=5.0, seed=2)
+  assert first["answer"] == one(1) and second["answer"] == one(2) != one(1)
+  logged = []
+  (tmp_path / "b.jsonl.partial").write_text(json.dumps(first) + "\n")  # seed 1's answer, kept by a stopped run
+  rows, _ = explain.answer_pairs(str(pairs), str(tmp_path / "b.jsonl"), model_dir=model_dir, max_new_tokens=12,
+                                 log=logged.append, decoding=hot, seed=2)
+  assert rows[0]["answer"] == second["answer"] and not any("resuming" in line for line in logged)

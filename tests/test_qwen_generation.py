@@ -387,7 +387,7 @@ def test_top_k_and_min_p_sample_inside_their_sets():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(top_k=-1), "top_k >= 0"), (dict(min_p=1.5), "0 <= min_p <= 1"),
+    (dict(top_k=-1), "top_k >= 0"), (dict(top_k=1.5), "whole top_k"), (dict(min_p=1.5), "0 <= min_p <= 1"),
     (dict(repetition_penalty=0.0), "repetition_penalty > 0"), (dict(temperature=-1.0), "temperature >= 0")])
 def test_bad_sampling_settings_are_refused(pair, bad, message):
   _, jm, _ = pair

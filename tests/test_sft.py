@@ -46,9 +46,11 @@ def test_answer_loss_matches_transformers(tmp_path):
           proc.build_sft_example(images[2:], gleam_x.QUESTIONS["zh"], "否。无人机视角显示老城区，有一条河流；而卫星图像显示郊区住宅区。")]
   assert len(rows[0]["input_ids"]) != len(rows[1]["input_ids"])
   batch = sft.collate(rows, sft.padded_length([len(r["input_ids"]) for r in rows]), model.cfg)
-  logits = model(jnp.asarray(batch["input_ids"]), jnp.transpose(jnp.asarray(batch["position_ids"]), (1, 0, 2)),
-                 jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["pixel_values"]), batch["layout"])
-  ours, accuracy = sft.answer_loss(logits, jnp.asarray(batch["labels"]))
+  graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
+  inputs = (jnp.asarray(batch["input_ids"]), jnp.transpose(jnp.asarray(batch["position_ids"]), (1, 0, 2)),
+            jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["pixel_values"]), batch["layout"])
+  labels = jnp.asarray(batch["labels"])
+  ours, accuracy = jax.jit(lambda w: sft.answer_loss(nnx.merge(graphdef, w, rest)(*inputs), labels))(weights)
   with torch.no_grad():
     theirs = reference(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
                        attention_mask=torch.tensor(batch["attention_mask"]),
@@ -58,10 +60,6 @@ def test_answer_loss_matches_transformers(tmp_path):
   np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-5)
   assert 0.0 <= float(accuracy) <= 1.0
   # in chunks of 7 positions (the last one padded): the same loss, accuracy and parameter gradients
-  graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
-  inputs = (jnp.asarray(batch["input_ids"]), jnp.transpose(jnp.asarray(batch["position_ids"]), (1, 0, 2)),
-            jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["pixel_values"]), batch["layout"])
-  labels = jnp.asarray(batch["labels"])
 
   def loss(weights, chunk):
     m = nnx.merge(graphdef, weights, rest)
@@ -69,8 +67,9 @@ def test_answer_loss_matches_transformers(tmp_path):
     if chunk:
       return sft.answer_loss_chunked(m.logits, hidden, labels, chunk)
     return sft.answer_loss(m.logits(hidden), labels)
-  (full, full_acc), full_grads = jax.value_and_grad(loss, has_aux=True)(weights, 0)
-  (chunked, chunked_acc), chunked_grads = jax.value_and_grad(loss, has_aux=True)(weights, 7)
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (full, full_acc), full_grads = grad(weights, 0)
+  (chunked, chunked_acc), chunked_grads = grad(weights, 7)
   np.testing.assert_allclose(float(chunked), float(full), rtol=1e-6)
   assert float(chunked_acc) == float(full_acc) == float(accuracy)
   for x, y in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(full_grads)):

@@ -175,11 +175,12 @@ def follow_up_rouge_l(answers, asked):
 
 
 def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None,
-                     decoding=None):
+                     decoding=None, seed=0):
   """(answers (decoded text; greedy unless `decoding`, `generation.generate`'s token-choice keywords,
   says otherwise), yes-probabilities (`yes_probability` of the first answer token)) of `model` to the
   examples' questions about their two images (after the example's `history` of earlier turns, where
-  it has one), in the examples' order. Batched by
+  it has one), in the examples' order. When `decoding` samples, the n-th batch draws with seed `seed` + n
+  (batches do not repeat one another's draws). Batched by
   language and modality (prompts of about one length; rows left-padded as generation needs);
   `on_batch(answered, [(example index, answer, yes-probability), ...])` after each batch."""
   from gleam_jax.data import pair_files  # pylint: disable=g-import-not-at-top
@@ -188,7 +189,7 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
   groups = {}
   for i, ex in enumerate(examples):
     groups.setdefault((ex["lang"], ex["modality"]), []).append(i)
-  answers, yes, answered = [None] * len(examples), [None] * len(examples), 0
+  answers, yes, answered, batches = [None] * len(examples), [None] * len(examples), 0, 0
   for (lang, _), members in groups.items():
     token_ids = verdict_token_ids(proc, lang)
     for start in range(0, len(members), batch_size):
@@ -204,7 +205,8 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
       tokens = generation.generate(model, input_ids, mask, np.concatenate([p["pixel_values"] for p in prompts]),
                                    np.concatenate([p["image_grid_thw"] for p in prompts]),
                                    max_new_tokens=max_new_tokens, mesh=mesh, on_prefill=first.append,
-                                   **(decoding or {}))
+                                   seed=seed + batches, **(decoding or {}))
+      batches += 1
       for r, (i, p_yes) in enumerate(zip(chunk, yes_probability(first[0], token_ids))):
         answers[i], yes[i] = proc.decode(tokens[r]), p_yes
       answered += len(chunk)

@@ -61,9 +61,10 @@ class Sampling:
 def check_sampling(**settings) -> Sampling:
   """The `Sampling` of `generate`'s keywords, or one clear error naming the bad value."""
   s = Sampling(**{k: type(getattr(Sampling, k))(v) for k, v in settings.items()})
-  if s.temperature < 0.0 or not 0.0 < s.top_p <= 1.0 or s.top_k < 0 or not 0.0 <= s.min_p <= 1.0 \
-      or s.repetition_penalty <= 0.0:
-    raise GleamError(f"generate: {s}; need temperature >= 0, 0 < top_p <= 1, top_k >= 0 (0: off), "
+  if s.temperature < 0.0 or not 0.0 < s.top_p <= 1.0 or s.top_k != settings.get("top_k", 0) or s.top_k < 0 \
+      or not 0.0 <= s.min_p <= 1.0 or s.repetition_penalty <= 0.0:
+    given = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+    raise GleamError(f"generate: {given}; need temperature >= 0, 0 < top_p <= 1, a whole top_k >= 0 (0: off), "
                      "0 <= min_p <= 1 and repetition_penalty > 0 (1: off).")
   return s
 
