@@ -90,10 +90,10 @@ def test_lora_step_is_the_folded_models_and_trains_only_adapters_and_head():
     nnx.reseed(model, dropout=jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"]))
     query, satellite = model.encode(jnp.asarray(batch["query"]), "query"), model.encode(jnp.asarray(batch["satellite"]), "reference")
     return losses.infonce(query, satellite, merged["logit_scale"], 0.1)
-  want_loss, (want_model, want_lora) = jax.value_and_grad(folded_loss, argnums=(0, 1))(
+  want_loss, (want_model, want_lora) = jax.jit(jax.value_and_grad(folded_loss, argnums=(0, 1)))(
       state["params"]["model"], state["params"]["lora"])
   np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-5)
-  without = folded_loss(state["params"]["model"], jax.tree.map(jnp.zeros_like, state["params"]["lora"]))
+  without = jax.jit(folded_loss)(state["params"]["model"], jax.tree.map(jnp.zeros_like, state["params"]["lora"]))
   assert abs(float(without) - float(loss)) > 0.01 * float(loss)  # the adapters matter beyond the tolerances
   close = lambda got, want, **kw: np.testing.assert_allclose(
       np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(want)).max(), **kw)

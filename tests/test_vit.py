@@ -119,7 +119,7 @@ def test_gradients_match_transformers_vit():
   def ours(params, x):
     return jnp.sum(nnx.merge(graphdef, params, rest).tokens(x) * weights)
 
-  grads, dx = jax.grad(ours, argnums=(0, 1))(params, jnp.asarray(x))
+  grads, dx = jax.jit(jax.grad(ours, argnums=(0, 1)))(params, jnp.asarray(x))
   got_model, want_model = our_vit(), our_vit()  # gradients in parameters' places, read out by file names
   nnx.update(got_model, grads)
   vit_params.load_vit_weights(want_model, want)
@@ -368,7 +368,7 @@ def _features_and_grads(model, x):
     features = nnx.merge(graphdef, params, rest)(x)
     return jnp.sum(features * jnp.arange(features.shape[-1], dtype=jnp.float32)), features
 
-  grads, features = jax.grad(loss, has_aux=True)(params)
+  grads, features = jax.jit(jax.grad(loss, has_aux=True))(params)
   return features, grads
 
 

@@ -123,7 +123,7 @@ def test_clip_gradients_match_transformers():
 
   def loss(params, x):
     return jnp.sum(nnx.merge(graphdef, params, rest)(x) * weights)
-  grads, x_grad = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+  grads, x_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, jnp.asarray(x))
   grad_model = nnx.merge(graphdef, grads, rest)
   got = vit_params.hf_state_dict(grad_model)
   assert set(got) == set(want) and len(want) == 2 * 16 + 8

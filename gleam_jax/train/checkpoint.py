@@ -61,11 +61,17 @@ class _ArrayHandler(ocp.type_handlers.ArrayHandler):
     return await _reads_done(super().deserialize(infos, args))
 
 
+# Orbax writes a replicated array in slices, one per replica (hosts share the writing), each slice a
+# compiled op per array shape at the first save; below this size a slice is not worth its compile.
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
+
+
 def _type_handlers():
   """Orbax's registered type handlers, with `_ArrayHandler` for jax.Array (on the store of array
   metadata that the registered one writes, as Orbax itself finds it)."""
   registered = ocp.type_handlers.get_type_handler(jax.Array)
-  arrays = _ArrayHandler(array_metadata_store=getattr(registered, "_array_metadata_store", None))
+  arrays = _ArrayHandler(array_metadata_store=getattr(registered, "_array_metadata_store", None),
+                         min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES)
   return ocp.type_handlers.create_type_handler_registry(
       *[(ty, arrays if ty is jax.Array else ocp.type_handlers.get_type_handler(ty))
         for ty in ocp.type_handlers.supported_types()])
