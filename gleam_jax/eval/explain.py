@@ -196,9 +196,11 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
       chunk = members[start:start + batch_size]
       prompts = [proc.encode_prompt(pair_files.images_of(examples[i], image_size), examples[i]["question"],
                                     examples[i].get("system"), examples[i].get("history", ())) for i in chunk]
+      if len(examples) > batch_size:  # a short batch as a full one (copies of its last row): one compiled shape
+        prompts += prompts[-1:] * (batch_size - len(chunk))
       length = max(len(p["input_ids"]) for p in prompts)
-      input_ids = np.full((len(chunk), length), cfg.pad_token_id, np.int32)
-      mask = np.zeros((len(chunk), length), np.int32)
+      input_ids = np.full((len(prompts), length), cfg.pad_token_id, np.int32)
+      mask = np.zeros((len(prompts), length), np.int32)
       for r, p in enumerate(prompts):
         input_ids[r, length - len(p["input_ids"]):], mask[r, length - len(p["input_ids"]):] = p["input_ids"], 1
       first = []
@@ -207,7 +209,7 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
                                    max_new_tokens=max_new_tokens, mesh=mesh, on_prefill=first.append,
                                    seed=seed + batches, **(decoding or {}))
       batches += 1
-      for r, (i, p_yes) in enumerate(zip(chunk, yes_probability(first[0], token_ids))):
+      for r, (i, p_yes) in enumerate(zip(chunk, yes_probability(first[0][:len(chunk)], token_ids))):
         answers[i], yes[i] = proc.decode(tokens[r]), p_yes
       answered += len(chunk)
       if on_batch:

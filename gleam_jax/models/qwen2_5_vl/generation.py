@@ -342,7 +342,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   `chunk` decode steps (one compiled loop, see `decode_chunk`) returns; `chunk=1` hands over every token
   the moment it exists, a larger chunk runs faster (no per-token dispatch and host round trip).
   `cache_len`: KV-cache slots (default: prompt + max_new_tokens rounded up to a multiple of 64, so that
-  nearby prompt lengths and token budgets reuse the compiled functions).
+  nearby prompt lengths and token budgets reuse the compiled functions; the prompt itself is left-padded
+  to a multiple of `PROMPT_MULTIPLE` tokens for the same reason).
   With `mesh` (a model placed by `modeling.shard_model`), the KV cache is sharded under `rules` too.
   `fuse_projections`: decode with q/k/v and gate/up as one matmul each (`decode_kernels`), faster at
   the cost of a copy of those weights while the parameters live; False where memory is short (a 3B
@@ -392,6 +393,11 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   return np.stack(out, axis=1).astype(np.int32)
 
 
+# Prompts are left-padded to a multiple of this many tokens, so that nearby prompt lengths share one
+# compiled prefill (as the KV cache's length, a multiple of 64, shares the decode loop).
+PROMPT_MULTIPLE = 32
+
+
 @dataclasses.dataclass
 class Prompt:
   """A checked, left-padded prompt batch ready for `prefill`: its M-RoPE positions, vision layout, the
@@ -429,16 +435,21 @@ class Prompt:
       check_pixel_values(pixel_values, image_grid_thw, cfg)
     eos = eos_tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    b, length = input_ids.shape
+    padded = -(-length // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
+    if cache_len is None:
+      cache_len = -(-(padded + max_new_tokens) // 64) * 64
+    if cache_len < length + max_new_tokens - 1:
+      raise GleamError(f"generate: cache_len={cache_len} cannot hold the prompt ({length}) and "
+                       f"{max_new_tokens} new tokens; raise it to at least {length + max_new_tokens - 1}.")
+    extra = min(padded, cache_len - max_new_tokens + 1) - length
+    if extra > 0:  # more left padding: masked, so the same tokens
+      input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=pad or 0)
+      attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
     position_ids, _ = rope.get_rope_index(input_ids, image_grid_thw, attention_mask,
                                           image_token_id=cfg.image_token_id,
                                           spatial_merge_size=cfg.vision.spatial_merge_size)
     layout = None if image_grid_thw is None else vision_inputs(image_grid_thw, cfg)
-    b, length = input_ids.shape
-    if cache_len is None:
-      cache_len = -(-(length + max_new_tokens) // 64) * 64
-    if cache_len < length + max_new_tokens - 1:
-      raise GleamError(f"generate: cache_len={cache_len} cannot hold the prompt ({length}) and "
-                       f"{max_new_tokens} new tokens; raise it to at least {length + max_new_tokens - 1}.")
     return cls(input_ids, attention_mask, pixel_values, position_ids, layout,
                init_cache(cfg, b, cache_len, mesh, rules),
                jnp.asarray(eos if eos else (-1,), jnp.int32), eos, pad)
