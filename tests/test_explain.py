@@ -85,15 +85,16 @@ def test_bad_requests_stop_before_loading(model_dir, views, tmp_path):
 
 
 def test_pairs_file_answers_as_one_pair_at_a_time(model_dir, views, tmp_path):
-  """`--pairs` (batched, left-padded rows) writes for each pair the answer `explain` streams for it alone
-  (with the pair's own system prompt where it has one); without reference answers it scores nothing."""
+  """`--pairs` (batched, left-padded rows; a short batch padded to a full one) writes for each pair the
+  answer `explain` streams for it alone (with the pair's own system prompt where it has one); without
+  reference answers it scores nothing."""
   pairs = tmp_path / "ask.jsonl"
   lines = [dict(images=views, lang="en"), dict(images=views[::-1], lang="zh"), dict(images=views, lang="zh"),
            dict(images=views, lang="en", system="You compare a drone photo with a satellite image.")]
   pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
   out = tmp_path / "answers" / "ask_answers.jsonl"
   result = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={model_dir}", f"--pairs={pairs}",
-                           f"--out={out}", "--max_new_tokens=10", "--batch_size=2"], cwd=REPO, capture_output=True,
+                           f"--out={out}", "--max_new_tokens=10", "--batch_size=3"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "4/4 pairs answered" in result.stderr and "4 answers written to" in result.stderr

@@ -109,6 +109,21 @@ def test_decode_chunk_compiles_once(pair):
   assert generation.decode_chunk._cache_size() - before <= 1  # same shapes: reused
 
 
+def test_nearby_prompt_lengths_share_one_compiled_prefill(pair):
+  """Prompts are left-padded to a multiple of `PROMPT_MULTIPLE` tokens: a prompt with more left padding
+  (up to the next multiple) reuses the compiled prefill and gives the same tokens."""
+  _, jm, _ = pair
+  ids, mask, px, grids = batch1(seed=8)
+  extra = -ids.shape[1] % generation.PROMPT_MULTIPLE
+  assert extra > 1, ids.shape  # room for more padding within the bucket
+  want = generation.generate(jm, ids, mask, px, grids, max_new_tokens=6, eos_token_ids=())
+  before = generation.prefill._cache_size()
+  more = lambda a: np.pad(a, ((0, 0), (extra, 0)), constant_values=0)
+  got = generation.generate(jm, more(ids), more(mask), px, grids, max_new_tokens=6, eos_token_ids=())
+  np.testing.assert_array_equal(got, want)
+  assert generation.prefill._cache_size() == before
+
+
 def step_by_step(jm, cfg, ids, mask, px, grids, steps, eos):
   """Prefill, then `decode_step` once per token from Python: the reference for the in-jit loop."""
   pos, _ = generation.rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
