@@ -463,6 +463,11 @@ def test_optimizer_values_adamw_cannot_train_with_stop_first(tiny_cfg, tmp_path)
     with pytest.raises(GleamError, match=rf"config.optim.{field}={value} must be {rule}"):
       main.run(tiny_config("c_phase1", tiny_cfg.data_dir, **{f"optim.{field}": value}), str(tmp_path / field))
     assert os.listdir(tmp_path / field) == ["config.json"]  # nothing trained
+  # a warmup the steps cannot hold (total_epochs resolved to steps first) stops before any model is built
+  with pytest.raises(GleamError, match=r"config.optim.warmup_steps=8 is not below the 4 total steps; lower it"):
+    main.run(tiny_config("c_phase1", tiny_cfg.data_dir, total_steps=4, **{"optim.warmup_steps": 8}),
+             str(tmp_path / "warmup"))
+  assert os.listdir(tmp_path / "warmup") == ["config.json"]
 
 
 def test_a_workdir_with_an_unreadable_config_is_refused_and_kept(tiny_cfg, tmp_path):

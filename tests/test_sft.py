@@ -208,6 +208,8 @@ def test_layer_decay_job_names_its_vision_towers_multipliers(tiny_cfg, tmp_path,
 def test_bad_sft_settings_are_named(tiny_cfg, tmp_path):
   with pytest.raises(GleamError, match="config.examples.train=1"):
     main.run(sft_config(tiny_cfg.data_dir, **{"examples.train": 1}), str(tmp_path / "a"))
+  with pytest.raises(GleamError, match="config.optim.warmup_steps=9 is not below the 8 total steps"):
+    main.run(sft_config(tiny_cfg.data_dir, **{"optim.warmup_steps": 9}), str(tmp_path / "w"))
   with pytest.raises(GleamError, match="config.examples.langs has 'fr'"):
     main.run(sft_config(tiny_cfg.data_dir, **{"examples.langs": ("en", "fr")}), str(tmp_path / "b"))
   with pytest.raises(GleamError, match=r"config.batch_size=64 is larger than the training examples of"):

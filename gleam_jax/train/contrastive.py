@@ -597,6 +597,7 @@ def run(config, workdir):
     total_steps = int(config.total_steps)
     if config.get("total_epochs"):
       total_steps = int(math.ceil(float(config.total_epochs) * steps_per_epoch))
+    optim.learning_rate_schedule(config.optim, total_steps)  # one the steps cannot hold stops before building
 
     manager = checkpoint.make_manager(workdir, config.checkpoint.max_to_keep, config.checkpoint.async_save)
     cleanup.callback(manager.close)

@@ -461,6 +461,7 @@ def check_config(config):
   if int(config.batch_size) <= 0:
     raise GleamError(f"config.batch_size={config.batch_size} must be positive.")
   optim.check_values(config.optim)
+  optim.learning_rate_schedule(config.optim, int(config.total_steps))
   lora.check_values(config.get("lora"))
   for key in ("train", "eval"):
     if int(config.examples[key]) < 2:
