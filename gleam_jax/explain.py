@@ -233,8 +233,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   answers (`follow_ups_after='reference'`, teacher-forced) or the model's own ('own'); the answers go
   into the row's `follow_ups` (`follow_ups_after` says which), and their ROUGE-L into the metrics.
   `decoding`: `generation.generate`'s token-choice keywords (greedy when empty); a row records those
-  that differ from greedy (`decoding`, with the `seed` when sampling: batch n draws with seed + n), and an
-  answer is reused only for the same ones."""
+  that differ from greedy (`decoding`, with the `seed` when sampling: pair i of the file draws with
+  seed + i, whatever its batch, also after a resume), and an answer is reused only for the same ones."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   log = log or (lambda line: print(line, file=sys.stderr))
   if batch_size < 1:
@@ -277,10 +277,9 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
       rows[i] is None or "follow_ups" not in rows[i] or rows[i].get("follow_ups_after") != follow_ups_after)]
   if todo or later:
     model, proc, image_size, _ = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
-    ask = lambda examples, **kw: explain_eval.generate_answers(model, proc, examples, batch_size, max_new_tokens,
-                                                               mesh=mesh, image_size=image_size, decoding=decoding,
-                                                               seed=seed,
-                                                               **kw)
+    ask = lambda examples, seed=seed, **kw: explain_eval.generate_answers(
+        model, proc, examples, batch_size, max_new_tokens, mesh=mesh, image_size=image_size, decoding=decoding,
+        seed=seed, **kw)
     progress = RateEta(len(todo))
     with open(partial, "a", encoding="utf-8") as f:
 
@@ -292,7 +291,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
         rate, eta = progress.update(answered)
         log(f"{answered}/{len(todo)} pairs answered, {rate:.2f} pairs/s, ETA {format_eta(eta)}")
       if todo:
-        ask([pairs[i] for i in todo], on_batch=keep)
+        ask([pairs[i] for i in todo], seed=[seed + i for i in todo], on_batch=keep)
       if later:
         asked = explain_eval.follow_up_questions([pairs[i] for i in later])
         log(f"answering {len(asked)} follow-up questions after the {follow_ups_after} turns")

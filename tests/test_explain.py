@@ -274,8 +274,9 @@ def test_sampling_settings_and_the_checkpoints_generation_config(model_dir, view
 
 
 def test_pairs_sample_with_the_seed_given(model_dir, views, tmp_path):
-  """`--pairs` with sampling draws with `--seed` (a one-pair batch answers as `explain` with that seed);
-  each row records its seed, and an answer drawn with another seed is not reused."""
+  """`--pairs` with sampling: pair i draws with `--seed` + i whatever its batch (the first pair answers as
+  `explain` with that seed, alone or batched with others); each row records its seed, and an answer
+  drawn with another seed is not reused."""
   pairs = tmp_path / "ask.jsonl"
   pairs.write_text(json.dumps(dict(images=views)) + "\n")
   hot = dict(temperature=5.0)  # a random model at a high temperature: seeds give different answers
@@ -290,3 +291,10 @@ def test_pairs_sample_with_the_seed_given(model_dir, views, tmp_path):
   rows, _ = explain.answer_pairs(str(pairs), str(tmp_path / "b.jsonl"), model_dir=model_dir, max_new_tokens=12,
                                  log=logged.append, decoding=hot, seed=2)
   assert rows[0]["answer"] == second["answer"] and not any("resuming" in line for line in logged)
+  # three pairs in batches of 2 (the last one padded): pair i answers as `explain` with seed 1 + i
+  pairs.write_text("".join(json.dumps(dict(images=v)) + "\n" for v in (views, views[::-1], views)))
+  rows, _ = explain.answer_pairs(str(pairs), str(tmp_path / "c.jsonl"), model_dir=model_dir, max_new_tokens=12,
+                                 log=lambda _: None, decoding=hot, seed=1, batch_size=2)
+  assert rows[0]["answer"] == first["answer"] and rows[2]["answer"] == one(3)
+  assert rows[1]["answer"] == explain.explain(model_dir, views[::-1], max_new_tokens=12, write=lambda _: None,
+                                              sampling=hot, seed=2)

@@ -132,7 +132,8 @@ def step_by_step(jm, cfg, ids, mask, px, grids, steps, eos):
   stop = jnp.asarray(eos, jnp.int32)
   _, carry, cache = generation.prefill(
       graphdef, state, cache, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(px),
-      modeling.vision_inputs(grids, cfg), jax.random.key(0), sampling=generation.Sampling(), stop_ids=stop)
+      modeling.vision_inputs(grids, cfg), jax.random.split(jax.random.key(0), len(ids)), sampling=generation.Sampling(),
+      stop_ids=stop)
   out = [np.asarray(carry["tokens"])]
   kernels = generation.decode_kernels(jm)
   for _ in range(steps - 1):
@@ -167,7 +168,7 @@ def test_prefill_logits_equal_full_forward(pair):
   cache = generation.init_cache(cfg, 2, ids.shape[1] + 4)
   logits, carry, cache = generation.prefill(
       graphdef, state, cache, jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(pos), jnp.asarray(px),
-      modeling.vision_inputs(grids, cfg), jax.random.key(0), sampling=generation.Sampling(),
+      modeling.vision_inputs(grids, cfg), jax.random.split(jax.random.key(0), 2), sampling=generation.Sampling(),
       stop_ids=jnp.asarray([2]))
   np.testing.assert_array_equal(np.asarray(carry["tokens"]), full.argmax(-1))
   np.testing.assert_array_equal(np.asarray(carry["positions"]), pos.max(axis=(0, 2)) + 1)
@@ -179,7 +180,7 @@ def test_prefill_logits_equal_full_forward(pair):
 def test_sampling_follows_softmax_and_nucleus():
   logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.1]], jnp.float32))
   keys = jax.random.split(jax.random.key(0), 20000)
-  freq = lambda s: np.bincount(np.asarray(jax.vmap(lambda k: generation.sample(logits, k, s)[0])(keys)),
+  freq = lambda s: np.bincount(np.asarray(jax.vmap(lambda k: generation.sample(logits, k[None], s)[0])(keys)),
                                minlength=4) / len(keys)
   np.testing.assert_allclose(freq(generation.Sampling(1.0, 1.0)), [0.5, 0.25, 0.15, 0.1], atol=0.015)
   # top_p 0.7: the nucleus is {0, 1} (mass before token 2 is 0.75 >= 0.7), renormalised to 2/3, 1/3.
@@ -187,7 +188,7 @@ def test_sampling_follows_softmax_and_nucleus():
   # temperature 0.5 squares the probabilities before normalising.
   p = np.array([0.5, 0.25, 0.15, 0.1]) ** 2
   np.testing.assert_allclose(freq(generation.Sampling(0.5, 1.0)), p / p.sum(), atol=0.015)
-  np.testing.assert_array_equal(np.asarray(generation.sample(logits, keys[0], generation.Sampling())), [0])
+  np.testing.assert_array_equal(np.asarray(generation.sample(logits, keys[:1], generation.Sampling())), [0])
 
 
 def test_temperature_sampling_is_seeded_and_varied(pair):
@@ -201,6 +202,14 @@ def test_temperature_sampling_is_seeded_and_varied(pair):
                           eos_token_ids=())
   np.testing.assert_array_equal(a, b)
   assert (a != c).any()
+  # a row draws with its own seed whatever the rows beside it: row 1 of (seed 7, seed 1) is `a`
+  two = generation.generate(jm, np.concatenate([ids, ids]), np.concatenate([mask, mask]), np.concatenate([px, px]),
+                            np.concatenate([grids, grids]), max_new_tokens=16, temperature=1.5, top_p=0.95,
+                            seed=[7, 1], eos_token_ids=())
+  np.testing.assert_array_equal(two[1:], a)
+  assert (two[0] != a[0]).any()
+  with pytest.raises(GleamError, match=r"seed has shape \(3,\); give an int or one seed per row \(1\)"):
+    generation.generate(jm, ids, mask, px, grids, max_new_tokens=2, temperature=1.0, seed=[1, 2, 3])
 
 
 def test_right_padding_is_rejected(pair):
@@ -392,7 +401,7 @@ def test_processed_logits_equal_transformers_processors(sampling):
 def test_top_k_and_min_p_sample_inside_their_sets():
   logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]], jnp.float32))
   keys = jax.random.split(jax.random.key(0), 20000)
-  freq = lambda s: np.bincount(np.asarray(jax.vmap(lambda k: generation.sample(logits, k, s)[0])(keys)),
+  freq = lambda s: np.bincount(np.asarray(jax.vmap(lambda k: generation.sample(logits, k[None], s)[0])(keys)),
                                minlength=4) / len(keys)
   np.testing.assert_allclose(freq(generation.Sampling(1.0, top_k=2)), [4 / 7, 3 / 7, 0, 0], atol=0.015)
   # min_p 0.4: kept where p >= 0.4 * 0.4

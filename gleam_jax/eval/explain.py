@@ -179,8 +179,8 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
   """(answers (decoded text; greedy unless `decoding`, `generation.generate`'s token-choice keywords,
   says otherwise), yes-probabilities (`yes_probability` of the first answer token)) of `model` to the
   examples' questions about their two images (after the example's `history` of earlier turns, where
-  it has one), in the examples' order. When `decoding` samples, the n-th batch draws with seed `seed` + n
-  (batches do not repeat one another's draws). Batched by
+  it has one), in the examples' order. When `decoding` samples, example i draws with seed `seed` + i (or
+  `seed[i]`, one per example), whatever its batch. Batched by
   language and modality (prompts of about one length; rows left-padded as generation needs);
   `on_batch(answered, [(example index, answer, yes-probability), ...])` after each batch."""
   from gleam_jax.data import pair_files  # pylint: disable=g-import-not-at-top
@@ -189,15 +189,18 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
   groups = {}
   for i, ex in enumerate(examples):
     groups.setdefault((ex["lang"], ex["modality"]), []).append(i)
-  answers, yes, answered, batches = [None] * len(examples), [None] * len(examples), 0, 0
+  answers, yes, answered = [None] * len(examples), [None] * len(examples), 0
+  seed_of = (lambda i: seed + i) if np.ndim(seed) == 0 else (lambda i: seed[i])
   for (lang, _), members in groups.items():
     token_ids = verdict_token_ids(proc, lang)
     for start in range(0, len(members), batch_size):
       chunk = members[start:start + batch_size]
       prompts = [proc.encode_prompt(pair_files.images_of(examples[i], image_size), examples[i]["question"],
                                     examples[i].get("system"), examples[i].get("history", ())) for i in chunk]
+      seeds = [seed_of(i) for i in chunk]
       if len(examples) > batch_size:  # a short batch as a full one (copies of its last row): one compiled shape
         prompts += prompts[-1:] * (batch_size - len(chunk))
+        seeds += seeds[-1:] * (batch_size - len(chunk))
       length = max(len(p["input_ids"]) for p in prompts)
       input_ids = np.full((len(prompts), length), cfg.pad_token_id, np.int32)
       mask = np.zeros((len(prompts), length), np.int32)
@@ -207,8 +210,7 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
       tokens = generation.generate(model, input_ids, mask, np.concatenate([p["pixel_values"] for p in prompts]),
                                    np.concatenate([p["image_grid_thw"] for p in prompts]),
                                    max_new_tokens=max_new_tokens, mesh=mesh, on_prefill=first.append,
-                                   seed=seed + batches, **(decoding or {}))
-      batches += 1
+                                   seed=seeds, **(decoding or {}))
       for r, (i, p_yes) in enumerate(zip(chunk, yes_probability(first[0][:len(chunk)], token_ids))):
         answers[i], yes[i] = proc.decode(tokens[r]), p_yes
       answered += len(chunk)

@@ -4,10 +4,10 @@ The cache is preallocated at a static size: k, v, each one (batch, kv_heads, max
 per layer (XLA copied each layer's slice out of one stacked array every step), and a (batch, max_len)
 mask of the slots holding real tokens (left padding is False). Prefill writes slots [0, L) and samples
 the first token; decode step s writes slot L + s - 1. `decode_chunk` runs up to `chunk` decode steps in
-one `lax.while_loop` (slot, positions, tokens, done and rng travel in a `carry` of arrays; the loop
-stops early once every row is done) and donates the cache, so XLA updates it in place; `decode_step` is
-the same step as its own compiled function. On a CPU, one call per token cost about as much in dispatch
-and host round trips as the step itself at batch 1.
+one `lax.while_loop` (slot, positions, tokens, done and each row's rng key travel in a `carry` of
+arrays; the loop stops early once every row is done) and donates the cache, so XLA updates it in place;
+`decode_step` is the same step as its own compiled function. On a CPU, one call per token cost about as
+much in dispatch and host round trips as the step itself at batch 1.
 
 Positions follow HF: prompt tokens get `rope.get_rope_index` positions; generated token s of row b gets
 position max(prompt positions of b) + 1 + s on all three M-RoPE axes (HF's attention-mask cumsum plus
@@ -143,13 +143,28 @@ def penalise_repeats(logits, seen, penalty: float):
   return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
-def sample(logits, rng, sampling: Sampling, seen=None):
-  """logits (B, V) float32 -> tokens (B,) int32. `seen` (B, V): the tokens of each row so far, for the
-  repetition penalty."""
+def sample(logits, keys, sampling: Sampling, seen=None):
+  """logits (B, V) float32 -> tokens (B,) int32, row b drawn with keys[b] (B,). `seen` (B, V): the tokens
+  of each row so far, for the repetition penalty."""
   logits = processed_logits(logits, sampling, seen)
   if sampling.temperature <= 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def step_keys(keys, step):
+  """Each row's key (B,) for decode step `step`: a row's draws depend on its own seed alone."""
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+
+
+def row_seeds(seed, batch: int) -> np.ndarray:
+  """`generate`'s seed as one per row: an int gives row r seed + r; a sequence gives each row its own."""
+  seeds = np.asarray(seed, np.int64)
+  if seeds.ndim == 0:
+    seeds = seeds + np.arange(batch)
+  if seeds.shape != (batch,):
+    raise GleamError(f"generate: seed has shape {seeds.shape}; give an int or one seed per row ({batch}).")
+  return (seeds % 2**32).astype(np.uint32)
 
 
 def processed_logits(logits, sampling: Sampling, seen=None):
@@ -185,13 +200,13 @@ def _with_token(carry, tokens):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pixel_values, layout, rng, *,
+def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pixel_values, layout, keys, *,
             sampling: Sampling, stop_ids):
   """Runs the prompt, fills cache slots [0, L) and samples the first token.
 
   Returns (logits (B, V) at the last position, before any repetition penalty; carry; cache). `carry` is
   what `decode_step` consumes: tokens (B,), their M-RoPE positions (B,), done (B,), the cache slot they
-  go to, the rng and, with a repetition penalty, each row's seen tokens (B, V).
+  go to, each row's rng key (`keys`, (B,)) and, with a repetition penalty, each row's seen tokens (B, V).
   """
   model = nnx.merge(graphdef, state)
   length, max_len = input_ids.shape[1], cache["mask"].shape[1]
@@ -203,9 +218,9 @@ def prefill(graphdef, state, cache, input_ids, attention_mask, position_ids, pix
   hidden, cache = model.language_model(x, position_ids, mask, cache, 0)
   logits = model.logits(hidden[:, -1])
   seen = seen_tokens(input_ids, attention_mask, logits.shape[-1]) if sampling.penalised else None
-  tokens = sample(logits, jax.random.fold_in(rng, 0), sampling, seen)
+  tokens = sample(logits, step_keys(keys, 0), sampling, seen)
   carry = dict(tokens=tokens, positions=jnp.max(position_ids, axis=(0, 2)).astype(jnp.int32) + 1,
-               done=jnp.isin(tokens, stop_ids), slot=jnp.int32(length), rng=rng)
+               done=jnp.isin(tokens, stop_ids), slot=jnp.int32(length), keys=keys)
   if seen is not None:
     carry = _with_token(dict(carry, seen=seen), tokens)
   return logits, carry, cache
@@ -283,7 +298,7 @@ def _decode(model, kernels, cache, carry, sampling: Sampling, stop_ids, pad_id):
   `decode_kernels`."""
   positions, slot = carry["positions"], carry["slot"]
   logits, cache = next_logits(model, kernels, cache, carry["tokens"], positions, slot)
-  next_tokens = sample(logits, jax.random.fold_in(carry["rng"], slot), sampling, carry.get("seen"))
+  next_tokens = sample(logits, step_keys(carry["keys"], slot), sampling, carry.get("seen"))
   next_tokens = jnp.where(carry["done"], pad_id, next_tokens)
   carry = dict(carry, tokens=next_tokens, positions=positions + 1, slot=slot + 1,
                done=carry["done"] | jnp.isin(next_tokens, stop_ids))
@@ -326,7 +341,7 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              min_p: float = 0.0, repetition_penalty: float = 1.0, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping=False, eos_token_ids=None,
-             pad_token_id: int | None = None, seed: int = 0,
+             pad_token_id: int | None = None, seed=0,
              callback: Callable[[int, np.ndarray], None] | None = None, chunk: int = 32,
              cache_len: int | None = None, mesh=None, rules=QWEN_SHARDING_RULES,
              fuse_projections: bool = True,
@@ -336,6 +351,8 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
   `input_ids`/`attention_mask` (B, L) are left padded; `pixel_values`/`image_grid_thw` as for the model.
   temperature, top_p, top_k, min_p and repetition_penalty choose each token as transformers' `generate`
   does (`Sampling`; greedy by default; `sampling_settings(model_dir)` gives a checkpoint's own).
+  `seed`: an int (row r draws with seed + r) or one seed per row; a row's draws depend on its seed
+  alone, not on the rows batched with it.
   `num_beams` > 1: transformers' beam search (`beam_search.beam_search`, with `length_penalty` and
   `early_stopping`), the best hypothesis returned; `callback` then receives its tokens after the search.
   `callback(step, tokens)` receives each step's (B,) tokens on the host, in order, as each chunk of up to
@@ -454,8 +471,9 @@ class Prompt:
                init_cache(cfg, b, cache_len, mesh, rules),
                jnp.asarray(eos if eos else (-1,), jnp.int32), eos, pad)
 
-  def prefill(self, graphdef, state, sampling: Sampling, seed: int = 0):
-    """`prefill` of this prompt: (its next-token logits, carry, cache)."""
+  def prefill(self, graphdef, state, sampling: Sampling, seed=0):
+    """`prefill` of this prompt: (its next-token logits, carry, cache); `seed` as `row_seeds` reads it."""
+    keys = jax.vmap(jax.random.key)(jnp.asarray(row_seeds(seed, len(self.input_ids))))
     return prefill(graphdef, state, self.cache, jnp.asarray(self.input_ids, jnp.int32), jnp.asarray(self.attention_mask),
                    jnp.asarray(self.position_ids), None if self.pixel_values is None else jnp.asarray(self.pixel_values),
-                   self.layout, jax.random.key(seed), sampling=sampling, stop_ids=self.stop_ids)
+                   self.layout, keys, sampling=sampling, stop_ids=self.stop_ids)
