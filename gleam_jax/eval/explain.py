@@ -190,14 +190,14 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
   for i, ex in enumerate(examples):
     groups.setdefault((ex["lang"], ex["modality"]), []).append(i)
   answers, yes, answered = [None] * len(examples), [None] * len(examples), 0
-  seed_of = (lambda i: seed + i) if np.ndim(seed) == 0 else (lambda i: seed[i])
+  example_seeds = generation.row_seeds(seed, len(examples))
   for (lang, _), members in groups.items():
     token_ids = verdict_token_ids(proc, lang)
     for start in range(0, len(members), batch_size):
       chunk = members[start:start + batch_size]
       prompts = [proc.encode_prompt(pair_files.images_of(examples[i], image_size), examples[i]["question"],
                                     examples[i].get("system"), examples[i].get("history", ())) for i in chunk]
-      seeds = [seed_of(i) for i in chunk]
+      seeds = [example_seeds[i] for i in chunk]
       if len(examples) > batch_size:  # a short batch as a full one (copies of its last row): one compiled shape
         prompts += prompts[-1:] * (batch_size - len(chunk))
         seeds += seeds[-1:] * (batch_size - len(chunk))
