@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from gleam_jax.errors import GleamError
 from gleam_jax.eval import evaluator
+from gleam_jax.eval import metrics
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
 from gleam_jax.utils.writer import read_metrics
@@ -103,6 +105,65 @@ def test_university_protocol_with_several_references_and_scann_backend(tmp_path)
   # the exact top-10 is the 5 references and 5 of the 335 items tied at 0: any 5 of those are right
   assert out["eval/test/drone/search_recall@10"] == 1.0
   assert os.path.exists(os.path.join(str(tmp_path), "scann_index", "fingerprint.txt"))
+
+
+def unit_rows(images):
+  """Images that are their own embeddings, (N, 1, 1, D) -> (N, D), L2-normalised."""
+  e = images.reshape(images.shape[0], -1)
+  return e / jnp.linalg.norm(e, axis=1, keepdims=True)
+
+
+def test_multi_query_scores_the_mean_of_each_locations_views(tmp_path):
+  """University-1652's multiple queries: all views of a location as one query, their mean embedding."""
+  eye = np.eye(4, dtype=np.float32)
+  gallery = [{"image": eye[:, None, None, :], "location_id": np.arange(4)}]
+  # Location 0 has three views: two lean to locations 1 and 2 (each ranks that one first), one is
+  # right; their mean leans to 0. Location 3 has one view, right.
+  views = np.stack([eye[0] + 1.2 * eye[1], eye[0] + 1.2 * eye[2], eye[0], eye[3]])
+  queries = {"uav": [{"image": views[:, None, None, :], "location_id": np.array([0, 0, 0, 3])}]}
+  workdir = str(tmp_path)
+  out = evaluator.evaluate_retrieval(unit_rows, unit_rows, queries, gallery, protocol="university",
+                                     workdir=workdir, step=2, num_examples_png=2, multi_query=("uav",))
+  # one view at rank 1 scores AP (0 + 1/2) / 2 = 0.25 (the baseline's trapezoid), a view at rank 0 scores 1
+  assert (out["eval/test/uav/R@1"], out["eval/test/uav/mAP"]) == (0.5, pytest.approx(2.5 / 4))
+  assert (out["eval/test/uav_multiquery/R@1"], out["eval/test/uav_multiquery/mAP"]) == (1.0, pytest.approx(1.0))
+  summary = open(os.path.join(workdir, "eval", "test", "summary.md")).read()
+  assert "queries: uav 4, uav_multiquery 2" in summary and "| uav_multiquery | 100.00 |" in summary
+  assert os.path.getsize(os.path.join(workdir, "eval", "test", "step2", "uav_multiquery_recall_curve.png")) > 1000
+
+  # On random embeddings it is the baseline's multiple-query evaluation: the unnormalised mean of a
+  # location's features scored against the gallery, then the single-query metrics.
+  rng = np.random.default_rng(4)
+  gallery_ids = np.concatenate([np.repeat(np.arange(30), 2), np.arange(30, 50), [-1, -1]])
+  gallery_vectors = rng.normal(size=(len(gallery_ids), 8)).astype(np.float32)
+  query_ids = rng.integers(0, 40, size=90)
+  # each view: noise around its location's first gallery vector (the first 80 gallery ids are sorted)
+  query_vectors = rng.normal(size=(90, 8)).astype(np.float32) + gallery_vectors[np.searchsorted(gallery_ids[:80], query_ids)]
+  out = evaluator.evaluate_retrieval(
+      unit_rows, unit_rows, {"uav": batches_of_vectors(query_vectors, query_ids, 32)},
+      batches_of_vectors(gallery_vectors, gallery_ids, 40), protocol="university", num_examples_png=0,
+      multi_query=("uav",))
+  gallery_features = np.asarray(unit_rows(gallery_vectors[:, None, None, :]))
+  query_features = np.asarray(unit_rows(query_vectors[:, None, None, :]))
+  locations = np.unique(query_ids)
+  mean_features = np.stack([query_features[query_ids == i].mean(axis=0) for i in locations])
+  want = metrics.university_metrics(mean_features @ gallery_features.T, locations, gallery_ids)
+  for name in ("R@1", "R@5", "R@10", "mAP"):
+    assert out[f"eval/test/uav_multiquery/{name}"] == pytest.approx(want[name])
+  assert out["eval/test/uav_multiquery/R@1"] > out["eval/test/uav/R@1"]
+
+
+def batches_of_vectors(vectors, location_ids, batch_size):
+  return [{"image": vectors[s:s + batch_size, None, None, :], "location_id": location_ids[s:s + batch_size]}
+          for s in range(0, len(vectors), batch_size)]
+
+
+def test_multi_query_names_evaluated_modalities_outside_vigor():
+  queries = {"uav": [{"image": np.ones((2, 1, 1, 4), np.float32), "location_id": np.array([0, 1])}]}
+  with pytest.raises(GleamError, match=r"eval.multi_query names \['ground'\].*it queries uav"):
+    evaluator.evaluate_retrieval(unit_rows, unit_rows, queries, queries["uav"], multi_query=("ground",))
+  with pytest.raises(GleamError, match="under protocol 'vigor'.*clear eval.multi_query"):
+    evaluator.evaluate_retrieval(unit_rows, unit_rows, queries, queries["uav"], protocol="vigor", multi_query=("uav",))
 
 
 def test_save_topk_png_marks_true_reference(tmp_path):

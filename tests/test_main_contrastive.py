@@ -202,8 +202,11 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
                        **{"optim.warmup_steps": 1, "eval.splits": ("test",), "eval.num_examples_png": 0})
   main.run(config, str(tmp_path))
   rows = read_metrics(str(tmp_path))
-  for modality in ("uav", "streetmap", "panorama", "ground"):
+  for modality in ("uav", "streetmap", "panorama", "ground", "uav_multiquery"):
     assert any(f"eval/test/{modality}/R@1" in r for r in rows)
+  summary = open(tmp_path / "eval" / "test" / "summary.md").read()
+  uav_views, uav_locations = map(int, re.search(r"uav (\d+), .*uav_multiquery (\d+)", summary).groups())
+  assert uav_views == 2 * uav_locations  # the tiny world's two drone views per location, one query each
   phase1_loss = train_losses(phase1_workdir)[1]
   assert train_losses(str(tmp_path))[1] < phase1_loss  # trained weights, not a fresh init
   # towers=locked keeps phase 1's tower: panoramas and satellites embed exactly as before
@@ -382,6 +385,9 @@ def test_phase2_tower_recipes():
   assert (shared.data.ground_frame, shared.data.uav_frame) == ("panorama", "satellite")
   u1652 = load_config("c_phase2", "data=university1652")
   assert (u1652.data.ground_frame, u1652.data.uav_frame, u1652.data.modalities) == ("photo", "photo", ("uav", "ground"))
+  # several drone views per location: also scored as one query per location; VIGOR has no drone views
+  assert shared.eval.multi_query == locked.eval.multi_query == u1652.eval.multi_query == ("uav",)
+  assert load_config("c_phase2", "data=vigor").eval.multi_query == load_config("c_phase1").eval.multi_query == ()
   with pytest.raises(GleamError, match="unknown config knob 'towers'"):
     load_config("c_phase1", "towers=modality")
   # the knobs apply with tiny too: a real ConvNeXt variant, another input size, on the tiny world
@@ -639,6 +645,15 @@ def test_a_job_written_before_newer_data_fields_still_loads(phase1_workdir, tmp_
   assert (config.data.ground_frame, config.data.uav_frame, config.data.manual_dir) == ("photo", "photo", "")
   assert config.data.augment.rotate_photo
   assert tuple(config.data.panorama_size) == tuple(saved["data"]["panorama_size"])
+
+
+def test_multi_query_evaluation_is_checked_before_training(tiny_cfg):
+  contrastive.check_config(tiny_config("c_phase1", tiny_cfg.data_dir, **{"eval.multi_query": ("panorama",)}))
+  with pytest.raises(GleamError, match=r"eval.multi_query names \['uav'\]"):
+    contrastive.check_config(tiny_config("c_phase1", tiny_cfg.data_dir, **{"eval.multi_query": ("uav",)}))
+  with pytest.raises(GleamError, match="under protocol 'vigor'"):
+    contrastive.check_config(tiny_config("c_phase1", tiny_cfg.data_dir,
+                                         **{"eval.multi_query": ("panorama",), "eval.protocol": "vigor"}))
 
 
 def test_limited_field_of_view_evaluation_is_checked_before_training(tiny_cfg):

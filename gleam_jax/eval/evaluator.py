@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 
+from gleam_jax.errors import GleamError
 from gleam_jax.eval import metrics as metrics_lib
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -19,6 +20,7 @@ from gleam_jax.utils.progress import format_eta
 from gleam_jax.utils.writer import MetricWriter
 
 NUM_SHOWN = 5  # retrieved satellites per example query in the PNGs
+MULTI_QUERY_SUFFIX = "_multiquery"  # the name a modality's multiple-query results are reported under
 
 
 class _KeepDisplayImages:
@@ -56,7 +58,7 @@ def _thumbnails(batches, positions):
 
 def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches, protocol="cvusa",
                        mesh=None, search_cfg=None, workdir=None, step=0, writer=None, num_examples_png=8,
-                       split="test", ks=metrics_lib.RANKS):
+                       split="test", ks=metrics_lib.RANKS, multi_query=()):
   """Embeds the gallery once and every modality's queries, searches, and reports the protocol.
 
   encode_query / encode_gallery: images (B,H,W,C) -> (B, D) embeddings (closed over parameters);
@@ -64,13 +66,16 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
   query_sets: {modality: iterable of batches}; gallery_batches: iterable of batches. A batch is a
   dict with 'image' (float32 NHWC, normalised), 'location_id' (int; query and gallery items of the
   same location match), optionally 'raw' (display images) and, for 'vigor' queries,
-  'semi_positive_ids' (location ids of the semi-positive satellites, -1 padded). A re-iterable
+  'semi_positive_ids' (location ids of the semi-positive satellites, -1 padded). The modalities named
+  in `multi_query` are also scored in University-1652's multiple-query setting, as
+  `<modality>_multiquery`: one query per location, the mean of its views' embeddings. A re-iterable
   gallery (a list, a grain dataset) is read a second time for the few images shown in the PNGs; a
   one-shot iterator keeps a thumbnail of every gallery image instead.
   Writes `eval/<split>/<modality>/<metric>` rows to metrics.jsonl, `<workdir>/eval/<split>/summary*.md`,
   and PNGs under `<workdir>/eval/<split>/step<step>/`. Returns the flat metrics dict.
   """
   metrics_lib.check_protocol(protocol)
+  check_multi_query(multi_query, query_sets, protocol)
   search_cfg = search_cfg or retrieval.search_config()
   write_files = workdir is not None and jax.process_index() == 0
   t0 = time.perf_counter()
@@ -96,14 +101,20 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
     keep = batches if _reads_items(batches) else _KeepDisplayImages(batches, lambda i: i < num_examples_png)
     encode = encode_query[modality] if isinstance(encode_query, dict) else encode_query
     queries, labels = retrieval.embed(encode, keep, mesh, what=f"the {split} {modality} queries")
-    counts[modality] = len(queries)
-    result = _score_modality(protocol, exact, queries, labels, gallery_labels, scann=None if index is exact else index)
-    result["metrics"] = {**metrics_lib.summarize(protocol, result["stats"], num_gallery, ks),
-                         **result.get("search", {})}
-    by_modality[modality] = result["metrics"]
-    flat.update(report.metric_rows(result["metrics"], split, modality))
-    max_k = min(num_gallery, max(100, metrics_lib.one_percent_k(protocol, num_gallery)))
-    curves[modality] = metrics_lib.recall_curve(result["stats"]["rank"], max_k)
+    sets = [(modality, queries, labels)]
+    if modality in multi_query:
+      sets.append((f"{modality}{MULTI_QUERY_SUFFIX}",) + retrieval.mean_per_location(queries, labels["location_id"]))
+    for name, name_queries, name_labels in sets:
+      counts[name] = len(name_queries)
+      result = _score_modality(protocol, exact, name_queries, name_labels, gallery_labels,
+                               scann=None if index is exact else index)
+      result["metrics"] = {**metrics_lib.summarize(protocol, result["stats"], num_gallery, ks),
+                           **result.get("search", {})}
+      by_modality[name] = result["metrics"]
+      flat.update(report.metric_rows(result["metrics"], split, name))
+      max_k = min(num_gallery, max(100, metrics_lib.one_percent_k(protocol, num_gallery)))
+      curves[name] = metrics_lib.recall_curve(result["stats"]["rank"], max_k)
+      logging.info("Eval %s/%s: %s", split, name, ", ".join(f"{k}={100 * v:.2f}" for k, v in result["metrics"].items()))
     if num_examples_png:
       shown = min(num_examples_png, len(queries))
       scores, indices = index.search(queries[:shown], NUM_SHOWN)
@@ -111,8 +122,6 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
         images = _thumbnails(batches, range(shown)) if _reads_items(batches) else keep.images
         examples[modality] = dict(query_images=[images[i] for i in range(shown)], scores=scores,
                                   indices=indices, query_labels=labels["location_id"].reshape(-1)[:shown])
-    logging.info("Eval %s/%s: %s", split, modality,
-                 ", ".join(f"{k}={100 * v:.2f}" for k, v in result["metrics"].items()))
 
   if write_files:
     own_writer = writer is None
@@ -145,6 +154,17 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
                                   title=f"{split}/{modality}, step {step}: top-{NUM_SHOWN} satellites "
                                         "(green = true location, red = wrong)")
   return flat
+
+
+def check_multi_query(multi_query, query_sets, protocol):
+  """`multi_query` names evaluated modalities, under a protocol where a location is one reference."""
+  unknown = [m for m in multi_query if m not in query_sets]
+  if unknown:
+    raise GleamError(f"eval.multi_query names {unknown}, which this evaluation does not query (it queries "
+                     f"{', '.join(query_sets)}): name some of those, or add the modality to eval.modalities.")
+  if multi_query and protocol == "vigor":
+    raise GleamError("eval.multi_query averages the views of one location, but under protocol 'vigor' each "
+                     "panorama has its own semi-positive satellites: clear eval.multi_query for VIGOR.")
 
 
 def _score_modality(protocol, exact, queries, labels, gallery_labels, scann=None):

@@ -118,6 +118,18 @@ def embed(encode_fn, batches, mesh=None, batch_size=None, what="an eval set"):
   return embeddings, {k: np.concatenate(v) for k, v in labels.items()}
 
 
+def mean_per_location(embeddings, location_ids):
+  """University-1652's multiple-query setting: all views of one location as one query, the mean of
+  their embeddings, L2-normalised (which changes no ranking). Returns (means (L, D) float32 NumPy,
+  {'location_id': (L,)}), one row per location in increasing id."""
+  embeddings = np.asarray(embeddings, np.float64)
+  ids, group = np.unique(np.asarray(location_ids).reshape(-1), return_inverse=True)
+  sums = np.zeros((len(ids), embeddings.shape[1]))
+  np.add.at(sums, group, embeddings)
+  norms = np.linalg.norm(sums, axis=1, keepdims=True)
+  return (sums / np.maximum(norms, 1e-12)).astype(np.float32), {"location_id": ids}
+
+
 def _padded_piece(piece, batch_size, sharding):
   """(up to `batch_size` rows, zero-padded to it and placed, the number of real rows)."""
   valid = len(piece)

@@ -455,6 +455,14 @@ def check_config(config):
                      "panoramas: add 'panorama' to eval.modalities or clear eval.panorama_fov_deg.")
   for fov in fovs:
     pipeline.check_panorama_fov(fov)
+  evaluator.check_multi_query(multi_query_modalities(config),
+                              dict.fromkeys(tuple(config.eval.modalities or config.data.modalities)),
+                              config.eval.protocol)
+
+
+def multi_query_modalities(config):
+  """The modalities also scored with one query per location (`eval.multi_query`; absent in older configs)."""
+  return tuple(config.eval.get("multi_query", ()) or ())
 
 
 def fov_query_sets(config):
@@ -473,17 +481,17 @@ def evaluate(config, setup, state, workdir, step, writer):
   batch_size = config.eval.batch_size
   rows = eval_process_rows(setup.mesh, batch_size)
   for split in config.eval.splits:
-    def report(encode_q, encode_g, query_sets, gallery):
+    def report(encode_q, encode_g, query_sets, gallery, multi_query=()):
       results.update(evaluator.evaluate_retrieval(
           encode_q, encode_g, query_sets, gallery, protocol=config.eval.protocol, mesh=setup.mesh,
           search_cfg=config.eval.search, workdir=workdir, step=step, writer=writer,
-          num_examples_png=config.eval.num_examples_png, split=split))
+          num_examples_png=config.eval.num_examples_png, split=split, multi_query=multi_query))
 
     query_sets = {m: pipeline.make_eval_batches(config.data, split, m, batch_size, rows) for m in modalities}
     for name, fov in fov_query_sets(config).items():
       query_sets[name] = pipeline.make_eval_batches(config.data, split, "panorama", batch_size, rows, fov)
     report(encode_query, encode_reference, query_sets,
-           pipeline.make_gallery_batches(config.data, split, batch_size, rows))
+           pipeline.make_gallery_batches(config.data, split, batch_size, rows), multi_query_modalities(config))
     for m in config.eval.get("satellite_to", ()):  # the reverse direction: satellites query views of m
       report(encode_reference, functools.partial(model.encode, tower=m),
              {f"satellite_to_{m}": pipeline.make_satellite_query_batches(config.data, split, m, batch_size, rows)},
