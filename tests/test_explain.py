@@ -109,6 +109,19 @@ def test_pairs_file_answers_as_one_pair_at_a_time(model_dir, views, tmp_path):
   assert both.returncode == 2 and "not both" in both.stderr, both.stderr
 
 
+def test_a_short_last_batch_runs_the_full_batchs_compiled_functions(model_dir, views):
+  """Five questions in batches of 2: the short last batch is padded to a full one, so the three batches
+  compile one prefill and one decode loop, and each answer is that of its question asked alone."""
+  model, proc = params.load_pretrained(model_dir), processor.load_processor(model_dir)
+  examples = [dict(query=views[i % 2], satellite=views[1 - i % 2], lang="en", modality="uav",
+                   question=explain.QUESTIONS["en"]) for i in range(5)]  # one prompt length, two prompts
+  before = generation.prefill._cache_size(), generation.decode_chunk._cache_size()
+  answers, _ = explain_eval.generate_answers(model, proc, examples, batch_size=2, max_new_tokens=6)
+  assert (generation.prefill._cache_size(), generation.decode_chunk._cache_size()) == (before[0] + 1, before[1] + 1)
+  alone, _ = explain_eval.generate_answers(model, proc, examples[4:], batch_size=1, max_new_tokens=6)
+  assert answers[4] == alone[0]
+
+
 def test_follow_up_questions_are_asked_after_the_reference_turns(model_dir, views, tmp_path):
   """A conversation that goes on: each later question is asked after the reference turns before it
   (the answer is the greedy generation from that prompt) and scored by ROUGE-L; a resumed run whose
