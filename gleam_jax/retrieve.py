@@ -13,7 +13,9 @@ ScaNN for large galleries), prints each query's top-k gallery files with their c
 writes a PNG of the query and its top-k (default `W/retrieve/<query>_top<k>.png`; `--nopngs` for
 large query folders), and with `--results` a JSON Lines file of every query's top-k. With
 `--match_by_name` the gallery image named as a query (extensions aside) is its true satellite, and
-R@K over the queries is printed: a quick score of your own paired folders.
+R@K over the queries is printed: a quick score of your own paired folders. With `--one_place` the
+query folder's images are views of one place (a drone flight's frames): they are searched as one
+query, the mean of their embeddings (University-1652's multiple queries).
 
     python -m gleam_jax.retrieve --workdir=W --pairs=pairs.jsonl [--results=scores.jsonl] [--modality=uav]
 
@@ -76,6 +78,9 @@ def define_flags():
   flags.DEFINE_bool("pngs", True, "Write a PNG of each query and its top-k (--nopngs for large query folders).")
   flags.DEFINE_string("results", None, "A JSON Lines file to write: each query's top-k files and scores "
                       "(with --pairs: each pair's score).")
+  flags.DEFINE_bool("one_place", False, "The query images (a folder) are views of one place, e.g. the frames of one "
+                    "drone flight: search with the mean of their embeddings, as one query (University-1652's "
+                    "multiple queries).")
   flags.DEFINE_bool("match_by_name", False, "Each query's true satellite is the gallery image of the same name: "
                     "print R@K over the queries.")
   flags.DEFINE_string("pairs", None, "A GLEAM-X pairs file to score with GLEAM-C (each pair's cosine similarity, "
@@ -219,7 +224,7 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
 
 
 def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, pngs=True, results=None,
-               match_by_name=False, show=True, **camera):
+               match_by_name=False, show=True, one_place=False, **camera):
   """({query file: its top-k [(gallery file, score)]} for every query, {R@K: fraction} or None),
   printed, with a PNG each (`pngs`; `out`: the PNG of a single query, else the folder of the PNGs;
   default W/retrieve/) and, with `results`, a JSON Lines file of them (a line per query). Queries are
@@ -233,8 +238,15 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   heading, 35 mm-equivalent focal length; the field of view defaults to 90 deg); a UAV view needs
   its camera (`heading_deg`, `pitch_deg`, `altitude_m`, `fov_deg`) and the satellites' `footprint_m`
   when the job read UAV views in the satellite frame. Camera values given apply to every query.
-  `show=False` leaves out the printed top-k lists (a caller that prints its own)."""
-  _check_output(k, out if pngs else None, single=len(query_paths) == 1)
+  `show=False` leaves out the printed top-k lists (a caller that prints its own). With `one_place`, the
+  query files are views of one place, searched as one query with the mean of their embeddings
+  (University-1652's multiple queries): the result's one key is the files' common folder, its PNG
+  shows the first view and its results line lists the `views`."""
+  if one_place and match_by_name:
+    raise GleamError("--one_place searches all query images as one place, --match_by_name scores each query image "
+                     "against its own satellite: give one of them.")
+  queries = [os.path.commonpath(query_paths)] if one_place else query_paths
+  _check_output(k, out if pngs else None, single=len(queries) == 1)
   if results:
     _check_results_file(results)
   files, skipped = image_files(gallery_dir, "--gallery")
@@ -243,6 +255,8 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   data_cfg = config.data
   modality = _query_modality(workdir, config, modality)
   embedded = query_embeddings(model, workdir, query_paths, modality, camera, data_cfg)
+  if one_place:
+    embedded = retrieval.mean_per_location(embedded, np.zeros(len(query_paths)))[0]
   gallery = gallery_embeddings(model, config, source, files, workdir)
   search_cfg = config.eval.get("search") or retrieval.search_config()
   index = retrieval.build_index(gallery, search_cfg, workdir=os.path.join(workdir, "retrieve"))
@@ -250,20 +264,23 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   print(f"gallery {len(files)} images in {gallery_dir}"
         + (f" ({skipped} non-image files skipped)" if skipped else ""))
   found = {}
-  for path, row_scores, row_top in zip(query_paths, scores, top):
+  for path, row_scores, row_top in zip(queries, scores, top):
     if show:
-      print(f"query {path} ({modality})")
+      print(f"query {path} ({modality}" + (f"; {len(query_paths)} views as one place)" if one_place else ")"))
       for rank, (score, i) in enumerate(zip(row_scores, row_top), 1):
         print(f"{rank:3d}. {score:.4f}  {files[i]}")
     if pngs:
-      png = _png_path(workdir, path, len(row_top), out, single=len(query_paths) == 1)
-      report.save_topk_png(read_image(path), [read_image(files[i]) for i in row_top], row_scores, png)
+      png = _png_path(workdir, path, len(row_top), out, single=len(queries) == 1)
+      report.save_topk_png(read_image(query_paths[0] if one_place else path), [read_image(files[i]) for i in row_top],
+                           row_scores, png)
       print(f"wrote {png}")
     found[path] = [(files[i], float(score)) for score, i in zip(row_scores, row_top)]
   if results:
     with open(results, "w", encoding="utf-8") as f:
       for path, top_k in found.items():
         line = {"query": path, "modality": modality, "top": [{"file": g, "score": s} for g, s in top_k]}
+        if one_place:
+          line["views"] = list(query_paths)
         if truth:
           line["true"] = truth[path]
         f.write(json.dumps(line) + "\n")
@@ -452,7 +469,8 @@ def main(argv):
     if not (FLAGS.query and FLAGS.gallery):
       raise GleamError("give --query (an image or a folder) and --gallery (a folder of satellites), or --pairs.")
     search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query), FLAGS.gallery, FLAGS.k,
-               FLAGS.modality, FLAGS.out, FLAGS.pngs, FLAGS.results, FLAGS.match_by_name, **camera)
+               FLAGS.modality, FLAGS.out, FLAGS.pngs, FLAGS.results, FLAGS.match_by_name, one_place=FLAGS.one_place,
+               **camera)
 
 
 if __name__ == "__main__":

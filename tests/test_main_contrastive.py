@@ -538,6 +538,23 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
     np.testing.assert_allclose([s for _, s in found[path]], [s for _, s in alone], rtol=1e-5, atol=1e-6)
   assert sorted(os.listdir(tmp_path / "pngs")) == sorted(
       f"{os.path.splitext(os.path.basename(p))[0]}_top2.png" for p in paths)
+  # --one_place: the folder's images as views of one place, one query with the mean of their embeddings
+  place, _ = retrieve.search_all(phase1_workdir, paths, str(gallery), k=5, one_place=True,
+                                 results=str(tmp_path / "place.jsonl"))
+  assert list(place) == [str(queries)]
+  views = np.asarray(model.encode(np.concatenate([prep(p, config.data.panorama_size) for p in paths]), tower="query"))
+  mean = views.mean(axis=0) / np.linalg.norm(views.mean(axis=0))
+  gallery_files = retrieve.image_files(str(gallery), "--gallery")[0]
+  satellites = np.asarray(model.encode(np.concatenate([prep(f, config.data.satellite_size) for f in gallery_files]),
+                                       tower="reference"))
+  want = np.argsort(-(satellites @ mean))
+  assert [f for f, _ in place[str(queries)]] == [gallery_files[i] for i in want]
+  np.testing.assert_allclose([s for _, s in place[str(queries)]], (satellites @ mean)[want], rtol=1e-4, atol=1e-5)
+  assert os.path.exists(os.path.join(phase1_workdir, "retrieve", "queries_top5.png"))
+  assert json.loads((tmp_path / "place.jsonl").read_text())["views"] == paths
+  assert "3 views as one place" in capsys.readouterr().out
+  with pytest.raises(GleamError, match="--one_place .* --match_by_name .*: give one of them"):
+    retrieve.search_all(phase1_workdir, paths, str(gallery), one_place=True, match_by_name=True)
   # queries named as their satellites: a results file without PNGs, and R@K over the folder
   named = tmp_path / "named"
   named.mkdir()
