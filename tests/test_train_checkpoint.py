@@ -47,6 +47,43 @@ def test_restore_onto_another_mesh(tmp_path):
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp")
 
 
+def backend_compiles_of(fn):
+  """How many XLA programs `fn()` compiles."""
+  names, recording = [], [True]
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, *_, **__: names.append(event) if recording[0] and event == BACKEND_COMPILE_EVENT else None)
+  try:
+    fn()
+  finally:
+    recording[0] = False
+  return len(names)
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.mark.parametrize("min_slice_bytes, compiles", [(checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES, 0), (0, None)])
+def test_small_replicated_arrays_are_saved_whole(tmp_path, monkeypatch, min_slice_bytes, compiles):
+  """Orbax shares the writing of a replicated array among its replicas by slicing it, one compiled
+  program per array shape at the first save. Arrays whose slice would be under
+  REPLICA_PARALLEL_MIN_SLICE_BYTES are written whole: saving a small state replicated over 8 devices
+  compiles nothing (Orbax's own setting, 0, compiles several programs)."""
+  monkeypatch.setattr(checkpoint, "REPLICA_PARALLEL_MIN_SLICE_BYTES", min_slice_bytes)
+  _, state = _state(shd.make_mesh(dict(data=8, fsdp=1, tensor=1)), dims=(8, 24))  # shapes no other test saves
+  manager = checkpoint.make_manager(tmp_path)
+
+  def save():
+    checkpoint.save(manager, 1, state, {"epoch": 0})
+    manager.wait_until_finished()
+
+  count = backend_compiles_of(save)
+  manager.close()
+  if compiles is None:
+    assert count > 5, count
+  else:
+    assert count == compiles
+
+
 def test_checkpoint_that_does_not_fit_names_path_and_keys(tmp_path):
   mesh = shd.single_device_mesh()
   _, state = _state(mesh)
