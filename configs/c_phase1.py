@@ -155,7 +155,8 @@ def base_config(arg, modalities, known=KNOBS):
   c.eval.protocol = real["protocol"] if real else "cvusa"
   # Also score these modalities with all views of a location as one query (the mean of their
   # embeddings; University-1652's multiple-query setting), reported as '<modality>_multiquery'.
-  c.eval.multi_query = ()
+  # Default: the drone views, where the job evaluates them and the protocol is not VIGOR's.
+  c.eval.multi_query = config_dict.placeholder(tuple)
   # University-1652 / SUES-200 also report satellite -> drone: these modalities' views as gallery
   c.eval.satellite_to = ("uav",) if real and real["protocol"] == "university" else ()
   c.eval.batch_size = config_dict.FieldReference(128) if not tiny else batch_size

@@ -64,8 +64,6 @@ def get_config(arg=None):
     c.optim.frozen = (r"^model/encoder/", r"^model/projection/")
     c.eval.modalities = tuple(c.data.modalities)
     c.data.modalities = c.model.modality_towers
-  if "uav" in tuple(c.eval.modalities or c.data.modalities) and c.eval.protocol != "vigor":
-    c.eval.multi_query = ("uav",)  # several drone views per location: University-1652's multiple queries too
   if "tiny" in flags:
     c.batch_size = c_phase1.knob(knobs, "batch", 8 * len(c.data.modalities))  # groups of 8: a row per device
   else:

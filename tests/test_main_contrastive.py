@@ -385,9 +385,13 @@ def test_phase2_tower_recipes():
   assert (shared.data.ground_frame, shared.data.uav_frame) == ("panorama", "satellite")
   u1652 = load_config("c_phase2", "data=university1652")
   assert (u1652.data.ground_frame, u1652.data.uav_frame, u1652.data.modalities) == ("photo", "photo", ("uav", "ground"))
-  # several drone views per location: also scored as one query per location; VIGOR has no drone views
-  assert shared.eval.multi_query == locked.eval.multi_query == u1652.eval.multi_query == ("uav",)
-  assert load_config("c_phase2", "data=vigor").eval.multi_query == load_config("c_phase1").eval.multi_query == ()
+  # several drone views per location: also scored as one query per location, where evaluated
+  multi_query = contrastive.multi_query_modalities
+  assert multi_query(shared) == multi_query(locked) == multi_query(u1652) == ("uav",)
+  assert multi_query(load_config("c_phase1", "data=university1652")) == ("uav",)
+  assert multi_query(load_config("c_phase2", "data=vigor")) == multi_query(load_config("c_phase1")) == ()
+  shared.eval.modalities = ("panorama",)
+  assert multi_query(shared) == ()
   with pytest.raises(GleamError, match="unknown config knob 'towers'"):
     load_config("c_phase1", "towers=modality")
   # the knobs apply with tiny too: a real ConvNeXt variant, another input size, on the tiny world

@@ -461,8 +461,13 @@ def check_config(config):
 
 
 def multi_query_modalities(config):
-  """The modalities also scored with one query per location (`eval.multi_query`; absent in older configs)."""
-  return tuple(config.eval.get("multi_query", ()) or ())
+  """The modalities also scored with one query per location: `eval.multi_query`, or when it is not
+  set (or a config predates it) the drone views where the job evaluates them, outside VIGOR."""
+  chosen = config.eval.get("multi_query")
+  if chosen is not None:
+    return tuple(chosen)
+  evaluated = tuple(config.eval.modalities or config.data.modalities)
+  return ("uav",) if "uav" in evaluated and config.eval.protocol != "vigor" else ()
 
 
 def fov_query_sets(config):
