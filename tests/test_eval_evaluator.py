@@ -138,7 +138,8 @@ def test_multi_query_scores_the_mean_of_each_locations_views(tmp_path):
   gallery_vectors = rng.normal(size=(len(gallery_ids), 8)).astype(np.float32)
   query_ids = rng.integers(0, 40, size=90)
   # each view: noise around its location's first gallery vector (the first 80 gallery ids are sorted)
-  query_vectors = rng.normal(size=(90, 8)).astype(np.float32) + gallery_vectors[np.searchsorted(gallery_ids[:80], query_ids)]
+  query_vectors = (rng.normal(size=(90, 8)).astype(np.float32)
+                   + gallery_vectors[np.searchsorted(gallery_ids[:80], query_ids)])
   out = evaluator.evaluate_retrieval(
       unit_rows, unit_rows, {"uav": batches_of_vectors(query_vectors, query_ids, 32)},
       batches_of_vectors(gallery_vectors, gallery_ids, 40), protocol="university", num_examples_png=0,
