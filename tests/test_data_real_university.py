@@ -162,6 +162,7 @@ def test_tiny_training_run_on_university_reports_both_directions(university, tmp
     if any(k.startswith("eval/") for k in r):
       assert r["step"] == 2
       row.update(r)
-  for direction in ("uav", "satellite_to_uav"):
+  for direction in ("uav", "satellite_to_uav", "uav_multiquery"):  # and the drone views of a building as one query
     assert 0.0 <= row[f"eval/test/{direction}/R@1"] <= row[f"eval/test/{direction}/R@5"] <= 1.0
     assert 0.0 <= row[f"eval/test/{direction}/mAP"] <= 1.0
+  assert not any(k.startswith("eval/test/satellite_to_uav_multiquery/") for k in row)
