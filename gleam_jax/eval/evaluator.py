@@ -157,7 +157,8 @@ def evaluate_retrieval(encode_query, encode_gallery, query_sets, gallery_batches
 
 
 def check_multi_query(multi_query, query_sets, protocol):
-  """`multi_query` names evaluated modalities, under a protocol where a location is one reference."""
+  """`multi_query` names modalities among `query_sets` (their names), under a protocol where a location
+  is one reference."""
   unknown = [m for m in multi_query if m not in query_sets]
   if unknown:
     raise GleamError(f"eval.multi_query names {unknown}, which this evaluation does not query (it queries "

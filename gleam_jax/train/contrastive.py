@@ -450,14 +450,17 @@ def check_config(config):
   if config.eval.protocol != "cvusa" and config.eval.protocol not in ("vigor", "university"):
     raise GleamError(f"config.eval.protocol={config.eval.protocol!r}: use 'cvusa', 'vigor' or 'university'.")
   fovs = fov_query_sets(config).values()
-  if fovs and "panorama" not in tuple(config.eval.modalities or config.data.modalities):
+  if fovs and "panorama" not in eval_modalities(config):
     raise GleamError(f"config.eval.panorama_fov_deg={tuple(fovs)} cuts panoramas, but this job does not evaluate "
                      "panoramas: add 'panorama' to eval.modalities or clear eval.panorama_fov_deg.")
   for fov in fovs:
     pipeline.check_panorama_fov(fov)
-  evaluator.check_multi_query(multi_query_modalities(config),
-                              dict.fromkeys(tuple(config.eval.modalities or config.data.modalities)),
-                              config.eval.protocol)
+  evaluator.check_multi_query(multi_query_modalities(config), eval_modalities(config), config.eval.protocol)
+
+
+def eval_modalities(config):
+  """The query modalities the job evaluates: `eval.modalities`, by default the training ones."""
+  return tuple(config.eval.modalities or config.data.modalities)
 
 
 def multi_query_modalities(config):
@@ -466,8 +469,7 @@ def multi_query_modalities(config):
   chosen = config.eval.get("multi_query")
   if chosen is not None:
     return tuple(chosen)
-  evaluated = tuple(config.eval.modalities or config.data.modalities)
-  return ("uav",) if "uav" in evaluated and config.eval.protocol != "vigor" else ()
+  return ("uav",) if "uav" in eval_modalities(config) and config.eval.protocol != "vigor" else ()
 
 
 def fov_query_sets(config):
@@ -478,7 +480,7 @@ def fov_query_sets(config):
 def evaluate(config, setup, state, workdir, step, writer):
   """Retrieval metrics of every eval split and modality (see gleam_jax.eval.evaluator)."""
   model = eval_model(setup, state)
-  modalities = tuple(config.eval.modalities or config.data.modalities)
+  modalities = eval_modalities(config)
   encode_query = {m: functools.partial(model.encode, tower=m) for m in modalities}
   encode_query.update({name: encode_query["panorama"] for name in fov_query_sets(config)})
   encode_reference = functools.partial(model.encode, tower="reference")
