@@ -15,8 +15,8 @@ from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import generation, modeling
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
 from gleam_jax.train import sharding
-from test_qwen_modeling import GRIDS, IMAGE, PAD, hf_config, jax_logits, jax_model, left_pad, pixels, prompt, \
-    torch_model
+from test_qwen_modeling import GRIDS, IMAGE, PAD, SECONDS, VIDEO_GRIDS, hf_config, image_and_video_batch, \
+    jax_logits, jax_model, left_pad, pixels, prompt, token_types, torch_model
 
 STEPS = 32
 
@@ -70,6 +70,34 @@ def test_greedy_matches_hf_generate(pair, make):
                                 fuse_projections=False)
   np.testing.assert_array_equal(unfused, ref)
   assert generation.decode_kernels(jm, fuse_projections=False)["layers"] is None
+
+
+def test_greedy_with_images_and_videos_matches_hf_generate(pair):
+  """A left-padded batch with an image and a video in each row: 32 greedy tokens as transformers' generate
+  from pixel_values_videos / video_grid_thw / second_per_grid_ts; beam search takes videos too."""
+  tm, jm, _ = pair
+  ids, mask, px, vpx = image_and_video_batch(7)
+  videos = dict(pixel_values_videos=vpx, video_grid_thw=VIDEO_GRIDS, second_per_grid_ts=SECONDS)
+  with torch.no_grad():
+    ref = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(px),
+                      image_grid_thw=torch.tensor(GRIDS), mm_token_type_ids=token_types(ids),
+                      **{k: torch.tensor(v) for k, v in videos.items()}, max_new_tokens=STEPS, do_sample=False,
+                      eos_token_id=[999], pad_token_id=PAD)[:, ids.shape[1]:].numpy()
+  out = generation.generate(jm, ids, mask, px, GRIDS, max_new_tokens=STEPS, eos_token_ids=(), **videos)
+  np.testing.assert_array_equal(out, ref)
+  assert len(set(ref[0].tolist())) > 3
+  beams = generation.generate(jm, ids, mask, px, GRIDS, max_new_tokens=6, eos_token_ids=(), num_beams=3, **videos)
+  with torch.no_grad():
+    ref_beams = tm.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                            pixel_values=torch.tensor(px), image_grid_thw=torch.tensor(GRIDS),
+                            mm_token_type_ids=token_types(ids), **{k: torch.tensor(v) for k, v in videos.items()},
+                            max_new_tokens=6, do_sample=False, num_beams=3, eos_token_id=[999],
+                            pad_token_id=PAD)[:, ids.shape[1]:].numpy()
+  np.testing.assert_array_equal(beams, ref_beams)
+  with pytest.raises(GleamError, match="pixel_values_videos and video_grid_thw together"):
+    generation.generate(jm, ids, mask, px, GRIDS, max_new_tokens=2, pixel_values_videos=vpx)
+  with pytest.raises(GleamError, match="video tokens"):
+    generation.generate(jm, ids, mask, px, GRIDS, max_new_tokens=2)
 
 
 def test_tied_embeddings_greedy_matches_hf(tmp_path):

@@ -18,8 +18,10 @@ from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import config as qcfg
 from gleam_jax.models.qwen2_5_vl import modeling, params, rope
 
-IMAGE, VSTART, VEND, PAD = 300, 302, 303, 0
+IMAGE, VIDEO, VSTART, VEND, PAD = 300, 301, 302, 303, 0
 GRIDS = np.array([[1, 8, 12], [1, 10, 14]])  # merged grids 4x6 and 5x7 (odd), window 2x2 merged units
+VIDEO_GRIDS = np.array([[2, 8, 8], [3, 4, 6]])  # 4 and 6 frames (2 per temporal patch)
+SECONDS = np.array([0.5, 1.25], np.float32)  # seconds per temporal patch: fractional time positions
 
 
 def hf_config(tie=False, vision_depth=3, fullatt=(1,), window_size=56):
@@ -65,6 +67,28 @@ def prompt(rng, n_text, grids, merge=2):
   for n in rope.num_image_tokens(grids, merge):
     ids += [VSTART] + [IMAGE] * n + [VEND] + list(rng.integers(3, 290, 3))
   return ids
+
+
+def visual_prompt(rng, n_text, items, merge=2):
+  """Text, then each (placeholder token, grid) as <start> token*n <end> followed by more text."""
+  ids = list(rng.integers(3, 290, n_text))
+  for token, grid in items:
+    ids += [VSTART] + [token] * (int(np.prod(grid)) // merge**2) + [VEND] + list(rng.integers(3, 290, 3))
+  return ids
+
+
+def image_and_video_batch(seed):
+  """Two left-padded rows: an image then a video, and a video then an image; the visuals of each kind in
+  the order they appear."""
+  rng = np.random.default_rng(seed)
+  ids, mask = left_pad([visual_prompt(rng, 5, [(IMAGE, GRIDS[0]), (VIDEO, VIDEO_GRIDS[0])]),
+                        visual_prompt(rng, 8, [(VIDEO, VIDEO_GRIDS[1]), (IMAGE, GRIDS[1])]) + [7]])
+  return ids, mask, pixels(rng, GRIDS), pixels(rng, VIDEO_GRIDS)
+
+
+def token_types(ids):
+  """HF's mm_token_type_ids: 1 for image placeholders, 2 for video placeholders."""
+  return torch.tensor((ids == IMAGE) + 2 * (ids == VIDEO)).long()
 
 
 def left_pad(rows):
@@ -143,6 +167,39 @@ def test_rope_index_matches_hf(pair):
   np.testing.assert_array_equal(deltas, ref_deltas.numpy())
 
 
+def test_rope_index_with_videos_matches_hf(pair):
+  tm, _, cfg = pair
+  ids, mask, _, _ = image_and_video_batch(4)
+  ours = rope.get_rope_index(ids, GRIDS, mask, image_token_id=IMAGE, spatial_merge_size=2, video_grid_thw=VIDEO_GRIDS,
+                             second_per_grid_ts=SECONDS, video_token_id=VIDEO,
+                             tokens_per_second=cfg.vision.tokens_per_second)
+  ref = tm.model.get_rope_index(torch.tensor(ids), token_types(ids), image_grid_thw=torch.tensor(GRIDS),
+                                video_grid_thw=torch.tensor(VIDEO_GRIDS), second_per_grid_ts=torch.tensor(SECONDS),
+                                attention_mask=torch.tensor(mask))
+  np.testing.assert_array_equal(ours[0], ref[0].numpy())
+  np.testing.assert_array_equal(ours[1], ref[1].numpy())
+  # The second video's temporal patches are 1.25 s apart: positions start + (0, 2, 5) at 2 tokens per second
+  # (truncated products), not the frame index.
+  row = np.flatnonzero(ids[1] == VIDEO)
+  times = np.unique(ours[0][0, 1, row]) - ours[0][1, 1, row].min()
+  assert cfg.vision.tokens_per_second == tm.config.vision_config.tokens_per_second
+  np.testing.assert_array_equal(times, (np.arange(3) * np.float32(cfg.vision.tokens_per_second * 1.25)).astype(int))
+  assert len(set(times.tolist())) == 3
+
+
+def test_merge_visuals_orders_images_and_videos_by_their_placeholders():
+  cfg = qcfg.tiny(image_token_id=IMAGE, video_token_id=VIDEO)
+  ids, _, px, vpx = image_and_video_batch(5)
+  merged, grids = modeling.merge_visuals(ids, cfg, px, GRIDS, vpx, VIDEO_GRIDS)
+  np.testing.assert_array_equal(grids, [GRIDS[0], VIDEO_GRIDS[0], VIDEO_GRIDS[1], GRIDS[1]])
+  image_rows, video_rows = np.prod(GRIDS, 1), np.prod(VIDEO_GRIDS, 1)
+  expected = [px[:image_rows[0]], vpx[:video_rows[0]], vpx[video_rows[0]:], px[image_rows[0]:]]
+  np.testing.assert_array_equal(merged, np.concatenate(expected))
+  # Only one kind: its inputs as they are.
+  assert modeling.merge_visuals(ids, cfg, px, GRIDS, None, None)[0] is px
+  assert modeling.merge_visuals(ids, cfg, None, None, vpx, VIDEO_GRIDS)[0] is vpx
+
+
 def test_vision_tower_matches_hf(pair):
   tm, jm, cfg = pair
   px = pixels(np.random.default_rng(1), GRIDS)
@@ -163,6 +220,29 @@ def test_logits_two_images_match_hf(pair):
   out = jax_logits(jm, cfg, ids, mask, px, GRIDS)
   assert np.abs(ref).max() > 0.1  # a non-trivial model
   np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_logits_images_and_videos_match_hf(pair):
+  """A left-padded batch with an image and a video per row (the video first in one row): HF's
+  pixel_values_videos / video_grid_thw / second_per_grid_ts against our merged vision stream."""
+  tm, jm, cfg = pair
+  ids, mask, px, vpx = image_and_video_batch(6)
+  with torch.no_grad():
+    ref = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=torch.tensor(px),
+             image_grid_thw=torch.tensor(GRIDS), pixel_values_videos=torch.tensor(vpx),
+             video_grid_thw=torch.tensor(VIDEO_GRIDS), second_per_grid_ts=torch.tensor(SECONDS),
+             mm_token_type_ids=token_types(ids)).logits.numpy()
+  modeling.check_image_tokens(ids, GRIDS, cfg, VIDEO_GRIDS)
+  pos, _ = rope.get_rope_index(ids, GRIDS, mask, image_token_id=IMAGE, spatial_merge_size=2,
+                               video_grid_thw=VIDEO_GRIDS, second_per_grid_ts=SECONDS, video_token_id=VIDEO,
+                               tokens_per_second=cfg.vision.tokens_per_second)
+  merged, grids = modeling.merge_visuals(ids, cfg, px, GRIDS, vpx, VIDEO_GRIDS)
+  graphdef, state = nnx.split(jm)
+  out = np.asarray(_forward(graphdef, state, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask),
+                            jnp.asarray(merged), modeling.vision_inputs(grids, cfg)))
+  valid = mask.astype(bool)
+  assert np.abs(ref[valid]).max() > 0.1
+  np.testing.assert_allclose(out[valid], ref[valid], atol=1e-4, rtol=0)
 
 
 def test_logits_left_padded_batch_match_hf(pair):
@@ -259,8 +339,14 @@ def test_image_token_count_mismatch_is_a_clear_error():
   cfg = qcfg.tiny()
   with pytest.raises(GleamError, match="image tokens"):
     modeling.check_image_tokens(np.array([[IMAGE] * 5]), GRIDS[:1], cfg)
-  with pytest.raises(GleamError, match="video"):
+  with pytest.raises(GleamError, match="1 video tokens .* gives 0 merged video tokens"):
     modeling.check_image_tokens(np.array([[5, cfg.video_token_id]]), None, cfg)
+  with pytest.raises(GleamError, match="pixel_values_videos has shape"):
+    modeling.check_pixel_values(np.zeros((3, cfg.vision.patch_dim)), VIDEO_GRIDS[:1], cfg,
+                                names=("pixel_values_videos", "video_grid_thw"))
+  with pytest.raises(GleamError, match="second_per_grid_ts has 1 values for 2 videos"):
+    rope.get_rope_index(np.array([[5]]), None, None, image_token_id=IMAGE, spatial_merge_size=2,
+                        video_grid_thw=VIDEO_GRIDS, second_per_grid_ts=[1.0], video_token_id=VIDEO)
   with pytest.raises(GleamError, match="mrope_section"):
     qcfg.tiny(text=qcfg.TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                    mrope_section=(16, 24, 24)))

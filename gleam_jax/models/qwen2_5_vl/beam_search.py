@@ -39,7 +39,8 @@ def beam_search(model, input_ids, attention_mask=None, pixel_values=None, image_
                 max_new_tokens: int = 64, length_penalty: float = 1.0, early_stopping=False,
                 num_return_sequences: int = 1, repetition_penalty: float = 1.0, eos_token_ids=None,
                 pad_token_id: int | None = None, cache_len: int | None = None, mesh=None, rules=QWEN_SHARDING_RULES,
-                fuse_projections: bool = True, on_prefill=None) -> tuple[np.ndarray, np.ndarray]:
+                fuse_projections: bool = True, on_prefill=None, pixel_values_videos=None, video_grid_thw=None,
+                second_per_grid_ts=None) -> tuple[np.ndarray, np.ndarray]:
   """The best `num_return_sequences` of `num_beams` hypotheses per row: (tokens (B x R, n) int32, the
   new tokens of row b's r-th best at b x R + r, `pad_token_id` after a hypothesis ends; scores (B x R,)
   float32, each hypothesis' summed log-probabilities / its length ** `length_penalty`). Inputs as for
@@ -51,7 +52,8 @@ def beam_search(model, input_ids, attention_mask=None, pixel_values=None, image_
   check_beam_settings(num_beams, early_stopping)
   penalty = check_sampling(repetition_penalty=repetition_penalty)
   prompt = Prompt.of(model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, cache_len,
-                     eos_token_ids, pad_token_id, mesh, rules)
+                     eos_token_ids, pad_token_id, mesh, rules,
+                     videos=(pixel_values_videos, video_grid_thw, second_per_grid_ts))
   graphdef, state = nnx.split(model)
   logits, carry, cache = prompt.prefill(graphdef, state, Sampling())
   if on_prefill is not None:

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 from gleam_jax.errors import GleamError
 from gleam_jax.models.qwen2_5_vl import rope
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES, eos_tuple, generation_config
-from gleam_jax.models.qwen2_5_vl.modeling import (Qwen2_5_VL, check_image_tokens, check_pixel_values,
+from gleam_jax.models.qwen2_5_vl.modeling import (Qwen2_5_VL, check_image_tokens, check_pixel_values, merge_visuals,
                                                    fused_decoder_kernels, vision_inputs)
 from gleam_jax.train import sharding
 
@@ -345,10 +345,13 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
              callback: Callable[[int, np.ndarray], None] | None = None, chunk: int = 32,
              cache_len: int | None = None, mesh=None, rules=QWEN_SHARDING_RULES,
              fuse_projections: bool = True,
-             on_prefill: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+             on_prefill: Callable[[np.ndarray], None] | None = None,
+             pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> np.ndarray:
   """Generates up to `max_new_tokens` per row; returns them (B, n) as int32 NumPy (n <= max_new_tokens).
 
-  `input_ids`/`attention_mask` (B, L) are left padded; `pixel_values`/`image_grid_thw` as for the model.
+  `input_ids`/`attention_mask` (B, L) are left padded; `pixel_values`/`image_grid_thw` as for the model;
+  videos as transformers' processor gives them: `pixel_values_videos`, `video_grid_thw` and
+  `second_per_grid_ts` (seconds per temporal patch, for the positions; 1 per video when not given).
   temperature, top_p, top_k, min_p and repetition_penalty choose each token as transformers' `generate`
   does (`Sampling`; greedy by default; `sampling_settings(model_dir)` gives a checkpoint's own).
   `seed`: an int (row r draws with seed + r) or one seed per row; a row's draws depend on its seed
@@ -379,12 +382,15 @@ def generate(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=Non
         model, input_ids, attention_mask, pixel_values, image_grid_thw, num_beams=num_beams,
         max_new_tokens=max_new_tokens, length_penalty=length_penalty, early_stopping=early_stopping,
         repetition_penalty=repetition_penalty, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id,
-        cache_len=cache_len, mesh=mesh, rules=rules, fuse_projections=fuse_projections, on_prefill=on_prefill)
+        cache_len=cache_len, mesh=mesh, rules=rules, fuse_projections=fuse_projections, on_prefill=on_prefill,
+        pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw,
+        second_per_grid_ts=second_per_grid_ts)
     for step in range(tokens.shape[1] if callback is not None else 0):
       callback(step, tokens[:, step])
     return tokens
   prompt = Prompt.of(model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, cache_len,
-                     eos_token_ids, pad_token_id, mesh, rules)
+                     eos_token_ids, pad_token_id, mesh, rules,
+                     videos=(pixel_values_videos, video_grid_thw, second_per_grid_ts))
   graphdef, state = nnx.split(model)
   first_logits, carry, cache = prompt.prefill(graphdef, state, sampling, seed)
   if on_prefill is not None:
@@ -431,7 +437,8 @@ class Prompt:
 
   @classmethod
   def of(cls, model, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens, cache_len,
-         eos_token_ids, pad_token_id, mesh, rules) -> "Prompt":
+         eos_token_ids, pad_token_id, mesh, rules, videos=(None, None, None)) -> "Prompt":
+    """`videos`: (pixel_values_videos, video_grid_thw, second_per_grid_ts) as `generate` takes them."""
     cfg = model.cfg
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -447,9 +454,16 @@ class Prompt:
     if image_grid_thw is not None and len(image_grid_thw) == 0:  # the processor's text-only prompt
       check_pixel_values(pixel_values, image_grid_thw, cfg)
       pixel_values = image_grid_thw = None
-    check_image_tokens(input_ids, image_grid_thw, cfg)
+    video_values, video_grid_thw, second_per_grid_ts = videos
+    if (video_values is None) != (video_grid_thw is None):
+      raise GleamError("generate: pass pixel_values_videos and video_grid_thw together.")
+    if video_grid_thw is not None and len(video_grid_thw) == 0:  # a prompt without videos
+      video_values = video_grid_thw = None
+    check_image_tokens(input_ids, image_grid_thw, cfg, video_grid_thw)
     if pixel_values is not None:
       check_pixel_values(pixel_values, image_grid_thw, cfg)
+    if video_values is not None:
+      check_pixel_values(video_values, video_grid_thw, cfg, names=("pixel_values_videos", "video_grid_thw"))
     eos = eos_tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
     b, length = input_ids.shape
@@ -465,8 +479,12 @@ class Prompt:
       attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
     position_ids, _ = rope.get_rope_index(input_ids, image_grid_thw, attention_mask,
                                           image_token_id=cfg.image_token_id,
-                                          spatial_merge_size=cfg.vision.spatial_merge_size)
-    layout = None if image_grid_thw is None else vision_inputs(image_grid_thw, cfg)
+                                          spatial_merge_size=cfg.vision.spatial_merge_size,
+                                          video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                                          video_token_id=cfg.video_token_id,
+                                          tokens_per_second=cfg.vision.tokens_per_second)
+    pixel_values, grid_thw = merge_visuals(input_ids, cfg, pixel_values, image_grid_thw, video_values, video_grid_thw)
+    layout = None if grid_thw is None else vision_inputs(grid_thw, cfg)
     return cls(input_ids, attention_mask, pixel_values, position_ids, layout,
                init_cache(cfg, b, cache_len, mesh, rules),
                jnp.asarray(eos if eos else (-1,), jnp.int32), eos, pad)

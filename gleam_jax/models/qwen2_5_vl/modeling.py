@@ -32,7 +32,10 @@ Each parameter carries logical axis names (`out_sharding` metadata): 'vocab', 'e
 Inputs follow HF: `pixel_values` (num_patches, C*T*P*P) flattened patches of all images, concatenated;
 `image_grid_thw` (num_images, 3) in patch units (host NumPy; see `rope.vision_layout`); `input_ids`
 with `image_token_id` placeholders (one per merged token); 3-D `position_ids` from
-`rope.get_rope_index`; `attention_mask` (B, L) with 1 for real tokens (left padding).
+`rope.get_rope_index`; `attention_mask` (B, L) with 1 for real tokens (left padding). Videos
+(`pixel_values_videos`, `video_grid_thw`, `video_token_id` placeholders, `second_per_grid_ts` for the
+positions) go through the same tower: `merge_visuals` puts images and videos into one stream in the
+order of their placeholders, and `embed` fills both kinds.
 """
 import contextlib
 import functools
@@ -360,15 +363,17 @@ class Qwen2_5_VL(nnx.Module):
                              rngs=rngs)
 
   def embed(self, input_ids, pixel_values=None, vision_layout=None):
-    """Token embeddings with the merged image features scattered into the image placeholders
-    (row-major over the batch, like HF's masked_scatter)."""
+    """Token embeddings with the merged visual features scattered into the image and video placeholders
+    in order (row-major over the batch). With the visuals in the order their runs appear
+    (`merge_visuals`), this is HF's two masked_scatters, images into image tokens, videos into video
+    tokens."""
     x = self.language_model.embed_tokens(input_ids)
     if pixel_values is None:
       return x
     feats = self.visual(pixel_values, vision_layout).astype(x.dtype)
-    is_image = (input_ids == self.cfg.image_token_id).reshape(-1)
-    index = jnp.clip(jnp.cumsum(is_image) - 1, 0, feats.shape[0] - 1)
-    flat = jnp.where(is_image[:, None], feats[index], x.reshape(-1, x.shape[-1]))
+    is_visual = ((input_ids == self.cfg.image_token_id) | (input_ids == self.cfg.video_token_id)).reshape(-1)
+    index = jnp.clip(jnp.cumsum(is_visual) - 1, 0, feats.shape[0] - 1)
+    flat = jnp.where(is_visual[:, None], feats[index], x.reshape(-1, x.shape[-1]))
     return flat.reshape(x.shape)
 
   def logits(self, hidden):
@@ -392,29 +397,62 @@ class Qwen2_5_VL(nnx.Module):
     return self.logits(self.hidden_states(input_ids, position_ids, attention_mask, pixel_values, vision_layout))
 
 
-def check_image_tokens(input_ids, image_grid_thw, cfg: Qwen2_5_VLConfig):
-  """Host check: as many image placeholders as the images produce merged tokens (videos: not supported)."""
-  if (np.asarray(input_ids) == cfg.video_token_id).any():
-    raise GleamError(f"input_ids hold video tokens ({cfg.video_token_id}); this port takes images only. "
-                     "Pass video frames as separate images.")
-  have = int((np.asarray(input_ids) == cfg.image_token_id).sum())
-  need = sum(rope.num_image_tokens(image_grid_thw, cfg.vision.spatial_merge_size)) if image_grid_thw is not None \
-      else 0
-  if have != need:
-    raise GleamError(f"input_ids hold {have} image tokens ({cfg.image_token_id}) but image_grid_thw gives "
-                     f"{need} merged image tokens; build the prompt with the processor for these images.")
+def check_image_tokens(input_ids, image_grid_thw, cfg: Qwen2_5_VLConfig, video_grid_thw=None):
+  """Host check: as many image (video) placeholders as the images (videos) produce merged tokens."""
+  ids = np.asarray(input_ids)
+  for kind, token, grid in (("image", cfg.image_token_id, image_grid_thw),
+                            ("video", cfg.video_token_id, video_grid_thw)):
+    have = int((ids == token).sum())
+    need = sum(rope.num_image_tokens(grid, cfg.vision.spatial_merge_size)) if grid is not None else 0
+    if have != need:
+      raise GleamError(f"input_ids hold {have} {kind} tokens ({token}) but {kind}_grid_thw gives {need} merged "
+                       f"{kind} tokens; build the prompt with the processor for these {kind}s.")
 
 
-def check_pixel_values(pixel_values, image_grid_thw, cfg: Qwen2_5_VLConfig):
+def check_pixel_values(pixel_values, image_grid_thw, cfg: Qwen2_5_VLConfig, names=("pixel_values", "image_grid_thw")):
   """Host check: one row of `patch_dim` values per patch of the images, (sum of t*h*w, patch_dim). (The
-  vision tower gathers rows by index, and an index past the end would read a clamped row, not fail.)"""
+  vision tower gathers rows by index, and an index past the end would read a clamped row, not fail.)
+  `names`: the two arguments as the caller calls them (e.g. a video's)."""
   grids = np.asarray(image_grid_thw).reshape(-1, 3)
   need = (int(np.prod(grids, axis=1).sum()), cfg.vision.patch_dim)
   have = tuple(np.shape(pixel_values))
   if have != need:
-    raise GleamError(f"pixel_values has shape {have} but image_grid_thw {grids.tolist()} needs {need} (one row "
-                     f"of {cfg.vision.patch_dim} values per patch); pass the processor's pixel_values of these "
-                     "images together with their image_grid_thw.")
+    raise GleamError(f"{names[0]} has shape {have} but {names[1]} {grids.tolist()} needs {need} (one row "
+                     f"of {cfg.vision.patch_dim} values per patch); pass the processor's {names[0]} of these "
+                     f"inputs together with their {names[1]}.")
+
+
+def merge_visuals(input_ids, cfg: Qwen2_5_VLConfig, pixel_values=None, image_grid_thw=None,
+                  pixel_values_videos=None, video_grid_thw=None):
+  """Images and videos as one vision-tower input, (pixel_values, grid_thw), in the order their placeholder
+  runs appear in `input_ids` (row-major). The vision tower attends within each frame only, so one call
+  over both equals HF's two; `Qwen2_5_VL.embed` then fills the placeholders in that order. Without
+  videos, the image inputs as they are. Call after `check_image_tokens`."""
+  if video_grid_thw is None or len(video_grid_thw) == 0:
+    return pixel_values, image_grid_thw
+  if image_grid_thw is None or len(image_grid_thw) == 0:
+    return pixel_values_videos, video_grid_thw
+  merge = cfg.vision.spatial_merge_size
+  sources = {}
+  for kind, token, px, grid in (("image", cfg.image_token_id, pixel_values, image_grid_thw),
+                                ("video", cfg.video_token_id, pixel_values_videos, video_grid_thw)):
+    grid = np.asarray(grid).reshape(-1, 3)
+    starts = np.concatenate([[0], np.cumsum(np.prod(grid, axis=1))])
+    sources[token] = (px, grid, starts, rope.num_image_tokens(grid, merge))
+  ids = np.asarray(input_ids).reshape(-1)
+  order, used, i = [], {token: 0 for token in sources}, 0
+  while i < len(ids):
+    token = int(ids[i])
+    if token not in sources:
+      i += 1
+      continue
+    k = used[token]
+    order.append((token, k))
+    used[token] += 1
+    i += sources[token][3][k]
+  rows = [np.asarray(sources[t][0])[sources[t][2][k]:sources[t][2][k + 1]] for t, k in order]
+  grids = [sources[t][1][k] for t, k in order]
+  return np.concatenate(rows), np.stack(grids)
 
 
 def create_model(cfg: Qwen2_5_VLConfig, seed: int = 0) -> Qwen2_5_VL:

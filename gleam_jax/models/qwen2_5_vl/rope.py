@@ -5,9 +5,9 @@ patches):
   * `vision_layout`: the window-attention permutation of the patches (`get_window_index` in HF), the
     attention segments (one per window, one per image frame for the full-attention blocks), the
     2-D (h, w) patch positions and the inverse permutation applied after the merger.
-  * `get_rope_index`: the 3-D (t, h, w) M-RoPE position ids of a prompt with images, text positions
-    continuing after the largest image position, left padding ignored; and the per-row `rope_deltas`
-    (next position minus sequence length) used while decoding.
+  * `get_rope_index`: the 3-D (t, h, w) M-RoPE position ids of a prompt with images and videos (a
+    video's temporal positions spaced by its seconds per temporal patch), left padding ignored; and
+    the per-row `rope_deltas` (next position minus sequence length) used while decoding.
 Device side (jnp): cos/sin tables for the 2-D vision rotary and for M-RoPE, and `apply_rotary`.
 """
 import dataclasses
@@ -110,54 +110,75 @@ def vision_layout(grid_thw, spatial_merge_size: int, window_size: int, patch_siz
 
 
 def get_rope_index(input_ids, image_grid_thw, attention_mask, *, image_token_id: int,
-                   spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """M-RoPE position ids (3, B, L) and rope deltas (B, 1), as HF `get_rope_index` for images.
+                   spatial_merge_size: int, video_grid_thw=None, second_per_grid_ts=None,
+                   video_token_id: int | None = None, tokens_per_second: int = 2) -> tuple[np.ndarray, np.ndarray]:
+  """M-RoPE position ids (3, B, L) and rope deltas (B, 1), as HF `get_rope_index`.
 
-  Each run of image tokens takes the next grid of `image_grid_thw` (in order across the batch):
-  its tokens get (t, h, w) = (start, start + row, start + col); text continues at max + 1.
+  Each run of image tokens takes the next grid of `image_grid_thw`, each run of video tokens
+  (`video_token_id`) the next of `video_grid_thw` (in order across the batch): a visual's tokens get
+  (t, h, w) = (start + time, start + row, start + col), text continues at start + max(rows, cols) of
+  the merged grid. `time` is the frame index for images (0) and, for video k, the temporal patch index
+  times `tokens_per_second * second_per_grid_ts[k]` (seconds per temporal patch; 1 when not given),
+  truncated to an integer after a float32 product, as HF computes it.
   Padding (attention_mask == 0) gets position 0 and is skipped.
   """
   input_ids = np.asarray(input_ids)
   b, length = input_ids.shape
   mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-  grids = _grid_list(image_grid_thw) if image_grid_thw is not None else []
-  counts = num_image_tokens(grids, spatial_merge_size) if grids else []
-  next_image = 0
+  kinds = {"image": (image_token_id, _grid_list(image_grid_thw) if image_grid_thw is not None else [])}
+  if video_grid_thw is not None:
+    if video_token_id is None:
+      raise GleamError("get_rope_index: video_grid_thw needs video_token_id.")
+    kinds["video"] = (video_token_id, _grid_list(video_grid_thw))
+  seconds = [1.0] * len(kinds.get("video", (0, []))[1]) if second_per_grid_ts is None else \
+      [float(x) for x in np.asarray(second_per_grid_ts, np.float64).reshape(-1)]
+  if "video" in kinds and len(seconds) != len(kinds["video"][1]):
+    raise GleamError(f"second_per_grid_ts has {len(seconds)} values for {len(kinds['video'][1])} videos; "
+                     "pass one per video (the processor's second_per_grid_ts).")
+  token_kind = {token: kind for kind, (token, _) in kinds.items()}
+  used = dict.fromkeys(kinds, 0)
   position_ids = np.zeros((3, b, length), np.int32)
   deltas = np.zeros((b, 1), np.int32)
   for row in range(b):
     ids = input_ids[row][mask[row]]
-    is_image = ids == image_token_id
+    visual = np.isin(ids, list(token_kind))
     pieces, current, i = [], 0, 0
     while i < len(ids):
-      if not is_image[i]:
+      if not visual[i]:
         j = i
-        while j < len(ids) and not is_image[j]:
+        while j < len(ids) and not visual[j]:
           j += 1
         pieces.append(np.broadcast_to(np.arange(j - i) + current, (3, j - i)))
         current += j - i
         i = j
         continue
-      if next_image >= len(grids):
-        raise GleamError(f"prompt row {row} has more image placeholder runs than image_grid_thw has images "
-                         f"({len(grids)}); pass one grid per image.")
-      t, h, w = grids[next_image]
-      n = counts[next_image]
-      if not is_image[i:i + n].all() or len(ids[i:i + n]) != n:
-        raise GleamError(f"prompt row {row}: image {next_image} with grid {(t, h, w)} needs {n} consecutive "
-                         f"image tokens ({image_token_id}); fix the prompt or image_grid_thw.")
+      kind = token_kind[int(ids[i])]
+      token, grids = kinds[kind]
+      k = used[kind]
+      if k >= len(grids):
+        raise GleamError(f"prompt row {row} has more {kind} placeholder runs than {kind}_grid_thw has {kind}s "
+                         f"({len(grids)}); pass one grid per {kind}.")
+      t, h, w = grids[k]
+      n = t * h * w // spatial_merge_size**2
+      if len(ids[i:i + n]) != n or not (ids[i:i + n] == token).all():
+        raise GleamError(f"prompt row {row}: {kind} {k} with grid {(t, h, w)} needs {n} consecutive "
+                         f"{kind} tokens ({token}); fix the prompt or {kind}_grid_thw.")
       gh, gw = h // spatial_merge_size, w // spatial_merge_size
       tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+      if kind == "video":
+        interval = np.float32(tokens_per_second * seconds[k])
+        tt = (tt.astype(np.float32) * interval).astype(np.int64)
       pieces.append(np.stack([tt, hh, ww]).reshape(3, -1) + current)
       current += max(gh, gw)
-      next_image += 1
+      used[kind] += 1
       i += n
     pos = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int32)
     position_ids[:, row, mask[row]] = pos
     deltas[row, 0] = (pos.max() + 1 if pos.size else 0) - len(ids)
-  if next_image != len(grids):
-    raise GleamError(f"image_grid_thw has {len(grids)} images but the prompts hold {next_image} image "
-                     "placeholder runs; pass one grid per image.")
+  for kind, (_, grids) in kinds.items():
+    if used[kind] != len(grids):
+      raise GleamError(f"{kind}_grid_thw has {len(grids)} {kind}s but the prompts hold {used[kind]} {kind} "
+                       f"placeholder runs; pass one grid per {kind}.")
   return position_ids, deltas
 
 
