@@ -205,3 +205,60 @@ def test_errors(tmp_path, ours):
     ours.expand_image_pads([ours.image_token_id, 5, ours.image_token_id], np.array([[1, 4, 4]]))
   with pytest.raises(GleamError, match="uint8"):
     ours.encode_prompt([np.zeros((10, 10, 3), np.float32)], "x")
+
+
+def random_frames(n, width, height, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_video_frames_pair_into_temporal_patches():
+  """Three 56x84 frames at 4 fps: two temporal patches (the last frame repeated), each in merge order,
+  frame 2g in temporal slot 0 and frame 2g+1 in slot 1; 0.5 s per temporal patch."""
+  cfg = proc_lib.ImageConfig(video_min_pixels=28 * 28)
+  frames = random_frames(3, 84, 56)
+  patches, grid, seconds = proc_lib.preprocess_video(frames, cfg, fps=4)
+  np.testing.assert_array_equal(grid, [2, 4, 6])
+  assert seconds == 0.5 and patches.shape == (48, 3 * 2 * 14 * 14)
+  normalised = [(f / 255 - np.float32(cfg.image_mean)) / np.float32(cfg.image_std) for f in frames + frames[-1:]]
+  for g in range(2):
+    for k, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1), (0, 2)]):
+      blocks = [normalised[2 * g + j][r * 14:(r + 1) * 14, c * 14:(c + 1) * 14].transpose(2, 0, 1) for j in range(2)]
+      np.testing.assert_allclose(patches[g * 24 + k], np.stack(blocks, axis=1).reshape(-1), atol=1e-5)
+
+
+def test_a_still_video_equals_the_image_path():
+  """Two identical frames make the patches of the image (a still image is its frame repeated)."""
+  cfg = proc_lib.ImageConfig(video_min_pixels=56 * 56, video_max_pixels=28 * 28 * 1280)
+  frame = random_frames(1, 333, 517, seed=3)[0]
+  video, grid, _ = proc_lib.preprocess_video([frame, frame], cfg)
+  image, image_grid = proc_lib.preprocess_image(frame, cfg)
+  np.testing.assert_array_equal(grid, image_grid)
+  np.testing.assert_array_equal(video, image)
+  # Default video bounds: at least 128 merged tokens' worth of pixels per frame, at most 768.
+  small, grid, _ = proc_lib.preprocess_video(random_frames(2, 40, 30), proc_lib.ImageConfig())
+  assert grid[1] * grid[2] * 14 * 14 >= proc_lib.VIDEO_MIN_PIXELS
+  _, grid, _ = proc_lib.preprocess_video(random_frames(2, 1920, 1080), proc_lib.ImageConfig())
+  assert grid[1] * grid[2] * 14 * 14 <= proc_lib.VIDEO_MAX_PIXELS
+
+
+def test_video_prompt_matches_the_chat_template_and_generates(ours, hf, model_dir):
+  from gleam_jax.models.qwen2_5_vl import config as config_lib, generation, modeling
+  content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": PROMPT}]
+  text = hf.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+  assert proc_lib.chat_prompt(1, PROMPT, num_videos=1) == text
+  got = ours.encode_prompt([random_image(64, 48)], PROMPT, videos=[random_frames(4, 64, 48)], fps=1.0)
+  grid = got["video_grid_thw"]
+  assert grid[0, 0] == 2 and got["second_per_grid_ts"].tolist() == [2.0]
+  assert (got["input_ids"] == ours.video_token_id).sum() == np.prod(grid) // 4
+  assert got["pixel_values_videos"].shape == (np.prod(grid), 1176)
+  cfg = config_lib.from_pretrained_dir(model_dir)
+  model = modeling.create_model(cfg)
+  tokens = generation.generate(model, got["input_ids"][None], None, got["pixel_values"], got["image_grid_thw"],
+                               max_new_tokens=3, **{k: got[k] for k in ("pixel_values_videos", "video_grid_thw",
+                                                                         "second_per_grid_ts")})
+  assert tokens.shape == (1, 3)
+  with pytest.raises(GleamError, match="videos are taken with a first question only"):
+    ours.encode_prompt([], PROMPT, history=[("q", "a")], videos=[random_frames(2, 64, 48)])
+  with pytest.raises(GleamError, match="one size"):
+    proc_lib.preprocess_video(random_frames(1, 64, 48) + random_frames(1, 48, 64), proc_lib.ImageConfig())

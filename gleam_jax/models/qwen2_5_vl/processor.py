@@ -9,6 +9,13 @@ Numerically the same as `transformers.Qwen2_5_VLProcessor` with its PIL image pr
     vision tower's patch merger sees each 2x2 group contiguously;
   * the user turn holds `<|vision_start|><|image_pad|><|vision_end|>` per image, and each
     `<|image_pad|>` is expanded to grid_t*grid_h*grid_w/merge^2 tokens.
+A video is a sequence of frames of one size, taken as given (sample them at `fps` yourself): every
+frame resized to one `smart_resize` size within the video pixel bounds (transformers' video processor:
+128 to 768 merged tokens' worth of pixels per frame), the last frame repeated up to a multiple of
+`temporal_patch_size`, consecutive frames paired into temporal patches, `<|video_pad|>` placeholders,
+and `second_per_grid_ts` = temporal_patch_size / fps for the M-RoPE time positions. transformers
+resizes video frames with torchvision (bicubic, antialiased), which this project does not install:
+our frames go through the same PIL resize as images, so their pixels may differ by a rounding step.
 The tokenizer is `transformers.AutoTokenizer` of a local model directory (no network).
 """
 import dataclasses
@@ -24,6 +31,8 @@ from gleam_jax.errors import GleamError
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_SYSTEM = "You are a helpful assistant."
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # transformers' Qwen2-VL video processor: size shortest_edge / longest_edge
+VIDEO_MAX_PIXELS = 768 * 28 * 28
 IGNORE_INDEX = -100  # label of positions that carry no loss (the torch / optax convention)
 
 
@@ -37,6 +46,8 @@ class ImageConfig:
   merge_size: int = 2
   image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
   image_std: tuple[float, ...] = OPENAI_CLIP_STD
+  video_min_pixels: int = VIDEO_MIN_PIXELS  # per frame
+  video_max_pixels: int = VIDEO_MAX_PIXELS
 
   @property
   def factor(self) -> int:
@@ -81,25 +92,64 @@ def to_rgb(image) -> Image.Image:
   return image.convert("RGB")
 
 
+def patchify_frames(frames: np.ndarray, cfg: ImageConfig) -> np.ndarray:
+  """(T, H, W, C) float32, T a multiple of temporal_patch_size -> (grid_t*grid_h*grid_w,
+  C*temporal*patch*patch): temporal patches in order, each in merge order."""
+  frames_n, height, width, channels = frames.shape
+  p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+  gt, gh, gw = frames_n // t, height // p, width // p
+  x = frames.reshape(gt, t, gh // m, m, p, gw // m, m, p, channels)
+  x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)  # (gt, gh/m, gw/m, m, m, C, t, p, p)
+  return np.ascontiguousarray(x).reshape(gt * gh * gw, channels * t * p * p)
+
+
 def patchify(pixels: np.ndarray, cfg: ImageConfig) -> np.ndarray:
   """(H, W, C) float32 -> (grid_h*grid_w, C*temporal*patch*patch) in merge order, frame repeated."""
-  height, width, channels = pixels.shape
-  p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
-  gh, gw = height // p, width // p
-  x = pixels.reshape(gh // m, m, p, gw // m, m, p, channels)
-  x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # (gh/m, gw/m, m, m, C, p, p)
-  x = np.broadcast_to(x[:, :, :, :, :, None], x.shape[:5] + (t, p, p))
-  return np.ascontiguousarray(x).reshape(gh * gw, channels * t * p * p)
+  return patchify_frames(np.broadcast_to(pixels, (cfg.temporal_patch_size, *pixels.shape)), cfg)
+
+
+def _normalised(rgb: Image.Image, h: int, w: int, cfg: ImageConfig) -> np.ndarray:
+  """PIL bicubic resize to (h, w) on uint8, then / 255 and the mean/std: (h, w, 3) float32."""
+  resized = np.asarray(rgb.resize((w, h), resample=Image.BICUBIC))
+  x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+  return (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
 
 
 def preprocess_image(image, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
   """One image -> (patches float32 [grid_t*grid_h*grid_w, patch_dim], grid_thw int64 [3])."""
   rgb = to_rgb(image)
   h, w = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-  resized = np.asarray(rgb.resize((w, h), resample=Image.BICUBIC))
-  x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
-  x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
-  return patchify(x, cfg), np.array([1, h // cfg.patch_size, w // cfg.patch_size], np.int64)
+  return patchify(_normalised(rgb, h, w, cfg), cfg), np.array([1, h // cfg.patch_size, w // cfg.patch_size], np.int64)
+
+
+def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0) -> tuple[np.ndarray, np.ndarray, float]:
+  """Frames of one video (PIL images or uint8 arrays of one size, already sampled at `fps` frames per
+  second) -> (patches [grid_t*grid_h*grid_w, patch_dim], grid_thw [3], seconds per temporal patch).
+  Each frame is resized within cfg.video_min_pixels .. cfg.video_max_pixels."""
+  rgbs = [to_rgb(frame) for frame in frames]
+  if not rgbs:
+    raise GleamError("A video needs at least one frame.")
+  sizes = sorted({rgb.size for rgb in rgbs})
+  if len(sizes) > 1:
+    raise GleamError(f"The frames of a video must have one size; got {sizes} (width, height).")
+  if not fps > 0:
+    raise GleamError(f"fps={fps}: give the frame rate the frames were sampled at (> 0).")
+  h, w = smart_resize(rgbs[0].height, rgbs[0].width, cfg.factor, cfg.video_min_pixels, cfg.video_max_pixels)
+  rgbs += [rgbs[-1]] * (-len(rgbs) % cfg.temporal_patch_size)  # whole temporal patches
+  x = np.stack([_normalised(rgb, h, w, cfg) for rgb in rgbs])
+  grid = np.array([len(rgbs) // cfg.temporal_patch_size, h // cfg.patch_size, w // cfg.patch_size], np.int64)
+  return patchify_frames(x, cfg), grid, cfg.temporal_patch_size / fps
+
+
+def preprocess_videos(videos, cfg: ImageConfig, fps: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Videos -> (pixel_values_videos [sum of patches, patch_dim], video_grid_thw [n, 3],
+  second_per_grid_ts [n] float32), as transformers' processor names them."""
+  out = [preprocess_video(video, cfg, fps) for video in videos]
+  if not out:
+    return (np.zeros((0, 3 * cfg.temporal_patch_size * cfg.patch_size**2), np.float32),
+            np.zeros((0, 3), np.int64), np.zeros((0,), np.float32))
+  patches, grids, seconds = zip(*out)
+  return np.concatenate(patches), np.stack(grids), np.asarray(seconds, np.float32)
 
 
 def preprocess_images(images, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -116,10 +166,11 @@ def user_turn(content: str) -> str:
   return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def chat_prompt(num_images: int, prompt: str, system: str | None = None) -> str:
-  """The Qwen2.5-VL chat template for one user turn (images first, then text), ready for the answer;
-  `system` None: the template's default system prompt."""
-  vision = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
+def chat_prompt(num_images: int, prompt: str, system: str | None = None, num_videos: int = 0) -> str:
+  """The Qwen2.5-VL chat template for one user turn (images first, then videos, then text), ready for the
+  answer; `system` None: the template's default system prompt."""
+  vision = ("<|vision_start|><|image_pad|><|vision_end|>" * num_images +
+            "<|vision_start|><|video_pad|><|vision_end|>" * num_videos)
   system = DEFAULT_SYSTEM if system is None else system
   return f"<|im_start|>system\n{system}<|im_end|>\n" + user_turn(vision + prompt)
 
@@ -191,6 +242,7 @@ class Processor:
     self.tokenizer = tokenizer
     self.image_config = image_config
     self.image_token_id = self._special_id("<|image_pad|>")
+    self.video_token_id = self._special_id("<|video_pad|>")
     self.vision_start_id = self._special_id("<|vision_start|>")
     self.vision_end_id = self._special_id("<|vision_end|>")
     self.im_end_id = self._special_id("<|im_end|>")
@@ -205,19 +257,36 @@ class Processor:
   def _tokens(self, text: str) -> list[int]:
     return self.tokenizer.encode(text, add_special_tokens=False)
 
-  def expand_image_pads(self, ids: list[int], image_grid_thw: np.ndarray) -> np.ndarray:
-    """Each `<|image_pad|>` id -> grid_t*grid_h*grid_w/merge^2 copies, images in order."""
-    pads = [i for i, t in enumerate(ids) if t == self.image_token_id]
-    if len(pads) != len(image_grid_thw):
-      raise GleamError(f"The prompt has {len(pads)} image placeholders but {len(image_grid_thw)} images "
-                       "were given; pass one image per placeholder.")
+  def expand_image_pads(self, ids: list[int], image_grid_thw: np.ndarray, video_grid_thw=None) -> np.ndarray:
+    """Each `<|image_pad|>` (`<|video_pad|>`) id -> grid_t*grid_h*grid_w/merge^2 copies, images (videos)
+    in order."""
     counts = np.ones(len(ids), np.int64)
-    counts[pads] = np.prod(image_grid_thw, axis=-1) // self.image_config.merge_size**2
+    for kind, token, grid in (("image", self.image_token_id, image_grid_thw),
+                              ("video", self.video_token_id, np.zeros((0, 3)) if video_grid_thw is None
+                               else video_grid_thw)):
+      pads = [i for i, t in enumerate(ids) if t == token]
+      if len(pads) != len(grid):
+        raise GleamError(f"The prompt has {len(pads)} {kind} placeholders but {len(grid)} {kind}s "
+                         f"were given; pass one {kind} per placeholder.")
+      counts[pads] = np.prod(grid, axis=-1) // self.image_config.merge_size**2
     return np.repeat(np.asarray(ids, np.int64), counts)
 
-  def encode_prompt(self, images, prompt: str, system: str | None = None, history=()) -> dict:
-    """Model inputs up to `<|im_start|>assistant\\n`: input_ids [L], pixel_values, image_grid_thw.
+  def encode_prompt(self, images, prompt: str, system: str | None = None, history=(), videos=(),
+                    fps: float = 2.0) -> dict:
+    """Model inputs up to `<|im_start|>assistant\\n`: input_ids [L], pixel_values, image_grid_thw, and
+    with `videos` (each a sequence of frames sampled at `fps`) pixel_values_videos, video_grid_thw and
+    second_per_grid_ts, the keyword arguments `generation.generate` takes.
     `history`: the (question, answer) turns before `prompt`, the images with the first question."""
+    if videos and history:
+      raise GleamError("encode_prompt: videos are taken with a first question only (no history); ask about "
+                       "the video in the first turn.")
+    if videos:
+      pixel_values, grid_thw = preprocess_images(images, self.image_config)
+      video_values, video_grid, seconds = preprocess_videos(videos, self.image_config, fps)
+      ids = self._tokens(chat_prompt(len(images), prompt, system, num_videos=len(videos)))
+      return dict(input_ids=self.expand_image_pads(ids, grid_thw, video_grid), pixel_values=pixel_values,
+                  image_grid_thw=grid_thw, pixel_values_videos=video_values, video_grid_thw=video_grid,
+                  second_per_grid_ts=seconds)
     if history:
       (question, answer), *later = history
       asked = self.build_sft_example(images, question, answer, system, follow_ups=later)
