@@ -15,7 +15,8 @@ seeded, with `--top_k`, `--top_p`, `--min_p`); `--repetition_penalty` and beam s
 the model directory's generation_config.json says, as transformers' `generate` chooses them (the
 released Instruct checkpoints: a repetition penalty of 1.05, top_k 1); flags given on the command
 line override it. Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
-any number of images may go with a prompt of your own. Prefill and decode rates go to stderr.
+any number of images may go with a prompt of your own, and videos too (`--video`: a folder of frames
+sampled at `--fps`, after the images). Prefill and decode rates go to stderr.
 
 `--pairs` answers every pair of a JSON Lines file (`data/pair_files.py`: the layout GLEAM-X jobs
 train on) in batches, greedily as the trainer's evaluation does unless the flags above say otherwise
@@ -41,7 +42,7 @@ import numpy as np
 from gleam_jax.data import pair_files
 from gleam_jax.data.augment import resize
 from gleam_jax.data.gleam_x import QUESTIONS
-from gleam_jax.data.sources import read_image
+from gleam_jax.data.sources import image_files, read_image
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
 from gleam_jax.eval import explain as explain_eval
 from gleam_jax.utils.progress import RateEta, format_eta
@@ -61,6 +62,10 @@ def define_flags():
                       "latest checkpoint).")
   flags.DEFINE_multi_string("image", [], "An image file; repeat for each view (GLEAM-X: the query, then "
                             "the satellite image).")
+  flags.DEFINE_multi_string("video", [], "A folder of a video's frames (image files, in name order, sampled at "
+                            "--fps); repeat for each video. They follow the --image views in the prompt; "
+                            "give a --prompt.")
+  flags.DEFINE_float("fps", 2.0, "With --video: the frames per second the frames were sampled at.")
   flags.DEFINE_string("prompt", None, "The question (default: GLEAM-X's, in --lang).")
   flags.DEFINE_enum("lang", "en", sorted(QUESTIONS), "Language of the default question.")
   flags.DEFINE_string("system", None, "The system prompt (default: the one the --workdir job trained with, else "
@@ -147,16 +152,24 @@ class TextStream:
     return self.shown
 
 
+def read_videos(folders):
+  """Each folder's frames (its image files in name order), read as `read_images` reads images."""
+  return [read_images(image_files(folder, "--video")[0]) for folder in folders]
+
+
 def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, sampling=None,
             seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
-            workdir=None, fsdp=1, tensor=1, system=None, generation_config=False):
+            workdir=None, fsdp=1, tensor=1, system=None, generation_config=False, video_dirs=(), fps=2.0):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
   it as it streams; returns the text. `system`: the system prompt (default: the one the `workdir` job
   trained with, else Qwen2.5-VL's). The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
   (whose images are resized as its examples were); split over `fsdp` x `tensor` devices when more
   than one. `sampling`: `generation.generate`'s token-choice keywords (`generation.check_settings`;
-  greedy when empty), over the model directory's generation_config.json with `generation_config`."""
+  greedy when empty), over the model directory's generation_config.json with `generation_config`.
+  `video_dirs`: folders of frames sampled at `fps`, asked about after the images (with a `prompt`)."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
+  if prompt is None and video_dirs:
+    raise GleamError("GLEAM-X's question compares two images; with --video give a --prompt of your own.")
   if prompt is None:
     if lang not in QUESTIONS:
       raise GleamError(f"--lang={lang}: the question is written in {', '.join(sorted(QUESTIONS))}; "
@@ -166,6 +179,7 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
                        "give two (the query, then the satellite image), or a --prompt of your own.")
     prompt = QUESTIONS[lang]
   images = read_images(image_paths)  # a bad file stops before the model is loaded
+  videos = read_videos(video_dirs)
   if generation_config:
     sampling = generation.sampling_settings(model_directory(model_dir, workdir)) | (sampling or {})
   sampling = generation.check_settings(**(sampling or {}))  # bad values stop before loading
@@ -174,18 +188,20 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   system = trained_system if system is None else system
   if image_size:
     images = [resize(image, image_size) for image in images]
-  inputs = proc.encode_prompt(images, prompt, system)
+  inputs = proc.encode_prompt(images, prompt, system, videos=videos, fps=fps)
+  video_inputs = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in inputs}
   stream = TextStream(proc, write)
   times = []
   start = time.perf_counter()
   generation.generate(model, inputs["input_ids"][None], pixel_values=inputs["pixel_values"],
-                      image_grid_thw=inputs["image_grid_thw"], max_new_tokens=max_new_tokens,
+                      image_grid_thw=inputs["image_grid_thw"], max_new_tokens=max_new_tokens, **video_inputs,
                       **sampling, seed=seed, chunk=chunk, mesh=mesh,
                       callback=lambda step, tokens: (times.append(time.perf_counter()), stream(step, tokens)))
   text = stream.close()
   prompt_len, new = len(inputs["input_ids"]), len(times)
   rate = f", decode {(new - 1) / (times[-1] - times[0]):.1f} tok/s" if new > 1 and times[-1] > times[0] else ""
-  print(f"[{prompt_len} prompt tokens ({len(inputs['pixel_values'])} patches), {new} new; prefill "
+  patches = len(inputs["pixel_values"]) + len(inputs.get("pixel_values_videos", ()))
+  print(f"[{prompt_len} prompt tokens ({patches} patches), {new} new; prefill "
         f"{times[0] - start:.2f} s (compiling included){rate}]", file=sys.stderr)
   return text
 
@@ -341,9 +357,9 @@ def _answer_row(pair, text, p_yes, model, decoding):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if bool(FLAGS.model_dir) == bool(FLAGS.workdir) or bool(FLAGS.image) == bool(FLAGS.pairs):
+  if bool(FLAGS.model_dir) == bool(FLAGS.workdir) or bool(FLAGS.image or FLAGS.video) == bool(FLAGS.pairs):
     print("error: give --model_dir (a Hugging Face directory) or --workdir (a GLEAM-X job), not both, and "
-          "--image (at least one) or --pairs (with --out), not both.", file=sys.stderr)
+          "--image / --video (at least one) or --pairs (with --out), not both.", file=sys.stderr)
     sys.exit(2)
   if FLAGS.pairs and not FLAGS.out:
     print("error: --pairs needs --out, the JSON Lines file of answers to write.", file=sys.stderr)
@@ -363,7 +379,7 @@ def main(argv):
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens,
             decoding, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels,
             FLAGS.max_pixels, workdir=FLAGS.workdir, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
-            generation_config=FLAGS.generation_config)
+            generation_config=FLAGS.generation_config, video_dirs=FLAGS.video, fps=FLAGS.fps)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from gleam_jax.data import pair_files
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import MODALITIES, data_config, query_shape
 from gleam_jax.data.photo_camera import recorded_camera
-from gleam_jax.data.sources import CAMERA_KEYS, read_image
+from gleam_jax.data.sources import CAMERA_KEYS, image_files, read_image
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
 from gleam_jax.eval import explain
 from gleam_jax.eval import metrics
@@ -57,7 +57,6 @@ from gleam_jax.train import contrastive
 from gleam_jax.train import lora
 from gleam_jax.train import sharding as shd
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GALLERY_BATCH = 64
 
 FLAGS = flags.FLAGS
@@ -139,18 +138,6 @@ def load_trained(workdir, config=None):
   print(f"model from {where}")
   loss_bias = float(restored["loss_bias"]) if "loss_bias" in restored else None
   return model, config, where, loss_bias
-
-
-def image_files(folder, flag):
-  """(the image files in `folder`, sorted; how many other files it holds)."""
-  if not os.path.isdir(folder):
-    raise GleamError(f"{flag}={folder} is not a folder of images.")
-  names = sorted(os.listdir(folder))
-  files = [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
-  skipped = len([n for n in names if os.path.isfile(os.path.join(folder, n))]) - len(files)
-  if not files:
-    raise GleamError(f"{flag}={folder} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
-  return files, skipped
 
 
 def query_files(path):

@@ -311,3 +311,32 @@ def test_pairs_sample_with_the_seed_given(model_dir, views, tmp_path):
   assert rows[0]["answer"] == first["answer"] and rows[2]["answer"] == one(3)
   assert rows[1]["answer"] == explain.explain(model_dir, views[::-1], max_new_tokens=12, write=lambda _: None,
                                               sampling=hot, seed=2)
+
+
+def test_a_video_folder_streams_the_greedy_answer_about_its_frames(model_dir, views, tmp_path):
+  """--video: a folder's frames in name order (a stray text file skipped), asked about after the image,
+  stream the greedy generation of the processor's video inputs; the default question needs two images."""
+  frames = tmp_path / "flight"
+  frames.mkdir()
+  rng = np.random.default_rng(4)
+  for i in (2, 0, 1):
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)).save(frames / f"frame_{i}.png")
+  (frames / "notes.txt").write_text("not a frame")
+  pieces = []
+  text = explain.explain(model_dir, views[1:], prompt="Where was this flight?", max_new_tokens=6,
+                         write=pieces.append, video_dirs=[str(frames)], fps=1.0)
+  assert "".join(pieces) == text + "\n"
+  proc = processor.load_processor(model_dir)
+  video = explain.read_images(sorted(str(p) for p in frames.glob("*.png")))
+  inputs = proc.encode_prompt(explain.read_images(views[1:]), "Where was this flight?", videos=[video], fps=1.0)
+  assert inputs["video_grid_thw"][0, 0] == 2 and inputs["second_per_grid_ts"].tolist() == [2.0]
+  tokens = generation.generate(params.load_pretrained(model_dir), inputs["input_ids"][None],
+                               pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                               pixel_values_videos=inputs["pixel_values_videos"],
+                               video_grid_thw=inputs["video_grid_thw"],
+                               second_per_grid_ts=inputs["second_per_grid_ts"], max_new_tokens=6)
+  assert text == proc.decode(tokens[0])
+  with pytest.raises(GleamError, match="with --video give a --prompt"):
+    explain.explain(model_dir, views[1:], video_dirs=[str(frames)])
+  with pytest.raises(GleamError, match="--video=.* is not a folder"):
+    explain.explain(model_dir, views[1:], prompt="?", video_dirs=[str(tmp_path / "none")])

@@ -101,6 +101,21 @@ def upright_rgb(image):
   return np.asarray(image.convert("RGB"))
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def image_files(folder, flag):
+  """(the image files in `folder`, sorted; how many other files it holds)."""
+  if not os.path.isdir(folder):
+    raise GleamError(f"{flag}={folder} is not a folder of images.")
+  names = sorted(os.listdir(folder))
+  files = [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+  skipped = len([n for n in names if os.path.isfile(os.path.join(folder, n))]) - len(files)
+  if not files:
+    raise GleamError(f"{flag}={folder} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+  return files, skipped
+
+
 def read_image(path):
   """The image file at `path` upright (as its EXIF orientation says it is shown), RGB (`upright_rgb`);
   one GleamError naming the file if it cannot be read."""
