@@ -12,10 +12,16 @@ whether it shows the query's place and why (`eval.explain.generate_answers`, in 
 yes-probability. The candidates are re-ranked by that probability (GLEAM-C's cosine breaks ties;
 `--norerank` keeps GLEAM-C's order), printed with both scores, the verdict and the explanation, and
 written to `--out` (a JSON line per query). With `--match_by_name` (the gallery image named as a query
-is its satellite) R@K is printed before and after the re-ranking.
+is its satellite) R@K is printed before and after the re-ranking. With `--one_place` the query folder's
+images are views of one place (a drone flight's frames): GLEAM-C searches with the mean of their
+embeddings (`retrieve --one_place`), and GLEAM-X checks each candidate against `--x_views` of the
+views, evenly spaced through the folder; a candidate's yes-probability is the mean over them, its
+answer that of the view nearest that mean, and every view's answer is written too.
 """
 import json
 import os
+
+import numpy as np
 
 from absl import app
 from absl import flags
@@ -49,6 +55,10 @@ def define_flags():
   flags.DEFINE_bool("match_by_name", False, "Each query's satellite is the gallery image of the same name: "
                     "print R@K before and after the re-ranking.")
   flags.DEFINE_string("out", None, "A JSON Lines file to write: a line per query with its candidates.")
+  flags.DEFINE_bool("one_place", False, "The query folder's images are views of one place (e.g. a drone "
+                    "flight's frames): one search with their mean embedding; GLEAM-X checks --x_views of them.")
+  flags.DEFINE_integer("x_views", 3, "With --one_place: how many of the views (evenly spaced) GLEAM-X checks "
+                       "each candidate against.")
   flags.DEFINE_integer("batch_size", 8, "Pairs GLEAM-X answers together.")
   flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per explanation.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "GLEAM-X's dtype with --x_model_dir.")
@@ -58,10 +68,12 @@ def define_flags():
 
 def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=None, k=5, modality=None, lang="en",
              rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype="float32",
-             log=print, fsdp=1, tensor=1, system=None, **camera):
+             log=print, fsdp=1, tensor=1, system=None, one_place=False, x_views=3, **camera):
   """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
   answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None). `system`: the system
-  prompt GLEAM-X is asked with (default: the one the `x_workdir` job trained with, else Qwen2.5-VL's)."""
+  prompt GLEAM-X is asked with (default: the one the `x_workdir` job trained with, else Qwen2.5-VL's).
+  `one_place`: the query files are views of one place, one query (its key: their folder); each
+  candidate also holds `views`, the p_yes and answer of each of the `x_views` views asked about."""
   if bool(x_workdir) == bool(x_model_dir):
     raise GleamError("give the GLEAM-X model as --x_workdir (a fine-tuning job) or --x_model_dir (a Hugging "
                      "Face directory), one of them.")
@@ -69,6 +81,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     raise GleamError(f"--lang={lang}: GLEAM-X's question is written in {', '.join(sorted(QUESTIONS))}.")
   if batch_size < 1:
     raise GleamError(f"--batch_size={batch_size} must be positive.")
+  if one_place and x_views < 1:
+    raise GleamError(f"--x_views={x_views}: GLEAM-X needs at least one view of the place to look at.")
   if out:
     make_dir(os.path.dirname(os.path.abspath(out)), "--out")
   mesh = explain.inference_mesh(fsdp, tensor)
@@ -77,23 +91,32 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
   elif not os.path.isfile(os.path.join(os.path.expanduser(x_model_dir), "config.json")):
     raise GleamError(f"--x_model_dir={x_model_dir} holds no config.json: give a Hugging Face Qwen2.5-VL directory.")
   found, retrieval_recall = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
-                                                match_by_name=match_by_name, show=False, **camera)
+                                                match_by_name=match_by_name, show=False, one_place=one_place,
+                                                **camera)
   model, proc, image_size, trained_system = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh)
   system = trained_system if system is None else system
-  pairs = [dict(query=q, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair", system=system)
-           for q in query_paths for g, _ in found[q]]
-  log(f"GLEAM-X checks {len(pairs)} candidates ({k} per query)")
+  views = {q: [q] for q in query_paths}
+  if one_place:
+    views = {next(iter(found)): [query_paths[i] for i in evenly_spaced(len(query_paths), x_views)]}
+  pairs = [dict(query=v, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair", system=system)
+           for q in views for g, _ in found[q] for v in views[q]]
+  asked_views = f", each against {len(next(iter(views.values())))} views of the place" if one_place else ""
+  log(f"GLEAM-X checks {len(pairs)} pairs ({k} candidates per query{asked_views})")
   answers, yes = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, mesh=mesh,
                                                image_size=image_size)
   checked, start = {}, 0
-  for q in query_paths:
-    rows = [dict(file=g, cosine=cosine, retrieval_rank=r + 1, p_yes=yes[start + r], answer=answers[start + r],
-                 verdict=explain_eval.verdict(answers[start + r])) for r, (g, cosine) in enumerate(found[q])]
-    start += len(rows)
+  for q in views:
+    rows = []
+    for r, (g, cosine) in enumerate(found[q]):
+      asked = [dict(view=v, p_yes=yes[start + j], answer=answers[start + j]) for j, v in enumerate(views[q])]
+      start += len(asked)
+      row = dict(file=g, cosine=cosine, retrieval_rank=r + 1, **_summary(asked))
+      rows.append(row | (dict(views=asked) if one_place else {}))
     if rerank:
       rows.sort(key=lambda row: (-(row["p_yes"] if row["p_yes"] is not None else -1.0), row["retrieval_rank"]))
     checked[q] = rows
-    log(f"query {q}")
+    log(f"query {q}" + (f" ({len(query_paths)} views of one place; GLEAM-X asked about {len(views[q])})"
+                        if one_place else ""))
     for rank, row in enumerate(rows, 1):
       p_yes = "   -" if row["p_yes"] is None else f"{row['p_yes']:.2f}"
       log(f"{rank:3d}. p_yes {p_yes}  cosine {row['cosine']:.4f} (#{row['retrieval_rank']})  {row['file']}")
@@ -107,10 +130,24 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
         f"GLEAM-X {retrieve.format_recall(recall['reranked'])}")
   if out:
     with open(out, "w", encoding="utf-8") as f:
-      for q in query_paths:
+      for q in checked:
         f.write(json.dumps({"query": q, "candidates": checked[q]}, ensure_ascii=False) + "\n")
-    log(f"wrote {out} ({len(query_paths)} queries)")
+    log(f"wrote {out} ({len(checked)} queries)")
   return checked, recall
+
+
+def evenly_spaced(n: int, count: int) -> list[int]:
+  """`count` indices (at most n) spread evenly over range(n), the first and the last included."""
+  return sorted({int(i) for i in np.round(np.linspace(0, n - 1, min(count, n)))})
+
+
+def _summary(asked: list[dict]) -> dict:
+  """A candidate's p_yes (the mean over the views asked about), answer and verdict (those of the view
+  nearest that mean)."""
+  known = [a for a in asked if a["p_yes"] is not None]
+  p_yes = float(np.mean([a["p_yes"] for a in known])) if known else None
+  nearest = min(known, key=lambda a: abs(a["p_yes"] - p_yes)) if known else asked[0]
+  return dict(p_yes=p_yes, answer=nearest["answer"], verdict=explain_eval.verdict(nearest["answer"]))
 
 
 def main(argv):
@@ -121,7 +158,7 @@ def main(argv):
     localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query), FLAGS.gallery, FLAGS.x_workdir,
              FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank, FLAGS.match_by_name, FLAGS.out,
              FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
-             system=FLAGS.system,
+             system=FLAGS.system, one_place=FLAGS.one_place, x_views=FLAGS.x_views,
              **{name: FLAGS[name].value for name in CAMERA_KEYS})
 
 

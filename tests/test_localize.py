@@ -1,6 +1,7 @@
 """`python -m gleam_jax.localize`: GLEAM-C's top-k candidates, checked and explained by GLEAM-X, re-ranked
 by its yes-probability."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -76,6 +77,40 @@ def test_candidates_are_retrieved_checked_and_reranked(jobs, capsys):
                                           workdir=x_job, write=lambda _: None, system=system)
   assert top["p_yes"] != pytest.approx(next(r["p_yes"] for r in checked[queries[0]] if r["file"] == top["file"]),
                                        abs=1e-6)
+
+
+def test_one_place_checks_evenly_spaced_views_and_averages_their_yes(jobs):
+  """--one_place: one search with the views' mean embedding (retrieve's), then GLEAM-X asks about 3 of the
+  5 views (first, middle, last) for each candidate; p_yes is their mean, the answer the nearest view's."""
+  c_job, x_job, gallery, queries, root = jobs
+  folder = root / "flight"
+  folder.mkdir()
+  views = []
+  for i, query in enumerate(queries + queries[:2]):
+    views.append(str(folder / f"view{i}.jpg"))
+    shutil.copy(query, views[-1])
+  lines = []
+  checked, recall = localize.localize(c_job, views, gallery, x_workdir=x_job, k=2, one_place=True, x_views=3,
+                                      max_new_tokens=8, batch_size=4, log=lines.append)
+  assert recall is None and list(checked) == [str(folder)]
+  found, _ = retrieve.search_all(c_job, views, gallery, k=2, pngs=False, one_place=True, show=False)
+  rows = checked[str(folder)]
+  assert sorted((r["retrieval_rank"], r["file"]) for r in rows) == [
+      (n + 1, f) for n, (f, _) in enumerate(found[str(folder)])]
+  for row in rows:
+    assert [v["view"] for v in row["views"]] == [views[0], views[2], views[4]]
+    assert len({round(v["p_yes"], 6) for v in row["views"]}) > 1  # three different views, three answers' odds
+    assert row["p_yes"] == pytest.approx(np.mean([v["p_yes"] for v in row["views"]]))
+    assert row["answer"] == min(row["views"], key=lambda v: abs(v["p_yes"] - row["p_yes"]))["answer"]
+  asked = rows[0]["views"][1]
+  assert asked["answer"] == explain.explain(None, [asked["view"], rows[0]["file"]], lang="en", max_new_tokens=8,
+                                            workdir=x_job, write=lambda _: None)
+  assert any("GLEAM-X checks 6 pairs (2 candidates per query, each against 3 views of the place)" in line
+             for line in lines)
+  with pytest.raises(GleamError, match="--x_views=0"):
+    localize.localize(c_job, views, gallery, x_workdir=x_job, one_place=True, x_views=0)
+  assert localize.evenly_spaced(5, 3) == [0, 2, 4] and localize.evenly_spaced(2, 3) == [0, 1]
+  assert localize.evenly_spaced(54, 1) == [0]
 
 
 def test_bad_requests_stop_before_retrieving(jobs, tmp_path):
