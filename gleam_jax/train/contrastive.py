@@ -131,12 +131,8 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, loss_name="in
   if loss_name == "sigmoid":
     params["loss_bias"] = jnp.float32(SIGMOID_BIAS_INIT)
     param_shardings["loss_bias"] = shd.replicated(mesh)
-  if lora.enabled(lora_cfg):
-    params["lora"] = lora.init(params["model"], lora_cfg, seed)
-    param_shardings["lora"] = jax.tree.map(lambda _: shd.replicated(mesh), params["lora"])
-    optim_cfg = lora.freezing(optim_cfg, lora.ENCODERS)
-  else:
-    lora_cfg = None
+  optim_cfg, lora_cfg = lora.add_adapters(params, param_shardings, optim_cfg, lora_cfg, seed, shd.replicated(mesh),
+                                         lora.ENCODERS)
   params = shd.place(params, param_shardings)
   # evaluation builds no optimizer (nor its schedule, which could not fit an evaluation's total_steps)
   tx, schedule = optim.make_optimizer(optim_cfg, params, total_steps) if with_optimizer else (None, None)

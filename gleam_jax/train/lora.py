@@ -55,6 +55,17 @@ def freezing(optim_cfg, frozen):
   return optim_cfg
 
 
+def add_adapters(params, param_shardings, optim_cfg, lora_cfg, seed, replicated, frozen):
+  """A train state's LoRA setup, in place: with `lora_cfg` enabled, new adapters in params['lora'] (each
+  sharded as `replicated`) and the parameters `frozen` matches frozen. Returns (optim_cfg, lora_cfg, or
+  None when LoRA is off)."""
+  if not enabled(lora_cfg):
+    return optim_cfg, None
+  params["lora"] = init(params["model"], lora_cfg, seed)
+  param_shardings["lora"] = jax.tree.map(lambda _: replicated, params["lora"])
+  return freezing(optim_cfg, frozen), lora_cfg
+
+
 def merged_model(params, lora_cfg):
   """A train state's `params['model']`, with its adapters (`params['lora']`) folded in when it has them."""
   if "lora" not in params:

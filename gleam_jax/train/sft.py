@@ -277,12 +277,8 @@ def create_train_state(model, optim_cfg, total_steps, mesh, rules, lora_cfg=None
   graphdef, model_params, rest = nnx.split(model, nnx.Param, ...)
   params = {"model": nnx.to_pure_dict(model_params)}
   param_shardings = {"model": shd.state_shardings(model_params, mesh, rules)}
-  if lora.enabled(lora_cfg):
-    params["lora"] = lora.init(params["model"], lora_cfg, seed)
-    param_shardings["lora"] = jax.tree.map(lambda _: shd.replicated(mesh), params["lora"])
-    optim_cfg = lora.freezing(optim_cfg, r"^model/")
-  else:
-    lora_cfg = None
+  optim_cfg, lora_cfg = lora.add_adapters(params, param_shardings, optim_cfg, lora_cfg, seed, shd.replicated(mesh),
+                                         r"^model/")
   params = shd.place(params, param_shardings)
   tx, schedule = optim.make_optimizer(optim_cfg, params, total_steps)
   opt_state = jax.jit(tx.init)(params)
