@@ -16,7 +16,8 @@ the model directory's generation_config.json says, as transformers' `generate` c
 released Instruct checkpoints: a repetition penalty of 1.05, top_k 1); flags given on the command
 line override it. Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
 any number of images may go with a prompt of your own, and videos too (`--video`: a folder of frames
-sampled at `--fps`, after the images). Prefill and decode rates go to stderr.
+sampled at `--fps`, or recorded at `--video_fps` and sampled down to `--fps`, after the images).
+Prefill and decode rates go to stderr.
 
 `--pairs` answers every pair of a JSON Lines file (`data/pair_files.py`: the layout GLEAM-X jobs
 train on) in batches, greedily as the trainer's evaluation does unless the flags above say otherwise
@@ -65,7 +66,10 @@ def define_flags():
   flags.DEFINE_multi_string("video", [], "A folder of a video's frames (image files, in name order, sampled at "
                             "--fps); repeat for each video. They follow the --image views in the prompt; "
                             "give a --prompt.")
-  flags.DEFINE_float("fps", 2.0, "With --video: the frames per second the frames were sampled at.")
+  flags.DEFINE_float("fps", 2.0, "With --video: the frames per second the frames were sampled at (or, with "
+                     "--video_fps, the rate to sample them at).")
+  flags.DEFINE_float("video_fps", None, "With --video: the folder holds every frame of a clip recorded at this "
+                     "rate (as ffmpeg writes them): sample them down to --fps as transformers does.")
   flags.DEFINE_string("prompt", None, "The question (default: GLEAM-X's, in --lang).")
   flags.DEFINE_enum("lang", "en", sorted(QUESTIONS), "Language of the default question.")
   flags.DEFINE_string("system", None, "The system prompt (default: the one the --workdir job trained with, else "
@@ -159,14 +163,16 @@ def read_videos(folders):
 
 def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, sampling=None,
             seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
-            workdir=None, fsdp=1, tensor=1, system=None, generation_config=False, video_dirs=(), fps=2.0):
+            workdir=None, fsdp=1, tensor=1, system=None, generation_config=False, video_dirs=(), fps=2.0,
+            video_fps=None):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
   it as it streams; returns the text. `system`: the system prompt (default: the one the `workdir` job
   trained with, else Qwen2.5-VL's). The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
   (whose images are resized as its examples were); split over `fsdp` x `tensor` devices when more
   than one. `sampling`: `generation.generate`'s token-choice keywords (`generation.check_settings`;
   greedy when empty), over the model directory's generation_config.json with `generation_config`.
-  `video_dirs`: folders of frames sampled at `fps`, asked about after the images (with a `prompt`)."""
+  `video_dirs`: folders of frames sampled at `fps` (or recorded at `video_fps`, then sampled down to
+  `fps`), asked about after the images (with a `prompt`)."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
   if prompt is None and video_dirs:
     raise GleamError("GLEAM-X's question compares two images; with --video give a --prompt of your own.")
@@ -188,7 +194,7 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   system = trained_system if system is None else system
   if image_size:
     images = [resize(image, image_size) for image in images]
-  inputs = proc.encode_prompt(images, prompt, system, videos=videos, fps=fps)
+  inputs = proc.encode_prompt(images, prompt, system, videos=videos, fps=fps, source_fps=video_fps)
   video_inputs = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in inputs}
   stream = TextStream(proc, write)
   times = []
@@ -379,7 +385,8 @@ def main(argv):
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens,
             decoding, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels,
             FLAGS.max_pixels, workdir=FLAGS.workdir, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
-            generation_config=FLAGS.generation_config, video_dirs=FLAGS.video, fps=FLAGS.fps)
+            generation_config=FLAGS.generation_config, video_dirs=FLAGS.video, fps=FLAGS.fps,
+            video_fps=FLAGS.video_fps)
 
 
 if __name__ == "__main__":

@@ -336,6 +336,16 @@ def test_a_video_folder_streams_the_greedy_answer_about_its_frames(model_dir, vi
                                video_grid_thw=inputs["video_grid_thw"],
                                second_per_grid_ts=inputs["second_per_grid_ts"], max_new_tokens=6)
   assert text == proc.decode(tokens[0])
+  # --video_fps: the folder as every frame of a 1-second clip at 3 fps, sampled down to 1 fps (frames 0, 1)
+  sampled = explain.explain(model_dir, views[1:], prompt="Where was this flight?", max_new_tokens=6,
+                            write=lambda _: None, video_dirs=[str(frames)], fps=1.0, video_fps=3.0)
+  two = proc.encode_prompt(explain.read_images(views[1:]), "Where was this flight?", videos=[video[:2]], fps=1.0)
+  assert two["video_grid_thw"][0, 0] == 1
+  tokens = generation.generate(params.load_pretrained(model_dir), two["input_ids"][None],
+                               pixel_values=two["pixel_values"], image_grid_thw=two["image_grid_thw"],
+                               pixel_values_videos=two["pixel_values_videos"], video_grid_thw=two["video_grid_thw"],
+                               second_per_grid_ts=two["second_per_grid_ts"], max_new_tokens=6)
+  assert sampled == proc.decode(tokens[0])
   with pytest.raises(GleamError, match="with --video give a --prompt"):
     explain.explain(model_dir, views[1:], video_dirs=[str(frames)])
   with pytest.raises(GleamError, match="--video=.* is not a folder"):

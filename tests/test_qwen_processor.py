@@ -262,3 +262,33 @@ def test_video_prompt_matches_the_chat_template_and_generates(ours, hf, model_di
     ours.encode_prompt([], PROMPT, history=[("q", "a")], videos=[random_frames(2, 64, 48)])
   with pytest.raises(GleamError, match="one size"):
     proc_lib.preprocess_video(random_frames(1, 64, 48) + random_frames(1, 48, 64), proc_lib.ImageConfig())
+
+
+def test_frames_are_sampled_down_as_transformers_samples_them():
+  """sample_frames, hand-checked: about duration x fps frames, at least 4, whole temporal patches,
+  evenly spaced from the first frame (truncated positions)."""
+  np.testing.assert_array_equal(proc_lib.sample_frames(90, 30, 2), [0, 15, 30, 45, 60, 75])  # 3 s at 2 fps
+  np.testing.assert_array_equal(proc_lib.sample_frames(10, 30, 2), [0, 2, 5, 7])  # 1/3 s: the 4-frame floor
+  np.testing.assert_array_equal(proc_lib.sample_frames(100, 25, 2), [0, 12, 25, 37, 50, 62, 75, 87])  # 8 frames
+  np.testing.assert_array_equal(proc_lib.sample_frames(3, 30, 2), [0, 1])  # at most the frames there are
+  assert len(proc_lib.sample_frames(30 * 3600, 30, 2)) == 768  # an hour: the 768-frame cap
+  with pytest.raises(GleamError, match="too short"):
+    proc_lib.sample_frames(1, 30, 2)
+  cfg = proc_lib.ImageConfig(video_min_pixels=28 * 28)
+  frames = random_frames(12, 84, 56, seed=5)
+  sampled, grid, seconds = proc_lib.preprocess_video(frames, cfg, fps=1.0, source_fps=3.0)  # 4 s: 4 frames
+  np.testing.assert_array_equal(grid, [2, 4, 6])
+  assert seconds == 2.0
+  direct, _, _ = proc_lib.preprocess_video([frames[i] for i in (0, 3, 6, 9)], cfg, fps=1.0)
+  np.testing.assert_array_equal(sampled, direct)
+
+
+def test_many_frames_share_the_video_token_budget():
+  """Each frame's pixel cap is an even share of 90% of 128,000 tokens' worth (qwen-vl-utils), at least
+  1.05 x the per-frame minimum: 768 frames of 1080p get at most 235,200 pixels each, 8 frames 602,112."""
+  cfg = proc_lib.ImageConfig()
+  assert proc_lib.video_max_pixels(cfg, 768) == 128000 * 784 * 9 // 10 * 2 // 768 == 235200
+  assert proc_lib.video_max_pixels(cfg, 8) == proc_lib.VIDEO_MAX_PIXELS
+  assert proc_lib.video_max_pixels(cfg, 100000) == int(proc_lib.VIDEO_MIN_PIXELS * 1.05)
+  h, w = proc_lib.smart_resize(1080, 1920, 28, proc_lib.VIDEO_MIN_PIXELS, 235200)
+  assert h * w <= 235200 and (h, w) == (336, 644)

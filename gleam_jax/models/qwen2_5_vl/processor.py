@@ -9,10 +9,12 @@ Numerically the same as `transformers.Qwen2_5_VLProcessor` with its PIL image pr
     vision tower's patch merger sees each 2x2 group contiguously;
   * the user turn holds `<|vision_start|><|image_pad|><|vision_end|>` per image, and each
     `<|image_pad|>` is expanded to grid_t*grid_h*grid_w/merge^2 tokens.
-A video is a sequence of frames of one size, taken as given (sample them at `fps` yourself): every
-frame resized to one `smart_resize` size within the video pixel bounds (transformers' video processor:
-128 to 768 merged tokens' worth of pixels per frame), the last frame repeated up to a multiple of
-`temporal_patch_size`, consecutive frames paired into temporal patches, `<|video_pad|>` placeholders,
+A video is a sequence of frames of one size, taken as sampled at `fps`, or sampled down to it from
+`source_fps` as transformers does (`sample_frames`): every frame resized to one `smart_resize` size
+within the video pixel bounds (transformers' video processor: 128 to 768 merged tokens' worth of
+pixels per frame, and an even share of a 128,000-token budget as qwen-vl-utils caps it), the last
+frame repeated up to a multiple of `temporal_patch_size`, consecutive frames paired into temporal
+patches, `<|video_pad|>` placeholders,
 and `second_per_grid_ts` = temporal_patch_size / fps for the M-RoPE time positions. transformers
 resizes video frames with torchvision (bicubic, antialiased), which this project does not install:
 our frames go through the same PIL resize as images, so their pixels may differ by a rounding step.
@@ -33,6 +35,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_SYSTEM = "You are a helpful assistant."
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # transformers' Qwen2-VL video processor: size shortest_edge / longest_edge
 VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_MAX_TOKENS = 128000  # the context a video's frames share (qwen-vl-utils' total pixel budget: 90% of it)
+VIDEO_MIN_FRAMES, VIDEO_MAX_FRAMES = 4, 768
 IGNORE_INDEX = -100  # label of positions that carry no loss (the torch / optax convention)
 
 
@@ -122,10 +126,42 @@ def preprocess_image(image, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
   return patchify(_normalised(rgb, h, w, cfg), cfg), np.array([1, h // cfg.patch_size, w // cfg.patch_size], np.int64)
 
 
-def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0) -> tuple[np.ndarray, np.ndarray, float]:
-  """Frames of one video (PIL images or uint8 arrays of one size, already sampled at `fps` frames per
-  second) -> (patches [grid_t*grid_h*grid_w, patch_dim], grid_thw [3], seconds per temporal patch).
-  Each frame is resized within cfg.video_min_pixels .. cfg.video_max_pixels."""
+def sample_frames(total: int, source_fps: float, fps: float, temporal_patch_size: int = 2,
+                  min_frames: int = VIDEO_MIN_FRAMES, max_frames: int = VIDEO_MAX_FRAMES) -> np.ndarray:
+  """Indices of the frames to keep of `total` recorded at `source_fps`, to sample the video at `fps`, as
+  transformers' Qwen2-VL video processor picks them: about duration x fps frames, at least `min_frames`,
+  at most `max_frames` and `total`, rounded down to whole temporal patches, evenly spaced from the first
+  (float32 positions, truncated)."""
+  if not (source_fps > 0 and fps > 0):
+    raise GleamError(f"source fps {source_fps} and fps {fps} must both be > 0.")
+  most = math.floor(min(max_frames, total) / temporal_patch_size) * temporal_patch_size
+  wanted = min(max(total / source_fps * fps, min_frames), most, total)
+  count = math.floor(wanted / temporal_patch_size) * temporal_patch_size
+  if count < 1:
+    raise GleamError(f"A video of {total} frames is too short to sample in temporal patches of "
+                     f"{temporal_patch_size} frames; give at least {temporal_patch_size}.")
+  step = total / count
+  positions = np.arange(math.ceil(total / step), dtype=np.float64) * step
+  return positions.astype(np.float32).astype(np.int64)
+
+
+def video_max_pixels(cfg: ImageConfig, num_frames: int) -> int:
+  """A frame's pixel cap: cfg.video_max_pixels, and an even share of VIDEO_MAX_TOKENS' worth of pixels
+  over the frames (qwen-vl-utils' total budget; transformers' `cap_pixels_per_frame`), not below
+  1.05 x cfg.video_min_pixels."""
+  total = int(VIDEO_MAX_TOKENS * cfg.factor * cfg.factor * 0.9)
+  return max(min(cfg.video_max_pixels, total * cfg.temporal_patch_size // num_frames), int(cfg.video_min_pixels * 1.05))
+
+
+def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
+                     source_fps: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+  """Frames of one video (PIL images or uint8 arrays of one size) -> (patches [grid_t*grid_h*grid_w,
+  patch_dim], grid_thw [3], seconds per temporal patch). The frames are taken as sampled at `fps`, or,
+  with `source_fps` (every frame of a clip, as ffmpeg writes them), sampled down to `fps` first
+  (`sample_frames`). Each frame is resized within cfg.video_min_pixels .. `video_max_pixels`."""
+  frames = list(frames)
+  if source_fps is not None:
+    frames = [frames[i] for i in sample_frames(len(frames), source_fps, fps, cfg.temporal_patch_size)]
   rgbs = [to_rgb(frame) for frame in frames]
   if not rgbs:
     raise GleamError("A video needs at least one frame.")
@@ -134,17 +170,19 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0) -> tuple[np.nda
     raise GleamError(f"The frames of a video must have one size; got {sizes} (width, height).")
   if not fps > 0:
     raise GleamError(f"fps={fps}: give the frame rate the frames were sampled at (> 0).")
-  h, w = smart_resize(rgbs[0].height, rgbs[0].width, cfg.factor, cfg.video_min_pixels, cfg.video_max_pixels)
+  h, w = smart_resize(rgbs[0].height, rgbs[0].width, cfg.factor, cfg.video_min_pixels,
+                      video_max_pixels(cfg, len(rgbs)))
   rgbs += [rgbs[-1]] * (-len(rgbs) % cfg.temporal_patch_size)  # whole temporal patches
   x = np.stack([_normalised(rgb, h, w, cfg) for rgb in rgbs])
   grid = np.array([len(rgbs) // cfg.temporal_patch_size, h // cfg.patch_size, w // cfg.patch_size], np.int64)
   return patchify_frames(x, cfg), grid, cfg.temporal_patch_size / fps
 
 
-def preprocess_videos(videos, cfg: ImageConfig, fps: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def preprocess_videos(videos, cfg: ImageConfig, fps: float = 2.0,
+                      source_fps: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Videos -> (pixel_values_videos [sum of patches, patch_dim], video_grid_thw [n, 3],
   second_per_grid_ts [n] float32), as transformers' processor names them."""
-  out = [preprocess_video(video, cfg, fps) for video in videos]
+  out = [preprocess_video(video, cfg, fps, source_fps) for video in videos]
   if not out:
     return (np.zeros((0, 3 * cfg.temporal_patch_size * cfg.patch_size**2), np.float32),
             np.zeros((0, 3), np.int64), np.zeros((0,), np.float32))
@@ -272,17 +310,18 @@ class Processor:
     return np.repeat(np.asarray(ids, np.int64), counts)
 
   def encode_prompt(self, images, prompt: str, system: str | None = None, history=(), videos=(),
-                    fps: float = 2.0) -> dict:
+                    fps: float = 2.0, source_fps: float | None = None) -> dict:
     """Model inputs up to `<|im_start|>assistant\\n`: input_ids [L], pixel_values, image_grid_thw, and
     with `videos` (each a sequence of frames sampled at `fps`) pixel_values_videos, video_grid_thw and
-    second_per_grid_ts, the keyword arguments `generation.generate` takes.
+    second_per_grid_ts, the keyword arguments `generation.generate` takes (`source_fps`: the videos hold
+    every frame recorded at that rate, sampled down to `fps`; see `preprocess_video`).
     `history`: the (question, answer) turns before `prompt`, the images with the first question."""
     if videos and history:
       raise GleamError("encode_prompt: videos are taken with a first question only (no history); ask about "
                        "the video in the first turn.")
     if videos:
       pixel_values, grid_thw = preprocess_images(images, self.image_config)
-      video_values, video_grid, seconds = preprocess_videos(videos, self.image_config, fps)
+      video_values, video_grid, seconds = preprocess_videos(videos, self.image_config, fps, source_fps)
       ids = self._tokens(chat_prompt(len(images), prompt, system, num_videos=len(videos)))
       return dict(input_ids=self.expand_image_pads(ids, grid_thw, video_grid), pixel_values=pixel_values,
                   image_grid_thw=grid_thw, pixel_values_videos=video_values, video_grid_thw=video_grid,
