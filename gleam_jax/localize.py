@@ -97,10 +97,11 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
   system = trained_system if system is None else system
   views = {q: [q] for q in query_paths}
   if one_place:
-    views = {next(iter(found)): [query_paths[i] for i in evenly_spaced(len(query_paths), x_views)]}
+    asked = [query_paths[i] for i in evenly_spaced(len(query_paths), x_views)]
+    views = {next(iter(found)): asked}
   pairs = [dict(query=v, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair", system=system)
            for q in views for g, _ in found[q] for v in views[q]]
-  asked_views = f", each against {len(next(iter(views.values())))} views of the place" if one_place else ""
+  asked_views = f", each against {len(asked)} views of the place" if one_place else ""
   log(f"GLEAM-X checks {len(pairs)} pairs ({k} candidates per query{asked_views})")
   answers, yes = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, mesh=mesh,
                                                image_size=image_size)

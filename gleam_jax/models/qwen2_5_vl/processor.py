@@ -14,8 +14,8 @@ A video is a sequence of frames of one size, taken as sampled at `fps`, or sampl
 within the video pixel bounds (transformers' video processor: 128 to 768 merged tokens' worth of
 pixels per frame, and an even share of a 128,000-token budget as qwen-vl-utils caps it), the last
 frame repeated up to a multiple of `temporal_patch_size`, consecutive frames paired into temporal
-patches, `<|video_pad|>` placeholders,
-and `second_per_grid_ts` = temporal_patch_size / fps for the M-RoPE time positions. transformers
+patches, `<|video_pad|>` placeholders, and `second_per_grid_ts` = temporal_patch_size / fps for the
+M-RoPE time positions. transformers
 resizes video frames with torchvision (bicubic, antialiased), which this project does not install:
 our frames go through the same PIL resize as images, so their pixels may differ by a rounding step.
 The tokenizer is `transformers.AutoTokenizer` of a local model directory (no network).
@@ -159,6 +159,8 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
   patch_dim], grid_thw [3], seconds per temporal patch). The frames are taken as sampled at `fps`, or,
   with `source_fps` (every frame of a clip, as ffmpeg writes them), sampled down to `fps` first
   (`sample_frames`). Each frame is resized within cfg.video_min_pixels .. `video_max_pixels`."""
+  if not fps > 0:
+    raise GleamError(f"fps={fps}: give the frame rate the frames were sampled at (> 0).")
   frames = list(frames)
   if source_fps is not None:
     frames = [frames[i] for i in sample_frames(len(frames), source_fps, fps, cfg.temporal_patch_size)]
@@ -168,8 +170,6 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
   sizes = sorted({rgb.size for rgb in rgbs})
   if len(sizes) > 1:
     raise GleamError(f"The frames of a video must have one size; got {sizes} (width, height).")
-  if not fps > 0:
-    raise GleamError(f"fps={fps}: give the frame rate the frames were sampled at (> 0).")
   h, w = smart_resize(rgbs[0].height, rgbs[0].width, cfg.factor, cfg.video_min_pixels,
                       video_max_pixels(cfg, len(rgbs)))
   rgbs += [rgbs[-1]] * (-len(rgbs) % cfg.temporal_patch_size)  # whole temporal patches
@@ -319,22 +319,18 @@ class Processor:
     if videos and history:
       raise GleamError("encode_prompt: videos are taken with a first question only (no history); ask about "
                        "the video in the first turn.")
-    if videos:
-      pixel_values, grid_thw = preprocess_images(images, self.image_config)
-      video_values, video_grid, seconds = preprocess_videos(videos, self.image_config, fps, source_fps)
-      ids = self._tokens(chat_prompt(len(images), prompt, system, num_videos=len(videos)))
-      return dict(input_ids=self.expand_image_pads(ids, grid_thw, video_grid), pixel_values=pixel_values,
-                  image_grid_thw=grid_thw, pixel_values_videos=video_values, video_grid_thw=video_grid,
-                  second_per_grid_ts=seconds)
     if history:
       (question, answer), *later = history
       asked = self.build_sft_example(images, question, answer, system, follow_ups=later)
       input_ids = np.concatenate([asked["input_ids"], np.asarray(self._tokens(user_turn(prompt)), np.int64)])
       return dict(input_ids=input_ids, pixel_values=asked["pixel_values"], image_grid_thw=asked["image_grid_thw"])
     pixel_values, grid_thw = preprocess_images(images, self.image_config)
-    ids = self._tokens(chat_prompt(len(images), prompt, system))
-    return dict(input_ids=self.expand_image_pads(ids, grid_thw), pixel_values=pixel_values,
-                image_grid_thw=grid_thw)
+    visuals, video_grid = dict(pixel_values=pixel_values, image_grid_thw=grid_thw), None
+    if videos:
+      video_values, video_grid, seconds = preprocess_videos(videos, self.image_config, fps, source_fps)
+      visuals.update(pixel_values_videos=video_values, video_grid_thw=video_grid, second_per_grid_ts=seconds)
+    ids = self._tokens(chat_prompt(len(images), prompt, system, num_videos=len(videos)))
+    return dict(input_ids=self.expand_image_pads(ids, grid_thw, video_grid), **visuals)
 
   def build_sft_example(self, images, prompt: str, answer: str, system: str | None = None,
                         follow_ups=()) -> dict:

@@ -130,11 +130,13 @@ def get_rope_index(input_ids, image_grid_thw, attention_mask, *, image_token_id:
     if video_token_id is None:
       raise GleamError("get_rope_index: video_grid_thw needs video_token_id.")
     kinds["video"] = (video_token_id, _grid_list(video_grid_thw))
-  seconds = [1.0] * len(kinds.get("video", (0, []))[1]) if second_per_grid_ts is None else \
-      [float(x) for x in np.asarray(second_per_grid_ts, np.float64).reshape(-1)]
-  if "video" in kinds and len(seconds) != len(kinds["video"][1]):
-    raise GleamError(f"second_per_grid_ts has {len(seconds)} values for {len(kinds['video'][1])} videos; "
-                     "pass one per video (the processor's second_per_grid_ts).")
+    videos = len(kinds["video"][1])
+    seconds = [1.0] * videos if second_per_grid_ts is None else \
+        [float(x) for x in np.asarray(second_per_grid_ts, np.float64).reshape(-1)]
+    if len(seconds) != videos:
+      raise GleamError(f"second_per_grid_ts has {len(seconds)} values for {videos} videos; "
+                       "pass one per video (the processor's second_per_grid_ts).")
+  tokens_of = {kind: num_image_tokens(grids, spatial_merge_size) for kind, (_, grids) in kinds.items()}
   token_kind = {token: kind for kind, (token, _) in kinds.items()}
   used = dict.fromkeys(kinds, 0)
   position_ids = np.zeros((3, b, length), np.int32)
@@ -159,7 +161,7 @@ def get_rope_index(input_ids, image_grid_thw, attention_mask, *, image_token_id:
         raise GleamError(f"prompt row {row} has more {kind} placeholder runs than {kind}_grid_thw has {kind}s "
                          f"({len(grids)}); pass one grid per {kind}.")
       t, h, w = grids[k]
-      n = t * h * w // spatial_merge_size**2
+      n = tokens_of[kind][k]
       if len(ids[i:i + n]) != n or not (ids[i:i + n] == token).all():
         raise GleamError(f"prompt row {row}: {kind} {k} with grid {(t, h, w)} needs {n} consecutive "
                          f"{kind} tokens ({token}); fix the prompt or {kind}_grid_thw.")
