@@ -350,3 +350,7 @@ def test_a_video_folder_streams_the_greedy_answer_about_its_frames(model_dir, vi
     explain.explain(model_dir, views[1:], video_dirs=[str(frames)])
   with pytest.raises(GleamError, match="--video=.* is not a folder"):
     explain.explain(model_dir, views[1:], prompt="?", video_dirs=[str(tmp_path / "none")])
+  # from the command line, --video alone is a request: it gets as far as the (missing) model
+  run = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={tmp_path}/no_model",
+                        f"--video={frames}", "--prompt=?"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 2 and run.stderr.startswith("error: ") and "no_model" in run.stderr, run.stderr

@@ -344,6 +344,9 @@ def test_image_token_count_mismatch_is_a_clear_error():
   with pytest.raises(GleamError, match="pixel_values_videos has shape"):
     modeling.check_pixel_values(np.zeros((3, cfg.vision.patch_dim)), VIDEO_GRIDS[:1], cfg,
                                 names=("pixel_values_videos", "video_grid_thw"))
+  with pytest.raises(GleamError, match="video_grid_thw needs video_token_id"):
+    rope.get_rope_index(np.array([[5]]), None, None, image_token_id=IMAGE, spatial_merge_size=2,
+                        video_grid_thw=VIDEO_GRIDS)
   with pytest.raises(GleamError, match="second_per_grid_ts has 1 values for 2 videos"):
     rope.get_rope_index(np.array([[5]]), None, None, image_token_id=IMAGE, spatial_merge_size=2,
                         video_grid_thw=VIDEO_GRIDS, second_per_grid_ts=[1.0], video_token_id=VIDEO)

@@ -262,6 +262,8 @@ def test_video_prompt_matches_the_chat_template_and_generates(ours, hf, model_di
     ours.encode_prompt([], PROMPT, history=[("q", "a")], videos=[random_frames(2, 64, 48)])
   with pytest.raises(GleamError, match="one size"):
     proc_lib.preprocess_video(random_frames(1, 64, 48) + random_frames(1, 48, 64), proc_lib.ImageConfig())
+  with pytest.raises(GleamError, match="fps=0: give the frame rate"):
+    proc_lib.preprocess_video(random_frames(2, 64, 48), proc_lib.ImageConfig(), fps=0)
 
 
 def test_frames_are_sampled_down_as_transformers_samples_them():
