@@ -7,7 +7,8 @@
 `arg` is a comma-separated list of presets: `tiny` (tiny world, tiny model, few steps) and
 `key=value` knobs: steps, batch, lr, data (a synthetic world preset), hf_dir (a local Hugging Face
 Qwen2.5-VL directory: its weights, tokenizer and processor, bfloat16, the vision tower frozen),
-langs (en+zh), lora (a LoRA rank: adapters on the decoder's projections, the model frozen),
+langs (en+zh), lora (a LoRA rank: adapters on the decoder's projections, the model frozen), flights (the share
+of drone pairs whose query is the location's whole flight, its views as a video before the satellite image),
 train_file / eval_file (your own pairs, JSON Lines or a JSON array: gleam_jax/data/pair_files.py; every pair is used,
 images read from the file's folder or examples.image_root, resized to examples.image_size if set). Without hf_dir the model is a small random Qwen2.5-VL (`model.tiny`) with a
 tokenizer trained on the GLEAM-X answers: what trains on a CPU. Any field can be overridden on the
@@ -26,7 +27,7 @@ from gleam_jax.data.config import MODALITIES, data_config  # noqa: E402
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES  # noqa: E402
 from gleam_jax.train import lora  # noqa: E402
 
-KNOBS = ("steps", "batch", "lr", "data", "hf_dir", "langs", "lora", "train_file", "eval_file")
+KNOBS = ("steps", "batch", "lr", "data", "hf_dir", "langs", "lora", "train_file", "eval_file", "flights")
 
 
 def get_config(arg=None):
@@ -40,6 +41,8 @@ def get_config(arg=None):
   c.examples = ml_collections.ConfigDict(dict(
       train=64 if tiny else 2048, eval=8 if tiny else 128, eval_split="test",
       hard_negatives=0.5,  # share of non-matching satellites from the query's own city
+      # share of the drone pairs asked about the location's whole flight (its views as a video) instead of one view
+      flights=c_phase1.knob(knobs, "flights", 0.0, float),
       langs=tuple(knobs.get("langs", "en+zh").split("+")),
       # your own pairs instead of the synthetic draw (data/pair_files.py); every line of the file is used
       train_file=knobs.get("train_file") or config_dict.placeholder(str),
@@ -53,6 +56,9 @@ def get_config(arg=None):
       dtype="bfloat16" if hf_dir else "float32", param_dtype="bfloat16" if hf_dir else "float32", remat=bool(hf_dir),
       # the processor's pixel bounds: the synthetic 64 px views give 2 x 2 merged tokens each
       min_pixels=56 * 56, max_pixels=448 * 448,
+      # a flight's frames within the same bounds (not Qwen2.5-VL's video default of >= 128 tokens a frame):
+      # each frame as many tokens as the view it is
+      video_min_pixels=56 * 56, video_max_pixels=448 * 448,
       tiny=dict(vocab_size=1200,
                 text=dict(hidden_size=64 if tiny else 256, intermediate_size=96 if tiny else 704,
                           num_hidden_layers=2 if tiny else 4, num_attention_heads=4, num_key_value_heads=2,

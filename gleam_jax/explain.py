@@ -287,8 +287,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
           row = json.loads(text)
         except json.JSONDecodeError:  # the line being written when the run stopped
           continue
-        done[key(row["line"], row["images"], row.get("model"), row.get("system"), row.get("decoding", {}))] = row
-  rows = [done.get(key(p["line"], [p["query"], p["satellite"]], model_name, p["system"], recorded)) for p in pairs]
+        done[key(row["line"], _visual_paths(row), row.get("model"), row.get("system"), row.get("decoding", {}))] = row
+  rows = [done.get(key(p["line"], _visual_paths(_visuals(p)), model_name, p["system"], recorded)) for p in pairs]
   todo = [i for i, row in enumerate(rows) if row is None]
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
@@ -348,9 +348,21 @@ def with_system(pair, system):
   return pair if pair.get("system") is not None else dict(pair, system=system)
 
 
+def _visuals(pair):
+  """An answer row's fields naming the pair's visuals: its two images, or a flight's frames (`video`) and the
+  satellite image."""
+  if pair_files.is_video_pair(pair):
+    return dict(video=list(pair["query"]), images=[pair["satellite"]])
+  return dict(images=[pair["query"], pair["satellite"]])
+
+
+def _visual_paths(row):
+  return [*row.get("video", ()), *row["images"]]
+
+
 def _answer_row(pair, text, p_yes, model, decoding):
-  row = dict(line=pair["line"], images=[pair["query"], pair["satellite"]], lang=pair["lang"],
-             modality=pair["modality"], answer=text, verdict=explain_eval.verdict(text), p_yes=p_yes, model=model)
+  row = dict(line=pair["line"], **_visuals(pair), lang=pair["lang"], modality=pair["modality"], answer=text,
+             verdict=explain_eval.verdict(text), p_yes=p_yes, model=model)
   if decoding:
     row["decoding"] = decoding
   if pair["system"] is not None:

@@ -20,6 +20,7 @@ from gleam_jax.train import sft
 from gleam_jax.utils.writer import read_metrics
 
 QUESTION_EN, QUESTION_ZH = gleam_x.QUESTIONS["en"], gleam_x.QUESTIONS["zh"]
+FLIGHT_EN, FLIGHT_ZH = gleam_x.FLIGHT_QUESTIONS["en"], gleam_x.FLIGHT_QUESTIONS["zh"]
 
 
 def _image(path, size, seed):
@@ -206,6 +207,160 @@ def test_a_job_records_its_system_prompt_and_is_asked_with_it(tmp_path):
   with open(os.path.join(workdir, "system_prompt.json"), encoding="utf-8") as f:
     assert json.load(f)["prompts"] == [None, system]
   assert sft.trained_system_prompt(str(tmp_path)) == (None, 0)
+
+
+def test_a_video_query_reads_as_its_frames(tmp_path):
+  """A query given as a video (a drone flight's frames: a list of paths, or a folder read in name order)
+  comes before the satellite image, the one image; in our layout and LLaMA-Factory's (`videos`, the
+  `<video>` placeholder dropped). Its question defaults to the flight's, its modality to 'flight'."""
+  frames = {}
+  for k in (3, 1, 2):  # written out of order: a folder is read in name order
+    _image(tmp_path / "flight" / f"{k:04d}.png", (24, 32), seed=k)
+    frames[k] = np.asarray(Image.open(tmp_path / "flight" / f"{k:04d}.png"))
+  (tmp_path / "flight" / "notes.txt").write_text("not a frame")
+  _image(tmp_path / "sat.png", (40, 40), seed=9)
+  _image(tmp_path / "q.png", (40, 30), seed=8)
+  frame = lambda k: str(tmp_path / "flight" / f"{k:04d}.png")
+  yes, no = "Yes. The flight passes the same roundabout.", "No. The flight follows a river the map lacks."
+  lines = [
+    dict(video=["flight/0002.png", "flight/0001.png"], images=["sat.png"], answer=yes, fps=4),
+    dict(video="flight", image="sat.png", answer="否。航线沿着一条河。"),
+    dict(videos=[["flight/0001.png", "flight/0003.png"]], images=["sat.png"], modality="uav",
+         messages=[dict(role="user", content="<video><image>Is this the place?"), dict(role="assistant", content=no)]),
+    dict(videos=["flight"], images=["sat.png"], fps=0.5,
+         messages=[dict(role="user", content="<video>\n<image>\n" + FLIGHT_EN), dict(role="assistant", content=yes)]),
+    dict(images=["q.png", "sat.png"], answer=no, fps=3.0),  # an image pair: no fps
+  ]
+  pairs = pair_files.read_pairs(_write_lines(tmp_path / "pairs.jsonl", lines))
+  assert pairs[0] == dict(query=[frame(2), frame(1)], satellite=str(tmp_path / "sat.png"), match=True, lang="en",
+                          modality="flight", question=FLIGHT_EN, answer=yes, system=None, follow_ups=[], fps=4.0,
+                          line=f"{tmp_path}/pairs.jsonl:1")
+  assert (pairs[1]["query"], pairs[1]["fps"], pairs[1]["lang"], pairs[1]["question"], pairs[1]["match"]) == (
+      [frame(1), frame(2), frame(3)], 2.0, "zh", FLIGHT_ZH, False)
+  assert (pairs[2]["query"], pairs[2]["question"], pairs[2]["answer"], pairs[2]["match"], pairs[2]["modality"]) == (
+      [frame(1), frame(3)], "Is this the place?", no, False, "uav")
+  assert (pairs[3]["query"], pairs[3]["question"], pairs[3]["match"], pairs[3]["fps"], pairs[3]["modality"]) == (
+      [frame(1), frame(2), frame(3)], FLIGHT_EN, True, 0.5, "flight")
+  assert pairs[4]["query"] == str(tmp_path / "q.png") and "fps" not in pairs[4] and pairs[4]["modality"] == "pair"
+  assert [pair_files.is_video_pair(p) for p in pairs] == [True, True, True, True, False]
+  assert pair_files.summary(pairs) == [
+      "5 pairs, 5 with an answer", "match: False 3, True 2",
+      "4 with a video query, 2-3 frames, fps: 0.5 1, 2.0 2, 4.0 1",
+      "lang: en 4, zh 1", "modality: flight 3, pair 1, uav 1", "query sizes (w x h): 30x40 1",
+      "frame sizes (w x h): 32x24 10", "satellite sizes (w x h): 40x40 5"]
+  # the visuals: ([satellite], [frames]) for a video, ([query, satellite], []) for images; paths or arrays
+  satellite = np.asarray(Image.open(tmp_path / "sat.png"))
+  images, videos = pair_files.visuals_of(pairs[1])
+  assert len(images) == 1 and len(videos) == 1 and len(videos[0]) == 3
+  np.testing.assert_array_equal(images[0], satellite)
+  for got, k in zip(videos[0], (1, 2, 3)):
+    np.testing.assert_array_equal(got, frames[k])
+  images, videos = pair_files.visuals_of(pairs[0], size=(28, 56))
+  assert [im.shape for im in images] == [(28, 56, 3)] and [f.shape for f in videos[0]] == [(28, 56, 3)] * 2
+  assert videos[0][0].dtype == np.uint8 and not np.array_equal(videos[0][0], videos[0][1])  # frames 2, 1: distinct
+  images, videos = pair_files.visuals_of(pairs[4])
+  assert videos == [] and [im.shape for im in images] == [(40, 30, 3), (40, 40, 3)]
+  drawn = dict(query=[frames[3], frames[1]], satellite=satellite)
+  images, videos = pair_files.visuals_of(drawn)
+  assert images[0] is satellite and videos[0][0] is frames[3] and videos[0][1] is frames[1]
+  images, videos = pair_files.visuals_of(drawn, size=(12, 16))
+  np.testing.assert_array_equal(videos[0][1], np.asarray(Image.fromarray(frames[1]).resize((16, 12), Image.BILINEAR)))
+  assert images[0].shape == (12, 16, 3)
+  assert [im.shape for im in pair_files.images_of(pairs[4], size=(28, 28))] == [(28, 28, 3)] * 2
+  images, video_args = pair_files.prompt_visuals(pairs[0])  # the processor's arguments: the video first
+  assert [im.shape for im in images] == [(40, 40, 3)] and video_args.keys() == {"videos", "fps", "videos_first"}
+  assert (video_args["fps"], video_args["videos_first"], len(video_args["videos"][0])) == (4.0, True, 2)
+  np.testing.assert_array_equal(video_args["videos"][0][0], frames[2])
+  assert pair_files.prompt_visuals(pairs[4])[1] == {} and len(pair_files.prompt_visuals(pairs[4])[0]) == 2
+  with pytest.raises(GleamError, match=r"pairs.jsonl:2: the query is a video .*read it with pair_files.visuals_of"):
+    pair_files.images_of(pairs[1])
+  with pytest.raises(GleamError, match=r"a pair: the query is a video"):
+    pair_files.images_of(drawn)
+
+
+def test_bad_video_pairs_are_named(tmp_path):
+  _image(tmp_path / "f" / "0001.png", (8, 8), 0)
+  _image(tmp_path / "s.png", (8, 8), 1)
+  (tmp_path / "empty").mkdir()
+  ask = [dict(role="user", content="<video><image>Same?"), dict(role="assistant", content="Yes. Same.")]
+  bad = {
+    "two images": (dict(video=["f/0001.png"], images=["s.png", "s.png"], answer="Yes."),
+                   r"pairs.jsonl:1: a pair with a video query has one image, the satellite, in 'images'; "
+                   r"this line has"),
+    "no image": (dict(video=["f/0001.png"], answer="Yes."), r"pairs.jsonl:1: a pair with a video query has one image"),
+    "missing frame": (dict(video=["f/0001.png", "f/nope.png"], images=["s.png"], answer="Yes."),
+                      r"pairs.jsonl:1: frame .*f/nope.png not found; paths are relative to the pairs file's folder"),
+    "no frames": (dict(video=[], images=["s.png"], answer="Yes."),
+                  r"pairs.jsonl:1: a video is its frames, a list of at least one image path in order"),
+    "frame paths": (dict(video=["f/0001.png", 2], images=["s.png"], answer="Yes."),
+                    r"pairs.jsonl:1: a video is its frames"),
+    "no folder": (dict(video="nowhere", images=["s.png"], answer="Yes."),
+                  r"pairs.jsonl:1: video .*nowhere is not a folder of frames; give the frames .* as a list of paths"),
+    "a video file": (dict(videos=["flight.mp4"], images=["s.png"], messages=ask),
+                     r"pairs.jsonl:1: video .*flight.mp4 is not a folder of frames.*extract its frames first"),
+    "an empty folder": (dict(video="empty", images=["s.png"], answer="Yes."),
+                        r"pairs.jsonl:1: video=.*empty has no images"),
+    "fps 0": (dict(video=["f/0001.png"], images=["s.png"], answer="Yes.", fps=0),
+              r"pairs.jsonl:1: 'fps' is the rate the video's frames were sampled at, a number > 0 .*this line has 0\."),
+    "fps < 0": (dict(video=["f/0001.png"], images=["s.png"], answer="Yes.", fps=-2.5),
+                r"pairs.jsonl:1: 'fps' .* has -2.5"),
+    "fps text": (dict(video=["f/0001.png"], images=["s.png"], answer="Yes.", fps="2"),
+                 r"pairs.jsonl:1: 'fps' .* has '2'"),
+    "video later": (dict(videos=[["f/0001.png"]], images=["s.png"], messages=ask + [
+                        dict(role="user", content="<video>Why?"), dict(role="assistant", content="The roads.")]),
+                    r"pairs.jsonl:1: a <video> placeholder in a later question; .*belong to the first question"),
+    "two videos": (dict(videos=[["f/0001.png"], ["f/0001.png"]], images=["s.png"], messages=ask),
+                   r"pairs.jsonl:1: 'videos' holds a pair's one video .* as a one-entry list; this line has"),
+    "both keys": (dict(video=["f/0001.png"], videos=[["f/0001.png"]], images=["s.png"], answer="Yes."),
+                  r"pairs.jsonl:1: both 'video' and 'videos'; give the pair's one video in one of them"),
+  }
+  for what, (line, message) in bad.items():
+    with pytest.raises(GleamError, match=message):
+      pair_files.read_pairs(_write_lines(tmp_path / "pairs.jsonl", [line]))
+  # the same lines, well formed, read
+  assert pair_files.read_pairs(_write_lines(tmp_path / "pairs.jsonl", [
+      dict(videos=[["f/0001.png"]], images=["s.png"], messages=ask, fps=1)]))[0]["fps"] == 1.0
+
+
+def test_a_video_example_is_written_as_its_frames_and_read_back(tmp_path):
+  """`write_pairs` writes a video example's frames as PNG files (`video`), the satellite as the one
+  image and its `fps`; read back, the pair has the same frames, pixel for pixel."""
+  rng = np.random.default_rng(3)
+  view = lambda: rng.integers(0, 256, (24, 32, 3), np.uint8)
+  flight, other = [view() for _ in range(3)], [view() for _ in range(2)]
+  examples = [
+    dict(query=flight, satellite=view(), match=True, lang="en", modality="flight", question=FLIGHT_EN,
+         answer="Yes. The same bridge.", fps=5.0),
+    dict(query=view(), satellite=view(), match=False, lang="en", modality="uav", question=QUESTION_EN,
+         answer="No. A park."),
+    dict(query=tuple(other), satellite=view(), match=False, lang="zh", modality="flight", question=FLIGHT_ZH,
+         answer="否。不是同一座桥。", follow_ups=[("为什么？", "河流的走向不同。")]),
+  ]
+  path = pair_files.write_pairs(examples, str(tmp_path / "out"), "flights.jsonl")
+  with open(path, encoding="utf-8") as f:
+    written = [json.loads(line) for line in f]
+  assert written[0]["video"] == [f"images/flights_000000_query_f{k:03d}.png" for k in range(3)]
+  assert (written[0]["images"], written[0]["fps"]) == (["images/flights_000000_satellite.png"], 5.0)
+  assert (written[2]["fps"], len(written[2]["video"])) == (2.0, 2)
+  assert "video" not in written[1] and "fps" not in written[1] and written[1]["images"] == [
+      "images/flights_000001_query.png", "images/flights_000001_satellite.png"]
+  pairs = pair_files.read_pairs(path)
+  for pair, example in zip(pairs, examples):
+    images, videos = pair_files.visuals_of(pair)
+    want_images, want_videos = pair_files.visuals_of(example)
+    assert len(images) == len(want_images) and [len(v) for v in videos] == [len(v) for v in want_videos]
+    for got, want in zip(images + sum(videos, []), want_images + sum(want_videos, [])):
+      np.testing.assert_array_equal(got, want)
+    for key in ("match", "lang", "modality", "question", "answer"):
+      assert pair[key] == example[key]
+  assert videos and len(videos[0]) == 2  # the last pair checked is a video
+  assert (pairs[0]["fps"], pairs[2]["fps"], pairs[2]["follow_ups"]) == (5.0, 2.0, [("为什么？", "河流的走向不同。")])
+  assert pairs[0]["query"] == [str(tmp_path / "out" / p) for p in written[0]["video"]]
+  assert pair_files.summary(pairs) == [
+      "3 pairs, 3 with an answer", "match: False 2, True 1",
+      "1 with follow-up turns, 0 with a system prompt (0 distinct)",
+      "2 with a video query, 2-3 frames, fps: 2.0 1, 5.0 1", "lang: en 2, zh 1", "modality: flight 2, uav 1",
+      "query sizes (w x h): 32x24 1", "frame sizes (w x h): 32x24 5", "satellite sizes (w x h): 32x24 3"]
 
 
 def test_bad_pairs_files_are_named(tmp_path):

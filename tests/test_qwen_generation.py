@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gleam_jax.errors import GleamError
-from gleam_jax.models.qwen2_5_vl import generation, modeling
+from gleam_jax.models.qwen2_5_vl import generation, modeling, rope
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES
 from gleam_jax.train import sharding
 from test_qwen_modeling import GRIDS, IMAGE, PAD, SECONDS, VIDEO_GRIDS, hf_config, image_and_video_batch, \
@@ -154,7 +154,7 @@ def test_nearby_prompt_lengths_share_one_compiled_prefill(pair):
 
 def step_by_step(jm, cfg, ids, mask, px, grids, steps, eos):
   """Prefill, then `decode_step` once per token from Python: the reference for the in-jit loop."""
-  pos, _ = generation.rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  pos, _ = rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
   graphdef, state = nnx.split(jm)
   cache = generation.init_cache(cfg, ids.shape[0], ids.shape[1] + steps)
   stop = jnp.asarray(eos, jnp.int32)
@@ -191,7 +191,7 @@ def test_prefill_logits_equal_full_forward(pair):
   _, jm, cfg = pair
   ids, mask, px, grids = batch2(seed=4)
   full = jax_logits(jm, cfg, ids, mask, px, grids)[:, -1]
-  pos, _ = generation.rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  pos, _ = rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
   graphdef, state = nnx.split(jm)
   cache = generation.init_cache(cfg, 2, ids.shape[1] + 4)
   logits, carry, cache = generation.prefill(
@@ -289,7 +289,7 @@ def test_sharded_mesh_same_logits_and_tokens(pair):
     return nnx.merge(graphdef, state)(ids, pos, mask, px, layout)
 
   graphdef, state = nnx.split(sharded)
-  pos, _ = generation.rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  pos, _ = rope.get_rope_index(ids, grids, mask, image_token_id=IMAGE, spatial_merge_size=2)
   logits = forward(state, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask), jnp.asarray(px),
                    modeling.vision_inputs(grids, cfg))
   np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=1e-5)
@@ -333,7 +333,7 @@ def test_fused_decoder_equals_unfused(pair):
   _, jm, cfg = pair
   rng = np.random.default_rng(4)
   ids, mask = left_pad([list(rng.integers(3, 200, 9)), list(rng.integers(3, 200, 6))])
-  pos, _ = generation.rope.get_rope_index(ids, None, mask, image_token_id=IMAGE, spatial_merge_size=2)
+  pos, _ = rope.get_rope_index(ids, None, mask, image_token_id=IMAGE, spatial_merge_size=2)
   x = jm.embed(jnp.asarray(ids))
   causal = modeling.causal_mask(mask, ids.shape[1])
   plain, _ = jm.language_model(x, jnp.asarray(pos), causal)

@@ -258,8 +258,25 @@ def test_video_prompt_matches_the_chat_template_and_generates(ours, hf, model_di
                                max_new_tokens=3, **{k: got[k] for k in ("pixel_values_videos", "video_grid_thw",
                                                                          "second_per_grid_ts")})
   assert tokens.shape == (1, 3)
-  with pytest.raises(GleamError, match="videos are taken with a first question only"):
-    ours.encode_prompt([], PROMPT, history=[("q", "a")], videos=[random_frames(2, 64, 48)])
+  # a drone flight before its satellite image (GLEAM-X's video pairs), as the template writes that order
+  content = [{"type": "video"}, {"type": "image"}, {"type": "text", "text": PROMPT}]
+  text = hf.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+  assert proc_lib.chat_prompt(1, PROMPT, num_videos=1, videos_first=True) == text
+  frames = random_frames(4, 64, 48)
+  first = ours.encode_prompt([random_image(64, 48)], PROMPT, videos=[frames], fps=1.0, videos_first=True)
+  np.testing.assert_array_equal(first["pixel_values_videos"], got["pixel_values_videos"])
+  runs = np.flatnonzero(np.isin(first["input_ids"], [ours.video_token_id, ours.image_token_id]))
+  assert first["input_ids"][runs[0]] == ours.video_token_id and first["input_ids"][runs[-1]] == ours.image_token_id
+  # asked after an earlier turn about the flight: that turn's ids and visuals, then the question
+  sft = ours.build_sft_example([random_image(64, 48)], PROMPT, "Yes.", videos=[frames], fps=1.0, videos_first=True)
+  later = ours.encode_prompt([random_image(64, 48)], "Which road?", history=[(PROMPT, "Yes.")], videos=[frames],
+                             fps=1.0, videos_first=True)
+  np.testing.assert_array_equal(later["input_ids"][:len(sft["input_ids"])], sft["input_ids"])
+  assert ours.decode(later["input_ids"][len(sft["input_ids"]):], skip_special_tokens=False) == (
+      "<|im_start|>user\nWhich road?<|im_end|>\n<|im_start|>assistant\n")
+  for key in ("pixel_values", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+    np.testing.assert_array_equal(later[key], sft[key])
+  assert "labels" not in later
   with pytest.raises(GleamError, match="one size"):
     proc_lib.preprocess_video(random_frames(1, 64, 48) + random_frames(1, 48, 64), proc_lib.ImageConfig())
   with pytest.raises(GleamError, match="fps=0: give the frame rate"):

@@ -29,6 +29,13 @@ QUESTIONS = {
          "landmarks, layout and structures agree or differ between the two views."),
   "zh": "这两张图像拍摄的是同一个地点吗？请先回答是或否，然后说明两个视角之间哪些地标、布局和建筑一致或不同。",
 }
+# Asked when the query is a drone flight, a video (its frames) before the satellite image.
+FLIGHT_QUESTIONS = {
+  "en": ("Does this drone video show the place in the satellite image? Answer yes or no first, then explain "
+         "which landmarks, layout and structures agree or differ between the two views."),
+  "zh": "这段无人机视频拍摄的是卫星图像中的地点吗？请先回答是或否，然后说明两个视角之间哪些地标、布局和建筑一致或不同。",
+}
+FLIGHT = "flight"  # the modality name of a drone flight given as a video
 VERDICTS = {"en": ("Yes.", "No."), "zh": ("是。", "否。")}  # (match, no match): how every answer starts
 
 ARCHETYPE_WORDS = {
@@ -42,6 +49,9 @@ STREET_WORDS = {
 }
 MODALITY_WORDS = {"uav": ("drone", "无人机"), "streetmap": ("street map", "街道地图"),
                   "panorama": ("panorama", "全景"), "ground": ("ground photo", "地面照片")}
+# how an answer names the query: "the drone view", "the drone video" (a flight)
+VIEW_WORDS = {**{m: (f"{en} view", f"{zh}视角") for m, (en, zh) in MODALITY_WORDS.items()},
+              FLIGHT: ("drone video", "无人机视频")}
 FEATURE_ORDER = ("buildings", "water", "green", "fields", "motorway")
 
 
@@ -106,18 +116,18 @@ def answer(match, query_facts, satellite_facts, modality, lang):
     return f"{verdict} Both views show {q_place} around {street}, with {features}."
   s_place = ARCHETYPE_WORDS[satellite_facts["archetype"]][zh]
   differ = [n for n in FEATURE_ORDER if _feature_words(query_facts, n, lang) != _feature_words(satellite_facts, n, lang)]
-  view = MODALITY_WORDS[modality][zh]
+  view = VIEW_WORDS[modality][zh]
   if not differ:  # the same kind of place: the layout tells them apart
     if zh:
-      return f"{verdict}两者都是{q_place}，但{view}视角中的道路布局和建筑形状与卫星图像不一致。"
-    return (f"{verdict} Both show {q_place}, but the road layout and building shapes of the {view} view "
+      return f"{verdict}两者都是{q_place}，但{view}中的道路布局和建筑形状与卫星图像不一致。"
+    return (f"{verdict} Both show {q_place}, but the road layout and building shapes of the {view} "
             "do not match the satellite image.")
   q, s = _features(query_facts, differ, lang), _features(satellite_facts, differ, lang)
   if zh:
     q, s = (f"有{q}" if q else f"没有{s}"), (f"有{s}" if s else f"没有{q}")
-    return f"{verdict}{view}视角显示{q_place}，{q}；而卫星图像显示{s_place}，{s}。"
+    return f"{verdict}{view}显示{q_place}，{q}；而卫星图像显示{s_place}，{s}。"
   q, s = (f"with {q}" if q else f"without {s}"), (f"with {s}" if s else f"without {q}")
-  return f"{verdict} The {view} view shows {q_place} {q}, while the satellite image shows {s_place} {s}."
+  return f"{verdict} The {view} shows {q_place} {q}, while the satellite image shows {s_place} {s}."
 
 
 def world_spec(data_cfg):
@@ -127,10 +137,18 @@ def world_spec(data_cfg):
   return spec_lib.spec_from_name(data_cfg.config, **world_overrides(data_cfg))
 
 
-def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negatives=0.5):
+def flight_frames(source, index, location_id):
+  """A location's drone views in view order: its flight, the frames of a video."""
+  rows = np.flatnonzero((index["location_id"] == location_id) & (index["modality"] == spec_lib.MODALITIES.index("uav")))
+  return [source[int(r)]["query"] for r in rows[np.argsort(index["view_index"][rows], kind="stable")]]
+
+
+def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negatives=0.5, flights=0.0):
   """`n` examples of `split`: dicts of 'query', 'satellite' (uint8 images), 'match', 'lang',
   'modality', 'question', 'answer', 'location_id', 'satellite_location_id'. Half match (alternating),
-  languages and query records are drawn with `seed`."""
+  languages and query records are drawn with `seed`. A share `flights` of the drone examples ask about
+  the location's whole flight instead of one view: 'query' is the list of its views (`flight_frames`,
+  a video's frames) and 'modality' is FLIGHT."""
   spec = world_spec(data_cfg)
   source = sources.get_source(data_cfg, split)
   index = sources.index_of(source)
@@ -142,7 +160,7 @@ def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negati
   locations = np.unique(index["location_id"][rows])
   if len(locations) < 2:
     raise GleamError(f"split {split!r} of {source.name} has one location: a non-matching pair needs two.")
-  rng = np.random.default_rng([int(seed), 11])
+  rng, flight_rng = np.random.default_rng([int(seed), 11]), np.random.default_rng([int(seed), 12])
   facts, out = {}, []
   for k in range(int(n)):
     r = int(rng.choice(rows))
@@ -163,9 +181,11 @@ def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negati
     for location in (loc, other):
       if location not in facts:
         facts[location] = place_facts(spec, location)
-    out.append(dict(query=record["query"], satellite=satellite, match=match, lang=lang,
-                    modality=record["modality_name"], question=QUESTIONS[lang],
-                    answer=answer(match, facts[loc], facts[other], record["modality_name"], lang),
+    query, modality, question = record["query"], record["modality_name"], QUESTIONS[lang]
+    if modality == "uav" and flight_rng.random() < flights:  # its own stream: the same draws as without flights
+      query, modality, question = flight_frames(source, index, loc), FLIGHT, FLIGHT_QUESTIONS[lang]
+    out.append(dict(query=query, satellite=satellite, match=match, lang=lang, modality=modality, question=question,
+                    answer=answer(match, facts[loc], facts[other], modality, lang),
                     location_id=loc, satellite_location_id=other))
   return out
 
@@ -177,12 +197,12 @@ def job_examples(config, which):
   split, n, seed = ((config.data.train_split, ex.train, config.seed) if which == "train"
                     else (ex.eval_split, ex.eval, int(config.seed) + 1))
   return examples(config.data, split, int(n), int(seed), langs=tuple(ex.langs),
-                  hard_negatives=float(ex.hard_negatives))
+                  hard_negatives=float(ex.hard_negatives), flights=float(ex.get("flights", 0.0)))
 
 
-def corpus(langs=LANGS):
-  """Sentences of every kind of answer and the questions: what a tokenizer trained for a tiny
-  GLEAM-X model must encode compactly."""
+def corpus(langs=LANGS, flights=False):
+  """Sentences of every kind of answer and the questions (with `flights`, those about drone flights too):
+  what a tokenizer trained for a tiny GLEAM-X model must encode compactly."""
   facts = [dict(archetype=a, street=s, buildings=b, tallest_m=t, water=w, green=g, fields=f, motorway=m)
            for a in ARCHETYPE_WORDS for s in STREET_WORDS
            for b, t, w, g, f, m in (("dense", 42, True, True, False, True), ("sparse", 9, False, False, True, False),
@@ -193,4 +213,6 @@ def corpus(langs=LANGS):
     for lang in langs:
       modality = spec_lib.MODALITIES[i % len(spec_lib.MODALITIES)]
       lines += [answer(True, q, q, modality, lang), answer(False, q, s, modality, lang)]
-  return lines
+      if flights:
+        lines.append(answer(False, q, s, FLIGHT, lang))
+  return lines + ([FLIGHT_QUESTIONS[lang] for lang in langs] if flights else [])

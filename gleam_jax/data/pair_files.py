@@ -1,6 +1,6 @@
 """GLEAM-X pairs from your own files: JSON Lines, one pair per line, the two images by path (or a JSON
 array of the same objects, as the `.json` datasets of Qwen2.5-VL's fine-tuning scripts and
-LLaMA-Factory are written).
+LLaMA-Factory are written). The query may instead be a video: a drone flight given as its frames.
 
 Each pair is read in any of these layouts (mixed freely):
 
@@ -13,17 +13,25 @@ Each pair is read in any of these layouts (mixed freely):
                                    {"role": "assistant", "content": "Yes. ..."}]}  # LLaMA-Factory (ShareGPT)
     {"images": [...], "instruction": "<image><image>Do these ...?", "output": "Yes. ..."}
                                                                   # LLaMA-Factory (Alpaca; input, history)
+    {"video": ["flight/0001.jpg", "flight/0002.jpg", ...], "images": ["sat/0001.png"], "fps": 2.0,
+     "answer": "Yes. ..."}                              # ours, a video query ("video": "flight/" reads a folder)
+    {"videos": [["flight/0001.jpg", ...]], "images": ["sat/0001.png"], "messages": [
+       {"role": "user", "content": "<video><image>Do these ...?"}, {"role": "assistant", "content": "Yes. ..."}]}
+                                                                  # LLaMA-Factory, a video query
 
-The images are the query view, then the satellite image; relative paths are read from the file's
-folder, or from `image_root`. Only the images are required to ask; training and scoring need the
-answer. A conversation may go on: later user / assistant turns (ours: `"follow_ups": [{"question":
-..., "answer": ...}]`) are trained on too (the loss covers every answer); the verdict is the first
-answer's, and each later question is asked after the reference turns before it. A system prompt (a
-leading system turn, or `"system"`) replaces Qwen2.5-VL's default one wherever the pair is asked.
-What a line leaves out is derived: `match` from the answer's verdict (`eval.explain.verdict`:
-"Yes"/"No", "是"/"否"), `lang` 'zh' when the answer or question holds Chinese characters, else 'en',
-`question` GLEAM-X's in that language (`<image>` placeholders dropped: the processor places the
-images), `modality` 'pair'.
+The images are the query view, then the satellite image; or, with a video, the video is the query
+(its frames in order: a list of image paths, or a folder whose image files are the frames in name
+order; one video a pair) and the satellite image is the one image, `fps` (default 2.0) the rate the
+frames were sampled at. Relative paths are read from the file's folder, or from `image_root`. Only
+the images (and the video) are required to ask; training and scoring need the answer. A conversation
+may go on: later user / assistant turns (ours: `"follow_ups": [{"question": ..., "answer": ...}]`)
+are trained on too (the loss covers every answer); the verdict is the first answer's, and each later
+question is asked after the reference turns before it. A system prompt (a leading system turn, or
+`"system"`) replaces Qwen2.5-VL's default one wherever the pair is asked. What a line leaves out is
+derived: `match` from the answer's verdict (`eval.explain.verdict`: "Yes"/"No", "是"/"否"), `lang`
+'zh' when the answer or question holds Chinese characters, else 'en', `question` GLEAM-X's in that
+language (a flight's question for a video; `<image>` and `<video>` placeholders dropped: the
+processor places the images and the video), `modality` 'pair' ('flight' for a video).
 
 `write_pairs` writes examples in our layout (PNG files beside the JSONL), and
 
@@ -40,13 +48,14 @@ from PIL import Image
 
 from gleam_jax.data.augment import resize
 from gleam_jax.data import gleam_x
-from gleam_jax.data.gleam_x import QUESTIONS
-from gleam_jax.data.sources import read_image
+from gleam_jax.data.gleam_x import FLIGHT_QUESTIONS, QUESTIONS
+from gleam_jax.data.sources import image_files, read_image
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.eval.explain import has_chinese, verdict
 
 DEFAULT_MODALITY = "pair"
-_PLACEHOLDER = re.compile(r"<image>\s*")
+DEFAULT_FPS = 2.0  # the rate a video's frames were sampled at, when a line does not say
+_PLACEHOLDER = re.compile(r"<(?:image|video)>\s*")
 
 
 _ROLES = {"conversations": ("from", "value", {"human": "user", "user": "user", "gpt": "assistant",
@@ -107,26 +116,75 @@ def _conversation(line, where):
 
 
 def _images_first(rounds, where):
-  if any(_PLACEHOLDER.search(question) for question, _ in rounds[1:]):
-    raise GleamError(f"{where}: an <image> placeholder in a later question; the two images belong to the "
-                     "first question.")
+  for question, _ in rounds[1:]:
+    found = _PLACEHOLDER.search(question)
+    if found:
+      tag = found.group().strip()
+      raise GleamError(f"{where}: {'an' if tag == '<image>' else 'a'} {tag} placeholder in a later question; the "
+                       "two images (or the video and the satellite image) belong to the first question.")
   return rounds
 
 
+def _file(name, where, root, what):
+  path = os.path.join(root, os.path.expanduser(name))
+  if not os.path.isfile(path):
+    raise GleamError(f"{where}: {what} {path} not found; paths are relative to the pairs file's folder "
+                     "(or to config.examples.image_root).")
+  return path
+
+
+def _video(line, where):
+  """A line's video, None without one: ours `video`, or LLaMA-Factory's `videos` holding exactly one."""
+  if "video" in line and "videos" in line:
+    raise GleamError(f"{where}: both 'video' and 'videos'; give the pair's one video in one of them.")
+  if "videos" not in line:
+    return line.get("video")
+  videos = line["videos"]
+  if not isinstance(videos, list) or len(videos) != 1:
+    raise GleamError(f"{where}: 'videos' holds a pair's one video (the drone flight: a list of frame paths, or a "
+                     f"folder of them) as a one-entry list; this line has {videos!r}.")
+  return videos[0]
+
+
+def _frames(video, where, root):
+  """The frame paths of a video given as a list of image paths (in order), or as a folder whose image
+  files are the frames in name order."""
+  if isinstance(video, str):
+    folder = os.path.join(root, os.path.expanduser(video))
+    if not os.path.isdir(folder):
+      raise GleamError(f"{where}: video {folder} is not a folder of frames; give the frames (image files) as a "
+                       "list of paths or a folder (a video file is not read: extract its frames first), relative "
+                       "to the pairs file's folder (or to config.examples.image_root).")
+    return image_files(folder, f"{where}: video")[0]
+  if not isinstance(video, list) or not video or not all(isinstance(f, str) for f in video):
+    raise GleamError(f"{where}: a video is its frames, a list of at least one image path in order (or a folder of "
+                     f"them); this line has {video!r}.")
+  return [_file(frame, where, root, "frame") for frame in video]
+
+
+def _fps(line, where):
+  fps = line.get("fps", DEFAULT_FPS)
+  if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+    raise GleamError(f"{where}: 'fps' is the rate the video's frames were sampled at, a number > 0 (default "
+                     f"{DEFAULT_FPS}); this line has {fps!r}.")
+  return float(fps)
+
+
 def _pair(line, where, root):
+  video = _video(line, where)
   images = line.get("images", line.get("image"))
   if isinstance(images, str):
     images = [images]
-  if not isinstance(images, list) or len(images) != 2 or not all(isinstance(i, str) for i in images):
+  valid = isinstance(images, list) and all(isinstance(i, str) for i in images)
+  if video is not None and not (valid and len(images) == 1):
+    raise GleamError(f"{where}: a pair with a video query has one image, the satellite, in 'images'; this line "
+                     f"has {images!r}.")
+  if video is None and not (valid and len(images) == 2):
     raise GleamError(f"{where}: a GLEAM-X pair has two images (the query view, then the satellite image) in "
                      f"'images'; this line has {images!r}.")
-  paths = []
-  for image in images:
-    path = os.path.join(root, os.path.expanduser(image))
-    if not os.path.isfile(path):
-      raise GleamError(f"{where}: image {path} not found; paths are relative to the pairs file's folder "
-                       "(or to config.examples.image_root).")
-    paths.append(path)
+  paths = [_file(image, where, root, "image") for image in images]
+  if video is not None:
+    paths.insert(0, _frames(video, where, root))
   system, rounds = _conversation(line, where)
   question = line.get("question", rounds[0][0])
   answer = line.get("answer", rounds[0][1])
@@ -136,8 +194,9 @@ def _pair(line, where, root):
   question = _PLACEHOLDER.sub("", question).strip() if question else None
   text = (answer or "") + (question or "")
   lang = line.get("lang", "zh" if has_chinese(text) else "en")
-  if lang not in QUESTIONS and not question:
-    raise GleamError(f"{where}: lang {lang!r} has no default question ({', '.join(QUESTIONS)}); give 'question'.")
+  questions = QUESTIONS if video is None else FLIGHT_QUESTIONS
+  if lang not in questions and not question:
+    raise GleamError(f"{where}: lang {lang!r} has no default question ({', '.join(questions)}); give 'question'.")
   if rounds[1:] and answer is None:
     raise GleamError(f"{where}: follow-up turns need the first question's answer ('answer', or the assistant's "
                      "turn).")
@@ -145,9 +204,12 @@ def _pair(line, where, root):
   if answer is not None and match is None:
     raise GleamError(f"{where}: the answer does not start with a verdict (Yes/No, 是/否); give 'match': "
                      "true or false.")
-  return dict(query=paths[0], satellite=paths[1], match=None if match is None else bool(match), lang=lang,
-              modality=str(line.get("modality", DEFAULT_MODALITY)), question=question or QUESTIONS[lang],
-              answer=answer, system=system, follow_ups=rounds[1:], line=where)
+  pair = dict(query=paths[0], satellite=paths[1], match=None if match is None else bool(match), lang=lang,
+              modality=str(line.get("modality", DEFAULT_MODALITY if video is None else gleam_x.FLIGHT)),
+              question=question or questions[lang], answer=answer, system=system, follow_ups=rounds[1:], line=where)
+  if video is not None:
+    pair["fps"] = _fps(line, where)
+  return pair
 
 
 def _entries(path):
@@ -176,8 +238,9 @@ def _entries(path):
 
 def read_pairs(path, image_root=None, need_answers=True):
   """The pairs of a JSON Lines file, or of a JSON array file, (see the module docstring) as GLEAM-X
-  examples whose 'query' and 'satellite' are image paths (read by `images_of`); every image is checked
-  to exist. With `need_answers`, a pair without an answer is an error (training and scoring need one)."""
+  examples whose 'query' and 'satellite' are image paths (read by `visuals_of`); a video's 'query' is
+  its list of frame paths, and 'fps' its rate. Every image and frame is checked to exist. With
+  `need_answers`, a pair without an answer is an error (training and scoring need one)."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
     raise GleamError(f"pairs file {path} not found: give a JSON Lines file, one pair per line, or a JSON array "
@@ -196,27 +259,65 @@ def read_pairs(path, image_root=None, need_answers=True):
   return pairs
 
 
+def is_video_pair(example):
+  """Whether the example's query is a video: a list of frames (paths or arrays)."""
+  return isinstance(example["query"], (list, tuple))
+
+
+def _array(image, size):
+  image = read_image(image) if isinstance(image, str) else image
+  return resize(image, size) if size else image
+
+
+def visuals_of(example, size=None):
+  """(images, videos) as uint8 RGB arrays, read (upright) where the example holds paths, resized to
+  `size` (height, width) when given: ([query, satellite], []) for an image pair, ([satellite],
+  [frames]) for a video pair."""
+  satellite = _array(example["satellite"], size)
+  if is_video_pair(example):
+    return [satellite], [[_array(frame, size) for frame in example["query"]]]
+  return [_array(example["query"], size), satellite], []
+
+
+def prompt_visuals(example, size=None):
+  """(images, keyword arguments) for the processor's `encode_prompt` / `build_sft_example`: a video pair's
+  satellite image, with its video (`videos`, `fps`) first in the prompt; an image pair's two images."""
+  images, videos = visuals_of(example, size)
+  if not videos:
+    return images, {}
+  return images, dict(videos=videos, fps=float(example.get("fps", DEFAULT_FPS)), videos_first=True)
+
+
 def images_of(example, size=None):
-  """[query, satellite] as uint8 RGB arrays: read (upright) where the example holds paths, resized to
-  `size` (height, width) when given."""
-  images = [read_image(x) if isinstance(x, str) else x for x in (example["query"], example["satellite"])]
-  return [resize(image, size) for image in images] if size else images
+  """[query, satellite] of an image pair as uint8 RGB arrays (`visuals_of`)."""
+  if is_video_pair(example):
+    raise GleamError(f"{example.get('line', 'a pair')}: the query is a video (a drone flight's frames); read it "
+                     "with pair_files.visuals_of (images and videos), not images_of.")
+  return visuals_of(example, size)[0]
 
 
 def write_pairs(examples, out_dir, name="pairs.jsonl"):
-  """Writes examples in our layout: `out_dir/name` and their images as PNG in `out_dir/images/`;
-  returns the JSONL path."""
+  """Writes examples in our layout: `out_dir/name` and their images (a video's frames) as PNG in
+  `out_dir/images/`; returns the JSONL path."""
   make_dir(os.path.join(out_dir, "images"), "--out")
   path = os.path.join(out_dir, name)
+
+  def save(image, file_name):
+    relative = os.path.join("images", f"{os.path.splitext(name)[0]}_{file_name}.png")
+    Image.fromarray(image).save(os.path.join(out_dir, relative))
+    return relative
+
   with open(path, "w", encoding="utf-8") as f:
     for i, ex in enumerate(examples):
-      images = []
-      for role in ("query", "satellite"):
-        relative = os.path.join("images", f"{os.path.splitext(name)[0]}_{i:06d}_{role}.png")
-        Image.fromarray(ex[role]).save(os.path.join(out_dir, relative))
-        images.append(relative)
-      line = dict(images=images, question=ex["question"], answer=ex["answer"], match=bool(ex["match"]),
-                  lang=ex["lang"], modality=ex["modality"])
+      line = {}
+      if is_video_pair(ex):
+        line["video"] = [save(frame, f"{i:06d}_query_f{k:03d}") for k, frame in enumerate(ex["query"])]
+        line["images"] = [save(ex["satellite"], f"{i:06d}_satellite")]
+        line["fps"] = float(ex.get("fps", DEFAULT_FPS))
+      else:
+        line["images"] = [save(ex[role], f"{i:06d}_{role}") for role in ("query", "satellite")]
+      line.update(question=ex["question"], answer=ex["answer"], match=bool(ex["match"]), lang=ex["lang"],
+                  modality=ex["modality"])
       if ex.get("system") is not None:
         line["system"] = ex["system"]
       if ex.get("follow_ups"):
@@ -226,15 +327,17 @@ def write_pairs(examples, out_dir, name="pairs.jsonl"):
 
 
 def summary(pairs):
-  """Lines describing a pairs file: how many pairs, matching or not, per language and modality, and
-  the image sizes (read from the files' headers), so a file can be checked before a job reads it."""
+  """Lines describing a pairs file: how many pairs, matching or not, per language and modality, with a
+  video query (their frame counts and rates), and the image and frame sizes (read from the files'
+  headers), so a file can be checked before a job reads it."""
   from collections import Counter  # pylint: disable=g-import-not-at-top
   from gleam_jax.data.photo_camera import open_image  # pylint: disable=g-import-not-at-top
-  count = lambda key: ", ".join(f"{k} {n}" for k, n in sorted(Counter(str(p[key]) for p in pairs).items()))
+  count = lambda key, among=pairs: ", ".join(f"{k} {n}" for k, n in sorted(Counter(str(p[key]) for p in among).items()))
   sizes = Counter()
   for p in pairs:
-    for role in ("query", "satellite"):
-      with open_image(p[role]) as image:
+    files = [("frame", frame) for frame in p["query"]] if is_video_pair(p) else [("query", p["query"])]
+    for role, file in files + [("satellite", p["satellite"])]:
+      with open_image(file) as image:
         sizes[(role, image.size)] += 1
   size_text = lambda role: ", ".join(f"{w}x{h} {n}" for (r, (w, h)), n in sorted(sizes.items()) if r == role)
   answered = [p for p in pairs if p["answer"] is not None]
@@ -246,8 +349,16 @@ def summary(pairs):
   if conversations or systems:
     lines.append(f"{conversations} with follow-up turns, {sum(systems.values())} with a system prompt "
                  f"({len(systems)} distinct)")
-  lines += [f"lang: {count('lang')}", f"modality: {count('modality')}",
-            f"query sizes (w x h): {size_text('query')}", f"satellite sizes (w x h): {size_text('satellite')}"]
+  videos = [p for p in pairs if is_video_pair(p)]
+  if videos:
+    frames = [len(p["query"]) for p in videos]
+    lines.append(f"{len(videos)} with a video query, {min(frames)}-{max(frames)} frames, fps: {count('fps', videos)}")
+  lines += [f"lang: {count('lang')}", f"modality: {count('modality')}"]
+  if len(videos) < len(pairs):
+    lines.append(f"query sizes (w x h): {size_text('query')}")
+  if videos:
+    lines.append(f"frame sizes (w x h): {size_text('frame')}")
+  lines.append(f"satellite sizes (w x h): {size_text('satellite')}")
   return lines
 
 

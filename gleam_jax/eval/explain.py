@@ -174,11 +174,15 @@ def follow_up_rouge_l(answers, asked):
   return float(np.mean([rouge_l(text, ex["answer"], ex["lang"]) for text, (_, ex) in zip(answers, asked, strict=True)]))
 
 
+# `encode_prompt`'s visual inputs, as `generation.generate` takes them (a batch's rows joined)
+VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
 def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None,
                      decoding=None, seed=0):
   """(answers (decoded text; greedy unless `decoding`, `generation.generate`'s token-choice keywords,
   says otherwise), yes-probabilities (`yes_probability` of the first answer token)) of `model` to the
-  examples' questions about their two images (after the example's `history` of earlier turns, where
+  examples' questions about their two images, or a drone flight's video and its satellite image (after the example's `history` of earlier turns, where
   it has one), in the examples' order. When `decoding` samples, example i draws with seed `seed` + i (or
   `seed[i]`, one per example), whatever its batch. Batched by
   language and modality (prompts of about one length; rows left-padded as generation needs);
@@ -195,8 +199,9 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
     token_ids = verdict_token_ids(proc, lang)
     for start in range(0, len(members), batch_size):
       chunk = members[start:start + batch_size]
-      prompts = [proc.encode_prompt(pair_files.images_of(examples[i], image_size), examples[i]["question"],
-                                    examples[i].get("system"), examples[i].get("history", ())) for i in chunk]
+      prompts = [proc.encode_prompt(images, examples[i]["question"], examples[i].get("system"),
+                                    examples[i].get("history", ()), **video_args)
+                 for i in chunk for images, video_args in [pair_files.prompt_visuals(examples[i], image_size)]]
       seeds = [example_seeds[i] for i in chunk]
       if len(examples) > batch_size:  # a short batch as a full one (copies of its last row): one compiled shape
         prompts += prompts[-1:] * (batch_size - len(chunk))
@@ -207,10 +212,10 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
       for r, p in enumerate(prompts):
         input_ids[r, length - len(p["input_ids"]):], mask[r, length - len(p["input_ids"]):] = p["input_ids"], 1
       first = []
-      tokens = generation.generate(model, input_ids, mask, np.concatenate([p["pixel_values"] for p in prompts]),
-                                   np.concatenate([p["image_grid_thw"] for p in prompts]),
-                                   max_new_tokens=max_new_tokens, mesh=mesh, on_prefill=first.append,
-                                   seed=seeds, **(decoding or {}))
+      joined = {k: np.concatenate([p[k] for p in prompts if k in p]) for k in VISUAL_KEYS
+                if any(k in p for p in prompts)}
+      tokens = generation.generate(model, input_ids, mask, max_new_tokens=max_new_tokens, mesh=mesh,
+                                   on_prefill=first.append, seed=seeds, **joined, **(decoding or {}))
       for r, (i, p_yes) in enumerate(zip(chunk, yes_probability(first[0][:len(chunk)], token_ids))):
         answers[i], yes[i] = proc.decode(tokens[r]), p_yes
       answered += len(chunk)

@@ -42,7 +42,7 @@ from gleam_jax.data import pair_files
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.eval import explain as explain_metrics
 from gleam_jax.models.qwen2_5_vl import config as config_lib
-from gleam_jax.models.qwen2_5_vl import modeling, params, processor, rope, tiny_dir
+from gleam_jax.models.qwen2_5_vl import modeling, params, processor, tiny_dir
 from gleam_jax.models.qwen2_5_vl.processor import IGNORE_INDEX
 from gleam_jax.train import checkpoint
 from gleam_jax.train import lora
@@ -70,8 +70,9 @@ def _model_config(config, directory):
 
 
 def _processor(config, directory):
-  return processor.load_processor(directory, min_pixels=config.model.get("min_pixels"),
-                                  max_pixels=config.model.get("max_pixels"))
+  mc = config.model
+  return processor.load_processor(directory, min_pixels=mc.get("min_pixels"), max_pixels=mc.get("max_pixels"),
+                                  video_min_pixels=mc.get("video_min_pixels"), video_max_pixels=mc.get("video_max_pixels"))
 
 
 def load_model_and_processor(config, workdir, mesh):
@@ -82,7 +83,8 @@ def load_model_and_processor(config, workdir, mesh):
   if not mc.get("hf_dir") and not os.path.exists(os.path.join(directory, "config.json")):
     make_dir(directory, "--workdir")
     tiny_dir.write_tiny_qwen_dir(directory, min_pixels=int(mc.min_pixels), max_pixels=int(mc.max_pixels),
-                                 corpus=gleam_x.corpus(), vocab_size=int(mc.tiny.vocab_size),
+                                 corpus=gleam_x.corpus(flights=float(config.examples.get("flights", 0.0)) > 0),
+                                 vocab_size=int(mc.tiny.vocab_size),
                                  text=mc.tiny.text.to_dict(), vision=mc.tiny.vision.to_dict())
   cfg = _model_config(config, directory)
   if mc.get("hf_dir"):
@@ -126,9 +128,22 @@ def load_trained(workdir, mesh=None, config=None):
 
 
 def encode(proc, example, image_size=None):
-  """One example as model inputs: input_ids, labels (the answers only), pixel_values, image_grid_thw."""
-  return proc.build_sft_example(pair_files.images_of(example, image_size), example["question"], example["answer"],
-                                system=example.get("system"), follow_ups=example.get("follow_ups", ()))
+  """One example as model inputs: input_ids, labels (the answers only), pixel_values, image_grid_thw, and
+  for a drone flight's pair its video's pixel_values_videos, video_grid_thw, second_per_grid_ts."""
+  images, video_args = pair_files.prompt_visuals(example, image_size)
+  return proc.build_sft_example(images, example["question"], example["answer"], system=example.get("system"),
+                                follow_ups=example.get("follow_ups", ()), **video_args)
+
+
+def visual_layout(row):
+  """An encoded row's visuals as a hashable key: (its images' grids, its videos' grids)."""
+  grids = lambda key: tuple(map(tuple, np.asarray(row.get(key, np.zeros((0, 3)))).astype(int).tolist()))
+  return grids("image_grid_thw"), grids("video_grid_thw")
+
+
+def _layout_name(layout):
+  images, videos = layout
+  return "+".join([f"{h}x{w}" for _, h, w in images] + [f"video {t}x{h}x{w}" for t, h, w in videos])
 
 
 def write_system_prompt(workdir, examples):
@@ -176,7 +191,7 @@ class EncodedRows:
     for ex in examples:
       row = encode(proc, ex, image_size)
       self.lengths.append(len(row["input_ids"]))
-      self.layouts.append(tuple(map(tuple, np.asarray(row["image_grid_thw"]).tolist())))
+      self.layouts.append(visual_layout(row))
       if keep:
         self.kept.append(row)
 
@@ -193,13 +208,13 @@ class EncodedRows:
     layouts_of = {}
     for m, layout in zip(modalities, self.layouts):
       layouts_of.setdefault(m, set()).add(layout)
-    name = lambda m, layout: m if len(layouts_of[m]) == 1 else m + " " + "+".join(f"{h}x{w}" for _, h, w in layout)
+    name = lambda m, layout: m if len(layouts_of[m]) == 1 else m + " " + _layout_name(layout)
     return [name(m, layout) for m, layout in zip(modalities, self.layouts)]
 
 
 def collate(rows, length, cfg):
   """Right-padded (B, length) input_ids / attention_mask / labels, position ids (B, 3, length), the
-  images' patches and their vision layout."""
+  images' and videos' patches (in placeholder order) and their vision layout."""
   b = len(rows)
   input_ids = np.full((b, length), cfg.pad_token_id, np.int32)
   labels = np.full((b, length), IGNORE_INDEX, np.int32)
@@ -207,13 +222,13 @@ def collate(rows, length, cfg):
   for i, row in enumerate(rows):
     n = len(row["input_ids"])
     input_ids[i, :n], labels[i, :n], mask[i, :n] = row["input_ids"], row["labels"], 1
-  grid = np.concatenate([row["image_grid_thw"] for row in rows])
-  position_ids, _ = rope.get_rope_index(input_ids, grid, mask, image_token_id=cfg.image_token_id,
-                                        spatial_merge_size=cfg.vision.spatial_merge_size)
+  joined = lambda key: np.concatenate([row[key] for row in rows if key in row]) if any(key in row for row in rows) else None
+  position_ids, pixel_values, layout = modeling.position_and_vision_inputs(
+      input_ids, mask, cfg, joined("pixel_values"), joined("image_grid_thw"), joined("pixel_values_videos"),
+      joined("video_grid_thw"), joined("second_per_grid_ts"))
   return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
           "position_ids": np.ascontiguousarray(np.transpose(position_ids, (1, 0, 2)).astype(np.int32)),
-          "pixel_values": np.concatenate([row["pixel_values"] for row in rows]).astype(np.float32),
-          "layout": modeling.vision_inputs(grid, cfg)}
+          "pixel_values": np.asarray(pixel_values, np.float32), "layout": layout}
 
 
 def answer_loss(logits, labels, count=None):
@@ -468,6 +483,9 @@ def check_config(config):
   for lang in config.examples.langs:
     if lang not in gleam_x.LANGS:
       raise GleamError(f"config.examples.langs has {lang!r}; GLEAM-X answers are written in {gleam_x.LANGS}.")
+  if not 0.0 <= float(config.examples.get("flights", 0.0)) <= 1.0:
+    raise GleamError(f"config.examples.flights={config.examples.flights}: the share of drone pairs asked about "
+                     "the whole flight is in [0, 1].")
 
 
 def run(config, workdir):

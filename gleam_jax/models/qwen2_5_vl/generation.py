@@ -34,10 +34,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from gleam_jax.errors import GleamError
-from gleam_jax.models.qwen2_5_vl import rope
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES, eos_tuple, generation_config
-from gleam_jax.models.qwen2_5_vl.modeling import (Qwen2_5_VL, check_image_tokens, check_pixel_values, merge_visuals,
-                                                   fused_decoder_kernels, vision_inputs)
+from gleam_jax.models.qwen2_5_vl.modeling import (Qwen2_5_VL, check_image_tokens, check_pixel_values,
+                                                   fused_decoder_kernels, position_and_vision_inputs)
 from gleam_jax.train import sharding
 
 
@@ -477,14 +476,8 @@ class Prompt:
     if extra > 0:  # more left padding: masked, so the same tokens
       input_ids = np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=pad or 0)
       attention_mask = np.pad(attention_mask, ((0, 0), (extra, 0)))
-    position_ids, _ = rope.get_rope_index(input_ids, image_grid_thw, attention_mask,
-                                          image_token_id=cfg.image_token_id,
-                                          spatial_merge_size=cfg.vision.spatial_merge_size,
-                                          video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
-                                          video_token_id=cfg.video_token_id,
-                                          tokens_per_second=cfg.vision.tokens_per_second)
-    pixel_values, grid_thw = merge_visuals(input_ids, cfg, pixel_values, image_grid_thw, video_values, video_grid_thw)
-    layout = None if grid_thw is None else vision_inputs(grid_thw, cfg)
+    position_ids, pixel_values, layout = position_and_vision_inputs(
+        input_ids, attention_mask, cfg, pixel_values, image_grid_thw, video_values, video_grid_thw, second_per_grid_ts)
     return cls(input_ids, attention_mask, pixel_values, position_ids, layout,
                init_cache(cfg, b, cache_len, mesh, rules),
                jnp.asarray(eos if eos else (-1,), jnp.int32), eos, pad)

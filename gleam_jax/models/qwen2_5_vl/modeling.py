@@ -422,6 +422,22 @@ def check_pixel_values(pixel_values, image_grid_thw, cfg: Qwen2_5_VLConfig, name
                      f"inputs together with their {names[1]}.")
 
 
+def position_and_vision_inputs(input_ids, attention_mask, cfg: Qwen2_5_VLConfig, pixel_values=None,
+                               image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                               second_per_grid_ts=None):
+  """Host-side inputs of a batch with images and videos: (M-RoPE position ids (3, B, L), the vision tower's
+  pixel values in placeholder order (`merge_visuals`), their layout (`vision_inputs`); None, None without
+  visuals). Call after `check_image_tokens`."""
+  position_ids, _ = rope.get_rope_index(input_ids, image_grid_thw, attention_mask, image_token_id=cfg.image_token_id,
+                                        spatial_merge_size=cfg.vision.spatial_merge_size,
+                                        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+                                        video_token_id=cfg.video_token_id,
+                                        tokens_per_second=cfg.vision.tokens_per_second)
+  pixel_values, grid_thw = merge_visuals(input_ids, cfg, pixel_values, image_grid_thw, pixel_values_videos,
+                                         video_grid_thw)
+  return position_ids, pixel_values, None if grid_thw is None else vision_inputs(grid_thw, cfg)
+
+
 def merge_visuals(input_ids, cfg: Qwen2_5_VLConfig, pixel_values=None, image_grid_thw=None,
                   pixel_values_videos=None, video_grid_thw=None):
   """Images and videos as one vision-tower input, (pixel_values, grid_thw), in the order their placeholder

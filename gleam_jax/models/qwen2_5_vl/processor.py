@@ -204,11 +204,13 @@ def user_turn(content: str) -> str:
   return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def chat_prompt(num_images: int, prompt: str, system: str | None = None, num_videos: int = 0) -> str:
-  """The Qwen2.5-VL chat template for one user turn (images first, then videos, then text), ready for the
-  answer; `system` None: the template's default system prompt."""
-  vision = ("<|vision_start|><|image_pad|><|vision_end|>" * num_images +
-            "<|vision_start|><|video_pad|><|vision_end|>" * num_videos)
+def chat_prompt(num_images: int, prompt: str, system: str | None = None, num_videos: int = 0,
+                videos_first: bool = False) -> str:
+  """The Qwen2.5-VL chat template for one user turn (images, then videos, or videos first with
+  `videos_first`, then text), ready for the answer; `system` None: the template's default system prompt."""
+  images = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
+  videos = "<|vision_start|><|video_pad|><|vision_end|>" * num_videos
+  vision = videos + images if videos_first else images + videos
   system = DEFAULT_SYSTEM if system is None else system
   return f"<|im_start|>system\n{system}<|im_end|>\n" + user_turn(vision + prompt)
 
@@ -249,19 +251,32 @@ def set_default_system_prompt(directory: str, system: str) -> list[str]:
   return changed
 
 
+def _pixel_bounds(d, min_pixels, max_pixels):
+  """(min, max) pixels of a preprocessor config: min_pixels/max_pixels, or size (shortest_edge/longest_edge,
+  or min_pixels/max_pixels inside it, as some exports write); the defaults where it gives none."""
+  size = d.get("size") or {}
+  return (d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels", min_pixels))),
+          d.get("max_pixels", size.get("longest_edge", size.get("max_pixels", max_pixels))))
+
+
 def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
-  """`ImageConfig` from `<directory>/preprocessor_config.json`: the pixel bounds from min_pixels/max_pixels,
-  or from size (shortest_edge/longest_edge, or min_pixels/max_pixels inside it, as some exports write)."""
+  """`ImageConfig` from `<directory>/preprocessor_config.json` (`_pixel_bounds`, patch sizes, mean and std)
+  and, where the directory has one, the video frames' pixel bounds from video_preprocessor_config.json."""
   file = os.path.join(directory, "preprocessor_config.json")
   if not os.path.isfile(file):
     raise GleamError(f"No preprocessor_config.json in {directory!r}; give the path of a local "
                      "Qwen2.5-VL model directory.")
   with open(file) as f:
     d = json.load(f)
-  size = d.get("size") or {}
+  video = {}
+  if os.path.isfile(os.path.join(directory, "video_preprocessor_config.json")):
+    with open(os.path.join(directory, "video_preprocessor_config.json")) as f:
+      video = json.load(f)
+  min_pixels, max_pixels = _pixel_bounds(d, ImageConfig.min_pixels, ImageConfig.max_pixels)
+  video_min_pixels, video_max_pixels = _pixel_bounds(video, ImageConfig.video_min_pixels, ImageConfig.video_max_pixels)
   fields = dict(
-      min_pixels=d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels", ImageConfig.min_pixels))),
-      max_pixels=d.get("max_pixels", size.get("longest_edge", size.get("max_pixels", ImageConfig.max_pixels))),
+      min_pixels=min_pixels, max_pixels=max_pixels, video_min_pixels=video_min_pixels,
+      video_max_pixels=video_max_pixels,
       patch_size=d.get("patch_size", 14), temporal_patch_size=d.get("temporal_patch_size", 2),
       merge_size=d.get("merge_size", 2),
       image_mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)),
@@ -310,30 +325,30 @@ class Processor:
     return np.repeat(np.asarray(ids, np.int64), counts)
 
   def encode_prompt(self, images, prompt: str, system: str | None = None, history=(), videos=(),
-                    fps: float = 2.0, source_fps: float | None = None) -> dict:
+                    fps: float = 2.0, source_fps: float | None = None, videos_first: bool = False) -> dict:
     """Model inputs up to `<|im_start|>assistant\\n`: input_ids [L], pixel_values, image_grid_thw, and
     with `videos` (each a sequence of frames sampled at `fps`) pixel_values_videos, video_grid_thw and
     second_per_grid_ts, the keyword arguments `generation.generate` takes (`source_fps`: the videos hold
-    every frame recorded at that rate, sampled down to `fps`; see `preprocess_video`).
-    `history`: the (question, answer) turns before `prompt`, the images with the first question."""
-    if videos and history:
-      raise GleamError("encode_prompt: videos are taken with a first question only (no history); ask about "
-                       "the video in the first turn.")
+    every frame recorded at that rate, sampled down to `fps`; see `preprocess_video`). The videos follow
+    the images in the prompt, or come first with `videos_first` (a drone flight asked about before its
+    satellite image). `history`: the (question, answer) turns before `prompt`, the visuals with the
+    first question."""
+    visual_args = dict(videos=videos, fps=fps, source_fps=source_fps, videos_first=videos_first)
     if history:
       (question, answer), *later = history
-      asked = self.build_sft_example(images, question, answer, system, follow_ups=later)
+      asked = self.build_sft_example(images, question, answer, system, follow_ups=later, **visual_args)
       input_ids = np.concatenate([asked["input_ids"], np.asarray(self._tokens(user_turn(prompt)), np.int64)])
-      return dict(input_ids=input_ids, pixel_values=asked["pixel_values"], image_grid_thw=asked["image_grid_thw"])
+      return {**{k: v for k, v in asked.items() if k != "labels"}, "input_ids": input_ids}
     pixel_values, grid_thw = preprocess_images(images, self.image_config)
     visuals, video_grid = dict(pixel_values=pixel_values, image_grid_thw=grid_thw), None
     if videos:
       video_values, video_grid, seconds = preprocess_videos(videos, self.image_config, fps, source_fps)
       visuals.update(pixel_values_videos=video_values, video_grid_thw=video_grid, second_per_grid_ts=seconds)
-    ids = self._tokens(chat_prompt(len(images), prompt, system, num_videos=len(videos)))
+    ids = self._tokens(chat_prompt(len(images), prompt, system, num_videos=len(videos), videos_first=videos_first))
     return dict(input_ids=self.expand_image_pads(ids, grid_thw, video_grid), **visuals)
 
   def build_sft_example(self, images, prompt: str, answer: str, system: str | None = None,
-                        follow_ups=()) -> dict:
+                        follow_ups=(), **visual_args) -> dict:
     """One fine-tuning example: the prompt turn, then `answer<|im_end|>\\n`, then each later
     (question, answer) turn of `follow_ups` the same way (a multi-turn conversation about the images).
 
@@ -341,9 +356,10 @@ class Processor:
     to stop) and are IGNORE_INDEX (-100) elsewhere; they are *not* shifted (the loss predicts
     labels[i+1] from position i, as Hugging Face causal LMs). Each answer is tokenized on its own, so
     the ids equal those of the whole conversation text (HF's chat template) unless an answer starts
-    with whitespace, which the template's "\\n" would otherwise absorb.
+    with whitespace, which the template's "\\n" would otherwise absorb. `visual_args`: `encode_prompt`'s
+    videos, fps, source_fps and videos_first.
     """
-    example = self.encode_prompt(images, prompt, system)
+    example = self.encode_prompt(images, prompt, system, **visual_args)
     newline = self._tokens("\n")
     pieces, answers = [example["input_ids"]], [answer]
     for question, later_answer in follow_ups:
@@ -360,14 +376,16 @@ class Processor:
     return self.tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)
 
 
-def load_processor(directory: str, min_pixels: int | None = None,
-                   max_pixels: int | None = None) -> Processor:
-  """The processor of a local Qwen2.5-VL directory; min/max_pixels override preprocessor_config.json."""
+def load_processor(directory: str, min_pixels: int | None = None, max_pixels: int | None = None,
+                   video_min_pixels: int | None = None, video_max_pixels: int | None = None) -> Processor:
+  """The processor of a local Qwen2.5-VL directory; min/max_pixels override preprocessor_config.json's
+  image bounds, video_min/max_pixels video_preprocessor_config.json's bounds of a video's frames."""
   if not os.path.isfile(os.path.join(directory, "tokenizer.json")) and not os.path.isfile(
       os.path.join(directory, "vocab.json")):
     raise GleamError(f"No tokenizer (tokenizer.json or vocab.json) in {directory!r}; give the path of "
                      "a local Qwen2.5-VL model directory.")
   import transformers  # pylint: disable=g-import-not-at-top
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-  image_config = image_config_from_dir(directory, min_pixels=min_pixels, max_pixels=max_pixels)
+  image_config = image_config_from_dir(directory, min_pixels=min_pixels, max_pixels=max_pixels,
+                                      video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels)
   return Processor(tokenizer, image_config)
