@@ -17,6 +17,8 @@ released Instruct checkpoints: a repetition penalty of 1.05, top_k 1); flags giv
 line override it. Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
 any number of images may go with a prompt of your own, and videos too (`--video`: a folder of frames
 sampled at `--fps`, or recorded at `--video_fps` and sampled down to `--fps`, after the images).
+`--video=FLIGHT_DIR --image=satellite.png` without `--prompt` asks GLEAM-X's flight question: does the
+drone flight show the satellite image's place (the frames first, as GLEAM-X jobs train on flights).
 Prefill and decode rates go to stderr.
 
 `--pairs` answers every pair of a JSON Lines file (`data/pair_files.py`: the layout GLEAM-X jobs
@@ -42,7 +44,7 @@ import numpy as np
 
 from gleam_jax.data import pair_files
 from gleam_jax.data.augment import resize
-from gleam_jax.data.gleam_x import QUESTIONS
+from gleam_jax.data.gleam_x import FLIGHT_QUESTIONS, QUESTIONS
 from gleam_jax.data.sources import image_files, read_image
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
 from gleam_jax.eval import explain as explain_eval
@@ -64,8 +66,8 @@ def define_flags():
   flags.DEFINE_multi_string("image", [], "An image file; repeat for each view (GLEAM-X: the query, then "
                             "the satellite image).")
   flags.DEFINE_multi_string("video", [], "A folder of a video's frames (image files, in name order, sampled at "
-                            "--fps); repeat for each video. They follow the --image views in the prompt; "
-                            "give a --prompt.")
+                            "--fps); repeat for each video. With a --prompt they follow the --image views; "
+                            "without, one --video and one --image are GLEAM-X's flight pair (frames first).")
   flags.DEFINE_float("fps", 2.0, "With --video: the frames per second the frames were sampled at (or, with "
                      "--video_fps, the rate to sample them at).")
   flags.DEFINE_float("video_fps", None, "With --video: the folder holds every frame of a clip recorded at this "
@@ -172,18 +174,23 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   than one. `sampling`: `generation.generate`'s token-choice keywords (`generation.check_settings`;
   greedy when empty), over the model directory's generation_config.json with `generation_config`.
   `video_dirs`: folders of frames sampled at `fps` (or recorded at `video_fps`, then sampled down to
-  `fps`), asked about after the images (with a `prompt`)."""
+  `fps`), asked about after the images with a `prompt`. Without one, a single video and a single image
+  are GLEAM-X's flight pair: the flight's frames first, then the satellite image, asked the flight
+  question."""
   from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
-  if prompt is None and video_dirs:
-    raise GleamError("GLEAM-X's question compares two images; with --video give a --prompt of your own.")
+  flight = prompt is None and bool(video_dirs)
   if prompt is None:
     if lang not in QUESTIONS:
       raise GleamError(f"--lang={lang}: the question is written in {', '.join(sorted(QUESTIONS))}; "
                        "or give your own with --prompt.")
-    if len(image_paths) != 2:
+    if flight and (len(video_dirs), len(image_paths)) != (1, 1):
+      raise GleamError(f"GLEAM-X's flight question compares one drone flight with one satellite image and "
+                       f"{len(video_dirs)} --video and {len(image_paths)} --image were given: give one of each, "
+                       "or a --prompt of your own.")
+    if not flight and len(image_paths) != 2:
       raise GleamError(f"GLEAM-X's question compares two views and {len(image_paths)} --image were given: "
                        "give two (the query, then the satellite image), or a --prompt of your own.")
-    prompt = QUESTIONS[lang]
+    prompt = (FLIGHT_QUESTIONS if flight else QUESTIONS)[lang]
   images = read_images(image_paths)  # a bad file stops before the model is loaded
   videos = read_videos(video_dirs)
   if generation_config:
@@ -194,7 +201,8 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   system = trained_system if system is None else system
   if image_size:
     images = [resize(image, image_size) for image in images]
-  inputs = proc.encode_prompt(images, prompt, system, videos=videos, fps=fps, source_fps=video_fps)
+  inputs = proc.encode_prompt(images, prompt, system, videos=videos, fps=fps, source_fps=video_fps,
+                              videos_first=flight)
   video_inputs = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in inputs}
   stream = TextStream(proc, write)
   times = []

@@ -12,6 +12,7 @@ from PIL import Image
 
 from config_files import REPO
 from gleam_jax import explain
+from gleam_jax.data.gleam_x import FLIGHT_QUESTIONS
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import explain as explain_eval
 from gleam_jax.models.qwen2_5_vl import beam_search, generation, params, processor, tiny_dir
@@ -315,7 +316,8 @@ def test_pairs_sample_with_the_seed_given(model_dir, views, tmp_path):
 
 def test_a_video_folder_streams_the_greedy_answer_about_its_frames(model_dir, views, tmp_path):
   """--video: a folder's frames in name order (a stray text file skipped), asked about after the image,
-  stream the greedy generation of the processor's video inputs; the default question needs two images."""
+  stream the greedy generation of the processor's video inputs; without a prompt, one folder and one image
+  are GLEAM-X's flight pair (the frames first, the flight question)."""
   frames = tmp_path / "flight"
   frames.mkdir()
   rng = np.random.default_rng(4)
@@ -346,8 +348,16 @@ def test_a_video_folder_streams_the_greedy_answer_about_its_frames(model_dir, vi
                                pixel_values_videos=two["pixel_values_videos"], video_grid_thw=two["video_grid_thw"],
                                second_per_grid_ts=two["second_per_grid_ts"], max_new_tokens=6)
   assert sampled == proc.decode(tokens[0]) and sampled != text  # not the three frames asked about above
-  with pytest.raises(GleamError, match="with --video give a --prompt"):
-    explain.explain(model_dir, views[1:], video_dirs=[str(frames)])
+  # no --prompt: GLEAM-X's flight pair, the frames first, then the satellite image, asked the flight question
+  flight = explain.explain(model_dir, views[1:], max_new_tokens=6, write=lambda _: None, video_dirs=[str(frames)],
+                           fps=1.0, lang="zh")
+  asked = proc.encode_prompt(explain.read_images(views[1:]), FLIGHT_QUESTIONS["zh"], videos=[video], fps=1.0,
+                             videos_first=True)
+  tokens = generation.generate(params.load_pretrained(model_dir), asked["input_ids"][None], max_new_tokens=6,
+                               **{k: asked[k] for k in explain_eval.VISUAL_KEYS})
+  assert flight == proc.decode(tokens[0])
+  with pytest.raises(GleamError, match="flight question compares one drone flight with one satellite image"):
+    explain.explain(model_dir, views, video_dirs=[str(frames)])
   with pytest.raises(GleamError, match="--video=.* is not a folder"):
     explain.explain(model_dir, views[1:], prompt="?", video_dirs=[str(tmp_path / "none")])
   # from the command line, --video alone is a request: it gets as far as the (missing) model
