@@ -16,7 +16,9 @@ is its satellite) R@K is printed before and after the re-ranking. With `--one_pl
 images are views of one place (a drone flight's frames): GLEAM-C searches with the mean of their
 embeddings (`retrieve --one_place`), and GLEAM-X checks each candidate against `--x_views` of the
 views, evenly spaced through the folder; a candidate's yes-probability is the mean over them, its
-answer that of the view nearest that mean, and every view's answer is written too.
+answer that of the view nearest that mean, and every view's answer is written too. With `--x_flight`
+GLEAM-X is asked once per candidate, about those views as one drone flight (a video at `--fps`, before
+the satellite image, as GLEAM-X jobs with `examples.flights` train).
 """
 import json
 import os
@@ -30,7 +32,7 @@ from absl import logging
 from gleam_jax import errors
 from gleam_jax import explain
 from gleam_jax import retrieve
-from gleam_jax.data.gleam_x import QUESTIONS
+from gleam_jax.data.gleam_x import FLIGHT, FLIGHT_QUESTIONS, QUESTIONS
 from gleam_jax.data.sources import CAMERA_KEYS
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.eval import explain as explain_eval
@@ -59,6 +61,9 @@ def define_flags():
                     "flight's frames): one search with their mean embedding; GLEAM-X checks --x_views of them.")
   flags.DEFINE_integer("x_views", 3, "With --one_place: how many of the views (evenly spaced) GLEAM-X checks "
                        "each candidate against.")
+  flags.DEFINE_bool("x_flight", False, "With --one_place: ask GLEAM-X once per candidate, about the --x_views "
+                    "views as one drone flight (a video, frames first) instead of view by view.")
+  flags.DEFINE_float("fps", 2.0, "With --x_flight: the frames per second the flight's views stand for.")
   flags.DEFINE_integer("batch_size", 8, "Pairs GLEAM-X answers together.")
   flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per explanation.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "GLEAM-X's dtype with --x_model_dir.")
@@ -68,12 +73,14 @@ def define_flags():
 
 def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=None, k=5, modality=None, lang="en",
              rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype="float32",
-             log=print, fsdp=1, tensor=1, system=None, one_place=False, x_views=3, **camera):
+             log=print, fsdp=1, tensor=1, system=None, one_place=False, x_views=3, x_flight=False, fps=2.0,
+             **camera):
   """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
   answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None). `system`: the system
   prompt GLEAM-X is asked with (default: the one the `x_workdir` job trained with, else Qwen2.5-VL's).
   `one_place`: the query files are views of one place, one query (its key: their folder); each
-  candidate also holds `views`, the p_yes and answer of each of the `x_views` views asked about."""
+  candidate also holds `views`, the p_yes and answer of each of the `x_views` views asked about (with
+  `x_flight`, one entry: those views asked about as one flight, a video sampled at `fps`)."""
   if bool(x_workdir) == bool(x_model_dir):
     raise GleamError("give the GLEAM-X model as --x_workdir (a fine-tuning job) or --x_model_dir (a Hugging "
                      "Face directory), one of them.")
@@ -83,6 +90,11 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     raise GleamError(f"--batch_size={batch_size} must be positive.")
   if one_place and x_views < 1:
     raise GleamError(f"--x_views={x_views}: GLEAM-X needs at least one view of the place to look at.")
+  if x_flight and not one_place:
+    raise GleamError("--x_flight asks GLEAM-X about the views of one place as a flight: add --one_place (the "
+                     "query folder as one place's views).")
+  if x_flight and not fps > 0:
+    raise GleamError(f"--fps={fps}: give the frames per second the flight's views stand for (> 0).")
   if out:
     make_dir(os.path.dirname(os.path.abspath(out)), "--out")
   mesh = explain.inference_mesh(fsdp, tensor)
@@ -97,11 +109,11 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
   system = trained_system if system is None else system
   views = {q: [q] for q in query_paths}
   if one_place:
-    asked = [query_paths[i] for i in evenly_spaced(len(query_paths), x_views)]
-    views = {next(iter(found)): asked}
-  pairs = [dict(query=v, satellite=g, question=QUESTIONS[lang], lang=lang, modality="pair", system=system)
-           for q in views for g, _ in found[q] for v in views[q]]
-  asked_views = f", each against {len(asked)} views of the place" if one_place else ""
+    chosen = [query_paths[i] for i in evenly_spaced(len(query_paths), x_views)]
+    views = {next(iter(found)): [chosen] if x_flight else chosen}
+  pairs = [_pair(v, g, lang, system, fps) for q in views for g, _ in found[q] for v in views[q]]
+  asked_views = ((f", each against a flight of {len(chosen)} views of the place" if x_flight else
+                  f", each against {len(chosen)} views of the place") if one_place else "")
   log(f"GLEAM-X checks {len(pairs)} pairs ({k} candidates per query{asked_views})")
   answers, yes = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, mesh=mesh,
                                                image_size=image_size)
@@ -116,7 +128,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     if rerank:
       rows.sort(key=lambda row: (-(row["p_yes"] if row["p_yes"] is not None else -1.0), row["retrieval_rank"]))
     checked[q] = rows
-    log(f"query {q}" + (f" ({len(query_paths)} views of one place; GLEAM-X asked about {len(views[q])})"
+    log(f"query {q}" + (f" ({len(query_paths)} views of one place; GLEAM-X asked about {len(chosen)}"
+                        f"{' as a flight' if x_flight else ''})"
                         if one_place else ""))
     for rank, row in enumerate(rows, 1):
       p_yes = "   -" if row["p_yes"] is None else f"{row['p_yes']:.2f}"
@@ -135,6 +148,14 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
         f.write(json.dumps({"query": q, "candidates": checked[q]}, ensure_ascii=False) + "\n")
     log(f"wrote {out} ({len(checked)} queries)")
   return checked, recall
+
+
+def _pair(view, satellite, lang, system, fps):
+  """GLEAM-X's pair of a query view (or, a list of views, a flight) and a candidate satellite image."""
+  if isinstance(view, list):
+    return dict(query=view, satellite=satellite, question=FLIGHT_QUESTIONS[lang], lang=lang, modality=FLIGHT,
+                system=system, fps=fps)
+  return dict(query=view, satellite=satellite, question=QUESTIONS[lang], lang=lang, modality="pair", system=system)
 
 
 def evenly_spaced(n: int, count: int) -> list[int]:
@@ -159,7 +180,8 @@ def main(argv):
     localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query), FLAGS.gallery, FLAGS.x_workdir,
              FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank, FLAGS.match_by_name, FLAGS.out,
              FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
-             system=FLAGS.system, one_place=FLAGS.one_place, x_views=FLAGS.x_views,
+             system=FLAGS.system, one_place=FLAGS.one_place, x_views=FLAGS.x_views, x_flight=FLAGS.x_flight,
+             fps=FLAGS.fps,
              **{name: FLAGS[name].value for name in CAMERA_KEYS})
 
 

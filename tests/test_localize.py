@@ -109,6 +109,24 @@ def test_one_place_checks_evenly_spaced_views_and_averages_their_yes(jobs):
              for line in lines)
   with pytest.raises(GleamError, match="--x_views=0"):
     localize.localize(c_job, views, gallery, x_workdir=x_job, one_place=True, x_views=0)
+  # --x_flight: each candidate asked once, about the 3 views as a flight (frames first): explain's flight pair
+  flight, _ = localize.localize(c_job, views, gallery, x_workdir=x_job, k=2, one_place=True, x_views=3,
+                                x_flight=True, fps=1.0, max_new_tokens=8, batch_size=4, log=lines.append)
+  for row, before in zip(sorted(flight[str(folder)], key=lambda r: r["retrieval_rank"]),
+                         sorted(rows, key=lambda r: r["retrieval_rank"])):
+    assert row["file"] == before["file"] and [v["view"] for v in row["views"]] == [[views[0], views[2], views[4]]]
+    assert row["p_yes"] == row["views"][0]["p_yes"] and row["answer"] == row["views"][0]["answer"]
+  frames = root / "asked"
+  frames.mkdir()
+  for i in (0, 2, 4):
+    shutil.copy(views[i], frames / f"view{i}.jpg")
+  row = flight[str(folder)][0]
+  assert row["answer"] == explain.explain(None, [row["file"]], video_dirs=[str(frames)], fps=1.0, max_new_tokens=8,
+                                          workdir=x_job, write=lambda _: None)
+  assert any("GLEAM-X checks 2 pairs (2 candidates per query, each against a flight of 3 views of the place)" in line
+             for line in lines)
+  with pytest.raises(GleamError, match="--x_flight asks GLEAM-X about the views of one place"):
+    localize.localize(c_job, views, gallery, x_workdir=x_job, x_flight=True)
   assert localize.evenly_spaced(5, 3) == [0, 2, 4] and localize.evenly_spaced(2, 3) == [0, 1]
   assert localize.evenly_spaced(54, 1) == [0]
 
