@@ -45,6 +45,7 @@ from gleam_jax import errors
 from gleam_jax.data import pair_files
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import MODALITIES, data_config, query_shape
+from gleam_jax.data.gleam_x import FLIGHT
 from gleam_jax.data.photo_camera import recorded_camera
 from gleam_jax.data.sources import CAMERA_KEYS, image_files, read_image
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
@@ -391,8 +392,9 @@ def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=Non
   best_threshold_accuracy, best_threshold, and cosine_auc/<modality> for pairs of several modalities},
   or None where not every pair says whether it matches), printed, and with `results` a JSON Lines file
   of the scores (a line per pair). A pair's query is read by the tower of its `modality`; pairs that
-  name none ('pair') by `modality`'s, or the job's one query modality. Camera values apply as in
-  `search_all`."""
+  name none ('pair') by `modality`'s, or the job's one query modality. A drone flight's pair (its
+  frames as the query) is scored with the mean of its frames' embeddings (as `--one_place` searches),
+  read as drone views where the job knows them. Camera values apply as in `search_all`."""
   if results:
     _check_results_file(results)
   pairs = pair_files.read_pairs(pairs_path, image_root, need_answers=False)  # bad lines stop before loading
@@ -402,18 +404,22 @@ def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=Non
     if p["modality"] in MODALITIES and p["modality"] not in known:
       raise GleamError(f"{p['line']}: a {p['modality']} pair, but {workdir} was trained for the query modalities "
                        f"{', '.join(known)}; score these pairs with a job trained for {p['modality']} views.")
-  unnamed = [p for p in pairs if p["modality"] not in MODALITIES]
+  as_modality = lambda p: "uav" if p["modality"] == FLIGHT and "uav" in known else p["modality"]
+  unnamed = [p for p in pairs if as_modality(p) not in MODALITIES]
   fallback = _query_modality(workdir, config, modality) if unnamed else None
-  modalities = [fallback if p["modality"] not in MODALITIES else p["modality"] for p in pairs]
+  modalities = [fallback if as_modality(p) not in MODALITIES else as_modality(p) for p in pairs]
   rows_of = {m: [i for i, pm in enumerate(modalities) if pm == m] for m in dict.fromkeys(modalities)}
   satellites = list(dict.fromkeys(p["satellite"] for p in pairs))
   reference = dict(zip(satellites, reference_embeddings(model, config.data, satellites)))
   scores = np.zeros(len(pairs), np.float32)
   for m, rows in rows_of.items():
-    paths = list(dict.fromkeys(pairs[i]["query"] for i in rows))
+    frames = lambda p: p["query"] if pair_files.is_video_pair(p) else [p["query"]]
+    paths = list(dict.fromkeys(path for i in rows for path in frames(pairs[i])))
     query = dict(zip(paths, query_embeddings(model, workdir, paths, m, camera, config.data)))
     for i in rows:
-      scores[i] = float(np.dot(query[pairs[i]["query"]], reference[pairs[i]["satellite"]]))
+      views = [query[path] for path in frames(pairs[i])]
+      embedded = retrieval.mean_per_location(views, np.zeros(len(views)))[0][0]  # one view: itself
+      scores[i] = float(np.dot(embedded, reference[pairs[i]["satellite"]]))
   if results:
     with open(results, "w", encoding="utf-8") as f:
       for p, m, score in zip(pairs, modalities, scores):

@@ -648,6 +648,14 @@ def test_retrieve_scores_a_pairs_file_as_the_gleam_x_baseline(phase1_workdir, ti
   pairs.write_text(json.dumps({"images": ["q0.png", "s0.png"]}) + "\n")
   again, summary = retrieve.score_pairs(phase1_workdir, str(pairs))
   assert summary is None and again[0] == pytest.approx(scores[0], abs=1e-6)
+  # a flight's pair (its frames as the query): the normalised mean of the frames' embeddings (the job's one
+  # query tower: it knows no drone views)
+  pairs.write_text(json.dumps({"video": ["q0.png", "q1.png"], "images": ["s0.png"], "match": True}) + "\n")
+  flight, _ = retrieve.score_pairs(phase1_workdir, str(pairs))
+  mean = embed("q0.png", config.data.panorama_size, "panorama") + embed("q1.png", config.data.panorama_size, "panorama")
+  assert flight[0] == pytest.approx(float(mean / np.linalg.norm(mean) @ embed(
+      "s0.png", config.data.satellite_size, "reference")), abs=1e-5)
+  assert not min(abs(flight[0] - x) for x in scores[:4]) < 1e-4  # neither frame's own score
   pairs.write_text(json.dumps({"images": ["q0.png", "s0.png"], "modality": "uav"}) + "\n")
   with pytest.raises(GleamError, match=r"pairs.jsonl:1: a uav pair, but .* trained for the query modalities panorama"):
     retrieve.score_pairs(phase1_workdir, str(pairs))
