@@ -288,14 +288,6 @@ def prompt_visuals(example, size=None):
   return images, dict(videos=videos, fps=float(example.get("fps", DEFAULT_FPS)), videos_first=True)
 
 
-def images_of(example, size=None):
-  """[query, satellite] of an image pair as uint8 RGB arrays (`visuals_of`)."""
-  if is_video_pair(example):
-    raise GleamError(f"{example.get('line', 'a pair')}: the query is a video (a drone flight's frames); read it "
-                     "with pair_files.visuals_of (images and videos), not images_of.")
-  return visuals_of(example, size)[0]
-
-
 def write_pairs(examples, out_dir, name="pairs.jsonl"):
   """Writes examples in our layout: `out_dir/name` and their images (a video's frames) as PNG in
   `out_dir/images/`; returns the JSONL path."""
