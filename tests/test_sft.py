@@ -31,6 +31,13 @@ from gleam_jax.utils.writer import read_metrics
 from test_qwen_modeling import GRIDS, IMAGE, left_pad, pixels, prompt
 
 
+def model_inputs(batch):
+  """A collated batch (`sft.collate`) as the model's call arguments, and its labels."""
+  return (jnp.asarray(batch["input_ids"]), jnp.transpose(jnp.asarray(batch["position_ids"]), (1, 0, 2)),
+          jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["pixel_values"]), batch["layout"]), \
+      jnp.asarray(batch["labels"])
+
+
 def test_answer_loss_matches_transformers(tmp_path):
   """Two right-padded examples of different lengths: our loss over the answer tokens equals
   `Qwen2_5_VLForConditionalGeneration(..., labels=...)`'s, from the same weights."""
@@ -47,9 +54,7 @@ def test_answer_loss_matches_transformers(tmp_path):
   assert len(rows[0]["input_ids"]) != len(rows[1]["input_ids"])
   batch = sft.collate(rows, sft.padded_length([len(r["input_ids"]) for r in rows]), model.cfg)
   graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
-  inputs = (jnp.asarray(batch["input_ids"]), jnp.transpose(jnp.asarray(batch["position_ids"]), (1, 0, 2)),
-            jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["pixel_values"]), batch["layout"])
-  labels = jnp.asarray(batch["labels"])
+  inputs, labels = model_inputs(batch)
   ours, accuracy = jax.jit(lambda w: sft.answer_loss(nnx.merge(graphdef, w, rest)(*inputs), labels))(weights)
   with torch.no_grad():
     theirs = reference(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),

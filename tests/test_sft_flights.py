@@ -5,7 +5,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -19,6 +18,7 @@ from gleam_jax.eval.explain import verdict
 from gleam_jax.models.qwen2_5_vl import generation, params, processor, tiny_dir
 from gleam_jax.train import sft
 from gleam_jax.utils.writer import read_metrics
+from test_sft import model_inputs
 
 
 def test_flight_answer_loss_matches_transformers(tmp_path):
@@ -45,9 +45,7 @@ def test_flight_answer_loss_matches_transformers(tmp_path):
   assert rows[0]["second_per_grid_ts"].tolist() == [1.0] and rows[0]["video_grid_thw"].tolist() == [[2, 4, 4]]
   batch = sft.collate(rows, sft.padded_length([len(r["input_ids"]) for r in rows]), model.cfg)
   graphdef, weights, rest = nnx.split(model, nnx.Param, ...)
-  inputs = (jnp.asarray(batch["input_ids"]), jnp.transpose(jnp.asarray(batch["position_ids"]), (1, 0, 2)),
-            jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["pixel_values"]), batch["layout"])
-  labels = jnp.asarray(batch["labels"])
+  inputs, labels = model_inputs(batch)
   ours, _ = jax.jit(lambda w: sft.answer_loss(nnx.merge(graphdef, w, rest)(*inputs), labels))(weights)
   with torch.no_grad():
     theirs = reference(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
