@@ -6,7 +6,8 @@ Loads the job's latest checkpoint (`sft.load_trained`: LoRA adapters folded in) 
 `params.save_pretrained`: safetensors weights with the released checkpoints' key names (in the
 trained dtype unless --dtype; files of at most --max_shard_gb, with model.safetensors.index.json
 when there are several), config.json, and the tokenizer, processor and chat-template files of the
-job's model directory (`model.hf_dir`, or the tiny one in the workdir). A job that trained with a
+job's model directory (`model.hf_dir`, or the tiny one in the workdir), with the pixel bounds the job
+resized images and video frames to (preprocessor_config.json, video_preprocessor_config.json). A job that trained with a
 system prompt of its own (`<workdir>/system_prompt.json`) has it made the chat template's default
 system turn and its record copied, so transformers' `apply_chat_template` and `explain --model_dir`
 ask as the job trained. The result loads with
@@ -49,10 +50,11 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
   model_dirs.check_export_dir(out, overwrite=bool(overwrite))  # before the model is loaded
   config = sft.job_config(workdir)
   with checkpoint.at_most_verbose(logging.WARNING):  # Orbax logs every read at INFO; ours after at INFO
-    model, _, where = sft.load_trained(workdir, config=config)
+    model, proc, where = sft.load_trained(workdir, config=config)
   source = sft.model_directory(config, workdir)
   total, files = params.save_pretrained(model, out, source_dir=source, dtype=dtype,
                                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+  processor.write_pixel_bounds(out, proc.image_config)  # the job's, where its config overrode the directory's
   stored = dtype or model.cfg.param_dtype
   return (f"exported step {checkpoint.step_of(where)} of {workdir} to {out}: {format_size(total)} of {stored} "
           f"weights in {files} file{'s' * (files > 1)}, {time.perf_counter() - start:.1f} s"

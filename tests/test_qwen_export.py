@@ -149,11 +149,22 @@ def test_export_command_on_a_gleam_x_job(tiny_cfg, tmp_path):
   config = tiny_config("x_sft", tiny_cfg.data_dir, total_steps=1, **{
       "data.modalities": ("uav",), "examples.train": 8, "optim.warmup_steps": 0, "eval.at_end": False})
   main.run(config, workdir)
+  # the model directory's own bounds (a released checkpoint's) differ from the job's: the job's are exported
+  source = os.path.join(workdir, "tiny_qwen")
+  with open(os.path.join(source, "preprocessor_config.json")) as f:
+    preprocessor = json.load(f)
+  with open(os.path.join(source, "preprocessor_config.json"), "w") as f:
+    json.dump(dict(preprocessor, max_pixels=12845056, size=dict(shortest_edge=3136, longest_edge=12845056)), f)
   line = export.export(workdir, out)  # what `python -m gleam_jax.export --workdir --out` runs and prints
   assert re.fullmatch(rf"exported step 1 of {re.escape(workdir)} to {re.escape(out)}: [0-9.]+ MB of float32 "
                       r"weights in 1 file, [0-9.]+ s", line), line
-  source = os.path.join(workdir, "tiny_qwen")
-  assert sorted(os.listdir(out)) == sorted(os.listdir(source) + ["model.safetensors"])
+  assert sorted(os.listdir(out)) == sorted(os.listdir(source) + ["model.safetensors", "video_preprocessor_config.json"])
+  job_bounds = sft.load_trained(workdir)[1].image_config
+  exported_bounds = processor.load_processor(out).image_config
+  assert exported_bounds == job_bounds and (job_bounds.max_pixels, job_bounds.video_min_pixels) == (448 * 448, 56 * 56)
+  with open(os.path.join(out, "preprocessor_config.json")) as f:
+    written = json.load(f)
+  assert written["size"] == dict(shortest_edge=56 * 56, longest_edge=448 * 448) and written["patch_size"] == 14
   with open(os.path.join(source, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
     assert json.load(g) == dict(json.load(f), dtype="float32")
   trained, _, _ = sft.load_trained(workdir)

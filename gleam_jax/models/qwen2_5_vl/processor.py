@@ -259,6 +259,36 @@ def _pixel_bounds(d, min_pixels, max_pixels):
           d.get("max_pixels", size.get("longest_edge", size.get("max_pixels", max_pixels))))
 
 
+def _set_bounds(d, min_pixels, max_pixels):
+  d.update(min_pixels=int(min_pixels), max_pixels=int(max_pixels))
+  if isinstance(d.get("size"), dict):  # transformers 5 writes the bounds as size too
+    d["size"] = dict(d["size"], shortest_edge=int(min_pixels), longest_edge=int(max_pixels))
+  return d
+
+
+def write_pixel_bounds(directory: str, image_config: ImageConfig) -> list[str]:
+  """Writes the image and video-frame pixel bounds of `image_config` into a model directory's
+  preprocessor_config.json and video_preprocessor_config.json (made from the image one, as a Qwen2-VL
+  video processor's, where the directory has none), so that the directory's processor, ours or
+  transformers', sizes images and frames as `image_config` does; returns the files written."""
+  with open(os.path.join(directory, "preprocessor_config.json")) as f:
+    image = json.load(f)
+  video_file = os.path.join(directory, "video_preprocessor_config.json")
+  if os.path.isfile(video_file):
+    with open(video_file) as f:
+      video = json.load(f)
+  else:
+    video = {k: v for k, v in image.items() if k != "image_processor_type"}
+    video["video_processor_type"] = "Qwen2VLVideoProcessor"
+  written = {"preprocessor_config.json": _set_bounds(image, image_config.min_pixels, image_config.max_pixels),
+             "video_preprocessor_config.json": _set_bounds(video, image_config.video_min_pixels,
+                                                           image_config.video_max_pixels)}
+  for name, d in written.items():
+    with open(os.path.join(directory, name), "w") as f:
+      json.dump(d, f, indent=2)
+  return list(written)
+
+
 def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
   """`ImageConfig` from `<directory>/preprocessor_config.json` (`_pixel_bounds`, patch sizes, mean and std)
   and, where the directory has one, the video frames' pixel bounds from video_preprocessor_config.json."""
