@@ -354,7 +354,7 @@ def test_a_video_folder_streams_the_greedy_answer_about_its_frames(model_dir, vi
   asked = proc.encode_prompt(explain.read_images(views[1:]), FLIGHT_QUESTIONS["zh"], videos=[video], fps=1.0,
                              videos_first=True)
   tokens = generation.generate(params.load_pretrained(model_dir), asked["input_ids"][None], max_new_tokens=6,
-                               **{k: asked[k] for k in explain_eval.VISUAL_KEYS})
+                               **{k: asked[k] for k in processor.VISUAL_KEYS})
   assert flight == proc.decode(tokens[0])
   with pytest.raises(GleamError, match="flight question compares one drone flight with one satellite image"):
     explain.explain(model_dir, views, video_dirs=[str(frames)])

@@ -174,21 +174,23 @@ def follow_up_rouge_l(answers, asked):
   return float(np.mean([rouge_l(text, ex["answer"], ex["lang"]) for text, (_, ex) in zip(answers, asked, strict=True)]))
 
 
-# `encode_prompt`'s visual inputs, as `generation.generate` takes them (a batch's rows joined)
-VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+def _encode_prompt(proc, example, image_size):
+  from gleam_jax.data import pair_files  # pylint: disable=g-import-not-at-top
+  images, video_args = pair_files.prompt_visuals(example, image_size)
+  return proc.encode_prompt(images, example["question"], example.get("system"), example.get("history", ()),
+                            **video_args)
 
 
 def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=None, image_size=None, on_batch=None,
                      decoding=None, seed=0):
   """(answers (decoded text; greedy unless `decoding`, `generation.generate`'s token-choice keywords,
   says otherwise), yes-probabilities (`yes_probability` of the first answer token)) of `model` to the
-  examples' questions about their two images, or a drone flight's video and its satellite image (after the example's `history` of earlier turns, where
-  it has one), in the examples' order. When `decoding` samples, example i draws with seed `seed` + i (or
+  examples' questions about their two images, or a drone flight's video and its satellite image (after
+  the example's `history` of earlier turns, where it has one), in the examples' order. When `decoding` samples, example i draws with seed `seed` + i (or
   `seed[i]`, one per example), whatever its batch. Batched by
   language and modality (prompts of about one length; rows left-padded as generation needs);
   `on_batch(answered, [(example index, answer, yes-probability), ...])` after each batch."""
-  from gleam_jax.data import pair_files  # pylint: disable=g-import-not-at-top
-  from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
+  from gleam_jax.models.qwen2_5_vl import generation, processor  # pylint: disable=g-import-not-at-top
   cfg = model.cfg
   groups = {}
   for i, ex in enumerate(examples):
@@ -199,9 +201,7 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
     token_ids = verdict_token_ids(proc, lang)
     for start in range(0, len(members), batch_size):
       chunk = members[start:start + batch_size]
-      prompts = [proc.encode_prompt(images, examples[i]["question"], examples[i].get("system"),
-                                    examples[i].get("history", ()), **video_args)
-                 for i in chunk for images, video_args in [pair_files.prompt_visuals(examples[i], image_size)]]
+      prompts = [_encode_prompt(proc, examples[i], image_size) for i in chunk]
       seeds = [example_seeds[i] for i in chunk]
       if len(examples) > batch_size:  # a short batch as a full one (copies of its last row): one compiled shape
         prompts += prompts[-1:] * (batch_size - len(chunk))
@@ -212,10 +212,9 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
       for r, p in enumerate(prompts):
         input_ids[r, length - len(p["input_ids"]):], mask[r, length - len(p["input_ids"]):] = p["input_ids"], 1
       first = []
-      joined = {k: np.concatenate([p[k] for p in prompts if k in p]) for k in VISUAL_KEYS
-                if any(k in p for p in prompts)}
       tokens = generation.generate(model, input_ids, mask, max_new_tokens=max_new_tokens, mesh=mesh,
-                                   on_prefill=first.append, seed=seeds, **joined, **(decoding or {}))
+                                   on_prefill=first.append, seed=seeds, **processor.join_visuals(prompts),
+                                   **(decoding or {}))
       for r, (i, p_yes) in enumerate(zip(chunk, yes_probability(first[0][:len(chunk)], token_ids))):
         answers[i], yes[i] = proc.decode(tokens[r]), p_yes
       answered += len(chunk)

@@ -222,10 +222,8 @@ def collate(rows, length, cfg):
   for i, row in enumerate(rows):
     n = len(row["input_ids"])
     input_ids[i, :n], labels[i, :n], mask[i, :n] = row["input_ids"], row["labels"], 1
-  joined = lambda key: np.concatenate([row[key] for row in rows if key in row]) if any(key in row for row in rows) else None
-  position_ids, pixel_values, layout = modeling.position_and_vision_inputs(
-      input_ids, mask, cfg, joined("pixel_values"), joined("image_grid_thw"), joined("pixel_values_videos"),
-      joined("video_grid_thw"), joined("second_per_grid_ts"))
+  position_ids, pixel_values, layout = modeling.position_and_vision_inputs(input_ids, mask, cfg,
+                                                                          **processor.join_visuals(rows))
   return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
           "position_ids": np.ascontiguousarray(np.transpose(position_ids, (1, 0, 2)).astype(np.int32)),
           "pixel_values": np.asarray(pixel_values, np.float32), "layout": layout}

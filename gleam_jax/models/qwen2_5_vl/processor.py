@@ -315,6 +315,16 @@ def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
   return ImageConfig(**fields)
 
 
+# the visual inputs `Processor.encode_prompt` returns, by the names `generation.generate` takes them
+VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def join_visuals(rows) -> dict:
+  """The visual inputs of several encoded prompts (or fine-tuning examples) as one batch's: each of
+  VISUAL_KEYS that any row has, concatenated over the rows that have it, in row order."""
+  return {k: np.concatenate([row[k] for row in rows if k in row]) for k in VISUAL_KEYS if any(k in row for row in rows)}
+
+
 class Processor:
   """Tokenizer + image preprocessing of a local Qwen2.5-VL directory.
 
