@@ -316,6 +316,13 @@ def test_bad_video_pairs_are_named(tmp_path):
   # the same lines, well formed, read
   assert pair_files.read_pairs(_write_lines(tmp_path / "pairs.jsonl", [
       dict(videos=[["f/0001.png"]], images=["s.png"], messages=ask, fps=1)]))[0]["fps"] == 1.0
+  # frames of two sizes: named with the line when the pair is read for a batch, fine resized to one size
+  _image(tmp_path / "f" / "0002.png", (8, 12), 1)
+  mixed = pair_files.read_pairs(_write_lines(tmp_path / "pairs.jsonl", [
+      dict(video=["f/0001.png", "f/0002.png"], images=["s.png"], answer="Yes.")]))[0]
+  with pytest.raises(GleamError, match=r"pairs.jsonl:1: the video's frames differ in size \(.*\).*examples.image_size"):
+    pair_files.visuals_of(mixed)
+  assert [f.shape for f in pair_files.visuals_of(mixed, size=(8, 8))[1][0]] == [(8, 8, 3)] * 2
 
 
 def test_a_video_example_is_written_as_its_frames_and_read_back(tmp_path):

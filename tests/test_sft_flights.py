@@ -111,6 +111,5 @@ def test_tiny_flight_job_trains_evaluates_and_answers_a_pairs_file(tiny_cfg, tmp
   images, video_args = pair_files.prompt_visuals(pair_files.read_pairs(pairs_path)[0])
   inputs = proc.encode_prompt(images, examples[0]["question"], **video_args)
   tokens = generation.generate(model, inputs["input_ids"][None], None, max_new_tokens=12,
-                               **{k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
-                                                          "video_grid_thw", "second_per_grid_ts")})
+                               **processor.join_visuals([inputs]))
   assert answered[0]["answer"] == proc.decode(tokens[0])

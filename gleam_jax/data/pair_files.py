@@ -275,7 +275,13 @@ def visuals_of(example, size=None):
   [frames]) for a video pair."""
   satellite = _array(example["satellite"], size)
   if is_video_pair(example):
-    return [satellite], [[_array(frame, size) for frame in example["query"]]]
+    frames = [_array(frame, size) for frame in example["query"]]
+    shapes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})
+    if len(shapes) > 1:
+      raise GleamError(f"{example.get('line', 'a flight')}: the video's frames differ in size ({', '.join(shapes)}, "
+                       "width x height); give frames of one size, or resize every image and frame to one "
+                       "(config.examples.image_size).")
+    return [satellite], [frames]
   return [_array(example["query"], size), satellite], []
 
 
