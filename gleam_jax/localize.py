@@ -18,7 +18,9 @@ embeddings (`retrieve --one_place`), and GLEAM-X checks each candidate against `
 views, evenly spaced through the folder; a candidate's yes-probability is the mean over them, its
 answer that of the view nearest that mean, and every view's answer is written too. With `--x_flight`
 GLEAM-X is asked once per candidate, about those views as one drone flight (a video at `--fps`, before
-the satellite image, as GLEAM-X jobs with `examples.flights` train).
+the satellite image, as GLEAM-X jobs with `examples.flights` train). `--png` draws each query (a
+place's first view) with its candidates in the final order and their yes-probabilities, the true
+satellite outlined green and the others red with `--match_by_name`.
 """
 import json
 import os
@@ -35,7 +37,9 @@ from gleam_jax import retrieve
 from gleam_jax.data.gleam_x import FLIGHT, FLIGHT_QUESTIONS, QUESTIONS
 from gleam_jax.data.sources import CAMERA_KEYS
 from gleam_jax.errors import GleamError, make_dir
+from gleam_jax.data.sources import read_image
 from gleam_jax.eval import explain as explain_eval
+from gleam_jax.eval import report
 from gleam_jax.train import sft
 
 FLAGS = flags.FLAGS
@@ -57,6 +61,8 @@ def define_flags():
   flags.DEFINE_bool("match_by_name", False, "Each query's satellite is the gallery image of the same name: "
                     "print R@K before and after the re-ranking.")
   flags.DEFINE_string("out", None, "A JSON Lines file to write: a line per query with its candidates.")
+  flags.DEFINE_string("png", None, "A PNG to draw: a row per query, its candidates in the final order with their "
+                      "yes-probabilities (with --match_by_name the true one outlined green).")
   flags.DEFINE_bool("one_place", False, "The query folder's images are views of one place (e.g. a drone "
                     "flight's frames): one search with their mean embedding; GLEAM-X checks --x_views of them.")
   flags.DEFINE_integer("x_views", 3, "With --one_place: how many of the views (evenly spaced) GLEAM-X checks "
@@ -74,13 +80,14 @@ def define_flags():
 def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=None, k=5, modality=None, lang="en",
              rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype="float32",
              log=print, fsdp=1, tensor=1, system=None, one_place=False, x_views=3, x_flight=False, fps=2.0,
-             **camera):
+             png=None, **camera):
   """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
   answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None). `system`: the system
   prompt GLEAM-X is asked with (default: the one the `x_workdir` job trained with, else Qwen2.5-VL's).
   `one_place`: the query files are views of one place, one query (its key: their folder); each
   candidate also holds `views`, the p_yes and answer of each of the `x_views` views asked about (with
-  `x_flight`, one entry: those views asked about as one flight, a video sampled at `fps`)."""
+  `x_flight`, one entry: those views asked about as one flight, a video sampled at `fps`). `png`: a
+  figure of the queries and their candidates in the final order (`draw`)."""
   if bool(x_workdir) == bool(x_model_dir):
     raise GleamError("give the GLEAM-X model as --x_workdir (a fine-tuning job) or --x_model_dir (a Hugging "
                      "Face directory), one of them.")
@@ -95,8 +102,9 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
                      "query folder as one place's views).")
   if x_flight and not fps > 0:
     raise GleamError(f"--fps={fps}: give the frames per second the flight's views stand for (> 0).")
-  if out:
-    make_dir(os.path.dirname(os.path.abspath(out)), "--out")
+  for path, flag in ((out, "--out"), (png, "--png")):
+    if path:
+      make_dir(os.path.dirname(os.path.abspath(path)), flag)
   mesh = explain.inference_mesh(fsdp, tensor)
   if x_workdir:
     sft.job_config(x_workdir)  # a wrong GLEAM-X workdir stops before anything is retrieved
@@ -136,12 +144,14 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
       log(f"{rank:3d}. p_yes {p_yes}  cosine {row['cosine']:.4f} (#{row['retrieval_rank']})  {row['file']}")
       log(f"     {row['answer']}")
   recall = None
+  truth = retrieve.true_matches(query_paths, retrieve.image_files(gallery_dir, "--gallery")[0]) if match_by_name else None
   if match_by_name:
-    truth = retrieve.true_matches(query_paths, retrieve.image_files(gallery_dir, "--gallery")[0])
     recall = {"retrieval": retrieval_recall,
               "reranked": retrieve.recall_by_name({q: [row["file"] for row in checked[q]] for q in query_paths}, truth, k)}
     log(f"R@K over {len(query_paths)} queries: GLEAM-C {retrieve.format_recall(recall['retrieval'])}; re-ranked by "
         f"GLEAM-X {retrieve.format_recall(recall['reranked'])}")
+  if png:
+    log(f"wrote {draw(checked, query_paths if one_place else None, png, truth)}")
   if out:
     with open(out, "w", encoding="utf-8") as f:
       for q in checked:
@@ -156,6 +166,20 @@ def _pair(view, satellite, lang, system, fps):
     return dict(query=view, satellite=satellite, question=FLIGHT_QUESTIONS[lang], lang=lang, modality=FLIGHT,
                 system=system, fps=fps)
   return dict(query=view, satellite=satellite, question=QUESTIONS[lang], lang=lang, modality="pair", system=system)
+
+
+def draw(checked, views, path, truth=None):
+  """A PNG of `report.save_topk_grid_png`: a row per query (its first view where `views`, a place's
+  views, are given), its candidates in the final order titled with their yes-probabilities (the cosine
+  where GLEAM-X gave none), outlined by `truth` ({query: its satellite file}) when given."""
+  rows = []
+  for q, candidates in checked.items():
+    files = [row["file"] for row in candidates]
+    rows.append(dict(query=read_image(views[0] if views else q), gallery=[read_image(f) for f in files],
+                     scores=[row["cosine"] if row["p_yes"] is None else row["p_yes"] for row in candidates],
+                     true_index=[j for j, f in enumerate(files) if f == truth.get(q)] if truth else None,
+                     title=os.path.basename(q)))
+  return report.save_topk_grid_png(rows, path, title="GLEAM-X p_yes, best first")
 
 
 def evenly_spaced(n: int, count: int) -> list[int]:
@@ -181,7 +205,7 @@ def main(argv):
              FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank, FLAGS.match_by_name, FLAGS.out,
              FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
              system=FLAGS.system, one_place=FLAGS.one_place, x_views=FLAGS.x_views, x_flight=FLAGS.x_flight,
-             fps=FLAGS.fps,
+             fps=FLAGS.fps, png=FLAGS.png,
              **{name: FLAGS[name].value for name in CAMERA_KEYS})
 
 

@@ -41,9 +41,9 @@ def jobs(tiny_cfg, tmp_path_factory):
 def test_candidates_are_retrieved_checked_and_reranked(jobs, capsys):
   c_job, x_job, gallery, queries, root = jobs
   lines = []
-  out = str(root / "out" / "localized.jsonl")
+  out, png = str(root / "out" / "localized.jsonl"), str(root / "figures" / "localized.png")
   checked, recall = localize.localize(c_job, queries, gallery, x_workdir=x_job, k=3, match_by_name=True, out=out,
-                                      batch_size=4, max_new_tokens=12, log=lines.append)
+                                      batch_size=4, max_new_tokens=12, log=lines.append, png=png)
   assert "  1. " not in capsys.readouterr().out  # retrieve's own top-k lists left out: the table says it all
   found, retrieval_recall = retrieve.search_all(c_job, queries, gallery, k=3, pngs=False, match_by_name=True)
   truth = retrieve.true_matches(queries, retrieve.image_files(gallery, "--gallery")[0])
@@ -64,6 +64,14 @@ def test_candidates_are_retrieved_checked_and_reranked(jobs, capsys):
   assert recall["reranked"]["R@1"] == pytest.approx(np.mean(reranked_hits))
   assert recall["reranked"]["R@3"] == retrieval_recall["R@3"]  # the same three candidates
   assert any(line.startswith("R@K over 3 queries: GLEAM-C R@1") for line in lines)
+  # the figure: a row per query (1.8 in) of the query and its 3 candidates (1.6 in each) at 100 dpi, the true
+  # satellite outlined green where it is among them, the others red
+  image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+  assert image.shape[:2] == (180 * len(queries), 160 * 4) and f"wrote {png}" in lines
+  hits = sum(truth[q] in [r["file"] for r in checked[q]] for q in queries)
+  green = np.all(np.abs(image - [0x1a, 0x98, 0x50]) < 8, axis=-1).sum()
+  red = np.all(np.abs(image - [0xd7, 0x30, 0x27]) < 8, axis=-1).sum()
+  assert (green > 100) == (hits > 0) and (red > 100) == (hits < 3 * len(queries)), (green, red, hits)
   with open(out, encoding="utf-8") as f:
     written = [json.loads(line) for line in f]
   assert [w["query"] for w in written] == queries and written[0]["candidates"] == checked[queries[0]]
