@@ -9,6 +9,7 @@
 Qwen2.5-VL directory: its weights, tokenizer and processor, bfloat16, the vision tower frozen),
 langs (en+zh), lora (a LoRA rank: adapters on the decoder's projections, the model frozen), flights (the share
 of drone pairs whose query is the location's whole flight, its views as a video before the satellite image),
+negatives_from (a GLEAM-C workdir of the same dataset: non-matching satellites among its top-10 confusions),
 train_file / eval_file (your own pairs, JSON Lines or a JSON array: gleam_jax/data/pair_files.py; every pair is used,
 images read from the file's folder or examples.image_root, resized to examples.image_size if set). Without hf_dir the model is a small random Qwen2.5-VL (`model.tiny`) with a
 tokenizer trained on the GLEAM-X answers: what trains on a CPU. Any field can be overridden on the
@@ -27,7 +28,8 @@ from gleam_jax.data.config import MODALITIES, data_config  # noqa: E402
 from gleam_jax.models.qwen2_5_vl.config import QWEN_SHARDING_RULES  # noqa: E402
 from gleam_jax.train import lora  # noqa: E402
 
-KNOBS = ("steps", "batch", "lr", "data", "hf_dir", "langs", "lora", "train_file", "eval_file", "flights")
+KNOBS = ("steps", "batch", "lr", "data", "hf_dir", "langs", "lora", "train_file", "eval_file", "flights",
+         "negatives_from")
 
 
 def get_config(arg=None):
@@ -41,6 +43,10 @@ def get_config(arg=None):
   c.examples = ml_collections.ConfigDict(dict(
       train=64 if tiny else 2048, eval=8 if tiny else 128, eval_split="test",
       hard_negatives=0.5,  # share of non-matching satellites from the query's own city
+      # a GLEAM-C job of the same dataset: non-matching satellites among its top-k wrong candidates for each
+      # query instead (what GLEAM-X, as GLEAM-C's re-ranker in `localize`, has to tell apart)
+      negatives_from=knobs.get("negatives_from") or config_dict.placeholder(str),
+      negatives_top_k=10,
       # share of the drone pairs asked about the location's whole flight (its views as a video) instead of one view
       flights=c_phase1.knob(knobs, "flights", 0.0, float),
       langs=tuple(knobs.get("langs", "en+zh").split("+")),

@@ -387,6 +387,39 @@ def reference_embeddings(model, data_cfg, files):
   return retrieval.embed(lambda x: model.encode(x, tower="reference"), batches)[0]
 
 
+def confusions(workdir, data_cfg, split, modalities, k):
+  """GLEAM-C's `k` most similar wrong satellites of every query of `split` (of `modalities`): {record
+  index: their location ids, most similar first}, what the GLEAM-C job in `workdir` would confuse with
+  each query, e.g. GLEAM-X's negatives (`examples.negatives_from`). The split is read from `data_cfg`'s
+  dataset, which must be the one the job trained on, through the job's own input settings (image
+  sizes, frames)."""
+  from gleam_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  model, config, _, _ = load_trained(workdir)
+  trained = (config.data.name, config.data.config)
+  if trained != (data_cfg.name, data_cfg.config):
+    raise GleamError(f"{workdir} was trained on {'/'.join(trained)}, the pairs are drawn from {data_cfg.name}/"
+                     f"{data_cfg.config}: mine negatives with a GLEAM-C job of the same dataset.")
+  missing = [m for m in modalities if m not in job_modalities(config)]
+  if missing:
+    raise GleamError(f"{workdir} was trained for the query modalities {', '.join(job_modalities(config))}, not "
+                     f"{', '.join(missing)}: mine negatives with a job that knows every modality drawn (a phase-2 "
+                     "job), or draw only those (data.modalities).")
+  job_data = data_config(**dict(config.data.to_dict(), data_dir=data_cfg.data_dir))
+  batch_size = int(config.eval.batch_size)
+  gallery, labels = retrieval.embed(lambda x: model.encode(x, tower="reference"),
+                                    pipeline.make_gallery_batches(job_data, split, batch_size), what=f"{split} satellites")
+  gallery_ids = labels["location_id"]
+  out = {}
+  for m in modalities:
+    queries, labels = retrieval.embed(lambda x, m=m: model.encode(x, tower=m),
+                                      pipeline.make_eval_batches(job_data, split, m, batch_size), what=f"{split} {m}")
+    similarity = queries @ gallery.T
+    similarity[gallery_ids[None, :] == labels["location_id"][:, None]] = -np.inf  # the true satellite
+    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    out.update({int(r): gallery_ids[row] for r, row in zip(labels["index"], top)})
+  return out
+
+
 def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=None, **camera):
   """(each pair's cosine similarity, in the file's order; {pairs, matches, cosine_auc,
   best_threshold_accuracy, best_threshold, and cosine_auc/<modality> for pairs of several modalities},

@@ -143,12 +143,15 @@ def flight_frames(source, index, location_id):
   return [source[int(r)]["query"] for r in rows[np.argsort(index["view_index"][rows], kind="stable")]]
 
 
-def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negatives=0.5, flights=0.0):
+def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negatives=0.5, flights=0.0,
+             negatives=None):
   """`n` examples of `split`: dicts of 'query', 'satellite' (uint8 images), 'match', 'lang',
   'modality', 'question', 'answer', 'location_id', 'satellite_location_id'. Half match (alternating),
   languages and query records are drawn with `seed`. A share `flights` of the drone examples ask about
   the location's whole flight instead of one view: 'query' is the list of its views (`flight_frames`,
-  a video's frames) and 'modality' is FLIGHT."""
+  a video's frames) and 'modality' is FLIGHT. `negatives` ({record index: location ids}, e.g. GLEAM-C's
+  confusions, `retrieve.confusions`): a non-matching pair's satellite is drawn from its query's
+  candidates instead (`hard_negatives` then unused)."""
   spec = world_spec(data_cfg)
   source = sources.get_source(data_cfg, split)
   index = sources.index_of(source)
@@ -169,6 +172,9 @@ def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negati
     loc = record["location_id"]
     if match:
       other, satellite = loc, record["satellite"]
+    elif negatives is not None:
+      other = int(rng.choice([c for c in negatives[r] if c != loc]))
+      satellite = source.image(int(np.flatnonzero(index["location_id"] == other)[0]), "satellite")
     else:
       same = index["city_id"][rows] == record["city_id"]
       hard = rng.random() < hard_negatives
@@ -190,14 +196,23 @@ def examples(data_cfg, split, n, seed, modalities=None, langs=LANGS, hard_negati
   return out
 
 
-def job_examples(config, which):
+def job_split(config, which):
+  """The split a GLEAM-X job draws its 'train' or 'eval' pairs from."""
+  return config.data.train_split if which == "train" else config.examples.eval_split
+
+
+def job_examples(config, which, negatives=None):
   """A GLEAM-X job's synthetic draw: `which` 'train' (`examples.train` pairs of the training split,
-  seeded with the job's seed) or 'eval' (`examples.eval` held-out pairs of `examples.eval_split`)."""
+  seeded with the job's seed) or 'eval' (`examples.eval` held-out pairs of `examples.eval_split`).
+  A job with `examples.negatives_from` takes `negatives` (`retrieve.confusions` of that split)."""
   ex = config.examples
-  split, n, seed = ((config.data.train_split, ex.train, config.seed) if which == "train"
-                    else (ex.eval_split, ex.eval, int(config.seed) + 1))
-  return examples(config.data, split, int(n), int(seed), langs=tuple(ex.langs),
-                  hard_negatives=float(ex.hard_negatives), flights=float(ex.get("flights", 0.0)))
+  if ex.get("negatives_from") and negatives is None:
+    raise GleamError(f"config.examples.negatives_from={ex.negatives_from}: draw the pairs with GLEAM-C's "
+                     "confusions (train.sft.load_examples mines them).")
+  n, seed = (ex.train, config.seed) if which == "train" else (ex.eval, int(config.seed) + 1)
+  return examples(config.data, job_split(config, which), int(n), int(seed), langs=tuple(ex.langs),
+                  hard_negatives=float(ex.hard_negatives), flights=float(ex.get("flights", 0.0)),
+                  negatives=negatives)
 
 
 def corpus(langs=LANGS, flights=False):

@@ -371,7 +371,8 @@ def main(argv):
   if args.check:
     print("\n".join(summary(read_pairs(args.check, args.image_root, need_answers=False))))
     return
-  examples = gleam_x.job_examples(args.config, args.draw)
+  from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top (GLEAM-C's negatives, where the job mines them)
+  examples = gleam_x.job_examples(args.config, args.draw, sft.job_negatives(args.config, args.draw))
   path = write_pairs(examples, os.path.expanduser(args.out), f"{args.draw}.jsonl")
   print(f"{len(examples)} {args.draw} pairs written to {path}")
 

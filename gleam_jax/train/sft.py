@@ -171,12 +171,28 @@ def trained_system_prompt(workdir):
 
 def load_examples(config, which):
   """The job's 'train' or 'eval' examples: every pair of `examples.<which>_file` when the config names
-  one (images read when encoded), else the synthetic world's draw."""
+  one (images read when encoded), else the synthetic world's draw (its non-matching satellites among
+  GLEAM-C's `examples.negatives_top_k` confusions of each query with `examples.negatives_from`)."""
   ex = config.examples
   path = ex.get(f"{which}_file")
   if path:
     return pair_files.read_pairs(path, ex.get("image_root"))
-  return gleam_x.job_examples(config, which)
+  return gleam_x.job_examples(config, which, job_negatives(config, which))
+
+
+def job_negatives(config, which):
+  """GLEAM-C's confusions (`retrieve.confusions`) of the split a job draws its `which` pairs from, where
+  the job mines its negatives (`examples.negatives_from`); else None."""
+  ex = config.examples
+  if not ex.get("negatives_from"):
+    return None
+  from gleam_jax import retrieve  # pylint: disable=g-import-not-at-top
+  split = gleam_x.job_split(config, which)
+  negatives = retrieve.confusions(os.path.expanduser(ex.negatives_from), config.data, split,
+                                  tuple(config.data.modalities), int(ex.negatives_top_k))
+  log(f"{which} pairs: non-matching satellites among the top {int(ex.negatives_top_k)} of GLEAM-C "
+      f"({ex.negatives_from}) for each {split} query")
+  return negatives
 
 
 class EncodedRows:
@@ -481,6 +497,9 @@ def check_config(config):
   for lang in config.examples.langs:
     if lang not in gleam_x.LANGS:
       raise GleamError(f"config.examples.langs has {lang!r}; GLEAM-X answers are written in {gleam_x.LANGS}.")
+  if config.examples.get("negatives_from") and int(config.examples.negatives_top_k) < 1:
+    raise GleamError(f"config.examples.negatives_top_k={config.examples.negatives_top_k}: draw negatives from at "
+                     "least GLEAM-C's top 1.")
   if not 0.0 <= float(config.examples.get("flights", 0.0)) <= 1.0:
     raise GleamError(f"config.examples.flights={config.examples.flights}: the share of drone pairs asked about "
                      "the whole flight is in [0, 1].")
