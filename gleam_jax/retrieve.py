@@ -409,14 +409,16 @@ def confusions(workdir, data_cfg, split, modalities, k):
   gallery, labels = retrieval.embed(lambda x: model.encode(x, tower="reference"),
                                     pipeline.make_gallery_batches(job_data, split, batch_size), what=f"{split} satellites")
   gallery_ids = labels["location_id"]
+  exact = retrieval.search_config()
+  exact.backend = "exact"
+  index = retrieval.build_index(gallery, exact)
   out = {}
   for m in modalities:
     queries, labels = retrieval.embed(lambda x, m=m: model.encode(x, tower=m),
                                       pipeline.make_eval_batches(job_data, split, m, batch_size), what=f"{split} {m}")
-    similarity = queries @ gallery.T
-    similarity[gallery_ids[None, :] == labels["location_id"][:, None]] = -np.inf  # the true satellite
-    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-    out.update({int(r): gallery_ids[row] for r, row in zip(labels["index"], top)})
+    _, top = index.search(queries, k + 1)  # the true satellite (one per location) among them at most once
+    for r, true, row in zip(labels["index"], labels["location_id"], top):
+      out[int(r)] = gallery_ids[row][gallery_ids[row] != true][:k]
   return out
 
 
