@@ -196,6 +196,19 @@ def test_pixel_bounds_from_either_spelling_of_size(tmp_path, size):
   (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": size}))
   cfg = proc_lib.image_config_from_dir(str(tmp_path))
   assert (cfg.min_pixels, cfg.max_pixels) == (1000, 9000)
+  # no video_preprocessor_config.json: video frames within the same bounds (transformers' video processor
+  # then reads preprocessor_config.json); with one, its bounds, and overrides over both
+  assert (cfg.video_min_pixels, cfg.video_max_pixels) == (1000, 9000)
+  (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"size": size, "min_pixels": 2000}))
+  cfg = proc_lib.image_config_from_dir(str(tmp_path), video_max_pixels=5000)
+  assert (cfg.min_pixels, cfg.max_pixels, cfg.video_min_pixels, cfg.video_max_pixels) == (1000, 9000, 2000, 5000)
+
+
+def test_pixel_bounds_default_to_transformers_video_defaults(tmp_path):
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"patch_size": 14}))
+  cfg = proc_lib.image_config_from_dir(str(tmp_path))
+  assert (cfg.video_min_pixels, cfg.video_max_pixels) == (128 * 28 * 28, 768 * 28 * 28)
+  assert (cfg.min_pixels, cfg.max_pixels) == (proc_lib.ImageConfig.min_pixels, proc_lib.ImageConfig.max_pixels)
 
 
 def test_errors(tmp_path, ours):

@@ -291,14 +291,16 @@ def write_pixel_bounds(directory: str, image_config: ImageConfig) -> list[str]:
 
 def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
   """`ImageConfig` from `<directory>/preprocessor_config.json` (`_pixel_bounds`, patch sizes, mean and std)
-  and, where the directory has one, the video frames' pixel bounds from video_preprocessor_config.json."""
+  and the video frames' pixel bounds from video_preprocessor_config.json; a directory without one has
+  them from preprocessor_config.json, as transformers' video processor then reads that file (the video
+  defaults only where it gives no bounds either)."""
   file = os.path.join(directory, "preprocessor_config.json")
   if not os.path.isfile(file):
     raise GleamError(f"No preprocessor_config.json in {directory!r}; give the path of a local "
                      "Qwen2.5-VL model directory.")
   with open(file) as f:
     d = json.load(f)
-  video = {}
+  video = d
   if os.path.isfile(os.path.join(directory, "video_preprocessor_config.json")):
     with open(os.path.join(directory, "video_preprocessor_config.json")) as f:
       video = json.load(f)
