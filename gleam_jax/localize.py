@@ -35,9 +35,8 @@ from gleam_jax import errors
 from gleam_jax import explain
 from gleam_jax import retrieve
 from gleam_jax.data.gleam_x import FLIGHT, FLIGHT_QUESTIONS, QUESTIONS
-from gleam_jax.data.sources import CAMERA_KEYS
+from gleam_jax.data.sources import CAMERA_KEYS, read_image
 from gleam_jax.errors import GleamError, make_dir
-from gleam_jax.data.sources import read_image
 from gleam_jax.eval import explain as explain_eval
 from gleam_jax.eval import report
 from gleam_jax.train import sft
@@ -143,9 +142,9 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
       p_yes = "   -" if row["p_yes"] is None else f"{row['p_yes']:.2f}"
       log(f"{rank:3d}. p_yes {p_yes}  cosine {row['cosine']:.4f} (#{row['retrieval_rank']})  {row['file']}")
       log(f"     {row['answer']}")
-  recall = None
-  truth = retrieve.true_matches(query_paths, retrieve.image_files(gallery_dir, "--gallery")[0]) if match_by_name else None
+  recall = truth = None
   if match_by_name:
+    truth = retrieve.true_matches(query_paths, retrieve.image_files(gallery_dir, "--gallery")[0])
     recall = {"retrieval": retrieval_recall,
               "reranked": retrieve.recall_by_name({q: [row["file"] for row in checked[q]] for q in query_paths}, truth, k)}
     log(f"R@K over {len(query_paths)} queries: GLEAM-C {retrieve.format_recall(recall['retrieval'])}; re-ranked by "
