@@ -284,7 +284,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
     from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
     system, _ = sft.trained_system_prompt(model_name)
   pairs = [with_system(p, system) for p in pairs]
-  # an answer is reused for the same line number, images, model, system prompt and decoding
+  # an answer is reused for the same line number, images (a flight's frames and rate), model, system prompt
+  # and decoding
   key = lambda line, images, model, asked_with, how: (line.rsplit(":", 1)[-1], tuple(images), model, asked_with,
                                                       json.dumps(how, sort_keys=True))
   done = {}
@@ -295,8 +296,8 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
           row = json.loads(text)
         except json.JSONDecodeError:  # the line being written when the run stopped
           continue
-        done[key(row["line"], _visual_paths(row), row.get("model"), row.get("system"), row.get("decoding", {}))] = row
-  rows = [done.get(key(p["line"], _visual_paths(_visuals(p)), model_name, p["system"], recorded)) for p in pairs]
+        done[key(row["line"], _visual_key(row), row.get("model"), row.get("system"), row.get("decoding", {}))] = row
+  rows = [done.get(key(p["line"], _visual_key(_visuals(p)), model_name, p["system"], recorded)) for p in pairs]
   todo = [i for i, row in enumerate(rows) if row is None]
   if len(todo) < len(pairs):
     log(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs answered before ({partial})")
@@ -357,15 +358,15 @@ def with_system(pair, system):
 
 
 def _visuals(pair):
-  """An answer row's fields naming the pair's visuals: its two images, or a flight's frames (`video`) and the
-  satellite image."""
+  """An answer row's fields naming the pair's visuals: its two images, or a flight's frames (`video`, at
+  `fps`) and the satellite image."""
   if pair_files.is_video_pair(pair):
-    return dict(video=list(pair["query"]), images=[pair["satellite"]])
+    return dict(video=list(pair["query"]), images=[pair["satellite"]], fps=pair["fps"])
   return dict(images=[pair["query"], pair["satellite"]])
 
 
-def _visual_paths(row):
-  return [*row.get("video", ()), *row["images"]]
+def _visual_key(row):
+  return [*row.get("video", ()), *row["images"], *([row["fps"]] if "fps" in row else [])]
 
 
 def _answer_row(pair, text, p_yes, model, decoding):

@@ -112,4 +112,13 @@ def test_tiny_flight_job_trains_evaluates_and_answers_a_pairs_file(tiny_cfg, tmp
   inputs = proc.encode_prompt(images, examples[0]["question"], **video_args)
   tokens = generation.generate(model, inputs["input_ids"][None], None, max_new_tokens=12,
                                **processor.join_visuals([inputs]))
-  assert answered[0]["answer"] == proc.decode(tokens[0])
+  assert answered[0]["answer"] == proc.decode(tokens[0]) and answered[0]["fps"] == 2.0
+  # a stopped run's answer is reused for the same frames at the same rate, not at another
+  for fps, reused in ((2.0, True), (1.0, False)):
+    with open(pairs_path, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(dict(line, fps=fps) if i == 0 else line) + "\n" for i, line in enumerate(written))
+    with open(out + ".partial", "w", encoding="utf-8") as f:
+      f.write(json.dumps(answered[0]) + "\n")
+    logged = []
+    explain.answer_pairs(pairs_path, out, workdir=workdir, max_new_tokens=12, log=logged.append)
+    assert any(line.startswith("resuming: 1 of ") for line in logged) == reused, logged
