@@ -97,6 +97,13 @@ def test_tiny_flight_job_trains_evaluates_and_answers_a_pairs_file(tiny_cfg, tmp
   losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
   assert np.mean([losses[7], losses[8]]) < losses[1] - 0.2, losses
   assert "flight/verdict_acc" in result and "uav/verdict_acc" not in result
+  # each batch as two micro-batches of 4 rows (on a 4 x 2 data x tensor mesh; the flights' frames and
+  # satellites in each): the same losses
+  accumulated = str(tmp_path / "accumulated")
+  main.run(tiny_config("x_sft", tiny_cfg.data_dir, arg="tiny,flights=1", grad_accum_steps=2,
+                       **{"eval.at_end": False, "mesh.data": 4, "mesh.tensor": 2}), accumulated)
+  again = {r["step"]: r["loss"] for r in read_metrics(accumulated) if "loss" in r}
+  np.testing.assert_allclose([again[s] for s in range(1, 9)], [losses[s] for s in range(1, 9)], rtol=2e-5)
   examples = [ex for ex in gleam_x.job_examples(config, "eval") if ex["modality"] == gleam_x.FLIGHT][:2]
   assert examples
   pairs_path = pair_files.write_pairs(examples, str(tmp_path / "pairs"))
