@@ -177,7 +177,7 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   `fps`), asked about after the images with a `prompt`. Without one, a single video and a single image
   are GLEAM-X's flight pair: the flight's frames first, then the satellite image, asked the flight
   question."""
-  from gleam_jax.models.qwen2_5_vl import generation  # pylint: disable=g-import-not-at-top
+  from gleam_jax.models.qwen2_5_vl import generation, processor  # pylint: disable=g-import-not-at-top
   flight = prompt is None and bool(video_dirs)
   if prompt is None:
     if lang not in QUESTIONS:
@@ -203,13 +203,11 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
     images = [resize(image, image_size) for image in images]
   inputs = proc.encode_prompt(images, prompt, system, videos=videos, fps=fps, source_fps=video_fps,
                               videos_first=flight)
-  video_inputs = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in inputs}
   stream = TextStream(proc, write)
   times = []
   start = time.perf_counter()
-  generation.generate(model, inputs["input_ids"][None], pixel_values=inputs["pixel_values"],
-                      image_grid_thw=inputs["image_grid_thw"], max_new_tokens=max_new_tokens, **video_inputs,
-                      **sampling, seed=seed, chunk=chunk, mesh=mesh,
+  generation.generate(model, inputs["input_ids"][None], max_new_tokens=max_new_tokens,
+                      **processor.join_visuals([inputs]), **sampling, seed=seed, chunk=chunk, mesh=mesh,
                       callback=lambda step, tokens: (times.append(time.perf_counter()), stream(step, tokens)))
   text = stream.close()
   prompt_len, new = len(inputs["input_ids"]), len(times)

@@ -447,8 +447,8 @@ def score_pairs(workdir, pairs_path, image_root=None, modality=None, results=Non
   satellites = list(dict.fromkeys(p["satellite"] for p in pairs))
   reference = dict(zip(satellites, reference_embeddings(model, config.data, satellites)))
   scores = np.zeros(len(pairs), np.float32)
+  frames = lambda p: p["query"] if pair_files.is_video_pair(p) else [p["query"]]
   for m, rows in rows_of.items():
-    frames = lambda p: p["query"] if pair_files.is_video_pair(p) else [p["query"]]
     paths = list(dict.fromkeys(path for i in rows for path in frames(pairs[i])))
     query = dict(zip(paths, query_embeddings(model, workdir, paths, m, camera, config.data)))
     for i in rows:

@@ -51,6 +51,7 @@ from gleam_jax.data import gleam_x
 from gleam_jax.data.gleam_x import FLIGHT_QUESTIONS, QUESTIONS
 from gleam_jax.data.sources import image_files, read_image
 from gleam_jax.errors import GleamError, make_dir
+from gleam_jax.models.qwen2_5_vl.processor import check_frame_sizes
 from gleam_jax.eval.explain import has_chinese, verdict
 
 DEFAULT_MODALITY = "pair"
@@ -276,11 +277,8 @@ def visuals_of(example, size=None):
   satellite = _array(example["satellite"], size)
   if is_video_pair(example):
     frames = [_array(frame, size) for frame in example["query"]]
-    shapes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})
-    if len(shapes) > 1:
-      raise GleamError(f"{example.get('line', 'a flight')}: the video's frames differ in size ({', '.join(shapes)}, "
-                       "width x height); give frames of one size, or resize every image and frame to one "
-                       "(config.examples.image_size).")
+    check_frame_sizes([(f.shape[1], f.shape[0]) for f in frames], example.get("line", "A flight"),
+                      ", or resize every image and frame to one (config.examples.image_size)")
     return [satellite], [frames]
   return [_array(example["query"], size), satellite], []
 

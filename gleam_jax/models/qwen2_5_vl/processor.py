@@ -153,6 +153,15 @@ def video_max_pixels(cfg: ImageConfig, num_frames: int) -> int:
   return max(min(cfg.video_max_pixels, total * cfg.temporal_patch_size // num_frames), int(cfg.video_min_pixels * 1.05))
 
 
+def check_frame_sizes(sizes, where="A video", fix=""):
+  """Stops unless a video's frames, of these (width, height) sizes, share one size; `where` names the video,
+  `fix` adds what the caller can do about it."""
+  shapes = sorted(set(sizes))
+  if len(shapes) > 1:
+    raise GleamError(f"{where}: the video's frames differ in size ({', '.join(f'{w}x{h}' for w, h in shapes)}, "
+                     f"width x height); give frames of one size{fix}.")
+
+
 def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
                      source_fps: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
   """Frames of one video (PIL images or uint8 arrays of one size) -> (patches [grid_t*grid_h*grid_w,
@@ -167,9 +176,7 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
   rgbs = [to_rgb(frame) for frame in frames]
   if not rgbs:
     raise GleamError("A video needs at least one frame.")
-  sizes = sorted({rgb.size for rgb in rgbs})
-  if len(sizes) > 1:
-    raise GleamError(f"The frames of a video must have one size; got {sizes} (width, height).")
+  check_frame_sizes([rgb.size for rgb in rgbs])
   h, w = smart_resize(rgbs[0].height, rgbs[0].width, cfg.factor, cfg.video_min_pixels,
                       video_max_pixels(cfg, len(rgbs)))
   rgbs += [rgbs[-1]] * (-len(rgbs) % cfg.temporal_patch_size)  # whole temporal patches
