@@ -223,6 +223,11 @@ def test_bad_sft_settings_are_named(tiny_cfg, tmp_path):
     main.run(sft_config(tiny_cfg.data_dir, grad_accum_steps=3), str(tmp_path / "d"))
   with pytest.raises(GleamError, match=r"a micro-batch of 8 // 2\)=4 does not divide over the mesh's data axes"):
     main.run(sft_config(tiny_cfg.data_dir, grad_accum_steps=2), str(tmp_path / "e"))
+  with pytest.raises(GleamError, match=r"config.examples.flights=1.5: the share of drone pairs .* is in \[0, 1\]"):
+    main.run(sft_config(tiny_cfg.data_dir, **{"examples.flights": 1.5}), str(tmp_path / "f"))
+  with pytest.raises(GleamError, match=r"config.examples.negatives_top_k=0: draw negatives from at least"):
+    main.run(sft_config(tiny_cfg.data_dir, **{"examples.negatives_from": str(tmp_path / "c_job"),
+                                              "examples.negatives_top_k": 0}), str(tmp_path / "g"))
 
 
 def test_lora_merge_adds_the_scaled_product_and_starts_at_the_model():
