@@ -64,6 +64,9 @@ def test_a_job_mines_its_pairs_negatives_with_the_gleam_c_job(c_job, tiny_cfg):
   assert [ex["satellite_location_id"] for ex in train] != [ex["satellite_location_id"] for ex in plain]
   with pytest.raises(GleamError, match=r"draw the pairs with GLEAM-C's confusions"):
     gleam_x.job_examples(config, "train")
+  other = data_config(**dict(tiny_cfg.to_dict(), config="s64", modalities=("panorama",)))
+  with pytest.raises(GleamError, match=r"trained on synthetic_cvgl/tiny, the pairs are drawn from synthetic_cvgl/s64"):
+    retrieve.confusions(c_job, other, "test", ("panorama",), k=1)
   every = tiny_config("x_sft", tiny_cfg.data_dir, arg=f"tiny,negatives_from={c_job}")
   with pytest.raises(GleamError, match=r"trained for the query modalities panorama, not uav, streetmap, ground"):
     sft.load_examples(every, "eval")

@@ -135,6 +135,8 @@ def test_one_place_checks_evenly_spaced_views_and_averages_their_yes(jobs):
              for line in lines)
   with pytest.raises(GleamError, match="--x_flight asks GLEAM-X about the views of one place"):
     localize.localize(c_job, views, gallery, x_workdir=x_job, x_flight=True)
+  with pytest.raises(GleamError, match=r"--fps=0: give the frames per second"):
+    localize.localize(c_job, views, gallery, x_workdir=x_job, one_place=True, x_flight=True, fps=0)
   assert localize.evenly_spaced(5, 3) == [0, 2, 4] and localize.evenly_spaced(2, 3) == [0, 1]
   assert localize.evenly_spaced(54, 1) == [0]
 
