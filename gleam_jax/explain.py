@@ -16,7 +16,8 @@ the model directory's generation_config.json says, as transformers' `generate` c
 released Instruct checkpoints: a repetition penalty of 1.05, top_k 1); flags given on the command
 line override it. Without `--prompt` the question is GLEAM-X's, in English or Chinese (`--lang`);
 any number of images may go with a prompt of your own, and videos too (`--video`: a folder of frames
-sampled at `--fps`, or recorded at `--video_fps` and sampled down to `--fps`, after the images).
+sampled at `--fps`, or recorded at `--video_fps` and sampled down to `--fps`, or a video file such as a
+drone's .mp4, sampled at `--fps` as transformers samples it; after the images).
 `--video=FLIGHT_DIR --image=satellite.png` without `--prompt` asks GLEAM-X's flight question: does the
 drone flight show the satellite image's place (the frames first, as GLEAM-X jobs train on flights).
 Prefill and decode rates go to stderr.
@@ -42,7 +43,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from gleam_jax.data import pair_files
+from gleam_jax.data import pair_files, video_files
 from gleam_jax.data.augment import resize
 from gleam_jax.data.gleam_x import FLIGHT_QUESTIONS, QUESTIONS
 from gleam_jax.data.sources import image_files, read_image
@@ -66,10 +67,11 @@ def define_flags():
   flags.DEFINE_multi_string("image", [], "An image file; repeat for each view (GLEAM-X: the query, then "
                             "the satellite image).")
   flags.DEFINE_multi_string("video", [], "A folder of a video's frames (image files, in name order, sampled at "
-                            "--fps); repeat for each video. With a --prompt they follow the --image views; "
+                            "--fps), or a video file (.mp4, .mov, ...: sampled at --fps as transformers samples "
+                            "it; needs PyAV); repeat for each video. With a --prompt they follow the --image views; "
                             "without, one --video and one --image are GLEAM-X's flight pair (frames first).")
   flags.DEFINE_float("fps", 2.0, "With --video: the frames per second the frames were sampled at (or, with "
-                     "--video_fps, the rate to sample them at).")
+                     "--video_fps or a video file, the rate to sample them at).")
   flags.DEFINE_float("video_fps", None, "With --video: the folder holds every frame of a clip recorded at this "
                      "rate (as ffmpeg writes them): sample them down to --fps as transformers does.")
   flags.DEFINE_string("prompt", None, "The question (default: GLEAM-X's, in --lang).")
@@ -158,9 +160,28 @@ class TextStream:
     return self.shown
 
 
-def read_videos(folders):
-  """Each folder's frames (its image files in name order), read as `read_images` reads images."""
-  return [read_images(image_files(folder, "--video")[0]) for folder in folders]
+def read_videos(sources, fps=2.0, video_fps=None):
+  """(frames of each video, the rate each stands for): a folder's image files in name order (read as
+  `read_images` reads images) taken as sampled at `fps`, or with `video_fps` as every frame of a clip
+  recorded at that rate, sampled down to `fps` as transformers samples it; a video file sampled at
+  `fps` (`video_files.read_clip`)."""
+  from gleam_jax.models.qwen2_5_vl import processor  # pylint: disable=g-import-not-at-top
+  videos, rates = [], []
+  for source in sources:
+    where = f"--video={source}"
+    if video_files.is_video_file(source):
+      if video_fps is not None:
+        raise GleamError(f"{where}: --video_fps is for a folder of every frame of a clip; a video file records "
+                         "its own rate. Leave --video_fps out.")
+      frames, rate, _ = video_files.read_clip(os.path.expanduser(source), fps, where)
+    else:
+      frames, rate = read_images(image_files(source, "--video")[0]), fps
+      if video_fps is not None:
+        kept = processor.sample_frames(len(frames), video_fps, fps)
+        frames, rate = [frames[i] for i in kept], processor.sampled_fps(len(kept), len(frames), video_fps)
+    videos.append(frames)
+    rates.append(rate)
+  return videos, rates
 
 
 def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, sampling=None,
@@ -174,7 +195,7 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   than one. `sampling`: `generation.generate`'s token-choice keywords (`generation.check_settings`;
   greedy when empty), over the model directory's generation_config.json with `generation_config`.
   `video_dirs`: folders of frames sampled at `fps` (or recorded at `video_fps`, then sampled down to
-  `fps`), asked about after the images with a `prompt`. Without one, a single video and a single image
+  `fps`), or video files sampled at `fps` (`read_videos`), asked about after the images with a `prompt`. Without one, a single video and a single image
   are GLEAM-X's flight pair: the flight's frames first, then the satellite image, asked the flight
   question."""
   from gleam_jax.models.qwen2_5_vl import generation, processor  # pylint: disable=g-import-not-at-top
@@ -192,17 +213,17 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
                        "give two (the query, then the satellite image), or a --prompt of your own.")
     prompt = (FLIGHT_QUESTIONS if flight else QUESTIONS)[lang]
   images = read_images(image_paths)  # a bad file stops before the model is loaded
-  videos = read_videos(video_dirs)
+  videos, rates = read_videos(video_dirs, fps, video_fps)
   if generation_config:
     sampling = generation.sampling_settings(model_directory(model_dir, workdir)) | (sampling or {})
   sampling = generation.check_settings(**(sampling or {}))  # bad values stop before loading
   mesh = inference_mesh(fsdp, tensor)
   model, proc, image_size, trained_system = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
   system = trained_system if system is None else system
-  if image_size:
+  if image_size:  # as the job's examples were: every image and frame
     images = [resize(image, image_size) for image in images]
-  inputs = proc.encode_prompt(images, prompt, system, videos=videos, fps=fps, source_fps=video_fps,
-                              videos_first=flight)
+    videos = [[resize(frame, image_size) for frame in frames] for frames in videos]
+  inputs = proc.encode_prompt(images, prompt, system, videos=videos, fps=rates, videos_first=flight)
   stream = TextStream(proc, write)
   times = []
   start = time.perf_counter()

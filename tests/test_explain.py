@@ -11,7 +11,9 @@ import transformers
 from PIL import Image
 
 from config_files import REPO
+from video_fixtures import write_video
 from gleam_jax import explain
+from gleam_jax.data import video_files
 from gleam_jax.data.gleam_x import FLIGHT_QUESTIONS
 from gleam_jax.errors import GleamError
 from gleam_jax.eval import explain as explain_eval
@@ -341,8 +343,9 @@ def test_a_video_folder_streams_the_greedy_answer_about_its_frames(model_dir, vi
   # --video_fps: the folder as every frame of a 1-second clip at 3 fps, sampled down to 1 fps (frames 0, 1)
   sampled = explain.explain(model_dir, views[1:], prompt="Where was this flight?", max_new_tokens=6,
                             write=lambda _: None, video_dirs=[str(frames)], fps=1.0, video_fps=3.0)
-  two = proc.encode_prompt(explain.read_images(views[1:]), "Where was this flight?", videos=[video[:2]], fps=1.0)
-  assert two["video_grid_thw"][0, 0] == 1
+  # the two kept frames of three at 3 fps stand for 2 frames a second (transformers' sampled_fps)
+  two = proc.encode_prompt(explain.read_images(views[1:]), "Where was this flight?", videos=[video[:2]], fps=2.0)
+  assert two["video_grid_thw"][0, 0] == 1 and two["second_per_grid_ts"].tolist() == [1.0]
   tokens = generation.generate(params.load_pretrained(model_dir), two["input_ids"][None],
                                pixel_values=two["pixel_values"], image_grid_thw=two["image_grid_thw"],
                                pixel_values_videos=two["pixel_values_videos"], video_grid_thw=two["video_grid_thw"],
@@ -364,3 +367,20 @@ def test_a_video_folder_streams_the_greedy_answer_about_its_frames(model_dir, vi
   run = subprocess.run([sys.executable, "-m", "gleam_jax.explain", f"--model_dir={tmp_path}/no_model",
                         f"--video={frames}", "--prompt=?"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert run.returncode == 2 and run.stderr.startswith("error: ") and "no_model" in run.stderr, run.stderr
+
+
+def test_a_video_file_is_asked_about_as_its_sampled_frames(model_dir, views, tmp_path):
+  """`--video=flight.mp4`: the answer about the clip sampled at --fps is the answer about a folder of
+  the same frames at the rate they stand for; --video_fps is refused for a file (it records its own)."""
+  clip = write_video(tmp_path / "flight.mp4", 95)
+  frames, rate, _ = video_files.read_clip(clip, 2.0)
+  folder = tmp_path / "frames"
+  folder.mkdir()
+  for i, frame in enumerate(frames):
+    Image.fromarray(frame).save(folder / f"{i:03d}.png")
+  from_file = explain.explain(model_dir, views[1:], max_new_tokens=6, write=lambda _: None, video_dirs=[clip])
+  from_folder = explain.explain(model_dir, views[1:], max_new_tokens=6, write=lambda _: None,
+                                video_dirs=[str(folder)], fps=rate)
+  assert from_file == from_folder
+  with pytest.raises(GleamError, match="--video=.*flight.mp4: --video_fps is for a folder"):
+    explain.explain(model_dir, views[1:], video_dirs=[clip], video_fps=30.0)

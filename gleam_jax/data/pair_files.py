@@ -14,15 +14,18 @@ Each pair is read in any of these layouts (mixed freely):
     {"images": [...], "instruction": "<image><image>Do these ...?", "output": "Yes. ..."}
                                                                   # LLaMA-Factory (Alpaca; input, history)
     {"video": ["flight/0001.jpg", "flight/0002.jpg", ...], "images": ["sat/0001.png"], "fps": 2.0,
-     "answer": "Yes. ..."}                              # ours, a video query ("video": "flight/" reads a folder)
-    {"videos": [["flight/0001.jpg", ...]], "images": ["sat/0001.png"], "messages": [
+     "answer": "Yes. ..."}           # ours, a video query ("video": "flight/" reads a folder, "flight.mp4" a file)
+    {"videos": ["flight.mp4"], "images": ["sat/0001.png"], "messages": [
        {"role": "user", "content": "<video><image>Do these ...?"}, {"role": "assistant", "content": "Yes. ..."}]}
                                                                   # LLaMA-Factory, a video query
 
 The images are the query view, then the satellite image; or, with a video, the video is the query
 (its frames in order: a list of image paths, or a folder whose image files are the frames in name
-order; one video a pair) and the satellite image is the one image, `fps` (default 2.0) the rate the
-frames were sampled at. Relative paths are read from the file's folder, or from `image_root`. Only
+order, or a video file; one video a pair) and the satellite image is the one image, `fps` (default 2.0)
+the rate the frames were sampled at. A video file (.mp4, .mov, ...; needs PyAV) is sampled at `fps` as
+transformers' Qwen2.5-VL video processor samples it, and its frames are extracted once as PNG files
+under `<data dir>/video_frames/` (`data/video_files.py`); the pair's rate is then what the kept frames
+stand for. Relative paths are read from the file's folder, or from `image_root`. Only
 the images (and the video) are required to ask; training and scoring need the answer. A conversation
 may go on: later user / assistant turns (ours: `"follow_ups": [{"question": ..., "answer": ...}]`)
 are trained on too (the loss covers every answer); the verdict is the first answer's, and each later
@@ -47,7 +50,7 @@ import re
 from PIL import Image
 
 from gleam_jax.data.augment import resize
-from gleam_jax.data import gleam_x
+from gleam_jax.data import gleam_x, video_files
 from gleam_jax.data.gleam_x import FLIGHT_QUESTIONS, QUESTIONS
 from gleam_jax.data.sources import image_files, read_image
 from gleam_jax.errors import GleamError, make_dir
@@ -147,27 +150,31 @@ def _video(line, where):
   return videos[0]
 
 
-def _frames(video, where, root):
-  """The frame paths of a video given as a list of image paths (in order), or as a folder whose image
-  files are the frames in name order."""
+def _frames(video, where, root, fps):
+  """(frame paths, their rate) of a video given as a list of image paths (in order) or a folder whose
+  image files are the frames in name order, both sampled at `fps`; or as a video file, sampled at `fps`
+  and extracted once (`video_files.extract_frames`: the rate is then what the kept frames stand for)."""
   if isinstance(video, str):
-    folder = os.path.join(root, os.path.expanduser(video))
-    if not os.path.isdir(folder):
-      raise GleamError(f"{where}: video {folder} is not a folder of frames; give the frames (image files) as a "
-                       "list of paths or a folder (a video file is not read: extract its frames first), relative "
-                       "to the pairs file's folder (or to config.examples.image_root).")
-    return image_files(folder, f"{where}: video")[0]
+    path = os.path.join(root, os.path.expanduser(video))
+    if video_files.is_video_file(path):
+      return video_files.extract_frames(path, fps, f"{where}: video")
+    if not os.path.isdir(path):
+      raise GleamError(f"{where}: video {path} is neither a folder of frames nor a video file "
+                       f"({', '.join(video_files.VIDEO_EXTENSIONS)}); give the frames (image files) as a list of "
+                       "paths or a folder, or the video file, relative to the pairs file's folder (or to "
+                       "config.examples.image_root).")
+    return image_files(path, f"{where}: video")[0], fps
   if not isinstance(video, list) or not video or not all(isinstance(f, str) for f in video):
     raise GleamError(f"{where}: a video is its frames, a list of at least one image path in order (or a folder of "
-                     f"them); this line has {video!r}.")
-  return [_file(frame, where, root, "frame") for frame in video]
+                     f"them, or a video file); this line has {video!r}.")
+  return [_file(frame, where, root, "frame") for frame in video], fps
 
 
 def _fps(line, where):
   fps = line.get("fps", DEFAULT_FPS)
   if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-    raise GleamError(f"{where}: 'fps' is the rate the video's frames were sampled at, a number > 0 (default "
-                     f"{DEFAULT_FPS}); this line has {fps!r}.")
+    raise GleamError(f"{where}: 'fps' is the rate the video's frames were sampled at (a video file's: the rate to "
+                     f"sample it at), a number > 0 (default {DEFAULT_FPS}); this line has {fps!r}.")
   return float(fps)
 
 
@@ -185,7 +192,8 @@ def _pair(line, where, root):
                      f"'images'; this line has {images!r}.")
   paths = [_file(image, where, root, "image") for image in images]
   if video is not None:
-    paths.insert(0, _frames(video, where, root))
+    frames, fps = _frames(video, where, root, _fps(line, where))
+    paths.insert(0, frames)
   system, rounds = _conversation(line, where)
   question = line.get("question", rounds[0][0])
   answer = line.get("answer", rounds[0][1])
@@ -209,7 +217,7 @@ def _pair(line, where, root):
               modality=str(line.get("modality", DEFAULT_MODALITY if video is None else gleam_x.FLIGHT)),
               question=question or questions[lang], answer=answer, system=system, follow_ups=rounds[1:], line=where)
   if video is not None:
-    pair["fps"] = _fps(line, where)
+    pair["fps"] = fps
   return pair
 
 

@@ -145,6 +145,13 @@ def sample_frames(total: int, source_fps: float, fps: float, temporal_patch_size
   return positions.astype(np.float32).astype(np.int64)
 
 
+def sampled_fps(kept: int, total: int, source_fps: float) -> float:
+  """The rate `kept` of `total` frames recorded at `source_fps` stand for (transformers'
+  `VideoMetadata.sampled_fps`): what the time positions of a sampled video are computed from, which
+  differs from the asked rate where `sample_frames` floors or caps the count."""
+  return kept / total * source_fps
+
+
 def video_max_pixels(cfg: ImageConfig, num_frames: int) -> int:
   """A frame's pixel cap: cfg.video_max_pixels, and an even share of VIDEO_MAX_TOKENS' worth of pixels
   over the frames (qwen-vl-utils' total budget; transformers' `cap_pixels_per_frame`), not below
@@ -167,12 +174,16 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
   """Frames of one video (PIL images or uint8 arrays of one size) -> (patches [grid_t*grid_h*grid_w,
   patch_dim], grid_thw [3], seconds per temporal patch). The frames are taken as sampled at `fps`, or,
   with `source_fps` (every frame of a clip, as ffmpeg writes them), sampled down to `fps` first
-  (`sample_frames`). Each frame is resized within cfg.video_min_pixels .. `video_max_pixels`."""
+  (`sample_frames`; the seconds per temporal patch then follow the rate the kept frames stand for,
+  `sampled_fps`, as transformers computes them). Each frame is resized within cfg.video_min_pixels ..
+  `video_max_pixels`."""
   if not fps > 0:
     raise GleamError(f"fps={fps}: give the frame rate the frames were sampled at (> 0).")
   frames = list(frames)
   if source_fps is not None:
-    frames = [frames[i] for i in sample_frames(len(frames), source_fps, fps, cfg.temporal_patch_size)]
+    kept = sample_frames(len(frames), source_fps, fps, cfg.temporal_patch_size)
+    fps = sampled_fps(len(kept), len(frames), source_fps)
+    frames = [frames[i] for i in kept]
   rgbs = [to_rgb(frame) for frame in frames]
   if not rgbs:
     raise GleamError("A video needs at least one frame.")
@@ -188,8 +199,13 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
 def preprocess_videos(videos, cfg: ImageConfig, fps: float = 2.0,
                       source_fps: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Videos -> (pixel_values_videos [sum of patches, patch_dim], video_grid_thw [n, 3],
-  second_per_grid_ts [n] float32), as transformers' processor names them."""
-  out = [preprocess_video(video, cfg, fps, source_fps) for video in videos]
+  second_per_grid_ts [n] float32), as transformers' processor names them. `fps`: one rate for every
+  video, or a sequence of one per video (clips sampled from files each keep their own)."""
+  videos = list(videos)
+  rates = list(fps) if isinstance(fps, (list, tuple, np.ndarray)) else [fps] * len(videos)
+  if len(rates) != len(videos):
+    raise GleamError(f"{len(rates)} frame rates were given for {len(videos)} videos; give one rate, or one a video.")
+  out = [preprocess_video(video, cfg, rate, source_fps) for video, rate in zip(videos, rates)]
   if not out:
     return (np.zeros((0, 3 * cfg.temporal_patch_size * cfg.patch_size**2), np.float32),
             np.zeros((0, 3), np.int64), np.zeros((0,), np.float32))
@@ -376,7 +392,7 @@ class Processor:
   def encode_prompt(self, images, prompt: str, system: str | None = None, history=(), videos=(),
                     fps: float = 2.0, source_fps: float | None = None, videos_first: bool = False) -> dict:
     """Model inputs up to `<|im_start|>assistant\\n`: input_ids [L], pixel_values, image_grid_thw, and
-    with `videos` (each a sequence of frames sampled at `fps`) pixel_values_videos, video_grid_thw and
+    with `videos` (each a sequence of frames sampled at `fps`: one rate, or one a video) pixel_values_videos, video_grid_thw and
     second_per_grid_ts, the keyword arguments `generation.generate` takes (`source_fps`: the videos hold
     every frame recorded at that rate, sampled down to `fps`; see `preprocess_video`). The videos follow
     the images in the prompt, or come first with `videos_first` (a drone flight asked about before its
