@@ -378,9 +378,10 @@ def with_system(pair, system):
 
 def _visuals(pair):
   """An answer row's fields naming the pair's visuals: its two images, or a flight's frames (`video`, at
-  `fps`) and the satellite image."""
+  `fps`; a video file's path in `video_file`) and the satellite image."""
   if pair_files.is_video_pair(pair):
-    return dict(video=list(pair["query"]), images=[pair["satellite"]], fps=pair["fps"])
+    source = {"video_file": pair["video_file"]} if "video_file" in pair else {}
+    return dict(video=list(pair["query"]), **source, images=[pair["satellite"]], fps=pair["fps"])
   return dict(images=[pair["query"], pair["satellite"]])
 
 

@@ -382,5 +382,13 @@ def test_a_video_file_is_asked_about_as_its_sampled_frames(model_dir, views, tmp
   from_folder = explain.explain(model_dir, views[1:], max_new_tokens=6, write=lambda _: None,
                                 video_dirs=[str(folder)], fps=rate)
   assert from_file == from_folder
+  # a pairs file's video file: the same answer, the row naming the file (frames extracted under the data dir)
+  pairs = tmp_path / "flights.jsonl"
+  pairs.write_text(json.dumps(dict(video="flight.mp4", images=[views[1]])) + "\n")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("GLEAM_DATA_DIR", str(tmp_path / "data"))
+    rows, _ = explain.answer_pairs(str(pairs), str(tmp_path / "answers.jsonl"), model_dir=model_dir,
+                                   max_new_tokens=6, log=lambda _: None)
+  assert rows[0]["answer"] == from_file and rows[0]["video_file"] == clip and rows[0]["fps"] == rate
   with pytest.raises(GleamError, match="--video=.*flight.mp4: --video_fps is for a folder"):
     explain.explain(model_dir, views[1:], video_dirs=[clip], video_fps=30.0)

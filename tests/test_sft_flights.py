@@ -3,9 +3,11 @@ answer loss against transformers' with videos, the synthetic draw's flights, and
 evaluates and answers a pairs file of flights."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers
 from flax import nnx
@@ -14,6 +16,7 @@ from config_files import tiny_config
 from data_fixtures import tiny_cfg  # noqa: F401  (session fixture)
 from gleam_jax import explain, main
 from gleam_jax.data import gleam_x, pair_files
+from gleam_jax.data.gleam_x import FLIGHT_QUESTIONS
 from gleam_jax.eval.explain import verdict
 from gleam_jax.models.qwen2_5_vl import generation, params, processor, tiny_dir
 from gleam_jax.train import sft
@@ -85,7 +88,7 @@ def test_synthetic_flights_are_the_drone_views_of_the_place(tiny_cfg):
     np.testing.assert_array_equal(a["query"], b["query"])
 
 
-def test_tiny_flight_job_trains_evaluates_and_answers_a_pairs_file(tiny_cfg, tmp_path):
+def test_tiny_flight_job_trains_evaluates_and_answers_a_pairs_file(tiny_cfg, tmp_path, monkeypatch):
   """Half the drone pairs as flights: the batches group flights apart, the loss falls, the evaluation
   scores flights as a modality, and `explain --pairs` on the job's flights written as a pairs file gives
   the answers greedy generation gives from the processor's video-first prompt."""
@@ -129,3 +132,23 @@ def test_tiny_flight_job_trains_evaluates_and_answers_a_pairs_file(tiny_cfg, tmp
     logged = []
     explain.answer_pairs(pairs_path, out, workdir=workdir, max_new_tokens=12, log=logged.append)
     assert any(line.startswith("resuming: 1 of ") for line in logged) == reused, logged
+  # `explain --video` with a job resizes the frames as its examples were: for a job of 24 x 24 examples,
+  # the visuals it generates from are those `explain --pairs` builds for the same pair
+  loaded = explain.load_model
+  monkeypatch.setattr(explain, "load_model", lambda *a: (*loaded(*a)[:2], (24, 24), loaded(*a)[3]))
+  asked = {}
+  def generate(model, ids, **kw):
+    asked.update(kw)
+    raise InterruptedError("the inputs are what is checked")
+  monkeypatch.setattr(generation, "generate", generate)
+  folder = tmp_path / "flight0"
+  folder.mkdir()
+  frames = [shutil.copy(os.path.join(tmp_path, "pairs", frame), folder) for frame in written[0]["video"]]
+  satellite = os.path.join(tmp_path, "pairs", written[0]["images"][0])
+  with pytest.raises(InterruptedError):
+    explain.explain(None, [satellite], workdir=workdir, video_dirs=[str(folder)], write=lambda _: None)
+  images, video_args = pair_files.prompt_visuals(dict(query=frames, satellite=satellite, fps=2.0), (24, 24))
+  expected = proc.encode_prompt(images, FLIGHT_QUESTIONS["en"], **video_args)
+  assert asked["video_grid_thw"].tolist() == [[len(frames) // 2 + len(frames) % 2, 4, 4]]  # 56 x 56 frames
+  for key in ("pixel_values_videos", "video_grid_thw", "pixel_values", "image_grid_thw", "second_per_grid_ts"):
+    np.testing.assert_array_equal(asked[key], expected[key])

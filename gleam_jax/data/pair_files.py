@@ -218,6 +218,8 @@ def _pair(line, where, root):
               question=question or questions[lang], answer=answer, system=system, follow_ups=rounds[1:], line=where)
   if video is not None:
     pair["fps"] = fps
+    if isinstance(video, str) and video_files.is_video_file(video):
+      pair["video_file"] = os.path.join(root, os.path.expanduser(video))
   return pair
 
 
@@ -248,7 +250,7 @@ def _entries(path):
 def read_pairs(path, image_root=None, need_answers=True):
   """The pairs of a JSON Lines file, or of a JSON array file, (see the module docstring) as GLEAM-X
   examples whose 'query' and 'satellite' are image paths (read by `visuals_of`); a video's 'query' is
-  its list of frame paths, and 'fps' its rate. Every image and frame is checked to exist. With
+  its list of frame paths, and 'fps' its rate (a video file's extracted frames, its path in 'video_file'). Every image and frame is checked to exist. With
   `need_answers`, a pair without an answer is an error (training and scoring need one)."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
