@@ -49,7 +49,8 @@ def define_flags():
   flags.DEFINE_string("c_workdir", None, "A GLEAM-C job's workdir: the retrieval model.")
   flags.DEFINE_string("x_workdir", None, "A GLEAM-X job's workdir: the model that checks and explains.")
   flags.DEFINE_string("x_model_dir", None, "Instead of --x_workdir: a Hugging Face Qwen2.5-VL directory.")
-  flags.DEFINE_string("query", None, "The query image, or a folder of query images (one modality).")
+  flags.DEFINE_string("query", None, "The query image, a folder of query images (one modality), or a video file "
+                      "(a drone flight: its frames sampled at --fps; with --one_place, views of one place).")
   flags.DEFINE_string("gallery", None, "Folder of satellite images to search.")
   flags.DEFINE_integer("k", 5, "Candidates per query that GLEAM-X checks.")
   flags.DEFINE_string("modality", None, "Query modality, for a GLEAM-C job trained for several.")
@@ -68,7 +69,8 @@ def define_flags():
                        "each candidate against.")
   flags.DEFINE_bool("x_flight", False, "With --one_place: ask GLEAM-X once per candidate, about the --x_views "
                     "views as one drone flight (a video, frames first) instead of view by view.")
-  flags.DEFINE_float("fps", 2.0, "With --x_flight: the frames per second the flight's views stand for.")
+  flags.DEFINE_float("fps", 2.0, "With --x_flight: the frames per second the flight's views stand for; with a "
+                     "--query video file, also the rate to sample it at.")
   flags.DEFINE_integer("batch_size", 8, "Pairs GLEAM-X answers together.")
   flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per explanation.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "GLEAM-X's dtype with --x_model_dir.")
@@ -200,7 +202,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
   with errors.stop_on_bad_input():
-    localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query), FLAGS.gallery, FLAGS.x_workdir,
+    localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query, FLAGS.fps), FLAGS.gallery, FLAGS.x_workdir,
              FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank, FLAGS.match_by_name, FLAGS.out,
              FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
              system=FLAGS.system, one_place=FLAGS.one_place, x_views=FLAGS.x_views, x_flight=FLAGS.x_flight,

@@ -15,7 +15,9 @@ large query folders), and with `--results` a JSON Lines file of every query's to
 `--match_by_name` the gallery image named as a query (extensions aside) is its true satellite, and
 R@K over the queries is printed: a quick score of your own paired folders. With `--one_place` the
 query folder's images are views of one place (a drone flight's frames): they are searched as one
-query, the mean of their embeddings (University-1652's multiple queries).
+query, the mean of their embeddings (University-1652's multiple queries). `--query` may be a video
+file (a drone's .mp4; needs PyAV): its frames, sampled at `--fps` as GLEAM-X samples a flight, are the
+queries (`--one_place`: one place), extracted once under the data dir (`data/video_files.py`).
 
     python -m gleam_jax.retrieve --workdir=W --pairs=pairs.jsonl [--results=scores.jsonl] [--modality=uav]
 
@@ -42,7 +44,7 @@ from flax import nnx
 import numpy as np
 
 from gleam_jax import errors
-from gleam_jax.data import pair_files
+from gleam_jax.data import pair_files, video_files
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import MODALITIES, data_config, query_shape
 from gleam_jax.data.gleam_x import FLIGHT
@@ -66,8 +68,10 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Command-line flags (defined only when run as a program: gleam_jax.main owns --workdir too)."""
   flags.DEFINE_string("workdir", None, "Workdir of a finished (or running) GLEAM-C job.")
-  flags.DEFINE_string("query", None, "The query image (panorama, UAV view, street map or photo), or a folder "
-                      "of query images (one modality).")
+  flags.DEFINE_string("query", None, "The query image (panorama, UAV view, street map or photo), a folder "
+                      "of query images (one modality), or a video file (a drone flight: its frames sampled at "
+                      "--fps, each a query, or with --one_place one place).")
+  flags.DEFINE_float("fps", 2.0, "With a --query video file: the frames per second to sample it at.")
   flags.DEFINE_string("gallery", None, "Folder of satellite images to search.")
   flags.DEFINE_integer("k", 5, "How many gallery images to show.")
   flags.DEFINE_string("modality", None, "Query modality (sets its input size and tower); needed when the "
@@ -141,12 +145,15 @@ def load_trained(workdir, config=None):
   return model, config, where, loss_bias
 
 
-def query_files(path):
-  """A query image file, or the images of a folder of queries."""
+def query_files(path, fps=2.0):
+  """A query image file, the images of a folder of queries, or a video file's frames sampled at `fps`
+  (a drone flight; `video_files.extract_frames`: as PNG files under the data dir, extracted once)."""
   if os.path.isdir(path):
     return image_files(path, "--query")[0]
   if not os.path.isfile(path):
-    raise GleamError(f"--query={path} is neither an image file nor a folder of images.")
+    raise GleamError(f"--query={path} is neither an image file, a video file nor a folder of images.")
+  if video_files.is_video_file(path):
+    return video_files.extract_frames(path, fps, f"--query={path}")[0]
   return [path]
 
 
@@ -496,7 +503,7 @@ def main(argv):
       return
     if not (FLAGS.query and FLAGS.gallery):
       raise GleamError("give --query (an image or a folder) and --gallery (a folder of satellites), or --pairs.")
-    search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query), FLAGS.gallery, FLAGS.k,
+    search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query, FLAGS.fps), FLAGS.gallery, FLAGS.k,
                FLAGS.modality, FLAGS.out, FLAGS.pngs, FLAGS.results, FLAGS.match_by_name, one_place=FLAGS.one_place,
                **camera)
 

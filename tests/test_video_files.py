@@ -129,3 +129,14 @@ def test_a_sampled_video_is_timed_by_the_rate_its_frames_stand_for():
   np.testing.assert_allclose(each, [1.0, 0.5])
   with pytest.raises(GleamError, match="2 frame rates were given for 1 videos"):
     processor.preprocess_videos([frames[:4]], cfg, fps=[2.0, 4.0])
+
+
+def test_a_video_query_is_its_sampled_frames(clip, tmp_path, monkeypatch):
+  """`retrieve --query=flight.mp4` / `localize --query=flight.mp4`: the queries are the clip's frames
+  sampled at --fps, extracted under the data dir."""
+  from gleam_jax import retrieve  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("GLEAM_DATA_DIR", str(tmp_path))
+  paths = retrieve.query_files(clip, fps=1.0)
+  assert paths == video_files.extract_frames(clip, 1.0)[0]
+  assert [frame_index(np.asarray(Image.open(p))) for p in paths] == [0, 23, 47, 71]
+  assert os.path.commonpath(paths).startswith(video_files.frames_root(str(tmp_path)))
