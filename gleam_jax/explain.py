@@ -195,9 +195,9 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
   than one. `sampling`: `generation.generate`'s token-choice keywords (`generation.check_settings`;
   greedy when empty), over the model directory's generation_config.json with `generation_config`.
   `video_dirs`: folders of frames sampled at `fps` (or recorded at `video_fps`, then sampled down to
-  `fps`), or video files sampled at `fps` (`read_videos`), asked about after the images with a `prompt`. Without one, a single video and a single image
-  are GLEAM-X's flight pair: the flight's frames first, then the satellite image, asked the flight
-  question."""
+  `fps`), or video files sampled at `fps` (`read_videos`), asked about after the images with a
+  `prompt`. Without one, a single video and a single image are GLEAM-X's flight pair: the flight's
+  frames first, then the satellite image, asked the flight question."""
   from gleam_jax.models.qwen2_5_vl import generation, processor  # pylint: disable=g-import-not-at-top
   flight = prompt is None and bool(video_dirs)
   if prompt is None:

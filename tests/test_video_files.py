@@ -140,3 +140,17 @@ def test_a_video_query_is_its_sampled_frames(clip, tmp_path, monkeypatch):
   assert paths == video_files.extract_frames(clip, 1.0)[0]
   assert [frame_index(np.asarray(Image.open(p))) for p in paths] == [0, 23, 47, 71]
   assert os.path.commonpath(paths).startswith(video_files.frames_root(str(tmp_path)))
+
+
+def test_a_jobs_pairs_file_extracts_video_files_under_its_data_dir(clip, tmp_path):
+  """A GLEAM-X job reading a pairs file of video files extracts their frames under `data.data_dir`."""
+  from config_files import tiny_config  # pylint: disable=g-import-not-at-top
+  from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "sat.png")
+  path = tmp_path / "train.jsonl"
+  path.write_text(json.dumps(dict(video=clip, images=["sat.png"], answer="Yes. The same place.")) + "\n")
+  data_dir = str(tmp_path / "job_data")
+  config = tiny_config("x_sft", data_dir, **{"examples.train_file": str(path), "examples.eval_file": str(path)})
+  (pair,) = sft.load_examples(config, "train")
+  assert pair["video_file"] == clip and len(pair["query"]) == 6
+  assert os.path.commonpath(pair["query"]).startswith(video_files.frames_root(data_dir))

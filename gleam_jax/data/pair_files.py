@@ -150,14 +150,14 @@ def _video(line, where):
   return videos[0]
 
 
-def _frames(video, where, root, fps):
+def _frames(video, where, root, fps, data_dir):
   """(frame paths, their rate) of a video given as a list of image paths (in order) or a folder whose
   image files are the frames in name order, both sampled at `fps`; or as a video file, sampled at `fps`
   and extracted once (`video_files.extract_frames`: the rate is then what the kept frames stand for)."""
   if isinstance(video, str):
     path = os.path.join(root, os.path.expanduser(video))
     if video_files.is_video_file(path):
-      return video_files.extract_frames(path, fps, f"{where}: video")
+      return video_files.extract_frames(path, fps, f"{where}: video", data_dir)
     if not os.path.isdir(path):
       raise GleamError(f"{where}: video {path} is neither a folder of frames nor a video file "
                        f"({', '.join(video_files.VIDEO_EXTENSIONS)}); give the frames (image files) as a list of "
@@ -178,7 +178,7 @@ def _fps(line, where):
   return float(fps)
 
 
-def _pair(line, where, root):
+def _pair(line, where, root, data_dir=None):
   video = _video(line, where)
   images = line.get("images", line.get("image"))
   if isinstance(images, str):
@@ -192,7 +192,7 @@ def _pair(line, where, root):
                      f"'images'; this line has {images!r}.")
   paths = [_file(image, where, root, "image") for image in images]
   if video is not None:
-    frames, fps = _frames(video, where, root, _fps(line, where))
+    frames, fps = _frames(video, where, root, _fps(line, where), data_dir)
     paths.insert(0, frames)
   system, rounds = _conversation(line, where)
   question = line.get("question", rounds[0][0])
@@ -247,11 +247,13 @@ def _entries(path):
                          "JSON object.") from None
 
 
-def read_pairs(path, image_root=None, need_answers=True):
+def read_pairs(path, image_root=None, need_answers=True, data_dir=None):
   """The pairs of a JSON Lines file, or of a JSON array file, (see the module docstring) as GLEAM-X
   examples whose 'query' and 'satellite' are image paths (read by `visuals_of`); a video's 'query' is
-  its list of frame paths, and 'fps' its rate (a video file's extracted frames, its path in 'video_file'). Every image and frame is checked to exist. With
-  `need_answers`, a pair without an answer is an error (training and scoring need one)."""
+  its list of frame paths and 'fps' its rate (a video file's extracted frames, the file in
+  'video_file'). Every image and frame is checked to exist. With `need_answers`, a pair without an
+  answer is an error (training and scoring need one). `data_dir`: where video files' frames are
+  extracted (`video_files.extract_frames`; default $GLEAM_DATA_DIR, else ~/gleam_data)."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
     raise GleamError(f"pairs file {path} not found: give a JSON Lines file, one pair per line, or a JSON array "
@@ -261,7 +263,7 @@ def read_pairs(path, image_root=None, need_answers=True):
   for where, line in _entries(path):
     if not isinstance(line, dict):
       raise GleamError(f"{where}: each pair is a JSON object, not {type(line).__name__}.")
-    pair = _pair(line, where, root)
+    pair = _pair(line, where, root, data_dir)
     if need_answers and pair["answer"] is None:
       raise GleamError(f"{where}: no answer ('answer', or the assistant's turn); training and scoring need one.")
     pairs.append(pair)

@@ -171,12 +171,13 @@ def trained_system_prompt(workdir):
 
 def load_examples(config, which):
   """The job's 'train' or 'eval' examples: every pair of `examples.<which>_file` when the config names
-  one (images read when encoded), else the synthetic world's draw (its non-matching satellites among
-  GLEAM-C's `examples.negatives_top_k` confusions of each query with `examples.negatives_from`)."""
+  one (images read when encoded; a video file's frames extracted under `data.data_dir`), else the
+  synthetic world's draw (its non-matching satellites among GLEAM-C's `examples.negatives_top_k`
+  confusions of each query with `examples.negatives_from`)."""
   ex = config.examples
   path = ex.get(f"{which}_file")
   if path:
-    return pair_files.read_pairs(path, ex.get("image_root"))
+    return pair_files.read_pairs(path, ex.get("image_root"), data_dir=config.data.data_dir)
   return gleam_x.job_examples(config, which, job_negatives(config, which))
 
 
