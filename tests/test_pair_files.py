@@ -245,7 +245,7 @@ def test_a_video_query_reads_as_its_frames(tmp_path):
   assert [pair_files.is_video_pair(p) for p in pairs] == [True, True, True, True, False]
   assert pair_files.summary(pairs) == [
       "5 pairs, 5 with an answer", "match: False 3, True 2",
-      "4 with a video query, 2-3 frames, fps: 0.5 1, 2.0 2, 4.0 1",
+      "4 with a video query (0 from video files), 2-3 frames, fps: 0.5 1, 2 2, 4 1",
       "lang: en 4, zh 1", "modality: flight 3, pair 1, uav 1", "query sizes (w x h): 30x40 1",
       "frame sizes (w x h): 32x24 10", "satellite sizes (w x h): 40x40 5"]
   # the visuals: ([satellite], [frames]) for a video, ([query, satellite], []) for images; paths or arrays
@@ -363,7 +363,7 @@ def test_a_video_example_is_written_as_its_frames_and_read_back(tmp_path):
   assert pair_files.summary(pairs) == [
       "3 pairs, 3 with an answer", "match: False 2, True 1",
       "1 with follow-up turns, 0 with a system prompt (0 distinct)",
-      "2 with a video query, 2-3 frames, fps: 2.0 1, 5.0 1", "lang: en 2, zh 1", "modality: flight 2, uav 1",
+      "2 with a video query (0 from video files), 2-3 frames, fps: 2 1, 5 1", "lang: en 2, zh 1", "modality: flight 2, uav 1",
       "query sizes (w x h): 32x24 1", "frame sizes (w x h): 32x24 5", "satellite sizes (w x h): 32x24 3"]
 
 

@@ -108,7 +108,8 @@ def test_a_pairs_file_reads_a_video_file_as_its_sampled_frames(clip, tmp_path, m
   np.testing.assert_array_equal(np.stack(videos[0]), np.stack(video_files.read_clip(clip, 2.0)[0]))
   images, video_args = pair_files.prompt_visuals(theirs)
   assert video_args["fps"] == theirs["fps"] and len(images) == 1
-  assert "6 frames" in "\n".join(pair_files.summary([theirs]))
+  assert "2 with a video query (2 from video files), 4-6 frames, fps: 1.263 1, 1.895 1" in pair_files.summary(
+      [ours, theirs])
   path.write_text(json.dumps(dict(video="notes.txt", images=["sat.png"], answer="No.")) + "\n")
   with pytest.raises(GleamError, match="notes.txt is neither a folder of frames nor a video file"):
     pair_files.read_pairs(str(path))

@@ -360,7 +360,10 @@ def summary(pairs):
   videos = [p for p in pairs if is_video_pair(p)]
   if videos:
     frames = [len(p["query"]) for p in videos]
-    lines.append(f"{len(videos)} with a video query, {min(frames)}-{max(frames)} frames, fps: {count('fps', videos)}")
+    files = sum("video_file" in p for p in videos)
+    rates = ", ".join(f"{k:g} {n}" for k, n in sorted(Counter(round(p["fps"], 3) for p in videos).items()))
+    lines.append(f"{len(videos)} with a video query ({files} from video files), {min(frames)}-{max(frames)} "
+                 f"frames, fps: {rates}")
   lines += [f"lang: {count('lang')}", f"modality: {count('modality')}"]
   if len(videos) < len(pairs):
     lines.append(f"query sizes (w x h): {size_text('query')}")
