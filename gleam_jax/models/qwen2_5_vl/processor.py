@@ -15,9 +15,10 @@ within the video pixel bounds (transformers' video processor: 128 to 768 merged 
 pixels per frame, and an even share of a 128,000-token budget as qwen-vl-utils caps it), the last
 frame repeated up to a multiple of `temporal_patch_size`, consecutive frames paired into temporal
 patches, `<|video_pad|>` placeholders, and `second_per_grid_ts` = temporal_patch_size / fps for the
-M-RoPE time positions. transformers
-resizes video frames with torchvision (bicubic, antialiased), which this project does not install:
-our frames go through the same PIL resize as images, so their pixels may differ by a rounding step.
+M-RoPE time positions (a sampled video's: its kept frames' rate, `sampled_fps`). transformers
+resizes video frames with torchvision (torch's uint8 antialiased bicubic on a CPU), which this project
+does not install: our frames go through the same PIL resize as images, within 2 of 255 levels of
+torch's on smooth frames (`tests/test_qwen_processor.py`), more at clipped sharp edges.
 The tokenizer is `transformers.AutoTokenizer` of a local model directory (no network).
 """
 import dataclasses
