@@ -177,8 +177,7 @@ def read_videos(sources, fps=2.0, video_fps=None):
     else:
       frames, rate = read_images(image_files(source, "--video")[0]), fps
       if video_fps is not None:
-        kept = processor.sample_frames(len(frames), video_fps, fps)
-        frames, rate = [frames[i] for i in kept], processor.sampled_fps(len(kept), len(frames), video_fps)
+        frames, rate = processor.sample_video(frames, video_fps, fps)
     videos.append(frames)
     rates.append(rate)
   return videos, rates

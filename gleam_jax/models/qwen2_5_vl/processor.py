@@ -153,6 +153,14 @@ def sampled_fps(kept: int, total: int, source_fps: float) -> float:
   return kept / total * source_fps
 
 
+def sample_video(frames, source_fps: float, fps: float, temporal_patch_size: int = 2) -> tuple[list, float]:
+  """(the frames kept, the rate they stand for) of every frame of a clip recorded at `source_fps`,
+  sampled down to `fps` (`sample_frames`, `sampled_fps`)."""
+  frames = list(frames)
+  kept = sample_frames(len(frames), source_fps, fps, temporal_patch_size)
+  return [frames[i] for i in kept], sampled_fps(len(kept), len(frames), source_fps)
+
+
 def video_max_pixels(cfg: ImageConfig, num_frames: int) -> int:
   """A frame's pixel cap: cfg.video_max_pixels, and an even share of VIDEO_MAX_TOKENS' worth of pixels
   over the frames (qwen-vl-utils' total budget; transformers' `cap_pixels_per_frame`), not below
@@ -182,9 +190,7 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
     raise GleamError(f"fps={fps}: give the frame rate the frames were sampled at (> 0).")
   frames = list(frames)
   if source_fps is not None:
-    kept = sample_frames(len(frames), source_fps, fps, cfg.temporal_patch_size)
-    fps = sampled_fps(len(kept), len(frames), source_fps)
-    frames = [frames[i] for i in kept]
+    frames, fps = sample_video(frames, source_fps, fps, cfg.temporal_patch_size)
   rgbs = [to_rgb(frame) for frame in frames]
   if not rgbs:
     raise GleamError("A video needs at least one frame.")
