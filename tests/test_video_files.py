@@ -50,7 +50,7 @@ def test_a_container_without_a_frame_count_is_counted(tmp_path):
   assert [frame_index(f) for f in frames] == [0, 2, 4, 6] and rate == pytest.approx(4 / 9 * 10)
 
 
-def test_frames_are_extracted_once_per_file_and_rate(clip, tmp_path, monkeypatch):
+def test_frames_are_extracted_once_per_file_and_rate(clip, tmp_path, monkeypatch, capsys):
   """The PNG frames hold the decoded pixels; the same file at the same rate is not decoded again; another
   rate, or a changed file, is extracted anew."""
   data_dir = str(tmp_path / "data")
@@ -61,6 +61,7 @@ def test_frames_are_extracted_once_per_file_and_rate(clip, tmp_path, monkeypatch
   assert [os.path.basename(p) for p in paths] == [f"frame_{i:06d}.png" for i in (0, 15, 31, 47, 63, 79)]
   with open(os.path.join(os.path.dirname(paths[0]), video_files.CLIP_FILE), encoding="utf-8") as f:
     assert json.load(f)["indices"] == [0, 15, 31, 47, 63, 79]
+  assert capsys.readouterr().err == f"extracted 6 frames of {clip} (sampled at 2 fps) to {os.path.dirname(paths[0])}\n"
   with monkeypatch.context() as patch:
     patch.setattr(video_files, "read_clip", lambda *a, **k: pytest.fail("decoded again"))
     assert video_files.extract_frames(clip, 2.0, data_dir=data_dir) == (paths, rate)

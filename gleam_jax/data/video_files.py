@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -144,6 +145,7 @@ def extract_frames(path, fps=2.0, where="A video", data_dir=None) -> tuple[list[
                        indices=[int(i) for i in indices]), f)
       try:
         os.rename(staging, folder)
+        print(f"extracted {len(names)} frames of {path} (sampled at {fps:g} fps) to {folder}", file=sys.stderr)
       except OSError:  # another process extracted the same clip first: theirs is the same
         if not os.path.isfile(record):
           raise
