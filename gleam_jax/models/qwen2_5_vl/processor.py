@@ -16,9 +16,8 @@ pixels per frame, and an even share of a 128,000-token budget as qwen-vl-utils c
 frame repeated up to a multiple of `temporal_patch_size`, consecutive frames paired into temporal
 patches, `<|video_pad|>` placeholders, and `second_per_grid_ts` = temporal_patch_size / fps for the
 M-RoPE time positions (a sampled video's: its kept frames' rate, `sampled_fps`). transformers
-resizes video frames with torchvision (torch's uint8 antialiased bicubic on a CPU), which this project
-does not install: our frames go through the same PIL resize as images, within 2 of 255 levels of
-torch's on smooth frames (`tests/test_qwen_processor.py`), more at clipped sharp edges.
+resizes video frames with torchvision, which on a CPU runs torch's uint8 antialiased bicubic: ours is
+that arithmetic in numpy (`video_resize.py`), so the frames' pixels are torch's, not PIL's.
 The tokenizer is `transformers.AutoTokenizer` of a local model directory (no network).
 """
 import dataclasses
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from gleam_jax.errors import GleamError
+from gleam_jax.models.qwen2_5_vl import video_resize
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -198,7 +198,8 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
   h, w = smart_resize(rgbs[0].height, rgbs[0].width, cfg.factor, cfg.video_min_pixels,
                       video_max_pixels(cfg, len(rgbs)))
   rgbs += [rgbs[-1]] * (-len(rgbs) % cfg.temporal_patch_size)  # whole temporal patches
-  x = np.stack([_normalised(rgb, h, w, cfg) for rgb in rgbs])
+  resized = video_resize.resize_frames(np.stack([np.asarray(rgb) for rgb in rgbs]), h, w)
+  x = video_resize.normalise_frames(resized, cfg.image_mean, cfg.image_std)
   grid = np.array([len(rgbs) // cfg.temporal_patch_size, h // cfg.patch_size, w // cfg.patch_size], np.int64)
   return patchify_frames(x, cfg), grid, cfg.temporal_patch_size / fps
 
