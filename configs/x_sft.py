@@ -65,6 +65,9 @@ def get_config(arg=None):
       # a flight's frames within the same bounds (not Qwen2.5-VL's video default of >= 128 tokens a frame):
       # each frame as many tokens as the view it is
       video_min_pixels=56 * 56, video_max_pixels=448 * 448,
+      # how still images are resized: 'pil' (transformers' PIL image processor) or 'torchvision' (its
+      # default where torchvision is installed), to train as the model will be served
+      image_resize="pil",
       tiny=dict(vocab_size=1200,
                 text=dict(hidden_size=64 if tiny else 256, intermediate_size=96 if tiny else 704,
                           num_hidden_layers=2 if tiny else 4, num_attention_heads=4, num_key_value_heads=2,

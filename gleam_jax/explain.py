@@ -96,6 +96,9 @@ def define_flags():
   flags.DEFINE_integer("min_pixels", None, "Override preprocessor_config.json's min_pixels.")
   flags.DEFINE_integer("max_pixels", None, "Override preprocessor_config.json's max_pixels (fewer image "
                        "tokens for large photos).")
+  flags.DEFINE_enum("image_resize", None, ["pil", "torchvision"], "How images are resized (with --model_dir; a "
+                    "--workdir job's own otherwise): as transformers' PIL image processor (the default) or as its "
+                    "torchvision one on a CPU (transformers' default where torchvision is installed).")
   flags.DEFINE_string("pairs", None, "Instead of --image: a JSON Lines file of pairs to answer in batches "
                       "(gleam_jax/data/pair_files.py).")
   flags.DEFINE_string("out", None, "With --pairs: the JSON Lines file of answers to write.")
@@ -186,7 +189,7 @@ def read_videos(sources, fps=2.0, video_fps=None):
 def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, sampling=None,
             seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
             workdir=None, fsdp=1, tensor=1, system=None, generation_config=False, video_dirs=(), fps=2.0,
-            video_fps=None):
+            video_fps=None, image_resize=None):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
   it as it streams; returns the text. `system`: the system prompt (default: the one the `workdir` job
   trained with, else Qwen2.5-VL's). The model: `model_dir`'s, or that of a GLEAM-X job's `workdir`
@@ -217,7 +220,8 @@ def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, 
     sampling = generation.sampling_settings(model_directory(model_dir, workdir)) | (sampling or {})
   sampling = generation.check_settings(**(sampling or {}))  # bad values stop before loading
   mesh = inference_mesh(fsdp, tensor)
-  model, proc, image_size, trained_system = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
+  model, proc, image_size, trained_system = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh,
+                                                       image_resize)
   system = trained_system if system is None else system
   if image_size:  # as the job's examples were: every image and frame
     images = [resize(image, image_size) for image in images]
@@ -246,11 +250,13 @@ def model_directory(model_dir=None, workdir=None):
   return sft.model_directory(sft.job_config(workdir), workdir)
 
 
-def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, max_pixels=None, mesh=None):
+def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, max_pixels=None, mesh=None,
+               image_resize=None):
   """(model, processor, image size, system prompt) of a Hugging Face directory or of a GLEAM-X job's
   workdir (its latest checkpoint; the image size its examples were resized to), with the system prompt
   the job trained with (also in a directory it was exported to; else None), placed on `mesh` under
-  Qwen2.5-VL's sharding rules when given."""
+  Qwen2.5-VL's sharding rules when given. `image_resize`: how a directory's processor resizes images
+  ('pil', 'torchvision'; `processor.ImageConfig`); a job's processor resizes as the job did."""
   from gleam_jax.models.qwen2_5_vl import config as config_lib  # pylint: disable=g-import-not-at-top
   from gleam_jax.models.qwen2_5_vl import params, processor  # pylint: disable=g-import-not-at-top
   from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
@@ -263,7 +269,7 @@ def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, m
       print(f"[the job trained with {distinct} system prompts ({sft.SYSTEM_PROMPT_FILE}); asked with Qwen2.5-VL's "
             "default unless --system or the pair gives one]", file=sys.stderr)
     return model, proc, config.examples.get("image_size"), system
-  proc = processor.load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+  proc = processor.load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels, image_resize=image_resize)
   cfg = config_lib.from_pretrained_dir(model_dir).replace(dtype=dtype, param_dtype=dtype)
   system, _ = sft.trained_system_prompt(model_dir)  # an exported GLEAM-X job's, where it had one
   return params.load_pretrained(model_dir, cfg, mesh=mesh), proc, None, system
@@ -271,7 +277,7 @@ def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, m
 
 def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=8, max_new_tokens=256,
                  image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None, fsdp=1, tensor=1,
-                 system=None, follow_ups_after="reference", decoding=None, seed=0):
+                 system=None, follow_ups_after="reference", decoding=None, seed=0, image_resize=None):
   """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` (a line per
   pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;
   returns (answer rows, metrics or None). Each batch's answers are appended to `<out_path>.partial` as
@@ -325,7 +331,7 @@ def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=
   later = [i for i, p in enumerate(pairs) if p.get("follow_ups") and (
       rows[i] is None or "follow_ups" not in rows[i] or rows[i].get("follow_ups_after") != follow_ups_after)]
   if todo or later:
-    model, proc, image_size, _ = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh)
+    model, proc, image_size, _ = load_model(model_dir, workdir, dtype, min_pixels, max_pixels, mesh, image_resize)
     ask = lambda examples, seed=seed, **kw: explain_eval.generate_answers(
         model, proc, examples, batch_size, max_new_tokens, mesh=mesh, image_size=image_size, decoding=decoding,
         seed=seed, **kw)
@@ -420,13 +426,14 @@ def main(argv):
       answer_pairs(FLAGS.pairs, FLAGS.out, FLAGS.model_dir or None, FLAGS.workdir, FLAGS.batch_size,
                    FLAGS.max_new_tokens, FLAGS.image_root, FLAGS.dtype, FLAGS.min_pixels, FLAGS.max_pixels,
                    fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
-                   follow_ups_after=FLAGS.follow_ups_after, decoding=decoding, seed=FLAGS.seed)
+                   follow_ups_after=FLAGS.follow_ups_after, decoding=decoding, seed=FLAGS.seed,
+                   image_resize=FLAGS.image_resize)
       return
     explain(FLAGS.model_dir or None, FLAGS.image, FLAGS.prompt, FLAGS.lang, FLAGS.max_new_tokens,
             decoding, FLAGS.seed, FLAGS.dtype, FLAGS.min_pixels,
             FLAGS.max_pixels, workdir=FLAGS.workdir, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor, system=FLAGS.system,
             generation_config=FLAGS.generation_config, video_dirs=FLAGS.video, fps=FLAGS.fps,
-            video_fps=FLAGS.video_fps)
+            video_fps=FLAGS.video_fps, image_resize=FLAGS.image_resize)
 
 
 if __name__ == "__main__":

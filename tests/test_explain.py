@@ -392,3 +392,10 @@ def test_a_video_file_is_asked_about_as_its_sampled_frames(model_dir, views, tmp
   assert rows[0]["answer"] == from_file and rows[0]["video_file"] == clip and rows[0]["fps"] == rate
   with pytest.raises(GleamError, match="--video=.*flight.mp4: --video_fps is for a folder"):
     explain.explain(model_dir, views[1:], video_dirs=[clip], video_fps=30.0)
+
+
+def test_image_resize_reaches_a_directorys_processor(model_dir):
+  """`--image_resize=torchvision` resizes a model directory's images as transformers' torchvision image
+  processor does (tests/test_qwen_processor.py); the default is its PIL processor's."""
+  assert explain.load_model(model_dir, image_resize="torchvision")[1].image_config.image_resize == "torchvision"
+  assert explain.load_model(model_dir)[1].image_config.image_resize == "pil"

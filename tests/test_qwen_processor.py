@@ -248,7 +248,7 @@ def test_a_still_video_equals_the_image_path():
   transformers."""
   cfg = proc_lib.ImageConfig(video_min_pixels=56 * 56, video_max_pixels=28 * 28 * 1280)
   for height, width in ((333, 517), (336, 504)):
-    frame = random_frames(1, height, width, seed=3)[0]
+    frame = random_frames(1, width, height, seed=3)[0]
     video, grid, _ = proc_lib.preprocess_video([frame, frame], cfg)
     image, image_grid = proc_lib.preprocess_image(frame, cfg)
     np.testing.assert_array_equal(grid, image_grid)
@@ -357,3 +357,37 @@ def test_video_frames_are_resized_and_normalised_as_transformers_does_on_a_cpu(h
   x = normalised.permute(0, 2, 3, 1).numpy()
   reference = proc_lib.patchify_frames(np.concatenate([x, x[-1:]]), cfg)  # the last frame repeated: 2 patches
   np.testing.assert_array_equal(values, reference)
+
+
+@pytest.mark.parametrize("height,width", [(333, 517), (1080, 1920), (40, 30)])
+def test_images_resized_as_transformers_torchvision_processor_on_a_cpu(height, width):
+  """`image_resize='torchvision'`: an image's pixel_values are those of transformers' torchvision image
+  processor on a CPU (its default where torchvision is installed): torch's uint8 antialiased bicubic,
+  the fused scaling and normalisation, the same patch order. The default ('pil') stays the PIL
+  processor's (tested above); other values stop with the choices."""
+  import torch  # pylint: disable=g-import-not-at-top
+  image = random_frames(1, width, height, seed=height)[0]
+  cfg = proc_lib.ImageConfig(image_resize="torchvision")
+  values, grid = proc_lib.preprocess_image(image, cfg)
+  h, w = int(grid[1]) * cfg.patch_size, int(grid[2]) * cfg.patch_size
+  resized = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=(h, w),
+                                            mode="bicubic", align_corners=False, antialias=True)
+  mean = torch.tensor(cfg.image_mean) * (1.0 / (1 / 255))
+  std = torch.tensor(cfg.image_std) * (1.0 / (1 / 255))
+  x = ((resized.to(torch.float32) - mean[:, None, None]) / std[:, None, None]).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_array_equal(values, proc_lib.patchify(x[0], cfg))
+  pil, _ = proc_lib.preprocess_image(image, proc_lib.ImageConfig())
+  assert not np.array_equal(values, pil)  # the two processors' resizes differ on noise
+  with pytest.raises(GleamError, match="image_resize='bilinear': give one of pil, torchvision"):
+    proc_lib.ImageConfig(image_resize="bilinear")
+
+
+
+def test_a_job_chooses_the_image_resize(tmp_path):
+  """`model.image_resize` of a GLEAM-X job reaches its processor ('pil' unless set)."""
+  from config_files import tiny_config  # pylint: disable=g-import-not-at-top
+  from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
+  directory = tiny_dir.write_tiny_qwen_dir(str(tmp_path / "qwen"))
+  processor_of = lambda **fields: sft._processor(tiny_config("x_sft", str(tmp_path), **fields), directory)  # pylint: disable=protected-access
+  assert processor_of(**{"model.image_resize": "torchvision"}).image_config.image_resize == "torchvision"
+  assert processor_of().image_config.image_resize == "pil"

@@ -72,7 +72,8 @@ def _model_config(config, directory):
 def _processor(config, directory):
   mc = config.model
   return processor.load_processor(directory, min_pixels=mc.get("min_pixels"), max_pixels=mc.get("max_pixels"),
-                                  video_min_pixels=mc.get("video_min_pixels"), video_max_pixels=mc.get("video_max_pixels"))
+                                  video_min_pixels=mc.get("video_min_pixels"), video_max_pixels=mc.get("video_max_pixels"),
+                                  image_resize=mc.get("image_resize"))
 
 
 def load_model_and_processor(config, workdir, mesh):

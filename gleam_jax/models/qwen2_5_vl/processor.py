@@ -17,7 +17,7 @@ frame repeated up to a multiple of `temporal_patch_size`, consecutive frames pai
 patches, `<|video_pad|>` placeholders, and `second_per_grid_ts` = temporal_patch_size / fps for the
 M-RoPE time positions (a sampled video's: its kept frames' rate, `sampled_fps`). transformers
 resizes video frames with torchvision, which on a CPU runs torch's uint8 antialiased bicubic: ours is
-that arithmetic in numpy (`video_resize.py`), so the frames' pixels are torch's, not PIL's.
+that arithmetic in numpy (`torch_resize.py`), so the frames' pixels are torch's, not PIL's.
 The tokenizer is `transformers.AutoTokenizer` of a local model directory (no network).
 """
 import dataclasses
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from gleam_jax.errors import GleamError
-from gleam_jax.models.qwen2_5_vl import video_resize
+from gleam_jax.models.qwen2_5_vl import torch_resize
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,6 +38,7 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28  # transformers' Qwen2-VL video processor: size
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_MAX_TOKENS = 128000  # the context a video's frames share (qwen-vl-utils' total pixel budget: 90% of it)
 VIDEO_MIN_FRAMES, VIDEO_MAX_FRAMES = 4, 768
+IMAGE_RESIZES = ("pil", "torchvision")
 IGNORE_INDEX = -100  # label of positions that carry no loss (the torch / optax convention)
 
 
@@ -53,6 +54,15 @@ class ImageConfig:
   image_std: tuple[float, ...] = OPENAI_CLIP_STD
   video_min_pixels: int = VIDEO_MIN_PIXELS  # per frame
   video_max_pixels: int = VIDEO_MAX_PIXELS
+  # how still images are resized: 'pil' as transformers' PIL image processor (`backend="pil"`, and its
+  # choice without torchvision), 'torchvision' as its torchvision one on a CPU (its default where
+  # torchvision is installed). Video frames are always resized as its (torchvision) video processor does.
+  image_resize: str = "pil"
+
+  def __post_init__(self):
+    if self.image_resize not in IMAGE_RESIZES:
+      raise GleamError(f"image_resize={self.image_resize!r}: give one of {', '.join(IMAGE_RESIZES)} (the resize of "
+                       "transformers' PIL or torchvision image processor).")
 
   @property
   def factor(self) -> int:
@@ -124,7 +134,12 @@ def preprocess_image(image, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
   """One image -> (patches float32 [grid_t*grid_h*grid_w, patch_dim], grid_thw int64 [3])."""
   rgb = to_rgb(image)
   h, w = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
-  return patchify(_normalised(rgb, h, w, cfg), cfg), np.array([1, h // cfg.patch_size, w // cfg.patch_size], np.int64)
+  if cfg.image_resize == "torchvision":
+    resized = torch_resize.resize_frames(np.asarray(rgb)[None], h, w)[0]
+    x = torch_resize.normalise_frames(resized, cfg.image_mean, cfg.image_std)
+  else:
+    x = _normalised(rgb, h, w, cfg)
+  return patchify(x, cfg), np.array([1, h // cfg.patch_size, w // cfg.patch_size], np.int64)
 
 
 def sample_frames(total: int, source_fps: float, fps: float, temporal_patch_size: int = 2,
@@ -198,8 +213,8 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
   h, w = smart_resize(rgbs[0].height, rgbs[0].width, cfg.factor, cfg.video_min_pixels,
                       video_max_pixels(cfg, len(rgbs)))
   rgbs += [rgbs[-1]] * (-len(rgbs) % cfg.temporal_patch_size)  # whole temporal patches
-  resized = video_resize.resize_frames(np.stack([np.asarray(rgb) for rgb in rgbs]), h, w)
-  x = video_resize.normalise_frames(resized, cfg.image_mean, cfg.image_std)
+  resized = torch_resize.resize_frames(np.stack([np.asarray(rgb) for rgb in rgbs]), h, w)
+  x = torch_resize.normalise_frames(resized, cfg.image_mean, cfg.image_std)
   grid = np.array([len(rgbs) // cfg.temporal_patch_size, h // cfg.patch_size, w // cfg.patch_size], np.int64)
   return patchify_frames(x, cfg), grid, cfg.temporal_patch_size / fps
 
@@ -450,9 +465,11 @@ class Processor:
 
 
 def load_processor(directory: str, min_pixels: int | None = None, max_pixels: int | None = None,
-                   video_min_pixels: int | None = None, video_max_pixels: int | None = None) -> Processor:
+                   video_min_pixels: int | None = None, video_max_pixels: int | None = None,
+                   image_resize: str | None = None) -> Processor:
   """The processor of a local Qwen2.5-VL directory; min/max_pixels override preprocessor_config.json's
-  image bounds, video_min/max_pixels video_preprocessor_config.json's bounds of a video's frames."""
+  image bounds, video_min/max_pixels video_preprocessor_config.json's bounds of a video's frames;
+  `image_resize`: 'pil' (default) or 'torchvision' (`ImageConfig.image_resize`)."""
   if not os.path.isfile(os.path.join(directory, "tokenizer.json")) and not os.path.isfile(
       os.path.join(directory, "vocab.json")):
     raise GleamError(f"No tokenizer (tokenizer.json or vocab.json) in {directory!r}; give the path of "
@@ -460,5 +477,6 @@ def load_processor(directory: str, min_pixels: int | None = None, max_pixels: in
   import transformers  # pylint: disable=g-import-not-at-top
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
   image_config = image_config_from_dir(directory, min_pixels=min_pixels, max_pixels=max_pixels,
-                                      video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels)
+                                      video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels,
+                                      image_resize=image_resize)
   return Processor(tokenizer, image_config)
