@@ -388,6 +388,7 @@ def test_a_job_chooses_the_image_resize(tmp_path):
   from config_files import tiny_config  # pylint: disable=g-import-not-at-top
   from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
   directory = tiny_dir.write_tiny_qwen_dir(str(tmp_path / "qwen"))
-  processor_of = lambda **fields: sft._processor(tiny_config("x_sft", str(tmp_path), **fields), directory)  # pylint: disable=protected-access
+  def processor_of(**fields):
+    return sft._processor(tiny_config("x_sft", str(tmp_path), **fields), directory)  # pylint: disable=protected-access
   assert processor_of(**{"model.image_resize": "torchvision"}).image_config.image_resize == "torchvision"
   assert processor_of().image_config.image_resize == "pil"
