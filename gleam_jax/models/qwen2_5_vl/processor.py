@@ -418,9 +418,9 @@ class Processor:
     with `videos` (each a sequence of frames sampled at `fps`: one rate, or one a video)
     pixel_values_videos, video_grid_thw and second_per_grid_ts, the keyword arguments
     `generation.generate` takes (`source_fps`: the videos hold every frame recorded at that rate,
-    sampled down to `fps`; see `preprocess_video`). The videos follow the images in the prompt, or come first with `videos_first` (a drone flight asked about before its
-    satellite image). `history`: the (question, answer) turns before `prompt`, the visuals with the
-    first question."""
+    sampled down to `fps`; see `preprocess_video`). The videos follow the images in the prompt, or
+    come first with `videos_first` (a drone flight asked about before its satellite image).
+    `history`: the (question, answer) turns before `prompt`, the visuals with the first question."""
     visual_args = dict(videos=videos, fps=fps, source_fps=source_fps, videos_first=videos_first)
     if history:
       (question, answer), *later = history
