@@ -74,6 +74,9 @@ def define_flags():
   flags.DEFINE_integer("batch_size", 8, "Pairs GLEAM-X answers together.")
   flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per explanation.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "GLEAM-X's dtype with --x_model_dir.")
+  flags.DEFINE_enum("x_image_resize", None, ["pil", "torchvision"], "With --x_model_dir: how GLEAM-X's images are "
+                    "resized, as transformers' PIL image processor (default) or its torchvision one (explain "
+                    "--image_resize).")
   retrieve.define_camera_flags()
   explain.define_mesh_flags()
 
@@ -81,14 +84,15 @@ def define_flags():
 def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=None, k=5, modality=None, lang="en",
              rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype="float32",
              log=print, fsdp=1, tensor=1, system=None, one_place=False, x_views=3, x_flight=False, fps=2.0,
-             png=None, **camera):
+             png=None, x_image_resize=None, **camera):
   """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
   answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None). `system`: the system
   prompt GLEAM-X is asked with (default: the one the `x_workdir` job trained with, else Qwen2.5-VL's).
   `one_place`: the query files are views of one place, one query (its key: their folder); each
   candidate also holds `views`, the p_yes and answer of each of the `x_views` views asked about (with
   `x_flight`, one entry: those views asked about as one flight, a video sampled at `fps`). `png`: a
-  figure of the queries and their candidates in the final order (`draw`)."""
+  figure of the queries and their candidates in the final order (`draw`). `x_image_resize`: how a
+  `x_model_dir` model's images are resized (`explain.load_model`)."""
   if bool(x_workdir) == bool(x_model_dir):
     raise GleamError("give the GLEAM-X model as --x_workdir (a fine-tuning job) or --x_model_dir (a Hugging "
                      "Face directory), one of them.")
@@ -114,7 +118,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
   found, retrieval_recall = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
                                                 match_by_name=match_by_name, show=False, one_place=one_place,
                                                 **camera)
-  model, proc, image_size, trained_system = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh)
+  model, proc, image_size, trained_system = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh,
+                                                               image_resize=x_image_resize)
   system = trained_system if system is None else system
   views = {q: [q] for q in query_paths}
   if one_place:
@@ -202,11 +207,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
   with errors.stop_on_bad_input():
-    localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query, FLAGS.fps), FLAGS.gallery, FLAGS.x_workdir,
-             FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank, FLAGS.match_by_name, FLAGS.out,
+    localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query, FLAGS.fps), FLAGS.gallery,
+             FLAGS.x_workdir, FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank, FLAGS.match_by_name, FLAGS.out,
              FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
              system=FLAGS.system, one_place=FLAGS.one_place, x_views=FLAGS.x_views, x_flight=FLAGS.x_flight,
-             fps=FLAGS.fps, png=FLAGS.png,
+             fps=FLAGS.fps, png=FLAGS.png, x_image_resize=FLAGS.x_image_resize,
              **{name: FLAGS[name].value for name in CAMERA_KEYS})
 
 

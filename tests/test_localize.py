@@ -1,6 +1,7 @@
 """`python -m gleam_jax.localize`: GLEAM-C's top-k candidates, checked and explained by GLEAM-X, re-ranked
 by its yes-probability."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,3 +157,17 @@ def test_bad_requests_stop_before_retrieving(jobs, tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=120)
   assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
       "error: --gallery is required (Folder of satellite images to search.)"], missing.stderr
+
+
+def test_x_image_resize_reaches_the_gleam_x_model_directorys_processor(jobs, monkeypatch):
+  """`--x_image_resize=torchvision` resizes a Hugging Face directory's images as explain --image_resize."""
+  c_job, x_job, gallery, queries, _ = jobs
+  asked = {}
+
+  def load_model(*args, image_resize=None, **kwargs):
+    asked.update(image_resize=image_resize)
+    raise InterruptedError("the processor setting is what is checked")
+  monkeypatch.setattr(localize.explain, "load_model", load_model)
+  with pytest.raises(InterruptedError):
+    localize.localize(c_job, queries, gallery, x_model_dir=os.path.join(x_job, "tiny_qwen"), x_image_resize="torchvision")
+  assert asked == {"image_resize": "torchvision"}
