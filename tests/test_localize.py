@@ -169,5 +169,6 @@ def test_x_image_resize_reaches_the_gleam_x_model_directorys_processor(jobs, mon
     raise InterruptedError("the processor setting is what is checked")
   monkeypatch.setattr(localize.explain, "load_model", load_model)
   with pytest.raises(InterruptedError):
-    localize.localize(c_job, queries, gallery, x_model_dir=os.path.join(x_job, "tiny_qwen"), x_image_resize="torchvision")
+    localize.localize(c_job, queries, gallery, x_model_dir=os.path.join(x_job, "tiny_qwen"),
+                      x_image_resize="torchvision")
   assert asked == {"image_resize": "torchvision"}
