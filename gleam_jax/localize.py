@@ -209,7 +209,8 @@ def main(argv):
   with errors.stop_on_bad_input():
     localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query, FLAGS.fps), FLAGS.gallery,
              FLAGS.x_workdir, FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank,
-             FLAGS.match_by_name, FLAGS.out, FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype, fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
+             FLAGS.match_by_name, FLAGS.out, FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype,
+             fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
              system=FLAGS.system, one_place=FLAGS.one_place, x_views=FLAGS.x_views, x_flight=FLAGS.x_flight,
              fps=FLAGS.fps, png=FLAGS.png, x_image_resize=FLAGS.x_image_resize,
              **{name: FLAGS[name].value for name in CAMERA_KEYS})

@@ -151,23 +151,24 @@ def _video(line, where):
 
 
 def _frames(video, where, root, fps, data_dir):
-  """(frame paths, their rate) of a video given as a list of image paths (in order) or a folder whose
-  image files are the frames in name order, both sampled at `fps`; or as a video file, sampled at `fps`
-  and extracted once (`video_files.extract_frames`: the rate is then what the kept frames stand for)."""
+  """(frame paths, their rate, the video file or None) of a video given as a list of image paths (in
+  order) or a folder whose image files are the frames in name order, both sampled at `fps`; or as a
+  video file, sampled at `fps` and extracted once (`video_files.extract_frames`: the rate is then what
+  the kept frames stand for)."""
   if isinstance(video, str):
     path = os.path.join(root, os.path.expanduser(video))
     if video_files.is_video_file(path):
-      return video_files.extract_frames(path, fps, f"{where}: video", data_dir)
+      return *video_files.extract_frames(path, fps, f"{where}: video", data_dir), path
     if not os.path.isdir(path):
       raise GleamError(f"{where}: video {path} is neither a folder of frames nor a video file "
                        f"({', '.join(video_files.VIDEO_EXTENSIONS)}); give the frames (image files) as a list of "
                        "paths or a folder, or the video file, relative to the pairs file's folder (or to "
                        "config.examples.image_root).")
-    return image_files(path, f"{where}: video")[0], fps
+    return image_files(path, f"{where}: video")[0], fps, None
   if not isinstance(video, list) or not video or not all(isinstance(f, str) for f in video):
     raise GleamError(f"{where}: a video is its frames, a list of at least one image path in order (or a folder of "
                      f"them, or a video file); this line has {video!r}.")
-  return [_file(frame, where, root, "frame") for frame in video], fps
+  return [_file(frame, where, root, "frame") for frame in video], fps, None
 
 
 def _fps(line, where):
@@ -192,7 +193,7 @@ def _pair(line, where, root, data_dir=None):
                      f"'images'; this line has {images!r}.")
   paths = [_file(image, where, root, "image") for image in images]
   if video is not None:
-    frames, fps = _frames(video, where, root, _fps(line, where), data_dir)
+    frames, fps, video_file = _frames(video, where, root, _fps(line, where), data_dir)
     paths.insert(0, frames)
   system, rounds = _conversation(line, where)
   question = line.get("question", rounds[0][0])
@@ -218,8 +219,8 @@ def _pair(line, where, root, data_dir=None):
               question=question or questions[lang], answer=answer, system=system, follow_ups=rounds[1:], line=where)
   if video is not None:
     pair["fps"] = fps
-    if isinstance(video, str) and video_files.is_video_file(video):
-      pair["video_file"] = os.path.join(root, os.path.expanduser(video))
+    if video_file:
+      pair["video_file"] = video_file
   return pair
 
 

@@ -186,10 +186,10 @@ def generate_answers(model, proc, examples, batch_size, max_new_tokens, mesh=Non
   """(answers (decoded text; greedy unless `decoding`, `generation.generate`'s token-choice keywords,
   says otherwise), yes-probabilities (`yes_probability` of the first answer token)) of `model` to the
   examples' questions about their two images, or a drone flight's video and its satellite image (after
-  the example's `history` of earlier turns, where it has one), in the examples' order. When `decoding` samples, example i draws with seed `seed` + i (or
-  `seed[i]`, one per example), whatever its batch. Batched by
-  language and modality (prompts of about one length; rows left-padded as generation needs);
-  `on_batch(answered, [(example index, answer, yes-probability), ...])` after each batch."""
+  the example's `history` of earlier turns, where it has one), in the examples' order. When `decoding`
+  samples, example i draws with seed `seed` + i (or `seed[i]`, one per example), whatever its batch.
+  Batched by language and modality (prompts of about one length; rows left-padded as generation
+  needs); `on_batch(answered, [(example index, answer, yes-probability), ...])` after each batch."""
   from gleam_jax.models.qwen2_5_vl import generation, processor  # pylint: disable=g-import-not-at-top
   cfg = model.cfg
   groups = {}

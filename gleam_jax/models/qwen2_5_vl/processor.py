@@ -130,13 +130,19 @@ def _normalised(rgb: Image.Image, h: int, w: int, cfg: ImageConfig) -> np.ndarra
   return (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
 
 
+def _torch_normalised(rgbs, h: int, w: int, cfg: ImageConfig) -> np.ndarray:
+  """RGB images of one size -> torch's uint8 antialiased bicubic resize to (h, w), scaled and normalised
+  as transformers' torchvision processors do (`torch_resize`): (n, h, w, 3) float32."""
+  resized = torch_resize.resize_frames(np.stack([np.asarray(rgb) for rgb in rgbs]), h, w)
+  return torch_resize.normalise_frames(resized, cfg.image_mean, cfg.image_std)
+
+
 def preprocess_image(image, cfg: ImageConfig) -> tuple[np.ndarray, np.ndarray]:
   """One image -> (patches float32 [grid_t*grid_h*grid_w, patch_dim], grid_thw int64 [3])."""
   rgb = to_rgb(image)
   h, w = smart_resize(rgb.height, rgb.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
   if cfg.image_resize == "torchvision":
-    resized = torch_resize.resize_frames(np.asarray(rgb)[None], h, w)[0]
-    x = torch_resize.normalise_frames(resized, cfg.image_mean, cfg.image_std)
+    x = _torch_normalised([rgb], h, w, cfg)[0]
   else:
     x = _normalised(rgb, h, w, cfg)
   return patchify(x, cfg), np.array([1, h // cfg.patch_size, w // cfg.patch_size], np.int64)
@@ -213,8 +219,7 @@ def preprocess_video(frames, cfg: ImageConfig, fps: float = 2.0,
   h, w = smart_resize(rgbs[0].height, rgbs[0].width, cfg.factor, cfg.video_min_pixels,
                       video_max_pixels(cfg, len(rgbs)))
   rgbs += [rgbs[-1]] * (-len(rgbs) % cfg.temporal_patch_size)  # whole temporal patches
-  resized = torch_resize.resize_frames(np.stack([np.asarray(rgb) for rgb in rgbs]), h, w)
-  x = torch_resize.normalise_frames(resized, cfg.image_mean, cfg.image_std)
+  x = _torch_normalised(rgbs, h, w, cfg)
   grid = np.array([len(rgbs) // cfg.temporal_patch_size, h // cfg.patch_size, w // cfg.patch_size], np.int64)
   return patchify_frames(x, cfg), grid, cfg.temporal_patch_size / fps
 
