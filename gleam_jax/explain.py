@@ -92,12 +92,13 @@ def define_flags():
   flags.DEFINE_bool("generation_config", False, "Choose tokens as the model directory's generation_config.json "
                     "says (transformers' generate defaults); sampling flags given here override it.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
-  flags.DEFINE_integer("min_pixels", None, "Override preprocessor_config.json's min_pixels.")
-  flags.DEFINE_integer("max_pixels", None, "Override preprocessor_config.json's max_pixels (fewer image "
-                       "tokens for large photos).")
-  flags.DEFINE_enum("image_resize", None, ["pil", "torchvision"], "How images are resized (with --model_dir; a "
-                    "--workdir job's own otherwise): as transformers' PIL image processor (the default) or as its "
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter and compute dtype with --model_dir "
+                    "(default float32; a --workdir job's as it trained).")
+  flags.DEFINE_integer("min_pixels", None, "With --model_dir: override preprocessor_config.json's min_pixels.")
+  flags.DEFINE_integer("max_pixels", None, "With --model_dir: override preprocessor_config.json's max_pixels "
+                       "(fewer image tokens for large photos).")
+  flags.DEFINE_enum("image_resize", None, ["pil", "torchvision"], "With --model_dir: how images are resized, as "
+                    "transformers' PIL image processor (the default; an exported job's as it trained) or as its "
                     "torchvision one on a CPU (transformers' default where torchvision is installed).")
   flags.DEFINE_string("pairs", None, "Instead of --image: a JSON Lines file of pairs to answer in batches "
                       "(gleam_jax/data/pair_files.py).")
@@ -187,7 +188,7 @@ def read_videos(sources, fps=2.0, video_fps=None):
 
 
 def explain(model_dir, image_paths, prompt=None, lang="en", max_new_tokens=256, sampling=None,
-            seed=0, dtype="float32", min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
+            seed=0, dtype=None, min_pixels=None, max_pixels=None, write=sys.stdout.write, chunk=8,
             workdir=None, fsdp=1, tensor=1, system=None, generation_config=False, video_dirs=(), fps=2.0,
             video_fps=None, image_resize=None):
   """Generates the answer to `prompt` (default: GLEAM-X's question in `lang`) about the images, writing
@@ -250,17 +251,29 @@ def model_directory(model_dir=None, workdir=None):
   return sft.model_directory(sft.job_config(workdir), workdir)
 
 
-def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, max_pixels=None, mesh=None,
+def check_job_settings(workdir, **settings):
+  """Stops when model or processor settings (`load_model`'s dtype, min_pixels, max_pixels, image_resize)
+  are given for a GLEAM-X job's `workdir`, whose are as it trained."""
+  given = [f"{name}={value!r}" for name, value in settings.items() if value is not None]
+  if given:
+    raise GleamError(f"{', '.join(given)}: these set up a Hugging Face directory's model and processor; a GLEAM-X "
+                     f"job's ({workdir}) are as it trained (its config.json). Leave them out, or export the job "
+                     "(python -m gleam_jax.export) and give the export's directory instead of the workdir.")
+
+
+def load_model(model_dir=None, workdir=None, dtype=None, min_pixels=None, max_pixels=None, mesh=None,
                image_resize=None):
   """(model, processor, image size, system prompt) of a Hugging Face directory or of a GLEAM-X job's
-  workdir (its latest checkpoint; the image size its examples were resized to), with the system prompt
-  the job trained with (also in a directory it was exported to; else None), placed on `mesh` under
-  Qwen2.5-VL's sharding rules when given. `image_resize`: how a directory's processor resizes images
-  ('pil', 'torchvision'; `processor.ImageConfig`); a job's processor resizes as the job did."""
+  workdir (its latest checkpoint), with the image size the job's examples were resized to and the system
+  prompt it trained with (both also in a directory it was exported to; else None), placed on `mesh`
+  under Qwen2.5-VL's sharding rules when given. `dtype` (default float32), `min_pixels`, `max_pixels`
+  and `image_resize` ('pil', 'torchvision'; `processor.ImageConfig`) set up a directory's model and
+  processor; a job's are as it trained, so giving them with `workdir` stops with the fix."""
   from gleam_jax.models.qwen2_5_vl import config as config_lib  # pylint: disable=g-import-not-at-top
   from gleam_jax.models.qwen2_5_vl import params, processor  # pylint: disable=g-import-not-at-top
   from gleam_jax.train import sft  # pylint: disable=g-import-not-at-top
   if workdir:
+    check_job_settings(workdir, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels, image_resize=image_resize)
     config = sft.job_config(workdir)
     model, proc, where = sft.load_trained(workdir, mesh, config)
     print(f"[model from {where}]", file=sys.stderr)
@@ -270,13 +283,15 @@ def load_model(model_dir=None, workdir=None, dtype="float32", min_pixels=None, m
             "default unless --system or the pair gives one]", file=sys.stderr)
     return model, proc, config.examples.get("image_size"), system
   proc = processor.load_processor(model_dir, min_pixels=min_pixels, max_pixels=max_pixels, image_resize=image_resize)
+  dtype = dtype or "float32"
   cfg = config_lib.from_pretrained_dir(model_dir).replace(dtype=dtype, param_dtype=dtype)
   system, _ = sft.trained_system_prompt(model_dir)  # an exported GLEAM-X job's, where it had one
-  return params.load_pretrained(model_dir, cfg, mesh=mesh), proc, None, system
+  image_size = processor.recorded_image_size(model_dir)  # likewise
+  return params.load_pretrained(model_dir, cfg, mesh=mesh), proc, image_size, system
 
 
 def answer_pairs(pairs_path, out_path, model_dir=None, workdir=None, batch_size=8, max_new_tokens=256,
-                 image_root=None, dtype="float32", min_pixels=None, max_pixels=None, log=None, fsdp=1, tensor=1,
+                 image_root=None, dtype=None, min_pixels=None, max_pixels=None, log=None, fsdp=1, tensor=1,
                  system=None, follow_ups_after="reference", decoding=None, seed=0, image_resize=None):
   """Answers every pair of a JSON Lines file (see the module docstring); writes `out_path` (a line per
   pair, in the file's order) and, when every pair has a reference answer, `<out_path>_metrics.json`;

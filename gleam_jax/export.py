@@ -7,7 +7,8 @@ Loads the job's latest checkpoint (`sft.load_trained`: LoRA adapters folded in) 
 trained dtype unless --dtype; files of at most --max_shard_gb, with model.safetensors.index.json
 when there are several), config.json, and the tokenizer, processor and chat-template files of the
 job's model directory (`model.hf_dir`, or the tiny one in the workdir), with the pixel bounds the job
-resized images and video frames to (preprocessor_config.json, video_preprocessor_config.json). A job that trained with a
+resized images and video frames to (preprocessor_config.json, video_preprocessor_config.json) and its image
+resize and `examples.image_size` recorded (`processor.write_image_config`). A job that trained with a
 system prompt of its own (`<workdir>/system_prompt.json`) has it made the chat template's default
 system turn and its record copied, so transformers' `apply_chat_template` and `explain --model_dir`
 ask as the job trained. The result loads with
@@ -54,7 +55,7 @@ def export(workdir, out, dtype=None, max_shard_bytes=params.MAX_SHARD_BYTES, ove
   source = sft.model_directory(config, workdir)
   total, files = params.save_pretrained(model, out, source_dir=source, dtype=dtype,
                                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-  processor.write_pixel_bounds(out, proc.image_config)  # the job's, where its config overrode the directory's
+  processor.write_image_config(out, proc.image_config, config.examples.get("image_size"))  # as the job did
   stored = dtype or model.cfg.param_dtype
   return (f"exported step {checkpoint.step_of(where)} of {workdir} to {out}: {format_size(total)} of {stored} "
           f"weights in {files} file{'s' * (files > 1)}, {time.perf_counter() - start:.1f} s"

@@ -17,8 +17,10 @@ images are views of one place (a drone flight's frames): GLEAM-C searches with t
 embeddings (`retrieve --one_place`), and GLEAM-X checks each candidate against `--x_views` of the
 views, evenly spaced through the folder; a candidate's yes-probability is the mean over them, its
 answer that of the view nearest that mean, and every view's answer is written too. With `--x_flight`
-GLEAM-X is asked once per candidate, about those views as one drone flight (a video at `--fps`, before
-the satellite image, as GLEAM-X jobs with `examples.flights` train). `--png` draws each query (a
+GLEAM-X is asked once per candidate, about those views as one drone flight (a video, before the satellite
+image, as GLEAM-X jobs with `examples.flights` train), timed by the rate they stand for: the folder's
+frames are `--fps` frames a second (a `--query` video file: the rate its sampled frames stand for), and
+x_views of n of them stand for x_views / n of that (`processor.sampled_fps`). `--png` draws each query (a
 place's first view) with its candidates in the final order and their yes-probabilities, the true
 satellite outlined green and the others red with `--match_by_name`.
 """
@@ -38,6 +40,7 @@ from gleam_jax.data.gleam_x import FLIGHT, FLIGHT_QUESTIONS, QUESTIONS
 from gleam_jax.data.sources import CAMERA_KEYS, read_image
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.eval import explain as explain_eval
+from gleam_jax.models.qwen2_5_vl.processor import sampled_fps
 from gleam_jax.eval import report
 from gleam_jax.train import sft
 
@@ -69,11 +72,12 @@ def define_flags():
                        "each candidate against.")
   flags.DEFINE_bool("x_flight", False, "With --one_place: ask GLEAM-X once per candidate, about the --x_views "
                     "views as one drone flight (a video, frames first) instead of view by view.")
-  flags.DEFINE_float("fps", 2.0, "With --x_flight: the frames per second the flight's views stand for; with a "
-                     "--query video file, also the rate to sample it at.")
+  flags.DEFINE_float("fps", 2.0, "With --x_flight: the frame rate of the place's views (a drone flight's frames; "
+                     "the --x_views asked about stand for the share of it they keep); with a --query video file, "
+                     "the rate to sample it at.")
   flags.DEFINE_integer("batch_size", 8, "Pairs GLEAM-X answers together.")
   flags.DEFINE_integer("max_new_tokens", 128, "Most tokens per explanation.")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "GLEAM-X's dtype with --x_model_dir.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "GLEAM-X's dtype with --x_model_dir (default float32).")
   flags.DEFINE_enum("x_image_resize", None, ["pil", "torchvision"], "With --x_model_dir: how GLEAM-X's images are "
                     "resized, as transformers' PIL image processor (default) or its torchvision one (explain "
                     "--image_resize).")
@@ -82,7 +86,7 @@ def define_flags():
 
 
 def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=None, k=5, modality=None, lang="en",
-             rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype="float32",
+             rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype=None,
              log=print, fsdp=1, tensor=1, system=None, one_place=False, x_views=3, x_flight=False, fps=2.0,
              png=None, x_image_resize=None, **camera):
   """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
@@ -90,7 +94,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
   prompt GLEAM-X is asked with (default: the one the `x_workdir` job trained with, else Qwen2.5-VL's).
   `one_place`: the query files are views of one place, one query (its key: their folder); each
   candidate also holds `views`, the p_yes and answer of each of the `x_views` views asked about (with
-  `x_flight`, one entry: those views asked about as one flight, a video sampled at `fps`). `png`: a
+  `x_flight`, one entry: those views asked about as one flight; `fps`: the query files' frame rate, of
+  which the views asked about keep their share, `processor.sampled_fps`). `png`: a
   figure of the queries and their candidates in the final order (`draw`). `x_image_resize`: how a
   `x_model_dir` model's images are resized (`explain.load_model`)."""
   if bool(x_workdir) == bool(x_model_dir):
@@ -112,7 +117,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
       make_dir(os.path.dirname(os.path.abspath(path)), flag)
   mesh = explain.inference_mesh(fsdp, tensor)
   if x_workdir:
-    sft.job_config(x_workdir)  # a wrong GLEAM-X workdir stops before anything is retrieved
+    sft.job_config(x_workdir)  # a wrong GLEAM-X workdir or setting stops before anything is retrieved
+    explain.check_job_settings(x_workdir, dtype=dtype, image_resize=x_image_resize)
   elif not os.path.isfile(os.path.join(os.path.expanduser(x_model_dir), "config.json")):
     raise GleamError(f"--x_model_dir={x_model_dir} holds no config.json: give a Hugging Face Qwen2.5-VL directory.")
   found, retrieval_recall = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
@@ -121,13 +127,14 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
   model, proc, image_size, trained_system = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh,
                                                                image_resize=x_image_resize)
   system = trained_system if system is None else system
-  views = {q: [q] for q in query_paths}
+  views, flight_fps = {q: [q] for q in query_paths}, None
   if one_place:
     chosen = [query_paths[i] for i in evenly_spaced(len(query_paths), x_views)]
     views = {next(iter(found)): [chosen] if x_flight else chosen}
-  pairs = [_pair(v, g, lang, system, fps) for q in views for g, _ in found[q] for v in views[q]]
-  asked_views = ((f", each against a flight of {len(chosen)} views of the place" if x_flight else
-                  f", each against {len(chosen)} views of the place") if one_place else "")
+    flight_fps = sampled_fps(len(chosen), len(query_paths), fps) if x_flight else None
+  pairs = [_pair(v, g, lang, system, flight_fps) for q in views for g, _ in found[q] for v in views[q]]
+  asked_views = ((f", each against a flight of {len(chosen)} views of the place at {flight_fps:.3g} fps" if x_flight
+                  else f", each against {len(chosen)} views of the place") if one_place else "")
   log(f"GLEAM-X checks {len(pairs)} pairs ({k} candidates per query{asked_views})")
   answers, yes = explain_eval.generate_answers(model, proc, pairs, batch_size, max_new_tokens, mesh=mesh,
                                                image_size=image_size)
@@ -135,7 +142,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
   for q in views:
     rows = []
     for r, (g, cosine) in enumerate(found[q]):
-      asked = [dict(view=v, p_yes=yes[start + j], answer=answers[start + j]) for j, v in enumerate(views[q])]
+      asked = [dict(view=v, p_yes=yes[start + j], answer=answers[start + j]) | (dict(fps=flight_fps) if x_flight else {})
+               for j, v in enumerate(views[q])]
       start += len(asked)
       row = dict(file=g, cosine=cosine, retrieval_rank=r + 1, **_summary(asked))
       rows.append(row | (dict(views=asked) if one_place else {}))
@@ -207,12 +215,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs each read at INFO; the results go to stdout
   with errors.stop_on_bad_input():
-    localize(os.path.expanduser(FLAGS.c_workdir), retrieve.query_files(FLAGS.query, FLAGS.fps), FLAGS.gallery,
+    query_paths, fps = retrieve.query_files(FLAGS.query, FLAGS.fps)
+    localize(os.path.expanduser(FLAGS.c_workdir), query_paths, FLAGS.gallery,
              FLAGS.x_workdir, FLAGS.x_model_dir, FLAGS.k, FLAGS.modality, FLAGS.lang, FLAGS.rerank,
              FLAGS.match_by_name, FLAGS.out, FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype,
              fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
              system=FLAGS.system, one_place=FLAGS.one_place, x_views=FLAGS.x_views, x_flight=FLAGS.x_flight,
-             fps=FLAGS.fps, png=FLAGS.png, x_image_resize=FLAGS.x_image_resize,
+             fps=fps, png=FLAGS.png, x_image_resize=FLAGS.x_image_resize,
              **{name: FLAGS[name].value for name in CAMERA_KEYS})
 
 

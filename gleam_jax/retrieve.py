@@ -146,15 +146,17 @@ def load_trained(workdir, config=None):
 
 
 def query_files(path, fps=2.0):
-  """A query image file, the images of a folder of queries, or a video file's frames sampled at `fps`
-  (a drone flight; `video_files.extract_frames`: as PNG files under the data dir, extracted once)."""
+  """(query files, their frame rate): a query image file, the images of a folder of queries (at `fps`,
+  where they are a flight's frames), or a video file's frames sampled at `fps` (a drone flight;
+  `video_files.extract_frames`: as PNG files under the data dir, extracted once), with the rate they
+  stand for."""
   if os.path.isdir(path):
-    return image_files(path, "--query")[0]
+    return image_files(path, "--query")[0], fps
   if not os.path.isfile(path):
     raise GleamError(f"--query={path} is neither an image file, a video file nor a folder of images.")
   if video_files.is_video_file(path):
-    return video_files.extract_frames(path, fps, f"--query={path}")[0]
-  return [path]
+    return video_files.extract_frames(path, fps, f"--query={path}")
+  return [path], fps
 
 
 def prepare(image, size, data_cfg):
@@ -503,7 +505,7 @@ def main(argv):
       return
     if not (FLAGS.query and FLAGS.gallery):
       raise GleamError("give --query (an image or a folder) and --gallery (a folder of satellites), or --pairs.")
-    search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query, FLAGS.fps), FLAGS.gallery, FLAGS.k,
+    search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query, FLAGS.fps)[0], FLAGS.gallery, FLAGS.k,
                FLAGS.modality, FLAGS.out, FLAGS.pngs, FLAGS.results, FLAGS.match_by_name, one_place=FLAGS.one_place,
                **camera)
 

@@ -36,7 +36,7 @@ def jobs(tiny_cfg, tmp_path_factory):
     Image.fromarray(source[int(r)]["satellite"]).save(root / "gallery" / f"loc{index['location_id'][r]}.png")
     if n < 3:
       Image.fromarray(source[int(r)]["query"]).save(root / "queries" / f"loc{index['location_id'][r]}.jpg")
-  return c_job, x_job, str(root / "gallery"), retrieve.query_files(str(root / "queries")), root
+  return c_job, x_job, str(root / "gallery"), retrieve.query_files(str(root / "queries"))[0], root
 
 
 def test_candidates_are_retrieved_checked_and_reranked(jobs, capsys):
@@ -118,21 +118,24 @@ def test_one_place_checks_evenly_spaced_views_and_averages_their_yes(jobs):
              for line in lines)
   with pytest.raises(GleamError, match="--x_views=0"):
     localize.localize(c_job, views, gallery, x_workdir=x_job, one_place=True, x_views=0)
-  # --x_flight: each candidate asked once, about the 3 views as a flight (frames first): explain's flight pair
+  # --x_flight: each candidate asked once, about the 3 views as a flight (frames first): explain's flight pair,
+  # timed by the rate 3 of the 5 views at 1 fps stand for (0.6 fps, as transformers times a sampled clip)
   flight, _ = localize.localize(c_job, views, gallery, x_workdir=x_job, k=2, one_place=True, x_views=3,
                                 x_flight=True, fps=1.0, max_new_tokens=8, batch_size=4, log=lines.append)
   for row, before in zip(sorted(flight[str(folder)], key=lambda r: r["retrieval_rank"]),
                          sorted(rows, key=lambda r: r["retrieval_rank"])):
     assert row["file"] == before["file"] and [v["view"] for v in row["views"]] == [[views[0], views[2], views[4]]]
     assert row["p_yes"] == row["views"][0]["p_yes"] and row["answer"] == row["views"][0]["answer"]
+    assert row["views"][0]["fps"] == pytest.approx(0.6)
   frames = root / "asked"
   frames.mkdir()
   for i in (0, 2, 4):
     shutil.copy(views[i], frames / f"view{i}.jpg")
   row = flight[str(folder)][0]
-  assert row["answer"] == explain.explain(None, [row["file"]], video_dirs=[str(frames)], fps=1.0, max_new_tokens=8,
+  assert row["answer"] == explain.explain(None, [row["file"]], video_dirs=[str(frames)], fps=0.6, max_new_tokens=8,
                                           workdir=x_job, write=lambda _: None)
-  assert any("GLEAM-X checks 2 pairs (2 candidates per query, each against a flight of 3 views of the place)" in line
+  assert any("GLEAM-X checks 2 pairs (2 candidates per query, each against a flight of 3 views of the place at 0.6 fps)"
+             in line
              for line in lines)
   with pytest.raises(GleamError, match="--x_flight asks GLEAM-X about the views of one place"):
     localize.localize(c_job, views, gallery, x_workdir=x_job, x_flight=True)
@@ -172,3 +175,9 @@ def test_x_image_resize_reaches_the_gleam_x_model_directorys_processor(jobs, mon
     localize.localize(c_job, queries, gallery, x_model_dir=os.path.join(x_job, "tiny_qwen"),
                       x_image_resize="torchvision")
   assert asked == {"image_resize": "torchvision"}
+  # a job's processor resizes as the job trained: asking it to resize otherwise stops before retrieving
+  with pytest.raises(GleamError, match=r"image_resize='torchvision': these set up a Hugging Face directory's model and "
+                     r"processor; a GLEAM-X job's \(.*\) are as it trained .* export the job"):
+    localize.localize(c_job, queries, gallery, x_workdir=x_job, x_image_resize="torchvision")
+  with pytest.raises(GleamError, match=r"dtype='bfloat16': these set up"):
+    localize.localize(c_job, queries, gallery, x_workdir=x_job, dtype="bfloat16")

@@ -533,7 +533,8 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
   queries.mkdir()
   for r in rows[:3]:
     Image.fromarray(source[int(r)]["query"]).save(queries / f"q{index['location_id'][r]}.png")
-  paths = retrieve.query_files(str(queries))
+  paths, fps = retrieve.query_files(str(queries))
+  assert fps == 2.0  # a folder's frame rate is the one given (a flight's frames)
   found, recall = retrieve.search_all(phase1_workdir, paths, str(gallery), k=2, out=str(tmp_path / "pngs"))
   assert list(found) == paths and recall is None
   for path in paths:
@@ -566,7 +567,7 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
     Image.fromarray(source[int(r)]["query"]).save(named / f"loc{index['location_id'][r]}.jpg")
   pngs_before = sorted(os.listdir(os.path.join(phase1_workdir, "retrieve")))
   results = tmp_path / "results" / "top2.jsonl"
-  found, recall = retrieve.search_all(phase1_workdir, retrieve.query_files(str(named)), str(gallery), k=2,
+  found, recall = retrieve.search_all(phase1_workdir, retrieve.query_files(str(named))[0], str(gallery), k=2,
                                       pngs=False, results=str(results), match_by_name=True)
   assert sorted(os.listdir(os.path.join(phase1_workdir, "retrieve"))) == pngs_before
   lines = [json.loads(line) for line in results.read_text().splitlines()]
@@ -581,7 +582,7 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
   assert f"3 queries matched by name: R@1 {np.mean(hits[1]):.1%}" in capsys.readouterr().out
   (named / "stray.jpg").write_bytes((named / os.listdir(named)[0]).read_bytes())
   with pytest.raises(GleamError, match=r"--match_by_name: 1 of 4 queries have no gallery image of the same name"):
-    retrieve.search_all(phase1_workdir, retrieve.query_files(str(named)), str(gallery), match_by_name=True)
+    retrieve.search_all(phase1_workdir, retrieve.query_files(str(named))[0], str(gallery), match_by_name=True)
   with pytest.raises(GleamError, match="--query=.*missing.png"):
     retrieve.query_files(str(tmp_path / "missing.png"))
   (tmp_path / "a_file").write_text("")

@@ -144,10 +144,12 @@ def test_refuses_to_overwrite_weights_and_names_bad_requests(tmp_path):
 def test_export_command_on_a_gleam_x_job(tiny_cfg, tmp_path):
   """`gleam_jax.export` on a one-step tiny job (UAV views only: one compiled step): the exported
   directory holds the trained model (the logits of `sft.load_trained`'s, and `explain --model_dir`'s
-  answer) and the job's tokenizer and processor files; the command refuses to write over it."""
+  answer) and the job's tokenizer and processor files, with the job's image handling (pixel bounds,
+  torchvision resize, every image resized to 56 x 84 first); the command refuses to write over it."""
   workdir, out = str(tmp_path / "job"), str(tmp_path / "hf")
   config = tiny_config("x_sft", tiny_cfg.data_dir, total_steps=1, **{
-      "data.modalities": ("uav",), "examples.train": 8, "optim.warmup_steps": 0, "eval.at_end": False})
+      "data.modalities": ("uav",), "examples.train": 8, "optim.warmup_steps": 0, "eval.at_end": False,
+      "model.image_resize": "torchvision", "examples.image_size": (56, 84)})
   main.run(config, workdir)
   # the model directory's own bounds (a released checkpoint's) differ from the job's: the job's are exported
   source = os.path.join(workdir, "tiny_qwen")
@@ -162,9 +164,16 @@ def test_export_command_on_a_gleam_x_job(tiny_cfg, tmp_path):
   job_bounds = sft.load_trained(workdir)[1].image_config
   exported_bounds = processor.load_processor(out).image_config
   assert exported_bounds == job_bounds and (job_bounds.max_pixels, job_bounds.video_min_pixels) == (448 * 448, 56 * 56)
+  assert job_bounds.image_resize == "torchvision" and processor.recorded_image_size(out) == (56, 84)
+  assert processor.recorded_image_size(source) is None
   with open(os.path.join(out, "preprocessor_config.json")) as f:
     written = json.load(f)
   assert written["size"] == dict(shortest_edge=56 * 56, longest_edge=448 * 448) and written["patch_size"] == 14
+  assert (written[processor.IMAGE_RESIZE_KEY], written[processor.IMAGE_SIZE_KEY]) == ("torchvision", [56, 84])
+  with open(os.path.join(out, "video_preprocessor_config.json")) as f:
+    assert processor.IMAGE_SIZE_KEY not in json.load(f)
+  assert type(transformers.AutoImageProcessor.from_pretrained(out, local_files_only=True)).__name__.startswith(
+      "Qwen2VLImageProcessor")  # transformers reads the directory, our keys aside
   with open(os.path.join(source, "config.json")) as f, open(os.path.join(out, "config.json")) as g:
     assert json.load(g) == dict(json.load(f), dtype="float32")
   trained, _, _ = sft.load_trained(workdir)

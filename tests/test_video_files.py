@@ -138,8 +138,8 @@ def test_a_video_query_is_its_sampled_frames(clip, tmp_path, monkeypatch):
   sampled at --fps, extracted under the data dir."""
   from gleam_jax import retrieve  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("GLEAM_DATA_DIR", str(tmp_path))
-  paths = retrieve.query_files(clip, fps=1.0)
-  assert paths == video_files.extract_frames(clip, 1.0)[0]
+  paths, rate = retrieve.query_files(clip, fps=1.0)
+  assert (paths, rate) == video_files.extract_frames(clip, 1.0) and rate == pytest.approx(4 / 95 * 30)
   assert [frame_index(np.asarray(Image.open(p))) for p in paths] == [0, 23, 47, 71]
   assert os.path.commonpath(paths).startswith(video_files.frames_root(str(tmp_path)))
 

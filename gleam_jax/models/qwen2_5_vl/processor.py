@@ -39,6 +39,10 @@ VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_MAX_TOKENS = 128000  # the context a video's frames share (qwen-vl-utils' total pixel budget: 90% of it)
 VIDEO_MIN_FRAMES, VIDEO_MAX_FRAMES = 4, 768
 IMAGE_RESIZES = ("pil", "torchvision")
+# what a GLEAM-X job did to its images beyond transformers' processor, recorded in an exported directory's
+# preprocessor_config.json (transformers keeps unknown keys as attributes and ignores them)
+IMAGE_RESIZE_KEY = "gleam_image_resize"  # ImageConfig.image_resize
+IMAGE_SIZE_KEY = "gleam_image_size"  # [height, width] every image and frame was resized to first (examples.image_size)
 IGNORE_INDEX = -100  # label of positions that carry no loss (the torch / optax convention)
 
 
@@ -317,19 +321,26 @@ def _set_bounds(d, min_pixels, max_pixels):
   return d
 
 
-def write_pixel_bounds(directory: str, image_config: ImageConfig) -> list[str]:
+def write_image_config(directory: str, image_config: ImageConfig, image_size=None) -> list[str]:
   """Writes the image and video-frame pixel bounds of `image_config` into a model directory's
   preprocessor_config.json and video_preprocessor_config.json (made from the image one, as a Qwen2-VL
   video processor's, where the directory has none), so that the directory's processor, ours or
-  transformers', sizes images and frames as `image_config` does; returns the files written."""
+  transformers', sizes images and frames as `image_config` does; and records its `image_resize` and the
+  `image_size` (height, width) images and frames are resized to first, or none (IMAGE_RESIZE_KEY,
+  IMAGE_SIZE_KEY: read back by `image_config_from_dir` and `recorded_image_size`). Returns the files
+  written."""
   with open(os.path.join(directory, "preprocessor_config.json")) as f:
     image = json.load(f)
+  image[IMAGE_RESIZE_KEY] = image_config.image_resize
+  image.pop(IMAGE_SIZE_KEY, None)
+  if image_size:
+    image[IMAGE_SIZE_KEY] = [int(n) for n in image_size]
   video_file = os.path.join(directory, "video_preprocessor_config.json")
   if os.path.isfile(video_file):
     with open(video_file) as f:
       video = json.load(f)
   else:
-    video = {k: v for k, v in image.items() if k != "image_processor_type"}
+    video = {k: v for k, v in image.items() if k not in ("image_processor_type", IMAGE_RESIZE_KEY, IMAGE_SIZE_KEY)}
     video["video_processor_type"] = "Qwen2VLVideoProcessor"
   written = {"preprocessor_config.json": _set_bounds(image, image_config.min_pixels, image_config.max_pixels),
              "video_preprocessor_config.json": _set_bounds(video, image_config.video_min_pixels,
@@ -341,16 +352,12 @@ def write_pixel_bounds(directory: str, image_config: ImageConfig) -> list[str]:
 
 
 def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
-  """`ImageConfig` from `<directory>/preprocessor_config.json` (`_pixel_bounds`, patch sizes, mean and std)
-  and the video frames' pixel bounds from video_preprocessor_config.json; a directory without one has
-  them from preprocessor_config.json, as transformers' video processor then reads that file (the video
-  defaults only where it gives no bounds either)."""
-  file = os.path.join(directory, "preprocessor_config.json")
-  if not os.path.isfile(file):
-    raise GleamError(f"No preprocessor_config.json in {directory!r}; give the path of a local "
-                     "Qwen2.5-VL model directory.")
-  with open(file) as f:
-    d = json.load(f)
+  """`ImageConfig` from `<directory>/preprocessor_config.json` (`_pixel_bounds`, patch sizes, mean and std,
+  the image resize an exported GLEAM-X job recorded) and the video frames' pixel bounds from
+  video_preprocessor_config.json; a directory without one has them from preprocessor_config.json, as
+  transformers' video processor then reads that file (the video defaults only where it gives no bounds
+  either). `overrides` that are not None win."""
+  d = _preprocessor_config(directory)
   video = d
   if os.path.isfile(os.path.join(directory, "video_preprocessor_config.json")):
     with open(os.path.join(directory, "video_preprocessor_config.json")) as f:
@@ -363,9 +370,31 @@ def image_config_from_dir(directory: str, **overrides) -> ImageConfig:
       patch_size=d.get("patch_size", 14), temporal_patch_size=d.get("temporal_patch_size", 2),
       merge_size=d.get("merge_size", 2),
       image_mean=tuple(d.get("image_mean", OPENAI_CLIP_MEAN)),
-      image_std=tuple(d.get("image_std", OPENAI_CLIP_STD)))
+      image_std=tuple(d.get("image_std", OPENAI_CLIP_STD)),
+      image_resize=d.get(IMAGE_RESIZE_KEY, ImageConfig.image_resize))
   fields.update({k: v for k, v in overrides.items() if v is not None})
   return ImageConfig(**fields)
+
+
+def _preprocessor_config(directory: str) -> dict:
+  file = os.path.join(directory, "preprocessor_config.json")
+  if not os.path.isfile(file):
+    raise GleamError(f"No preprocessor_config.json in {directory!r}; give the path of a local "
+                     "Qwen2.5-VL model directory.")
+  with open(file) as f:
+    return json.load(f)
+
+
+def recorded_image_size(directory: str) -> tuple[int, int] | None:
+  """The (height, width) an exported GLEAM-X job resized every image and video frame to before the
+  processor (its `examples.image_size`, IMAGE_SIZE_KEY), or None: a model to be asked as it was trained."""
+  size = _preprocessor_config(directory).get(IMAGE_SIZE_KEY)
+  if size is None:
+    return None
+  if not (isinstance(size, list) and len(size) == 2 and all(isinstance(n, int) and n > 0 for n in size)):
+    raise GleamError(f"{os.path.join(directory, 'preprocessor_config.json')}: {IMAGE_SIZE_KEY}={size!r} is not "
+                     "[height, width] in pixels; correct it, or remove the key to use images at their own size.")
+  return tuple(size)
 
 
 # the visual inputs `Processor.encode_prompt` returns, by the names `generation.generate` takes them
