@@ -298,6 +298,32 @@ def test_phase2_starts_from_phase1(phase1_workdir, tiny_cfg, tmp_path):
   np.testing.assert_allclose([v for _, v in from_xmp], [v for _, v in given], rtol=1e-4, atol=1e-5)
   with pytest.raises(GleamError, match="does not record all of it.*--footprint_m"):
     retrieve.search(str(tmp_path), str(tmp_path / "dji.jpg"), str(gallery), modality="uav")
+  # ... or a DJI video's frames, each with the pose its flight log (.SRT) records at that frame's time
+  from gleam_jax.data import video_files
+  from video_fixtures import write_frames
+  views = [source[int(r)] for r in np.flatnonzero(index["modality"] == 0)[:4]]
+  poses = [dict(heading_deg=round(v["heading_deg"], 4), pitch_deg=round(v["pitch_deg"], 4),
+                altitude_m=round(v["altitude_m"], 4),
+                fov_deg=photo_camera.horizontal_fov_deg(26, *v["query"].shape[1::-1])) for v in views]
+  assert len({p["heading_deg"] for p in poses}) == 4  # the heading turns over the flight
+  video = write_frames(tmp_path / "DJI_0001.MP4", [v["query"] for v in views], rate=2)
+  (tmp_path / "DJI_0001.SRT").write_text("\n".join(
+      f"{i + 1}\n00:00:0{i // 2},{i % 2 * 500:03d} --> 00:00:0{(i + 1) // 2},{(i + 1) % 2 * 500:03d}\n"
+      f"[focal_len: 26.00] [rel_alt: {p['altitude_m']:.4f} abs_alt: 300.0] "
+      f"[gb_yaw: {(p['heading_deg'] + 180) % 360 - 180:.4f} gb_pitch: {-p['pitch_deg']:.4f} gb_roll: 0.0]\n"
+      for i, p in enumerate(poses)))
+  frames, _ = video_files.extract_frames(video, 2.0, "test", str(tmp_path / "data"))
+  from_log, _ = retrieve.search_all(str(tmp_path), frames, str(gallery), k=4, modality="uav", pngs=False,
+                                    footprint_m=uav["footprint_m"])
+  one_pose, _ = retrieve.search_all(str(tmp_path), frames, str(gallery), k=4, modality="uav", pngs=False,
+                                    footprint_m=uav["footprint_m"], **poses[0])
+  for frame, pose in zip(frames, poses):
+    given = retrieve.search(str(tmp_path), frame, str(gallery), k=4, modality="uav", footprint_m=uav["footprint_m"],
+                            **pose)
+    assert [f for f, _ in from_log[frame]] == [f for f, _ in given]
+    np.testing.assert_allclose([v for _, v in from_log[frame]], [v for _, v in given], rtol=1e-4, atol=1e-5)
+  assert all(not np.allclose([v for _, v in from_log[f]], [v for _, v in one_pose[f]], rtol=1e-4, atol=1e-5)
+             for f in frames[1:])  # one pose given for the whole flight is not each frame's
 
   # a pairs file of two modalities: each pair's query read by its modality's tower, an AUC per modality
   streetmap = np.flatnonzero(index["modality"] == 1)[:2]

@@ -10,6 +10,13 @@ kept frames stand for `processor.sampled_fps` frames a second. The frames are de
 pairs files and jobs then read a flight as a folder of frames. A changed file (size or modification
 time) or another rate is extracted anew; the folder appears whole or not at all.
 
+Where a DJI drone's flight log lies beside the video (`flight_log.log_beside`: the `.SRT` of its name),
+each frame carries the camera pose the log records at its time (frame i of the file at i / its frame
+rate) as a DJI photo does: XMP `drone-dji:GimbalYawDegree` (-180..180), `GimbalPitchDegree`,
+`RelativeAltitude`, `GpsLatitude`, `GpsLongitude`, and EXIF `FocalLengthIn35mmFilm`, so
+`photo_camera.recorded_camera` reads a frame's pose as a photo's. Adding or changing the log extracts
+the frames anew.
+
 PyAV is an optional dependency: `pip install 'gleam_jax[video]'` (or `pip install av`).
 """
 import hashlib
@@ -21,13 +28,16 @@ import tempfile
 
 import numpy as np
 from PIL import Image
+from PIL import PngImagePlugin
 
+from gleam_jax.data import flight_log
+from gleam_jax.data.photo_camera import EXIF_IFD, FOCAL_LENGTH_35MM
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.models.qwen2_5_vl.processor import sample_frames, sampled_fps
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts")
 CLIP_FILE = "clip.json"
-_FORMAT = 1  # bump when the extracted layout changes, so old folders are not reused
+_FORMAT = 2  # bump when the extracted layout changes, so old folders are not reused
 
 
 def is_video_file(path) -> bool:
@@ -116,36 +126,96 @@ def frames_root(data_dir=None):
   return os.path.join(os.path.expanduser(data_dir or default_data_dir()), "video_frames")
 
 
-def _clip_folder(path, fps, root):
+def _file_key(path):
   stat = os.stat(path)
-  key = json.dumps([_FORMAT, os.path.realpath(path), stat.st_size, stat.st_mtime_ns, float(fps)])
+  return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _clip_folder(path, fps, root, log=None):
+  key = json.dumps([_FORMAT, *_file_key(path), float(fps), _file_key(log) if log else None])
   stem = os.path.splitext(os.path.basename(path))[0]
   return os.path.join(root, f"{stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}")
 
 
+def _dji_xmp(camera):
+  """An XMP packet of a frame's camera as a DJI photo records its pose (the known values only)."""
+  names = (("GimbalYawDegree", "heading_deg", 6), ("GimbalPitchDegree", "pitch_deg", 6),
+           ("RelativeAltitude", "altitude_m", 6), ("GpsLatitude", "latitude", 8), ("GpsLongitude", "longitude", 8))
+  values = dict(camera)
+  if values["heading_deg"] is not None:
+    values["heading_deg"] = (values["heading_deg"] + 180.0) % 360.0 - 180.0
+  values["pitch_deg"] = None if camera["pitch_deg"] is None else -camera["pitch_deg"]
+  attributes = " ".join(f'drone-dji:{name}="{values[key]:+.{digits}f}"' for name, key, digits in names
+                        if values[key] is not None)
+  return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+          f'<rdf:Description rdf:about="" xmlns:drone-dji="http://www.dji.com/drone-dji/1.0/" {attributes}/>'
+          "</rdf:RDF></x:xmpmeta>")
+
+
+def _save_frame(frame, path, camera):
+  """A frame as a PNG file (lossless; fast to write), with its camera (`_dji_xmp`, EXIF focal length)."""
+  options = dict(compress_level=1)
+  if camera is not None:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", _dji_xmp(camera))
+    options["pnginfo"] = info
+    if camera["focal_35mm"]:
+      exif = Image.Exif()
+      exif.get_ifd(EXIF_IFD)[FOCAL_LENGTH_35MM] = int(round(camera["focal_35mm"]))
+      options["exif"] = exif.tobytes()  # an Exif holding only a sub-IFD is falsy: PNG would leave it out
+  Image.fromarray(frame).save(path, **options)
+
+
+def _log_entries(log, where):
+  """The flight log's entries, or None where the `.srt` is a video's ordinary subtitles (said on stderr)."""
+  try:
+    return flight_log.read_log(log)
+  except flight_log.NotAFlightLog as e:
+    print(f"{where}: frames without a camera pose: {e}", file=sys.stderr)
+    return None
+
+
+def _frame_cameras(path, fps, entries, log, where):
+  """The log's camera at the time of each frame `read_clip` keeps (index / the file's frame rate), found
+  before the clip is decoded."""
+  total, source_fps = probe(path, where)
+  indices = _indices(total, source_fps, fps, f"{where}: {path}", temporal_patch_size=2)  # read_clip's
+  try:
+    return [flight_log.camera_at(entries, int(i) / source_fps, log) for i in indices]
+  except GleamError as e:
+    raise GleamError(f"{where}: {path}: {e}") from None
+
+
 def extract_frames(path, fps=2.0, where="A video", data_dir=None) -> tuple[list[str], float]:
   """(PNG frame paths, the rate they stand for) of the clip of `path` sampled at `fps`, extracted once
-  (see the module docstring) and reused while the file and the rate stay the same."""
+  (see the module docstring) and reused while the file, its flight log and the rate stay the same."""
   _av(where)
   if not os.path.isfile(path):
     raise GleamError(f"{where}: video {path} not found.")
   root = frames_root(data_dir)
-  folder = _clip_folder(path, fps, root)
+  log = flight_log.log_beside(path)
+  folder = _clip_folder(path, fps, root, log)
   record = os.path.join(folder, CLIP_FILE)
   if not os.path.isfile(record):
+    entries = _log_entries(log, where) if log else None
+    log = log if entries else None  # ordinary subtitles: frames without a pose
+    cameras = _frame_cameras(path, fps, entries, log, where) if log else None
     frames, rate, indices = read_clip(path, fps, where)
+    cameras = cameras or [None] * len(indices)
     make_dir(root, "the video frames folder (config.data.data_dir or $GLEAM_DATA_DIR)")
     staging = tempfile.mkdtemp(prefix=".extracting-", dir=root)
     try:
       names = [f"frame_{int(i):06d}.png" for i in indices]
-      for name, frame in zip(names, frames):
-        Image.fromarray(frame).save(os.path.join(staging, name), compress_level=1)  # lossless; fast to write
+      for name, frame, camera in zip(names, frames, cameras):
+        _save_frame(frame, os.path.join(staging, name), camera)
       with open(os.path.join(staging, CLIP_FILE), "w", encoding="utf-8") as f:
         json.dump(dict(source=os.path.realpath(path), fps=float(fps), sampled_fps=rate, frames=names,
-                       indices=[int(i) for i in indices]), f)
+                       indices=[int(i) for i in indices], flight_log=log and os.path.realpath(log),
+                       cameras=cameras), f)
       try:
         os.rename(staging, folder)
-        print(f"extracted {len(names)} frames of {path} (sampled at {fps:g} fps) to {folder}", file=sys.stderr)
+        pose = f"; each frame's camera pose from the flight log {log}" if log else ""
+        print(f"extracted {len(names)} frames of {path} (sampled at {fps:g} fps{pose}) to {folder}", file=sys.stderr)
       except OSError:  # another process extracted the same clip first: theirs is the same
         if not os.path.isfile(record):
           raise
