@@ -22,7 +22,9 @@ image, as GLEAM-X jobs with `examples.flights` train), timed by the rate they st
 frames are `--fps` frames a second (a `--query` video file: the rate its sampled frames stand for), and
 x_views of n of them stand for x_views / n of that (`processor.sampled_fps`). `--png` draws each query (a
 place's first view) with its candidates in the final order and their yes-probabilities, the true
-satellite outlined green and the others red with `--match_by_name`.
+satellite outlined green and the others red with `--match_by_name`. With the gallery's centres
+(`--gallery_coords`, or names, as `retrieve`'s) and geotagged queries, each candidate's distance from where
+the query was taken is shown and written (`distance_m`), and Dis@1 before and after the re-ranking.
 """
 import json
 import os
@@ -40,6 +42,7 @@ from gleam_jax.data.gleam_x import FLIGHT, FLIGHT_QUESTIONS, QUESTIONS
 from gleam_jax.data.sources import CAMERA_KEYS, read_image
 from gleam_jax.errors import GleamError, make_dir
 from gleam_jax.eval import explain as explain_eval
+from gleam_jax.eval import geo_distance
 from gleam_jax.models.qwen2_5_vl.processor import sampled_fps
 from gleam_jax.eval import report
 from gleam_jax.train import sft
@@ -82,15 +85,18 @@ def define_flags():
                     "resized, as transformers' PIL image processor (default) or its torchvision one (explain "
                     "--image_resize).")
   retrieve.define_camera_flags()
+  retrieve.define_gallery_coords_flag()
   explain.define_mesh_flags()
 
 
 def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=None, k=5, modality=None, lang="en",
              rerank=True, match_by_name=False, out=None, batch_size=8, max_new_tokens=128, dtype=None,
              log=print, fsdp=1, tensor=1, system=None, one_place=False, x_views=3, x_flight=False, fps=2.0,
-             png=None, x_image_resize=None, **camera):
+             png=None, x_image_resize=None, gallery_coords=None, **camera):
   """({query: its candidates, best first: dicts of file, cosine and GLEAM-C rank, p_yes, verdict,
-  answer}, {'retrieval': R@K, 'reranked': R@K} with `match_by_name`, else None). `system`: the system
+  answer}, {'retrieval': scores, 'reranked': scores} or None: R@K with `match_by_name`, and where the gallery's
+  centres (`gallery_coords`, or names) and the queries' positions are known, each candidate's `distance_m`
+  and Dis@1 with its hit rates (`retrieve.candidate_distances`, `geo_distance.summary`)). `system`: the system
   prompt GLEAM-X is asked with (default: the one the `x_workdir` job trained with, else Qwen2.5-VL's).
   `one_place`: the query files are views of one place, one query (its key: their folder); each
   candidate also holds `views`, the p_yes and answer of each of the `x_views` views asked about (with
@@ -121,9 +127,12 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     explain.check_job_settings(x_workdir, dtype=dtype, image_resize=x_image_resize)
   elif not os.path.isfile(os.path.join(os.path.expanduser(x_model_dir), "config.json")):
     raise GleamError(f"--x_model_dir={x_model_dir} holds no config.json: give a Hugging Face Qwen2.5-VL directory.")
-  found, retrieval_recall = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
+  found, retrieval_scores = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
                                                 match_by_name=match_by_name, show=False, one_place=one_place,
-                                                **camera)
+                                                gallery_coords=gallery_coords, **camera)
+  files = retrieve.image_files(gallery_dir, "--gallery")[0]
+  distances = retrieve.candidate_distances({q: [g for g, _ in found[q]] for q in found}, query_paths, files,
+                                           gallery_dir, gallery_coords, one_place)
   model, proc, image_size, trained_system = explain.load_model(x_model_dir, x_workdir, dtype, mesh=mesh,
                                                                image_resize=x_image_resize)
   system = trained_system if system is None else system
@@ -146,6 +155,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
                for j, v in enumerate(views[q])]
       start += len(asked)
       row = dict(file=g, cosine=cosine, retrieval_rank=r + 1, **_summary(asked))
+      if q in distances:
+        row["distance_m"] = float(distances[q][r])
       rows.append(row | (dict(views=asked) if one_place else {}))
     if rerank:
       rows.sort(key=lambda row: (-(row["p_yes"] if row["p_yes"] is not None else -1.0), row["retrieval_rank"]))
@@ -155,15 +166,22 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
                         if one_place else ""))
     for rank, row in enumerate(rows, 1):
       p_yes = "   -" if row["p_yes"] is None else f"{row['p_yes']:.2f}"
-      log(f"{rank:3d}. p_yes {p_yes}  cosine {row['cosine']:.4f} (#{row['retrieval_rank']})  {row['file']}")
+      metres = f"  {geo_distance.format_distance(row['distance_m'])}" if "distance_m" in row else ""
+      log(f"{rank:3d}. p_yes {p_yes}  cosine {row['cosine']:.4f} (#{row['retrieval_rank']})  {row['file']}{metres}")
       log(f"     {row['answer']}")
-  recall = truth = None
+  scores = truth = None
+  if match_by_name or distances:
+    scores = {"retrieval": retrieval_scores, "reranked": {}}
   if match_by_name:
-    truth = retrieve.true_matches(query_paths, retrieve.image_files(gallery_dir, "--gallery")[0])
-    recall = {"retrieval": retrieval_recall,
-              "reranked": retrieve.recall_by_name({q: [row["file"] for row in checked[q]] for q in query_paths}, truth, k)}
-    log(f"R@K over {len(query_paths)} queries: GLEAM-C {retrieve.format_recall(recall['retrieval'])}; re-ranked by "
-        f"GLEAM-X {retrieve.format_recall(recall['reranked'])}")
+    truth = retrieve.true_matches(query_paths, files)
+    scores["reranked"] = retrieve.recall_by_name({q: [row["file"] for row in checked[q]] for q in query_paths}, truth, k)
+    log(f"R@K over {len(query_paths)} queries: GLEAM-C {retrieve.format_recall(scores['retrieval'])}; re-ranked by "
+        f"GLEAM-X {retrieve.format_recall(scores['reranked'])}")
+  if distances:
+    scores["reranked"] |= geo_distance.summary([checked[q][0]["distance_m"] for q in distances])
+    log(f"over the {len(distances)} queries that record where they were taken: GLEAM-C "
+        f"{geo_distance.format_summary(scores['retrieval'])}; re-ranked by GLEAM-X "
+        f"{geo_distance.format_summary(scores['reranked'])}")
   if png:
     log(f"wrote {draw(checked, query_paths if one_place else None, png, truth)}")
   if out:
@@ -171,7 +189,7 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
       for q in checked:
         f.write(json.dumps({"query": q, "candidates": checked[q]}, ensure_ascii=False) + "\n")
     log(f"wrote {out} ({len(checked)} queries)")
-  return checked, recall
+  return checked, scores
 
 
 def _pair(view, satellite, lang, system, fps):
@@ -221,7 +239,7 @@ def main(argv):
              FLAGS.match_by_name, FLAGS.out, FLAGS.batch_size, FLAGS.max_new_tokens, FLAGS.dtype,
              fsdp=FLAGS.fsdp, tensor=FLAGS.tensor,
              system=FLAGS.system, one_place=FLAGS.one_place, x_views=FLAGS.x_views, x_flight=FLAGS.x_flight,
-             fps=fps, png=FLAGS.png, x_image_resize=FLAGS.x_image_resize,
+             fps=fps, png=FLAGS.png, x_image_resize=FLAGS.x_image_resize, gallery_coords=FLAGS.gallery_coords,
              **{name: FLAGS[name].value for name in CAMERA_KEYS})
 
 

@@ -17,7 +17,10 @@ R@K over the queries is printed: a quick score of your own paired folders. With 
 query folder's images are views of one place (a drone flight's frames): they are searched as one
 query, the mean of their embeddings (University-1652's multiple queries). `--query` may be a video
 file (a drone's .mp4; needs PyAV): its frames, sampled at `--fps` as GLEAM-X samples a flight, are the
-queries (`--one_place`: one place), extracted once under the data dir (`data/video_files.py`).
+queries (`--one_place`: one place), extracted once under the data dir (`data/video_files.py`). Where the
+gallery's centres are known (`--gallery_coords`, a CSV, or names ending in `_<lat>_<lon>`) and a query
+records where it was taken (EXIF GPS, a DJI drone's XMP or flight log), each candidate's distance from it
+is printed and written, and Dis@1 over those queries (`eval/geo_distance.py`).
 
     python -m gleam_jax.retrieve --workdir=W --pairs=pairs.jsonl [--results=scores.jsonl] [--modality=uav]
 
@@ -48,10 +51,11 @@ from gleam_jax.data import pair_files, video_files
 from gleam_jax.data.augment import FRAME_CAMERA_KEYS, normalise, query_in_frame, resize, warps_query
 from gleam_jax.data.config import MODALITIES, data_config, query_shape
 from gleam_jax.data.gleam_x import FLIGHT
-from gleam_jax.data.photo_camera import recorded_camera
+from gleam_jax.data.photo_camera import recorded_camera, recorded_position
 from gleam_jax.data.sources import CAMERA_KEYS, image_files, read_image
 from gleam_jax.errors import GleamError, make_dir, stop_on_bad_input
 from gleam_jax.eval import explain
+from gleam_jax.eval import geo_distance
 from gleam_jax.eval import metrics
 from gleam_jax.eval import report
 from gleam_jax.eval import retrieval
@@ -79,6 +83,7 @@ def define_flags():
   flags.DEFINE_string("out", None, "PNG to write for one query, folder of the PNGs for several (default "
                       "W/retrieve/<query>_top<k>.png).")
   define_camera_flags()
+  define_gallery_coords_flag()
   flags.DEFINE_bool("pngs", True, "Write a PNG of each query and its top-k (--nopngs for large query folders).")
   flags.DEFINE_string("results", None, "A JSON Lines file to write: each query's top-k files and scores "
                       "(with --pairs: each pair's score).")
@@ -91,6 +96,13 @@ def define_flags():
                       "and their ROC AUC where the pairs say whether they match) instead of searching a gallery.")
   flags.DEFINE_string("image_root", None, "--pairs: the folder relative image paths are read from (default: "
                       "the pairs file's).")
+
+
+def define_gallery_coords_flag():
+  """--gallery_coords, for retrieval and `gleam_jax.localize`."""
+  flags.DEFINE_string("gallery_coords", None, "A CSV of file,latitude,longitude: each gallery image's centre (default: "
+                      "read from names ending in _<latitude>_<longitude>, as VIGOR's), for the distance from where "
+                      "a query was taken (its EXIF GPS, a DJI drone's XMP or flight log) to each candidate, and Dis@1.")
 
 
 def define_camera_flags():
@@ -221,8 +233,9 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
 
 
 def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, pngs=True, results=None,
-               match_by_name=False, show=True, one_place=False, **camera):
-  """({query file: its top-k [(gallery file, score)]} for every query, {R@K: fraction} or None),
+               match_by_name=False, show=True, one_place=False, gallery_coords=None, **camera):
+  """({query file: its top-k [(gallery file, score)]} for every query, scores or None: {R@K: fraction}
+  with `match_by_name`, and the distance scores where positions are known (below)),
   printed, with a PNG each (`pngs`; `out`: the PNG of a single query, else the folder of the PNGs;
   default W/retrieve/) and, with `results`, a JSON Lines file of them (a line per query). Queries are
   read and embedded in batches; only their embeddings are held. The gallery's embeddings are kept in
@@ -238,7 +251,11 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   `show=False` leaves out the printed top-k lists (a caller that prints its own). With `one_place`, the
   query files are views of one place, searched as one query with the mean of their embeddings
   (University-1652's multiple queries): the result's one key is the files' common folder, its PNG
-  shows the first view and its results line lists the `views`."""
+  shows the first view and its results line lists the `views`. Where the gallery images' centres are known
+  (`gallery_coords`, a CSV, or their names: `geo_distance.gallery_positions`) and a query file records
+  where it was taken (`photo_camera.recorded_position`; a place: its views' mean), each candidate's
+  distance from it is printed and written (`distance_m`), and Dis@1 and the top-1's hit rates within
+  25-250 m over those queries (`geo_distance.summary`) are printed and returned."""
   if one_place and match_by_name:
     raise GleamError("--one_place searches all query images as one place, --match_by_name scores each query image "
                      "against its own satellite: give one of them.")
@@ -260,12 +277,15 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   scores, top = index.search(embedded, k)
   print(f"gallery {len(files)} images in {gallery_dir}"
         + (f" ({skipped} non-image files skipped)" if skipped else ""))
+  distances = candidate_distances({q: [files[i] for i in row] for q, row in zip(queries, top)}, query_paths, files,
+                                  gallery_dir, gallery_coords, one_place)
   found = {}
   for path, row_scores, row_top in zip(queries, scores, top):
+    metres = distances.get(path)
     if show:
       print(f"query {path} ({modality}" + (f"; {len(query_paths)} views as one place)" if one_place else ")"))
       for rank, (score, i) in enumerate(zip(row_scores, row_top), 1):
-        print(f"{rank:3d}. {score:.4f}  {files[i]}")
+        print(f"{rank:3d}. {score:.4f}  {files[i]}" + ("" if metres is None else f"  {geo_distance.format_distance(metres[rank - 1])}"))
     if pngs:
       png = _png_path(workdir, path, len(row_top), out, single=len(queries) == 1)
       report.save_topk_png(read_image(query_paths[0] if one_place else path), [read_image(files[i]) for i in row_top],
@@ -276,6 +296,9 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
     with open(results, "w", encoding="utf-8") as f:
       for path, top_k in found.items():
         line = {"query": path, "modality": modality, "top": [{"file": g, "score": s} for g, s in top_k]}
+        if path in distances:
+          for entry, metres in zip(line["top"], distances[path]):
+            entry["distance_m"] = float(metres)
         if one_place:
           line["views"] = list(query_paths)
         if truth:
@@ -286,7 +309,35 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   if truth:
     recall = recall_by_name({p: [g for g, _ in found[p]] for p in query_paths}, truth, k)
     print(f"{len(query_paths)} queries matched by name: {format_recall(recall)}")
+  if distances:
+    geo = geo_distance.summary([metres[0] for metres in distances.values()])
+    print(f"{len(distances)} of {len(queries)} queries record where they were taken: "
+          f"{geo_distance.format_summary(geo)}")
+    recall = (recall or {}) | geo
   return found, recall
+
+
+def query_positions(query_paths, one_place=False):
+  """{query: (latitude, longitude)} of the query files that record where they were taken
+  (`photo_camera.recorded_position`); with `one_place`, the one place (the files' folder) at the mean of
+  its views' positions."""
+  if one_place:
+    recorded = [p for p in map(recorded_position, query_paths) if p is not None]
+    return {os.path.commonpath(query_paths): tuple(np.mean(recorded, axis=0))} if recorded else {}
+  return {q: p for q, p in zip(query_paths, map(recorded_position, query_paths)) if p is not None}
+
+
+def candidate_distances(ranked, query_paths, files, gallery_dir, gallery_coords=None, one_place=False):
+  """{query: the metres from where it was taken to the centre of each of its `ranked` gallery files}
+  ({query: files}), for the queries that record it, where the centres of the gallery's `files` are known
+  (`geo_distance.gallery_positions`); else {}."""
+  centres = geo_distance.gallery_positions(files, gallery_dir, gallery_coords)
+  where = query_positions(query_paths, one_place) if centres else {}
+  if not where and gallery_coords:
+    print(f"no query records where it was taken (EXIF GPS, DJI XMP, a video's flight log): no distances from the "
+          f"--gallery_coords={gallery_coords} centres")
+  return {q: geo_distance.distance_m(lat, lon, *np.asarray([centres[f] for f in ranked[q]]).T)
+          for q, (lat, lon) in where.items()}
 
 
 def recall_by_name(ranked, truth, k):
@@ -296,8 +347,9 @@ def recall_by_name(ranked, truth, k):
   return metrics.recall_at_k(ranks, sorted({K for K in (1, 5, 10) if K <= k} | {k}))
 
 
-def format_recall(recall):
-  return ", ".join(f"{name} {value:.1%}" for name, value in recall.items())
+def format_recall(scores):
+  """The R@K of `scores` (`search_all`'s) as percentages."""
+  return ", ".join(f"{name} {value:.1%}" for name, value in scores.items() if name.startswith("R@"))
 
 
 def query_embeddings(model, workdir, paths, modality, camera, data_cfg):
@@ -507,7 +559,7 @@ def main(argv):
       raise GleamError("give --query (an image or a folder) and --gallery (a folder of satellites), or --pairs.")
     search_all(os.path.expanduser(FLAGS.workdir), query_files(FLAGS.query, FLAGS.fps)[0], FLAGS.gallery, FLAGS.k,
                FLAGS.modality, FLAGS.out, FLAGS.pngs, FLAGS.results, FLAGS.match_by_name, one_place=FLAGS.one_place,
-               **camera)
+               gallery_coords=FLAGS.gallery_coords, **camera)
 
 
 if __name__ == "__main__":

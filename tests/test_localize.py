@@ -145,6 +145,37 @@ def test_one_place_checks_evenly_spaced_views_and_averages_their_yes(jobs):
   assert localize.evenly_spaced(54, 1) == [0]
 
 
+def test_candidates_are_measured_from_where_the_queries_were_taken(jobs, tiny_cfg, tmp_path):
+  """With the gallery's centres (a CSV) and geotagged queries: each candidate's distance_m, and Dis@1 of
+  GLEAM-C's order and of GLEAM-X's re-ranking (the re-ranked top-1's distances, by hand)."""
+  from gleam_jax.eval import geo_distance  # pylint: disable=g-import-not-at-top
+  from test_geo_distance import photo_with_gps  # pylint: disable=g-import-not-at-top
+  c_job, x_job, gallery, queries, _ = jobs
+  index = sources.get_index(tiny_cfg, "test", sources.get_source(tiny_cfg, "test"))
+  where = {f"loc{i}": tuple(map(float, c)) for i, c in zip(index["location_id"], index["coords"])}
+  centres = tmp_path / "centres.csv"
+  centres.write_text("file,latitude,longitude\n" + "".join(
+      f"{name},{where[os.path.splitext(name)[0]][0]!r},{where[os.path.splitext(name)[0]][1]!r}\n"
+      for name in sorted(os.listdir(gallery))))
+  tagged = [photo_with_gps(tmp_path / os.path.basename(q), *where[os.path.splitext(os.path.basename(q))[0]],
+                           pixels=np.asarray(Image.open(q))) for q in queries]
+  lines = []
+  checked, scores = localize.localize(c_job, tagged, gallery, x_workdir=x_job, k=3, max_new_tokens=4,
+                                      batch_size=8, log=lines.append, gallery_coords=str(centres))
+  top1 = []
+  for q in tagged:
+    taken = where[os.path.splitext(os.path.basename(q))[0]]
+    for row in checked[q]:
+      centre = where[os.path.splitext(os.path.basename(row["file"]))[0]]
+      assert row["distance_m"] == pytest.approx(float(geo_distance.distance_m(*taken, *centre)), abs=0.01)
+    top1.append(checked[q][0]["distance_m"])
+  _, retrieval = retrieve.search_all(c_job, tagged, gallery, k=3, pngs=False, gallery_coords=str(centres))
+  assert scores == {"retrieval": retrieval, "reranked": geo_distance.summary(top1)}
+  assert any(line.startswith(f"over the 3 queries that record where they were taken: GLEAM-C "
+                             f"{geo_distance.format_summary(retrieval)}; re-ranked by GLEAM-X") for line in lines)
+  assert any(line.endswith(" m") and line.startswith("  1. p_yes") for line in lines)
+
+
 def test_bad_requests_stop_before_retrieving(jobs, tmp_path):
   c_job, x_job, gallery, queries, _ = jobs
   with pytest.raises(GleamError, match="--x_workdir .* or --x_model_dir .*, one of them"):

@@ -630,6 +630,70 @@ def test_retrieve_ranks_gallery_files_and_writes_png(phase1_workdir, tiny_cfg, t
     retrieve.search(phase1_workdir, str(query), str(gallery), k=3)
 
 
+def test_retrieve_measures_how_far_candidates_are_from_where_queries_were_taken(phase1_workdir, tiny_cfg, tmp_path,
+                                                                                capsys):
+  """A gallery named by its centres (VIGOR's satellite_<lat>_<lon>.png) or given them in a CSV, and queries whose
+  EXIF GPS records where they were taken (the world's coordinates of their location): each candidate's distance
+  (haversine, by hand here), Dis@1 and the hit rates within 25-250 m; a place's position is its views' mean."""
+  from PIL import Image
+
+  from gleam_jax.data import photo_camera, sources
+  from gleam_jax.eval import geo_distance
+  from test_geo_distance import photo_with_gps
+
+  source = sources.get_source(tiny_cfg, "test")
+  index = sources.get_index(tiny_cfg, "test", source)
+  rows = np.flatnonzero(index["modality"] == 2)[:5]  # panoramas of five locations
+  named, plain, queries = (tmp_path / d for d in ("named", "plain", "queries"))
+  for d in (named, plain, queries):
+    d.mkdir()
+  centres = {}
+  for r in rows:
+    lat, lon = index["coords"][r]
+    satellite = Image.fromarray(source[int(r)]["satellite"])
+    satellite.save(named / f"satellite_{lat:.7f}_{lon:.7f}.png")
+    satellite.save(plain / f"loc{index['location_id'][r]}.png")
+    centres[f"loc{index['location_id'][r]}.png"] = (float(f"{lat:.7f}"), float(f"{lon:.7f}"))
+  (plain / "centres.csv").write_text("file,latitude,longitude\n" + "".join(
+      f"{name},{lat},{lon}\n" for name, (lat, lon) in centres.items()))
+  taken = {}
+  for r in rows[:3]:
+    path = photo_with_gps(queries / f"q{index['location_id'][r]}.jpg", *index["coords"][r], pixels=source[int(r)]["query"])
+    taken[path] = photo_camera.recorded_position(path)
+  paths, _ = retrieve.query_files(str(queries))
+  results = tmp_path / "top5.jsonl"
+  found, scores = retrieve.search_all(phase1_workdir, paths, str(named), k=5, pngs=False, results=str(results))
+  lines = [json.loads(line) for line in results.read_text().splitlines()]
+  top1 = []
+  for line in lines:
+    lat, lon = taken[line["query"]]
+    for entry in line["top"]:
+      centre = [float(v) for v in os.path.splitext(os.path.basename(entry["file"]))[0].split("_")[1:]]
+      assert entry["distance_m"] == pytest.approx(float(geo_distance.distance_m(lat, lon, *centre)), rel=1e-9)
+    true = [e["distance_m"] for e in line["top"] if e["distance_m"] < 1.0]
+    assert len(true) == 1  # the location's own satellite: where the photo was taken, to the DMS seconds' rounding
+    top1.append(line["top"][0]["distance_m"])
+  assert 0 < max(top1) and scores == geo_distance.summary(top1)
+  out = capsys.readouterr().out
+  assert f"3 of 3 queries record where they were taken: {geo_distance.format_summary(scores)}" in out
+  assert re.search(r"  1\. [0-9.]+  .*satellite_.*\.png  [0-9]+ m\n", out)
+  assert re.search(r"  [0-9]\. [0-9.]+  .*satellite_.*\.png  [0-9]+\.[0-9] km\n", out)  # the other city's
+  # the centres from a CSV instead of the names: the same distances
+  from_csv, csv_scores = retrieve.search_all(phase1_workdir, paths, str(plain), k=5, pngs=False,
+                                             gallery_coords=str(plain / "centres.csv"))
+  assert csv_scores == pytest.approx(scores, rel=1e-6)
+  assert [len(v) for v in from_csv.values()] == [len(v) for v in found.values()]
+  # a place of two views: its position is their mean
+  place_top, place = retrieve.search_all(phase1_workdir, paths[:2], str(named), k=1, pngs=False, one_place=True)
+  (best, _), = next(iter(place_top.values()))
+  centre = [float(v) for v in os.path.splitext(os.path.basename(best))[0].split("_")[1:]]
+  assert place["Dis@1_m"] == pytest.approx(float(geo_distance.distance_m(*np.mean([taken[p] for p in paths[:2]], axis=0), *centre)),
+                                           rel=1e-9)
+  # a gallery without centres, or queries without GPS: no distances, and the scores stay None
+  _, none = retrieve.search_all(phase1_workdir, paths, str(plain), k=2, pngs=False)
+  assert none is None
+
+
 def test_retrieve_scores_a_pairs_file_as_the_gleam_x_baseline(phase1_workdir, tiny_cfg, tmp_path, capsys):
   """`retrieve --pairs`: each pair's cosine similarity (the model's own, by the tower its modality names
   or the job's one), their ROC AUC against the pairs' match and the best threshold's accuracy, a results

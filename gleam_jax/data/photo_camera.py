@@ -1,4 +1,5 @@
-"""The camera an image file records: compass heading, field of view, and a drone's pitch and height.
+"""The camera an image file records: compass heading, field of view, a drone's pitch and height, and
+where it was taken (EXIF GPS, a DJI drone's XMP `GpsLatitude` / `GpsLongitude`: `recorded_position`).
 
 Phones record where the camera pointed (EXIF GPS IFD `GPSImgDirection`, degrees clockwise from true
 north, or magnetic north when `GPSImgDirectionRef` is 'M') and the 35 mm-equivalent focal length
@@ -21,6 +22,7 @@ from PIL import Image
 from gleam_jax.errors import GleamError
 
 EXIF_IFD, GPS_IFD = 0x8769, 0x8825
+GPS_LATITUDE_REF, GPS_LATITUDE, GPS_LONGITUDE_REF, GPS_LONGITUDE = 1, 2, 3, 4
 GPS_IMG_DIRECTION_REF, GPS_IMG_DIRECTION = 16, 17
 FOCAL_LENGTH_35MM = 41989
 ORIENTATION = 274
@@ -51,6 +53,34 @@ def open_image(path):
     raise GleamError(f"cannot read image {path} ({e}); replace or remove the file.") from None
 
 
+def _xmp_text(image):
+  xmp = image.info.get("xmp", b"")
+  return xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp)
+
+
+def _exif_degrees(dms, ref, negative):
+  """Decimal degrees of an EXIF GPS (degrees, minutes, seconds) triple and its N/S or E/W reference."""
+  degrees = float(dms[0]) + float(dms[1]) / 60 + float(dms[2]) / 3600
+  return -degrees if str(ref).strip().upper().startswith(negative) else degrees
+
+
+def recorded_position(path):
+  """(latitude, longitude) in degrees where the image at `path` records where it was taken (a DJI
+  drone's XMP `GpsLatitude` / `GpsLongitude`, else EXIF GPS), or None."""
+  with open_image(path) as image:
+    xmp, gps = _xmp_text(image), image.getexif().get_ifd(GPS_IFD)
+  lat = dji_xmp_value(xmp, "GpsLatitude")
+  lon = dji_xmp_value(xmp, "GpsLongitude")
+  lon = dji_xmp_value(xmp, "GpsLongtitude") if lon is None else lon  # as some DJI firmware spells it
+  if lat is not None and lon is not None:
+    return lat, lon
+  if len(gps.get(GPS_LATITUDE) or ()) != 3 or len(gps.get(GPS_LONGITUDE) or ()) != 3:
+    return None
+  lat = _exif_degrees(gps[GPS_LATITUDE], gps.get(GPS_LATITUDE_REF, "N"), "S")
+  lon = _exif_degrees(gps[GPS_LONGITUDE], gps.get(GPS_LONGITUDE_REF, "E"), "W")
+  return (lat, lon) if math.isfinite(lat) and math.isfinite(lon) else None  # 0/0 rationals: no fix
+
+
 def recorded_camera(path):
   """{'heading_deg', 'fov_deg', 'pitch_deg', 'altitude_m', 'north'} as the image at `path` records them
   (EXIF, DJI XMP); a value the file does not record is None. 'north' says what the heading is
@@ -58,8 +88,7 @@ def recorded_camera(path):
   with open_image(path) as image:
     exif = image.getexif()
     width, height = image.size
-    xmp = image.info.get("xmp", b"")
-  xmp = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp)
+    xmp = _xmp_text(image)
   if exif.get(ORIENTATION) in (5, 6, 7, 8):  # stored turned by 90 deg: upright, width and height swap
     width, height = height, width
   camera = {"heading_deg": None, "fov_deg": None, "pitch_deg": None, "altitude_m": None, "north": None}
