@@ -151,8 +151,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
   for q in views:
     rows = []
     for r, (g, cosine) in enumerate(found[q]):
-      asked = [dict(view=v, p_yes=yes[start + j], answer=answers[start + j]) | (dict(fps=flight_fps) if x_flight else {})
-               for j, v in enumerate(views[q])]
+      flight = dict(fps=flight_fps) if x_flight else {}
+      asked = [dict(view=v, p_yes=yes[start + j], answer=answers[start + j]) | flight for j, v in enumerate(views[q])]
       start += len(asked)
       row = dict(file=g, cosine=cosine, retrieval_rank=r + 1, **_summary(asked))
       if q in distances:
@@ -174,7 +174,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     scores = {"retrieval": retrieval_scores, "reranked": {}}
   if match_by_name:
     truth = retrieve.true_matches(query_paths, files)
-    scores["reranked"] = retrieve.recall_by_name({q: [row["file"] for row in checked[q]] for q in query_paths}, truth, k)
+    reranked = {q: [row["file"] for row in checked[q]] for q in query_paths}
+    scores["reranked"] = retrieve.recall_by_name(reranked, truth, k)
     log(f"R@K over {len(query_paths)} queries: GLEAM-C {retrieve.format_recall(scores['retrieval'])}; re-ranked by "
         f"GLEAM-X {retrieve.format_recall(scores['reranked'])}")
   if distances:

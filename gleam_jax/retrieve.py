@@ -285,7 +285,8 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
     if show:
       print(f"query {path} ({modality}" + (f"; {len(query_paths)} views as one place)" if one_place else ")"))
       for rank, (score, i) in enumerate(zip(row_scores, row_top), 1):
-        print(f"{rank:3d}. {score:.4f}  {files[i]}" + ("" if metres is None else f"  {geo_distance.format_distance(metres[rank - 1])}"))
+        far = "" if metres is None else f"  {geo_distance.format_distance(metres[rank - 1])}"
+        print(f"{rank:3d}. {score:.4f}  {files[i]}{far}")
     if pngs:
       png = _png_path(workdir, path, len(row_top), out, single=len(queries) == 1)
       report.save_topk_png(read_image(query_paths[0] if one_place else path), [read_image(files[i]) for i in row_top],

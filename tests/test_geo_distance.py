@@ -75,12 +75,14 @@ def test_where_a_photo_or_frame_was_taken(tmp_path):
   assert photo_camera.recorded_position(photo_with_gps(tmp_path / "ne.jpg", 40.7306, 73.9866)) == (
       pytest.approx(40.7306, abs=1e-6), pytest.approx(73.9866, abs=1e-6))
   # a DJI drone's XMP position wins over the EXIF GPS (also spelt GpsLongtitude by some firmware)
-  xmp = '<x:xmpmeta><rdf:Description drone-dji:GpsLatitude="+22.543210" drone-dji:GpsLongtitude="+113.945678"/></x:xmpmeta>'
+  xmp = ('<x:xmpmeta><rdf:Description drone-dji:GpsLatitude="+22.543210" drone-dji:GpsLongtitude="+113.945678"/>'
+         '</x:xmpmeta>')
   assert photo_camera.recorded_position(photo_with_gps(tmp_path / "dji.jpg", 1.0, 2.0, xmp)) == (22.54321, 113.945678)
   Image.new("RGB", (8, 8)).save(tmp_path / "none.jpg")
   assert photo_camera.recorded_position(str(tmp_path / "none.jpg")) is None
   # a video frame extracted with its flight log's position (video_files) records it as a DJI photo does
   camera = dict(latitude=69.189116, longitude=35.259334, altitude_m=50.0, heading_deg=None, pitch_deg=None,
                 focal_35mm=None)
-  video_files._save_frame(np.zeros((8, 8, 3), np.uint8), str(tmp_path / "frame.png"), camera)  # pylint: disable=protected-access
+  frame = np.zeros((8, 8, 3), np.uint8)
+  video_files._save_frame(frame, str(tmp_path / "frame.png"), camera)  # pylint: disable=protected-access
   assert photo_camera.recorded_position(str(tmp_path / "frame.png")) == (69.189116, 35.259334)
