@@ -63,7 +63,7 @@ def test_frames_are_extracted_once_per_file_and_rate(clip, tmp_path, monkeypatch
     assert json.load(f)["indices"] == [0, 15, 31, 47, 63, 79]
   assert capsys.readouterr().err == f"extracted 6 frames of {clip} (sampled at 2 fps) to {os.path.dirname(paths[0])}\n"
   with monkeypatch.context() as patch:
-    patch.setattr(video_files, "read_clip", lambda *a, **k: pytest.fail("decoded again"))
+    patch.setattr(video_files, "read_frames", lambda *a, **k: pytest.fail("decoded again"))
     assert video_files.extract_frames(clip, 2.0, data_dir=data_dir) == (paths, rate)
   other, _ = video_files.extract_frames(clip, 1.0, data_dir=data_dir)
   assert os.path.dirname(other[0]) != os.path.dirname(paths[0]) and len(other) == 4

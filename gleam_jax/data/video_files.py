@@ -106,11 +106,18 @@ def read_frames(path, indices, where="A video") -> list[np.ndarray]:
   return [frames[int(i)] for i in indices]
 
 
-def read_clip(path, fps=2.0, where="A video", temporal_patch_size=2) -> tuple[list[np.ndarray], float, np.ndarray]:
-  """(frames, the rate they stand for, their indices in the file): the clip sampled at `fps`."""
+def sample_clip(path, fps=2.0, where="A video", temporal_patch_size=2) -> tuple[np.ndarray, float, float]:
+  """(the indices of the frames kept, the rate they stand for, the file's frame rate) of the clip sampled
+  at `fps`, from the file's frame count and rate (`probe`): nothing is decoded."""
   total, source_fps = probe(path, where)
   indices = _indices(total, source_fps, fps, f"{where}: {path}", temporal_patch_size)
-  return read_frames(path, indices, where), sampled_fps(len(indices), total, source_fps), indices
+  return indices, sampled_fps(len(indices), total, source_fps), source_fps
+
+
+def read_clip(path, fps=2.0, where="A video", temporal_patch_size=2) -> tuple[list[np.ndarray], float, np.ndarray]:
+  """(frames, the rate they stand for, their indices in the file): the clip sampled at `fps`."""
+  indices, rate, _ = sample_clip(path, fps, where, temporal_patch_size)
+  return read_frames(path, indices, where), rate, indices
 
 
 def _indices(total, source_fps, fps, where, temporal_patch_size):
@@ -175,11 +182,9 @@ def _log_entries(log, where):
     return None
 
 
-def _frame_cameras(path, fps, entries, log, where):
-  """The log's camera at the time of each frame `read_clip` keeps (index / the file's frame rate), found
-  before the clip is decoded."""
-  total, source_fps = probe(path, where)
-  indices = _indices(total, source_fps, fps, f"{where}: {path}", temporal_patch_size=2)  # read_clip's
+def _frame_cameras(path, indices, source_fps, entries, log, where):
+  """The log's camera at the time of each kept frame (index / the file's frame rate), found before the
+  clip is decoded."""
   try:
     return [flight_log.camera_at(entries, int(i) / source_fps, log) for i in indices]
   except GleamError as e:
@@ -199,9 +204,9 @@ def extract_frames(path, fps=2.0, where="A video", data_dir=None) -> tuple[list[
   if not os.path.isfile(record):
     entries = _log_entries(log, where) if log else None
     log = log if entries else None  # ordinary subtitles: frames without a pose
-    cameras = _frame_cameras(path, fps, entries, log, where) if log else None
-    frames, rate, indices = read_clip(path, fps, where)
-    cameras = cameras or [None] * len(indices)
+    indices, rate, source_fps = sample_clip(path, fps, where)
+    cameras = _frame_cameras(path, indices, source_fps, entries, log, where) if log else [None] * len(indices)
+    frames = read_frames(path, indices, where)
     make_dir(root, "the video frames folder (config.data.data_dir or $GLEAM_DATA_DIR)")
     staging = tempfile.mkdtemp(prefix=".extracting-", dir=root)
     try:
