@@ -129,7 +129,7 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     raise GleamError(f"--x_model_dir={x_model_dir} holds no config.json: give a Hugging Face Qwen2.5-VL directory.")
   found, retrieval_scores = retrieve.search_all(c_workdir, query_paths, gallery_dir, k, modality, pngs=False,
                                                 match_by_name=match_by_name, show=False, one_place=one_place,
-                                                gallery_coords=gallery_coords, **camera)
+                                                measure_distances=False, **camera)
   files = retrieve.image_files(gallery_dir, "--gallery")[0]
   distances = retrieve.candidate_distances({q: [g for g, _ in found[q]] for q in found}, query_paths, files,
                                            gallery_dir, gallery_coords, one_place)
@@ -178,7 +178,8 @@ def localize(c_workdir, query_paths, gallery_dir, x_workdir=None, x_model_dir=No
     scores["reranked"] = retrieve.recall_by_name(reranked, truth, k)
     log(f"R@K over {len(query_paths)} queries: GLEAM-C {retrieve.format_recall(scores['retrieval'])}; re-ranked by "
         f"GLEAM-X {retrieve.format_recall(scores['reranked'])}")
-  if distances:
+  if distances:  # GLEAM-C's top-1 is its first candidate, GLEAM-X's the first after the re-ranking
+    scores["retrieval"] = (retrieval_scores or {}) | geo_distance.summary([distances[q][0] for q in distances])
     scores["reranked"] |= geo_distance.summary([checked[q][0]["distance_m"] for q in distances])
     log(f"over the {len(distances)} queries that record where they were taken: GLEAM-C "
         f"{geo_distance.format_summary(scores['retrieval'])}; re-ranked by GLEAM-X "

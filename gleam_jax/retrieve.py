@@ -233,7 +233,8 @@ def search(workdir, query_path, gallery_dir, k=5, modality=None, out=None, headi
 
 
 def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, pngs=True, results=None,
-               match_by_name=False, show=True, one_place=False, gallery_coords=None, **camera):
+               match_by_name=False, show=True, one_place=False, gallery_coords=None, measure_distances=True,
+               **camera):
   """({query file: its top-k [(gallery file, score)]} for every query, scores or None: {R@K: fraction}
   with `match_by_name`, and the distance scores where positions are known (below)),
   printed, with a PNG each (`pngs`; `out`: the PNG of a single query, else the folder of the PNGs;
@@ -255,7 +256,8 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   (`gallery_coords`, a CSV, or their names: `geo_distance.gallery_positions`) and a query file records
   where it was taken (`photo_camera.recorded_position`; a place: its views' mean), each candidate's
   distance from it is printed and written (`distance_m`), and Dis@1 and the top-1's hit rates within
-  25-250 m over those queries (`geo_distance.summary`) are printed and returned."""
+  25-250 m over those queries (`geo_distance.summary`) are printed and returned; `measure_distances=False`
+  leaves that to the caller (`candidate_distances`)."""
   if one_place and match_by_name:
     raise GleamError("--one_place searches all query images as one place, --match_by_name scores each query image "
                      "against its own satellite: give one of them.")
@@ -278,7 +280,7 @@ def search_all(workdir, query_paths, gallery_dir, k=5, modality=None, out=None, 
   print(f"gallery {len(files)} images in {gallery_dir}"
         + (f" ({skipped} non-image files skipped)" if skipped else ""))
   distances = candidate_distances({q: [files[i] for i in row] for q, row in zip(queries, top)}, query_paths, files,
-                                  gallery_dir, gallery_coords, one_place)
+                                  gallery_dir, gallery_coords, one_place) if measure_distances else {}
   found = {}
   for path, row_scores, row_top in zip(queries, scores, top):
     metres = distances.get(path)
