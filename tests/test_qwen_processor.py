@@ -211,6 +211,23 @@ def test_pixel_bounds_default_to_transformers_video_defaults(tmp_path):
   assert (cfg.min_pixels, cfg.max_pixels) == (proc_lib.ImageConfig.min_pixels, proc_lib.ImageConfig.max_pixels)
 
 
+def test_an_exported_jobs_image_handling_is_read_back(tmp_path):
+  """The resize and image size an export records (`write_image_config`): the resize as the directory's
+  default (an override wins), the size as (height, width); a malformed size stops naming the key."""
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"patch_size": 14}))
+  assert proc_lib.recorded_image_size(str(tmp_path)) is None
+  assert proc_lib.image_config_from_dir(str(tmp_path)).image_resize == "pil"
+  proc_lib.write_image_config(str(tmp_path), proc_lib.ImageConfig(image_resize="torchvision"), (56, 84))
+  assert proc_lib.recorded_image_size(str(tmp_path)) == (56, 84)
+  assert proc_lib.image_config_from_dir(str(tmp_path)).image_resize == "torchvision"
+  assert proc_lib.image_config_from_dir(str(tmp_path), image_resize="pil").image_resize == "pil"
+  proc_lib.write_image_config(str(tmp_path), proc_lib.ImageConfig())  # no size: the key goes
+  assert proc_lib.recorded_image_size(str(tmp_path)) is None
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({proc_lib.IMAGE_SIZE_KEY: [56, "84"]}))
+  with pytest.raises(GleamError, match=r"gleam_image_size=\[56, '84'\] is not \[height, width\] in pixels"):
+    proc_lib.recorded_image_size(str(tmp_path))
+
+
 def test_errors(tmp_path, ours):
   with pytest.raises(GleamError, match="No tokenizer"):
     proc_lib.load_processor(str(tmp_path))
